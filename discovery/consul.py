@@ -1,0 +1,594 @@
+"""Client side of the catalog: watches (blocking queries), KV, a leader lock, and the Mirror.
+
+Everything here talks to a Consul-compatible HTTP API (the embedded catalog or a real Consul)
+through py-consul's asyncio client and runs inside one event loop.
+
+Vocabulary
+----------
+watch
+    An async iterator over one blocking query: it yields a snapshot when (and only when) the
+    answer changed, and keeps the last good one through outages (it never yields "nothing"
+    because the catalog is unreachable). Index rules follow Consul's blocking-query
+    guidance: an index that goes backwards resets to 0, an index < 1 is treated as 1.
+Mirror
+    The catalog as the data plane sees it: one watch on the service list, one health watch
+    per service, one on the KV service documents and one on the node list, merged into an
+    immutable :class:`discovery.view.View` that is replaced whole on every change.
+LeaderLock
+    A Consul session (TTL, behavior ``release``) holding a KV key: at most one holder.
+
+Flow::
+
+    catalog --blocking queries--> watch_* --snapshots--> Mirror --View--> on_change / changes()
+
+Error handling: watches and the Mirror retry forever with exponential backoff and jitter
+(50 ms doubling to 5 s) and log once per outage. ``Mirror.start`` raises :class:`MirrorError`
+when no complete first View arrives in time. KV helpers and LeaderLock propagate
+``consul.ConsulException`` and ``aiohttp.ClientError`` to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import consul
+import consul.aio
+
+from discovery.view import Instance, Node, ServiceView, View, worst_status
+
+__all__ = [
+    "DEFAULT_URL", "Backoff", "LeaderLock", "Mirror", "MirrorError", "connect", "instances_from_health",
+    "kv_cas", "kv_delete", "kv_get", "kv_put", "next_index", "read_service_document", "watch_kv_prefix",
+    "watch_nodes", "watch_service", "watch_services",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8500"
+SERVICES_PREFIX = "meshlet/services/"
+DOCUMENT_FORMAT = 1
+
+
+class MirrorError(Exception):
+    """The Mirror could not load a first View (catalog unreachable or not answering in time)."""
+
+
+# --------------------------------------------------------------------------- connection
+
+
+def split_url(url: str) -> tuple[str, str, int]:
+    """``http://host:port`` (or bare ``host:port``) -> (scheme, host, port). Raises ValueError."""
+    parts = urlsplit(url if "//" in url else "//" + url)
+    scheme = parts.scheme or "http"
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid catalog URL {url!r}: expected http://HOST:PORT")
+    port = parts.port or (443 if scheme == "https" else 8500)  # .port raises ValueError when invalid
+    return scheme, parts.hostname, port
+
+
+def connect(url: str = DEFAULT_URL, token: str | None = None, *, timeout: float | None = None,
+            connections_limit: int | None = None) -> consul.aio.Consul:
+    """py-consul's aio client for ``url``; must run inside a loop. ``timeout`` bounds each
+    request (seconds; blocking queries need more than their ``wait``)."""
+    scheme, host, port = split_url(url)
+    if ":" in host:  # IPv6 literal: py-consul formats "scheme://host:port" itself
+        host = f"[{host}]"
+    return consul.aio.Consul(host=host, port=port, scheme=scheme, token=token,
+                             connections_timeout=timeout, connections_limit=connections_limit)
+
+
+def parse_seconds(value: str | float | int) -> float:
+    """Go-style duration ("15s", "500ms", "2m", "1h") or a number of seconds -> seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip()
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def next_index(previous: int, returned: int) -> int:
+    """The index for the next blocking query after one sent with ``previous`` returned
+    ``returned``: reset to 0 when it went backwards (snapshot restore, a fresh catalog),
+    and never below 1 otherwise (index 0 would make every query non-blocking)."""
+    if returned < previous:
+        return 0
+    return max(returned, 1)
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 50 ms doubling to 5 s."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 5.0) -> None:
+        self.initial, self.maximum, self._next = initial, maximum, initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def instances_from_health(entries: list[dict[str, Any]] | None) -> tuple[Instance, ...]:
+    """``/v1/health/service/<name>`` entries -> Instances (catalog order kept)."""
+    out = []
+    for entry in entries or ():
+        svc, node = entry.get("Service") or {}, entry.get("Node") or {}
+        meta = {str(k): str(v) for k, v in (svc.get("Meta") or {}).items()}
+        ports = {k[5:]: p for k, v in meta.items() if k.startswith("port_") and (p := _int(v, -1)) >= 0}
+        out.append(Instance(
+            id=svc.get("ID") or svc.get("Service", ""),
+            service=svc.get("Service", ""),
+            node=node.get("Node", ""),
+            address=svc.get("Address") or node.get("Address", ""),
+            port=_int(svc.get("Port"), 0),
+            status=worst_status(tuple(c.get("Status", "critical") for c in entry.get("Checks") or ())),
+            tags=tuple(svc.get("Tags") or ()),
+            meta=MappingProxyType(meta),
+            weight=max(0, _int(meta.get("weight"), 1)),
+            ports=MappingProxyType(ports),
+        ))
+    return tuple(out)
+
+
+def read_service_document(name: str, raw: bytes | None) -> tuple[Mapping[str, Any], str | None, str | None]:
+    """The KV document of service ``name`` -> (spec, vip, revision). Raises ValueError saying
+    what is wrong (see config/README.md, "The KV service document")."""
+    try:
+        doc = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object")
+    if doc.get("format") != DOCUMENT_FORMAT:
+        raise ValueError(f"unknown format {doc.get('format')!r} (this reader knows {DOCUMENT_FORMAT})")
+    if doc.get("name") != name:
+        raise ValueError(f"name {doc.get('name')!r} does not match the key")
+    spec, vip, revision = doc.get("spec"), doc.get("vip"), doc.get("revision")
+    if not isinstance(spec, dict):
+        raise ValueError("spec: expected an object")
+    if vip is not None and not isinstance(vip, str):
+        raise ValueError("vip: expected a string or null")
+    if not isinstance(revision, str):
+        raise ValueError("revision: expected a string")
+    return MappingProxyType(spec), vip, revision
+
+
+# --------------------------------------------------------------------------- watches
+
+
+class _Outage:
+    """Logs a catalog outage once when it starts and once when it ends (shared by watches)."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.failing, self.last_error = what, set[object](), ""
+
+    def failed(self, key: object, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if not self.failing:
+            log.warning("%s: catalog unreachable (%s); keeping the last known state, retrying",
+                        self.what, self.last_error)
+        self.failing.add(key)
+
+    def ok(self, key: object) -> None:
+        if self.failing:
+            self.failing.discard(key)
+            if not self.failing:
+                log.warning("%s: catalog reachable again", self.what)
+
+
+async def _watch(fetch: Callable[[int], Awaitable[tuple[Any, Any]]], transform: Callable[[Any], Any],
+                 outage: _Outage, key: object = None) -> AsyncIterator[Any]:
+    """Generic blocking-query loop: yields ``transform(data)`` whenever it changes."""
+    index, last, backoff, unset = 0, None, Backoff(), True
+    while True:
+        started = time.monotonic()
+        try:
+            raw_index, data = await fetch(index)
+            returned = int(raw_index)
+            value = transform(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the catalog: retry, keep last good
+            outage.failed(key, exc)
+            await asyncio.sleep(backoff.next())
+            continue
+        outage.ok(key)
+        backoff.reset()
+        if unset or value != last:
+            unset, last = False, value
+            yield value
+        elif index > 0 and returned == index and time.monotonic() - started < 0.01:
+            # An unchanged answer that did not block: a misbehaving server. Do not spin.
+            await asyncio.sleep(backoff.next())
+        index = next_index(index, returned)
+
+
+def watch_service(client: consul.aio.Consul, name: str, *, wait: str = "30s",
+                  _outage: _Outage | None = None) -> AsyncIterator[tuple[Instance, ...]]:
+    """Instances of ``name`` (all health states), yielded whenever they change."""
+    return _watch(lambda i: client.health.service(name, index=i, wait=wait), instances_from_health,
+                  _outage or _Outage(f"watch of service {name!r}"), name)
+
+
+def watch_services(client: consul.aio.Consul, *, wait: str = "30s",
+                   _outage: _Outage | None = None) -> AsyncIterator[dict[str, tuple[str, ...]]]:
+    """The catalog's service list: {name: tags}."""
+    return _watch(lambda i: client.catalog.services(index=i, wait=wait),
+                  lambda d: {str(k): tuple(v or ()) for k, v in (d or {}).items()},
+                  _outage or _Outage("watch of the service list"), "services")
+
+
+def watch_kv_prefix(client: consul.aio.Consul, prefix: str, *, wait: str = "30s",
+                    _outage: _Outage | None = None) -> AsyncIterator[dict[str, bytes]]:
+    """All keys under ``prefix``: {key: value bytes} (empty values are b"")."""
+    return _watch(lambda i: client.kv.get(prefix, index=i, recurse=True, wait=wait),
+                  lambda d: {e["Key"]: e.get("Value") or b"" for e in d or ()},
+                  _outage or _Outage(f"watch of KV {prefix!r}"), ("kv", prefix))
+
+
+def watch_nodes(client: consul.aio.Consul, *, wait: str = "30s",
+                _outage: _Outage | None = None) -> AsyncIterator[dict[str, Node]]:
+    """The catalog's nodes: {name: Node}."""
+    def nodes(data: Any) -> dict[str, Node]:
+        return {n["Node"]: Node(n["Node"], n.get("Address", ""), MappingProxyType(dict(n.get("Meta") or {})))
+                for n in data or ()}
+    return _watch(lambda i: client.catalog.nodes(index=i, wait=wait), nodes,
+                  _outage or _Outage("watch of the node list"), "nodes")
+
+
+# --------------------------------------------------------------------------- KV
+
+
+async def kv_get(client: consul.aio.Consul, key: str) -> tuple[int, bytes | None]:
+    """(ModifyIndex, value) of ``key``; (0, None) when it does not exist."""
+    _, entry = await client.kv.get(key)
+    if entry is None:
+        return 0, None
+    return int(entry["ModifyIndex"]), entry.get("Value") or b""
+
+
+async def kv_put(client: consul.aio.Consul, key: str, value: bytes | str) -> bool:
+    return bool(await client.kv.put(key, value))
+
+
+async def kv_cas(client: consul.aio.Consul, key: str, value: bytes | str, index: int) -> bool:
+    """Write ``key`` only if its ModifyIndex is still ``index`` (0: only if it does not exist)."""
+    return bool(await client.kv.put(key, value, cas=index))
+
+
+async def kv_delete(client: consul.aio.Consul, key: str, *, recurse: bool = False) -> bool:
+    return bool(await client.kv.delete(key, recurse=recurse or None))
+
+
+# --------------------------------------------------------------------------- leader lock
+
+
+class LeaderLock:
+    """At most one holder of ``key`` at a time, through a Consul session.
+
+    ``acquire()`` returns once held (waiting with blocking queries while another session
+    holds the key). While held, the session is renewed every TTL/2 and the key is watched;
+    ``lost`` is set when a renewal fails for longer than the TTL, the session disappears
+    (destroyed, expired) or the key is taken away. ``release()`` releases the key and
+    destroys the session (no lock-delay for the next holder); it is idempotent.
+    """
+
+    def __init__(self, client: consul.aio.Consul, key: str, *, ttl: str = "15s",
+                 name: str = "meshlet-leader", value: bytes = b"", lock_delay: str = "15s",
+                 wait: str = "30s") -> None:
+        self.client, self.key, self.name, self.value, self.wait = client, key, name, value, wait
+        self.ttl = min(max(int(parse_seconds(ttl)), 10), 86400)  # Consul's session TTL bounds
+        self.lock_delay = int(parse_seconds(lock_delay))
+        self.lost = asyncio.Event()
+        self.session: str | None = None
+        self._held = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def held(self) -> bool:
+        return self._held and not self.lost.is_set()
+
+    async def acquire(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                if self.session is None:
+                    self.session = await self.client.session.create(
+                        name=self.name, ttl=self.ttl, behavior="release", lock_delay=self.lock_delay)
+                    self._tasks.append(asyncio.create_task(self._renew(self.session)))
+                if await self.client.kv.put(self.key, self.value, acquire=self.session):
+                    self._held = True
+                    self.lost.clear()
+                    self._tasks.append(asyncio.create_task(self._monitor(self.session)))
+                    return
+                index, entry = await self.client.kv.get(self.key)
+                while entry is not None and entry.get("Session") and self.session is not None:
+                    index, entry = await self.client.kv.get(self.key, index=index, wait=self.wait)
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - catalog trouble or our session vanished
+                log.warning("leader lock %s: %s; retrying", self.key, exc)
+                await self._drop_session()
+                await asyncio.sleep(backoff.next())
+
+    async def _renew(self, session: str) -> None:
+        renewed, delay = time.monotonic(), self.ttl / 2
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.client.session.renew(session)
+            except consul.NotFound:
+                self._lose(session, "the session no longer exists")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retry every second until the TTL is spent
+                if time.monotonic() - renewed > self.ttl:
+                    self._lose(session, f"cannot renew the session: {exc}")
+                    return
+                delay = 1.0
+                continue
+            renewed, delay = time.monotonic(), self.ttl / 2
+
+    async def _monitor(self, session: str) -> None:
+        index = 0
+        while True:
+            try:
+                returned, entry = await self.client.kv.get(self.key, index=index, wait=self.wait)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - renewal decides about outages
+                await asyncio.sleep(1.0)
+                continue
+            if entry is None or entry.get("Session") != session:
+                self._lose(session, "the key was taken away")
+                return
+            index = next_index(index, int(returned))
+
+    def _lose(self, session: str, why: str) -> None:
+        if self.session != session:
+            return
+        if self._held:
+            log.warning("leader lock %s lost: %s", self.key, why)
+            self.lost.set()
+        self._held, self.session = False, None
+
+    async def _drop_session(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._held, self.session = False, None
+
+    async def release(self) -> None:
+        session, held = self.session, self._held
+        await self._drop_session()
+        if session is None:
+            return
+        try:
+            if held:
+                await self.client.kv.put(self.key, self.value, release=session)
+            await self.client.session.destroy(session)
+        except Exception as exc:  # noqa: BLE001 - the TTL ends the session anyway
+            log.warning("leader lock %s: release failed (%s); the session expires within %ds",
+                        self.key, exc, 2 * self.ttl)
+
+    close = release
+
+    async def __aenter__(self) -> LeaderLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+# --------------------------------------------------------------------------- mirror
+
+
+class Mirror:
+    """The catalog as an immutable View, kept current with blocking queries.
+
+    ``start()`` returns the first complete View (service list, every listed service's
+    instances, the KV service documents and the node list). After that every change builds a
+    new View (``index`` increasing), published as ``view``, passed to ``on_change`` (called
+    synchronously in the loop; exceptions are logged) and to every ``changes()`` iterator.
+    Changes arriving in one loop turn are coalesced into one View. While the catalog is
+    unreachable the last good View stays; an invalid KV document is logged and the service
+    keeps its last good one. A service with a document but no instances is still listed.
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, wait: str = "30s",
+                 kv_prefix: str = SERVICES_PREFIX, on_change: Callable[[View], None] | None = None) -> None:
+        self.url, self.token, self.wait, self.kv_prefix, self.on_change = url, token, wait, kv_prefix, on_change
+        self._view = View()
+        self._client: consul.aio.Consul | None = None
+        self._outage = _Outage(f"catalog mirror of {url}")
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # "services", "kv", "nodes", "health:<name>"
+        self._listed: dict[str, tuple[str, ...]] = {}
+        self._instances: dict[str, tuple[Instance, ...]] = {}
+        self._docs: dict[str, tuple[Mapping[str, Any], str | None, str | None]] = {}
+        self._bad_docs: dict[str, bytes] = {}
+        self._nodes: Mapping[str, Node] = MappingProxyType({})
+        self._built: dict[str, ServiceView] = {}
+        self._dirty: set[str] = set()
+        self._nodes_dirty = False
+        self._pending: set[str] | None = {"services", "kv", "nodes"}  # None once complete
+        self._complete = asyncio.Event()
+        self._rebuild_scheduled = False
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    @property
+    def view(self) -> View:
+        return self._view
+
+    async def start(self, timeout: float = 10.0) -> View:
+        if self._client is not None:
+            raise RuntimeError("Mirror.start() called twice")
+        wait_s = parse_seconds(self.wait)
+        # Each request may block for wait + wait/16 (server jitter); bound it to notice dead
+        # connections. One connection per watch: lift aiohttp's default limit of 100.
+        self._client = connect(self.url, self.token, timeout=wait_s * 17 / 16 + 10, connections_limit=1 << 16)
+        self._spawn("services", self._run_services())
+        self._spawn("kv", self._run_kv())
+        self._spawn("nodes", self._run_nodes())
+        try:
+            await asyncio.wait_for(self._complete.wait(), timeout)
+        except asyncio.TimeoutError:
+            detail = self._outage.last_error or "no answer"
+            await self.close()
+            raise MirrorError(f"catalog at {self.url} did not answer within {timeout:g}s ({detail})") from None
+        return self._view
+
+    def changes(self) -> AsyncIterator[View]:
+        """Every View newer than the current one at the time of this call (a slow consumer
+        gets the latest View, skipping intermediate ones). Ends when the Mirror closes."""
+        return self._changes(self._view.index)
+
+    async def _changes(self, since: int) -> AsyncIterator[View]:
+        while not self._closed:
+            view = self._view
+            if view.index > since:
+                since = view.index
+                yield view
+                continue
+            await self._wakeup.wait()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+
+    # -- watch tasks
+
+    def _spawn(self, key: str, coro: Awaitable[None]) -> None:
+        self._tasks[key] = asyncio.create_task(coro, name=f"mirror {key}")  # type: ignore[arg-type]
+
+    async def _run_services(self) -> None:
+        assert self._client is not None
+        async for listed in watch_services(self._client, wait=self.wait, _outage=self._outage):
+            for name in listed.keys() - self._listed.keys():
+                if self._pending is not None:
+                    self._pending.add("health:" + name)
+                self._spawn("health:" + name, self._run_health(name))
+            for name in self._listed.keys() - listed.keys():
+                task = self._tasks.pop("health:" + name, None)
+                if task is not None:
+                    task.cancel()
+                if self._pending is not None:
+                    self._pending.discard("health:" + name)
+                if self._instances.pop(name, None) is not None:
+                    self._dirty.add(name)
+            self._listed = listed
+            self._loaded("services")
+
+    async def _run_health(self, name: str) -> None:
+        assert self._client is not None
+        async for instances in watch_service(self._client, name, wait=self.wait, _outage=self._outage):
+            self._instances[name] = instances
+            self._dirty.add(name)
+            self._loaded("health:" + name)
+
+    async def _run_kv(self) -> None:
+        assert self._client is not None
+        prefix = self.kv_prefix
+        async for entries in watch_kv_prefix(self._client, prefix, wait=self.wait, _outage=self._outage):
+            seen = set()
+            for key, raw in entries.items():
+                name = key[len(prefix):]
+                if not name or "/" in name:
+                    continue
+                seen.add(name)
+                if self._bad_docs.get(name) == raw:
+                    continue
+                try:
+                    doc = read_service_document(name, raw)
+                except ValueError as exc:
+                    self._bad_docs[name] = raw
+                    log.warning("KV %s: invalid service document: %s; keeping the last good one", key, exc)
+                    continue
+                self._bad_docs.pop(name, None)
+                if self._docs.get(name) != doc:
+                    self._docs[name] = doc
+                    self._dirty.add(name)
+            for name in self._docs.keys() - seen:
+                del self._docs[name]
+                self._dirty.add(name)
+            for name in self._bad_docs.keys() - seen:
+                del self._bad_docs[name]
+            self._loaded("kv")
+
+    async def _run_nodes(self) -> None:
+        assert self._client is not None
+        async for nodes in watch_nodes(self._client, wait=self.wait, _outage=self._outage):
+            self._nodes = MappingProxyType(nodes)
+            self._nodes_dirty = True
+            self._loaded("nodes")
+
+    # -- building Views
+
+    def _loaded(self, part: str) -> None:
+        if self._pending is not None:
+            self._pending.discard(part)
+            if self._pending:
+                return
+            self._pending = None
+        if not self._rebuild_scheduled:
+            self._rebuild_scheduled = True
+            asyncio.get_running_loop().call_soon(self._rebuild)
+
+    def _rebuild(self) -> None:
+        self._rebuild_scheduled = False
+        if self._closed or (self._complete.is_set() and not (self._dirty or self._nodes_dirty)):
+            return
+        for name in self._dirty:
+            instances = self._instances.get(name)
+            doc = self._docs.get(name)
+            if instances is None and doc is None:
+                self._built.pop(name, None)
+                continue
+            spec, vip, revision = doc if doc is not None else (None, None, None)
+            self._built[name] = ServiceView(name, instances or (), spec, vip, revision)
+        self._dirty.clear()
+        self._nodes_dirty = False
+        view = View(MappingProxyType(dict(sorted(self._built.items()))), self._nodes, self._view.index + 1)
+        self._view = view
+        if not self._complete.is_set():
+            self._complete.set()
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+        if self.on_change is not None:
+            try:
+                self.on_change(view)
+            except Exception:  # noqa: BLE001 - a consumer bug must not stop the mirror
+                log.exception("Mirror on_change callback failed")
