@@ -1,0 +1,394 @@
+"""The declarative model: frozen dataclasses for meshlet.yaml and the KV service document.
+
+Every field names the converter that reads it (``opt(default, conv)``/``req(conv)``);
+cross-field rules live in ``_checks``. Defaults are those of config/README.md; where the
+README is silent, the source of a default is named beside it. All instances are
+immutable and hashable; lists are tuples and mappings are ``FrozenDict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from ._convert import (DNS_LABEL, DNS_LABEL_HINT, boolean, choice, cpu, describe_node, duration, integer,
+                       listof, mapof, named_map, opt, percent_or_count, req, size, struct, text,
+                       word, words)
+from ._frozen import FrozenDict
+
+__all__ = [
+    "DnsSettings", "ProxySettings", "NodeCapacity", "NodeSpec", "MeshSettings",
+    "Resources", "PortSpec", "HttpProbe", "TcpProbe", "ExecProbe", "Probe", "Probes",
+    "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
+    "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount",
+    "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec",
+    "MeshConfig", "to_plain",
+]
+
+_EMPTY: FrozenDict[str, str] = FrozenDict()
+model = dataclass(frozen=True, slots=True, kw_only=True)
+
+# --- field vocabularies -----------------------------------------------------------------
+_HOSTPORT_TEXT = text(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}", "host:port like 127.0.0.1:8600")
+
+
+def HOSTPORT(n: Any, cx: Any, path: str) -> Any:
+    """``host:port`` or ``[v6]:port``; port 0 means "any free port" (tests bind that)."""
+    value = _HOSTPORT_TEXT(n, cx, path)
+    if isinstance(value, str) and int(value.rsplit(":", 1)[1]) > 65535:
+        return cx.error(n.line, path, f"port must be at most 65535, got {describe_node(n)}")
+    return value
+
+
+def SIGNAL(n: Any, cx: Any, path: str) -> Any:
+    """A signal name, ``SIGTERM`` or ``TERM``, normalised to ``SIGTERM``."""
+    value = text(None, "a signal name like SIGTERM")(n, cx, path)
+    if not isinstance(value, str):
+        return value
+    name = value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
+    if name not in signal.Signals.__members__:
+        return cx.error(n.line, path, f"expected a signal name like SIGTERM, got {describe_node(n)}")
+    return name
+PORT_NAME = text(r"[a-z][a-z0-9-]{0,62}", 'a port name ([a-z][a-z0-9-]*)')
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+LABEL_KEY = r"[A-Za-z0-9]([A-Za-z0-9_./-]*[A-Za-z0-9])?"
+OBJECT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+OBJECT_HINT = 'a name of letters, digits, "_", "." and "-"'
+OBJECT_REF = text(OBJECT_NAME, OBJECT_HINT)
+ABS_PATH = text(r"/\S*", "an absolute path like /data")
+LOCAL_PATH = text(None, "a path")
+HOSTNAME = text(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
+                "a lowercase host name like www.example.test")
+
+
+_PORT_NUMBER = integer(1, 65535)
+
+
+def PORT_REF(n: Any, cx: Any, path: str) -> Any:
+    """A probe's port: a declared port's name, or a port number."""
+    if isinstance(n.value, int) and not isinstance(n.value, bool):
+        return _PORT_NUMBER(n, cx, path)
+    if isinstance(n.value, str):
+        return PORT_NAME(n, cx, path)
+    return cx.error(n.line, path, f"expected a port name or number, got {describe_node(n)}")
+
+
+# --- mesh ---------------------------------------------------------------------------------
+
+@model
+class DnsSettings:
+    listen: tuple[str, ...] = opt(("127.0.0.1:8600",), listof(HOSTPORT, unique=True))
+    mode: str = opt("vip", choice("vip", "endpoints"))
+    ttl: float = opt(0.0, duration())
+    negative_ttl: float = opt(5.0, duration())
+    only_passing: bool = opt(True, boolean)
+    recursors: tuple[str, ...] = opt((), listof(HOSTPORT, unique=True))
+
+
+@model
+class ProxySettings:
+    listen: tuple[str, ...] = opt(("127.0.0.1:8080",), listof(HOSTPORT, unique=True))
+    admin_listen: str = opt("127.0.0.1:9901", HOSTPORT)
+    workers: int = opt(1, integer(1, 64))
+
+
+@model
+class NodeCapacity:
+    """What a node offers for placement; None: measured on the node when it joins."""
+
+    cpu: float | None = opt(None, cpu(positive=True))
+    memory: int | None = opt(None, size(positive=True))
+
+
+@model
+class NodeSpec:
+    name: str = req(text(DNS_LABEL, DNS_LABEL_HINT))
+    # None in YAML: docker when `engine` is given, else process (resolved by the loader)
+    runtime: str | None = opt(None, choice("docker", "process"))
+    address: str = opt("127.0.0.1", text(None, "an address"))
+    # docker only; default unix:///var/run/docker.sock (Docker's own default)
+    engine: str | None = opt(None, text(r"(unix|tcp|ssh|npipe)://\S+",
+                                        "a Docker engine URL like unix:///var/run/docker.sock"))
+    capacity: NodeCapacity = opt(NodeCapacity(), struct(NodeCapacity))
+    labels: FrozenDict[str, str] = opt(_EMPTY, mapof(LABEL_KEY, "a label name", word))
+
+
+@model
+class MeshSettings:
+    domain: str = opt("meshlet", text(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
+                                      "a lowercase DNS domain like meshlet"))
+    catalog: str = opt("embedded", text(r"embedded|https?://\S+", "embedded or a Consul URL like http://127.0.0.1:8500"))
+    catalog_listen: str = opt("127.0.0.1:8500", HOSTPORT)
+    data_dir: str = opt(".meshlet", LOCAL_PATH)        # relative: to the config file's directory
+    vip_range: str = opt("127.10.0.0/16", text(None, "a network like 127.10.0.0/16"))
+    admin_listen: str = opt("127.0.0.1:9900", HOSTPORT)
+    dns: DnsSettings = opt(DnsSettings(), struct(DnsSettings))
+    proxy: ProxySettings = opt(ProxySettings(), struct(ProxySettings))
+    nodes: tuple[NodeSpec, ...] = opt((), listof(struct(NodeSpec)))  # (): one node "local"
+
+
+# --- service parts ----------------------------------------------------------------------
+
+@model
+class Resources:
+    """Limits enforced by the runtime and reserved by placement; None: no limit, reserves 0
+    (a Kubernetes BestEffort pod)."""
+
+    cpu: float | None = opt(None, cpu(positive=True))
+    memory: int | None = opt(None, size(positive=True))
+
+
+@model
+class PortSpec:
+    name: str = opt(None, PORT_NAME)                   # None in YAML: the protocol ("http"/"tcp")
+    port: int = opt(0, integer(0, 65535))              # 0: assigned from a range at start
+    vip_port: int = opt(None, integer(1, 65535))       # None in YAML: port if fixed, else 80 (http)
+    protocol: str = opt("http", choice("http", "tcp"))
+
+
+@model
+class HttpProbe:
+    path: str = opt("/", text(r"/\S*", "a path starting with /"))
+    port: str | int = opt(None, PORT_REF)              # None in YAML: the service's first port
+    headers: FrozenDict[str, str] = opt(_EMPTY, mapof(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a header name", word))
+
+
+@model
+class TcpProbe:
+    port: str | int = opt(None, PORT_REF)              # None in YAML: the service's first port
+
+
+@model
+class ExecProbe:
+    command: tuple[str, ...] = req(words)
+
+
+@model
+class Probe:
+    """Exactly one of http/tcp/exec; timings are Kubernetes' defaults."""
+
+    http: HttpProbe | None = opt(None, struct(HttpProbe))
+    tcp: TcpProbe | None = opt(None, struct(TcpProbe))
+    exec: ExecProbe | None = opt(None, struct(ExecProbe))
+    initial_delay: float = opt(0.0, duration())
+    period: float = opt(10.0, duration(positive=True))
+    timeout: float = opt(1.0, duration(positive=True))
+    success_threshold: int = opt(1, integer(1))
+    failure_threshold: int = opt(3, integer(1))
+
+
+@model
+class Probes:
+    liveness: Probe | None = opt(None, struct(Probe))
+    readiness: Probe | None = opt(None, struct(Probe))
+    startup: Probe | None = opt(None, struct(Probe))
+
+
+@model
+class Backoff:
+    initial: float = opt(1.0, duration(positive=True))
+    max: float = opt(300.0, duration(positive=True))
+    reset_after: float = opt(600.0, duration())        # a clean run this long resets the delay
+
+
+@model
+class RestartPolicy:
+    policy: str = opt("always", choice("always", "on-failure", "never"))
+    backoff: Backoff = opt(Backoff(), struct(Backoff))
+
+
+@model
+class CanaryStep:
+    weight: int = req(integer(1, 100))                 # percent of traffic to the new revision
+    pause: float = opt(0.0, duration())                # after the step's instances are ready
+
+
+@model
+class UpdateStrategy:
+    strategy: str = opt("rolling", choice("rolling", "recreate"))
+    max_surge: int | str = opt("25%", percent_or_count)
+    max_unavailable: int | str = opt("25%", percent_or_count)
+    min_ready: float = opt(0.0, duration())
+    progress_deadline: float = opt(600.0, duration(positive=True))
+    auto_revert: bool = opt(True, boolean)
+    drain_delay: float = opt(1.0, duration())
+    history: int = opt(10, integer(0))
+    canary: tuple[CanaryStep, ...] = opt((), listof(struct(CanaryStep)))
+
+
+@model
+class PathRoute:
+    prefix: str = opt("/", text(r"/\S*", "a path prefix starting with /"))
+    strip_prefix: bool = opt(False, boolean)
+
+
+@model
+class HashOn:
+    """Exactly one: a request header, a cookie, or the client address (``source_ip: true``)."""
+
+    header: str | None = opt(None, text(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a header name"))
+    cookie: str | None = opt(None, text(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a cookie name"))
+    source_ip: bool = opt(False, boolean)
+
+
+@model
+class Retries:
+    attempts: int = opt(2, integer(0))
+    per_try_timeout: float = opt(0.0, duration())      # 0: only the request timeout applies
+    budget_percent: int = opt(20, integer(0, 100))     # Envoy retry budget
+    min_concurrent: int = opt(3, integer(0))
+
+
+@model
+class Timeouts:
+    connect: float = opt(1.0, duration(positive=True))
+    request: float = opt(15.0, duration())             # 0: none; Envoy's route default 15s
+    idle: float = opt(60.0, duration())
+
+
+@model
+class Outlier:
+    """Passive ejection, Envoy's outlier detection defaults."""
+
+    consecutive_5xx: int = opt(5, integer(0))
+    consecutive_gateway_failure: int = opt(5, integer(0))
+    base_ejection_time: float = opt(30.0, duration())
+    max_ejection_percent: int = opt(10, integer(0, 100))
+    interval: float = opt(10.0, duration(positive=True))
+    max_ejection_time: float = opt(300.0, duration())  # Envoy default; caps base * count
+
+
+@model
+class Routes:
+    hosts: tuple[str, ...] = opt((), listof(HOSTNAME, unique=True))
+    paths: tuple[PathRoute, ...] = opt((PathRoute(),), listof(struct(PathRoute)))
+    policy: str = opt("least_request", choice("least_request", "round_robin", "random",
+                                              "ring_hash", "peak_ewma"))
+    hash_on: HashOn | None = opt(None, struct(HashOn))
+    retries: Retries = opt(Retries(), struct(Retries))
+    timeouts: Timeouts = opt(Timeouts(), struct(Timeouts))
+    outlier: Outlier = opt(Outlier(), struct(Outlier))
+    max_pending: int = opt(1024, integer(0))
+
+
+@model
+class DnsOverride:
+    mode: str | None = opt(None, choice("vip", "endpoints"))
+    ttl: float | None = opt(None, duration())
+
+
+@model
+class Placement:
+    spread: bool = opt(True, boolean)
+    # "node.name == a", "node.runtime != docker", "node.labels.disk == ssd"
+    constraints: tuple[str, ...] = opt((), listof(text(
+        r"(node\.(name|runtime|address)|node\.labels\.[A-Za-z0-9_./-]+)\s*(==|!=)\s*\S+",
+        'a constraint like "node.labels.disk == ssd"'), unique=True))
+
+
+@model
+class VolumeMount:
+    name: str = req(OBJECT_REF)
+    target: str = req(ABS_PATH)
+    read_only: bool = opt(False, boolean)
+
+
+@model
+class ConfigMount:
+    name: str = req(OBJECT_REF)
+    target: str = req(ABS_PATH)
+
+
+@model
+class SecretMount:
+    name: str = req(OBJECT_REF)
+    target: str | None = opt(None, ABS_PATH)           # None in YAML: /run/secrets/<name> unless env
+    env: str | None = opt(None, text(ENV_NAME, "an environment variable name"))
+
+
+@model
+class ServiceSpec:
+    name: str = req(text(DNS_LABEL, DNS_LABEL_HINT))
+    image: str | None = opt(None, text(r"\S+", "an image reference"))
+    command: tuple[str, ...] | None = opt(None, words)
+    args: tuple[str, ...] = opt((), listof(word))
+    workdir: str | None = opt(None, LOCAL_PATH)
+    replicas: int = opt(1, integer(0))                 # Kubernetes default
+    resources: Resources = opt(Resources(), struct(Resources))
+    ports: tuple[PortSpec, ...] = opt((), listof(struct(PortSpec)))
+    env: FrozenDict[str, str] = opt(_EMPTY, mapof(ENV_NAME, "an environment variable name", word))
+    tags: tuple[str, ...] = opt((), listof(text(DNS_LABEL, DNS_LABEL_HINT), unique=True))
+    probes: Probes = opt(Probes(), struct(Probes))
+    restart: RestartPolicy = opt(RestartPolicy(), struct(RestartPolicy))
+    stop_signal: str = opt("SIGTERM", SIGNAL)      # SIGKILL follows after stop_grace_period
+    stop_grace_period: float = opt(10.0, duration())
+    update: UpdateStrategy = opt(UpdateStrategy(), struct(UpdateStrategy))
+    routes: Routes = opt(Routes(), struct(Routes))
+    dns: DnsOverride = opt(DnsOverride(), struct(DnsOverride))
+    placement: Placement = opt(Placement(), struct(Placement))
+    volumes: tuple[VolumeMount, ...] = opt((), listof(struct(VolumeMount)))
+    configs: tuple[ConfigMount, ...] = opt((), listof(struct(ConfigMount)))
+    secrets: tuple[SecretMount, ...] = opt((), listof(struct(SecretMount)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised, JSON-serialisable form: every field present, units converted."""
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<service spec>") -> "ServiceSpec":
+        """Read back ``to_dict()`` output; raises ConfigError naming every bad field."""
+        from ._load import service_from_plain
+
+        return service_from_plain(data, source)
+
+    def port(self, name: str) -> PortSpec | None:
+        """The declared port called ``name``."""
+        return next((p for p in self.ports if p.name == name), None)
+
+
+# --- top level ----------------------------------------------------------------------------
+
+@model
+class VolumeSpec:
+    name: str = req(OBJECT_REF)
+    type: str = opt("named", choice("host", "tmpfs", "named"))   # Compose's default kind
+    source: str | None = opt(None, LOCAL_PATH)         # host: a directory; named: engine volume
+    size: int | None = opt(None, size(positive=True))  # tmpfs only
+
+
+@model
+class ConfigSpec:
+    name: str = req(OBJECT_REF)
+    data: str | None = opt(None, text(None, "a string", nonempty=False))
+    file: str | None = opt(None, LOCAL_PATH)
+
+
+@model
+class SecretSpec:
+    """Where `meshlet apply` reads the value; the value itself never enters the model."""
+
+    name: str = req(OBJECT_REF)
+    file: str | None = opt(None, LOCAL_PATH)
+    env: str | None = opt(None, text(ENV_NAME, "an environment variable name"))
+
+
+@model
+class MeshConfig:
+    mesh: MeshSettings = opt(MeshSettings(), struct(MeshSettings))
+    services: FrozenDict[str, ServiceSpec] = opt(FrozenDict(), named_map(ServiceSpec, DNS_LABEL, DNS_LABEL_HINT))
+    volumes: FrozenDict[str, VolumeSpec] = opt(FrozenDict(), named_map(VolumeSpec, OBJECT_NAME, OBJECT_HINT))
+    configs: FrozenDict[str, ConfigSpec] = opt(FrozenDict(), named_map(ConfigSpec, OBJECT_NAME, OBJECT_HINT))
+    secrets: FrozenDict[str, SecretSpec] = opt(FrozenDict(), named_map(SecretSpec, OBJECT_NAME, OBJECT_HINT))
+
+
+def to_plain(obj: Any) -> Any:
+    """A model object as plain JSON-ready data (dicts, lists, str, int, float, bool, None)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
