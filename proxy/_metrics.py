@@ -1,0 +1,154 @@
+"""The proxy's Prometheus metrics.
+
+Updates on the hot path are plain dict and int operations (no locks: one event loop
+per worker); all formatting happens in :meth:`Metrics.render`, on scrape. Names follow
+Envoy and Traefik (``requests_total`` by service and code, a duration histogram,
+``retries_total``, ejections, and gauges).
+
+Exposition: Prometheus text format 0.0.4
+(``Content-Type: text/plain; version=0.0.4; charset=utf-8``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._routes import RouteTable
+
+__all__ = ["Metrics", "Gauge", "BUCKETS", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds. Prometheus' defaults (5 ms … 10 s) plus finer steps below, where a proxy
+# hop to a fast backend lands, and 30 s for long requests.
+BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class Gauge:
+    """A value that goes up and down: ``metrics.active_requests.inc()`` / ``.dec()``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+    def dec(self, n: int = 1) -> None:
+        self.value -= n
+
+    def set(self, v: int) -> None:
+        self.value = v
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self, n: int) -> None:
+        self.counts = [0] * (n + 1)  # per bucket, not cumulative; last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(v: float) -> str:
+    if v == float("inf"):
+        return "+Inf"
+    if isinstance(v, int) or v.is_integer():
+        return str(int(v))
+    return repr(v)
+
+
+class Metrics:
+    """Counters and gauges of one proxy process.
+
+    ``table`` (or ``get_table``): where ``meshlet_proxy_endpoints_ejected`` is read at
+    scrape time; ejections expire with time, so the gauge is computed, not kept.
+    """
+
+    def __init__(self, *, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.retries: dict[str, int] = {}
+        self.ejections: dict[str, int] = {}
+        self.upstream_connections = Gauge()
+        self.active_requests = Gauge()
+        self.get_table: Callable[[], RouteTable | None] | None = None
+
+    # -- hot path -------------------------------------------------------------------
+
+    def request_done(self, service: str, code: int, latency: float) -> None:
+        key = (service, code)
+        req = self.requests
+        req[key] = req.get(key, 0) + 1
+        h = self.durations.get(service)
+        if h is None:
+            h = self.durations[service] = _Histogram(len(self.buckets))
+        h.counts[bisect_left(self.buckets, latency)] += 1
+        h.sum += latency
+        h.count += 1
+
+    def retry(self, service: str) -> None:
+        self.retries[service] = self.retries.get(service, 0) + 1
+
+    def ejection(self, service: str) -> None:
+        self.ejections[service] = self.ejections.get(service, 0) + 1
+
+    # -- scrape ---------------------------------------------------------------------
+
+    def render(self, table: RouteTable | None = None) -> bytes:
+        if table is None and self.get_table is not None:
+            table = self.get_table()
+        out: list[str] = []
+        add = out.append
+
+        add("# HELP meshlet_proxy_requests_total Requests answered, by service and status code.")
+        add("# TYPE meshlet_proxy_requests_total counter")
+        for (svc, code), n in sorted(self.requests.items()):
+            add(f'meshlet_proxy_requests_total{{service="{_escape(svc)}",code="{code}"}} {n}')
+
+        add("# HELP meshlet_proxy_request_duration_seconds Time from request to the end of the response.")
+        add("# TYPE meshlet_proxy_request_duration_seconds histogram")
+        for svc, h in sorted(self.durations.items()):
+            s = _escape(svc)
+            acc = 0
+            for le, c in zip(self.buckets, h.counts):
+                acc += c
+                add(f'meshlet_proxy_request_duration_seconds_bucket{{service="{s}",le="{_num(le)}"}} {acc}')
+            add(f'meshlet_proxy_request_duration_seconds_bucket{{service="{s}",le="+Inf"}} {h.count}')
+            add(f'meshlet_proxy_request_duration_seconds_sum{{service="{s}"}} {_num(h.sum)}')
+            add(f'meshlet_proxy_request_duration_seconds_count{{service="{s}"}} {h.count}')
+
+        add("# HELP meshlet_proxy_retries_total Retries sent to another endpoint.")
+        add("# TYPE meshlet_proxy_retries_total counter")
+        for svc, n in sorted(self.retries.items()):
+            add(f'meshlet_proxy_retries_total{{service="{_escape(svc)}"}} {n}')
+
+        add("# HELP meshlet_proxy_ejections_total Endpoints ejected by outlier detection.")
+        add("# TYPE meshlet_proxy_ejections_total counter")
+        for svc, n in sorted(self.ejections.items()):
+            add(f'meshlet_proxy_ejections_total{{service="{_escape(svc)}"}} {n}')
+
+        add("# HELP meshlet_proxy_endpoints_ejected Endpoints ejected now, by service.")
+        add("# TYPE meshlet_proxy_endpoints_ejected gauge")
+        if table is not None:
+            for svc, n in sorted(table.ejected_by_service().items()):
+                add(f'meshlet_proxy_endpoints_ejected{{service="{_escape(svc)}"}} {n}')
+
+        add("# HELP meshlet_proxy_upstream_connections Open connections to upstream endpoints.")
+        add("# TYPE meshlet_proxy_upstream_connections gauge")
+        add(f"meshlet_proxy_upstream_connections {self.upstream_connections.value}")
+        add("# HELP meshlet_proxy_active_requests Requests in flight.")
+        add("# TYPE meshlet_proxy_active_requests gauge")
+        add(f"meshlet_proxy_active_requests {self.active_requests.value}")
+        add("")
+        return "\n".join(out).encode()

@@ -1,0 +1,730 @@
+"""The proxy's routing table: hosts and path prefixes to clusters of endpoints.
+
+Vocabulary
+----------
+Endpoint
+    One (instance, port) that receives traffic, with its live stats: requests in
+    flight, peak-EWMA latency, outlier counters and ejection. The same object is kept
+    across table rebuilds for as long as the instance stays (key: instance id + port).
+Cluster
+    The ready endpoints of one port of one service, with the service's routing
+    settings and a balancer built for exactly those endpoints. A cluster snapshot never
+    changes; the counters it shares with the next snapshot of the same (service, port)
+    (pending requests, retries in flight) live in ``_Shared``.
+Route
+    (host, path prefix) -> cluster, with strip_prefix.
+RouteTable
+    Everything the engine routes by: entry hosts, VIP listeners, clusters. Built whole
+    from a catalog ``View`` by :func:`build_table` and never written after; the engine
+    swaps it whole (fabio ``SetTable``).
+
+Flow::
+
+    View --build_table(view, previous=old)--> RouteTable
+    engine: table.match(host, path) -> Route -> cluster.pick() -> begin/end
+
+Routing rules
+-------------
+- Hosts: ``<service>.service.<domain>`` and every ``routes.hosts`` entry, compared
+  exactly and case-insensitively; ``*.example.test`` matches any name ending in
+  ``.example.test`` (the longest wildcard wins) and ``*`` any host otherwise unknown.
+- Paths: the longest ``routes.paths[].prefix`` that the path starts with (a plain byte
+  prefix, as Envoy and fabio: ``/api`` also matches ``/apix``). Default: ``/``.
+- Entry routes go to the service's first ``http`` port; a service without spec (not
+  applied with meshlet) gets ``/`` on its catalog ``Port``; a spec without an http
+  port gets no host route.
+- Conflicts (two services claim one host and prefix): a service's own
+  ``<service>.service.<domain>`` name always wins, then the first service by name.
+  Every conflict is logged once (when it appears) and listed in ``to_json()``.
+- VIP listeners: one per (vip, vip_port) of every port of a service with a VIP;
+  a clash goes to the first service by name, logged.
+
+Bad spec values are logged once per spec change with the service and field, and
+replaced by defaults; they never stop the table from building.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from . import _outlier
+from ._balance import DEFAULT_POLICY, DEFAULT_RTT, POLICIES, observe_rtt
+from ._outlier import OutlierSettings
+from ._retry import RetrySettings, retry_allowed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from discovery.view import View
+
+    from ._metrics import Metrics
+
+__all__ = [
+    "Endpoint",
+    "TimeoutSettings",
+    "ClusterSettings",
+    "RetrySettings",
+    "OutlierSettings",
+    "Cluster",
+    "Route",
+    "RouteTable",
+    "build_table",
+    "parse_settings",
+]
+
+log = logging.getLogger("meshlet.proxy.routes")
+
+Clock = Callable[[], float]
+
+
+class Endpoint:
+    """One instance port and its live stats (mutated by the cluster, read by /routes)."""
+
+    __slots__ = (
+        "id", "instance_id", "node", "address", "port", "weight", "active",
+        "rtt", "rtt_at",  # peak-EWMA latency estimate (seconds) and when it was updated
+        "c5xx", "cgw", "ejected_until", "times_ejected", "returned_at", "ejections",
+    )
+
+    def __init__(self, id: str, address: str, port: int, weight: int = 1, *,
+                 instance_id: str = "", node: str = "", now: float = 0.0) -> None:
+        self.id = id
+        self.instance_id = instance_id or id
+        self.node = node
+        self.address = address
+        self.port = port
+        self.weight = weight
+        self.active = 0
+        self.rtt = DEFAULT_RTT
+        self.rtt_at = now
+        self.c5xx = 0
+        self.cgw = 0
+        self.ejected_until = 0.0
+        self.times_ejected = 0
+        self.returned_at = 0.0
+        self.ejections = 0
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.id} {self.address}:{self.port} w={self.weight} active={self.active}>"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutSettings:
+    connect: float = 1.0
+    request: float = 15.0  # overall, retries included (Envoy's route timeout)
+    idle: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    policy: str = DEFAULT_POLICY
+    # None | ("header", lower-case name) | ("cookie", name) | ("source_ip", None)
+    hash_on: tuple[str, str | None] | None = None
+    retries: RetrySettings = field(default_factory=RetrySettings)
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    outlier: OutlierSettings = field(default_factory=OutlierSettings)
+    max_pending: int = 1024  # Envoy's max_pending_requests
+
+
+DEFAULT_SETTINGS = ClusterSettings()
+
+
+class _Shared:
+    """Counters every snapshot of one (service, port) shares, so requests that began on
+    an older snapshot still count (and are released) after a rebuild."""
+
+    __slots__ = ("version", "admitted", "active", "retries", "endpoints", "ring_cache")
+
+    def __init__(self) -> None:
+        self.version = 0  # bumped on every ejection and return
+        self.admitted = 0  # requests holding a pending slot
+        self.active = 0  # attempts in flight (begin .. end)
+        self.retries = 0  # retries in flight
+        self.endpoints: dict[str, Endpoint] = {}
+        self.ring_cache: dict[str, list[int]] = {}
+
+
+class Cluster:
+    """One port of one service: its settings, its endpoints and their balancer."""
+
+    def __init__(self, name: str, port_name: str | None, protocol: str, settings: ClusterSettings,
+                 endpoints: tuple[Endpoint, ...], *, shared: _Shared | None = None,
+                 clock: Clock = time.monotonic, rng: random.Random | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.name = name
+        self.port_name = port_name
+        self.protocol = protocol
+        self.settings = settings
+        self.endpoints = endpoints
+        self._shared = shared or _Shared()
+        self._clock = clock
+        self._metrics = metrics
+        self.signature = (protocol, settings, tuple((e.id, e.address, e.port, e.weight) for e in endpoints))
+        # Weight 0 means "no new traffic"; when every endpoint has weight 0 they share equally.
+        routable = tuple(e for e in endpoints if e.weight > 0)
+        weights = tuple(e.weight for e in routable)
+        if not routable and endpoints:
+            routable, weights = endpoints, (1,) * len(endpoints)
+        self.routable = routable
+        self._policy = None
+        if routable:
+            cls = POLICIES.get(settings.policy) or POLICIES[DEFAULT_POLICY]
+            self._policy = cls(routable, weights, rng=rng, clock=clock, cache=self._shared.ring_cache)
+        self._seen = -1  # shared.version the ejection view below was computed at
+        self._next_return = 0.0  # earliest return of an ejected endpoint (0: none)
+        self._skip: frozenset[str] | None = None  # ejected ids to avoid, None: avoid none
+        self.panic = False
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name}:{self.port_name} {self.protocol} endpoints={len(self.endpoints)}>"
+
+    # -- balancing ------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Recompute which endpoints are ejected (and return those whose time is up)."""
+        now = self._clock()
+        sh = self._shared
+        if _outlier.return_due(self.endpoints, now):
+            sh.version += 1
+        ejected = [e for e in self.endpoints if e.ejected_until]
+        self._next_return = min((e.ejected_until for e in ejected), default=0.0)
+        ids = frozenset(e.id for e in ejected)
+        healthy = sum(1 for e in self.routable if e.id not in ids)
+        self.panic = _outlier.is_panic(healthy, len(self.routable))
+        self._skip = ids if ids and not self.panic else None
+        self._seen = sh.version
+
+    def pick(self, hash_key: bytes | None = None,
+             exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
+        """An endpoint for the next attempt, or None when there is none to use.
+
+        Never one whose id is in ``exclude`` (retries pass the ids already tried),
+        never an ejected one unless the cluster is in panic mode, never one of weight 0
+        unless all are 0. ``hash_key``: the header/cookie/client-IP bytes for ring_hash.
+        """
+        if self._seen != self._shared.version or (self._next_return and self._clock() >= self._next_return):
+            self._refresh()
+        policy = self._policy
+        if policy is None:
+            return None
+        skip = self._skip
+        if skip is None:
+            if not exclude:
+                return policy.pick(hash_key)
+            return policy.pick_among(hash_key, exclude)
+        return policy.pick_among(hash_key, skip.union(exclude) if exclude else skip)
+
+    def begin(self, ep: Endpoint) -> None:
+        ep.active += 1
+        self._shared.active += 1
+
+    def end(self, ep: Endpoint, *, status: int | None, failure: str | None, latency: float) -> None:
+        """One attempt on ``ep`` finished: a response ``status``, or a ``failure``
+        ("connect" | "reset" | "timeout"), or neither (the client left: nothing learnt)."""
+        if ep.active > 0:
+            ep.active -= 1
+        sh = self._shared
+        if sh.active > 0:
+            sh.active -= 1
+        now = self._clock()
+        if latency is not None and latency >= 0 and (status is not None or failure == "timeout"):
+            observe_rtt(ep, latency, now)
+        if _outlier.record(ep, status, failure, self.settings.outlier):
+            self._try_eject(ep, now)
+
+    def _try_eject(self, ep: Endpoint, now: float) -> None:
+        s = self.settings.outlier
+        ejected = sum(1 for e in self.endpoints if _outlier.is_ejected(e, now))
+        if not _outlier.may_eject(ejected, len(self.endpoints), s.max_ejection_percent):
+            log.info("service %s: endpoint %s failing, not ejected: %d of %d already ejected (max %g%%)",
+                     self.name, ep.id, ejected, len(self.endpoints), s.max_ejection_percent)
+            return
+        until = _outlier.eject(ep, now, s)
+        self._shared.version += 1
+        log.warning("service %s: endpoint %s (%s:%d) ejected for %.0fs (ejection #%d)",
+                    self.name, ep.id, ep.address, ep.port, until - now, ep.times_ejected)
+        if self._metrics is not None:
+            self._metrics.ejection(self.name)
+
+    def ejected_count(self, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        return sum(1 for e in self.endpoints if _outlier.is_ejected(e, now))
+
+    # -- limits ---------------------------------------------------------------------
+
+    def try_acquire_pending(self) -> bool:
+        """Admit one more request to this service, or False (503: breaker open)."""
+        sh = self._shared
+        if sh.admitted >= self.settings.max_pending:
+            return False
+        sh.admitted += 1
+        return True
+
+    def release_pending(self) -> None:
+        sh = self._shared
+        if sh.admitted > 0:
+            sh.admitted -= 1
+
+    def retry_allowed(self) -> bool:
+        sh = self._shared
+        r = self.settings.retries
+        return retry_allowed(sh.retries, max(sh.admitted, sh.active), r.budget_percent, r.min_concurrent)
+
+    def retry_begin(self) -> None:
+        self._shared.retries += 1
+
+    def retry_end(self) -> None:
+        sh = self._shared
+        if sh.retries > 0:
+            sh.retries -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._shared.admitted
+
+    @property
+    def retries_in_flight(self) -> int:
+        return self._shared.retries
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        now = self._clock() if now is None else now
+        eps = []
+        for e in self.endpoints:
+            ejected = _outlier.is_ejected(e, now)
+            eps.append({
+                "id": e.id, "instance": e.instance_id, "node": e.node,
+                "address": e.address, "port": e.port, "weight": e.weight, "active": e.active,
+                "ejected": ejected,
+                "ejected_for": round(e.ejected_until - now, 3) if ejected else 0,
+                "ejections": e.ejections,
+                "ewma": round(e.rtt * 1000.0, 3), "ewma_unit": "ms",
+                "consecutive_5xx": e.c5xx, "consecutive_gateway_failures": e.cgw,
+            })
+        s = self.settings
+        return {
+            "service": self.name, "port_name": self.port_name, "protocol": self.protocol,
+            "policy": s.policy, "hash_on": list(s.hash_on) if s.hash_on else None,
+            "max_pending": s.max_pending, "pending": self._shared.admitted,
+            "retries_in_flight": self._shared.retries,
+            "panic": self.panic, "endpoints": eps,
+        }
+
+
+class Route:
+    __slots__ = ("cluster", "prefix", "strip_prefix", "host")
+
+    def __init__(self, cluster: Cluster, prefix: bytes, strip_prefix: bool, host: bytes = b"") -> None:
+        self.cluster = cluster
+        self.prefix = prefix
+        self.strip_prefix = strip_prefix
+        self.host = host
+
+    def rewrite(self, path: bytes) -> bytes:
+        """The request target to send upstream: the prefix removed if strip_prefix,
+        always starting with '/' (``/api?q=1`` with prefix ``/api`` gives ``/?q=1``)."""
+        if not self.strip_prefix:
+            return path
+        rest = path[len(self.prefix):]
+        if rest[:1] != b"/":
+            rest = b"/" + rest
+        return rest
+
+    def __repr__(self) -> str:
+        return f"<Route {self.host.decode()}{self.prefix.decode()} -> {self.cluster.name}:{self.cluster.port_name}>"
+
+
+_Prefixes = tuple[tuple[bytes, Route], ...]  # longest prefix first
+
+
+class RouteTable:
+    """Immutable once built. ``match`` and ``vip_listeners`` are the engine's lookups."""
+
+    def __init__(self, *, hosts: dict[bytes, _Prefixes], wildcards: dict[bytes, _Prefixes],
+                 default: _Prefixes | None, vip_listeners: Mapping[tuple[str, int], Cluster],
+                 clusters: Mapping[tuple[str, str | None], Cluster], conflicts: tuple[str, ...],
+                 index: int, domain: str, state: dict[str, Any]) -> None:
+        self._hosts = hosts
+        self._wildcards = wildcards
+        self._default = default
+        self.vip_listeners: Mapping[tuple[str, int], Cluster] = MappingProxyType(dict(vip_listeners))
+        self.clusters: Mapping[tuple[str, str | None], Cluster] = MappingProxyType(dict(clusters))
+        self.conflicts = conflicts
+        self.index = index
+        self.domain = domain
+        self._state = state  # what the next build_table reuses: shared counters, parsed specs, clock
+
+    def match(self, host: bytes, path: bytes) -> Route | None:
+        """The route for a request, or None (404). ``host``: lower-case, without port."""
+        routes = self._hosts.get(host)
+        if routes is None:
+            routes = self._slow_host(host)
+            if routes is None:
+                return None
+        for prefix, route in routes:
+            if path.startswith(prefix):
+                return route
+        return None
+
+    def _slow_host(self, host: bytes) -> _Prefixes | None:
+        if host.endswith(b"."):
+            host = host[:-1]
+        host = host.lower()
+        routes = self._hosts.get(host)
+        if routes is not None:
+            return routes
+        if self._wildcards:
+            i = host.find(b".")
+            while i > 0:  # at least one character before the wildcard's suffix
+                routes = self._wildcards.get(host[i:])
+                if routes is not None:
+                    return routes
+                i = host.find(b".", i + 1)
+        return self._default
+
+    def cluster(self, service: str, port_name: str | None = None) -> Cluster | None:
+        """The cluster of a service's port (its first port when ``port_name`` is None)."""
+        c = self.clusters.get((service, port_name))
+        if c is not None or port_name is not None:
+            return c
+        for (svc, _), c in self.clusters.items():
+            if svc == service:
+                return c
+        return None
+
+    def ejected_by_service(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (svc, _), c in self.clusters.items():
+            out[svc] = out.get(svc, 0) + c.ejected_count()
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        hosts: dict[str, list[dict[str, Any]]] = {}
+        def add(name: str, routes: _Prefixes) -> None:
+            hosts[name] = [{"prefix": p.decode(), "strip_prefix": r.strip_prefix, "service": r.cluster.name,
+                            "port_name": r.cluster.port_name} for p, r in routes]
+        for h, routes in sorted(self._hosts.items()):
+            add(h.decode(), routes)
+        for suffix, routes in sorted(self._wildcards.items()):
+            add("*" + suffix.decode(), routes)
+        if self._default is not None:
+            add("*", self._default)
+        services: dict[str, Any] = {}
+        for (svc, _), c in sorted(self.clusters.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+            info = self._state["specs"].get(svc)
+            entry = services.setdefault(svc, {"vip": info.vip if info else None,
+                                              "revision": info.revision if info else None, "clusters": []})
+            entry["clusters"].append(c.to_json())
+        return {
+            "index": self.index, "domain": self.domain, "hosts": hosts, "services": services,
+            "vip_listeners": [{"listen": f"{vip}:{port}", "service": c.name, "port_name": c.port_name,
+                               "protocol": c.protocol} for (vip, port), c in sorted(self.vip_listeners.items())],
+            "conflicts": list(self.conflicts),
+        }
+
+
+# -- spec parsing -------------------------------------------------------------------
+
+class _Problems(list):
+    def add(self, where: str, expected: str, got: Any) -> None:
+        self.append(f"{where}: expected {expected}, got {got!r}")
+
+
+def _number(d: Mapping[str, Any], key: str, default: float, where: str, problems: _Problems,
+            *, integer: bool = False, minimum: float = 0.0) -> Any:
+    v = d.get(key)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= minimum
+    if ok and integer and not float(v).is_integer():
+        ok = False
+    if not ok:
+        problems.add(f"{where}.{key}", f"{'an integer' if integer else 'a number'} >= {minimum:g}", v)
+        return default
+    return int(v) if integer else float(v)
+
+
+def _section(d: Mapping[str, Any], key: str, where: str, problems: _Problems) -> Mapping[str, Any]:
+    v = d.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        problems.add(f"{where}.{key}", "a mapping", v)
+        return {}
+    return v
+
+
+def parse_settings(routes: Mapping[str, Any] | None, where: str = "routes",
+                   problems: _Problems | None = None) -> ClusterSettings:
+    """``spec["routes"]`` -> ClusterSettings; bad fields are reported and defaulted."""
+    p = problems if problems is not None else _Problems()
+    if routes is None:
+        return DEFAULT_SETTINGS
+    if not isinstance(routes, Mapping):
+        p.add(where, "a mapping", routes)
+        return DEFAULT_SETTINGS
+    policy = routes.get("policy") or DEFAULT_POLICY
+    if policy not in POLICIES:
+        p.add(f"{where}.policy", " | ".join(POLICIES), policy)
+        policy = DEFAULT_POLICY
+    hash_on = _parse_hash_on(routes.get("hash_on"), f"{where}.hash_on", p)
+    if policy == "ring_hash" and hash_on is None:
+        p.append(f"{where}.hash_on: ring_hash without hash_on hashes nothing; picks are random")
+    r = _section(routes, "retries", where, p)
+    rw = f"{where}.retries"
+    d = RetrySettings()
+    retries = RetrySettings(
+        attempts=_number(r, "attempts", d.attempts, rw, p, integer=True),
+        per_try_timeout=_number(r, "per_try_timeout", d.per_try_timeout, rw, p),
+        budget_percent=_number(r, "budget_percent", d.budget_percent, rw, p),
+        min_concurrent=_number(r, "min_concurrent", d.min_concurrent, rw, p, integer=True),
+    )
+    t = _section(routes, "timeouts", where, p)
+    tw = f"{where}.timeouts"
+    dt = TimeoutSettings()
+    timeouts = TimeoutSettings(
+        connect=_number(t, "connect", dt.connect, tw, p),
+        request=_number(t, "request", dt.request, tw, p),
+        idle=_number(t, "idle", dt.idle, tw, p),
+    )
+    o = _section(routes, "outlier", where, p)
+    ow = f"{where}.outlier"
+    do = OutlierSettings()
+    outlier = OutlierSettings(
+        consecutive_5xx=_number(o, "consecutive_5xx", do.consecutive_5xx, ow, p, integer=True),
+        consecutive_gateway_failure=_number(o, "consecutive_gateway_failure", do.consecutive_gateway_failure,
+                                            ow, p, integer=True),
+        base_ejection_time=_number(o, "base_ejection_time", do.base_ejection_time, ow, p),
+        max_ejection_percent=_number(o, "max_ejection_percent", do.max_ejection_percent, ow, p),
+        interval=_number(o, "interval", do.interval, ow, p),
+        max_ejection_time=_number(o, "max_ejection_time", do.max_ejection_time, ow, p),
+    )
+    max_pending = _number(routes, "max_pending", DEFAULT_SETTINGS.max_pending, where, p, integer=True, minimum=1)
+    return ClusterSettings(policy=policy, hash_on=hash_on, retries=retries, timeouts=timeouts,
+                           outlier=outlier, max_pending=max_pending)
+
+
+def _parse_hash_on(v: Any, where: str, p: _Problems) -> tuple[str, str | None] | None:
+    if v is None:
+        return None
+    if isinstance(v, Mapping) and len(v) == 1:
+        (kind, arg), = v.items()
+        if kind == "header" and isinstance(arg, str) and arg.strip():
+            return ("header", arg.strip().lower())
+        if kind == "cookie" and isinstance(arg, str) and arg.strip():
+            return ("cookie", arg.strip())
+        if kind == "source_ip" and arg is True:
+            return ("source_ip", None)
+    p.add(where, "{header: NAME} | {cookie: NAME} | {source_ip: true}", v)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _PortSpec:
+    name: str | None
+    protocol: str
+    vip_port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _ServiceInfo:
+    spec: Any  # the spec mapping these were parsed from (compared to skip re-parsing)
+    vip: str | None
+    revision: str | None
+    settings: ClusterSettings
+    ports: tuple[_PortSpec, ...]
+    hosts: tuple[bytes, ...]
+    paths: tuple[tuple[bytes, bool], ...]
+
+
+def _parse_service(name: str, spec: Any, vip: str | None, revision: str | None) -> tuple[_ServiceInfo, list[str]]:
+    p = _Problems()
+    if spec is None:  # registered by another tool: its catalog Port, plain HTTP, defaults
+        return _ServiceInfo(None, vip, revision, DEFAULT_SETTINGS, (_PortSpec(None, "http", None),), (),
+                            ((b"/", False),)), p
+    if not isinstance(spec, Mapping):
+        p.add("spec", "a mapping", type(spec).__name__)
+        return _ServiceInfo(spec, vip, revision, DEFAULT_SETTINGS, (), (), ()), p
+    routes = spec.get("routes")
+    settings = parse_settings(routes, "routes", p)
+    routes = routes if isinstance(routes, Mapping) else {}
+    ports = []
+    raw_ports = spec.get("ports") or []
+    if not isinstance(raw_ports, (list, tuple)):
+        p.add("ports", "a list", raw_ports)
+        raw_ports = []
+    for i, port in enumerate(raw_ports):
+        w = f"ports[{i}]"
+        if not isinstance(port, Mapping):
+            p.add(w, "a mapping", port)
+            continue
+        pname = port.get("name")
+        if pname is not None and not isinstance(pname, str):
+            p.add(f"{w}.name", "a string", pname)
+            continue
+        proto = port.get("protocol") or "http"
+        if proto not in ("http", "tcp"):
+            p.add(f"{w}.protocol", "http | tcp", proto)
+            continue
+        vport = port.get("vip_port")
+        fixed = port.get("port")
+        if vport is None:
+            vport = fixed if isinstance(fixed, int) and fixed > 0 else (80 if proto == "http" else None)
+        if vport is not None and (not isinstance(vport, int) or isinstance(vport, bool) or not 0 < vport < 65536):
+            p.add(f"{w}.vip_port", "a port 1-65535", vport)
+            vport = None
+        ports.append(_PortSpec(pname, proto, vport))
+    hosts = []
+    raw_hosts = routes.get("hosts") or []
+    if not isinstance(raw_hosts, (list, tuple)):
+        p.add("routes.hosts", "a list", raw_hosts)
+        raw_hosts = []
+    for i, h in enumerate(raw_hosts):
+        hn = h.strip().lower().rstrip(".") if isinstance(h, str) else ""
+        if not hn or any(c in hn for c in " /\t:") or ("*" in hn and hn != "*" and (not hn.startswith("*.") or "*" in hn[1:])):
+            p.add(f"routes.hosts[{i}]", "a host name (optionally *.suffix)", h)
+            continue
+        hosts.append(hn.encode())
+    paths = []
+    raw_paths = routes.get("paths") or [{"prefix": "/"}]
+    if not isinstance(raw_paths, (list, tuple)):
+        p.add("routes.paths", "a list", raw_paths)
+        raw_paths = [{"prefix": "/"}]
+    for i, entry in enumerate(raw_paths):
+        w = f"routes.paths[{i}]"
+        if not isinstance(entry, Mapping):
+            p.add(w, "a mapping", entry)
+            continue
+        prefix = entry.get("prefix", "/")
+        if not isinstance(prefix, str) or not prefix.startswith("/") or any(c in prefix for c in " \t\r\n"):
+            p.add(f"{w}.prefix", "a path starting with /", prefix)
+            continue
+        strip = entry.get("strip_prefix", False)
+        if not isinstance(strip, bool):
+            p.add(f"{w}.strip_prefix", "true | false", strip)
+            strip = False
+        paths.append((prefix.encode(), strip))
+    return _ServiceInfo(spec, vip, revision, settings, tuple(ports), tuple(hosts), tuple(paths)), p
+
+
+# -- build ------------------------------------------------------------------------------
+
+def build_table(view: View, *, domain: str = "meshlet", previous: RouteTable | None = None,
+                metrics: Metrics | None = None, clock: Clock | None = None,
+                rng: random.Random | None = None) -> RouteTable:
+    """A new table from a catalog view. ``previous``: the table being replaced, whose
+    endpoint stats, shared counters, parsed specs and clock/RNG/metrics carry over
+    (unchanged clusters are reused as they are)."""
+    prev_state = previous._state if previous is not None else {}
+    clock = clock or prev_state.get("clock") or time.monotonic
+    rng = rng or prev_state.get("rng") or random.Random()
+    metrics = metrics if metrics is not None else prev_state.get("metrics")
+    prev_specs: dict[str, _ServiceInfo] = prev_state.get("specs", {})
+    prev_shared: dict[tuple[str, str | None], _Shared] = prev_state.get("shared", {})
+    prev_clusters = previous.clusters if previous is not None else {}
+    now = clock()
+    domain_b = domain.strip(".").lower()
+
+    specs: dict[str, _ServiceInfo] = {}
+    shared: dict[tuple[str, str | None], _Shared] = {}
+    clusters: dict[tuple[str, str | None], Cluster] = {}
+    claims: list[tuple[int, str, bytes, bytes, bool, Cluster]] = []
+    vip_claims: list[tuple[str, str, int, Cluster]] = []
+
+    for name in sorted(view.services):
+        sv = view.services[name]
+        info = prev_specs.get(name)
+        if info is None or not (info.spec is sv.spec or info.spec == sv.spec) or info.vip != sv.vip:
+            info, problems = _parse_service(name, sv.spec, sv.vip, sv.revision)
+            for msg in problems:
+                log.warning("service %s (revision %s): %s", name, sv.revision, msg)
+        specs[name] = info
+        ready = sorted(sv.ready(), key=lambda i: i.id)
+        http_cluster = None
+        for ps in info.ports:
+            key = (name, ps.name)
+            if key in clusters:
+                log.warning("service %s: port %r listed twice; the first is used", name, ps.name)
+                continue
+            sh = prev_shared.get(key) or _Shared()
+            shared[key] = sh
+            eps = _endpoints(ready, ps.name, sh, now)
+            c = prev_clusters.get(key)
+            sig = (ps.protocol, info.settings, tuple((e.id, e.address, e.port, e.weight) for e in eps))
+            if c is None or c.signature != sig or c._shared is not sh or c._metrics is not metrics:
+                c = Cluster(name, ps.name, ps.protocol, info.settings, eps, shared=sh, clock=clock, rng=rng,
+                            metrics=metrics)
+            clusters[key] = c
+            if http_cluster is None and ps.protocol == "http":
+                http_cluster = c
+            if sv.vip and ps.vip_port:
+                vip_claims.append((name, sv.vip, ps.vip_port, c))
+        if http_cluster is not None:
+            own = f"{name}.service.{domain_b}".lower().encode()
+            for prefix, strip in info.paths:
+                claims.append((0, name, own, prefix, strip, http_cluster))
+                for h in info.hosts:
+                    claims.append((1, name, h, prefix, strip, http_cluster))
+
+    conflicts: list[str] = []
+    table_hosts: dict[bytes, dict[bytes, Route]] = {}
+    # Own names first, then by service name; a stable sort keeps each spec's order.
+    for rank, svc, host, prefix, strip, c in sorted(claims, key=lambda t: (t[0], t[1])):
+        routes = table_hosts.setdefault(host, {})
+        have = routes.get(prefix)
+        if have is not None:
+            if have.cluster.name != svc:
+                conflicts.append(f"host {host.decode()} prefix {prefix.decode()}: claimed by "
+                                 f"{have.cluster.name} and {svc}; {have.cluster.name} wins")
+            continue
+        routes[prefix] = Route(c, prefix, strip, host)
+    vips: dict[tuple[str, int], Cluster] = {}
+    for svc, vip, port, c in vip_claims:
+        have = vips.get((vip, port))
+        if have is not None:
+            conflicts.append(f"listener {vip}:{port}: claimed by {have.name} and {svc}; {have.name} wins")
+            continue
+        vips[(vip, port)] = c
+    old = set(previous.conflicts) if previous is not None else set()
+    for msg in conflicts:
+        if msg not in old:
+            log.warning("route conflict: %s", msg)
+
+    exact: dict[bytes, _Prefixes] = {}
+    wild: dict[bytes, _Prefixes] = {}
+    default = None
+    for host, routes in table_hosts.items():
+        ordered = tuple(sorted(routes.items(), key=lambda kv: len(kv[0]), reverse=True))
+        if host == b"*":
+            default = ordered
+        elif host.startswith(b"*."):
+            wild[host[1:]] = ordered
+        else:
+            exact[host] = ordered
+    state = {"clock": clock, "rng": rng, "metrics": metrics, "specs": specs, "shared": shared}
+    return RouteTable(hosts=exact, wildcards=wild, default=default, vip_listeners=vips, clusters=clusters,
+                      conflicts=tuple(conflicts), index=view.index, domain=domain_b, state=state)
+
+
+def _endpoints(ready: list, port_name: str | None, sh: _Shared, now: float) -> tuple[Endpoint, ...]:
+    out = []
+    by_id: dict[str, Endpoint] = {}
+    for inst in ready:
+        port = inst.port_for(port_name)
+        if not inst.address or not isinstance(port, int) or not 0 < port < 65536:
+            continue
+        ep_id = f"{inst.id}:{port}"
+        if ep_id in by_id:
+            continue
+        weight = inst.weight if isinstance(inst.weight, int) and inst.weight > 0 else 0
+        ep = sh.endpoints.get(ep_id)
+        if ep is None or ep.address != inst.address:
+            ep = Endpoint(ep_id, inst.address, port, weight, instance_id=inst.id, node=inst.node, now=now)
+        else:
+            ep.weight = weight  # canary weights change in place; the stats stay
+        by_id[ep_id] = ep
+        out.append(ep)
+    sh.endpoints = by_id
+    return tuple(out)
