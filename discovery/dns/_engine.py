@@ -1,0 +1,106 @@
+"""The answering engine: the current zone plus the pre-encoded answers, no sockets.
+
+Fast path: a response depends only on the query bytes after the 2-byte ID (flags, counts,
+question, OPT) and on the zone. So each answered query is encoded once (per rotation)
+and stored under ``query[2:]``; a hit is one dict lookup, ``next()`` on a cycle of
+pre-encoded bodies and the client's ID glued in front. Answers with several records keep
+up to ``ROTATIONS`` bodies, each with the records rotated, and cycle through them, so the
+order varies between queries without encoding per query (and truncated UDP answers show
+different subsets). A new View swaps the zone and clears both caches (the dicts are
+cleared in place: the protocols hold references to them). Refilling costs one miss per
+hot question (~35 us for a one-record answer), so even a catalog change every 100 ms costs
+well under 1% of a core.
+
+Not cached: forwarded questions (answers come from elsewhere), malformed packets, queries
+carrying EDNS options (dig's per-client cookies would only fill the cache) and anything
+longer than 512 bytes. The cache is bounded: past ``max_entries`` the oldest entry goes
+(dicts keep insertion order), so random names cannot grow memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import cycle
+from typing import Iterator, NamedTuple
+
+from discovery.view import View
+
+from ._records import SERVFAIL
+from ._wire import TCP_LIMIT, BadQuery, Drop, Query, encode, error_response, parse_query, udp_limit
+from ._zone import Settings, Zone, answer, build_zone
+
+__all__ = ["Engine", "Forward", "ROTATIONS"]
+
+log = logging.getLogger(__name__)
+
+ROTATIONS = 8
+_MAX_KEY = 512
+
+
+class Forward(NamedTuple):
+    """The question is not ours: send ``data`` to the recursors."""
+
+    query: Query
+    data: bytes
+
+
+class Engine:
+    """State: ``zone`` (replaced whole), ``udp_cache``/``tcp_cache`` (key: query without
+    its ID; value: an endless iterator over pre-encoded response bodies without the ID)."""
+
+    def __init__(self, settings: Settings, view: View | None = None, max_entries: int = 8192) -> None:
+        self.settings = settings
+        self.max_entries = max_entries
+        self.zone: Zone = build_zone(view or View(), settings)
+        self.udp_cache: dict[bytes, Iterator[bytes]] = {}
+        self.tcp_cache: dict[bytes, Iterator[bytes]] = {}
+        self.ra = settings.forwarding
+
+    def set_view(self, view: View) -> None:
+        """Swap in the zone of a new View. On a bug in building, keep the last good zone."""
+        try:
+            zone = build_zone(view, self.settings)
+        except Exception:  # noqa: BLE001 - keep serving the last good zone
+            log.exception("could not build the DNS zone for catalog view %d; keeping the last one", view.index)
+            return
+        self.zone = zone
+        self.udp_cache.clear()
+        self.tcp_cache.clear()
+        log.debug("zone updated to view %d: %d services", view.index, len(zone.services))
+
+    def handle(self, data: bytes, tcp: bool) -> bytes | Forward | None:
+        """Response bytes for one query message, a ``Forward``, or ``None`` (drop)."""
+        hit = (self.tcp_cache if tcp else self.udp_cache).get(data[2:])
+        if hit is not None:
+            return data[:2] + next(hit)
+        return self.miss(data, tcp)
+
+    def miss(self, data: bytes, tcp: bool) -> bytes | Forward | None:
+        try:
+            query = parse_query(data)
+        except Drop:
+            return None
+        except BadQuery as exc:
+            log.debug("bad query (%d bytes): %s", len(data), exc)
+            return error_response(data, exc.rcode, exc.query, self.ra)
+        try:
+            ans = answer(self.zone, query.qname, query.qtype, query.qclass)
+            if ans.forward:
+                return Forward(query, bytes(data))
+            limit = TCP_LIMIT if tcp else udp_limit(query)
+            n = len(ans.answers)
+            rotations = min(n, ROTATIONS) if n > 1 else 1
+            guess: list[int] = []
+            bodies = tuple(bytes(encode(query, ans, limit, self.ra, (i * n) // rotations, guess)[2:])
+                           for i in range(rotations))
+        except Exception:  # noqa: BLE001 - a bug answers SERVFAIL, never a traceback
+            log.exception("failed to answer %s type %d", query.qname, query.qtype)
+            return error_response(data, SERVFAIL, None, self.ra)
+        bodies_iter = cycle(bodies)
+        first = next(bodies_iter)
+        if len(data) <= _MAX_KEY and (query.edns is None or not query.edns.has_options):
+            cache = self.tcp_cache if tcp else self.udp_cache
+            if len(cache) >= self.max_entries:
+                del cache[next(iter(cache))]
+            cache[bytes(data[2:])] = bodies_iter
+        return data[:2] + first

@@ -1,0 +1,359 @@
+"""The DNS zone as pure data: ``build_zone(view, settings)`` and ``answer(zone, qname, qtype)``.
+
+Vocabulary
+----------
+Settings
+    Mesh-wide DNS options (domain, mode, TTLs, readiness, whether recursors exist).
+Zone
+    Every name meshlet answers for, built once per catalog View and never mutated: a map
+    from lower-case absolute name to its record sets (type -> RRSet). Names that only exist
+    because something lives below them (``service.meshlet``) map to an empty dict
+    (empty non-terminals: NODATA, not NXDOMAIN, RFC 8020).
+RRSet
+    The records of one (name, type) plus the Additional records that go with them (the
+    A/AAAA of SRV targets).
+
+Names (``<d>`` is the domain, ``meshlet`` by default; all case-insensitive)::
+
+    <d>                                   SOA, NS
+    ns.<d>                                A/AAAA of the server when it listens on a fixed IP
+    <svc>.service.<d>                     A/AAAA (VIP or ready endpoints), SRV (ready endpoints)
+    <tag>.<svc>.service.<d>               A/AAAA, SRV of the ready endpoints with that tag
+    _<svc>._tcp[.service].<d>             same as <svc>.service.<d> (RFC 2782)
+    _<svc>._<tag>[.service].<d>           same as <tag>.<svc>.service.<d>
+    <node>.node.<d>                       A/AAAA of the node, TXT of its meta
+    <hex-ip>.addr.<d>                     A/AAAA of that address (SRV targets off-node)
+    <reversed VIP>.in-addr.arpa           PTR -> <svc>.service.<d>
+
+Decisions (and the Consul complaints they answer, reference/consul-api.md section 5):
+
+- Ready means passing (``include_warning`` adds warning); an instance of weight 0 is
+  draining and gets no new traffic, so DNS leaves it out too.
+- A service with a VIP always has its name: in ``vip`` mode A answers the VIP even with no
+  ready instance (the proxy answers 503 and recovers the moment one is ready), so a
+  service that flaps never gets NXDOMAIN cached by clients (complaint 4). Without a VIP
+  and with no ready instance the name does not exist: NXDOMAIN + SOA.
+- Tag names answer the tagged instances themselves, also in ``vip`` mode: the VIP
+  balances over every instance, so answering it for a tag would silently drop the filter.
+- A name that exists but lacks the type asked gets NODATA (NOERROR, empty answer, SOA),
+  never NXDOMAIN (complaint 3, RFC 2308).
+- SRV weight is the instance's weight (complaint 5); order is varied by the wire layer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, NamedTuple
+
+from discovery.view import Instance, ServiceView, View
+
+from ._records import (
+    A, AAAA, ANY, AXFR, CLASS_ANY, CLASS_IN, IXFR, NOERROR, NOTIMP, NS, NXDOMAIN, PTR,
+    REFUSED, RR, SOA, SRV, TXT, Answer, SoaData, SrvData,
+)
+
+__all__ = ["Settings", "Zone", "RRSet", "build_zone", "answer", "MODES"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("vip", "endpoints")
+
+# Record TTL default 0: a readiness change must reach clients at once (the catalog change
+# shows in answers within 100 ms; any positive TTL would let resolvers keep sending traffic
+# to an instance that just failed).
+DEFAULT_TTL = 0
+# Negative TTL default 5 s (SOA minimum and the SOA record's TTL). Consul's 0 makes
+# resolvers that treat 0 as "unknown" fall back to their own default (Windows: 15 min),
+# which turns a short outage into a long one (complaint 4). 5 s is honoured everywhere,
+# bounds how long a service that comes back still looks missing, and damps NXDOMAIN
+# storms. Services with a VIP never answer NXDOMAIN at all (see above).
+DEFAULT_NEGATIVE_TTL = 5
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
+_REVERSE_SUFFIXES = (".in-addr.arpa", ".ip6.arpa")
+_SRV_PRIORITY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    domain: str = "meshlet"
+    mode: str = "vip"                 # vip | endpoints (per-service spec dns.mode overrides)
+    ttl: int = DEFAULT_TTL            # service and node records (spec dns.ttl overrides)
+    negative_ttl: int = DEFAULT_NEGATIVE_TTL
+    include_warning: bool = False
+    forwarding: bool = False          # recursors configured: RA=1, foreign names forwarded
+    ns_addresses: tuple[str, ...] = ()  # glue for ns.<domain>, from the listen addresses
+
+    def __post_init__(self) -> None:
+        domain = self.domain.strip(".").lower()
+        if not domain or not all(_LABEL.match(p) for p in domain.split(".")):
+            raise ValueError(f"domain: expected a DNS name such as 'meshlet', got {self.domain!r}")
+        object.__setattr__(self, "domain", domain)
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.ttl < 0 or self.negative_ttl < 0:
+            raise ValueError("ttl and negative_ttl must be >= 0")
+
+
+class RRSet(NamedTuple):
+    records: tuple[RR, ...]
+    additional: tuple[RR, ...] = ()
+
+
+_NO_SETS: Mapping[int, RRSet] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    settings: Settings
+    names: Mapping[str, Mapping[int, RRSet]]
+    soa: RR
+    index: int = 0
+    services: tuple[str, ...] = field(default=())
+
+    @property
+    def domain(self) -> str:
+        return self.settings.domain
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def is_label(text: str) -> bool:
+    return bool(_LABEL.match(text))
+
+
+def _is_dns_name(text: str) -> bool:
+    return bool(text) and len(text) <= 200 and all(_LABEL.match(p) for p in text.split("."))
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _addr_rr(name: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ttl: int) -> RR:
+    return RR(name, A if ip.version == 4 else AAAA, ttl, str(ip))
+
+
+def _hex_name(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, domain: str) -> str:
+    return f"{ip.packed.hex()}.addr.{domain}"
+
+
+def _service_dns(sv: ServiceView, settings: Settings) -> tuple[str, int]:
+    """(mode, ttl) of one service: its spec's ``dns`` block over the mesh-wide settings."""
+    mode, ttl = settings.mode, settings.ttl
+    spec: Any = sv.spec
+    dns = spec.get("dns") if isinstance(spec, Mapping) else None
+    if isinstance(dns, Mapping):
+        if dns.get("mode") in MODES:
+            mode = dns["mode"]
+        t = dns.get("ttl")
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 2**31:
+            ttl = int(round(t))
+    return mode, ttl
+
+
+class _Builder:
+    def __init__(self, view: View, settings: Settings) -> None:
+        self.view = view
+        self.s = settings
+        self.d = settings.domain
+        self.names: dict[str, dict[int, RRSet]] = {}
+
+    def put(self, name: str, rtype: int, rrset: RRSet) -> None:
+        if rrset.records:
+            self.names.setdefault(name, {})[rtype] = rrset
+
+    def target_of(self, inst: Instance, ttl: int) -> tuple[str, tuple[RR, ...]] | None:
+        """SRV target of an instance and the records that resolve it: the node's name
+        when the instance lives at its node's address, else ``<hex-ip>.addr.<d>``."""
+        ip = _ip(inst.address)
+        node = self.view.nodes.get(inst.node)
+        if ip is None:
+            host = inst.address.strip(".").lower()
+            return (host, ()) if _is_dns_name(host) else None
+        if node is not None and node.address == inst.address and _is_dns_name(node.name.lower()):
+            name = f"{node.name.lower()}.node.{self.d}"
+        else:
+            name = _hex_name(ip, self.d)
+        return name, (_addr_rr(name, ip, ttl),)
+
+    def endpoint_sets(self, instances: Iterable[Instance], ttl: int) -> dict[int, RRSet]:
+        addrs: dict[str, RR] = {}
+        srvs: dict[tuple[str, int], RR] = {}
+        extra: dict[str, RR] = {}
+        for inst in instances:
+            ip = _ip(inst.address)
+            if ip is not None:
+                addrs.setdefault(str(ip), _addr_rr("", ip, ttl))
+            target = self.target_of(inst, ttl)
+            if target is None or not (0 < inst.port < 65536):
+                continue
+            tname, trrs = target
+            weight = max(0, min(int(inst.weight), 65535))
+            srvs.setdefault((tname, inst.port), RR("", SRV, ttl, SrvData(_SRV_PRIORITY, weight, inst.port, tname)))
+            for rr in trrs:
+                extra.setdefault(rr.name + "/" + str(rr.rtype), rr)
+        sets = {
+            A: RRSet(tuple(r for r in addrs.values() if r.rtype == A)),
+            AAAA: RRSet(tuple(r for r in addrs.values() if r.rtype == AAAA)),
+            SRV: RRSet(tuple(srvs.values()), tuple(extra.values())),
+        }
+        return {t: s for t, s in sets.items() if s.records}
+
+    def add_service(self, sv: ServiceView) -> bool:
+        name = sv.name.lower()
+        if not is_label(name):
+            log.warning("service %r is not a valid DNS label; not discoverable via DNS", sv.name)
+            return False
+        mode, ttl = _service_dns(sv, self.s)
+        ready = [i for i in sv.ready(self.s.include_warning) if i.weight > 0]
+        vip = _ip(sv.vip) if sv.vip else None
+        base = f"{name}.service.{self.d}"
+        if base in self.names:
+            log.warning("service %r collides with another service name; ignored", sv.name)
+            return False
+        if not ready and vip is None:
+            return False  # NXDOMAIN: nothing to send traffic to
+        sets = self.endpoint_sets(ready, ttl)
+        if mode == "vip" and vip is not None:
+            sets.pop(A, None)
+            sets.pop(AAAA, None)
+            sets[A if vip.version == 4 else AAAA] = RRSet((_addr_rr("", vip, ttl),))
+        if vip is not None:
+            self.put(vip.reverse_pointer, PTR, RRSet((RR("", PTR, ttl, base),)))
+        for alias in (base, f"_{name}._tcp.service.{self.d}", f"_{name}._tcp.{self.d}"):
+            self.names.setdefault(alias, {}).update(sets)
+        tags = sorted({t.lower() for i in ready for t in i.tags})
+        for tag in tags:
+            if not is_label(tag):
+                continue
+            tagged = [i for i in ready if tag in (t.lower() for t in i.tags)]
+            tsets = self.endpoint_sets(tagged, ttl)
+            aliases = [f"{tag}.{base}"]
+            if tag != "tcp":  # _<svc>._tcp means "no tag filter" (RFC 2782, as in Consul)
+                aliases += [f"_{name}._{tag}.service.{self.d}", f"_{name}._{tag}.{self.d}"]
+            for alias in aliases:
+                self.names.setdefault(alias, {}).update(tsets)
+        return True
+
+    def add_node(self, node_name: str, address: str, meta: Mapping[str, str]) -> None:
+        lname = node_name.lower()
+        if not _is_dns_name(lname):
+            return
+        name = f"{lname}.node.{self.d}"
+        ttl = self.s.ttl
+        ip = _ip(address)
+        if ip is not None:
+            rr = _addr_rr("", ip, ttl)
+            self.put(name, rr.rtype, RRSet((rr,)))
+        txt = tuple(f"{k}={v}" for k, v in sorted(meta.items()) if len(k) + len(str(v)) < 250)
+        if txt:
+            self.put(name, TXT, RRSet(tuple(RR("", TXT, ttl, (t,)) for t in txt)))
+        self.names.setdefault(name, {})
+
+    def build(self) -> Zone:
+        d, s = self.d, self.s
+        serial = self.view.index & 0xFFFFFFFF or 1
+        soa = RR(d, SOA, s.negative_ttl,
+                 SoaData(f"ns.{d}", f"hostmaster.{d}", serial, 3600, 600, 86400, s.negative_ttl))
+        ns_rrs = tuple(_addr_rr(f"ns.{d}", ip, s.ttl) for ip in map(_ip, s.ns_addresses) if ip is not None)
+        self.put(d, SOA, RRSet((soa._replace(name=""),)))
+        self.put(d, NS, RRSet((RR("", NS, s.ttl, f"ns.{d}"),), ns_rrs))
+        self.names.setdefault(f"ns.{d}", {})
+        for rr in ns_rrs:
+            sets = self.names[f"ns.{d}"]
+            prev = sets.get(rr.rtype, RRSet(()))
+            sets[rr.rtype] = RRSet(prev.records + (rr._replace(name=""),))
+        for node in sorted(self.view.nodes.values(), key=lambda n: n.name):
+            self.add_node(node.name, node.address, node.meta)
+        services = tuple(sv.name for sv in sorted(self.view.services.values(), key=lambda v: v.name)
+                         if self.add_service(sv))
+        # Empty non-terminals: every ancestor of an owned name exists (NODATA, RFC 8020).
+        for name in list(self.names):
+            if name.endswith(_REVERSE_SUFFIXES):
+                continue
+            while name != d:
+                name = name.split(".", 1)[1]
+                self.names.setdefault(name, {})
+        frozen = {n: MappingProxyType(sets) if sets else _NO_SETS for n, sets in self.names.items()}
+        return Zone(s, MappingProxyType(frozen), soa, self.view.index, services)
+
+
+def build_zone(view: View, settings: Settings) -> Zone:
+    """Every name and record meshlet answers for at this View. Pure; cost O(instances)."""
+    return _Builder(view, settings).build()
+
+
+# ---------------------------------------------------------------------------- answering
+
+
+def _synth_addr(zone: Zone, name: str) -> Mapping[int, RRSet] | None:
+    """``<hex-ip>.addr.<d>``: 8 hex digits are an IPv4 address, 32 an IPv6 address."""
+    head = name[: -len(zone.domain) - 1]
+    parts = head.split(".")
+    if len(parts) != 2 or parts[1] != "addr" or len(parts[0]) not in (8, 32):
+        return None
+    try:
+        packed = bytes.fromhex(parts[0])
+    except ValueError:
+        return None
+    ip = ipaddress.ip_address(packed)
+    return {A if ip.version == 4 else AAAA: RRSet((_addr_rr("", ip, zone.settings.ttl),))}
+
+
+def _negative(zone: Zone, rcode: int) -> Answer:
+    return Answer(rcode, authority=(zone.soa,))
+
+
+def _owned(rrs: tuple[RR, ...], qname: str) -> tuple[RR, ...]:
+    return tuple(r._replace(name=qname) if not r.name else r for r in rrs)
+
+
+def answer(zone: Zone, qname: str, qtype: int, qclass: int = CLASS_IN) -> Answer:
+    """The answer to one question, as records. ``qname`` is the name as asked (any case,
+    with or without the trailing dot); answer records are owned by it verbatim so the
+    response echoes the client's spelling (0x20 case randomisation keeps working)."""
+    asked = qname.rstrip(".")
+    name = asked.lower()
+    d = zone.domain
+    in_domain = name == d or name.endswith("." + d)
+    if not in_domain:
+        sets = zone.names.get(name) if name.endswith(_REVERSE_SUFFIXES) else None
+        if sets is None:
+            if zone.settings.forwarding:
+                return Answer(NOERROR, authoritative=False, forward=True)
+            if name.endswith(_REVERSE_SUFFIXES):
+                return _negative(zone, NXDOMAIN)  # PTR miss: NXDOMAIN, not SERVFAIL (complaint 10)
+            return Answer(REFUSED, authoritative=False)
+    else:
+        sets = zone.names.get(name)
+        if sets is None:
+            sets = _synth_addr(zone, name)
+    if qclass not in (CLASS_IN, CLASS_ANY):
+        return Answer(REFUSED, authoritative=False)
+    if qtype in (AXFR, IXFR):
+        return Answer(NOTIMP)
+    if sets is None:
+        return _negative(zone, NXDOMAIN)
+    if qtype == ANY:
+        chosen = [sets[t] for t in sorted(sets)]
+    else:
+        one = sets.get(qtype)
+        chosen = [one] if one is not None else []
+    if not chosen:
+        return _negative(zone, NOERROR)  # NODATA
+    records: tuple[RR, ...] = ()
+    extra: dict[tuple[str, int, str], RR] = {}
+    for rrset in chosen:
+        records += _owned(rrset.records, asked)
+        for rr in rrset.additional:
+            extra.setdefault((rr.name, rr.rtype, str(rr.rdata)), rr)
+    return Answer(NOERROR, answers=records, additional=tuple(extra.values()))
