@@ -1,0 +1,184 @@
+"""``meshlet dns`` / ``python -m discovery.dns``: flags, start-up and shut-down.
+
+Start-up order: parse flags -> load the first catalog View (Mirror; fail with exit 1 if
+the catalog does not answer within ``--start-timeout``) -> bind every listener -> print
+``ready {...}``. Answering before the first View would send NXDOMAIN for every service,
+which resolvers cache; so the server is not ready until it knows the catalog. After that
+the Mirror's blocking queries keep the zone current (no polling) and keep the last good
+View while the catalog is unreachable.
+
+Shut-down (SIGTERM/SIGINT): close listeners and connections, stop the Mirror, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+
+from ._engine import Engine
+from ._forward import Forwarder, parse_hostport
+from ._server import Listeners
+from ._zone import DEFAULT_NEGATIVE_TTL, DEFAULT_TTL, MODES, Settings
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("discovery.dns")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 5s, 500ms or 2m, got {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def _ttl(text: str) -> int:
+    seconds = _duration(text)
+    if seconds >= 2**31:
+        raise argparse.ArgumentTypeError(f"TTL too large: {text!r}")
+    return int(round(seconds))
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text, 8600)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _recursor(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text, 53)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="meshlet dns",
+        description="Answer <service>.service.<domain> over UDP and TCP from the catalog.")
+    p.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
+                   help="address to answer on, UDP and TCP (repeatable; default 127.0.0.1:8600; port 0 = any)")
+    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or "http://127.0.0.1:8500",
+                   metavar="URL", help="catalog URL (default $CONSUL_HTTP_ADDR or http://127.0.0.1:8500)")
+    p.add_argument("--domain", default="meshlet", help="DNS domain (default meshlet)")
+    p.add_argument("--mode", choices=MODES, default="vip",
+                   help="A/AAAA answer: the service VIP (vip, default) or its ready instances (endpoints); "
+                        "a service's spec dns.mode overrides it")
+    p.add_argument("--ttl", type=_ttl, default=DEFAULT_TTL, metavar="DURATION",
+                   help=f"TTL of service and node records (default {DEFAULT_TTL}s: changes reach clients at once)")
+    p.add_argument("--negative-ttl", type=_ttl, default=DEFAULT_NEGATIVE_TTL, metavar="DURATION",
+                   help=f"SOA minimum: how long NXDOMAIN/NODATA may be cached (default {DEFAULT_NEGATIVE_TTL}s)")
+    ready = p.add_mutually_exclusive_group()
+    ready.add_argument("--only-passing", dest="include_warning", action="store_false",
+                       help="answer only instances whose checks all pass (default)")
+    ready.add_argument("--include-warning", dest="include_warning", action="store_true",
+                       help="also answer instances with a warning check")
+    p.set_defaults(include_warning=False)
+    p.add_argument("--recursor", action="append", type=_recursor, default=[], metavar="HOST:PORT",
+                   help="where names outside the domain go, tried in order (repeatable; none: REFUSED)")
+    p.add_argument("--recursor-timeout", type=_duration, default=2.0, metavar="DURATION",
+                   help="time-out per recursor try (default 2s)")
+    p.add_argument("--start-timeout", type=_duration, default=30.0, metavar="DURATION",
+                   help="how long to wait for the catalog at start (default 30s)")
+    p.add_argument("--tcp-idle-timeout", type=_duration, default=10.0, metavar="DURATION",
+                   help="close idle TCP connections after this (default 10s)")
+    p.add_argument("--max-tcp-connections", type=int, default=512, metavar="N",
+                   help="open TCP connections at most (default 512)")
+    p.add_argument("--log-level", default=os.environ.get("MESHLET_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _ns_addresses(listens: list[tuple[str, int]]) -> tuple[str, ...]:
+    out = []
+    for host, _port in listens:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if not ip.is_unspecified and str(ip) not in out:
+            out.append(str(ip))
+    return tuple(out)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from discovery.consul import Mirror, MirrorError  # imported late: only the server needs it
+
+    listens = args.listen or [("127.0.0.1", 8600)]
+    settings = Settings(domain=args.domain, mode=args.mode, ttl=args.ttl, negative_ttl=args.negative_ttl,
+                        include_warning=args.include_warning, forwarding=bool(args.recursor),
+                        ns_addresses=_ns_addresses(listens))
+    engine = Engine(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    mirror = Mirror(args.consul, on_change=engine.set_view)
+    try:
+        start = asyncio.ensure_future(mirror.start(args.start_timeout))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            await mirror.close()
+            return 0
+        stopping.cancel()
+        view = start.result()
+    except MirrorError as exc:
+        log.error("%s", exc)
+        return 1
+    engine.set_view(view)
+
+    forwarder = Forwarder(args.recursor, args.recursor_timeout) if args.recursor else None
+    listeners = Listeners(engine, forwarder, idle_timeout=args.tcp_idle_timeout,
+                          max_tcp=args.max_tcp_connections)
+    try:
+        ready: dict[str, str] = {}
+        for i, (host, port) in enumerate(listens):
+            udp, tcp = await listeners.bind(host, port)
+            suffix = "" if i == 0 else str(i + 1)
+            ready["udp" + suffix], ready["tcp" + suffix] = udp, tcp
+            log.info("answering %s on udp %s and tcp %s", settings.domain, udp, tcp)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        await listeners.close()
+        await mirror.close()
+        return 1
+    sys.stdout.write("ready " + json.dumps(ready) + "\n")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await listeners.close()
+        await mirror.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the DNS server until SIGTERM/SIGINT. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings_check = Settings(domain=args.domain)  # fail early on a bad domain
+        del settings_check
+    except ValueError as exc:
+        print(f"meshlet dns: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(_serve(args))
