@@ -27,7 +27,7 @@ Routing rules
 -------------
 - Hosts: ``<service>.service.<domain>`` and every ``routes.hosts`` entry, compared
   exactly and case-insensitively; ``*.example.test`` matches any name ending in
-  ``.example.test`` (the longest wildcard wins) and ``*`` any host otherwise unknown.
+  ``.example.test`` (the longest wildcard wins). An unknown host matches nothing (404).
 - Paths: the longest ``routes.paths[].prefix`` that the path starts with (a plain byte
   prefix, as Envoy and fabio: ``/api`` also matches ``/apix``). Default: ``/``.
 - Entry routes go to the service's first ``http`` port; a service without spec (not
@@ -126,7 +126,7 @@ class ClusterSettings:
     retries: RetrySettings = field(default_factory=RetrySettings)
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
     outlier: OutlierSettings = field(default_factory=OutlierSettings)
-    max_pending: int = 1024  # Envoy's max_pending_requests
+    max_pending: int = 1024  # Envoy's max_pending_requests; 0 = no limit
 
 
 DEFAULT_SETTINGS = ClusterSettings()
@@ -258,7 +258,8 @@ class Cluster:
     def try_acquire_pending(self) -> bool:
         """Admit one more request to this service, or False (503: breaker open)."""
         sh = self._shared
-        if sh.admitted >= self.settings.max_pending:
+        cap = self.settings.max_pending
+        if cap and sh.admitted >= cap:
             return False
         sh.admitted += 1
         return True
@@ -343,12 +344,11 @@ class RouteTable:
     """Immutable once built. ``match`` and ``vip_listeners`` are the engine's lookups."""
 
     def __init__(self, *, hosts: dict[bytes, _Prefixes], wildcards: dict[bytes, _Prefixes],
-                 default: _Prefixes | None, vip_listeners: Mapping[tuple[str, int], Cluster],
+                 vip_listeners: Mapping[tuple[str, int], Cluster],
                  clusters: Mapping[tuple[str, str | None], Cluster], conflicts: tuple[str, ...],
                  index: int, domain: str, state: dict[str, Any]) -> None:
         self._hosts = hosts
         self._wildcards = wildcards
-        self._default = default
         self.vip_listeners: Mapping[tuple[str, int], Cluster] = MappingProxyType(dict(vip_listeners))
         self.clusters: Mapping[tuple[str, str | None], Cluster] = MappingProxyType(dict(clusters))
         self.conflicts = conflicts
@@ -382,7 +382,7 @@ class RouteTable:
                 if routes is not None:
                     return routes
                 i = host.find(b".", i + 1)
-        return self._default
+        return None
 
     def cluster(self, service: str, port_name: str | None = None) -> Cluster | None:
         """The cluster of a service's port (its first port when ``port_name`` is None)."""
@@ -409,8 +409,6 @@ class RouteTable:
             add(h.decode(), routes)
         for suffix, routes in sorted(self._wildcards.items()):
             add("*" + suffix.decode(), routes)
-        if self._default is not None:
-            add("*", self._default)
         services: dict[str, Any] = {}
         for (svc, _), c in sorted(self.clusters.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             info = self._state["specs"].get(svc)
@@ -501,23 +499,28 @@ def parse_settings(routes: Mapping[str, Any] | None, where: str = "routes",
         interval=_number(o, "interval", do.interval, ow, p),
         max_ejection_time=_number(o, "max_ejection_time", do.max_ejection_time, ow, p),
     )
-    max_pending = _number(routes, "max_pending", DEFAULT_SETTINGS.max_pending, where, p, integer=True, minimum=1)
+    max_pending = _number(routes, "max_pending", DEFAULT_SETTINGS.max_pending, where, p, integer=True)
     return ClusterSettings(policy=policy, hash_on=hash_on, retries=retries, timeouts=timeouts,
                            outlier=outlier, max_pending=max_pending)
 
 
 def _parse_hash_on(v: Any, where: str, p: _Problems) -> tuple[str, str | None] | None:
+    """``{header: X}`` | ``{cookie: X}`` | ``{source_ip: true}``; the normalised document
+    carries all three keys with the unused ones null/false."""
     if v is None:
         return None
-    if isinstance(v, Mapping) and len(v) == 1:
-        (kind, arg), = v.items()
-        if kind == "header" and isinstance(arg, str) and arg.strip():
-            return ("header", arg.strip().lower())
-        if kind == "cookie" and isinstance(arg, str) and arg.strip():
-            return ("cookie", arg.strip())
-        if kind == "source_ip" and arg is True:
-            return ("source_ip", None)
-    p.add(where, "{header: NAME} | {cookie: NAME} | {source_ip: true}", v)
+    if isinstance(v, Mapping) and set(v) <= {"header", "cookie", "source_ip"}:
+        chosen = []
+        header, cookie = v.get("header"), v.get("cookie")
+        if isinstance(header, str) and header.strip():
+            chosen.append(("header", header.strip().lower()))
+        if isinstance(cookie, str) and cookie.strip():
+            chosen.append(("cookie", cookie.strip()))
+        if v.get("source_ip") is True:
+            chosen.append(("source_ip", None))
+        if len(chosen) == 1:
+            return chosen[0]
+    p.add(where, "exactly one of {header: NAME} | {cookie: NAME} | {source_ip: true}", v)
     return None
 
 
@@ -583,7 +586,7 @@ def _parse_service(name: str, spec: Any, vip: str | None, revision: str | None) 
         raw_hosts = []
     for i, h in enumerate(raw_hosts):
         hn = h.strip().lower().rstrip(".") if isinstance(h, str) else ""
-        if not hn or any(c in hn for c in " /\t:") or ("*" in hn and hn != "*" and (not hn.startswith("*.") or "*" in hn[1:])):
+        if not hn or any(c in hn for c in " /\t:") or ("*" in hn and (not hn.startswith("*.") or "*" in hn[1:])):
             p.add(f"routes.hosts[{i}]", "a host name (optionally *.suffix)", h)
             continue
         hosts.append(hn.encode())
@@ -694,17 +697,14 @@ def build_table(view: View, *, domain: str = "meshlet", previous: RouteTable | N
 
     exact: dict[bytes, _Prefixes] = {}
     wild: dict[bytes, _Prefixes] = {}
-    default = None
     for host, routes in table_hosts.items():
         ordered = tuple(sorted(routes.items(), key=lambda kv: len(kv[0]), reverse=True))
-        if host == b"*":
-            default = ordered
-        elif host.startswith(b"*."):
+        if host.startswith(b"*."):
             wild[host[1:]] = ordered
         else:
             exact[host] = ordered
     state = {"clock": clock, "rng": rng, "metrics": metrics, "specs": specs, "shared": shared}
-    return RouteTable(hosts=exact, wildcards=wild, default=default, vip_listeners=vips, clusters=clusters,
+    return RouteTable(hosts=exact, wildcards=wild, vip_listeners=vips, clusters=clusters,
                       conflicts=tuple(conflicts), index=view.index, domain=domain_b, state=state)
 
 
