@@ -231,7 +231,7 @@ def _service(v: Values, n: N, cx: Ctx, path: str) -> Values:
         _resolve_process_paths(v, cx)
     if is_ok(v["ports"]):
         _check_ports(v, n, cx, path)
-        if is_ok(v["probes"]):
+        if is_ok(v["ports"], v["probes"]):
             v["probes"] = _resolve_probe_ports(v["probes"], v["ports"], n, cx, path)
     if is_ok(v["env"]):
         for key in v["env"]:

@@ -291,7 +291,7 @@ DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DNS_LABEL_HINT = 'a DNS label (lowercase letters, digits and "-", at most 63 characters)'
 
 
-def named_map(cls: type, key_pattern: str, key_hint: str) -> Conv:
+def named_map(cls: type, key_pattern: str, key_hint: str, noun: str) -> Conv:
     """``{name: {...}}`` -> FrozenDict of ``cls`` whose ``name`` field is the key."""
     rx = re.compile(key_pattern)
 
@@ -302,7 +302,7 @@ def named_map(cls: type, key_pattern: str, key_hint: str) -> Conv:
         for key, entry in n.value.items():
             if not rx.fullmatch(key):
                 out[key] = cx.error(entry.key_line, join(path, key),
-                                    f"expected {key_hint} as name, got {describe(key)}")
+                                    f"{noun} name must be {key_hint}, got {describe(key)}")
                 continue
             node = entry.node if not entry.node.is_null else N(MAP, {}, entry.node.line)
             out[key] = struct(cls, given={"name": key})(node, cx, join(path, key))

@@ -377,10 +377,10 @@ class SecretSpec:
 @model
 class MeshConfig:
     mesh: MeshSettings = opt(MeshSettings(), struct(MeshSettings))
-    services: FrozenDict[str, ServiceSpec] = opt(FrozenDict(), named_map(ServiceSpec, DNS_LABEL, DNS_LABEL_HINT))
-    volumes: FrozenDict[str, VolumeSpec] = opt(FrozenDict(), named_map(VolumeSpec, OBJECT_NAME, OBJECT_HINT))
-    configs: FrozenDict[str, ConfigSpec] = opt(FrozenDict(), named_map(ConfigSpec, OBJECT_NAME, OBJECT_HINT))
-    secrets: FrozenDict[str, SecretSpec] = opt(FrozenDict(), named_map(SecretSpec, OBJECT_NAME, OBJECT_HINT))
+    services: FrozenDict[str, ServiceSpec] = opt(FrozenDict(), named_map(ServiceSpec, DNS_LABEL, DNS_LABEL_HINT, "service"))
+    volumes: FrozenDict[str, VolumeSpec] = opt(FrozenDict(), named_map(VolumeSpec, OBJECT_NAME, OBJECT_HINT, "volume"))
+    configs: FrozenDict[str, ConfigSpec] = opt(FrozenDict(), named_map(ConfigSpec, OBJECT_NAME, OBJECT_HINT, "config"))
+    secrets: FrozenDict[str, SecretSpec] = opt(FrozenDict(), named_map(SecretSpec, OBJECT_NAME, OBJECT_HINT, "secret"))
 
 
 def to_plain(obj: Any) -> Any:

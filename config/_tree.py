@@ -90,7 +90,8 @@ def from_yaml(text: str, report: Report) -> N | None:
         detail = f" (column {mark.column + 1})" if mark else ""
         if exc.context and exc.problem and exc.context_mark:
             detail = f" (column {mark.column + 1}; {exc.context} on line {exc.context_mark.line + 1})"
-        report(line, "", f"invalid YAML: {problem}{detail}")
+        hint = " - check the indentation" if "<block end>" in problem or "mapping values" in problem else ""
+        report(line, "", f"invalid YAML: {problem}{detail}{hint}")
         return None
     except yaml.reader.ReaderError as exc:
         _report_reader_error(text, exc, report)
