@@ -1,0 +1,25 @@
+"""Embedded, single-node catalog speaking Consul's HTTP API over SQLite.
+
+Run it with ``python -m discovery.catalog --listen 127.0.0.1:8500 --data-dir DIR`` or
+``meshlet catalog ...`` (which calls :func:`main`). Clients use it as they would use a
+Consul agent: py-consul (sync and aio), curl, consul-template-style watchers.
+
+Layout (each module's docstring says more):
+
+    _cli        argument parsing, the ``ready`` line, signals
+    _server     start/stop order of the pieces below
+    _store      in-memory tables, the single writer with group commit, the global index
+    _db         SQLite (WAL, synchronous=FULL) under --data-dir
+    _model      the tables and their derived indexes
+    _watch      blocking queries: targeted wake-ups and the wait loop
+    _kv         KV semantics           _catalog  nodes/services/checks semantics
+    _sessions   sessions and their TTL _checks   the HTTP/TCP/TTL check runner
+    _txn        /v1/txn                _decode   Consul-style JSON and duration decoding
+    _http, _h_* routing, Consul's error texts, endpoint handlers
+"""
+
+from __future__ import annotations
+
+from ._cli import main
+
+__all__ = ["main"]

@@ -1,0 +1,90 @@
+"""``python -m discovery.catalog``: run the embedded catalog until SIGTERM/SIGINT.
+
+Prints ``ready {"http": "host:port"}`` on stdout once the listener is bound; logs go to
+stderr. Exit status: 0 after a clean stop, 1 if it could not start, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from ._server import CatalogServer, Options
+
+__all__ = ["main", "parse_args"]
+
+log = logging.getLogger("discovery.catalog")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _seconds(text: str) -> float:
+    from ._decode import DecodeError, parse_go_duration
+
+    try:
+        return parse_go_duration(text) / 1e9
+    except DecodeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="meshlet catalog", description="Embedded Consul-compatible catalog.")
+    p.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8500), metavar="HOST:PORT",
+                   help="HTTP API address (port 0 picks a free port); default 127.0.0.1:8500")
+    p.add_argument("--data-dir", default=".meshlet/catalog", help="where the SQLite state lives")
+    p.add_argument("--node", default="meshlet", help="this node's name in the catalog (default: meshlet)")
+    p.add_argument("--datacenter", default="dc1")
+    p.add_argument("--session-ttl-min", type=_seconds, default=10.0, metavar="DURATION",
+                   help="shortest session TTL accepted (Consul's session_ttl_min); default 10s")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, a.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    host, port = a.listen
+    return Options(host=host, port=port, data_dir=a.data_dir, node=a.node, datacenter=a.datacenter,
+                   session_ttl_min=a.session_ttl_min)
+
+
+async def _serve(opts: Options) -> int:
+    server = CatalogServer(opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        host, port = await server.start()
+    except Exception as exc:
+        log.error("catalog could not start: %s", exc)
+        await server.stop()
+        return 1
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sys.stdout.write("ready " + json.dumps({"http": shown}) + "\n")
+    sys.stdout.flush()
+    await stop.wait()
+    log.info("stopping")
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or bad arguments (2)
+        return int(exc.code or 0)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable
+        return asyncio.run(_serve(opts))
+    return uvloop.run(_serve(opts))

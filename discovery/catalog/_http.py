@@ -1,0 +1,234 @@
+"""HTTP plumbing shared by every endpoint: routing, Consul's error texts, headers, JSON.
+
+Routing is Consul's table (agent/http_register.go): exact paths and prefixes ending in
+``/``; the longest match wins. For a matched path a method outside the route's list gets
+405 with ``Allow: OPTIONS,<methods>``; ``OPTIONS`` gets 200 with ``Allow``. Any other
+``/v1/`` path is 404 ``Invalid URL path: not a recognized HTTP API endpoint``.
+
+Handlers raise CatalogError (status + plain-text reason) or DecodeError (400); anything
+else is logged with its traceback and answered 500 with a one-line reason, never a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from urllib.parse import urlencode
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from ._decode import DecodeError, parse_uint
+from ._errors import BadRequest, CatalogError, MethodNotAllowed, NotFound, TooLarge
+from ._watch import block, parse_wait
+
+if TYPE_CHECKING:
+    from ._server import CatalogServer
+
+__all__ = ["Req", "Router", "SERVER", "dumps", "json_response", "read_headers", "make_handler"]
+
+log = logging.getLogger("discovery.catalog.http")
+
+SERVER: web.AppKey["CatalogServer"] = web.AppKey("catalog_server")
+
+INVALID_PATH = "Invalid URL path: not a recognized HTTP API endpoint\n"
+
+
+def dumps(obj: Any, pretty: bool = False) -> bytes:
+    if pretty:
+        return (json.dumps(obj, indent=4, ensure_ascii=False) + "\n").encode()
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def read_headers(index: int) -> dict[str, str]:
+    """Consul's query metadata; the index is never 0 (a 0 makes clients busy-loop)."""
+    return {
+        "X-Consul-Index": str(max(1, int(index))),
+        "X-Consul-KnownLeader": "true",
+        "X-Consul-LastContact": "0",
+    }
+
+
+@dataclass(slots=True)
+class Req:
+    """One request as handlers see it."""
+
+    request: web.Request
+    server: "CatalogServer"
+    tail: str  # the path after a prefix route ("" for exact routes)
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        return self.request.query
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    @property
+    def pretty(self) -> bool:
+        return "pretty" in self.request.query
+
+    def flag(self, name: str) -> bool:
+        return name in self.request.query
+
+    async def body(self, limit: int, what: str = "Request body") -> bytes:
+        """The request body, refusing more than ``limit`` bytes with 413."""
+        length = self.request.content_length
+        if length is not None and length > limit:
+            raise TooLarge(_too_large(length, limit))
+        data = bytearray()
+        async for chunk in self.request.content.iter_chunked(65536):
+            data += chunk
+            if len(data) > limit:
+                raise TooLarge(_too_large(len(data), limit))
+        return bytes(data)
+
+    async def json_body(self, limit: int = 4 * 1024 * 1024, allow_empty: bool = False) -> Any:
+        raw = await self.body(limit)
+        if not raw.strip():
+            if allow_empty:
+                return None
+            raise BadRequest("Request decode failed: EOF")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"Request decode failed: {exc}") from None
+
+    def blocking(self) -> tuple[int, float]:
+        """``(index, wait seconds)`` with Consul's 400 texts for bad values."""
+        q = self.request.query
+        if "stale" in q and "consistent" in q:
+            raise BadRequest("Cannot specify ?stale with ?consistent, conflicting semantics.")
+        try:
+            wait = parse_wait(q.get("wait"))
+        except DecodeError:
+            raise BadRequest("Invalid wait time") from None
+        index = 0
+        if "index" in q:
+            try:
+                index = parse_uint(q["index"])
+            except DecodeError:
+                raise BadRequest("Invalid index") from None
+        return index, wait
+
+    async def block(
+        self,
+        evaluate: Callable[[], tuple[int, Any]],
+        *,
+        topics: tuple[str, ...] = (),
+        keys: tuple[str, ...] = (),
+        prefixes: tuple[str, ...] = (),
+    ) -> tuple[int, Any]:
+        index, wait = self.blocking()
+        server = self.server
+        return await block(
+            server.store.settled, server.hub, evaluate, index, wait, topics=topics, keys=keys, prefixes=prefixes
+        )
+
+    def json(self, obj: Any, index: int | None = None, status: int = 200) -> web.Response:
+        return json_response(obj, index=index, pretty=self.pretty, status=status)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"Request body({size} bytes) too large, max size: {limit} bytes. See "
+        "https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size."
+    )
+
+
+def json_response(obj: Any, index: int | None = None, pretty: bool = False, status: int = 200,
+                  body: bytes | None = None) -> web.Response:
+    headers = read_headers(index) if index is not None else {}
+    return web.Response(
+        body=body if body is not None else dumps(obj, pretty),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def conflicting(query: Mapping[str, str], *flags: str) -> None:
+    """Consul's ``conflictingFlags``: at most one of ``flags`` may be given."""
+    if sum(f in query for f in flags) > 1:
+        encoded = urlencode(sorted(query.items()))
+        raise BadRequest(f"Conflicting flags: {encoded}\n")
+
+
+Handler = Callable[[Req], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    methods: Mapping[str, Handler]
+    check_dc: bool = True
+
+
+class Router:
+    """Consul's route table: exact paths and prefixes (ending in "/"), longest first."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Route] = {}
+        self.prefixes: list[tuple[str, Route]] = []
+
+    def add(self, path: str, methods: Mapping[str, Handler], *, check_dc: bool = True) -> None:
+        route = Route(dict(methods), check_dc)
+        if path.endswith("/"):
+            self.prefixes.append((path, route))
+            self.prefixes.sort(key=lambda item: -len(item[0]))
+        else:
+            self.exact[path] = route
+
+    def resolve(self, path: str) -> tuple[Route, str] | None:
+        route = self.exact.get(path)
+        if route is not None:
+            return route, ""
+        for prefix, route in self.prefixes:
+            if path.startswith(prefix):
+                return route, path[len(prefix):]
+        return None
+
+
+def _text(status: int, reason: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=reason, content_type="text/plain", headers=headers)
+
+
+def make_handler(router: Router) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The one aiohttp handler: route, check method and dc, call, map errors."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        server = request.app[SERVER]
+        path = request.path
+        found = router.resolve(path)
+        if found is None:
+            return _text(404, INVALID_PATH)
+        route, tail = found
+        method = request.method
+        try:
+            if method == "OPTIONS":
+                return web.Response(status=200, headers={"Allow": ",".join(("OPTIONS", *route.methods))})
+            handler = route.methods.get(method)
+            if handler is None:
+                raise MethodNotAllowed(method, tuple(route.methods))
+            dc = request.query.get("dc")
+            if route.check_dc and dc and dc != server.opts.datacenter:
+                raise CatalogError("No path to datacenter")
+            return await handler(Req(request, server, tail))
+        except MethodNotAllowed as exc:
+            return _text(exc.status, exc.reason, {"Allow": exc.allow})
+        except CatalogError as exc:
+            headers = None
+            if isinstance(exc, NotFound) and getattr(exc, "index", None) is not None:
+                headers = read_headers(exc.index)  # type: ignore[attr-defined]
+            return _text(exc.status, exc.reason, headers)
+        except DecodeError as exc:
+            return _text(400, f"Request decode failed: {exc}")
+        except (web.HTTPException, ConnectionResetError):
+            raise
+        except Exception as exc:  # the client gets one line; the log gets the traceback
+            log.exception("%s %s failed", method, path)
+            return _text(500, f"Internal error: {type(exc).__name__}")
+
+    return handle

@@ -1,0 +1,116 @@
+"""The catalog process: store + watch hub + timers + HTTP API, started and stopped in order.
+
+Start: open SQLite and load state -> bootstrap the local node -> arm check and session
+timers -> bind the HTTP listener. Stop (reverse): stop accepting, wake blocked queries so
+they answer at once, stop timers and probes, let the writer finish queued writes, close
+the database. Every step of stop runs even if an earlier one failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ._http import SERVER, Router, make_handler
+from ._model import State
+from ._store import Store
+from ._watch import WatchHub
+
+__all__ = ["Options", "CatalogServer"]
+
+log = logging.getLogger("discovery.catalog")
+
+VERSION = "1.20.6"  # the Consul API level we answer as (agent/self Config.Version)
+
+
+@dataclass(frozen=True)
+class Options:
+    host: str = "127.0.0.1"
+    port: int = 8500
+    data_dir: str = ".meshlet/catalog"
+    node: str = "meshlet"
+    datacenter: str = "dc1"
+    # Shortest session TTL accepted (Consul's session_ttl_min, 10s). Lower it for tests.
+    session_ttl_min: float = 10.0
+    # Floor for HTTP/TCP check intervals (Consul clamps to 1s; py-consul's own tests
+    # register 10ms/100ms checks and expect them to run).
+    check_interval_min: float = 0.1
+
+    @property
+    def advertise(self) -> str:
+        """The address other parties reach this node at (the listen host, not a wildcard)."""
+        if self.host in ("", "0.0.0.0", "::", "[::]"):
+            return "127.0.0.1"
+        return self.host.strip("[]")
+
+
+class CatalogServer:
+    """One catalog: owns its store, hub, timers and HTTP site."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.state = State()
+        self.store = Store(opts.data_dir, self.state.tables())
+        self.hub = WatchHub()
+        self.store.set_notifier(self.hub.notify)
+        self.leader_addr = f"{opts.advertise}:8300"
+        self._runner: web.AppRunner | None = None
+        self._components: list[Any] = []
+        self.bound: tuple[str, int] | None = None
+
+    def build_app(self) -> web.Application:
+        from . import _h_kv
+
+        router = Router()
+        _h_kv.register(router)
+        for extra in self._route_modules():
+            extra.register(router)
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app[SERVER] = self
+        app.router.add_route("*", "/{tail:.*}", make_handler(router))
+        return app
+
+    def _route_modules(self) -> list[Any]:
+        from . import _h_agent
+
+        return [_h_agent]
+
+    async def start(self) -> tuple[str, int]:
+        await self.store.open()
+        for component in self._components:
+            await component.start()
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True)
+        await site.start()
+        addr = self._runner.addresses[0]
+        self.bound = (addr[0], addr[1])
+        log.info("catalog serving on %s:%d (node %s, index %d)", addr[0], addr[1], self.opts.node, self.store.index)
+        return self.bound
+
+    async def stop(self) -> None:
+        errors: list[BaseException] = []
+        self.hub.close()
+        if self._runner is not None:
+            try:
+                await self._runner.cleanup()
+            except Exception as exc:  # keep tearing down
+                errors.append(exc)
+        for component in reversed(self._components):
+            try:
+                await component.stop()
+            except Exception as exc:
+                errors.append(exc)
+        try:
+            await self.store.close()
+        except Exception as exc:
+            errors.append(exc)
+        for exc in errors:
+            log.error("error while stopping: %s", exc)
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        await stop.wait()

@@ -1,0 +1,132 @@
+"""Helpers every test directory may import: waiting on conditions and starting servers.
+
+* ``wait_for(predicate, timeout=5.0, interval=0.01)``: poll a sync predicate until it
+  returns something truthy (returned) or fail with AssertionError at the deadline.
+* ``async_wait_for(...)``: the same inside an event loop; the predicate may be a
+  coroutine function.
+* ``start_server(argv)``: start a meshlet server process (catalog, dns, proxy, ...) and
+  return ``(proc, ready)`` where ``ready`` is the JSON object of its ``ready {...}`` line.
+  The process's stderr goes to the test's captured stderr; its further stdout is drained.
+* ``stop_process(proc)``: SIGTERM, wait, SIGKILL as a last resort; returns the exit code.
+* ``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago (prefer passing port
+  0 to a server and reading its ready line; this is for restarts that must keep a port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+__all__ = ["wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "ServerStartError"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str | None = None) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; return that value.
+
+    Exceptions raised by the predicate count as "not yet" until the deadline, when the
+    last one is chained to the AssertionError.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last_exc = None
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            name = what or getattr(predicate, "__name__", repr(predicate))
+            raise AssertionError(f"condition {name} not met within {timeout}s") from last_exc
+        time.sleep(interval)
+
+
+async def async_wait_for(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 5.0, interval: float = 0.01, what: str | None = None
+) -> Any:
+    """``wait_for`` for async tests; ``predicate`` may return an awaitable."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            last_exc = None
+        except Exception as exc:  # noqa: BLE001
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            name = what or getattr(predicate, "__name__", repr(predicate))
+            raise AssertionError(f"condition {name} not met within {timeout}s") from last_exc
+        await asyncio.sleep(interval)
+
+
+class ServerStartError(RuntimeError):
+    """A server process exited or stayed silent instead of printing its ready line."""
+
+
+def _drain(stream: Any, lines: "queue.Queue[str | None]") -> None:
+    first = True
+    for line in iter(stream.readline, ""):
+        if first:
+            lines.put(line)
+            first = False
+    if first:
+        lines.put(None)  # EOF before any line
+    stream.close()
+
+
+def start_server(
+    argv: Sequence[str], timeout: float = 15.0, env: dict[str, str] | None = None, cwd: str | None = None
+) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Start ``argv`` and wait for its ``ready {...}`` line; return ``(proc, ready)``.
+
+    Raises ServerStartError (after killing the process) if it exits first, prints
+    anything else first, or says nothing within ``timeout`` seconds.
+    """
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=cwd)
+    lines: "queue.Queue[str | None]" = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        stop_process(proc)
+        raise ServerStartError(f"{argv!r} printed no ready line within {timeout}s") from None
+    if line is None or not line.startswith("ready "):
+        code = stop_process(proc)
+        raise ServerStartError(f"{argv!r} exited ({code}) or printed {line!r} instead of a ready line")
+    try:
+        ready = json.loads(line[len("ready "):])
+    except ValueError:
+        stop_process(proc)
+        raise ServerStartError(f"{argv!r} printed a malformed ready line: {line!r}") from None
+    return proc, ready
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+    """Signal ``proc`` (SIGTERM by default) and wait; SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
