@@ -167,13 +167,12 @@ class LeastRequest(_Base):
 
 
 class RoundRobin(_Base):
-    """Smooth weighted round robin: the order is an earliest-deadline-first sequence of
-    the weights (reduced by their gcd, at most ``MAX_SEQUENCE`` slots), built once per
-    snapshot, so a pick is a counter and an index. Weights 5:1:1 give a b a c a a a
-    rather than a a a a a b c."""
+    """Smooth weighted round robin (nginx): one cycle of the sequence is computed once
+    per snapshot (weights reduced by their gcd, at most ``MAX_SEQUENCE`` slots), so a
+    pick is a counter and an index. Weights 5:1:1 give a a b a c a a, not a a a a a b c."""
 
     name = "round_robin"
-    MAX_SEQUENCE = 4096
+    MAX_SEQUENCE = 1024
 
     def __init__(self, endpoints, weights, **kw) -> None:
         super().__init__(endpoints, weights, **kw)
@@ -204,13 +203,17 @@ def _smooth_sequence(weights: Sequence[int], limit: int) -> tuple[int, ...]:
     if total > limit:
         ws = [max(1, round(w * limit / total)) for w in ws]
         total = sum(ws)
-    heap = [(1.0 / w, i) for i, w in enumerate(ws)]
-    heapq.heapify(heap)
+    # nginx's smooth weighted round robin, run once for a whole cycle.
+    current = [0] * len(ws)
     out = []
     for _ in range(total):
-        deadline, i = heap[0]
-        out.append(i)
-        heapq.heapreplace(heap, (deadline + 1.0 / ws[i], i))
+        best = 0
+        for i, w in enumerate(ws):
+            current[i] += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        out.append(best)
     return tuple(out)
 
 

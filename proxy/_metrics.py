@@ -118,12 +118,13 @@ class Metrics:
 
         add("# HELP meshlet_proxy_request_duration_seconds Time from request to the end of the response.")
         add("# TYPE meshlet_proxy_request_duration_seconds histogram")
+        les = {le: repr(float(le)) for le in self.buckets}  # "1.0", as Prometheus' own client
         for svc, h in sorted(self.durations.items()):
             s = _escape(svc)
             acc = 0
             for le, c in zip(self.buckets, h.counts):
                 acc += c
-                add(f'meshlet_proxy_request_duration_seconds_bucket{{service="{s}",le="{_num(le)}"}} {acc}')
+                add(f'meshlet_proxy_request_duration_seconds_bucket{{service="{s}",le="{les[le]}"}} {acc}')
             add(f'meshlet_proxy_request_duration_seconds_bucket{{service="{s}",le="+Inf"}} {h.count}')
             add(f'meshlet_proxy_request_duration_seconds_sum{{service="{s}"}} {_num(h.sum)}')
             add(f'meshlet_proxy_request_duration_seconds_count{{service="{s}"}} {h.count}')

@@ -1,0 +1,109 @@
+"""Metrics rendering, parsed back with the Prometheus project's own text-format parser."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from discovery.view import Instance, ServiceView, View
+from proxy._metrics import BUCKETS, Metrics
+from proxy._routes import build_table
+
+
+def parse(m: Metrics, table=None) -> dict[str, dict[tuple, float]]:
+    """name -> {sorted label items -> value} for every sample."""
+    out: dict[str, dict[tuple, float]] = {}
+    text = m.render(table).decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def families(m: Metrics) -> dict[str, str]:
+    return {f.name: f.type for f in text_string_to_metric_families(m.render().decode())}
+
+
+def test_every_family_is_declared_with_its_type() -> None:
+    assert families(Metrics()) == {
+        "meshlet_proxy_requests": "counter",
+        "meshlet_proxy_request_duration_seconds": "histogram",
+        "meshlet_proxy_retries": "counter",
+        "meshlet_proxy_ejections": "counter",
+        "meshlet_proxy_endpoints_ejected": "gauge",
+        "meshlet_proxy_upstream_connections": "gauge",
+        "meshlet_proxy_active_requests": "gauge",
+    }
+
+
+def test_requests_by_service_and_code() -> None:
+    m = Metrics()
+    for code in (200, 200, 502, 200):
+        m.request_done("web", code, 0.002)
+    m.request_done("api", 503, 0.0)
+    got = parse(m)["meshlet_proxy_requests_total"]
+    assert got == {
+        (("code", "200"), ("service", "web")): 3,
+        (("code", "502"), ("service", "web")): 1,
+        (("code", "503"), ("service", "api")): 1,
+    }
+
+
+def test_latency_histogram_is_cumulative_with_sum_and_count() -> None:
+    m = Metrics()
+    latencies = [0.0004, 0.001, 0.003, 0.2, 0.2, 7.0, 45.0]
+    for x in latencies:
+        m.request_done("web", 200, x)
+    samples = parse(m)
+    buckets = {float(dict(k)["le"]): v for k, v in samples["meshlet_proxy_request_duration_seconds_bucket"].items()}
+    assert sorted(buckets) == sorted([*BUCKETS, float("inf")])
+    for le in BUCKETS:
+        assert buckets[le] == sum(1 for x in latencies if x <= le), le
+    assert buckets[float("inf")] == len(latencies)
+    assert samples["meshlet_proxy_request_duration_seconds_count"][(("service", "web"),)] == len(latencies)
+    assert samples["meshlet_proxy_request_duration_seconds_sum"][(("service", "web"),)] == pytest.approx(
+        sum(latencies))
+
+
+def test_retries_ejections_and_gauges() -> None:
+    m = Metrics()
+    m.retry("web")
+    m.retry("web")
+    m.ejection("api")
+    m.upstream_connections.inc()
+    m.upstream_connections.inc(3)
+    m.upstream_connections.dec()
+    m.active_requests.inc()
+    s = parse(m)
+    assert s["meshlet_proxy_retries_total"] == {(("service", "web"),): 2}
+    assert s["meshlet_proxy_ejections_total"] == {(("service", "api"),): 1}
+    assert s["meshlet_proxy_upstream_connections"] == {(): 3}
+    assert s["meshlet_proxy_active_requests"] == {(): 1}
+
+
+def test_endpoints_ejected_is_read_from_the_table_at_scrape_time() -> None:
+    t = [1000.0]
+    view = View(services={"s": ServiceView("s", tuple(
+        Instance(f"i{k}", "s", "n1", "127.0.0.1", 8000 + k, ports={}) for k in range(3)))})
+    m = Metrics()
+    table = build_table(view, clock=lambda: t[0], rng=random.Random(1), metrics=m)
+    c = table.cluster("s")
+    ep = c.endpoints[0]
+    for _ in range(5):
+        c.begin(ep)
+        c.end(ep, status=None, failure="connect", latency=0.001)
+    s = parse(m, table)
+    assert s["meshlet_proxy_endpoints_ejected"] == {(("service", "s"),): 1}
+    assert s["meshlet_proxy_ejections_total"] == {(("service", "s"),): 1}  # the cluster reported it
+    t[0] += 30
+    m.get_table = lambda: table
+    assert parse(m)["meshlet_proxy_endpoints_ejected"] == {(("service", "s"),): 0}
+
+
+def test_label_values_are_escaped() -> None:
+    m = Metrics()
+    odd = 'we"ird\\name\nx'
+    m.request_done(odd, 200, 0.01)
+    assert parse(m)["meshlet_proxy_requests_total"] == {(("code", "200"), ("service", odd)): 1}
