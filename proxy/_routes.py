@@ -41,6 +41,25 @@ Routing rules
 
 Bad spec values are logged once per spec change with the service and field, and
 replaced by defaults; they never stop the table from building.
+
+One request, as the engine drives it::
+
+    route = table.match(host, path)                  # None -> 404
+    c = route.cluster
+    if not c.try_acquire_pending(): ...              # 503, breaker open
+    try:
+        tried = set()
+        ep = c.pick(key, tried)                      # None -> 503, no ready instance
+        c.begin(ep); ...; c.end(ep, status=..., failure=..., latency=...)
+        # a retry: if c.retry_allowed(): c.retry_begin(); tried.add(ep.id); pick again;
+        #          ... c.retry_end() when that retry's attempt ends
+    finally:
+        c.release_pending()
+
+``key`` for ring_hash follows ``c.settings.hash_on``: the header's value, the cookie's
+value (``_balance.cookie_value``) or the client IP as bytes; None when absent. A TCP
+connection is one attempt: ``end(status=None, failure=None)`` on a normal close
+teaches the outlier detector nothing; ``failure="connect"`` does.
 """
 
 from __future__ import annotations
@@ -230,7 +249,16 @@ class Cluster:
         if sh.active > 0:
             sh.active -= 1
         now = self._clock()
-        if latency is not None and latency >= 0 and (status is not None or failure == "timeout"):
+        if failure is None:
+            if status is None:
+                return  # the client went away: nothing learnt
+            if latency >= 0:
+                observe_rtt(ep, latency, now)
+            if status < 500:  # the common case, inlined: a success ends both streaks
+                ep.c5xx = 0
+                ep.cgw = 0
+                return
+        elif failure == "timeout" and latency >= 0:
             observe_rtt(ep, latency, now)
         if _outlier.record(ep, status, failure, self.settings.outlier):
             self._try_eject(ep, now)
