@@ -160,6 +160,20 @@ def _service_dns(sv: ServiceView, settings: Settings) -> tuple[str, int]:
     return mode, ttl
 
 
+def _instance_tags(inst: Instance, sv: ServiceView) -> frozenset[str]:
+    """An instance's tags: its own, plus the spec's ``tags`` when it runs the applied
+    revision (an instance of an older revision keeps only what it registered with, so a
+    tag added by a rollout does not route to instances that do not have it yet)."""
+    tags = {t.lower() for t in inst.tags}
+    spec: Any = sv.spec
+    spec_tags = spec.get("tags") if isinstance(spec, Mapping) else None
+    if spec_tags and isinstance(spec_tags, (list, tuple)):
+        revision = inst.meta.get("revision")
+        if revision is None or revision == sv.revision:
+            tags.update(str(t).lower() for t in spec_tags)
+    return frozenset(tags)
+
+
 class _Builder:
     def __init__(self, view: View, settings: Settings) -> None:
         self.view = view
@@ -231,11 +245,11 @@ class _Builder:
             self.put(vip.reverse_pointer, PTR, RRSet((RR("", PTR, ttl, base),)))
         for alias in (base, f"_{name}._tcp.service.{self.d}", f"_{name}._tcp.{self.d}"):
             self.names.setdefault(alias, {}).update(sets)
-        tags = sorted({t.lower() for i in ready for t in i.tags})
-        for tag in tags:
+        tags_of = {i.id: _instance_tags(i, sv) for i in ready}
+        for tag in sorted(set().union(*tags_of.values())):
             if not is_label(tag):
                 continue
-            tagged = [i for i in ready if tag in (t.lower() for t in i.tags)]
+            tagged = [i for i in ready if tag in tags_of[i.id]]
             tsets = self.endpoint_sets(tagged, ttl)
             aliases = [f"{tag}.{base}"]
             if tag != "tcp":  # _<svc>._tcp means "no tag filter" (RFC 2782, as in Consul)

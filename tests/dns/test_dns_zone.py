@@ -220,3 +220,13 @@ def test_answer_is_total_and_consistent(labels: list[str], qtype: int) -> None:
         assert not ans.answers
     for r in ans.answers:
         assert qtype == ANY or r.rtype == qtype
+
+
+def test_spec_tags_apply_to_instances_of_the_applied_revision() -> None:
+    old = Instance("s-1", "s", "local", "127.0.0.1", 1, meta={"revision": "old"})
+    new = Instance("s-2", "s", "local", "127.0.0.2", 2, meta={"revision": "new"}, tags=("own",))
+    foreign = Instance("s-3", "s", "local", "127.0.0.3", 3)  # registered by another tool
+    view = View(services={"s": ServiceView("s", (old, new, foreign), spec={"tags": ["blue"]}, revision="new")})
+    zone = build_zone(view, Settings())
+    assert data(answer(zone, "blue.s.service.meshlet", A)) == ["127.0.0.2", "127.0.0.3"]
+    assert data(answer(zone, "own.s.service.meshlet", A)) == ["127.0.0.2"]
