@@ -1,56 +1,91 @@
-"""Load-balancing policies: pick one endpoint of a cluster snapshot.
+"""Clusters and their load-balancing policies: pick one endpoint.
 
 Vocabulary
 ----------
+Endpoint
+    One (instance, port) that receives traffic, with its live stats: requests in
+    flight, peak-EWMA latency, outlier counters and ejection. The route table keeps the
+    same object across rebuilds while the instance stays (key: instance id + port).
+Cluster
+    The ready endpoints of one port of one service, its settings and a policy built for
+    exactly those endpoints. ``Cluster.pick`` puts ejections (:mod:`proxy._outlier`),
+    panic mode, weight 0 and the retry's ``exclude`` together; ``begin``/``end`` feed
+    the stats; the pending cap and the retry budget (:mod:`proxy._retry`) live here.
+    A snapshot never changes; what it shares with the next snapshot of the same
+    (service, port) (pending requests, retries in flight) lives in ``_Shared``.
 policy
     An object built once per cluster snapshot from its routable endpoints and their
     weights (all > 0). Whatever can be precomputed is (fabio ``weighTargets``): a pick
-    is then a few random draws, an index and a counter.
-``pick(key)``
-    The fast path: every endpoint of the snapshot is eligible.
-``pick_among(key, skip)``
-    The slow path, taken on retries (skip the endpoints already tried) and while
-    endpoints are ejected: never returns an endpoint whose id is in ``skip``; ``None``
-    when every endpoint is skipped.
+    is then a few random draws, an index and a counter. ``pick(key)`` is the fast path
+    (every endpoint eligible); ``pick_among(key, skip)`` the slow one, taken on retries
+    and while endpoints are ejected: never an endpoint whose id is in ``skip``, None
+    when all are skipped.
 
 Policies are looked up by name in :data:`POLICIES` (uvicorn ``HTTP_PROTOCOLS``, fabio
-``Picker``). They read ``Endpoint.active`` and ``Endpoint.rtt`` (live, shared counters)
-but never write them; the RNG and the clock are injected so tests are deterministic.
+``Picker``). They read ``Endpoint.active`` and ``Endpoint.rtt`` but never write them;
+the RNG and the clock are injected so tests are deterministic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import logging
 import math
 import random as _random
+import time
 from bisect import bisect_right
 from itertools import accumulate, count
-from typing import TYPE_CHECKING, Callable, Container, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Container, Sequence
+
+from . import _outlier
+from ._retry import retry_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._routes import Endpoint
+    from ._metrics import Metrics
+    from ._routes import ClusterSettings
 
-__all__ = [
-    "POLICIES",
-    "DEFAULT_POLICY",
-    "LeastRequest",
-    "RoundRobin",
-    "Random",
-    "RingHash",
-    "PeakEwma",
-    "hash64",
-    "cookie_value",
-    "DEFAULT_RTT",
-    "DECAY",
-    "observe_rtt",
-]
+__all__ = ["Endpoint", "Cluster", "POLICIES", "DEFAULT_POLICY", "LeastRequest", "RoundRobin", "Random",
+           "RingHash", "PeakEwma", "hash64", "cookie_value", "DEFAULT_RTT", "DECAY", "observe_rtt"]
 
 # Linkerd2-proxy's peak-EWMA defaults.
 DEFAULT_RTT = 0.030  # seconds assumed for an endpoint never measured
 DECAY = 10.0  # seconds: the time constant of the exponential decay
 
 Clock = Callable[[], float]
+
+log = logging.getLogger("meshlet.proxy.balance")
+
+
+class Endpoint:
+    """One instance port and its live stats (mutated by the cluster, read by /routes)."""
+
+    __slots__ = (
+        "id", "instance_id", "node", "address", "port", "weight", "active",
+        "rtt", "rtt_at",  # peak-EWMA latency estimate (seconds) and when it was updated
+        "c5xx", "cgw", "ejected_until", "times_ejected", "returned_at", "ejections",
+    )
+
+    def __init__(self, id: str, address: str, port: int, weight: int = 1, *,
+                 instance_id: str = "", node: str = "", now: float = 0.0) -> None:
+        self.id = id
+        self.instance_id = instance_id or id
+        self.node = node
+        self.address = address
+        self.port = port
+        self.weight = weight
+        self.active = 0
+        self.rtt = DEFAULT_RTT
+        self.rtt_at = now
+        self.c5xx = 0
+        self.cgw = 0
+        self.ejected_until = 0.0
+        self.times_ejected = 0
+        self.returned_at = 0.0
+        self.ejections = 0
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.id} {self.address}:{self.port} w={self.weight} active={self.active}>"
 
 
 def _all_equal(weights: Sequence[int]) -> bool:
@@ -332,8 +367,6 @@ class PeakEwma(_Base):
     def __init__(self, endpoints, weights, *, clock: Clock | None = None, decay: float = DECAY, **kw) -> None:
         super().__init__(endpoints, weights, clock=clock, **kw)
         if self.clock is None:
-            import time
-
             self.clock = time.monotonic
         self.decay = decay
         self._pairs = tuple(zip(self.endpoints, self.weights))
@@ -381,3 +414,194 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
                 v = v[1:-1]
             return v
     return None
+
+
+class _Shared:
+    """Counters every snapshot of one (service, port) shares, so requests that began on
+    an older snapshot still count (and are released) after a rebuild."""
+
+    __slots__ = ("version", "admitted", "active", "retries", "endpoints", "ring_cache")
+
+    def __init__(self) -> None:
+        self.version = 0  # bumped on every ejection and return
+        self.admitted = 0  # requests holding a pending slot
+        self.active = 0  # attempts in flight (begin .. end)
+        self.retries = 0  # retries in flight
+        self.endpoints: dict[str, Endpoint] = {}
+        self.ring_cache: dict[str, list[int]] = {}
+
+
+class Cluster:
+    """One port of one service: its settings, its endpoints and their balancer."""
+
+    def __init__(self, name: str, port_name: str | None, protocol: str, settings: ClusterSettings,
+                 endpoints: tuple[Endpoint, ...], *, shared: _Shared | None = None,
+                 clock: Clock = time.monotonic, rng: _random.Random | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.name = name
+        self.port_name = port_name
+        self.protocol = protocol
+        self.settings = settings
+        self.endpoints = endpoints
+        self._shared = shared or _Shared()
+        self._clock = clock
+        self._metrics = metrics
+        self.signature = (protocol, settings, tuple((e.id, e.address, e.port, e.weight) for e in endpoints))
+        # Weight 0 means "no new traffic"; when every endpoint has weight 0 they share equally.
+        routable = tuple(e for e in endpoints if e.weight > 0)
+        weights = tuple(e.weight for e in routable)
+        if not routable and endpoints:
+            routable, weights = endpoints, (1,) * len(endpoints)
+        self.routable = routable
+        self._policy = None
+        if routable:
+            cls = POLICIES.get(settings.policy) or POLICIES[DEFAULT_POLICY]
+            self._policy = cls(routable, weights, rng=rng, clock=clock, cache=self._shared.ring_cache)
+        self._seen = -1  # shared.version the ejection view below was computed at
+        self._next_return = 0.0  # earliest return of an ejected endpoint (0: none)
+        self._skip: frozenset[str] | None = None  # ejected ids to avoid, None: avoid none
+        self.panic = False
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name}:{self.port_name} {self.protocol} endpoints={len(self.endpoints)}>"
+
+    # -- balancing ------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Recompute which endpoints are ejected (and return those whose time is up)."""
+        now = self._clock()
+        sh = self._shared
+        if _outlier.return_due(self.endpoints, now):
+            sh.version += 1
+        ejected = [e for e in self.endpoints if e.ejected_until]
+        self._next_return = min((e.ejected_until for e in ejected), default=0.0)
+        ids = frozenset(e.id for e in ejected)
+        healthy = sum(1 for e in self.routable if e.id not in ids)
+        self.panic = _outlier.is_panic(healthy, len(self.routable))
+        self._skip = ids if ids and not self.panic else None
+        self._seen = sh.version
+
+    def pick(self, hash_key: bytes | None = None,
+             exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
+        """An endpoint for the next attempt, or None when there is none to use.
+
+        Never one whose id is in ``exclude`` (retries pass the ids already tried),
+        never an ejected one unless the cluster is in panic mode, never one of weight 0
+        unless all are 0. ``hash_key``: the header/cookie/client-IP bytes for ring_hash.
+        """
+        if self._seen != self._shared.version or (self._next_return and self._clock() >= self._next_return):
+            self._refresh()
+        policy = self._policy
+        if policy is None:
+            return None
+        skip = self._skip
+        if skip is None:
+            if not exclude:
+                return policy.pick(hash_key)
+            return policy.pick_among(hash_key, exclude)
+        return policy.pick_among(hash_key, skip.union(exclude) if exclude else skip)
+
+    def begin(self, ep: Endpoint) -> None:
+        ep.active += 1
+        self._shared.active += 1
+
+    def end(self, ep: Endpoint, *, status: int | None, failure: str | None, latency: float) -> None:
+        """One attempt on ``ep`` finished: a response ``status``, or a ``failure``
+        ("connect" | "reset" | "timeout"), or neither (the client left: nothing learnt)."""
+        if ep.active > 0:
+            ep.active -= 1
+        sh = self._shared
+        if sh.active > 0:
+            sh.active -= 1
+        now = self._clock()
+        if failure is None:
+            if status is None:
+                return  # the client went away: nothing learnt
+            if latency >= 0:
+                observe_rtt(ep, latency, now)
+            if status < 500:  # the common case, inlined: a success ends both streaks
+                ep.c5xx = 0
+                ep.cgw = 0
+                return
+        elif failure == "timeout" and latency >= 0:
+            observe_rtt(ep, latency, now)
+        if _outlier.record(ep, status, failure, self.settings.outlier):
+            self._try_eject(ep, now)
+
+    def _try_eject(self, ep: Endpoint, now: float) -> None:
+        s = self.settings.outlier
+        ejected = sum(1 for e in self.endpoints if _outlier.is_ejected(e, now))
+        if not _outlier.may_eject(ejected, len(self.endpoints), s.max_ejection_percent):
+            log.info("service %s: endpoint %s failing, not ejected: %d of %d already ejected (max %g%%)",
+                     self.name, ep.id, ejected, len(self.endpoints), s.max_ejection_percent)
+            return
+        until = _outlier.eject(ep, now, s)
+        self._shared.version += 1
+        log.warning("service %s: endpoint %s (%s:%d) ejected for %.0fs (ejection #%d)",
+                    self.name, ep.id, ep.address, ep.port, until - now, ep.times_ejected)
+        if self._metrics is not None:
+            self._metrics.ejection(self.name)
+
+    def ejected_count(self, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        return sum(1 for e in self.endpoints if _outlier.is_ejected(e, now))
+
+    # -- limits ---------------------------------------------------------------------
+
+    def try_acquire_pending(self) -> bool:
+        """Admit one more request to this service, or False (503: breaker open)."""
+        sh = self._shared
+        cap = self.settings.max_pending
+        if cap and sh.admitted >= cap:
+            return False
+        sh.admitted += 1
+        return True
+
+    def release_pending(self) -> None:
+        sh = self._shared
+        if sh.admitted > 0:
+            sh.admitted -= 1
+
+    def retry_allowed(self) -> bool:
+        sh = self._shared
+        r = self.settings.retries
+        return retry_allowed(sh.retries, max(sh.admitted, sh.active), r.budget_percent, r.min_concurrent)
+
+    def retry_begin(self) -> None:
+        self._shared.retries += 1
+
+    def retry_end(self) -> None:
+        sh = self._shared
+        if sh.retries > 0:
+            sh.retries -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._shared.admitted
+
+    @property
+    def retries_in_flight(self) -> int:
+        return self._shared.retries
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        now = self._clock() if now is None else now
+        eps = []
+        for e in self.endpoints:
+            ejected = _outlier.is_ejected(e, now)
+            eps.append({
+                "id": e.id, "instance": e.instance_id, "node": e.node,
+                "address": e.address, "port": e.port, "weight": e.weight, "active": e.active,
+                "ejected": ejected,
+                "ejected_for": round(e.ejected_until - now, 3) if ejected else 0,
+                "ejections": e.ejections,
+                "ewma": round(e.rtt * 1000.0, 3), "ewma_unit": "ms",
+                "consecutive_5xx": e.c5xx, "consecutive_gateway_failures": e.cgw,
+            })
+        s = self.settings
+        return {
+            "service": self.name, "port_name": self.port_name, "protocol": self.protocol,
+            "policy": s.policy, "hash_on": list(s.hash_on) if s.hash_on else None,
+            "max_pending": s.max_pending, "pending": self._shared.admitted,
+            "retries_in_flight": self._shared.retries,
+            "panic": self.panic, "endpoints": eps,
+        }

@@ -2,15 +2,11 @@
 
 Vocabulary
 ----------
-Endpoint
-    One (instance, port) that receives traffic, with its live stats: requests in
-    flight, peak-EWMA latency, outlier counters and ejection. The same object is kept
-    across table rebuilds for as long as the instance stays (key: instance id + port).
-Cluster
-    The ready endpoints of one port of one service, with the service's routing
-    settings and a balancer built for exactly those endpoints. A cluster snapshot never
-    changes; the counters it shares with the next snapshot of the same (service, port)
-    (pending requests, retries in flight) live in ``_Shared``.
+Endpoint, Cluster
+    Defined in :mod:`proxy._balance` (re-exported here): one instance port with its
+    live stats, and the endpoints of one service port with their balancer.
+ClusterSettings
+    A service's ``routes`` settings from its spec, parsed here (:func:`parse_settings`).
 Route
     (host, path prefix) -> cluster, with strip_prefix.
 RouteTable
@@ -67,14 +63,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from . import _outlier
-from ._balance import DEFAULT_POLICY, DEFAULT_RTT, POLICIES, observe_rtt
+from ._balance import DEFAULT_POLICY, POLICIES, Cluster, Endpoint, _Shared
 from ._outlier import OutlierSettings
-from ._retry import RetrySettings, retry_allowed
+from ._retry import RetrySettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from discovery.view import View
@@ -99,37 +94,6 @@ log = logging.getLogger("meshlet.proxy.routes")
 Clock = Callable[[], float]
 
 
-class Endpoint:
-    """One instance port and its live stats (mutated by the cluster, read by /routes)."""
-
-    __slots__ = (
-        "id", "instance_id", "node", "address", "port", "weight", "active",
-        "rtt", "rtt_at",  # peak-EWMA latency estimate (seconds) and when it was updated
-        "c5xx", "cgw", "ejected_until", "times_ejected", "returned_at", "ejections",
-    )
-
-    def __init__(self, id: str, address: str, port: int, weight: int = 1, *,
-                 instance_id: str = "", node: str = "", now: float = 0.0) -> None:
-        self.id = id
-        self.instance_id = instance_id or id
-        self.node = node
-        self.address = address
-        self.port = port
-        self.weight = weight
-        self.active = 0
-        self.rtt = DEFAULT_RTT
-        self.rtt_at = now
-        self.c5xx = 0
-        self.cgw = 0
-        self.ejected_until = 0.0
-        self.times_ejected = 0
-        self.returned_at = 0.0
-        self.ejections = 0
-
-    def __repr__(self) -> str:
-        return f"<Endpoint {self.id} {self.address}:{self.port} w={self.weight} active={self.active}>"
-
-
 @dataclass(frozen=True, slots=True)
 class TimeoutSettings:
     connect: float = 1.0
@@ -149,197 +113,6 @@ class ClusterSettings:
 
 
 DEFAULT_SETTINGS = ClusterSettings()
-
-
-class _Shared:
-    """Counters every snapshot of one (service, port) shares, so requests that began on
-    an older snapshot still count (and are released) after a rebuild."""
-
-    __slots__ = ("version", "admitted", "active", "retries", "endpoints", "ring_cache")
-
-    def __init__(self) -> None:
-        self.version = 0  # bumped on every ejection and return
-        self.admitted = 0  # requests holding a pending slot
-        self.active = 0  # attempts in flight (begin .. end)
-        self.retries = 0  # retries in flight
-        self.endpoints: dict[str, Endpoint] = {}
-        self.ring_cache: dict[str, list[int]] = {}
-
-
-class Cluster:
-    """One port of one service: its settings, its endpoints and their balancer."""
-
-    def __init__(self, name: str, port_name: str | None, protocol: str, settings: ClusterSettings,
-                 endpoints: tuple[Endpoint, ...], *, shared: _Shared | None = None,
-                 clock: Clock = time.monotonic, rng: random.Random | None = None,
-                 metrics: Metrics | None = None) -> None:
-        self.name = name
-        self.port_name = port_name
-        self.protocol = protocol
-        self.settings = settings
-        self.endpoints = endpoints
-        self._shared = shared or _Shared()
-        self._clock = clock
-        self._metrics = metrics
-        self.signature = (protocol, settings, tuple((e.id, e.address, e.port, e.weight) for e in endpoints))
-        # Weight 0 means "no new traffic"; when every endpoint has weight 0 they share equally.
-        routable = tuple(e for e in endpoints if e.weight > 0)
-        weights = tuple(e.weight for e in routable)
-        if not routable and endpoints:
-            routable, weights = endpoints, (1,) * len(endpoints)
-        self.routable = routable
-        self._policy = None
-        if routable:
-            cls = POLICIES.get(settings.policy) or POLICIES[DEFAULT_POLICY]
-            self._policy = cls(routable, weights, rng=rng, clock=clock, cache=self._shared.ring_cache)
-        self._seen = -1  # shared.version the ejection view below was computed at
-        self._next_return = 0.0  # earliest return of an ejected endpoint (0: none)
-        self._skip: frozenset[str] | None = None  # ejected ids to avoid, None: avoid none
-        self.panic = False
-
-    def __repr__(self) -> str:
-        return f"<Cluster {self.name}:{self.port_name} {self.protocol} endpoints={len(self.endpoints)}>"
-
-    # -- balancing ------------------------------------------------------------------
-
-    def _refresh(self) -> None:
-        """Recompute which endpoints are ejected (and return those whose time is up)."""
-        now = self._clock()
-        sh = self._shared
-        if _outlier.return_due(self.endpoints, now):
-            sh.version += 1
-        ejected = [e for e in self.endpoints if e.ejected_until]
-        self._next_return = min((e.ejected_until for e in ejected), default=0.0)
-        ids = frozenset(e.id for e in ejected)
-        healthy = sum(1 for e in self.routable if e.id not in ids)
-        self.panic = _outlier.is_panic(healthy, len(self.routable))
-        self._skip = ids if ids and not self.panic else None
-        self._seen = sh.version
-
-    def pick(self, hash_key: bytes | None = None,
-             exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
-        """An endpoint for the next attempt, or None when there is none to use.
-
-        Never one whose id is in ``exclude`` (retries pass the ids already tried),
-        never an ejected one unless the cluster is in panic mode, never one of weight 0
-        unless all are 0. ``hash_key``: the header/cookie/client-IP bytes for ring_hash.
-        """
-        if self._seen != self._shared.version or (self._next_return and self._clock() >= self._next_return):
-            self._refresh()
-        policy = self._policy
-        if policy is None:
-            return None
-        skip = self._skip
-        if skip is None:
-            if not exclude:
-                return policy.pick(hash_key)
-            return policy.pick_among(hash_key, exclude)
-        return policy.pick_among(hash_key, skip.union(exclude) if exclude else skip)
-
-    def begin(self, ep: Endpoint) -> None:
-        ep.active += 1
-        self._shared.active += 1
-
-    def end(self, ep: Endpoint, *, status: int | None, failure: str | None, latency: float) -> None:
-        """One attempt on ``ep`` finished: a response ``status``, or a ``failure``
-        ("connect" | "reset" | "timeout"), or neither (the client left: nothing learnt)."""
-        if ep.active > 0:
-            ep.active -= 1
-        sh = self._shared
-        if sh.active > 0:
-            sh.active -= 1
-        now = self._clock()
-        if failure is None:
-            if status is None:
-                return  # the client went away: nothing learnt
-            if latency >= 0:
-                observe_rtt(ep, latency, now)
-            if status < 500:  # the common case, inlined: a success ends both streaks
-                ep.c5xx = 0
-                ep.cgw = 0
-                return
-        elif failure == "timeout" and latency >= 0:
-            observe_rtt(ep, latency, now)
-        if _outlier.record(ep, status, failure, self.settings.outlier):
-            self._try_eject(ep, now)
-
-    def _try_eject(self, ep: Endpoint, now: float) -> None:
-        s = self.settings.outlier
-        ejected = sum(1 for e in self.endpoints if _outlier.is_ejected(e, now))
-        if not _outlier.may_eject(ejected, len(self.endpoints), s.max_ejection_percent):
-            log.info("service %s: endpoint %s failing, not ejected: %d of %d already ejected (max %g%%)",
-                     self.name, ep.id, ejected, len(self.endpoints), s.max_ejection_percent)
-            return
-        until = _outlier.eject(ep, now, s)
-        self._shared.version += 1
-        log.warning("service %s: endpoint %s (%s:%d) ejected for %.0fs (ejection #%d)",
-                    self.name, ep.id, ep.address, ep.port, until - now, ep.times_ejected)
-        if self._metrics is not None:
-            self._metrics.ejection(self.name)
-
-    def ejected_count(self, now: float | None = None) -> int:
-        now = self._clock() if now is None else now
-        return sum(1 for e in self.endpoints if _outlier.is_ejected(e, now))
-
-    # -- limits ---------------------------------------------------------------------
-
-    def try_acquire_pending(self) -> bool:
-        """Admit one more request to this service, or False (503: breaker open)."""
-        sh = self._shared
-        cap = self.settings.max_pending
-        if cap and sh.admitted >= cap:
-            return False
-        sh.admitted += 1
-        return True
-
-    def release_pending(self) -> None:
-        sh = self._shared
-        if sh.admitted > 0:
-            sh.admitted -= 1
-
-    def retry_allowed(self) -> bool:
-        sh = self._shared
-        r = self.settings.retries
-        return retry_allowed(sh.retries, max(sh.admitted, sh.active), r.budget_percent, r.min_concurrent)
-
-    def retry_begin(self) -> None:
-        self._shared.retries += 1
-
-    def retry_end(self) -> None:
-        sh = self._shared
-        if sh.retries > 0:
-            sh.retries -= 1
-
-    @property
-    def pending(self) -> int:
-        return self._shared.admitted
-
-    @property
-    def retries_in_flight(self) -> int:
-        return self._shared.retries
-
-    def to_json(self, now: float | None = None) -> dict[str, Any]:
-        now = self._clock() if now is None else now
-        eps = []
-        for e in self.endpoints:
-            ejected = _outlier.is_ejected(e, now)
-            eps.append({
-                "id": e.id, "instance": e.instance_id, "node": e.node,
-                "address": e.address, "port": e.port, "weight": e.weight, "active": e.active,
-                "ejected": ejected,
-                "ejected_for": round(e.ejected_until - now, 3) if ejected else 0,
-                "ejections": e.ejections,
-                "ewma": round(e.rtt * 1000.0, 3), "ewma_unit": "ms",
-                "consecutive_5xx": e.c5xx, "consecutive_gateway_failures": e.cgw,
-            })
-        s = self.settings
-        return {
-            "service": self.name, "port_name": self.port_name, "protocol": self.protocol,
-            "policy": s.policy, "hash_on": list(s.hash_on) if s.hash_on else None,
-            "max_pending": s.max_pending, "pending": self._shared.admitted,
-            "retries_in_flight": self._shared.retries,
-            "panic": self.panic, "endpoints": eps,
-        }
 
 
 class Route:
@@ -482,6 +255,16 @@ def _section(d: Mapping[str, Any], key: str, where: str, problems: _Problems) ->
     return v
 
 
+def _numbers(cls: type, d: Mapping[str, Any], where: str, p: _Problems) -> Any:
+    """A settings dataclass from a mapping of numbers (ints where the default is an int)."""
+    default = cls()
+    values = {}
+    for f in fields(cls):
+        dv = getattr(default, f.name)
+        values[f.name] = _number(d, f.name, dv, where, p, integer=isinstance(dv, int))
+    return cls(**values)
+
+
 def parse_settings(routes: Mapping[str, Any] | None, where: str = "routes",
                    problems: _Problems | None = None) -> ClusterSettings:
     """``spec["routes"]`` -> ClusterSettings; bad fields are reported and defaulted."""
@@ -498,38 +281,11 @@ def parse_settings(routes: Mapping[str, Any] | None, where: str = "routes",
     hash_on = _parse_hash_on(routes.get("hash_on"), f"{where}.hash_on", p)
     if policy == "ring_hash" and hash_on is None:
         p.append(f"{where}.hash_on: ring_hash without hash_on hashes nothing; picks are random")
-    r = _section(routes, "retries", where, p)
-    rw = f"{where}.retries"
-    d = RetrySettings()
-    retries = RetrySettings(
-        attempts=_number(r, "attempts", d.attempts, rw, p, integer=True),
-        per_try_timeout=_number(r, "per_try_timeout", d.per_try_timeout, rw, p),
-        budget_percent=_number(r, "budget_percent", d.budget_percent, rw, p),
-        min_concurrent=_number(r, "min_concurrent", d.min_concurrent, rw, p, integer=True),
-    )
-    t = _section(routes, "timeouts", where, p)
-    tw = f"{where}.timeouts"
-    dt = TimeoutSettings()
-    timeouts = TimeoutSettings(
-        connect=_number(t, "connect", dt.connect, tw, p),
-        request=_number(t, "request", dt.request, tw, p),
-        idle=_number(t, "idle", dt.idle, tw, p),
-    )
-    o = _section(routes, "outlier", where, p)
-    ow = f"{where}.outlier"
-    do = OutlierSettings()
-    outlier = OutlierSettings(
-        consecutive_5xx=_number(o, "consecutive_5xx", do.consecutive_5xx, ow, p, integer=True),
-        consecutive_gateway_failure=_number(o, "consecutive_gateway_failure", do.consecutive_gateway_failure,
-                                            ow, p, integer=True),
-        base_ejection_time=_number(o, "base_ejection_time", do.base_ejection_time, ow, p),
-        max_ejection_percent=_number(o, "max_ejection_percent", do.max_ejection_percent, ow, p),
-        interval=_number(o, "interval", do.interval, ow, p),
-        max_ejection_time=_number(o, "max_ejection_time", do.max_ejection_time, ow, p),
-    )
+    parts = {key: _numbers(cls, _section(routes, key, where, p), f"{where}.{key}", p)
+             for key, cls in (("retries", RetrySettings), ("timeouts", TimeoutSettings),
+                              ("outlier", OutlierSettings))}
     max_pending = _number(routes, "max_pending", DEFAULT_SETTINGS.max_pending, where, p, integer=True)
-    return ClusterSettings(policy=policy, hash_on=hash_on, retries=retries, timeouts=timeouts,
-                           outlier=outlier, max_pending=max_pending)
+    return ClusterSettings(policy=policy, hash_on=hash_on, max_pending=max_pending, **parts)
 
 
 def _parse_hash_on(v: Any, where: str, p: _Problems) -> tuple[str, str | None] | None:
