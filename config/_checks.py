@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ._convert import HOOKS, INVALID, Ctx, is_ok
 from ._tree import N, join
-from ._model import (ConfigSpec, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
+from ._model import (Backoff, ConfigSpec, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
                      Probes, Routes, SecretMount, SecretSpec, ServiceSpec, UpdateStrategy,
                      VolumeSpec)
 
@@ -95,6 +95,14 @@ def _node(v: Values, n: N, cx: Ctx, path: str) -> Values:
     if v["runtime"] == "process" and v["engine"] is not None:
         v["engine"] = cx.error(line_of(n, "engine"), join(path, "engine"),
                                "engine is only for runtime docker")
+    return v
+
+
+@hook(Backoff)
+def _backoff(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    if is_ok(v["initial"], v["max"]) and v["initial"] > v["max"]:
+        cx.error(line_of(n, "max"), join(path, "max"),
+                 f"must not be less than initial ({v['initial']:g}s), got {v['max']:g}s")
     return v
 
 

@@ -108,7 +108,7 @@ def struct(cls: type, given: dict[str, Any] | None = None) -> Conv:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         allowed = [name for name in fields if not (given and name in given)]
         for key, entry in n.value.items():
-            if key not in allowed:
+            if key not in allowed and not key.startswith("x-"):  # x-: Compose extension keys
                 cx.error(entry.key_line, join(path, key), unknown_key(key, allowed))
         values: dict[str, Any] = {}
         for name, f in fields.items():
@@ -116,6 +116,11 @@ def struct(cls: type, given: dict[str, Any] | None = None) -> Conv:
                 values[name] = given[name]
                 continue
             child = n.get(name)
+            if (child is None or child.is_null) and hasattr(f.metadata["conv"], "struct_cls") \
+                    and f.default is not None:
+                # a nested part left out is read as an empty mapping, so its defaults get
+                # the same resolution as written ones (relative paths, inferred fields)
+                child = N(MAP, {}, n.line)
             if child is None or child.is_null:
                 if f.default is dataclasses.MISSING:
                     values[name] = cx.error(n.line, path, f'missing required key "{name}"')
@@ -130,6 +135,7 @@ def struct(cls: type, given: dict[str, Any] | None = None) -> Conv:
             return INVALID
         return cls(**values)
 
+    conv.struct_cls = cls  # type: ignore[attr-defined]
     return conv
 
 
@@ -176,8 +182,13 @@ def words(n: N, cx: Ctx, path: str) -> Any:
             parts = shlex.split(n.value)
         except ValueError as exc:
             return cx.error(n.line, path, f"cannot split command: {exc}")
-        return tuple(parts)
-    return listof(word)(n, cx, path)
+    else:
+        parts = listof(word)(n, cx, path)
+        if parts is INVALID:
+            return INVALID
+    if not parts:
+        return cx.error(n.line, path, "expected a command like [python3, app.py], got an empty one")
+    return tuple(parts)
 
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Conv:

@@ -382,6 +382,10 @@ class MeshConfig:
     configs: FrozenDict[str, ConfigSpec] = opt(FrozenDict(), named_map(ConfigSpec, OBJECT_NAME, OBJECT_HINT, "config"))
     secrets: FrozenDict[str, SecretSpec] = opt(FrozenDict(), named_map(SecretSpec, OBJECT_NAME, OBJECT_HINT, "secret"))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The whole configuration as plain JSON-ready data (normalised like ServiceSpec)."""
+        return to_plain(self)
+
 
 def to_plain(obj: Any) -> Any:
     """A model object as plain JSON-ready data (dicts, lists, str, int, float, bool, None)."""

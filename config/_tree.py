@@ -20,6 +20,9 @@ Report = Callable[[int | None, str, str], None]
 
 SCALAR, SEQ, MAP = "scalar", "seq", "map"
 
+# Aliases are expanded while walking; this bounds a "billion laughs" document.
+MAX_NODES = 200_000
+
 
 @dataclass(slots=True)
 class Entry:
@@ -82,13 +85,20 @@ def from_yaml(text: str, report: Report) -> N | None:
         root = loader.get_single_node()
         if root is None:
             return N(SCALAR, None, 1)
-        return _walk(root, loader, report, "", set())
+        budget = [MAX_NODES]
+        tree = _walk(root, loader, report, "", set(), budget)
+        if budget[0] < 0:
+            report(None, "", f"too many values: more than {MAX_NODES} after expanding aliases")
+            return None
+        return tree
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         problem = exc.problem or exc.context or "syntax error"
         detail = f" (column {mark.column + 1})" if mark else ""
-        if exc.context and exc.problem and exc.context_mark:
+        if exc.context and problem.startswith("but "):  # the composer's "expected X" / "but found Y"
+            problem = f"{exc.context}, {problem}"
+        elif exc.context and exc.problem and exc.context_mark:
             detail = f" (column {mark.column + 1}; {exc.context} on line {exc.context_mark.line + 1})"
         hint = " - check the indentation" if "<block end>" in problem or "mapping values" in problem else ""
         report(line, "", f"invalid YAML: {problem}{detail}{hint}")
@@ -108,8 +118,11 @@ def _report_reader_error(text: str, exc: yaml.reader.ReaderError, report: Report
 
 
 def _walk(node: yaml.Node, loader: yaml.SafeLoader, report: Report, path: str,
-          active: set[int]) -> N:
+          active: set[int], budget: list[int]) -> N:
     line = node.start_mark.line + 1
+    budget[0] -= 1
+    if budget[0] < 0:
+        return N(SCALAR, None, line)
     if isinstance(node, yaml.ScalarNode):
         try:
             value = loader.construct_object(node, deep=True)
@@ -122,7 +135,7 @@ def _walk(node: yaml.Node, loader: yaml.SafeLoader, report: Report, path: str,
         return N(SCALAR, None, line)
     active = active | {id(node)}
     if isinstance(node, yaml.SequenceNode):
-        return N(SEQ, [_walk(n, loader, report, join(path, i), active)
+        return N(SEQ, [_walk(n, loader, report, join(path, i), active, budget)
                        for i, n in enumerate(node.value)], line)
     # mapping: duplicates among the keys written here; merged keys come first, then these
     seen: dict[str, int] = {}
@@ -143,7 +156,7 @@ def _walk(node: yaml.Node, loader: yaml.SafeLoader, report: Report, path: str,
             shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a collection"
             report(kl, path, f"keys must be strings, got {shown}")
             continue
-        child = _walk(value_node, loader, report, join(path, key), active)
+        child = _walk(value_node, loader, report, join(path, key), active, budget)
         if child.kind != SCALAR:
             child.line = kl  # "services.web: ..." points at the line of "web:"
         entries[key] = Entry(kl, child)

@@ -337,6 +337,7 @@ def specs(draw) -> ServiceSpec:
                                         config.HashOn(source_ip=True)]))
     targets = iter(draw(st.lists(NAMES, unique=True, min_size=6, max_size=6)))
     use_image = draw(st.booleans())
+    initial = draw(POSITIVE)
     return ServiceSpec(
         name=draw(NAMES),
         image="img/" + draw(NAMES) if use_image else None,
@@ -351,7 +352,7 @@ def specs(draw) -> ServiceSpec:
         tags=tuple(draw(st.lists(NAMES, unique=True, max_size=3))),
         probes=probes,
         restart=config.RestartPolicy(policy=draw(st.sampled_from(["always", "on-failure", "never"])),
-                                     backoff=config.Backoff(initial=draw(POSITIVE), max=draw(POSITIVE),
+                                     backoff=config.Backoff(initial=initial, max=initial + draw(DURATIONS),
                                                             reset_after=draw(DURATIONS))),
         stop_signal=draw(st.sampled_from(["SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL"])),
         stop_grace_period=draw(DURATIONS),
