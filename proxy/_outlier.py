@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._routes import Endpoint
+    from ._balance import Endpoint
 
 __all__ = [
     "OutlierSettings",
