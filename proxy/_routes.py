@@ -423,7 +423,8 @@ def build_table(view: View, *, domain: str = "meshlet", previous: RouteTable | N
     for name in sorted(view.services):
         sv = view.services[name]
         info = prev_specs.get(name)
-        if info is None or not (info.spec is sv.spec or info.spec == sv.spec) or info.vip != sv.vip:
+        if (info is None or not (info.spec is sv.spec or info.spec == sv.spec) or info.vip != sv.vip
+                or info.revision != sv.revision):
             info, problems = _parse_service(name, sv.spec, sv.vip, sv.revision)
             for msg in problems:
                 log.warning("service %s (revision %s): %s", name, sv.revision, msg)

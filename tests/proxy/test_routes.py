@@ -354,3 +354,26 @@ def test_to_json_lists_services_hosts_and_endpoints(table: RouteTable) -> None:
 
 def test_endpoint_repr_is_readable() -> None:
     assert repr(Endpoint("a:1", "127.0.0.1", 1, 3)) == "<Endpoint a:1 127.0.0.1:1 w=3 active=0>"
+
+
+def test_an_applied_spec_change_takes_effect_on_the_next_build() -> None:
+    def view(routes: str, revision: str) -> View:
+        spec = spec_from_yaml(f"""
+services:
+  s:
+    command: [s]
+    ports: [{{name: http}}]
+    routes: {routes}
+""", "s")
+        return View(services={"s": ServiceView("s", (inst("s-1", "s", 8001), inst("s-2", "s", 8002)), spec=spec,
+                                               revision=revision)})
+
+    t1 = build_table(view("{policy: round_robin}", "r1"))
+    t2 = build_table(view("{policy: ring_hash, hash_on: {source_ip: true}, max_pending: 5, hosts: [new.test]}",
+                          "r2"), previous=t1)
+    c1, c2 = t1.cluster("s"), t2.cluster("s")
+    assert (c2.settings.policy, c2.settings.hash_on, c2.settings.max_pending) == ("ring_hash", ("source_ip", None), 5)
+    assert c2.endpoints == c1.endpoints  # the same Endpoint objects, stats intact
+    assert t2.match(b"new.test", b"/").cluster is c2
+    assert t1.match(b"new.test", b"/") is None  # the old table is never written to
+    assert t2.to_json()["services"]["s"]["revision"] == "r2"
