@@ -309,6 +309,9 @@ class RingHash(_Base):
                 cached = [hash64(base + b"#" + str(k).encode()) for k in range(n)]
                 cache[ep.id] = cached
             points.extend((h, i) for h in cached[:n])
+        ids = {e.id for e in self.endpoints}
+        for gone in [k for k in cache if k not in ids]:
+            del cache[gone]  # instances come and go with every rollout: keep the cache bounded
         points.sort()
         self.hashes = tuple(h for h, _ in points)
         self.owners = tuple(i for _, i in points)

@@ -180,6 +180,8 @@ def test_ring_hash_points_are_cached_across_snapshots() -> None:
     cache[endpoints[0].id] = list(cache[endpoints[0].id])  # same content, new object
     again = RingHash(endpoints, [1] * 3, cache=cache)
     assert again.hashes == first.hashes
+    RingHash(endpoints[1:], [1] * 2, cache=cache)
+    assert set(cache) == {e.id for e in endpoints[1:]}  # departed endpoints are forgotten
 
 
 @pytest.mark.parametrize("header, name, value", [
