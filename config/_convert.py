@@ -108,7 +108,10 @@ def struct(cls: type, given: dict[str, Any] | None = None) -> Conv:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         allowed = [name for name in fields if not (given and name in given)]
         for key, entry in n.value.items():
-            if key not in allowed and not key.startswith("x-"):  # x-: Compose extension keys
+            if given and key in given:
+                cx.error(entry.key_line, join(path, key),
+                         f"the {key} comes from the key above ({describe(given[key])}); remove this line")
+            elif key not in allowed and not key.startswith("x-"):  # x-: Compose extension keys
                 cx.error(entry.key_line, join(path, key), unknown_key(key, allowed))
         values: dict[str, Any] = {}
         for name, f in fields.items():

@@ -186,6 +186,9 @@ def test_alias_bomb_is_refused_quickly():
     pytest.param("services: {w: {image: x, update: {strategy: recreate, canary: [{weight: 5}]}}}",
                  "m.yaml:1 services.w.update.canary: canary steps need strategy rolling",
                  id="canary-recreate"),
+    pytest.param("services:\n  web:\n    name: web\n    image: x\n",
+                 'm.yaml:3 services.web.name: the name comes from the key above ("web"); remove this line',
+                 id="name-inside-service"),
     pytest.param("---\nservices: {}\n---\nservices: {}\n",
                  "m.yaml:3 invalid YAML: expected a single document in the stream, "
                  "but found another document (column 1)", id="two-documents"),
