@@ -37,6 +37,11 @@ _RANK = {PASSING: 0, WARNING: 1, CRITICAL: 2}
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def _empty() -> Mapping[str, Any]:
+    # One shared read-only empty mapping: dataclasses refuse an unhashable default.
+    return _EMPTY
+
+
 def worst_status(statuses: list[str] | tuple[str, ...]) -> str:
     """Aggregate check statuses as Consul does: the worst one wins; no checks is passing."""
     worst = PASSING
@@ -64,9 +69,9 @@ class Instance:
     port: int
     status: str = PASSING
     tags: tuple[str, ...] = ()
-    meta: Mapping[str, str] = field(default=_EMPTY)
+    meta: Mapping[str, str] = field(default_factory=_empty)
     weight: int = 1
-    ports: Mapping[str, int] = field(default=_EMPTY)
+    ports: Mapping[str, int] = field(default_factory=_empty)
 
     @property
     def is_passing(self) -> bool:
@@ -83,7 +88,7 @@ class Instance:
 class Node:
     name: str
     address: str
-    meta: Mapping[str, str] = field(default=_EMPTY)
+    meta: Mapping[str, str] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,6 @@ class ServiceView:
 class View:
     """The whole catalog at one index. ``index`` grows with every change seen."""
 
-    services: Mapping[str, ServiceView] = field(default=_EMPTY)
-    nodes: Mapping[str, Node] = field(default=_EMPTY)
+    services: Mapping[str, ServiceView] = field(default_factory=_empty)
+    nodes: Mapping[str, Node] = field(default_factory=_empty)
     index: int = 0
