@@ -1,0 +1,172 @@
+"""Pure translation between InstanceSpec/Observed and the Docker Engine API's shapes.
+
+Identity lives in container labels (so a restarted supervisor finds its containers by
+asking the engine, not its memory)::
+
+    meshlet.owner=meshlet   what makes a container meshlet's (everything else is left alone)
+    meshlet.instance        instance id (also the container name)
+    meshlet.service / meshlet.slot / meshlet.revision / meshlet.node
+    meshlet.ports           JSON object port name -> host port, in order (first = PORT)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from .base import InstanceSpec, Observed, State, workload_env
+
+__all__ = ["OWNER_LABEL", "identity_labels", "create_kwargs", "observed_from_attrs",
+           "parse_docker_time", "docker_state", "LOG_OPTIONS"]
+
+OWNER_LABEL = "meshlet.owner"
+OWNER_VALUE = "meshlet"
+# Bound what the json-file driver keeps per container (its default is unbounded).
+LOG_OPTIONS = {"max-size": "10m", "max-file": "3"}
+
+
+def identity_labels(spec: InstanceSpec) -> dict[str, str]:
+    return {
+        OWNER_LABEL: OWNER_VALUE,
+        "meshlet.instance": spec.instance_id,
+        "meshlet.service": spec.service,
+        "meshlet.slot": str(spec.slot),
+        "meshlet.revision": spec.revision,
+        "meshlet.node": spec.node,
+        "meshlet.ports": json.dumps(dict(spec.ports), separators=(",", ":")),
+    }
+
+
+def create_kwargs(spec: InstanceSpec) -> dict[str, Any]:
+    """Keyword arguments for ``client.containers.create`` (docker SDK), minus log_config.
+
+    - ``command`` replaces the image's ENTRYPOINT and ``args`` its CMD (Kubernetes'
+      meaning of the two words); with neither, the image's own defaults run.
+    - host networking: the workload binds its PORT on the node's addresses.
+    - no restart policy: meshlet decides restarts (Docker's would fight the reconciler).
+    - memswap == memory: no swap on top of the limit, so exceeding it is an OOM kill.
+    - ``dns``: the engine writes the container's resolv.conf ("nameserver <dns>") and
+      bind-mounts it, on local and remote engines alike (accepted with host networking).
+    """
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "name": spec.instance_id,
+        "environment": workload_env(spec),
+        "labels": {**spec.labels, **identity_labels(spec)},
+        "network_mode": "host",
+        "stop_signal": spec.stop_signal,
+        "detach": True,
+    }
+    if spec.command:
+        kwargs["entrypoint"] = list(spec.command)
+        kwargs["command"] = list(spec.args)
+    elif spec.args:
+        kwargs["command"] = list(spec.args)
+    if spec.workdir:
+        kwargs["working_dir"] = spec.workdir
+    if spec.cpu is not None:
+        kwargs["nano_cpus"] = int(round(spec.cpu * 1e9))
+    if spec.memory is not None:
+        kwargs["mem_limit"] = spec.memory
+        kwargs["memswap_limit"] = spec.memory
+    if spec.dns:
+        kwargs["dns"] = [spec.dns]
+    return kwargs
+
+
+def parse_docker_time(value: str | None) -> float | None:
+    """RFC 3339 with nanoseconds ("2024-05-01T10:00:00.123456789Z") -> epoch seconds;
+    Docker's zero time ("0001-01-01T00:00:00Z") and empty -> None."""
+    if not value or value.startswith("0001-01-01"):
+        return None
+    text = value.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    # Cut the fraction to microseconds: fromisoformat takes at most 6 digits.
+    if "." in text:
+        head, rest = text.split(".", 1)
+        digits = 0
+        while digits < len(rest) and rest[digits].isdigit():
+            digits += 1
+        text = head + "." + rest[:min(digits, 6)].ljust(6, "0") + rest[digits:]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def docker_state(status: str) -> State:
+    """Docker's container status in meshlet's three states."""
+    if status in ("running", "paused"):
+        return "running"
+    if status in ("created", "restarting"):
+        return "starting"
+    return "exited"   # exited, dead, removing
+
+
+def _ports(labels: Mapping[str, str]) -> dict[str, int]:
+    try:
+        raw = json.loads(labels.get("meshlet.ports", "{}"))
+        return {str(k): int(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _slot(labels: Mapping[str, str]) -> int:
+    try:
+        return int(labels.get("meshlet.slot", "-1"))
+    except ValueError:
+        return -1
+
+
+def observed_from_attrs(attrs: Mapping[str, Any], address: str) -> Observed:
+    """An inspected container (``container.attrs``) as Observed."""
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    st = attrs.get("State") or {}
+    state = docker_state(st.get("Status", "exited"))
+    name = (attrs.get("Name") or "").lstrip("/")
+    return Observed(
+        instance_id=labels.get("meshlet.instance", name),
+        service=labels.get("meshlet.service", ""),
+        slot=_slot(labels),
+        revision=labels.get("meshlet.revision", ""),
+        node=labels.get("meshlet.node", ""),
+        state=state,
+        exit_code=st.get("ExitCode") if state == "exited" else None,
+        started_at=parse_docker_time(st.get("StartedAt")),
+        finished_at=parse_docker_time(st.get("FinishedAt")) if state == "exited" else None,
+        pid=st.get("Pid") or None,
+        container_id=attrs.get("Id"),
+        ports=_ports(labels),
+        address=address,
+        oom_killed=bool(st.get("OOMKilled")),
+        labels={k: v for k, v in labels.items() if not k.startswith("meshlet.")},
+    )
+
+
+def observed_from_event(event: Mapping[str, Any], address: str) -> Observed:
+    """A ``die`` event as Observed, for when the container is gone before we inspect it."""
+    attrs = (event.get("Actor") or {}).get("Attributes") or {}
+    try:
+        code: int | None = int(attrs.get("exitCode", ""))
+    except ValueError:
+        code = None
+    when = event.get("timeNano")
+    return Observed(
+        instance_id=attrs.get("meshlet.instance", attrs.get("name", "")),
+        service=attrs.get("meshlet.service", ""),
+        slot=_slot(attrs),
+        revision=attrs.get("meshlet.revision", ""),
+        node=attrs.get("meshlet.node", ""),
+        state="exited",
+        exit_code=code,
+        finished_at=when / 1e9 if isinstance(when, int) else None,
+        container_id=(event.get("Actor") or {}).get("ID") or event.get("id"),
+        ports=_ports(attrs),
+        address=address,
+    )

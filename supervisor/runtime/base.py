@@ -1,0 +1,352 @@
+"""The runtime interface: what the supervisor asks of a node, and the plain data it gets back.
+
+Vocabulary
+    instance   one replica of a service on one node: a container or a process group.
+               Named by ``instance_id`` (unique across the mesh; two revisions of one slot
+               coexist during a rollout), which is also the container name / state file name.
+    spec       ``InstanceSpec``: everything a runtime needs to start an instance, plain data.
+    observed   ``Observed``: what a runtime reports about one instance it owns.
+    event      ``RuntimeEvent``: an exit noticed at once, or a hint to re-list ("resync").
+
+Flow
+    supervisor --InstanceSpec--> runtime.start() --Observed-->
+    runtime.events() ----exit----> supervisor (reconcile decides restart/backoff)
+    runtime.list()  ----Observed*--> supervisor (full view; adoption after a restart)
+
+Ownership: a runtime owns only instances it can prove are meshlet's (docker: the
+``meshlet.owner=meshlet`` label; process: a state file under its data dir whose pid still
+has the recorded start time). Everything else on the node is left alone.
+
+Errors (everything a runtime raises on purpose is a ``WorkloadError``)::
+
+    WorkloadError
+    ├── InvalidSpec          bad input: nothing was created
+    ├── InstanceExists       start() of an instance_id the node already has
+    ├── InstanceNotFound     no meshlet instance by that id on this node
+    ├── InstanceNotRunning   exec() on an instance that has exited
+    ├── ImageNotFound        image missing on the node and the pull failed
+    ├── StartFailed          the engine/OS refused to start it: nothing left half-created
+    ├── ExecTimeout          exec() did not finish in time (also a TimeoutError)
+    └── EngineUnavailable    the node's engine does not answer
+
+Everything here is pure: validation, the workload environment, exit-code conventions and
+the JSON form of a spec (process state files) are functions over plain data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import signal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from config import FrozenDict
+
+__all__ = [
+    "InstanceSpec", "Observed", "RuntimeEvent", "Runtime", "State",
+    "WorkloadError", "InvalidSpec", "InstanceExists", "InstanceNotFound", "InstanceNotRunning",
+    "ImageNotFound", "StartFailed", "ExecTimeout", "EngineUnavailable",
+    "validate_spec", "is_instance_id", "workload_env", "port_env_name", "exit_code_from_returncode",
+    "signal_number", "spec_to_dict", "spec_from_dict", "EXEC_OUTPUT_LIMIT",
+]
+
+State = Literal["starting", "running", "exited"]
+
+# exec() keeps at most this much output (stdout+stderr, in arrival order): a probe reads a
+# verdict, not a transcript. Docker's HEALTHCHECK keeps 4096 bytes; we keep more for debugging.
+EXEC_OUTPUT_LIMIT = 64 * 1024
+
+# Instance ids become container names and file names: Docker's container-name alphabet,
+# bounded so "<data_dir>/instances/<id>.json" stays well under NAME_MAX (255).
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_PORT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Labels under this prefix are meshlet's identity; a spec may not set them itself.
+RESERVED_LABEL_PREFIX = "meshlet."
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> FrozenDict[str, Any]:
+    return mapping if isinstance(mapping, FrozenDict) else FrozenDict(mapping or {})
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What to run for one replica. Plain data; hashable (mappings are frozen)."""
+
+    instance_id: str
+    service: str
+    slot: int
+    revision: str
+    node: str
+    image: str | None = None                 # docker: required
+    command: tuple[str, ...] | None = None   # process: required; docker: overrides ENTRYPOINT
+    args: tuple[str, ...] = ()               # docker: overrides CMD (Kubernetes semantics)
+    workdir: str | None = None
+    env: Mapping[str, str] = field(default_factory=FrozenDict)
+    ports: Mapping[str, int] = field(default_factory=FrozenDict)  # name -> host port; first is PORT
+    cpu: float | None = None                 # cores
+    memory: int | None = None                # bytes
+    stop_signal: str = "SIGTERM"
+    stop_grace_period: float = 10.0
+    dns: str | None = None                   # resolver address for the workload (port 53)
+    labels: Mapping[str, str] = field(default_factory=FrozenDict)
+
+    def __post_init__(self) -> None:
+        # Accept lists and dicts from callers; store tuples and FrozenDicts.
+        if self.command is not None and not isinstance(self.command, tuple):
+            object.__setattr__(self, "command", tuple(self.command))
+        if not isinstance(self.args, tuple):
+            object.__setattr__(self, "args", tuple(self.args))
+        for name in ("env", "ports", "labels"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a runtime reports about one instance it owns."""
+
+    instance_id: str
+    service: str
+    slot: int
+    revision: str
+    node: str
+    state: State
+    exit_code: int | None = None      # None while running, or when the exit was not witnessed
+    started_at: float | None = None   # epoch seconds
+    finished_at: float | None = None
+    pid: int | None = None            # host pid of the workload's first process (if known)
+    container_id: str | None = None   # docker only
+    ports: Mapping[str, int] = field(default_factory=FrozenDict)
+    address: str = "127.0.0.1"        # where the node's workloads are reached
+    oom_killed: bool = False
+    labels: Mapping[str, str] = field(default_factory=FrozenDict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ports", _frozen(self.ports))
+        object.__setattr__(self, "labels", _frozen(self.labels))
+
+    @property
+    def is_running(self) -> bool:
+        return self.state == "running"
+
+
+@dataclass(frozen=True)
+class RuntimeEvent:
+    """``exit``: an instance stopped (for any reason: crash, kill, stop(), OOM);
+    ``resync``: the runtime may have missed events (engine reconnect): list() again."""
+
+    kind: Literal["exit", "resync"]
+    instance_id: str | None = None
+    observed: Observed | None = None
+    at: float = 0.0
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One node's way of running instances. Every method is safe to call from the event
+    loop (blocking work runs in threads); ``close()`` detaches and leaves workloads running.
+
+    ``events()`` has one consumer; subscribe before the first ``list()`` so no exit falls
+    between them (the docker runtime also replays engine events since its creation)."""
+
+    name: str
+    node: str
+
+    async def start(self, spec: InstanceSpec) -> Observed: ...
+
+    async def stop(self, instance_id: str, *, grace: float) -> None: ...
+
+    async def remove(self, instance_id: str) -> None: ...
+
+    async def list(self) -> list[Observed]: ...
+
+    def events(self) -> AsyncIterator[RuntimeEvent]: ...
+
+    def logs(self, instance_id: str, *, follow: bool = False,
+             tail: int | None = None) -> AsyncIterator[bytes]: ...
+
+    async def exec(self, instance_id: str, argv: Sequence[str], *,
+                   timeout: float) -> tuple[int, bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+# --- errors -------------------------------------------------------------------------------
+
+class WorkloadError(Exception):
+    """Base of everything a runtime raises on purpose; the message says what and where."""
+
+
+class InvalidSpec(WorkloadError, ValueError):
+    def __init__(self, instance_id: str, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(f"invalid instance spec {instance_id!r}: " + "; ".join(self.problems))
+
+
+class InstanceExists(WorkloadError):
+    pass
+
+
+class InstanceNotFound(WorkloadError, LookupError):
+    pass
+
+
+class InstanceNotRunning(WorkloadError):
+    pass
+
+
+class ImageNotFound(WorkloadError, LookupError):
+    pass
+
+
+class StartFailed(WorkloadError):
+    pass
+
+
+class ExecTimeout(WorkloadError, TimeoutError):
+    pass
+
+
+class EngineUnavailable(WorkloadError, ConnectionError):
+    pass
+
+
+# --- pure helpers -------------------------------------------------------------------------
+
+def signal_number(name: str) -> int:
+    """``"SIGTERM"``/``"TERM"``/``"15"`` -> 15; ValueError for anything else."""
+    text = name.strip().upper()
+    if text.isdigit():
+        return signal.Signals(int(text)).value
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text].value
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+def is_instance_id(value: object) -> bool:
+    """Usable as a container name and a file name (no '/', no leading '.')."""
+    return isinstance(value, str) and _INSTANCE_ID.fullmatch(value) is not None
+
+
+def port_env_name(port_name: str) -> str:
+    """``"http"`` -> ``"PORT_HTTP"``, ``"admin-api"`` -> ``"PORT_ADMIN_API"``."""
+    return "PORT_" + port_name.upper().replace("-", "_")
+
+
+def validate_spec(spec: InstanceSpec, *, runtime: str) -> None:
+    """Raise InvalidSpec naming every problem; runtime is "docker" or "process"."""
+    problems: list[str] = []
+    if not is_instance_id(spec.instance_id):
+        problems.append(f"instance_id {spec.instance_id!r}: expected letters, digits, "
+                        "'_', '.', '-' (starting with a letter or digit, at most 128)")
+    if not spec.service:
+        problems.append("service: empty")
+    if not isinstance(spec.slot, int) or spec.slot < 0:
+        problems.append(f"slot: expected an integer >= 0, got {spec.slot!r}")
+    if not spec.node:
+        problems.append("node: empty")
+    if runtime == "docker" and not spec.image:
+        problems.append("image: required on a docker node")
+    if runtime == "process" and not spec.command:
+        problems.append("command: required on a process node"
+                        + (f" (the service has only image {spec.image})" if spec.image else ""))
+    if spec.command is not None and (not spec.command or not all(spec.command)):
+        problems.append(f"command: expected non-empty words, got {list(spec.command)!r}")
+    for key, value in spec.env.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            problems.append(f"env {key!r}: not an environment variable name")
+        elif not isinstance(value, str) or "\0" in value:
+            problems.append(f"env {key}: expected a string without NUL")
+    seen_ports: set[int] = set()
+    for pname, port in spec.ports.items():
+        if not isinstance(pname, str) or not _PORT_NAME.fullmatch(pname):
+            problems.append(f"ports {pname!r}: expected a port name ([a-z][a-z0-9-]*)")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problems.append(f"ports {pname}: expected an assigned host port 1-65535, got {port!r}")
+        elif port in seen_ports:
+            problems.append(f"ports {pname}: port {port} assigned twice")
+        else:
+            seen_ports.add(port)
+    if spec.cpu is not None and not spec.cpu > 0:
+        problems.append(f"cpu: expected > 0 cores, got {spec.cpu!r}")
+    if spec.memory is not None and not (isinstance(spec.memory, int) and spec.memory > 0):
+        problems.append(f"memory: expected > 0 bytes, got {spec.memory!r}")
+    try:
+        signal_number(spec.stop_signal)
+    except ValueError:
+        problems.append(f"stop_signal: unknown signal {spec.stop_signal!r}")
+    if not spec.stop_grace_period >= 0:
+        problems.append(f"stop_grace_period: expected >= 0 seconds, got {spec.stop_grace_period!r}")
+    if spec.dns is not None:
+        try:
+            ipaddress.ip_address(spec.dns)
+        except ValueError:
+            problems.append(f"dns: expected an IP address, got {spec.dns!r}")
+    for key in spec.labels:
+        if key.startswith(RESERVED_LABEL_PREFIX):
+            problems.append(f"labels {key}: the {RESERVED_LABEL_PREFIX}* prefix is meshlet's own")
+    if problems:
+        raise InvalidSpec(str(spec.instance_id), problems)
+
+
+def workload_env(spec: InstanceSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The workload's environment: ``base`` < ``spec.env`` < meshlet's own variables.
+
+    meshlet's variables win because the runtime assigned them: ``PORT`` (the first port),
+    ``PORT_<NAME>`` for each port, and the instance identity ``MESHLET_INSTANCE``,
+    ``MESHLET_SERVICE``, ``MESHLET_SLOT``, ``MESHLET_REVISION``, ``MESHLET_NODE``.
+    """
+    env = dict(base or {})
+    env.update(spec.env)
+    for i, (pname, port) in enumerate(spec.ports.items()):
+        if i == 0:
+            env["PORT"] = str(port)
+        env[port_env_name(pname)] = str(port)
+    env.update({
+        "MESHLET_INSTANCE": spec.instance_id,
+        "MESHLET_SERVICE": spec.service,
+        "MESHLET_SLOT": str(spec.slot),
+        "MESHLET_REVISION": spec.revision,
+        "MESHLET_NODE": spec.node,
+    })
+    return env
+
+
+def exit_code_from_returncode(returncode: int) -> int:
+    """Python's returncode (-N: killed by signal N) in the shell/Docker convention (128+N),
+    so both runtimes report SIGKILL as 137."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+_SPEC_FIELDS = ("instance_id", "service", "slot", "revision", "node", "image", "command",
+                "args", "workdir", "env", "ports", "cpu", "memory", "stop_signal",
+                "stop_grace_period", "dns", "labels")
+
+
+def spec_to_dict(spec: InstanceSpec) -> dict[str, Any]:
+    """JSON-ready form (mapping order kept: the first port is PORT)."""
+    out: dict[str, Any] = {}
+    for name in _SPEC_FIELDS:
+        value = getattr(spec, name)
+        if isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> InstanceSpec:
+    """Inverse of spec_to_dict; unknown keys are ignored (newer writers), missing optional
+    keys take defaults. KeyError/TypeError for a document that is not a spec."""
+    kwargs = {name: data[name] for name in _SPEC_FIELDS if name in data}
+    if kwargs.get("command") is not None:
+        kwargs["command"] = tuple(kwargs["command"])
+    if "args" in kwargs:
+        kwargs["args"] = tuple(kwargs["args"])
+    return InstanceSpec(**kwargs)

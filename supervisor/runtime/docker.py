@@ -1,0 +1,466 @@
+"""The docker runtime: instances are containers on one node's Docker engine.
+
+The Docker SDK is blocking, so every call runs in this runtime's thread pool and the event
+loop never waits on the engine. Long streams get threads of their own: the event watcher
+(one per runtime, for its lifetime), and one per ``logs()``/``exec()`` in progress.
+
+Exits are noticed from the engine's event stream (``die`` events of containers labelled
+``meshlet.owner=meshlet`` on this node), replayed from the runtime's creation time, so an
+exit between creation and the first ``events()`` is not lost; when the stream breaks, the
+watcher reconnects with ``since=<last event>`` and emits ``resync``.
+
+Resource handling: ``close()`` stops the watcher and the pool and leaves containers
+running (a restarted supervisor adopts them via ``list()``).
+
+Error handling: engine errors become ``WorkloadError`` subclasses naming the instance and
+node; an unreachable engine is ``EngineUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig
+from docker.utils import parse_repository_tag
+
+from ._bridge import EventQueue, iterate_in_thread
+from ._docker_model import (LOG_OPTIONS, OWNER_LABEL, OWNER_VALUE, create_kwargs,
+                            observed_from_attrs, observed_from_event)
+from .base import (EXEC_OUTPUT_LIMIT, EngineUnavailable, ExecTimeout, ImageNotFound,
+                   InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec,
+                   Observed, RuntimeEvent, StartFailed, WorkloadError, validate_spec)
+
+__all__ = ["DockerRuntime"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+# Reconnect delays of the event watcher: 0.1 s doubling to 5 s.
+_WATCH_BACKOFF = (0.1, 5.0)
+# After SIGKILL, how long to wait for the engine to report the exit.
+_KILL_WAIT = 30.0
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc)
+    return str(exc) or type(exc).__name__
+
+
+class DockerRuntime:
+    """Containers on the Docker engine at ``engine`` (``unix://...`` or ``tcp://...``),
+    acting as node ``node`` whose workloads are reached at ``address``."""
+
+    name = "docker"
+
+    def __init__(self, engine: str = DEFAULT_ENGINE, *, node: str = "local",
+                 address: str = "127.0.0.1", timeout: float = 60.0,
+                 max_workers: int = 4) -> None:
+        self.engine = engine
+        self.node = node
+        self.address = address
+        self._timeout = timeout
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"docker-{node}")
+        self._client: docker.DockerClient | None = None
+        self._stream_api: docker.APIClient | None = None
+        self._client_lock = threading.Lock()
+        self._since = time.time()
+        self._events = EventQueue(f"docker runtime {node}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher: threading.Thread | None = None
+        self._watch_stream: Any = None
+        self._closing = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<DockerRuntime node={self.node} engine={self.engine}>"
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _docker(self) -> docker.DockerClient:
+        """The SDK client, created on first use in a worker thread ("auto" asks the
+        engine for its API version, which is I/O)."""
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = docker.DockerClient(base_url=self.engine, version="auto",
+                                                       timeout=int(self._timeout))
+                except docker.errors.DockerException as exc:
+                    raise EngineUnavailable(
+                        f"docker engine {self.engine} of node {self.node} does not answer: "
+                        f"{_explain(exc)}") from exc
+            return self._client
+
+    def _streaming_api(self) -> docker.APIClient:
+        """A client without a read timeout for ``logs(follow=True)``: the SDK applies the
+        client timeout to stream reads, which would end a quiet follow after 60 s."""
+        with self._client_lock:
+            client = self._client
+        if client is None:
+            client = self._docker()
+        with self._client_lock:
+            if self._stream_api is None:
+                self._stream_api = docker.APIClient(base_url=self.engine,
+                                                    version=client.api.api_version,
+                                                    timeout=None)
+            return self._stream_api
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        except requests.exceptions.ConnectionError as exc:
+            raise EngineUnavailable(f"docker engine {self.engine} of node {self.node} "
+                                    f"does not answer: {exc}") from exc
+
+    def _owned(self, instance_id: str) -> Any | None:
+        """The container of instance ``instance_id`` if it is meshlet's on this node."""
+        try:
+            container = self._docker().containers.get(instance_id)
+        except docker.errors.NotFound:
+            return None
+        labels = container.labels or {}
+        if labels.get(OWNER_LABEL) != OWNER_VALUE or labels.get("meshlet.node") != self.node:
+            return None
+        return container
+
+    def _filters(self) -> dict[str, Any]:
+        return {"label": [f"{OWNER_LABEL}={OWNER_VALUE}", f"meshlet.node={self.node}"]}
+
+    # --- start ----------------------------------------------------------------------------
+
+    async def start(self, spec: InstanceSpec) -> Observed:
+        validate_spec(spec, runtime="docker")
+        if spec.node != self.node:
+            raise InvalidSpec(spec.instance_id, [f"node: {spec.node!r} is not this runtime's "
+                                                 f"node {self.node!r}"])
+        return await self._run(self._start_sync, spec)
+
+    def _start_sync(self, spec: InstanceSpec) -> Observed:
+        client = self._docker()
+        where = f"{spec.instance_id} on node {self.node}"
+        try:
+            existing = client.containers.get(spec.instance_id)
+        except docker.errors.NotFound:
+            existing = None
+        if existing is not None:
+            owner = "" if (existing.labels or {}).get(OWNER_LABEL) == OWNER_VALUE else \
+                " (a container not created by meshlet has that name)"
+            raise InstanceExists(f"instance {where} already exists{owner}")
+        self._ensure_image(client, spec.image or "")
+        kwargs = create_kwargs(spec)
+        kwargs["log_config"] = LogConfig(type="json-file", config=dict(LOG_OPTIONS))
+        try:
+            container = client.containers.create(**kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise InstanceExists(f"instance {where} already exists") from exc
+            raise StartFailed(f"cannot create {where}: {_explain(exc)}") from exc
+        try:
+            container.start()
+            container.reload()
+        except BaseException as exc:
+            # Nothing half-created: a container that did not start is removed again.
+            try:
+                container.remove(force=True)
+            except docker.errors.APIError:
+                log.warning("could not remove failed container %s", where, exc_info=True)
+            if isinstance(exc, docker.errors.APIError):
+                raise StartFailed(f"cannot start {where}: {_explain(exc)}") from exc
+            raise
+        return observed_from_attrs(container.attrs, self.address)
+
+    def _ensure_image(self, client: docker.DockerClient, image: str) -> None:
+        try:
+            client.images.get(image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise StartFailed(f"cannot inspect image {image} on node {self.node}: "
+                              f"{_explain(exc)}") from exc
+        repository, tag = parse_repository_tag(image)
+        log.info("pulling image %s on node %s", image, self.node)
+        try:
+            client.images.pull(repository, tag=tag or "latest")
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise ImageNotFound(f"image {image} not found on node {self.node} and could not "
+                                f"be pulled: {_explain(exc)}") from exc
+
+    # --- stop / remove ----------------------------------------------------------------------
+
+    async def stop(self, instance_id: str, *, grace: float) -> None:
+        """The container's stop signal, up to ``grace`` seconds, then SIGKILL. Idempotent:
+        an instance that is gone or not running is left as it is."""
+        await self._run(self._stop_sync, instance_id, grace)
+
+    def _stop_sync(self, instance_id: str, grace: float) -> None:
+        container = self._owned(instance_id)
+        if container is None or container.status not in ("running", "paused", "restarting"):
+            return
+        api = self._docker().api
+        stop_signal = (container.attrs.get("Config") or {}).get("StopSignal") or "SIGTERM"
+        if not self._signal(api, container.id, stop_signal):
+            return
+        if grace > 0 and self._wait_exit(api, container.id, grace):
+            return
+        if self._signal(api, container.id, "SIGKILL"):
+            self._wait_exit(api, container.id, _KILL_WAIT)
+
+    @staticmethod
+    def _signal(api: Any, container_id: str, sig: str) -> bool:
+        """False when the container is not running (any more) or gone."""
+        try:
+            api.kill(container_id, signal=sig)
+            return True
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:   # "is not running"
+                return False
+            raise
+
+    @staticmethod
+    def _wait_exit(api: Any, container_id: str, timeout: float) -> bool:
+        """Block until the container exits (the engine's wait API, no polling)."""
+        try:
+            api.wait(container_id, timeout=timeout)
+            return True
+        except docker.errors.NotFound:
+            return True
+        except requests.exceptions.RequestException:
+            # ReadTimeout, or a ConnectionError wrapping urllib3's ReadTimeoutError.
+            return False
+
+    async def remove(self, instance_id: str) -> None:
+        """Remove the container (killing it if still running). Idempotent."""
+        await self._run(self._remove_sync, instance_id)
+
+    def _remove_sync(self, instance_id: str) -> None:
+        container = self._owned(instance_id)
+        if container is None:
+            return
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:   # 409: removal already in progress
+                raise WorkloadError(f"cannot remove {instance_id} on node {self.node}: "
+                                    f"{_explain(exc)}") from exc
+
+    # --- observe ----------------------------------------------------------------------------
+
+    async def list(self) -> list[Observed]:
+        """Every meshlet container of this node, running or exited."""
+        return await self._run(self._list_sync)
+
+    def _list_sync(self) -> list[Observed]:
+        containers = self._docker().containers.list(all=True, filters=self._filters(),
+                                                    ignore_removed=True)
+        return [observed_from_attrs(c.attrs, self.address) for c in containers]
+
+    async def inspect(self, instance_id: str) -> Observed:
+        container = await self._run(self._owned, instance_id)
+        if container is None:
+            raise InstanceNotFound(f"no instance {instance_id} on node {self.node}")
+        return observed_from_attrs(container.attrs, self.address)
+
+    async def events(self) -> AsyncIterator[RuntimeEvent]:
+        self._loop = asyncio.get_running_loop()
+        if self._watcher is None and not self._closing.is_set():
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name=f"docker-events-{self.node}")
+            self._watcher.start()
+        async for event in self._events.stream():
+            yield event
+
+    def _watch(self) -> None:
+        """The event watcher thread: die events -> EventQueue, reconnecting on failure."""
+        since = self._since
+        seen: deque[tuple[str, int]] = deque(maxlen=1024)
+        delay = _WATCH_BACKOFF[0]
+        reconnect = False
+        while not self._closing.is_set():
+            try:
+                api = self._docker().api
+                stream = api.events(since=f"{since:.9f}", decode=True,
+                                    filters={**self._filters(), "type": "container",
+                                             "event": ["die"]})
+                self._watch_stream = stream
+                if self._closing.is_set():
+                    stream.close()
+                    break
+                if reconnect:
+                    self._emit(RuntimeEvent("resync", at=time.time()))
+                delay = _WATCH_BACKOFF[0]
+                for event in stream:
+                    key = (event.get("id", ""), event.get("timeNano", 0))
+                    if key in seen:
+                        continue   # replayed after a reconnect
+                    seen.append(key)
+                    since = max(since, key[1] / 1e9)
+                    self._on_die(event)
+            except Exception:
+                if not self._closing.is_set():
+                    log.warning("docker events of node %s: stream failed", self.node,
+                                exc_info=True)
+            if self._closing.wait(delay):
+                break
+            reconnect = True
+            delay = min(delay * 2, _WATCH_BACKOFF[1])
+            log.info("docker events of node %s: reconnecting", self.node)
+
+    def _on_die(self, event: dict[str, Any]) -> None:
+        attrs = (event.get("Actor") or {}).get("Attributes") or {}
+        if attrs.get("meshlet.node") != self.node:
+            return
+        try:
+            container = self._docker().containers.get(event.get("id", ""))
+            observed = observed_from_attrs(container.attrs, self.address)
+            if observed.state != "exited":
+                # Already started again by someone; report the exit as the event saw it.
+                observed = observed_from_event(event, self.address)
+        except (docker.errors.NotFound, requests.exceptions.RequestException):
+            observed = observed_from_event(event, self.address)
+        self._emit(RuntimeEvent("exit", observed.instance_id, observed,
+                                at=(event.get("timeNano") or 0) / 1e9 or time.time()))
+
+    def _emit(self, event: RuntimeEvent) -> None:
+        if self._loop is not None:
+            self._events.put_threadsafe(self._loop, event)
+
+    # --- logs / exec ----------------------------------------------------------------------
+
+    async def logs(self, instance_id: str, *, follow: bool = False,
+                   tail: int | None = None) -> AsyncIterator[bytes]:
+        """stdout and stderr as the engine kept them; ``follow`` ends when the container
+        stops (or when the consumer stops iterating)."""
+        container = await self._run(self._owned, instance_id)
+        if container is None:
+            raise InstanceNotFound(f"no instance {instance_id} on node {self.node}")
+
+        def open_stream() -> Iterator[bytes]:
+            api = self._streaming_api() if follow else self._docker().api
+            return api.logs(container.id, stream=True, follow=follow,
+                                           stdout=True, stderr=True,
+                                           tail="all" if tail is None else max(tail, 0))
+
+        async for chunk in iterate_in_thread(open_stream, _close_stream,
+                                             name=f"docker-logs-{instance_id}"):
+            yield chunk
+
+    async def exec(self, instance_id: str, argv: Sequence[str], *,
+                   timeout: float) -> tuple[int, bytes]:
+        """Run ``argv`` in the running container; (exit code, stdout+stderr capped at
+        EXEC_OUTPUT_LIMIT). On timeout the attachment is closed and, when the engine is
+        local, the exec'd process is killed (the engine has no API to kill an exec)."""
+        if not argv:
+            raise InvalidSpec(instance_id, ["exec: empty command"])
+        container = await self._run(self._owned, instance_id)
+        if container is None:
+            raise InstanceNotFound(f"no instance {instance_id} on node {self.node}")
+        if container.status != "running":
+            raise InstanceNotRunning(f"instance {instance_id} on node {self.node} is "
+                                     f"{container.status}, cannot exec")
+        api = self._docker().api
+        try:
+            exec_id = (await self._run(api.exec_create, container.id, list(argv)))["Id"]
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise InstanceNotRunning(f"instance {instance_id} on node {self.node} is "
+                                         f"not running, cannot exec") from exc
+            raise WorkloadError(f"exec in {instance_id} on node {self.node}: "
+                                f"{_explain(exc)}") from exc
+        output = bytearray()
+
+        async def collect() -> None:
+            stream = iterate_in_thread(lambda: api.exec_start(exec_id, stream=True),
+                                       _close_stream, name=f"docker-exec-{instance_id}")
+            try:
+                async for chunk in stream:
+                    room = EXEC_OUTPUT_LIMIT - len(output)
+                    if room > 0:
+                        output.extend(chunk[:room])
+            finally:
+                await stream.aclose()
+
+        try:
+            await asyncio.wait_for(collect(), timeout)
+        except asyncio.TimeoutError:
+            await self._run(self._kill_exec, exec_id, container.id)
+            raise ExecTimeout(f"exec {list(argv)!r} in {instance_id} on node {self.node} "
+                              f"did not finish in {timeout:g}s") from None
+        return await self._run(self._exec_exit_code, exec_id), bytes(output)
+
+    def _exec_exit_code(self, exec_id: str) -> int:
+        api = self._docker().api
+        deadline = time.monotonic() + 5.0
+        while True:
+            info = api.exec_inspect(exec_id)
+            # The attach stream can end a moment before the engine records the exit code.
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            if time.monotonic() > deadline:
+                return -1
+            time.sleep(0.01)
+
+    def _kill_exec(self, exec_id: str, container_id: str) -> None:
+        if not self.engine.startswith("unix://"):
+            return
+        try:
+            pid = self._docker().api.exec_inspect(exec_id).get("Pid")
+            # Only a process that is in this container's cgroup: never a stranger that
+            # happens to have the pid in our namespace.
+            with open(f"/proc/{pid}/cgroup", encoding="ascii") as f:
+                if pid and container_id in f.read():
+                    os.kill(pid, 9)
+        except (OSError, docker.errors.APIError, requests.exceptions.RequestException):
+            pass
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Detach: stop the watcher and the pool; containers keep running."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        stream = self._watch_stream
+        if stream is not None:
+            _close_stream(stream)
+        if self._watcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._watcher.join, 5.0)
+        self._events.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in (self._client, self._stream_api):
+            if client is not None:
+                client.close()
+
+
+def _close_stream(stream: Any) -> None:
+    """Close an SDK stream (CancellableStream) from any thread: wakes a blocked reader.
+
+    CancellableStream.close() shuts the socket down but leaves the response's file object
+    open, which keeps the descriptor until garbage collection; close those too."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+    response = getattr(stream, "_response", None)
+    if response is not None:
+        fp = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        response.close()
+        if fp is not None:
+            fp.close()
