@@ -1,0 +1,276 @@
+"""Reconciliation: desired services vs what runs -> a list of named actions. Pure.
+
+Vocabulary
+    slot       a replica's position 0..replicas-1 within its service (stable across
+               restarts and revisions; instance ids change, slots do not)
+    replica    what a runtime runs for a slot: ``Replica`` (plain data, from the agent)
+    current    a replica of the revision last applied (``is_current``: the one place the
+               revision is compared; the rollout engine will take over ordering later)
+
+Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
+
+1. service no longer desired -> every replica stopped (``ORPHAN``)
+2. slot >= replicas -> stopped (``SCALE_DOWN``: the highest slots go)
+3. a current replica runs -> keep the best (ready, alive, newest), stop the rest
+   (``DUPLICATE``/``OUTDATED``), forget exited ones; kill it if a probe says dead
+4. only an old revision runs -> stop it and start the current one (``OUTDATED``)
+5. only exited replicas -> restart policy and back-off decide: restart now (same node),
+   ``Wait`` until the back-off ends, or leave it exited (``never``/clean on-failure)
+6. nothing -> place a new replica (``place``) or report why it cannot (``Unplaceable``)
+
+Catalog registrations follow: a kept running replica not registered -> ``Register``; a
+registration of the service with no kept running replica behind it -> ``Deregister``.
+Stop and Kill deregister first themselves (deregistered BEFORE stopped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import config
+
+from .backoff import BackoffState, decide
+from .place import Allocation, NodeInfo, Request, place
+
+__all__ = ["Replica", "Observed", "Start", "Stop", "Kill", "Register", "Deregister", "Wait",
+           "Unplaceable", "Action", "reconcile", "reconcile_service", "is_current", "summary",
+           "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "PROBE_FAILED"]
+
+# Reasons a replica is stopped.
+ORPHAN = "service no longer desired"
+SCALE_DOWN = "scaled down"
+DUPLICATE = "duplicate of the slot's kept replica"
+OUTDATED = "revision replaced"
+EXITED = "exited; replaced by a new replica"
+STALE = "old exited replica of the slot"
+PROBE_FAILED = "liveness/startup probe failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    instance_id: str
+    service: str
+    slot: int
+    revision: str
+    node: str
+    running: bool
+    ready: bool = False
+    alive: bool = True                 # False: a liveness/startup probe failed
+    started_at: float | None = None
+    finished_at: float | None = None   # for exited ones: when it exited (or was noticed)
+    exit_code: int | None = None
+    killed: bool = False               # meshlet killed it for a failed probe
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    replicas: tuple[Replica, ...] = ()
+    registered: Mapping[str, str] = field(default_factory=dict)   # instance id -> service
+    nodes: tuple[NodeInfo, ...] = ()
+    backoff: Mapping[tuple[str, int], BackoffState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    service: str
+    slot: int
+    revision: str
+    node: str
+    backoff: BackoffState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Deregister, stop (grace period) and remove."""
+    instance_id: str
+    service: str
+    slot: int
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """Deregister and stop, keeping the exited replica: its exit then goes through the
+    restart policy and back-off like any other exit."""
+    instance_id: str
+    service: str
+    slot: int
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    instance_id: str
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deregister:
+    instance_id: str
+    service: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to do for the slot before ``at``: look again then (a follow-up)."""
+    service: str
+    slot: int
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    service: str
+    slot: int
+    reason: str
+
+
+Action = Union[Start, Stop, Kill, Register, Deregister, Wait, Unplaceable]
+
+
+def is_current(replica: Replica, revision: str) -> bool:
+    """The one place revisions are compared."""
+    return replica.revision == revision
+
+
+def _rank(r: Replica) -> tuple[bool, bool, float]:
+    return (r.ready, r.alive, r.started_at or 0.0)
+
+
+def _allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
+                 replicas: Sequence[Replica]) -> list[Allocation]:
+    out = []
+    for r in replicas:
+        if r.running and r.service in desired:
+            res = desired[r.service][0].resources
+            out.append(Allocation(r.node, r.service, res.cpu or 0.0, res.memory or 0))
+    return out
+
+
+def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]],
+                      observed: Observed, now: float) -> list[Action]:
+    """The actions for service ``name`` (desired or not)."""
+    mine = [r for r in observed.replicas if r.service == name]
+    actions: list[Action] = []
+    kept: set[str] = set()
+    handled: set[str] = set()
+
+    def stop(r: Replica, reason: str) -> None:
+        actions.append(Stop(r.instance_id, r.service, r.slot, r.node, reason))
+        handled.add(r.instance_id)
+
+    if name not in desired:
+        for r in sorted(mine, key=lambda r: r.slot):
+            stop(r, ORPHAN)
+    else:
+        spec, revision = desired[name]
+        node_names = {n.name for n in observed.nodes}
+        by_slot: dict[int, list[Replica]] = {}
+        for r in mine:
+            by_slot.setdefault(r.slot, []).append(r)
+        for slot in sorted(s for s in by_slot if s >= spec.replicas):
+            for r in by_slot[slot]:
+                stop(r, SCALE_DOWN)
+        to_place: list[Request] = []
+        for slot in range(spec.replicas):
+            group = by_slot.get(slot, [])
+            running = [r for r in group if r.running]
+            exited = sorted((r for r in group if not r.running),
+                            key=lambda r: (r.finished_at or 0.0, r.instance_id))
+            state = observed.backoff.get((name, slot), BackoffState())
+            current = [r for r in running if is_current(r, revision)]
+            if current:
+                keep = max(current, key=_rank)
+                for r in running:
+                    if r is not keep:
+                        stop(r, DUPLICATE if is_current(r, revision) else OUTDATED)
+                for r in exited:
+                    stop(r, STALE)
+                if keep.alive:
+                    kept.add(keep.instance_id)
+                else:
+                    actions.append(Kill(keep.instance_id, name, slot, keep.node, PROBE_FAILED))
+                    handled.add(keep.instance_id)
+                continue
+            if running:
+                for r in running:
+                    stop(r, OUTDATED)
+                for r in exited:
+                    stop(r, STALE)
+                node = max(running, key=_rank).node
+                actions.append(Start(name, slot, revision, node, BackoffState(), OUTDATED))
+                continue
+            if exited:
+                last = exited[-1]
+                for r in exited[:-1]:
+                    stop(r, STALE)
+                if not is_current(last, revision):
+                    stop(last, OUTDATED)
+                    if last.node in node_names:
+                        actions.append(Start(name, slot, revision, last.node, BackoffState(), OUTDATED))
+                    else:
+                        to_place.append(Request(spec, slot))
+                    continue
+                d = decide(spec.restart, state, exit_code=last.exit_code,
+                           started_at=last.started_at,
+                           finished_at=last.finished_at if last.finished_at is not None else now,
+                           failed=last.killed)
+                if not d.restart:
+                    continue
+                if now < d.at:
+                    actions.append(Wait(name, slot, d.at, d.reason))
+                    continue
+                stop(last, EXITED)
+                if last.node in node_names:
+                    actions.append(Start(name, slot, revision, last.node, d.state, d.reason))
+                else:
+                    to_place.append(Request(spec, slot))
+                continue
+            to_place.append(Request(spec, slot))
+        if to_place:
+            running_others = [r for r in observed.replicas
+                              if r.instance_id not in handled or r.service != name]
+            result = place(to_place, observed.nodes, _allocations(desired, running_others))
+            for req, node in result.placed:
+                state = observed.backoff.get((name, req.slot), BackoffState())
+                actions.append(Start(name, req.slot, revision, node, state,
+                                     "new replica" if not by_slot.get(req.slot) else EXITED))
+            for req, reason in result.failed:
+                actions.append(Unplaceable(name, req.slot, reason))
+    by_id = {r.instance_id: r for r in mine}
+    for iid in sorted(kept):
+        if iid not in observed.registered:
+            actions.append(Register(iid, name))
+    for iid, service in sorted(observed.registered.items()):
+        if service == name and iid not in kept and iid not in handled:
+            r = by_id.get(iid)
+            why = "no such replica" if r is None else ("exited" if not r.running else "not kept")
+            actions.append(Deregister(iid, name, why))
+    return actions
+
+
+def reconcile(desired: Mapping[str, tuple[config.ServiceSpec, str]], observed: Observed,
+              now: float) -> list[Action]:
+    """Every service's actions: desired ones, then orphans (replicas or registrations
+    of services no longer desired), in name order."""
+    names = set(desired) | {r.service for r in observed.replicas} | set(observed.registered.values())
+    out: list[Action] = []
+    for name in sorted(names):
+        out.extend(reconcile_service(name, desired, observed, now))
+    return out
+
+
+def summary(actions: Sequence[Action]) -> dict[str, int]:
+    """Structured log fields: counts per action type (``{"start": 2, "stop": 1}``)."""
+    out: dict[str, int] = {}
+    for a in actions:
+        key = type(a).__name__.lower()
+        out[key] = out.get(key, 0) + 1
+    return out
