@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import consul
 import consul.aio
 
+import config
 from discovery.view import Instance, Node, ServiceView, View, worst_status
 
 __all__ = [
@@ -153,8 +154,9 @@ def instances_from_health(entries: list[dict[str, Any]] | None) -> tuple[Instanc
 
 
 def read_service_document(name: str, raw: bytes | None) -> tuple[Mapping[str, Any], str | None, str | None]:
-    """The KV document of service ``name`` -> (spec, vip, revision). Raises ValueError saying
-    what is wrong (see config/README.md, "The KV service document")."""
+    """The KV document of service ``name`` -> (spec, vip, revision), the spec as the stored
+    plain dict. The whole document is validated by ``config.parse_service_document`` so the
+    data plane never sees a spec it cannot read. Raises ValueError saying what is wrong."""
     try:
         doc = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -172,6 +174,10 @@ def read_service_document(name: str, raw: bytes | None) -> tuple[Mapping[str, An
         raise ValueError("vip: expected a string or null")
     if not isinstance(revision, str):
         raise ValueError("revision: expected a string")
+    try:
+        config.parse_service_document(raw or b"", source=SERVICES_PREFIX + name)
+    except config.ConfigError as exc:
+        raise ValueError("; ".join(str(i) for i in exc.issues)) from None
     return MappingProxyType(spec), vip, revision
 
 
@@ -182,10 +188,11 @@ class _Outage:
     """Logs a catalog outage once when it starts and once when it ends (shared by watches)."""
 
     def __init__(self, what: str) -> None:
-        self.what, self.failing, self.last_error = what, set[object](), ""
+        self.what, self.failing, self.last_error, self.errors = what, set[object](), "", 0
 
     def failed(self, key: object, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.errors += 1
         if not self.failing:
             log.warning("%s: catalog unreachable (%s); keeping the last known state, retrying",
                         self.what, self.last_error)
@@ -431,7 +438,8 @@ class Mirror:
         self._listed: dict[str, tuple[str, ...]] = {}
         self._instances: dict[str, tuple[Instance, ...]] = {}
         self._docs: dict[str, tuple[Mapping[str, Any], str | None, str | None]] = {}
-        self._bad_docs: dict[str, bytes] = {}
+        self._bad_docs: dict[str, bytes] = {}  # last invalid value per service (logged once)
+        self._raw: dict[str, bytes] = {}  # last accepted value per service (parsed once)
         self._nodes: Mapping[str, Node] = MappingProxyType({})
         self._built: dict[str, ServiceView] = {}
         self._dirty: set[str] = set()
@@ -529,7 +537,7 @@ class Mirror:
                 if not name or "/" in name:
                     continue
                 seen.add(name)
-                if self._bad_docs.get(name) == raw:
+                if self._bad_docs.get(name) == raw or self._raw.get(name) == raw:
                     continue
                 try:
                     doc = read_service_document(name, raw)
@@ -538,11 +546,13 @@ class Mirror:
                     log.warning("KV %s: invalid service document: %s; keeping the last good one", key, exc)
                     continue
                 self._bad_docs.pop(name, None)
+                self._raw[name] = raw
                 if self._docs.get(name) != doc:
                     self._docs[name] = doc
                     self._dirty.add(name)
             for name in self._docs.keys() - seen:
                 del self._docs[name]
+                self._raw.pop(name, None)
                 self._dirty.add(name)
             for name in self._bad_docs.keys() - seen:
                 del self._bad_docs[name]

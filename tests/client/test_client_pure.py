@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import config
 from discovery.consul import Backoff, instances_from_health, next_index, read_service_document, split_url
 from discovery.view import CRITICAL, PASSING, WARNING
 
@@ -60,15 +61,19 @@ def test_instances_from_health_status_weight_ports_address() -> None:
     assert instances_from_health(None) == ()
 
 
+WEB = config.loads("services: {web: {command: [x], replicas: 2, ports: [{name: http}]}}").services["web"]
+
+
 def _doc(**over) -> bytes:
-    doc = {"format": 1, "name": "web", "revision": "abc123", "vip": "127.10.0.1", "spec": {"replicas": 2}}
+    doc = config.service_document(WEB, "127.10.0.1")
     doc.update(over)
     return json.dumps(doc).encode()
 
 
 def test_read_service_document_ok() -> None:
     spec, vip, revision = read_service_document("web", _doc())
-    assert (dict(spec), vip, revision) == ({"replicas": 2}, "127.10.0.1", "abc123")
+    assert (spec["replicas"], spec["ports"][0]["name"], vip) == (2, "http", "127.10.0.1")
+    assert revision == config.service_revision(WEB)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +86,7 @@ def test_read_service_document_ok() -> None:
         pytest.param(_doc(spec=[1]), "spec", id="spec-not-object"),
         pytest.param(_doc(vip=5), "vip", id="vip-not-string"),
         pytest.param(_doc(revision=None), "revision", id="no-revision"),
+        pytest.param(_doc(spec={"name": "web", "replicas": "two"}), "replicas", id="invalid-spec"),
         pytest.param(None, "not JSON", id="empty"),
     ],
 )
