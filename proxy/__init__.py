@@ -1,0 +1,182 @@
+"""meshlet's data plane: an HTTP/1.1 and TCP proxy routing to the ready instances in the catalog.
+
+``meshlet proxy --consul URL --listen 127.0.0.1:8080 [--workers N] [--admin 127.0.0.1:9901]``
+(or ``python -m proxy``). Once every listener is bound it prints one line,
+``ready {"http": ["127.0.0.1:8080"], "admin": "127.0.0.1:9901"}``, and logs everything else
+to stderr. SIGTERM/SIGINT drain (``--drain-timeout``) and exit 0.
+
+Layout: ``_framing`` (pure message-head rules), ``_http1`` (client connections),
+``_exchange`` (one request: attempts, retries, time-outs), ``_upstream`` (upstream
+connections and pools), ``_tcp`` (TCP VIPs), ``_server`` (listeners, table, sweep,
+drain), ``_workers`` (``--workers N``); routing and balancing: ``_routes``, ``_balance``,
+``_outlier``, ``_retry``; observability: ``_metrics``, ``_admin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+from typing import Any
+
+__all__ = ["main", "parse_args", "serve"]
+
+log = logging.getLogger("meshlet.proxy")
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _positive(kind: type) -> Any:
+    def parse(value: str) -> Any:
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
+        return v
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="meshlet proxy", description="HTTP/1.1 and TCP proxy to the ready "
+                                "instances of the services in the catalog.")
+    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or "http://127.0.0.1:8500",
+                   metavar="URL", help="catalog (Consul HTTP API) URL [%(default)s]")
+    p.add_argument("--token", default=os.environ.get("CONSUL_HTTP_TOKEN"), help=argparse.SUPPRESS)
+    p.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
+                   help="entry listener, routing by Host and path (repeatable) [127.0.0.1:8080]")
+    p.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
+                   help="admin listener: /metrics, /routes, /ready (with --workers, served by worker 0)")
+    p.add_argument("--workers", type=_positive(int), default=1, help="processes sharing the listeners [1]")
+    p.add_argument("--domain", default="meshlet", help="DNS domain of <service>.service.<domain> [meshlet]")
+    p.add_argument("--drain-timeout", type=_positive(float), default=10.0,
+                   help="seconds in-flight requests get to finish on SIGTERM [10]")
+    p.add_argument("--access-log", action="store_true", help="JSON access log lines on stderr")
+    p.add_argument("--max-connections", type=_positive(int), default=10000,
+                   help="client connections per process before new ones get 503 [10000]")
+    p.add_argument("--header-timeout", type=_positive(float), default=10.0,
+                   help="seconds to receive a request head [10]")
+    p.add_argument("--idle-timeout", type=_positive(float), default=60.0,
+                   help="seconds an idle client keep-alive connection stays open [60]")
+    p.add_argument("--catalog-timeout", type=_positive(float), default=10.0,
+                   help="seconds to wait for the first catalog view at start [10]")
+    p.add_argument("--log-level", default=os.environ.get("MESHLET_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.listen:
+        args.listen = [("127.0.0.1", 8080)]
+    return args
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """One proxy process (the only one, or one worker): load, bind, ready, drain."""
+    from discovery.consul import Mirror, MirrorError
+
+    from ._admin import start_admin
+    from ._metrics import Metrics
+    from ._routes import build_table
+    from ._server import Limits, ProxyServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    metrics = Metrics()
+    limits = Limits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                    client_idle_timeout=args.idle_timeout)
+    server = ProxyServer(metrics, limits, reuse_port=args.workers > 1, access_log=args.access_log)
+
+    def on_change(view: Any) -> None:
+        try:
+            table = build_table(view, domain=args.domain, previous=server.table, metrics=metrics)
+        except Exception:  # noqa: BLE001 - keep serving the last good table
+            log.exception("route table rebuild failed at catalog index %s; keeping the previous table",
+                          getattr(view, "index", "?"))
+            return
+        server.set_table(table)
+
+    mirror = Mirror(args.consul, token=args.token, on_change=on_change)
+    try:
+        view = await mirror.start(timeout=args.catalog_timeout)
+    except MirrorError as exc:
+        log.error("%s", exc)
+        return 1
+    if server.table is None:  # on_change may already have delivered a newer view
+        server.set_table(build_table(view, domain=args.domain, metrics=metrics))
+
+    runner = None
+    bound: list[str] = []
+    try:
+        for host, port in args.listen:
+            bound.append(_fmt(*await server.listen(host, port)))
+        await server.vips_settled()
+        ready: dict[str, Any] = {"http": bound}
+        if args.admin is not None and (args.worker_index in (None, 0)):
+            runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
+                                                   metrics=metrics, is_ready=lambda: not server.draining)
+            ready["admin"] = _fmt(args.admin[0], admin_port)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        await mirror.close()
+        return 1
+    server.start_sweep()
+    sys.stdout.write("ready " + json.dumps(ready) + "\n")
+    sys.stdout.flush()
+    log.info("proxy ready: %s (catalog %s, %d services)", json.dumps(ready), args.consul,
+             len(view.services))
+
+    await stop.wait()
+    log.info("draining (up to %.1fs)", args.drain_timeout)
+    await server.drain(args.drain_timeout)
+    await mirror.close()
+    if runner is not None:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _raise_nofile()
+    import uvloop
+
+    if args.workers > 1 and args.worker_index is None:
+        from ._workers import supervise
+
+        return uvloop.run(supervise(args))
+    if args.worker_index is not None:
+        from ._workers import die_with_parent
+
+        die_with_parent()
+    try:
+        return uvloop.run(serve(args))
+    except KeyboardInterrupt:
+        return 0

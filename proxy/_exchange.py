@@ -1,0 +1,738 @@
+"""One proxied request: route, pick, attempts (retries), response relay, time-outs.
+
+Vocabulary
+----------
+Exchange
+    A request from one client connection, from its validated head to the last byte of
+    its response (or the generated answer that replaces one). It owns at most one upstream
+    connection at a time (one *attempt*); a failed attempt before any response byte may be
+    retried on a different endpoint (:func:`retry_decision`).
+replay buffer
+    The request body bytes kept so a retry can resend them: up to ``REPLAY_LIMIT``. Once
+    more has been sent upstream the request is no longer replayable and is never retried.
+
+Time-outs (Envoy's semantics; every deadline is checked by the server's sweep, see
+``_server``):
+
+* connect: per new upstream connection (``timeouts.connect``);
+* per try: from the moment the request is complete upstream to its response head
+  (``retries.per_try_timeout``, 0 = none);
+* overall: from the moment the client's request is complete to the response head, across
+  all attempts (``timeouts.request``);
+* idle: no byte in either direction while the request body or the response body streams
+  (``timeouts.idle``).
+
+Generated answers: 502 upstream failure (refused, reset, invalid response), 503 no ready
+instance or the service's pending-request limit reached, 504 time-out; each a short text
+naming the service.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ._framing import (CHUNKED, CRLF, LAST_CHUNK, LENGTH, NONE, UNTIL_CLOSE, HeadError, RequestHead,
+                       chunk_header, generated, parse_response_head, status_line, strip_prefix, trailer_block)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._http1 import ClientConnection
+    from ._upstream import UpstreamConnection
+
+__all__ = ["Exchange", "retry_decision", "REPLAY_LIMIT"]
+
+log = logging.getLogger(__name__)
+
+REPLAY_LIMIT = 64 * 1024  # request body bytes kept for a retry
+_RETRY_STATUSES = frozenset({502, 503, 504})
+
+# States
+ROUTING, CONNECTING, SENDING, RESPONDING, DONE = range(5)
+
+
+def retry_decision(*, failure: str | None, status: int | None, idempotent: bool, replayable: bool,
+                   response_started: bool, retries: int, max_retries: int, time_left: float) -> bool:
+    """May this failed attempt be retried on another endpoint? (the retry budget is
+    checked afterwards by the caller, so that it is consulted only when it matters)
+
+    failure: "connect" (nothing sent), "reset" (connection lost before any response byte),
+    "timeout" (per-try time-out), or None with ``status`` the upstream's 5xx.
+    """
+    if response_started or not replayable or retries >= max_retries or time_left <= 0:
+        return False
+    if failure == "connect" or failure == "reset":
+        return True  # before any response byte: safe for any method (issue #4)
+    if failure == "timeout":
+        return idempotent
+    if failure is None and status in _RETRY_STATUSES:
+        return idempotent
+    return False
+
+
+class Exchange:
+    """See the module docstring."""
+
+    __slots__ = (
+        "client", "server", "head", "cluster", "service", "route", "state", "conn", "ep", "ep_t0", "tried",
+        "retries", "retrying", "t0", "done_at", "try_deadline", "connect_deadline", "connect_task", "last_io",
+        "body", "body_len", "replayable", "req_done", "req_trailers", "sent_upstream", "up_out", "up_head",
+        "resp", "out_framing", "status", "pending", "stale_retry", "close_after", "bytes_out", "failure_note",
+        "upgrade_conn", "head_request", "hash_key", "timed_out",
+    )
+
+    def __init__(self, client: ClientConnection, head: RequestHead) -> None:
+        self.client = client
+        self.server = client.server
+        self.head = head
+        self.cluster: Any = None
+        self.service = "-"
+        self.route: Any = None
+        self.state = ROUTING
+        self.conn: UpstreamConnection | None = None
+        self.ep: Any = None
+        self.ep_t0 = 0.0
+        self.tried: set[str] | None = None
+        self.retries = 0
+        self.retrying = False
+        self.t0 = 0.0
+        self.done_at = 0.0            # when the client's request was complete (overall time-out)
+        self.try_deadline = 0.0
+        self.connect_deadline = 0.0
+        self.connect_task: Any = None
+        self.last_io = 0.0
+        self.body: list[bytes] | None = None   # replay buffer (decoded body pieces)
+        self.body_len = 0
+        self.replayable = True
+        self.req_done = False
+        self.req_trailers: list[tuple[bytes, bytes]] | None = None
+        self.sent_upstream = False       # some byte of this attempt reached the upstream socket
+        self.up_out: list[bytes] = []    # request bytes gathered while the client's parser runs
+        self.up_head = b""
+        self.resp: Any = None
+        self.out_framing = NONE
+        self.status = 0
+        self.pending = False
+        self.stale_retry = False
+        self.close_after = False
+        self.bytes_out = 0
+        self.failure_note = ""
+        self.upgrade_conn: UpstreamConnection | None = None
+        self.head_request = head.method == b"HEAD"
+        self.hash_key: bytes | None = None
+        self.timed_out = False
+
+    # -- start -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Route and send the first attempt (or answer at once). Called when the request
+        becomes the connection's active one (pipelined requests wait their turn)."""
+        server = self.server
+        self.t0 = server.loop.time()
+        server.metrics.active_requests.value += 1
+        client = self.client
+        head = self.head
+        table = server.table
+        if client.vip is None:
+            route = table.match(head.host, head.path) if table is not None else None
+            if route is None:
+                host = head.host.decode("latin-1") or "(none)"
+                self.answer(404, f"no route for host {host} and path {head.path.decode('latin-1')[:200]}")
+                return
+            self.route = route
+            cluster = route.cluster
+        else:
+            cluster = table.vip_listeners.get(client.vip) if table is not None else None
+            if cluster is None:
+                self.answer(503, f"no service on {client.vip[0]}:{client.vip[1]}")
+                return
+        self.cluster = cluster
+        self.service = cluster.name
+        if not cluster.try_acquire_pending():
+            self.answer(503, f"service {cluster.name}: too many pending requests")
+            return
+        self.pending = True
+        settings = cluster.settings
+        hash_on = settings.hash_on
+        if hash_on is not None:
+            self.hash_key = _hash_key(hash_on, head, client.peer_ip)
+        self.up_head = self._upstream_head()
+        if self.req_done:
+            self.done_at = self.t0
+        self.attempt()
+
+    def _upstream_head(self) -> bytes:
+        head = self.head
+        target = head.target
+        route = self.route
+        if route is not None and route.strip_prefix:
+            target = strip_prefix(target, route.prefix)
+        parts = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+        if head.host_header:
+            parts += (b"host: ", head.host_header, CRLF)
+        parts += head.fields
+        peer = self.client.peer_ip
+        parts += (b"x-forwarded-for: ", peer if head.xff is None else head.xff + b", " + peer,
+                  b"\r\nx-forwarded-proto: http\r\n")
+        if head.host_header:
+            parts += (b"x-forwarded-host: ", head.host_header, CRLF)
+        if head.request_id is None:
+            parts += (b"x-request-id: ", self.server.next_request_id(), CRLF)
+        if head.framing == LENGTH:
+            parts.append(b"content-length: %d\r\n" % head.content_length)
+        elif head.framing == CHUNKED:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if head.upgrade is not None:
+            parts += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
+        elif head.te_trailers:
+            parts.append(b"te: trailers\r\n")
+        parts.append(CRLF)
+        return b"".join(parts)
+
+    # -- attempts ----------------------------------------------------------------------
+
+    def attempt(self, fresh: bool = False, ep: Any = None) -> None:
+        cluster = self.cluster
+        if ep is None:
+            tried = self.tried
+            ep = cluster.pick(self.hash_key, tried) if tried else cluster.pick(self.hash_key)
+        if ep is None:
+            if self.retries == 0 and not self.stale_retry:
+                self.answer(503, f"no ready instance of service {cluster.name}")
+            else:
+                self.answer(*self._failure_answer())
+            return
+        cluster.begin(ep)
+        self.ep = ep
+        server = self.server
+        now = server.loop.time()
+        self.ep_t0 = now
+        pool = server.pool_for(ep, cluster)
+        conn = None if fresh else pool.acquire()
+        if conn is not None:
+            self.attach(conn)
+            return
+        self.state = CONNECTING
+        self.connect_deadline = now + cluster.settings.timeouts.connect
+        self._arm()
+        self.connect_task = pool.connect(self._connected)
+
+    def _connected(self, task: Any) -> None:
+        if self.connect_task is not task:
+            # This attempt was abandoned (time-out, client gone): keep a good connection.
+            if not task.cancelled() and task.exception() is None:
+                conn = task.result()[1]
+                conn.pool.release(conn, self.server.loop.time())
+            return
+        self.connect_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.failure_note = f"connect to {self.ep.address}:{self.ep.port} failed: {_os_error(exc)}"
+            self.attempt_failed("connect", None)
+            self.client.flush()
+            return
+        conn = task.result()[1]
+        self.attach(conn)
+        self.flush_upstream()
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        """Send the request (head and what we have of the body) on ``conn``."""
+        self.conn = conn
+        conn.start(self, self.head_request)
+        self.state = SENDING
+        pieces = [self.up_head]
+        body = self.body
+        chunked = self.head.framing == CHUNKED
+        if body:
+            for piece in body:
+                if chunked:
+                    pieces += (chunk_header(len(piece)), piece, CRLF)
+                else:
+                    pieces.append(piece)
+            if self.body_len > REPLAY_LIMIT:
+                self.replayable = False
+                self.body = None
+        if self.req_done and chunked:
+            pieces.append(trailer_block(self.req_trailers))
+        self.sent_upstream = False
+        self._send_up(b"".join(pieces) if len(pieces) > 1 else pieces[0])
+        client = self.client
+        if client.write_paused:
+            conn.pause_reading()
+        if client.pause_flags & 4:
+            client.resume(4)  # PAUSE_CONNECT: body may flow again
+        if self.req_done:
+            settings = self.cluster.settings
+            ptt = settings.retries.per_try_timeout
+            self.try_deadline = self.server.loop.time() + ptt if ptt > 0 else 0.0
+        else:
+            self.last_io = self.server.loop.time()
+        self._arm()
+
+    def _send_up(self, data: bytes) -> None:
+        """Request bytes for the upstream. While the client's parser runs they are gathered
+        and written once at the end (:meth:`flush_upstream`): one system call for head and
+        body, and nothing leaves at all if the same bytes turn out to be malformed."""
+        if self.client.feeding:
+            self.up_out.append(data)
+        else:
+            self.sent_upstream = True
+            self.conn.transport.write(data)  # type: ignore[union-attr]
+
+    def flush_upstream(self) -> None:
+        out = self.up_out
+        if out:
+            self.up_out = []
+            conn = self.conn
+            if conn is not None and not conn.closed:
+                self.sent_upstream = True
+                if len(out) == 1:
+                    conn.transport.write(out[0])  # type: ignore[union-attr]
+                else:
+                    conn.transport.writelines(out)  # type: ignore[union-attr]
+
+    def attempt_failed(self, failure: str | None, status: int | None, nxt: Any = None) -> None:
+        """The current attempt failed before any response byte reached the client."""
+        cluster = self.cluster
+        ep = self.ep
+        now = self.server.loop.time()
+        conn = self.conn
+        stale = (failure == "reset" and conn is not None and conn.uses > 1 and not self.stale_retry)
+        if conn is not None:
+            self.conn = None
+            conn.abort() if failure else conn.close()
+        if self.connect_task is not None:
+            task, self.connect_task = self.connect_task, None
+            task.cancel()
+        if stale:
+            # A pooled connection the server had closed: not the endpoint's fault. Retry
+            # once on a fresh connection, outside the retry budget.
+            cluster.end(ep, status=None, failure=None, latency=now - self.ep_t0)
+            self.stale_retry = True
+            self.ep = None
+            self._end_retry()
+            self.attempt(fresh=True)
+            return
+        cluster.end(ep, status=status, failure=failure, latency=now - self.ep_t0)
+        self._end_retry()
+        self.ep = None
+        self.status = status or 0
+        time_left = self._time_left(now)
+        if (retry_decision(failure=failure, status=status, idempotent=self.head.idempotent,
+                           replayable=self.replayable, response_started=self.resp is not None,
+                           retries=self.retries, max_retries=cluster.settings.retries.attempts,
+                           time_left=time_left)
+                and cluster.retry_allowed()):
+            if self.tried is None:
+                self.tried = set()
+            self.tried.add(ep.id)
+            self.retries += 1
+            self.retrying = True
+            cluster.retry_begin()
+            self.server.metrics.retry(self.service)
+            self.attempt(ep=nxt)
+            return
+        self.answer(*self._failure_answer(failure))
+
+    def _end_retry(self) -> None:
+        if self.retrying:
+            self.retrying = False
+            self.cluster.retry_end()
+
+    def _time_left(self, now: float) -> float:
+        if not self.req_done:
+            return 1.0  # the overall clock starts when the request is complete
+        return self.done_at + self.cluster.settings.timeouts.request - now
+
+    def _failure_answer(self, failure: str | None = None) -> tuple[int, str]:
+        name = self.service
+        if failure == "timeout" or self.timed_out:
+            return 504, f"timed out waiting for service {name} ({self.failure_note})"
+        note = self.failure_note or "connection reset before any response"
+        return 502, f"upstream of service {name} failed: {note}"
+
+    # -- request body from the client ----------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        if self.state == DONE:
+            return
+        conn = self.conn
+        if conn is not None and self.state == SENDING:
+            if self.head.framing == CHUNKED:
+                self._send_up(chunk_header(len(data)))
+                self._send_up(data)
+                self._send_up(CRLF)
+            else:
+                self._send_up(data)
+            self.last_io = self.server.loop.time()
+            if self.replayable:
+                self.body_len += len(data)
+                if self.body_len > REPLAY_LIMIT:
+                    self.replayable = False
+                    self.body = None
+                else:
+                    if self.body is None:
+                        self.body = []
+                    self.body.append(data)
+            return
+        # Not attached yet (routing, connecting, between attempts): keep it; stop reading
+        # past the replay limit until an upstream takes it.
+        if self.body is None:
+            self.body = []
+        self.body.append(data)
+        self.body_len += len(data)
+        if self.body_len > REPLAY_LIMIT:
+            self.client.pause(4)  # PAUSE_CONNECT
+
+    def request_complete(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        self.req_done = True
+        if self.state == DONE:
+            return
+        self.req_trailers = trailers
+        now = self.server.loop.time() if self.t0 else 0.0
+        self.done_at = now
+        conn = self.conn
+        if conn is not None and self.state == SENDING:
+            if self.head.framing == CHUNKED:
+                self._send_up(trailer_block(trailers))
+            ptt = self.cluster.settings.retries.per_try_timeout
+            self.try_deadline = now + ptt if ptt > 0 else 0.0
+            self._arm()
+
+    # -- response from the upstream -----------------------------------------------------
+
+    def response_interim(self, conn: UpstreamConnection, status: int, headers: list) -> None:
+        """A 1xx other than 101: relayed to HTTP/1.1 clients (100 Continue, 103 Early Hints)."""
+        if self.head.version == 11 and self.resp is None:
+            parts = [status_line(status)]
+            for name, value in headers:
+                if name.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length"):
+                    parts += (name, b": ", value, CRLF)
+            parts.append(CRLF)
+            self.client.send(b"".join(parts))
+
+    def response_head(self, conn: UpstreamConnection, status: int, version: str, headers: list) -> None:
+        try:
+            resp = parse_response_head(status, version, headers, head_request=self.head_request)
+        except HeadError as exc:
+            conn.poisoned = True
+            self.failure_note = exc.reason
+            self.attempt_failed(None, 502)
+            return
+        if status == 101 and self.head.upgrade is None:
+            conn.poisoned = True
+            self.failure_note = "upstream switched protocols without being asked"
+            self.attempt_failed(None, 502)
+            return
+        if status in _RETRY_STATUSES and self.head.idempotent and self.replayable:
+            cluster = self.cluster
+            now = self.server.loop.time()
+            if (self.retries < cluster.settings.retries.attempts and self._time_left(now) > 0
+                    and cluster.retry_allowed()):
+                # Retry only if there is another endpoint; else this answer is the answer.
+                exclude = {self.ep.id} if self.tried is None else self.tried | {self.ep.id}
+                nxt = cluster.pick(self.hash_key, exclude)
+                if nxt is not None:
+                    conn.poisoned = True  # we do not read the rest of this answer
+                    self.failure_note = f"answered {status}"
+                    self.attempt_failed(None, status, nxt)
+                    return
+        self.resp = resp
+        self.state = RESPONDING
+        self.status = status
+        client = self.client
+        head = self.head
+        framing = resp.framing
+        keep = head.keep_alive and not client.draining and head.upgrade is None and not client.dead
+        if framing == LENGTH:
+            out = b"content-length: %d\r\n" % resp.content_length
+        elif framing == NONE:
+            # HEAD and 304 keep the Content-Length the upstream announced
+            out = (b"content-length: %d\r\n" % resp.content_length
+                   if resp.content_length >= 0 and status != 204 and status >= 200 else b"")
+        elif head.version == 11:
+            framing = CHUNKED
+            out = b"transfer-encoding: chunked\r\n"
+        else:
+            framing = UNTIL_CLOSE
+            keep = False
+            out = b""
+        if not self.req_done:
+            keep = False  # the rest of the request body would have to be read first
+        self.out_framing = framing
+        self.close_after = not keep
+        if status == 101:
+            out += b"connection: upgrade\r\nupgrade: " + (resp.upgrade or head.upgrade) + CRLF
+        elif not keep:
+            out += b"connection: close\r\n"
+        elif head.version == 10:
+            out += b"connection: keep-alive\r\n"
+        client.send(status_line(status) + b"".join(resp.fields) + out + CRLF)
+        self.last_io = self.server.loop.time()
+        self._arm()
+
+    def response_body(self, data: bytes) -> None:
+        if self.state != RESPONDING:
+            return
+        self.bytes_out += len(data)
+        self.last_io = self.server.loop.time()
+        if self.out_framing == CHUNKED:
+            self.client.send_chunk(data)
+        else:
+            self.client.send(data)
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        """The upstream's final response is complete (after its parser returned)."""
+        if self.state != RESPONDING or self.status == 101:
+            return
+        if self.out_framing == CHUNKED:
+            self.client.send(trailer_block(conn.trailers))
+        now = self.server.loop.time()
+        self.conn = None
+        if self.req_done and self.resp.keep_alive:
+            conn.pool.release(conn, now)
+        else:
+            conn.close()
+        self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
+        self._end_retry()
+        self.finish(self.close_after)
+
+    def response_upgraded(self, conn: UpstreamConnection) -> bool:
+        """The upstream switched protocols (101): tunnel the two connections."""
+        if self.state != RESPONDING or self.status != 101:
+            conn.close()
+            return False
+        now = self.server.loop.time()
+        self.conn = None
+        conn.owner = None
+        self.cluster.end(self.ep, status=101, failure=None, latency=now - self.ep_t0)
+        self._end_retry()
+        self.client.flush()
+        self.finish(False, tunnel=conn)
+        return True
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed while this exchange owned it."""
+        if conn is not self.conn:
+            return
+        if self.state == RESPONDING:
+            if self.resp.framing == UNTIL_CLOSE and exc is None:
+                self.conn = None
+                conn.owner = None
+                if self.out_framing == CHUNKED:
+                    self.client.send(LAST_CHUNK)
+                now = self.server.loop.time()
+                self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
+                self._end_retry()
+                self.finish(self.close_after)
+            else:
+                self._abort_midstream("reset")
+            self.client.flush()
+            return
+        self.failure_note = f"connection to {self.ep.address}:{self.ep.port} lost before any response"
+        self.attempt_failed("reset", None)
+        self.client.flush()
+
+    def upstream_failed(self, conn: UpstreamConnection, failure: str, note: str) -> None:
+        """Invalid bytes from the upstream: close it; 502 (or abort, if the response
+        had started)."""
+        if conn is not self.conn:
+            conn.close()
+            return
+        if self.state == RESPONDING:
+            self._abort_midstream("reset")
+            return
+        self.failure_note = note
+        conn.poisoned = True
+        self.attempt_failed(None, 502)
+
+    def request_broken(self, status: int, reason: str) -> None:
+        """The client's request body turned out malformed (e.g. a bad chunk size): nothing
+        more of it is forwarded and the upstream attempt is abandoned."""
+        if self.state == DONE:
+            return
+        self.replayable = False
+        self.req_done = True
+        if self.resp is not None:
+            self._abort_midstream(None)
+            return
+        conn = self.conn
+        self.up_out = []
+        if conn is not None and not self.sent_upstream:
+            # Nothing of this request reached the upstream: its connection stays good.
+            self.conn = None
+            conn.pool.release(conn, self.server.loop.time())
+        self.answer(status, reason)  # closes: the client connection is dead
+
+    def _abort_midstream(self, failure: str | None) -> None:
+        """The response had started: the client can only learn of it by the connection
+        closing early."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        now = self.server.loop.time()
+        if self.ep is not None:
+            self.cluster.end(self.ep, status=None, failure=failure, latency=now - self.ep_t0)
+            self.ep = None
+        self._end_retry()
+        self.finish(True, abort=True)
+
+    # -- time-outs ---------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Set the client connection's deadline to this exchange's next one."""
+        state = self.state
+        settings = self.cluster.settings if self.cluster is not None else None
+        if settings is None:
+            return
+        if state == CONNECTING:
+            d = self.connect_deadline
+            if self.req_done:
+                d = min(d, self.done_at + settings.timeouts.request)
+        elif state == SENDING:
+            if self.req_done:
+                d = self.done_at + settings.timeouts.request
+                if self.try_deadline:
+                    d = min(d, self.try_deadline)
+            else:
+                d = self.last_io + settings.timeouts.idle
+        elif state == RESPONDING:
+            d = self.last_io + settings.timeouts.idle
+        else:
+            return
+        self.client.deadline = d
+
+    def on_deadline(self, now: float) -> None:
+        state = self.state
+        settings = self.cluster.settings if self.cluster is not None else None
+        if settings is None or state == DONE:
+            return
+        if state == RESPONDING:
+            last = max(self.last_io, self.client.last_io)
+            if now - last >= settings.timeouts.idle:
+                log.info("%s: response idle for %.1fs; closing", self.service, now - last)
+                self._abort_midstream("timeout")
+            else:
+                self.client.deadline = last + settings.timeouts.idle
+            return
+        overall_left = self._time_left(now)
+        if state == CONNECTING:
+            if overall_left <= 0 or now >= self.connect_deadline:
+                self.failure_note = f"connect to {self.ep.address}:{self.ep.port} timed out"
+                self.timed_out = True
+                self.attempt_failed("timeout" if overall_left <= 0 else "connect", None)
+                return
+        elif state == SENDING:
+            if not self.req_done:
+                last = max(self.last_io, self.client.last_io)
+                if now - last >= settings.timeouts.idle:
+                    self.failure_note = "request body idle; timed out"
+                    self.answer(408, "timed out reading the request body")
+                    return
+                self.client.deadline = last + settings.timeouts.idle
+                return
+            if overall_left <= 0 or (self.try_deadline and now >= self.try_deadline):
+                self.failure_note = "no response in time"
+                self.timed_out = True
+                if overall_left <= 0:
+                    self.retries = 1 << 30  # no time left for another try
+                self.attempt_failed("timeout", None)
+                return
+        self._arm()
+
+    # -- the end -------------------------------------------------------------------------
+
+    def answer(self, status: int, text: str) -> None:
+        """Write a generated answer (the response has not started) and finish."""
+        if self.state == DONE:
+            return
+        if self.resp is not None:
+            self._abort_midstream("reset")
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        if self.connect_task is not None:
+            task, self.connect_task = self.connect_task, None
+            task.cancel()
+        if self.ep is not None:
+            now = self.server.loop.time()
+            self.cluster.end(self.ep, status=None, failure=None, latency=now - self.ep_t0)
+            self.ep = None
+            self._end_retry()
+        head = self.head
+        close = (not (self.req_done and head.keep_alive) or self.client.draining or head.upgrade is not None
+                 or self.client.dead)
+        self.status = status
+        self.client.send(generated(status, text, close=close, head=self.head_request,
+                                   extra=b"" if close or head.version == 11 else b"connection: keep-alive\r\n"))
+        self.finish(close)
+
+    def finish(self, close: bool, *, abort: bool = False, tunnel: Any = None) -> None:
+        if self.state == DONE:
+            return
+        self.state = DONE
+        server = self.server
+        if self.pending:
+            self.pending = False
+            self.cluster.release_pending()
+        now = server.loop.time()
+        latency = now - self.t0
+        status = self.status if not abort else (self.status or 502)
+        server.metrics.active_requests.value -= 1
+        server.metrics.request_done(self.service, status, latency)
+        if server.access_log is not None:
+            server.access_log(self, now, latency, abort)
+        self.client.exchange_done(self, close, abort, tunnel)
+
+    def client_gone(self) -> None:
+        """The client connection closed before the response was complete."""
+        if self.state == DONE:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        if self.connect_task is not None:
+            task, self.connect_task = self.connect_task, None
+            task.cancel()
+        if self.ep is not None:
+            now = self.server.loop.time()
+            self.cluster.end(self.ep, status=None, failure=None, latency=now - self.ep_t0)
+            self.ep = None
+        self._end_retry()
+        self.state = DONE
+        if self.pending:
+            self.pending = False
+            self.cluster.release_pending()
+        server = self.server
+        server.metrics.active_requests.value -= 1
+        server.metrics.request_done(self.service, 499, server.loop.time() - self.t0)
+
+
+def _hash_key(hash_on: tuple[str, Any], head: RequestHead, peer: bytes) -> bytes | None:
+    kind, name = hash_on
+    if kind == "source_ip":
+        return peer
+    fields = head.fields
+    want = (name.encode("latin-1") if isinstance(name, str) else name).lower()
+    if kind == "header":
+        for i in range(0, len(fields), 4):
+            if fields[i].lower() == want:
+                return fields[i + 2]
+        return None
+    if kind == "cookie":
+        for i in range(0, len(fields), 4):
+            if fields[i].lower() == b"cookie":
+                for part in fields[i + 2].split(b";"):
+                    k, eq, v = part.strip().partition(b"=")
+                    if eq and k.lower() == want:
+                        return v
+        return None
+    return None
+
+
+def _os_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
