@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+
+import config
+from supervisor.place import Allocation, NodeInfo, Request, place
+
+
+def spec(name="web", cpu=None, memory=None, image=None, spread=True, constraints=()):
+    return config.ServiceSpec(
+        name=name, image=image, command=None if image else ("app",),
+        resources=config.Resources(cpu=cpu, memory=memory),
+        placement=config.Placement(spread=spread, constraints=tuple(constraints)))
+
+
+A = NodeInfo("a", "process", cpu=2, memory=1000)
+B = NodeInfo("b", "process", cpu=2, memory=1000)
+D = NodeInfo("d", "docker", cpu=2, memory=1000, labels={"disk": "ssd"})
+
+
+def nodes_of(result):
+    return [n for _, n in result.placed]
+
+
+@pytest.mark.parametrize("s, count, nodes, existing, expected", [
+    pytest.param(spec(), 2, [A, B], [], ["a", "b"], id="spread-two"),
+    pytest.param(spec(), 3, [A, B], [Allocation("a", "web")], ["b", "a", "b"], id="spread-around-existing"),
+    pytest.param(spec(cpu=1), 1, [A, B], [Allocation("a", "api", cpu=1)], ["b"], id="least-allocated"),
+    pytest.param(spec(cpu=1, spread=False), 2, [A, B], [Allocation("b", "api", cpu=1)], ["b", "a"],
+                 id="binpack-most-allocated"),
+    pytest.param(spec(memory=600), 2, [A, B], [], ["a", "b"], id="memory-forces-spread"),
+    pytest.param(spec(image="x"), 1, [A, D], [], ["d"], id="image-needs-docker"),
+    pytest.param(spec(constraints=["node.name != a"]), 2, [A, B], [], ["b", "b"], id="constraint"),
+])
+def test_placement(s, count, nodes, existing, expected):
+    result = place([Request(s, i) for i in range(count)], nodes, existing)
+    assert nodes_of(result) == expected and not result.failed
+
+
+def test_nothing_fits_says_why_for_every_node():
+    result = place([Request(spec(cpu=3), 0)], [A, D], [])
+    (req, reason), = result.failed
+    assert req.slot == 0
+    assert "a: cpu: 2 of 2 free, needs 3" in reason
+    assert "d: docker node, service has no image" in reason
+
+
+def test_capacity_is_used_up_by_earlier_placements():
+    result = place([Request(spec(memory=600), i) for i in range(3)], [A, B], [])
+    assert nodes_of(result) == ["a", "b"] and result.failed[0][0].slot == 2
+
+
+def test_label_constraint():
+    s = spec(image="x", constraints=["node.labels.disk == ssd"])
+    plain = NodeInfo("e", "docker")
+    assert nodes_of(place([Request(s, 0)], [plain, D], [])) == ["d"]
