@@ -1,14 +1,269 @@
-"""``/v1/agent/*`` handlers (agent/agent_endpoint.go)."""
+"""``/v1/agent/*`` handlers (agent/agent_endpoint.go).
+
+The agent's services and checks are the catalog's rows on its own node, minus what the
+catalog keeps for itself (the ``consul`` service and the ``serfHealth`` check).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from typing import Any
 
 from aiohttp import web
 
-from ._http import Req, Router
+from ._catalog import (
+    deregister_check, deregister_service, node_maintenance, register_check, register_service,
+    service_maintenance, update_ttl_check,
+)
+from ._checkdef import CRITICAL, PASSING, WARNING
+from ._decode import DecodeError, decode_struct, parse_bool
+from ._errors import BadRequest, NotFound
+from ._filter import apply_filter
+from ._http import Req, Router, json_response
+from ._render import agent_service_json, check_json
+from ._schemas import CHECK_TYPE, CHECK_UPDATE, SERVICE_DEFINITION
+from ._server import VERSION
 
 __all__ = ["register"]
+
+_RANK = {PASSING: 0, WARNING: 1, CRITICAL: 2}
+_HTTP_FOR_STATUS = {PASSING: 200, WARNING: 429, CRITICAL: 503}
+
+
+def _decode(body: Any, schema: Any) -> dict[str, Any]:
+    try:
+        return decode_struct(body, schema)
+    except DecodeError as exc:
+        raise BadRequest(f"Request decode failed: {exc}") from None
+
+
+def _local_services(req: Req) -> list[dict[str, Any]]:
+    st, node = req.server.state, req.server.opts.node
+    rows = (st.services.rows[(node, sid)] for sid in sorted(st.services_by_node.get(node, ())))
+    return [r for r in rows if not r.get("_internal")]
+
+
+def _local_checks(req: Req) -> list[dict[str, Any]]:
+    st, node = req.server.state, req.server.opts.node
+    return [r for r in st.all_node_checks(node) if not r.get("_internal")]
+
+
+def member(req: Req, wan: bool = False) -> dict[str, Any]:
+    opts = req.server.opts
+    node = req.server.state.nodes.get(opts.node) or {}
+    return {
+        "Name": f"{opts.node}.{opts.datacenter}" if wan else opts.node,
+        "Addr": opts.advertise,
+        "Port": 8302 if wan else 8301,
+        "Tags": {
+            "role": "consul", "dc": opts.datacenter, "port": "8300", "bootstrap": "1", "build": VERSION,
+            "vsn": "2", "vsn_min": "2", "vsn_max": "3", "raft_vsn": "3", "id": node.get("ID", ""), "segment": "",
+        },
+        "Status": 1,
+        "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2,
+        "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
+    }
+
+
+async def agent_self(req: Req) -> web.StreamResponse:
+    server, opts = req.server, req.server.opts
+    node = server.state.nodes.get(opts.node) or {}
+    services, checks = _local_services(req), _local_checks(req)
+    index = str(server.store.index)
+    body = {
+        "Config": {
+            "Datacenter": opts.datacenter, "PrimaryDatacenter": opts.datacenter, "NodeName": opts.node,
+            "NodeID": node.get("ID", ""), "Revision": "meshlet", "Server": True, "Version": VERSION,
+            "BuildDate": "2026-01-01T00:00:00Z",
+        },
+        "DebugConfig": {
+            "Datacenter": opts.datacenter, "NodeName": opts.node, "ServerMode": True, "ACLsEnabled": False,
+            "DataDir": opts.data_dir, "SessionTTLMin": f"{opts.session_ttl_min}s", "KVMaxValueSize": 512 * 1024,
+        },
+        "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+        "Member": member(req),
+        "Stats": {
+            "agent": {"check_monitors": "0", "check_ttls": str(sum(c.get("Type") == "ttl" for c in checks)),
+                      "checks": str(len(checks)), "services": str(len(services))},
+            "build": {"version": VERSION, "revision": "meshlet", "prerelease": ""},
+            "consul": {"acl": "disabled", "bootstrap": "true", "known_datacenters": "1", "leader": "true",
+                       "leader_addr": server.leader_addr, "server": "true"},
+            "raft": {"state": "Leader", "num_peers": "0", "applied_index": index, "commit_index": index,
+                     "last_log_index": index, "protocol_version": "3"},
+            "runtime": {"os": "linux", "arch": "amd64", "version": "python", "goroutines": "0"},
+        },
+        "Meta": {"consul-network-segment": ""},
+        "xDS": {"SupportedProxies": {"envoy": []}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
+    }
+    return req.json(body)
+
+
+async def agent_members(req: Req) -> web.StreamResponse:
+    wan = req.query.get("wan", "") not in ("", "0", "false")
+    return req.json([member(req, wan)])
+
+
+async def agent_services(req: Req) -> web.StreamResponse:
+    dc = req.server.opts.datacenter
+    items = [agent_service_json(r, dc) for r in _local_services(req)]
+    items = apply_filter(items, req.query.get("filter"))
+    return req.json({s["ID"]: s for s in items}, req.server.store.index)
+
+
+async def agent_service(req: Req) -> web.StreamResponse:
+    sid = req.tail
+    row = req.server.state.services.get((req.server.opts.node, sid))
+    if row is None or row.get("_internal"):
+        raise NotFound(f"unknown service ID: {sid}")
+    body = agent_service_json(row, req.server.opts.datacenter)
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    body["ContentHash"] = digest
+    resp = req.json(body, req.server.store.index)
+    resp.headers["X-Consul-ContentHash"] = digest
+    return resp
+
+
+async def agent_checks(req: Req) -> web.StreamResponse:
+    items = apply_filter([check_json(c) for c in _local_checks(req)], req.query.get("filter"))
+    return req.json({c["CheckID"]: c for c in items}, req.server.store.index)
+
+
+def _replace_flag(req: Req) -> bool:
+    if "replace-existing-checks" not in req.query:
+        return False
+    value = req.query["replace-existing-checks"]
+    if value == "":
+        return True
+    try:
+        return parse_bool(value)
+    except DecodeError:
+        raise BadRequest(f'Invalid value for replace-existing-checks: "{value}"') from None
+
+
+async def service_register(req: Req) -> web.StreamResponse:
+    d = _decode(await req.json_body(), SERVICE_DEFINITION)
+    replace = _replace_flag(req)
+    st, node = req.server.state, req.server.opts.node
+    await req.server.store.write(lambda tx: register_service(st, tx, node, d, replace))
+    return web.Response(status=200)
+
+
+async def service_deregister(req: Req) -> web.StreamResponse:
+    st, node, sid = req.server.state, req.server.opts.node, req.tail
+    await req.server.store.write(lambda tx: deregister_service(st, tx, node, sid))
+    return web.Response(status=200)
+
+
+def _enable_param(req: Req) -> bool:
+    if "enable" not in req.query:
+        raise BadRequest("Missing value for enable")
+    value = req.query["enable"]
+    try:
+        return parse_bool(value)
+    except DecodeError:
+        raise BadRequest(f'Invalid value for enable: "{value}"') from None
+
+
+async def service_maint(req: Req) -> web.StreamResponse:
+    sid = req.tail
+    if not sid:
+        raise BadRequest("Missing service ID")
+    enable = _enable_param(req)
+    reason = req.query.get("reason", "")
+    st, node = req.server.state, req.server.opts.node
+    await req.server.store.write(lambda tx: service_maintenance(st, tx, node, sid, enable, reason))
+    return web.Response(status=200)
+
+
+async def node_maint(req: Req) -> web.StreamResponse:
+    enable = _enable_param(req)
+    reason = req.query.get("reason", "")
+    st, node = req.server.state, req.server.opts.node
+    await req.server.store.write(lambda tx: node_maintenance(st, tx, node, enable, reason))
+    return web.Response(status=200)
+
+
+async def check_register(req: Req) -> web.StreamResponse:
+    c = _decode(await req.json_body(), CHECK_TYPE)
+    st, node = req.server.state, req.server.opts.node
+    await req.server.store.write(lambda tx: register_check(st, tx, node, c))
+    return web.Response(status=200)
+
+
+async def check_deregister(req: Req) -> web.StreamResponse:
+    st, node, cid = req.server.state, req.server.opts.node, req.tail
+    await req.server.store.write(lambda tx: deregister_check(st, tx, node, cid))
+    return web.Response(status=200)
+
+
+def _ttl_handler(status: str):
+    async def handler(req: Req) -> web.StreamResponse:
+        return await _ttl_update(req, req.tail, status, req.query.get("note", ""))
+
+    return handler
+
+
+async def _ttl_update(req: Req, cid: str, status: str, output: str) -> web.StreamResponse:
+    server = req.server
+    st, node, reset = server.state, server.opts.node, server.checks.ttl_reset
+    await server.store.write(lambda tx: update_ttl_check(st, tx, node, cid, status, output, reset))
+    return web.Response(status=200)
+
+
+async def check_update(req: Req) -> web.StreamResponse:
+    u = _decode(await req.json_body(), CHECK_UPDATE)
+    return await _ttl_update(req, req.tail, u.get("Status", ""), u.get("Output", ""))
+
+
+def _aggregate(checks: list[dict[str, Any]]) -> str:
+    worst = PASSING
+    for c in checks:
+        if _RANK.get(c["Status"], 2) > _RANK[worst]:
+            worst = c["Status"] if c["Status"] in _RANK else CRITICAL
+    return worst
+
+
+def _service_info(req: Req, row: dict[str, Any]) -> dict[str, Any]:
+    st, node = req.server.state, req.server.opts.node
+    checks = [c for c in st.node_checks(node) if not c.get("_internal")] + st.service_checks(node, row["ID"])
+    return {
+        "AggregatedStatus": _aggregate(checks),
+        "Service": agent_service_json(row, req.server.opts.datacenter),
+        "Checks": [check_json(c) for c in checks],
+    }
+
+
+def _health_reply(req: Req, status: str, body: Any, code: int | None = None) -> web.StreamResponse:
+    code = code or _HTTP_FOR_STATUS[status]
+    if req.query.get("format") == "text":
+        return web.Response(status=code, text=status, content_type="text/plain")
+    return json_response(body, pretty=req.pretty, status=code)
+
+
+async def health_by_id(req: Req) -> web.StreamResponse:
+    sid = req.tail
+    row = req.server.state.services.get((req.server.opts.node, sid))
+    if row is None or row.get("_internal"):
+        reason = f"ServiceId {sid} not found"
+        if req.query.get("format") == "text":
+            return web.Response(status=404, text=reason, content_type="text/plain")
+        return json_response({"AggregatedStatus": CRITICAL, "Service": None, "Checks": None}, status=404)
+    info = _service_info(req, row)
+    return _health_reply(req, info["AggregatedStatus"], info)
+
+
+async def health_by_name(req: Req) -> web.StreamResponse:
+    name = req.tail
+    infos = [_service_info(req, r) for r in _local_services(req) if r["Service"] == name]
+    if not infos:
+        reason = f"ServiceName {name} Not Found"
+        if req.query.get("format") == "text":
+            return web.Response(status=404, text=reason, content_type="text/plain")
+        return json_response([], status=404)
+    status = _aggregate([{"Status": i["AggregatedStatus"]} for i in infos])
+    return _health_reply(req, status, infos)
 
 
 async def agent_metrics(req: Req) -> web.StreamResponse:
@@ -40,4 +295,22 @@ async def agent_metrics(req: Req) -> web.StreamResponse:
 
 
 def register(router: Router) -> None:
-    router.add("/v1/agent/metrics", {"GET": agent_metrics}, check_dc=False)
+    add = router.add
+    add("/v1/agent/self", {"GET": agent_self}, check_dc=False)
+    add("/v1/agent/members", {"GET": agent_members}, check_dc=False)
+    add("/v1/agent/metrics", {"GET": agent_metrics}, check_dc=False)
+    add("/v1/agent/services", {"GET": agent_services}, check_dc=False)
+    add("/v1/agent/service/", {"GET": agent_service}, check_dc=False)
+    add("/v1/agent/checks", {"GET": agent_checks}, check_dc=False)
+    add("/v1/agent/service/register", {"PUT": service_register}, check_dc=False)
+    add("/v1/agent/service/deregister/", {"PUT": service_deregister}, check_dc=False)
+    add("/v1/agent/service/maintenance/", {"PUT": service_maint}, check_dc=False)
+    add("/v1/agent/maintenance", {"PUT": node_maint}, check_dc=False)
+    add("/v1/agent/check/register", {"PUT": check_register}, check_dc=False)
+    add("/v1/agent/check/deregister/", {"PUT": check_deregister}, check_dc=False)
+    add("/v1/agent/check/pass/", {"PUT": _ttl_handler(PASSING)}, check_dc=False)
+    add("/v1/agent/check/warn/", {"PUT": _ttl_handler(WARNING)}, check_dc=False)
+    add("/v1/agent/check/fail/", {"PUT": _ttl_handler(CRITICAL)}, check_dc=False)
+    add("/v1/agent/check/update/", {"PUT": check_update}, check_dc=False)
+    add("/v1/agent/health/service/id/", {"GET": health_by_id}, check_dc=False)
+    add("/v1/agent/health/service/name/", {"GET": health_by_name}, check_dc=False)

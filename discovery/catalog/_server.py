@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ._http import SERVER, Router, make_handler
 from ._model import State
+from ._render import RenderCache
 from ._store import Store
 from ._watch import WatchHub
 
@@ -58,8 +59,14 @@ class CatalogServer:
         self.hub = WatchHub()
         self.store.set_notifier(self.hub.notify)
         self.leader_addr = f"{opts.advertise}:8300"
+        self.render_cache = RenderCache()
+        from ._checks import CheckRunner
+        from ._sessions import SessionTimers
+
+        self.checks = CheckRunner(self)
+        self.sessions = SessionTimers(self)
         self._runner: web.AppRunner | None = None
-        self._components: list[Any] = []
+        self._components: list[Any] = [self.sessions, self.checks]
         self.bound: tuple[str, int] | None = None
 
     def build_app(self) -> web.Application:
@@ -75,17 +82,21 @@ class CatalogServer:
         return app
 
     def _route_modules(self) -> list[Any]:
-        from . import _h_agent
+        from . import _h_agent, _h_catalog, _h_session
 
-        return [_h_agent]
+        return [_h_agent, _h_catalog, _h_session]
 
     async def start(self) -> tuple[str, int]:
+        from ._catalog import bootstrap_node
+
         await self.store.open()
+        st, opts = self.state, self.opts
+        await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
         for component in self._components:
             await component.start()
         self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True, backlog=1024)
         await site.start()
         addr = self._runner.addresses[0]
         self.bound = (addr[0], addr[1])
