@@ -1,0 +1,148 @@
+"""The supervisor's admin API: JSON over HTTP on a loopback address (``mesh.admin_listen``).
+
+    GET  /v1/status                      services, ready/desired, instances (see Supervisor.status)
+    GET  /v1/logs/<service>?follow=1&tail=N&instance=ID
+                                         the instances' logs as text; with several instances
+                                         each line is prefixed "<instance id> | "
+    POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
+
+Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .runtime import WorkloadError
+
+if TYPE_CHECKING:
+    from .agent import Supervisor
+
+__all__ = ["AdminServer", "split_hostport"]
+
+log = logging.getLogger(__name__)
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class AdminServer:
+    def __init__(self, supervisor: Supervisor, *, on_down: Callable[[], Any]) -> None:
+        self.sup = supervisor
+        self.on_down = on_down
+        self.down_requested = False
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/v1/status", self.get_status)
+        app.router.add_get("/v1/logs/{service}", self.get_logs)
+        app.router.add_post("/v1/down", self.post_down)
+        self.app = app
+
+    async def start(self, listen: str) -> str:
+        """Bind ``listen`` (loopback only) and return the bound "host:port"."""
+        host, port = split_hostport(listen)
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ValueError(f"the admin API listens on loopback only, not {host}")
+        except ValueError as exc:
+            if "loopback" in str(exc):
+                raise
+            if host != "localhost":
+                raise ValueError(f"admin listen address {listen!r}: expected a loopback IP") from None
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        bound = sockets[0].getsockname() if sockets else (host, port)
+        return f"{bound[0]}:{bound[1]}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sup.status())
+
+    async def post_down(self, request: web.Request) -> web.Response:
+        self.down_requested = True
+        asyncio.get_running_loop().call_soon(self.on_down)
+        return web.json_response({"stopping": True})
+
+    async def get_logs(self, request: web.Request) -> web.StreamResponse:
+        service = request.match_info["service"]
+        follow = request.query.get("follow", "0") not in ("0", "", "false")
+        tail_text = request.query.get("tail")
+        try:
+            tail = int(tail_text) if tail_text else None
+            if tail is not None and tail < 0:
+                raise ValueError
+        except ValueError:
+            return _error(400, f"tail: expected an integer >= 0, got {tail_text!r}")
+        wanted = request.query.get("instance")
+        insts = [i.obs for i in self.sup.instances.values() if i.obs.service == service
+                 and (wanted is None or i.obs.instance_id == wanted)]
+        if not insts:
+            return _error(404, f"no instances of service {service!r}"
+                          + (f" with id {wanted!r}" if wanted else ""))
+        insts.sort(key=lambda o: (o.slot, o.instance_id))
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        prefix = len(insts) > 1
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+
+        async def pump(iid: str, node: str) -> None:
+            rt = self.sup.runtimes.get(node)
+            try:
+                if rt is None:
+                    return
+                buf = b""
+                stream: AsyncIterator[bytes] = rt.logs(iid, follow=follow, tail=tail)
+                async for chunk in stream:
+                    if not prefix:
+                        await queue.put(chunk)
+                        continue
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        await queue.put(iid.encode() + b" | " + line + b"\n")
+                if prefix and buf:
+                    await queue.put(iid.encode() + b" | " + buf + b"\n")
+            except WorkloadError as exc:
+                await queue.put(f"{iid} | (logs unavailable: {exc})\n".encode())
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(o.instance_id, o.node)) for o in insts]
+        open_streams = len(tasks)
+        try:
+            while open_streams:
+                item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                await resp.write(item)
+        except (ConnectionResetError, asyncio.CancelledError):
+            for t in tasks:
+                t.cancel()
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,107 @@
+"""The Supervisor against a real catalog, running real processes (process runtime)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import aiohttp
+
+from _util import async_wait_for
+
+
+async def get(port: int, path: str = "/") -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+            return r.status, await r.text()
+
+
+READY = """\
+probes:
+  readiness: {http: {path: /ready}, period: 0.1s, failure_threshold: 1}
+"""
+
+
+async def test_replicas_come_up_registered_and_heal_after_kill9(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=2, probes=READY))
+    sup = await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 2), timeout=15)
+    running = mesh.running("web")
+    assert sorted(o.slot for o in running.values()) == [0, 1]
+    for iid, o in running.items():
+        status, body = await get(o.ports["http"])
+        assert status == 200 and body.strip() == iid   # MESHLET_INSTANCE reached the app
+    _, entries = await mesh.client.health.service("web")
+    svc = entries[0]["Service"]
+    assert svc["Meta"]["slot"] in ("0", "1") and svc["Meta"]["weight"] == "1"
+    assert svc["Meta"]["port_http"] == str(svc["Port"])
+    assert [c["CheckID"] for c in entries[0]["Checks"] if c["CheckID"].startswith("service:")] == \
+        [f"service:{svc['ID']}"]
+
+    victim_id, victim = sorted(running.items(), key=lambda kv: kv[1].slot)[0]
+    os.kill(victim.pid, signal.SIGKILL)
+
+    async def replaced():
+        now = mesh.running("web")
+        passing = await mesh.passing("web")
+        return (len(now) == 2 and victim_id not in now and sorted(passing) == sorted(now)
+                and sorted(o.slot for o in now.values()) == [0, 1])
+    await async_wait_for(replaced, timeout=15)
+    new_id = next(i for i, o in mesh.running("web").items() if o.slot == victim.slot)
+    assert (await get(mesh.running("web")[new_id].ports["http"]))[1].strip() == new_id
+    assert victim_id not in await mesh.health("web"), "the dead replica is deregistered"
+    assert sup.backoff[("web", victim.slot)].restarts == 1
+
+
+async def _len_eq(coro, n):
+    return len(await coro) == n
+
+
+async def test_failing_readiness_goes_critical_without_restart(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+    (iid, obs), = mesh.running("web").items()
+    (mesh.markers / "unready").touch()
+    await async_wait_for(lambda: _status_is(mesh, iid, "critical"), timeout=5)
+    (mesh.markers / "unready").unlink()
+    await async_wait_for(lambda: _status_is(mesh, iid, "passing"), timeout=5)
+    (iid2, obs2), = mesh.running("web").items()
+    assert (iid2, obs2.pid) == (iid, obs.pid), "readiness never restarts"
+
+
+async def _status_is(mesh, iid, status):
+    return (await mesh.health("web")).get(iid) == status
+
+
+async def test_failing_liveness_restarts_with_growing_backoff(mesh):
+    probes = READY + ("  liveness: {http: {path: /live}, initial_delay: 0.5s, period: 0.1s, "
+                       "failure_threshold: 1}\n")
+    extra = "restart: {backoff: {initial: 0.4s, max: 1.6s}}\n"
+    (mesh.markers / "dead").touch()
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=probes, extra=extra))
+    sup = await mesh.start()
+    await async_wait_for(lambda: sum(kind == "started" for _, kind, _ in sup.history) >= 4, timeout=20)
+    starts = [t for t, kind, _ in sup.history if kind == "started"]
+    kills = [t for t, kind, _ in sup.history if kind == "killed"]
+    assert len(kills) >= 3 and len(starts) >= 4
+    # the wait between a kill and the next start grows: 0, 0.4, 0.8 s (+ the stop itself)
+    gaps = [s - k for k, s in zip(kills, starts[1:])]
+    assert gaps[1] >= 0.4 and gaps[2] >= 0.8 and gaps[2] > gaps[0]
+    (mesh.markers / "dead").unlink()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+
+
+async def test_scale_up_and_down_by_reapplying(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+    first = set(mesh.running("web"))
+    await mesh.apply(mesh.service_yaml(replicas=3, probes=READY))
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 3), timeout=15)
+    assert first <= set(mesh.running("web")), "scaling up keeps the running replica"
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    await async_wait_for(lambda: _len_eq(mesh.health("web"), 1), timeout=15)
+    await async_wait_for(lambda: len(mesh.running("web")) == 1, timeout=15)
+    assert {o.slot for o in mesh.running("web").values()} == {0}
+    assert set(mesh.running("web")) == first, "scaling down stops the highest slots"
