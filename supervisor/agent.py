@@ -183,6 +183,7 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
         self._kv_loaded = asyncio.Event()
         self._closed = False
+        self._adopted = False   # no sync before the full view is observed and adopted
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -212,6 +213,7 @@ class Supervisor:
                  len(self.instances), sum(i.obs.is_running for i in self.instances.values()),
                  len(registrations), len(self.desired))
         self._tasks.append(asyncio.create_task(self._tick(), name="resync"))
+        self._adopted = True
         for name in self._service_names():
             self.enqueue(name)
 
@@ -339,7 +341,7 @@ class Supervisor:
     # --- the loop -------------------------------------------------------------------------
 
     def enqueue(self, service: str) -> None:
-        if self._closed:
+        if self._closed or not self._adopted:
             return
         self._dirty.add(service)
         if service not in self._syncing:
@@ -651,11 +653,17 @@ class Supervisor:
 # --------------------------------------------------------------------------- standalone
 
 
-async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool) -> int:
-    """The supervisor alone against a running catalog (what `meshlet up` runs inside)."""
+async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
+                         runtime: str | None = None) -> int:
+    """The supervisor alone against a running catalog (the loop of `meshlet up` without
+    its components). SIGTERM leaves the workloads running for the next supervisor unless
+    ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them."""
     from .admin import AdminServer
 
-    cfg_nodes = await resolve_nodes(config.MeshSettings())
+    if runtime:
+        cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
+    else:
+        cfg_nodes = await resolve_nodes(config.MeshSettings())
     sup = Supervisor(url, cfg_nodes, data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -673,7 +681,7 @@ async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exi
     finally:
         if server is not None:
             await server.close()
-        await sup.close(stop=stop_on_exit)
+        await sup.close(stop=stop_on_exit or (server is not None and server.down_requested))
     return 0
 
 
@@ -685,10 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin", metavar="HOST:PORT")
     parser.add_argument("--stop-on-exit", action="store_true",
                         help="deregister and stop the workloads when stopped")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES),
+                        help="the local node's runtime (default: docker if an engine answers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit))
+    return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
+                                      args.runtime))
 
 
 if __name__ == "__main__":
