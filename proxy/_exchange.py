@@ -77,7 +77,7 @@ class Exchange:
         "retries", "retrying", "t0", "done_at", "try_deadline", "connect_deadline", "connect_task", "last_io",
         "body", "body_len", "replayable", "req_done", "req_trailers", "sent_upstream", "up_out", "up_head",
         "resp", "out_framing", "status", "pending", "stale_retry", "close_after", "bytes_out", "failure_note",
-        "upgrade_conn", "head_request", "hash_key", "timed_out",
+        "upgrade_conn", "head_request", "hash_key", "timed_out", "resp_mark",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead) -> None:
@@ -120,6 +120,7 @@ class Exchange:
         self.head_request = head.method == b"HEAD"
         self.hash_key: bytes | None = None
         self.timed_out = False
+        self.resp_mark = (-1, 0)  # (client flush count, output length) when the response head was queued
 
     # -- start -------------------------------------------------------------------------
 
@@ -444,7 +445,7 @@ class Exchange:
         client = self.client
         head = self.head
         framing = resp.framing
-        keep = head.keep_alive and not client.draining and head.upgrade is None and not client.dead
+        keep = head.keep_alive and not client.draining and head.upgrade is None
         if framing == LENGTH:
             out = b"content-length: %d\r\n" % resp.content_length
         elif framing == NONE:
@@ -468,6 +469,7 @@ class Exchange:
             out += b"connection: close\r\n"
         elif head.version == 10:
             out += b"connection: keep-alive\r\n"
+        self.resp_mark = (client.flushes, len(client.out))
         client.send(status_line(status) + b"".join(resp.fields) + out + CRLF)
         self.last_io = self.server.loop.time()
         self._arm()
@@ -540,11 +542,19 @@ class Exchange:
         if conn is not self.conn:
             conn.close()
             return
-        if self.state == RESPONDING:
-            self._abort_midstream("reset")
-            return
         self.failure_note = note
         conn.poisoned = True
+        if self.state == RESPONDING:
+            client = self.client
+            flushes, mark = self.resp_mark
+            if client.flushes != flushes:
+                self._abort_midstream("reset")  # the client has bytes of this response already
+                return
+            del client.out[mark:]  # nothing of this response left yet: answer 502 instead
+            self.resp = None
+            self.state = SENDING
+            self.status = 0
+            self.bytes_out = 0
         self.attempt_failed(None, 502)
 
     def request_broken(self, status: int, reason: str) -> None:
@@ -563,7 +573,7 @@ class Exchange:
             # Nothing of this request reached the upstream: its connection stays good.
             self.conn = None
             conn.pool.release(conn, self.server.loop.time())
-        self.answer(status, reason)  # closes: the client connection is dead
+        self.answer(status, reason, force_close=True)
 
     def _abort_midstream(self, failure: str | None) -> None:
         """The response had started: the client can only learn of it by the connection
@@ -643,7 +653,7 @@ class Exchange:
 
     # -- the end -------------------------------------------------------------------------
 
-    def answer(self, status: int, text: str) -> None:
+    def answer(self, status: int, text: str, force_close: bool = False) -> None:
         """Write a generated answer (the response has not started) and finish."""
         if self.state == DONE:
             return
@@ -662,8 +672,9 @@ class Exchange:
             self.ep = None
             self._end_retry()
         head = self.head
-        close = (not (self.req_done and head.keep_alive) or self.client.draining or head.upgrade is not None
-                 or self.client.dead)
+        client = self.client
+        close = (force_close or not (self.req_done and head.keep_alive) or client.draining
+                 or head.upgrade is not None or (client.dead and not client.queue))
         self.status = status
         self.client.send(generated(status, text, close=close, head=self.head_request,
                                    extra=b"" if close or head.version == 11 else b"connection: keep-alive\r\n"))

@@ -177,7 +177,7 @@ _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
 def parse_request_head(method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]],
-                       *, max_headers: int = 100) -> RequestHead:
+                       *, max_headers: int = 100, max_bytes: int = 65536) -> RequestHead:
     """Validate a request head parsed by llhttp and compute what the proxy needs.
 
     Raises :class:`HeadError` with the status to answer (400, 414, 431, 501, 505).
@@ -209,7 +209,9 @@ def parse_request_head(method: bytes, url: bytes, version: str, headers: list[tu
     connection: list[bytes] = []
     fields: list[bytes] = []
     keep_alive_default = v == 11
+    size = len(url)
     for name, value in headers:
+        size += len(name) + len(value) + 4
         lname = name.lower()
         if lname in _SPECIAL:
             if lname == b"host":
@@ -251,6 +253,8 @@ def parse_request_head(method: bytes, url: bytes, version: str, headers: list[tu
                 continue
         fields += (name, b": ", value, CRLF)
 
+    if size > max_bytes:
+        raise HeadError(431, "request header section too large")
     if te is not None:
         if v == 10:
             raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -341,7 +345,7 @@ class ResponseHead:
 
 
 def parse_response_head(status: int, version: str, headers: list[tuple[bytes, bytes]], *,
-                        head_request: bool, max_headers: int = 100) -> ResponseHead:
+                        head_request: bool, max_headers: int = 100, max_bytes: int = 65536) -> ResponseHead:
     """Validate an upstream response head; raises HeadError (answered as 502) when the
     proxy cannot forward it safely."""
     if version != "1.1" and version != "1.0":
@@ -356,7 +360,9 @@ def parse_response_head(status: int, version: str, headers: list[tuple[bytes, by
     connection: list[bytes] = []
     fields: list[bytes] = []
     te = None
+    size = 0
     for name, value in headers:
+        size += len(name) + len(value) + 4
         lname = name.lower()
         if lname in HOP_BY_HOP:
             if lname == b"connection":
@@ -371,6 +377,8 @@ def parse_response_head(status: int, version: str, headers: list[tuple[bytes, by
             framing = LENGTH
             continue
         fields += (name, b": ", value, CRLF)
+    if size > max_bytes:
+        raise HeadError(502, "upstream response head too large")
     if te is not None:
         if _tokens(te) != [b"chunked"]:
             raise HeadError(502, "upstream used a transfer coding other than chunked")

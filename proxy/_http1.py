@@ -82,7 +82,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "vip", "loop", "transport", "peer_ip", "parser", "url", "headers", "trailers",
                  "in_head", "head_len", "reading", "active", "queue", "out", "pause_flags", "write_paused",
-                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding")
+                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes")
 
     def __init__(self, server: ProxyServer, vip: tuple[str, int] | None = None) -> None:
         self.server = server
@@ -111,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.dead = False                 # the parser failed; nothing more is read
         self.eof = False                  # the client half-closed: close after the answer
         self.feeding = False              # inside parser.feed_data (upstream writes are gathered)
+        self.flushes = 0                  # writes so far (an exchange knows if its head left)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -233,13 +234,9 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
+        server = self.server
         head = parse_request_head(parser.get_method(), self.url, parser.get_http_version(), self.headers,
-                                  max_headers=self.server.max_headers)
-        size = len(self.url)
-        for name, value in self.headers:
-            size += len(name) + len(value) + 4
-        if size > self.server.max_head_bytes:
-            raise HeadError(431, "request header section too large")
+                                  max_headers=server.max_headers, max_bytes=server.max_head_bytes)
         ex = Exchange(self, head)
         if head.framing == NONE:
             ex.req_done = True  # no body: the message is complete with its head
@@ -313,6 +310,7 @@ class ClientConnection(asyncio.Protocol):
         out = self.out
         if out:
             self.out = []
+            self.flushes += 1
             if self.closed:
                 return
             if len(out) == 1:
@@ -342,7 +340,7 @@ class ClientConnection(asyncio.Protocol):
         if tunnel is not None:
             self.start_tunnel(tunnel)
             return
-        if close or self.draining or (self.eof and not self.queue):
+        if close or self.draining or ((self.eof or self.dead) and not self.queue):
             self.flush()
             self.closed = True
             self.server.connections.discard(self)

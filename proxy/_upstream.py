@@ -42,7 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "transport", "parser", "owner", "headers", "trailers", "in_body", "final_done",
                  "head_len", "uses", "idle_since", "reading_paused", "poisoned", "tunnel", "head_request",
-                 "closed", "eof")
+                 "closed", "eof", "in_head")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -62,6 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_request = False     # the current request is HEAD: the response has no body
         self.closed = False
         self.eof = False
+        self.in_head = False
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -102,11 +103,14 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the server answered nothing we asked; never reuse it.
             self.close()
             return
-        if not self.in_body:
+        if self.in_head:
+            # More bytes of a head begun in an earlier read (the read in which a head starts
+            # is measured exactly by parse_response_head, where the header sizes are known).
             self.head_len += len(data)
             if self.head_len > MAX_RESPONSE_HEAD:
                 self.poisoned = True
                 owner.upstream_failed(self, "protocol", "upstream response head too large")
+                owner.client.flush()
                 return
         try:
             self.parser.feed_data(data)
@@ -115,6 +119,9 @@ class UpstreamConnection(asyncio.Protocol):
                 rest = data[exc.args[0]:]
                 if rest:
                     self.tunnel.tunnel_write(rest)  # type: ignore[union-attr]
+            else:
+                self.close()
+            owner.client.flush()
             return
         except HttpParserError as exc:
             self.poisoned = True
@@ -158,6 +165,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.poisoned = True
             raise _Stray()
         self.headers = []
+        self.in_head = True
+        self.head_len = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_body:
@@ -171,9 +180,9 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         if owner is None:
             return
+        self.in_head = False
         status = self.parser.get_status_code()
         if status < 200 and status != 101:
-            self.head_len = 0
             owner.response_interim(self, status, self.headers)
             return
         self.in_body = True
@@ -196,7 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, owner: Exchange, head_request: bool) -> None:
         self.owner = owner
         self.uses += 1
-        self.head_len = 0
+        self.in_head = False
         self.in_body = False
         self.final_done = False
         self.head_request = head_request

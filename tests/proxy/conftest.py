@@ -97,6 +97,7 @@ class _StandinCatalog:
         self.index = 1
         self.instances: dict[str, dict[str, Any]] = {}
         self.kv: dict[str, bytes] = {}
+        self.closing = False
         self.loop = asyncio.new_event_loop()
         self._changed: asyncio.Event | None = None
         self.port = 0
@@ -114,7 +115,7 @@ class _StandinCatalog:
         app.router.add_get("/v1/catalog/nodes", self._nodes)
         app.router.add_get("/v1/health/service/{name}", self._health)
         app.router.add_get("/v1/kv/{key:.*}", self._kv)
-        runner = web.AppRunner(app, access_log=None)
+        runner = self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         self.loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
@@ -158,6 +159,11 @@ class _StandinCatalog:
         self._call(lambda: self.kv.pop("meshlet/services/" + name, None))
 
     def close(self) -> None:
+        async def shutdown() -> None:
+            self.closing = True
+            self._changed.set()  # type: ignore[union-attr]
+            await self.runner.cleanup()
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     # -- HTTP ----------------------------------------------------------------------
@@ -170,7 +176,7 @@ class _StandinCatalog:
         wait = request.query.get("wait", "5m")
         seconds = float(wait[:-1]) * (60 if wait.endswith("m") else 1) if wait[-1] in "sm" else float(wait)
         deadline = time.monotonic() + min(seconds, 600)
-        while index and index >= self.index:
+        while index and index >= self.index and not self.closing:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -585,3 +591,68 @@ class Env:
             self.catalog.deregister(f"{self.name}-{i}")
             b.stop()
         self.catalog.delete_service(self.name)
+
+
+class RawUpstream:
+    """A hand-written HTTP server in a thread: records every byte it receives and answers
+    each request head with the canned bytes for its path (``answers``), else 200 "ok".
+    Bodies are not read, except by a callable answer ``f(conn, head, rest) -> rest``, which
+    may read the body itself (``rest``: bytes already received after the head)."""
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def __init__(self, answers: dict[bytes, bytes] | None = None) -> None:
+        self.answers = answers or {}
+        self.received = bytearray()
+        self.requests: list[bytes] = []
+        self.accepted = 0
+        self.closed_by_peer = 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    with self.lock:
+                        self.closed_by_peer += 1
+                    return
+                with self.lock:
+                    self.received += data
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    with self.lock:
+                        self.requests.append(head)
+                    path = head.split(b" ", 2)[1] if b" " in head else b"/"
+                    answer = self.answers.get(path, self.OK)
+                    try:
+                        if callable(answer):
+                            buf = answer(conn, head, buf) or b""
+                        else:
+                            conn.sendall(answer)
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        self.sock.close()
