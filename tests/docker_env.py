@@ -192,7 +192,31 @@ class DockerEngine:
         self._clients.append(client)
         return client
 
+    def restart(self, deadline: float = _START_DEADLINE) -> None:
+        """Stop dockerd (its containers stop with it) and start it again on the same root,
+        as after an engine upgrade or crash."""
+        _terminate(self.proc, _STOP_DEADLINE)
+        for pid in _pids_naming(self.root):   # a containerd that outlived its dockerd
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc = _start_once(self.name, self.root, self.storage_driver, deadline).proc
+
     def stop(self, deadline: float = _STOP_DEADLINE) -> None:
+        """Kill its containers (dockerd would give each its own stop timeout, 10 s by
+        default), then stop dockerd and remove everything under the root."""
+        if self.ping():
+            try:
+                import docker
+                client = docker.DockerClient(base_url=self.url, version="auto", timeout=10)
+                try:
+                    for container in client.containers.list():
+                        container.kill()
+                finally:
+                    client.close()
+            except Exception:
+                pass   # best effort: dockerd stops them on SIGTERM anyway
         for client in self._clients:
             try:
                 client.close()  # type: ignore[attr-defined]
@@ -399,6 +423,11 @@ class EngineSet:
         if engine is None:
             engine = self._engines[name] = start_engine(name)
         return engine
+
+    def stop(self, name: str) -> None:
+        engine = self._engines.pop(name, None)
+        if engine is not None:
+            engine.stop()
 
     def __iter__(self) -> Iterator[DockerEngine]:
         return iter(list(self._engines.values()))

@@ -12,6 +12,7 @@ asking the engine, not its memory)::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -39,25 +40,47 @@ def identity_labels(spec: InstanceSpec) -> dict[str, str]:
     }
 
 
-def create_kwargs(spec: InstanceSpec) -> dict[str, Any]:
-    """Keyword arguments for ``client.containers.create`` (docker SDK), minus log_config.
+def resolv_conf(dns: str) -> str:
+    """The resolv.conf of a workload whose resolver is meshlet's DNS at ``dns`` (port 53)."""
+    return f"# written by meshlet: the mesh's DNS answers <service>.service names\nnameserver {dns}\n"
+
+
+def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for the SDK's low-level ``api.create_container``, with
+    ``host_config`` as the keyword arguments of ``api.create_host_config`` (minus
+    log_config).
 
     - ``command`` replaces the image's ENTRYPOINT and ``args`` its CMD (Kubernetes'
       meaning of the two words); with neither, the image's own defaults run.
     - host networking: the workload binds its PORT on the node's addresses.
     - no restart policy: meshlet decides restarts (Docker's would fight the reconciler).
+    - ``stop_timeout``: stops the engine starts itself (daemon shutdown, ``docker stop``)
+      give the same grace as meshlet's (whole seconds: the API's unit).
     - memswap == memory: no swap on top of the limit, so exceeding it is an OOM kill.
-    - ``dns``: the engine writes the container's resolv.conf ("nameserver <dns>") and
-      bind-mounts it, on local and remote engines alike (accepted with host networking).
+    - ``dns``: with ``resolv_conf_path`` (a file on the engine's host holding
+      ``resolv_conf(dns)``), that file is bind-mounted read-only on /etc/resolv.conf;
+      without it the engine writes "nameserver <dns>" itself (Docker accepts ``dns`` with
+      host networking), which also works on a remote engine but stays writable.
     """
+    host: dict[str, Any] = {"network_mode": "host"}
+    if spec.cpu is not None:
+        host["nano_cpus"] = int(round(spec.cpu * 1e9))
+    if spec.memory is not None:
+        host["mem_limit"] = spec.memory
+        host["memswap_limit"] = spec.memory
+    if spec.dns and resolv_conf_path:
+        host["binds"] = {resolv_conf_path: {"bind": "/etc/resolv.conf", "mode": "ro"}}
+    elif spec.dns:
+        host["dns"] = [spec.dns]
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": spec.instance_id,
         "environment": workload_env(spec),
         "labels": {**spec.labels, **identity_labels(spec)},
-        "network_mode": "host",
         "stop_signal": spec.stop_signal,
+        "stop_timeout": math.ceil(spec.stop_grace_period),
         "detach": True,
+        "host_config": host,
     }
     if spec.command:
         kwargs["entrypoint"] = list(spec.command)
@@ -66,13 +89,6 @@ def create_kwargs(spec: InstanceSpec) -> dict[str, Any]:
         kwargs["command"] = list(spec.args)
     if spec.workdir:
         kwargs["working_dir"] = spec.workdir
-    if spec.cpu is not None:
-        kwargs["nano_cpus"] = int(round(spec.cpu * 1e9))
-    if spec.memory is not None:
-        kwargs["mem_limit"] = spec.memory
-        kwargs["memswap_limit"] = spec.memory
-    if spec.dns:
-        kwargs["dns"] = [spec.dns]
     return kwargs
 
 

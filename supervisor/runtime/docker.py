@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -37,7 +38,7 @@ from docker.utils import parse_repository_tag
 
 from ._bridge import EventQueue, iterate_in_thread
 from ._docker_model import (LOG_OPTIONS, OWNER_LABEL, OWNER_VALUE, create_kwargs,
-                            observed_from_attrs, observed_from_event)
+                            observed_from_attrs, observed_from_event, resolv_conf)
 from .base import (EXEC_OUTPUT_LIMIT, EngineUnavailable, ExecTimeout, ImageNotFound,
                    InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec,
                    Observed, RuntimeEvent, StartFailed, WorkloadError, validate_spec)
@@ -62,14 +63,19 @@ def _explain(exc: BaseException) -> str:
 
 class DockerRuntime:
     """Containers on the Docker engine at ``engine`` (``unix://...`` or ``tcp://...``),
-    acting as node ``node`` whose workloads are reached at ``address``."""
+    acting as node ``node`` whose workloads are reached at ``address``.
+
+    ``data_dir``: a directory on the engine's host (so: for a local engine); the
+    resolv.conf of workloads with ``dns`` is written there and mounted read-only. Without
+    it the engine generates the file (works with remote engines; writable inside)."""
 
     name = "docker"
 
     def __init__(self, engine: str = DEFAULT_ENGINE, *, node: str = "local",
-                 address: str = "127.0.0.1", timeout: float = 60.0,
-                 max_workers: int = 4) -> None:
+                 address: str = "127.0.0.1", data_dir: str | os.PathLike[str] | None = None,
+                 timeout: float = 60.0, max_workers: int = 4) -> None:
         self.engine = engine
+        self._resolv_dir = Path(data_dir) / "resolv" if data_dir is not None else None
         self.node = node
         self.address = address
         self._timeout = timeout
@@ -117,9 +123,19 @@ class DockerRuntime:
                                                     timeout=None)
             return self._stream_api
 
+    def _ensure_watcher(self) -> None:
+        """Start the event watcher on first use of the runtime (not first use of
+        events()): exits are queued from then on, even across an engine restart that
+        happens before anyone iterates events()."""
+        if self._watcher is None and not self._closing.is_set():
+            self._loop = asyncio.get_running_loop()
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name=f"docker-events-{self.node}")
+            self._watcher.start()
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        self._ensure_watcher()
         loop = asyncio.get_running_loop()
-        self._loop = loop
         try:
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
         except requests.exceptions.ConnectionError as exc:
@@ -161,10 +177,14 @@ class DockerRuntime:
                 " (a container not created by meshlet has that name)"
             raise InstanceExists(f"instance {where} already exists{owner}")
         self._ensure_image(client, spec.image or "")
-        kwargs = create_kwargs(spec)
-        kwargs["log_config"] = LogConfig(type="json-file", config=dict(LOG_OPTIONS))
+        kwargs = create_kwargs(spec, self._resolv_conf(spec.dns) if spec.dns else None)
+        api = client.api
+        kwargs["host_config"] = api.create_host_config(
+            **kwargs["host_config"],
+            log_config=LogConfig(type="json-file", config=dict(LOG_OPTIONS)))
         try:
-            container = client.containers.create(**kwargs)
+            created = api.create_container(**kwargs)
+            container = client.containers.get(created["Id"])
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
                 raise InstanceExists(f"instance {where} already exists") from exc
@@ -182,6 +202,24 @@ class DockerRuntime:
                 raise StartFailed(f"cannot start {where}: {_explain(exc)}") from exc
             raise
         return observed_from_attrs(container.attrs, self.address)
+
+    def _resolv_conf(self, dns: str) -> str | None:
+        """Path of the resolv.conf naming ``dns`` (written once, atomically)."""
+        if self._resolv_dir is None:
+            return None
+        path = self._resolv_dir / f"resolv-{dns}.conf"
+        content = resolv_conf(dns)
+        try:
+            if not path.exists() or path.read_text() != content:
+                self._resolv_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(content)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise StartFailed(f"cannot write {path} for node {self.node}: "
+                              f"{exc.strerror or exc}") from exc
+        return str(path)
 
     def _ensure_image(self, client: docker.DockerClient, image: str) -> None:
         try:
@@ -280,11 +318,7 @@ class DockerRuntime:
         return observed_from_attrs(container.attrs, self.address)
 
     async def events(self) -> AsyncIterator[RuntimeEvent]:
-        self._loop = asyncio.get_running_loop()
-        if self._watcher is None and not self._closing.is_set():
-            self._watcher = threading.Thread(target=self._watch, daemon=True,
-                                             name=f"docker-events-{self.node}")
-            self._watcher.start()
+        self._ensure_watcher()
         async for event in self._events.stream():
             yield event
 

@@ -157,7 +157,7 @@ async def test_a_fresh_runtime_adopts_running_instances_and_sees_their_exits(kit
     # Docker records the code; an adopted process is not our child, so its code is unknown.
     assert event.observed.exit_code == (137 if kit.kind == "docker" else None)
 
-    await rt.stop(web.instance_id, grace=5)
+    await rt.stop(web.instance_id, grace=1)
     assert (await next_exit(events, web.instance_id)).observed.state == "exited"
 
 
