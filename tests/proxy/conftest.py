@@ -258,6 +258,8 @@ async def tag(request, handler):
     return resp
 
 async def info(request):
+    if "pause" in request.query:
+        await asyncio.sleep(float(request.query["pause"]))  # let the sender run ahead
     h = hashlib.sha256()
     n = 0
     async for chunk in request.content.iter_any():
@@ -394,11 +396,12 @@ class Proxy:
     def url(self, path: str = "/") -> str:
         return f"http://{self.http}{path}"
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """Resident memory of the proxy process in KiB (VmHWM: the peak so far)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
 
     def stderr_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
