@@ -642,7 +642,7 @@ class Supervisor:
                     "exit_code": o.exit_code, "pid": o.pid})
             services.append({
                 "name": name, "desired": entry[0].replicas if entry else 0,
-                "revision": entry[1] if entry else None,
+                "revision": self.doc_revision.get(name) if entry else None,
                 "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
                 "problem": self.problems.get(name)})
         return {"services": services, "nodes": [

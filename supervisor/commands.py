@@ -1,0 +1,183 @@
+"""The supervisor's commands: ``meshlet up``, ``status``, ``logs`` and ``down``.
+
+``status``, ``logs`` and ``down`` talk to the running supervisor's admin API (see admin.py)
+at ``--admin HOST:PORT``, else ``$MESHLET_ADMIN``, else ``mesh.admin_listen`` of ``-f FILE``
+(``--file`` for logs, where ``-f`` is ``--follow``), else 127.0.0.1:9900.
+
+Wiring into the ``meshlet`` parser: ``add_subcommands(subparsers)``; then
+``if args.command in COMMANDS: return run(args)``. ``main(argv)`` does both on its own.
+Exit codes: 0 ok, 1 supervisor unreachable or a failure, 2 usage/invalid file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+__all__ = ["COMMANDS", "add_subcommands", "run", "main", "format_status", "format_age"]
+
+COMMANDS = ("up", "status", "logs", "down")
+DEFAULT_ADMIN = "127.0.0.1:9900"
+
+
+def add_subcommands(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the mesh on this machine (catalog, DNS, proxy, supervisor) "
+                                   "and apply FILE, until Ctrl-C")
+    up.add_argument("-f", "--file", required=True, help="the meshlet.yaml to run")
+    up.add_argument("--keep", action="store_true",
+                    help="on exit leave the workloads running for the next `meshlet up` to adopt")
+
+    status = sub.add_parser("status", help="services, ready/desired and their instances")
+    status.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+    status.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    logs = sub.add_parser("logs", help="the logs of a service's instances")
+    logs.add_argument("service")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each instance")
+    logs.add_argument("--instance", metavar="ID", help="only this instance")
+    logs.add_argument("--file", help="meshlet.yaml naming mesh.admin_listen")
+    logs.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+
+    down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
+    down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+    down.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+
+
+def _admin_address(args: argparse.Namespace, err: TextIO) -> str | None:
+    if getattr(args, "admin", None):
+        return args.admin
+    if os.environ.get("MESHLET_ADMIN"):
+        return os.environ["MESHLET_ADMIN"]
+    if getattr(args, "file", None):
+        import config
+        try:
+            return config.load(args.file).mesh.admin_listen
+        except config.ConfigError as exc:
+            for issue in exc.issues:
+                print(issue, file=err)
+            return None
+        except OSError as exc:
+            print(f"meshlet: cannot read {args.file}: {exc.strerror or exc}", file=err)
+            return None
+    return DEFAULT_ADMIN
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_status(data: dict[str, Any]) -> list[str]:
+    """The admin API's /v1/status as the table `meshlet status` prints."""
+    out: list[str] = []
+    for s in data.get("services", []):
+        head = f"{s['name']}  {s['ready']}/{s['desired']} ready"
+        if s.get("revision"):
+            head += f"  revision {s['revision'][:12]}"
+        if s.get("problem"):
+            head += f"  ({s['problem']})"
+        out.append(head)
+        rows = [("INSTANCE", "NODE", "ADDRESS", "STATE", "RESTARTS", "AGE")]
+        for i in s.get("instances", []):
+            state = i["state"] + (f" ({i['exit_code']})" if i.get("exit_code") is not None else "")
+            rows.append((i["id"], i["node"], i["address"], state, str(i["restarts"]),
+                         format_age(i.get("age"))))
+        if len(rows) > 1:
+            widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+            for r in rows:
+                out.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if not out:
+        out.append("no services")
+    return out
+
+
+def _request(method: str, url: str, timeout: float | None = 10.0) -> Any:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if args.command == "up":
+        from .up import up
+        try:
+            return asyncio.run(up(args.file, keep=args.keep, out=out, err=err))
+        except KeyboardInterrupt:
+            return 130
+    admin = _admin_address(args, err)
+    if admin is None:
+        return 2
+    base = f"http://{admin}"
+    try:
+        if args.command == "status":
+            with _request("GET", base + "/v1/status") as r:
+                data = json.load(r)
+            if args.json:
+                print(json.dumps(data, indent=2), file=out)
+            else:
+                for line in format_status(data):
+                    print(line, file=out)
+            return 0
+        if args.command == "down":
+            with _request("POST", base + "/v1/down") as r:
+                r.read()
+            print("meshlet down: stopping the workloads and the supervisor", file=out)
+            return 0
+        if args.command == "logs":
+            query = {"follow": "1" if args.follow else "0"}
+            if args.tail is not None:
+                query["tail"] = str(args.tail)
+            if args.instance:
+                query["instance"] = args.instance
+            url = f"{base}/v1/logs/{urllib.parse.quote(args.service)}?{urllib.parse.urlencode(query)}"
+            with _request("GET", url, timeout=None if args.follow else 30.0) as r:
+                while chunk := r.read1(65536):
+                    out.write(chunk.decode("utf-8", "replace"))
+                    out.flush()
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        print(f"meshlet {args.command}: {message}", file=err)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"meshlet {args.command}: no supervisor answers at {admin} ({reason}); "
+              "is `meshlet up` running?", file=err)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshlet")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

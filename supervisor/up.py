@@ -1,0 +1,288 @@
+"""``meshlet up -f FILE``: the whole mesh on this machine, until Ctrl-C.
+
+Order (and the reverse on the way down)::
+
+    catalog (embedded, unless mesh.catalog is a URL or one already answers at catalog_listen)
+    DNS     python -m discovery.dns --listen <mesh.dns.listen> --consul <url>
+    proxy   python -m proxy --listen <mesh.proxy.listen> --consul <url> --admin <admin_listen>
+    apply   FILE's services into the catalog (supervisor.apply)
+    supervisor + admin API on mesh.admin_listen; progress lines ("web: 2/2 ready")
+
+The components are child processes started like static pods: each prints a ``ready`` line,
+its stderr goes to ``<data_dir>/logs/<name>.log`` and it is started again (1 s doubling to
+30 s) whenever it dies. Ctrl-C / SIGTERM stops everything: workloads are deregistered and
+stopped, then proxy, DNS and catalog. With ``--keep`` the workloads keep running for the
+next ``meshlet up`` to adopt. A second Ctrl-C skips the graceful steps.
+
+Exit codes: 0 stopped cleanly, 1 a component could not start, 2 invalid FILE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import config
+
+from . import apply
+from .admin import AdminServer
+from .agent import Supervisor, resolve_nodes
+
+__all__ = ["Component", "ComponentFailed", "up", "component_argvs"]
+
+log = logging.getLogger(__name__)
+
+
+class ComponentFailed(Exception):
+    pass
+
+
+class Component:
+    """One meshlet component run as a child process and restarted when it dies."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, *, out: TextIO) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.out = out
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.restarts = 0
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _spawn(self, timeout: float) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=err)
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except asyncio.TimeoutError:
+            await self._terminate()
+            raise ComponentFailed(f"{self.name} did not report ready within {timeout:g}s "
+                                  f"(see {self.log_path})") from None
+        text = line.decode("utf-8", "replace").strip()
+        if not text.startswith("ready "):
+            code = await self._terminate()
+            raise ComponentFailed(f"{self.name} exited with status {code} before it was ready "
+                                  f"(see {self.log_path})")
+        try:
+            self.ready = json.loads(text[6:])
+        except ValueError:
+            await self._terminate()
+            raise ComponentFailed(f"{self.name} printed an unreadable ready line {text!r}") from None
+        asyncio.get_running_loop().create_task(self._drain(self.proc))
+
+    @staticmethod
+    async def _drain(proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while await proc.stdout.read(65536):
+            pass
+
+    async def start(self, timeout: float = 30.0) -> dict[str, Any]:
+        await self._spawn(timeout)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"watch {self.name}")
+        return self.ready
+
+    async def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            print(f"meshlet up: {self.name} exited with status {code}; starting it again",
+                  file=self.out, flush=True)
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                try:
+                    await self._spawn(30.0)
+                    self.restarts += 1
+                    delay = 1.0
+                    break
+                except (ComponentFailed, OSError) as exc:
+                    print(f"meshlet up: {exc}", file=self.out, flush=True)
+
+    async def _terminate(self, grace: float = 10.0) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            try:
+                proc.terminate()
+                return await asyncio.wait_for(proc.wait(), grace)
+            except ProcessLookupError:
+                pass
+            except asyncio.TimeoutError:
+                proc.kill()
+        return await proc.wait()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._terminate()
+
+
+def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]:
+    """The DNS and proxy command lines for ``mesh`` against the catalog at ``url``."""
+    py = sys.executable
+    dns = [py, "-m", "discovery.dns", "--consul", url, "--domain", mesh.domain,
+           "--mode", mesh.dns.mode]
+    for listen in mesh.dns.listen:
+        dns += ["--listen", listen]
+    for recursor in mesh.dns.recursors:
+        dns += ["--recursor", recursor]
+    proxy = [py, "-m", "proxy", "--consul", url, "--domain", mesh.domain,
+             "--admin", mesh.proxy.admin_listen, "--workers", str(mesh.proxy.workers)]
+    for listen in mesh.proxy.listen:
+        proxy += ["--listen", listen]
+    return {"dns": dns, "proxy": proxy}
+
+
+async def _answers(url: str) -> bool:
+    from discovery.consul import connect
+    client = connect(url, timeout=2.0)
+    try:
+        await client.status.leader()
+        return True
+    except Exception:  # noqa: BLE001 - anything but an answer means "no"
+        return False
+    finally:
+        await client.close()
+
+
+def _progress(sup: Supervisor) -> list[str]:
+    lines = []
+    for s in sup.status()["services"]:
+        if s["desired"] or s["instances"]:
+            line = f"{s['name']}: {s['ready']}/{s['desired']} ready"
+            if s.get("problem"):
+                line += f" ({s['problem']})"
+            lines.append(line)
+    return lines
+
+
+async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
+             err: TextIO = sys.stderr) -> int:
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=err)
+        return 2
+    except OSError as exc:
+        print(f"meshlet up: cannot read {path}: {exc.strerror or exc}", file=err)
+        return 2
+    mesh = cfg.mesh
+    data_dir = Path(mesh.data_dir)
+    log_dir = data_dir / "logs"
+    stop = asyncio.Event()
+    force = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    started: list[Component] = []
+    sup: Supervisor | None = None
+    admin: AdminServer | None = None
+    try:
+        url = apply.resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
+        if mesh.catalog != "embedded":
+            if not await _answers(url):
+                print(f"meshlet up: cannot reach the catalog at {url} (mesh.catalog)", file=err)
+                return 1
+        elif await _answers(url):
+            print(f"meshlet up: using the catalog already answering at {url}", file=out, flush=True)
+        else:
+            catalog = Component("catalog", [sys.executable, "-m", "discovery.catalog", "--listen",
+                                            mesh.catalog_listen, "--data-dir", str(data_dir / "catalog")],
+                                log_dir, out=err)
+            ready = await catalog.start()
+            started.append(catalog)
+            url = "http://" + (ready.get("http") or mesh.catalog_listen)
+            print(f"meshlet up: catalog at {url} (data in {data_dir / 'catalog'})", file=out, flush=True)
+        for name, argv in component_argvs(mesh, url).items():
+            comp = Component(name, argv, log_dir, out=err)
+            ready = await comp.start()
+            started.append(comp)
+            print(f"meshlet up: {name} ready {json.dumps(ready)}", file=out, flush=True)
+        changes = await apply.apply_to(url, cfg.services, mesh.vip_range, err=err)
+        if changes is None:
+            return 1
+        for change in changes:
+            for line in apply.format_change(change):
+                print(line, file=out, flush=True)
+        nodes = await resolve_nodes(mesh)
+        print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
+              file=out, flush=True)
+        sup = Supervisor(url, nodes, data_dir)
+        await sup.start()
+        admin = AdminServer(sup, on_down=stop.set)
+        bound = await admin.start(mesh.admin_listen)
+        print(f"meshlet up: admin API at http://{bound}; press Ctrl-C to stop", file=out, flush=True)
+        last: list[str] = []
+        while not stop.is_set():
+            lines = _progress(sup)
+            if lines != last:
+                for line in lines:
+                    if line not in last:
+                        print(line, file=out, flush=True)
+                last = lines
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return 0
+    except (ComponentFailed, OSError, ValueError) as exc:
+        print(f"meshlet up: {exc}", file=err)
+        return 1
+    finally:
+        stop_workloads = not keep or (admin is not None and admin.down_requested)
+        if admin is not None:
+            await admin.close()
+        if sup is not None:
+            what = "stopping workloads" if stop_workloads else "leaving workloads running (--keep)"
+            print(f"meshlet up: {what}", file=out, flush=True)
+            closing = asyncio.ensure_future(sup.close(stop=stop_workloads))
+            done_or_forced = asyncio.ensure_future(force.wait())
+            await asyncio.wait([closing, done_or_forced], return_when=asyncio.FIRST_COMPLETED)
+            done_or_forced.cancel()
+            if not closing.done():
+                closing.cancel()
+        for comp in reversed(started):
+            await comp.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        print("meshlet up: stopped", file=out, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="meshlet up")
+    parser.add_argument("-f", "--file", required=True)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(up(args.file, keep=args.keep))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

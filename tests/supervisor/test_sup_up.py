@@ -1,0 +1,118 @@
+"""`meshlet up` end to end on the demo config: catalog, DNS, proxy and supervisor."""
+
+from __future__ import annotations
+
+import io
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import yaml
+
+from _util import free_port, stop_process, wait_for
+from supervisor.commands import main as commands_main
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "config" / "examples"
+
+
+def demo_copy(tmp: Path) -> tuple[Path, dict[str, int]]:
+    ports = {k: free_port() for k in ("catalog", "admin", "dns", "proxy", "proxy_admin")}
+    doc = yaml.safe_load((EXAMPLES / "demo.yaml").read_text())
+    doc["mesh"] = {
+        "catalog_listen": f"127.0.0.1:{ports['catalog']}",
+        "admin_listen": f"127.0.0.1:{ports['admin']}",
+        "data_dir": "./state",
+        "vip_range": "127.91.0.0/24",
+        "dns": {"listen": [f"127.0.0.1:{ports['dns']}"]},
+        "proxy": {"listen": [f"127.0.0.1:{ports['proxy']}"],
+                  "admin_listen": f"127.0.0.1:{ports['proxy_admin']}"},
+        "nodes": [{"name": "local", "runtime": "process"}],
+    }
+    shutil.copytree(EXAMPLES / "apps", tmp / "apps")
+    path = tmp / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path, ports
+
+
+class Lines:
+    def __init__(self, stream) -> None:
+        self.q: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self.q.put(line.rstrip("\n"))
+
+    def wait(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in s for s in self.seen):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} not printed within {timeout}s; got {self.seen}"
+            try:
+                self.seen.append(self.q.get(timeout=left))
+            except queue.Empty:
+                pass
+
+
+def run_cmd(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    real = sys.stdout
+    sys.stdout = out
+    try:
+        code = commands_main(list(argv))
+    finally:
+        sys.stdout = real
+    return code, out.getvalue()
+
+
+def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
+    path, ports = demo_copy(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+                            cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    lines = Lines(proc.stdout)
+    try:
+        lines.wait("web: 2/2 ready", timeout=60)
+        lines.wait("api: 1/1 ready", timeout=30)
+
+        def through_proxy():
+            req = urllib.request.Request(f"http://127.0.0.1:{ports['proxy']}/",
+                                         headers={"Host": "web.service.meshlet"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status == 200 and r.read().decode()
+        body = wait_for(through_proxy, timeout=15)
+        assert body.startswith("hello from web-")
+
+        def resolves():
+            q = dns.message.make_query("web.service.meshlet", dns.rdatatype.A)
+            r = dns.query.udp(q, "127.0.0.1", port=ports["dns"], timeout=2)
+            return [a.address for rrset in r.answer for a in rrset]
+        addresses = wait_for(resolves, timeout=10)
+        assert addresses and all(a.startswith("127.91.0.") for a in addresses)
+
+        admin = f"127.0.0.1:{ports['admin']}"
+        code, text = run_cmd("status", "--admin", admin)
+        assert code == 0
+        assert "web  2/2 ready" in text and "api  1/1 ready" in text
+        assert text.count("local  127.0.0.1:") == 3
+        code, text = run_cmd("logs", "web", "--admin", admin)
+        assert code == 0 and "listening on" in text
+
+        code, _ = run_cmd("down", "--admin", admin)
+        assert code == 0
+        assert proc.wait(timeout=30) == 0
+        assert not list((tmp_path / "state" / "nodes" / "local" / "instances").glob("*.json")), \
+            "down stops and removes every workload"
+        code, _ = run_cmd("status", "--admin", admin)
+        assert code == 1
+    finally:
+        stop_process(proc)
