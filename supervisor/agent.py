@@ -83,7 +83,8 @@ class _Inst:
     prober: ProbeScheduler | None = None
     killed: bool = False
     noticed_exit: float | None = None
-    spec_revision: str = ""
+    pushing: bool = False              # a status push is in flight (pushes are serialised)
+    pushed: str | None = None          # the last status the catalog acknowledged
 
     def replica(self) -> Replica:
         o = self.obs
@@ -241,6 +242,8 @@ class Supervisor:
                 await rt.close()
             except Exception:  # noqa: BLE001 - closing continues with the rest
                 log.warning("closing runtime %s failed", rt, exc_info=True)
+        if self._pending_status:
+            await asyncio.gather(*self._pending_status, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         if self._client is not None:
@@ -332,7 +335,7 @@ class Supervisor:
             if time.monotonic() - last_status >= self.check_ttl / 2 - self.resync:
                 last_status = time.monotonic()
                 for inst in list(self.instances.values()):
-                    self._push_status(inst)
+                    self._push_status(inst, force=True)
 
     def _service_names(self) -> set[str]:
         return (set(self.desired) | {i.obs.service for i in self.instances.values()}
@@ -527,30 +530,45 @@ class Supervisor:
         meta = {"revision": self.doc_revision.get(o.service, o.revision), "node": o.node, "slot": str(o.slot), "weight": "1"}
         meta.update({f"port_{name}": str(port) for name, port in o.ports.items()})
         first = next(iter(o.ports.values()), 0)
-        check = {"TTL": f"{self.check_ttl:g}s", "Status": self._status_of(inst)}
+        status = self._status_of(inst)
+        check = {"TTL": f"{self.check_ttl:g}s", "Status": status}
         await self._client.agent.service.register(
             o.service, service_id=o.instance_id, address=node.address if node else o.address,
             port=first, tags=tags, meta=meta, check=check)
         self.registered[o.instance_id] = o.service
         self.registered_rev[o.instance_id] = meta["revision"]
+        inst.pushed = status
         # The status may have changed while the registration was in flight.
         self._push_status(inst)
 
-    def _push_status(self, inst: _Inst) -> None:
-        """Send the instance's readiness to its TTL check now (not through a sync)."""
+    def _push_status(self, inst: _Inst, *, force: bool = False) -> None:
+        """Send the instance's readiness to its TTL check now (not through a sync).
+
+        One push per instance at a time; the pusher re-reads the wanted status after each
+        request, so quick flips end at the latest state, never at an older one."""
         iid = inst.obs.instance_id
         if iid not in self.registered or self._client is None:
             return
-        status = self._status_of(inst)
+        if force:
+            inst.pushed = None
+        if inst.pushing:
+            return
 
         async def push() -> None:
+            inst.pushing = True
             try:
-                if status == "passing":
-                    await self._client.agent.check.ttl_pass(f"service:{iid}")
-                else:
-                    await self._client.agent.check.ttl_fail(f"service:{iid}")
-            except Exception as exc:  # noqa: BLE001 - re-asserted every TTL/2 anyway
-                log.warning("cannot update the check of %s: %s", iid, exc)
+                while iid in self.registered and inst.pushed != (status := self._status_of(inst)):
+                    try:
+                        if status == "passing":
+                            await self._client.agent.check.ttl_pass(f"service:{iid}")
+                        else:
+                            await self._client.agent.check.ttl_fail(f"service:{iid}")
+                        inst.pushed = status
+                    except Exception as exc:  # noqa: BLE001 - re-asserted every TTL/2 anyway
+                        log.warning("cannot update the check of %s: %s", iid, exc)
+                        return
+            finally:
+                inst.pushing = False
 
         task = asyncio.create_task(push())
         self._pending_status.add(task)
