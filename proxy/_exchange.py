@@ -320,17 +320,21 @@ class Exchange:
         self.ep = None
         self.status = status or 0
         time_left = self._time_left(now)
+        # A connect failure reached no upstream, so retrying it adds no load anywhere: it
+        # is exempt from the retry budget (Envoy counts it; a kill -9 of one instance under
+        # load would otherwise turn the budget's excess into client-visible 502s).
         if (retry_decision(failure=failure, status=status, idempotent=self.head.idempotent,
                            replayable=self.replayable, response_started=self.resp is not None,
                            retries=self.retries, max_retries=cluster.settings.retries.attempts,
                            time_left=time_left)
-                and cluster.retry_allowed()):
+                and (failure == "connect" or cluster.retry_allowed())):
             if self.tried is None:
                 self.tried = set()
             self.tried.add(ep.id)
             self.retries += 1
-            self.retrying = True
-            cluster.retry_begin()
+            if failure != "connect":
+                self.retrying = True
+                cluster.retry_begin()
             self.server.metrics.retry(self.service)
             self.attempt(ep=nxt)
             return

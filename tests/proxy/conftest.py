@@ -288,12 +288,19 @@ async def download(request):
     await resp.write_eof()
     return resp
 
+def chosen(request):
+    """?only=NAME: the special behaviour applies to that backend only."""
+    only = request.query.get("only")
+    return only is None or only == NAME
+
 async def slow(request):
-    await asyncio.sleep(float(request.query.get("delay", "1")))
+    if chosen(request):
+        await asyncio.sleep(float(request.query.get("delay", "1")))
     return web.Response(text="slow done " + NAME)
 
 async def status(request):
-    code = int(request.match_info["code"])
+    await request.read()
+    code = int(request.match_info["code"]) if chosen(request) else 200
     return web.Response(status=code, text="status %d from %s" % (code, NAME))
 
 async def nocontent(request):
@@ -337,12 +344,18 @@ asyncio.run(main())
 
 
 class Backend:
-    def __init__(self, name: str, port: int = 0) -> None:
+    def __init__(self, name: str, port: int = 0, wait: bool = True) -> None:
         self.name = name
+        self.port = 0
         self.proc = subprocess.Popen([PY, "-c", BACKEND_SRC, name, str(port)], stdout=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
-        ready = read_ready(self.proc, 15, f"backend {name}")
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> Backend:
+        ready = read_ready(self.proc, 15, f"backend {self.name}")
         self.port = int(ready["http"].rsplit(":", 1)[1])
+        return self
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -577,7 +590,9 @@ class Env:
         self.catalog = catalog
         self.name = name
         self.host = f"{name}.service.meshlet"
-        self.backends = [Backend(f"{name}-b{i}") for i in range(n)]
+        self.backends = [Backend(f"{name}-b{i}", wait=False) for i in range(n)]
+        for b in self.backends:
+            b.wait_ready()
         for i, b in enumerate(self.backends):
             catalog.register(name, f"{name}-{i}", b.port)
         if yaml is not None:
