@@ -42,8 +42,9 @@ How each engine is started, and why::
 The process also gets ``HTTP(S)_PROXY=http://127.0.0.1:9`` (a closed loopback port): no
 registry is reachable here, so an attempted pull fails at once, on loopback, instead of
 sending DNS and TCP off the machine; meshlet's "image missing -> pull -> clear error" path
-is tested against exactly that. It runs in its own session with PR_SET_PDEATHSIG=SIGTERM,
-so it goes away with the test process even when pytest is killed.
+is tested against exactly that. It runs in its own session; started from the main thread
+it also gets PR_SET_PDEATHSIG=SIGTERM, so it goes away with the test process even when
+pytest is killed.
 
 Stopping: SIGTERM, SIGKILL after a deadline, then any containerd/shim process left that
 names this engine's root is killed by pid, leftover mounts under the root are detached
@@ -68,6 +69,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,9 +302,13 @@ def _start_once(name: str, root: Path, driver: str, deadline: float) -> DockerEn
     env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                 "NO_PROXY": ""})
     with open(root / "dockerd.log", "ab") as log:
+        # PDEATHSIG fires when the *thread* that forked exits: only tie dockerd to the main
+        # thread, never to a pool thread that may end long before the session.
+        in_main = threading.current_thread() is threading.main_thread()
         proc = subprocess.Popen(_dockerd_argv(name, root, driver), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_set_pdeathsig)
+                                start_new_session=True,
+                                preexec_fn=_set_pdeathsig if in_main else None)
     engine = DockerEngine(name, root, proc, driver)
     end = time.monotonic() + deadline
     while time.monotonic() < end:

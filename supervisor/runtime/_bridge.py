@@ -15,7 +15,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
 from .base import RuntimeEvent
@@ -72,7 +72,7 @@ class _Failure(Generic[T]):
 
 async def iterate_in_thread(open_iter: Callable[[], Iterator[T]],
                             cancel: Callable[[Iterator[T]], None], *,
-                            name: str, maxsize: int = 64) -> AsyncIterator[T]:
+                            name: str, maxsize: int = 64) -> AsyncGenerator[T, None]:
     """Yield the items of ``open_iter()`` (called in a new daemon thread)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize)

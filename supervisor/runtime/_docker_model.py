@@ -42,7 +42,8 @@ def identity_labels(spec: InstanceSpec) -> dict[str, str]:
 
 def resolv_conf(dns: str) -> str:
     """The resolv.conf of a workload whose resolver is meshlet's DNS at ``dns`` (port 53)."""
-    return f"# written by meshlet: the mesh's DNS answers <service>.service names\nnameserver {dns}\n"
+    return ("# written by meshlet: the mesh's DNS answers <service>.service names\n"
+            f"nameserver {dns}\n")
 
 
 def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ node; an unreachable engine is ``EngineUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import logging
 import os
@@ -306,7 +307,7 @@ class DockerRuntime:
         """Every meshlet container of this node, running or exited."""
         return await self._run(self._list_sync)
 
-    def _list_sync(self) -> list[Observed]:
+    def _list_sync(self) -> builtins.list[Observed]:
         containers = self._docker().containers.list(all=True, filters=self._filters(),
                                                     ignore_removed=True)
         return [observed_from_attrs(c.attrs, self.address) for c in containers]

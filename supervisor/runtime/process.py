@@ -152,11 +152,23 @@ class ProcessRuntime:
         argv = [*(spec.command or ()), *spec.args]
         log_path = self.log_path(spec.instance_id)
         env = workload_env(spec, self._base_env())
+        # In a thread: fork+exec must not stall the loop (with a memory limit it is a
+        # full fork of the supervisor, not vfork).
+        spawning = asyncio.ensure_future(asyncio.to_thread(_spawn, argv, env, spec.workdir,
+                                                           log_path, spec.memory))
         try:
-            # In a thread: fork+exec must not stall the loop (with a memory limit it is a
-            # full fork of the supervisor, not vfork).
-            proc = await asyncio.to_thread(_spawn, argv, env, spec.workdir, log_path,
-                                           spec.memory)
+            proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # The fork goes on in its thread: never leave a process without a state file.
+            try:
+                orphan = await spawning
+            except OSError:
+                pass
+            else:
+                self._kill_group(orphan.pid, signal.SIGKILL)
+                await asyncio.to_thread(orphan.wait)
+            log_path.unlink(missing_ok=True)
+            raise
         except OSError as exc:
             log_path.unlink(missing_ok=True)
             what = exc.filename if exc.filename is not None else argv[0]
