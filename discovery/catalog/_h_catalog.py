@@ -67,17 +67,11 @@ def _passing(req: Req) -> bool:
         raise BadRequest("Invalid value for ?passing") from None
 
 
-def _respond(req: Req, index: int, items: list[Any], render_cached: bytes | None = None) -> web.StreamResponse:
-    if render_cached is not None and not req.pretty and "filter" not in req.query:
-        return json_response(None, index=index, body=render_cached)
-    return req.json(apply_filter(items, req.query.get("filter")), index)
-
-
 async def _blocking_list(req: Req, topic: str, index_of: Callable[[], int], items: Callable[[], list[Any]]) -> web.StreamResponse:
     if req.query.get("filter") is not None:
         apply_filter([], req.query["filter"])  # a bad filter is a 400 before blocking
     index, data = await req.block(lambda: (index_of(), items()), topics=(topic,))
-    return _respond(req, index, data)
+    return req.json(apply_filter(data, req.query.get("filter")), index)
 
 
 # -- catalog ---------------------------------------------------------------------------

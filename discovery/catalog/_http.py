@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from ._decode import DecodeError, parse_uint
-from ._errors import BadRequest, CatalogError, MethodNotAllowed, NotFound, TooLarge
+from ._errors import BadRequest, CatalogError, MethodNotAllowed, TooLarge
 from ._watch import block, parse_wait
 
 if TYPE_CHECKING:
@@ -96,6 +96,8 @@ class Req:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"Request decode failed: {exc}") from None
+        except RecursionError:
+            raise BadRequest("Request decode failed: exceeded max depth") from None
 
     def blocking(self) -> tuple[int, float]:
         """``(index, wait seconds)`` with Consul's 400 texts for bad values."""
@@ -219,10 +221,7 @@ def make_handler(router: Router) -> Callable[[web.Request], Awaitable[web.Stream
         except MethodNotAllowed as exc:
             return _text(exc.status, exc.reason, {"Allow": exc.allow})
         except CatalogError as exc:
-            headers = None
-            if isinstance(exc, NotFound) and getattr(exc, "index", None) is not None:
-                headers = read_headers(exc.index)  # type: ignore[attr-defined]
-            return _text(exc.status, exc.reason, headers)
+            return _text(exc.status, exc.reason)
         except DecodeError as exc:
             return _text(400, f"Request decode failed: {exc}")
         except (web.HTTPException, ConnectionResetError):

@@ -37,9 +37,11 @@ __all__ = [
     "kv_keys",
     "entry_json",
     "release_session_locks",
+    "reap_tombstones",
 ]
 
 MAX_VALUE_SIZE = 512 * 1024  # kv_max_value_size
+TOMBSTONE_TTL = 900.0  # seconds a delete's tombstone is kept (Consul's tombstone_ttl, 15m)
 
 
 def validate_key(key: str) -> str | None:
@@ -186,6 +188,17 @@ def release_session_locks(st: State, tx: Tx, session: Row, now: float | None = N
             # Set at once (not after commit) so that an acquire later in the same batch
             # already sees it; if the batch fails, a spurious delay is the only harm.
             st.lock_delays[key] = now + delay_ns / 1e9
+
+
+def reap_tombstones(st: State, tx: Tx, now: float, limit: int = 10_000) -> int:
+    """Forget tombstones older than TOMBSTONE_TTL (at most ``limit`` per op). Takes no
+    index: it changes no answer except that a prefix's index may step back, which
+    clients handle (they reset when an index goes backwards)."""
+    cutoff = now - TOMBSTONE_TTL
+    old = [k for k, row in st.tombs.rows.items() if row.get("t", 0) < cutoff][:limit]
+    for key in old:
+        tx.delete(st.tombs, key)
+    return len(old)
 
 
 # -- reads ---------------------------------------------------------------------------------

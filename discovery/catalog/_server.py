@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,35 @@ class Options:
         return self.host.strip("[]")
 
 
+class TombstoneReaper:
+    """Drops KV tombstones older than 15 minutes, checking every minute."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, server: "CatalogServer") -> None:
+        self.server = server
+        self._handle: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(self.INTERVAL, self._tick)
+
+    async def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        from ._kv import reap_tombstones
+
+        st = self.server.state
+        if st.tombs.rows:
+            now = time.time()
+            fut = self.server.store.submit(lambda tx: reap_tombstones(st, tx, now))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() and log.warning(
+                "tombstone reaping failed: %s", f.exception()))
+        self._handle = asyncio.get_running_loop().call_later(self.INTERVAL, self._tick)
+
+
 class CatalogServer:
     """One catalog: owns its store, hub, timers and HTTP site."""
 
@@ -66,7 +96,7 @@ class CatalogServer:
         self.checks = CheckRunner(self)
         self.sessions = SessionTimers(self)
         self._runner: web.AppRunner | None = None
-        self._components: list[Any] = [self.sessions, self.checks]
+        self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
 
     def build_app(self) -> web.Application:

@@ -84,3 +84,44 @@ def test_concurrent_cas_increments_are_linearisable(catalog) -> None:
     final = int(c.kv.get("counter")[1]["Value"])
     assert final == sum(successes)
     assert final > 0
+
+
+def _registrar(url: str, name: str, acked: list[str], stop: threading.Event) -> None:
+    s = requests.Session()
+    i = 0
+    while not stop.is_set():
+        sid = f"{name}-{i}"
+        body = {"Name": name, "ID": sid, "Port": 1000 + i, "Check": {"TTL": "60s", "Status": "passing"}}
+        try:
+            r = s.put(f"{url}/v1/agent/service/register", json=body, timeout=5)
+        except requests.RequestException:
+            return
+        if r.status_code == 200:
+            acked.append(sid)
+        i += 1
+
+
+def test_kill_9_mid_registrations_loses_no_acknowledged_instance(catalog) -> None:
+    acked: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_registrar, args=(catalog.url, f"svc{n}", acked, stop)) for n in range(4)]
+    threads.append(threading.Thread(target=_writer, args=(catalog.url, "kv", [], stop)))
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(acked) >= 200, timeout=30, what="200 acknowledged registrations")
+        catalog.kill()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    snapshot = set(acked)
+    catalog.restart()
+    c = catalog.client()
+    services = c.agent.services()
+    assert snapshot <= set(services)
+    checks = c.agent.checks()
+    assert all(checks[f"service:{sid}"]["Status"] == "passing" for sid in snapshot)
+    for n in range(4):
+        _, nodes = c.health.service(f"svc{n}", passing=True)
+        assert {x["Service"]["ID"] for x in nodes} >= {s for s in snapshot if s.startswith(f"svc{n}-")}

@@ -1,0 +1,150 @@
+"""Cross-cutting HTTP rules, bad input, and the process lifecycle (ready line, signals)."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from _util import ServerStartError, start_server, wait_for
+from catalog_helpers import blocked
+
+READ_PATHS = [
+    "/v1/kv/missing", "/v1/kv/?recurse", "/v1/kv/?keys", "/v1/catalog/services", "/v1/catalog/nodes",
+    "/v1/catalog/service/web", "/v1/catalog/node/meshlet", "/v1/health/service/web", "/v1/health/checks/web",
+    "/v1/health/state/any", "/v1/health/node/meshlet", "/v1/session/list", "/v1/session/info/x",
+    "/v1/session/node/meshlet", "/v1/agent/services", "/v1/agent/checks", "/v1/status/leader",
+    "/v1/status/peers", "/v1/catalog/datacenters",
+]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-")) for p in READ_PATHS])
+def test_read_endpoints_carry_consul_headers(catalog, path: str) -> None:
+    r = requests.get(catalog.url + path, timeout=5)
+    assert r.status_code in (200, 404)
+    assert int(r.headers["X-Consul-Index"]) >= 1
+    assert r.headers["X-Consul-KnownLeader"] == "true"
+    assert r.headers["X-Consul-LastContact"] == "0"
+    if r.status_code == 200:
+        assert r.headers["Content-Type"].startswith("application/json")
+        r.json()
+
+
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [
+        pytest.param("GET", "/v1/agent/service/register", "OPTIONS,PUT", id="register-get"),
+        pytest.param("POST", "/v1/health/service/web", "OPTIONS,GET", id="health-post"),
+        pytest.param("DELETE", "/v1/session/create", "OPTIONS,PUT", id="session-delete"),
+        pytest.param("GET", "/v1/txn", "OPTIONS,PUT", id="txn-get"),
+    ],
+)
+def test_wrong_method(catalog, method: str, path: str, allow: str) -> None:
+    r = requests.request(method, catalog.url + path, timeout=5)
+    assert (r.status_code, r.text, r.headers["Allow"]) == (405, f"method {method} not allowed", allow)
+
+
+@pytest.mark.parametrize("path", ["/v1/acl/token/self", "/v1/acl/tokens", "/v1/acl/bootstrap", "/v1/agent/token/default"])
+def test_acl_is_disabled(catalog, path: str) -> None:
+    for method in ("GET", "PUT"):
+        r = requests.request(method, catalog.url + path, timeout=5)
+        assert (r.status_code, r.text) == (401, "ACL support disabled")
+
+
+def test_unknown_paths(catalog) -> None:
+    for path in ("/v1/nothing", "/v1/agent/nothing", "/v1/catalog"):
+        r = requests.get(catalog.url + path, timeout=5)
+        assert (r.status_code, r.text) == (404, "Invalid URL path: not a recognized HTTP API endpoint\n")
+
+
+def test_pretty(catalog) -> None:
+    catalog.client().agent.service.register("web")
+    compact = requests.get(catalog.url + "/v1/health/service/web", timeout=5)
+    pretty = requests.get(catalog.url + "/v1/health/service/web?pretty", timeout=5)
+    assert "\n" not in compact.text
+    assert pretty.text.endswith("\n") and '\n    {\n        "Node"' in "\n" + pretty.text[1:]
+    assert pretty.json() == compact.json()
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        pytest.param("PUT", "/v1/agent/service/register", b"\xff\xfe\x00", id="not-utf8"),
+        pytest.param("PUT", "/v1/agent/service/register", b"[" * 100_000, id="deep-nesting"),
+        pytest.param("PUT", "/v1/catalog/register", b'{"Node": 1}', id="wrong-type"),
+        pytest.param("PUT", "/v1/session/create", b'"just a string"', id="session-string"),
+        pytest.param("PUT", "/v1/agent/check/register", b'{"Name": "c", "Interval": {}}', id="object-duration"),
+        pytest.param("GET", "/v1/kv/%00%01?recurse", b"", id="control-chars"),
+        pytest.param("GET", "/v1/health/service/web?index=99999999999999999999999", b"", id="index-overflow"),
+        pytest.param("PUT", "/v1/txn", b"[null]", id="txn-null-op"),
+        pytest.param("PUT", "/v1/agent/check/update/x", b"{}", id="update-unknown"),
+    ],
+)
+def test_bad_input_never_crashes_or_leaks_a_trace(catalog, method: str, path: str, body: bytes) -> None:
+    conn = http.client.HTTPConnection(catalog.host, catalog.port, timeout=10)
+    conn.request(method, path, body=body)
+    r = conn.getresponse()
+    text = r.read().decode("utf-8", "replace")
+    conn.close()
+    assert r.status < 500 or r.status == 500 and "Internal error" not in text, text
+    assert "Traceback" not in text and 'File "' not in text
+    assert requests.get(catalog.url + "/v1/status/leader", timeout=5).status_code == 200  # still serving
+
+
+def test_sigterm_answers_blocked_queries_and_exits_0(catalog) -> None:
+    c = catalog.client()
+    c.kv.put("k", "v")
+    index, _ = c.kv.get("k")
+    answers = []
+
+    def watch() -> None:
+        r = requests.get(catalog.url + "/v1/kv/k", params={"index": index, "wait": "60s"}, timeout=30)
+        answers.append(r.status_code)
+
+    threads = [threading.Thread(target=watch) for _ in range(5)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: blocked(catalog.url) >= 5, what="5 blocked")
+    start = time.monotonic()
+    assert catalog.kill(signal.SIGTERM) == 0
+    for t in threads:
+        t.join(10)
+    assert answers == [200] * 5
+    assert time.monotonic() - start < 10
+
+
+def test_busy_port_fails_to_start(catalog, tmp_path) -> None:
+    argv = [sys.executable, "-m", "discovery.catalog", "--listen", f"127.0.0.1:{catalog.port}",
+            "--data-dir", str(tmp_path / "other")]
+    with pytest.raises(ServerStartError):
+        start_server(argv, timeout=15)
+
+
+def test_ready_line_and_bad_arguments(tmp_path) -> None:
+    proc, ready = start_server([sys.executable, "-m", "discovery.catalog", "--listen", "127.0.0.1:0",
+                                "--data-dir", str(tmp_path / "d"), "--node", "n7", "--datacenter", "east"])
+    try:
+        assert set(ready) == {"http"}
+        host, port = ready["http"].rsplit(":", 1)
+        me = requests.get(f"http://{host}:{port}/v1/agent/self", timeout=5).json()
+        assert (me["Config"]["NodeName"], me["Config"]["Datacenter"]) == ("n7", "east")
+        r = requests.get(f"http://{host}:{port}/v1/kv/a", params={"dc": "dc1"}, timeout=5)
+        assert (r.status_code, r.text) == (500, "No path to datacenter")
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    bad = subprocess.run([sys.executable, "-m", "discovery.catalog", "--listen", "nowhere"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+def test_main_is_importable() -> None:
+    from discovery.catalog import main
+
+    assert main(["--listen", "bad"]) == 2

@@ -1,0 +1,346 @@
+"""The catalog's pure parts, tested directly: decoding, durations, filters, check rules,
+key validation, wait times and the wake-up structure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from discovery.catalog._checkdef import apply_result, check_definition, http_status, truncate_output
+from discovery.catalog._decode import (
+    DecodeError, decode_struct, format_go_duration, parse_bool, parse_go_duration, parse_uint,
+)
+from discovery.catalog._errors import BadRequest, CatalogError
+from discovery.catalog._filter import FilterError, apply_filter, compile_filter
+from discovery.catalog._kv import validate_key
+from discovery.catalog._render import RenderCache
+from discovery.catalog._schemas import SERVICE_DEFINITION
+from discovery.catalog._watch import WatchHub, wait_seconds
+
+
+@pytest.mark.parametrize(
+    "text, ns",
+    [
+        pytest.param("0", 0, id="zero"),
+        pytest.param("300ms", 300_000_000, id="ms"),
+        pytest.param("1h2m3s", 3_723_000_000_000, id="hms"),
+        pytest.param("1.5s", 1_500_000_000, id="fraction"),
+        pytest.param("-2m", -120_000_000_000, id="negative"),
+        pytest.param("10us", 10_000, id="us"),
+        pytest.param("10\u00b5s", 10_000, id="micro-sign"),
+        pytest.param("7ns", 7, id="ns"),
+    ],
+)
+def test_parse_go_duration(text: str, ns: int) -> None:
+    assert parse_go_duration(text) == ns
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        pytest.param("", 'time: invalid duration ""', id="empty"),
+        pytest.param("10", 'time: missing unit in duration "10"', id="no-unit"),
+        pytest.param("10x", 'time: unknown unit "x" in duration "10x"', id="bad-unit"),
+        pytest.param("s", 'time: invalid duration "s"', id="no-number"),
+        pytest.param("1s2", 'time: missing unit in duration "1s2"', id="trailing-number"),
+    ],
+)
+def test_parse_go_duration_errors(text: str, message: str) -> None:
+    with pytest.raises(DecodeError) as err:
+        parse_go_duration(text)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "ns, text",
+    [
+        pytest.param(0, "0s", id="zero"),
+        pytest.param(100_000_000, "100ms", id="ms"),
+        pytest.param(10_000_000_000, "10s", id="s"),
+        pytest.param(90_000_000_000, "1m30s", id="m"),
+        pytest.param(3_600_000_000_000, "1h0m0s", id="h"),
+        pytest.param(1_500_000_000, "1.5s", id="fraction"),
+        pytest.param(1_500, "1.5\u00b5s", id="us"),
+        pytest.param(-1_000_000_000, "-1s", id="negative"),
+    ],
+)
+def test_format_go_duration(ns: int, text: str) -> None:
+    assert format_go_duration(ns) == text
+
+
+@given(st.integers(min_value=-(10**15), max_value=10**15))
+def test_duration_round_trip(ns: int) -> None:
+    assert parse_go_duration(format_go_duration(ns)) == ns
+
+
+def test_parse_bool_and_uint() -> None:
+    assert [parse_bool(x) for x in ("1", "t", "TRUE", "0", "F", "false")] == [True, True, True, False, False, False]
+    with pytest.raises(DecodeError):
+        parse_bool("yes")
+    assert parse_uint("18446744073709551615") == 2**64 - 1
+    for bad in ("", "-1", "1.0", "18446744073709551616", "x"):
+        with pytest.raises(DecodeError):
+            parse_uint(bad)
+
+
+def test_decode_struct_case_aliases_and_types() -> None:
+    d = decode_struct(
+        {"NAME": "web", "tagged_addresses": {"lan": {"address": "10.0.0.1", "PORT": 80}},
+         "checks": [{"ttl": 5_000_000_000, "deregister_critical_service_after": "1m", "args": ["x"]}],
+         "enable_tag_override": True, "Meta": None},
+        SERVICE_DEFINITION,
+    )
+    assert d == {
+        "Name": "web",
+        "TaggedAddresses": {"lan": {"Address": "10.0.0.1", "Port": 80}},
+        "Checks": [{"TTL": 5_000_000_000, "DeregisterCriticalServiceAfter": 60_000_000_000, "ScriptArgs": ["x"]}],
+        "EnableTagOverride": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        pytest.param({"Name": "s", "x": 1}, 'json: unknown field "x"', id="unknown"),
+        pytest.param({"Port": "80"}, "json: cannot unmarshal string into Go struct field structs.ServiceDefinition.Port of type int",
+                     id="string-for-int"),
+        pytest.param({"Port": 1.5}, "json: cannot unmarshal number 1.5 into Go struct field structs.ServiceDefinition.Port of type int",
+                     id="float-for-int"),
+        pytest.param({"Tags": "a"}, "json: cannot unmarshal string into Go struct field structs.ServiceDefinition.Tags of type []string",
+                     id="string-for-list"),
+        pytest.param({"Check": {"TTL": True}}, None, id="bool-duration"),
+        pytest.param([], "json: cannot unmarshal array into Go value of type structs.ServiceDefinition", id="array"),
+    ],
+)
+def test_decode_struct_errors(body, message: str | None) -> None:
+    with pytest.raises(DecodeError) as err:
+        decode_struct(body, SERVICE_DEFINITION)
+    if message is not None:
+        assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "key, refused",
+    [
+        pytest.param("meshlet/services/web", False, id="plain"),
+        pytest.param("a/b.c/..d", False, id="dots-inside-a-segment"),
+        pytest.param("a/../b", True, id="traversal"),
+        pytest.param("..", True, id="dotdot"),
+        pytest.param("a/%2e%2e/b", True, id="encoded"),
+        pytest.param("a/%252e%252e/b", True, id="double-encoded"),
+        pytest.param("a\\..\\b", True, id="backslashes"),
+        pytest.param(" a", True, id="leading-space"),
+        pytest.param("a\t", True, id="trailing-tab"),
+    ],
+)
+def test_validate_key(key: str, refused: bool) -> None:
+    assert (validate_key(key) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    "wait, low, high",
+    [
+        pytest.param(None, 300, 300 * 17 / 16, id="default"),
+        pytest.param("0", 300, 300 * 17 / 16, id="zero-is-default"),
+        pytest.param("10s", 10, 10 * 17 / 16, id="given"),
+        pytest.param("1h", 600, 600 * 17 / 16, id="clamped"),
+    ],
+)
+def test_wait_seconds(wait: str | None, low: float, high: float) -> None:
+    assert wait_seconds(wait, rand=lambda: 0.0) == low
+    assert wait_seconds(wait, rand=lambda: 1.0) == pytest.approx(high)
+
+
+def test_wait_seconds_rejects_bare_numbers() -> None:
+    with pytest.raises(DecodeError):
+        wait_seconds("10")
+
+
+@pytest.mark.parametrize(
+    "results, thresholds, expected",
+    [
+        pytest.param(["critical"], (0, 0, 0), ["critical"], id="no-thresholds"),
+        pytest.param(["passing", "passing", "passing"], (2, 0, 0), [None, "passing", "passing"], id="success-before-passing"),
+        pytest.param(["critical"] * 3, (0, 0, 3), [None, None, "critical"], id="failures-before-critical"),
+        pytest.param(["critical"] * 3, (0, 1, 3), ["warning", "warning", "critical"], id="warning-first"),
+        pytest.param(["critical", "passing", "critical"], (0, 0, 2), [None, "passing", None], id="reset-on-success"),
+        pytest.param(["warning"], (0, 0, 0), ["warning"], id="warning-counts-as-success"),
+    ],
+)
+def test_apply_result(results: list[str], thresholds: tuple[int, int, int], expected: list) -> None:
+    counters = (0, 0)
+    got = []
+    for r in results:
+        counters, status = apply_result(counters, r, *thresholds)
+        got.append(status)
+    assert got == expected
+
+
+def test_http_status_and_truncation() -> None:
+    assert [http_status(c) for c in (200, 204, 299, 429, 301, 404, 500)] == [
+        "passing", "passing", "passing", "warning", "critical", "critical", "critical"]
+    assert truncate_output("x" * 10, 20) == "x" * 10
+    assert truncate_output("x" * 30, 20).startswith("x" * 20 + " ... (captured 20 of 30 bytes)")
+
+
+@pytest.mark.parametrize(
+    "check, error",
+    [
+        pytest.param({"TTL": 1, "Interval": 1, "HTTP": "u"}, BadRequest, id="ttl-and-interval"),
+        pytest.param({"TCP": "h:1"}, BadRequest, id="tcp-no-interval"),
+        pytest.param({}, BadRequest, id="nothing"),
+        pytest.param({"TTL": 1, "FailuresBeforeWarning": 3, "FailuresBeforeCritical": 1}, BadRequest, id="fbw-over-fbc"),
+        pytest.param({"ScriptArgs": ["true"], "Interval": 1}, CatalogError, id="script"),
+        pytest.param({"AliasService": "x"}, BadRequest, id="alias"),
+    ],
+)
+def test_check_definition_rejects(check: dict, error: type) -> None:
+    with pytest.raises(error):
+        check_definition(check)
+
+
+def test_check_definition_defaults() -> None:
+    d = check_definition({"HTTP": "http://127.0.0.1/", "Interval": 10**9})
+    assert d == {"kind": "http", "http": "http://127.0.0.1/", "method": "GET", "interval": 10**9,
+                 "timeout": 10 * 10**9}
+    assert check_definition({"TTL": 5 * 10**9, "DeregisterCriticalServiceAfter": 10**9}) == {
+        "kind": "ttl", "ttl": 5 * 10**9, "deregister": 10**9}
+
+
+ITEMS = [
+    {"ID": "a", "Tags": ["x", "y"], "Meta": {"env": "prod"}, "Port": 80, "Check": [{"Status": "passing"}]},
+    {"ID": "b", "Tags": [], "Meta": {"env": "dev"}, "Port": 81, "Check": [{"Status": "critical"}]},
+]
+
+
+@pytest.mark.parametrize(
+    "expr, ids",
+    [
+        pytest.param('ID == "a"', ["a"], id="eq"),
+        pytest.param("ID != `a`", ["b"], id="neq-raw-string"),
+        pytest.param('"x" in Tags', ["a"], id="in"),
+        pytest.param('"x" not in Tags', ["b"], id="not-in"),
+        pytest.param("Tags is empty", ["b"], id="is-empty"),
+        pytest.param("Tags is not empty", ["a"], id="is-not-empty"),
+        pytest.param('Meta.env == "dev"', ["b"], id="map-dot"),
+        pytest.param('Meta["env"] == "prod"', ["a"], id="map-index"),
+        pytest.param("Port == 81", ["b"], id="number"),
+        pytest.param('Check.Status == "critical"', ["b"], id="through-a-list"),
+        pytest.param('ID matches "^[ab]$" and not (Port == 80)', ["b"], id="matches-not"),
+        pytest.param('ID == "a" or ID == "b"', ["a", "b"], id="or"),
+        pytest.param('Meta contains "env"', ["a", "b"], id="map-contains-key"),
+    ],
+)
+def test_filter(expr: str, ids: list[str]) -> None:
+    assert [i["ID"] for i in apply_filter(ITEMS, expr)] == ids
+
+
+@pytest.mark.parametrize("expr", ["", "ID ==", "ID = 1", '(ID == "a"', 'ID == "a" and', "ID matches \"(\""])
+def test_filter_errors(expr: str) -> None:
+    with pytest.raises(FilterError):
+        compile_filter(expr)
+
+
+async def test_watch_hub_wakes_exact_topics_keys_and_prefixes() -> None:
+    hub = WatchHub()
+    loop = asyncio.get_running_loop()
+    futs = {name: loop.create_future() for name in ("svc", "key", "prefix-a", "prefix-b", "root")}
+    hub.subscribe(futs["svc"], topics=["service.web"])
+    hub.subscribe(futs["key"], keys=["a/x"])
+    hub.subscribe(futs["prefix-a"], prefixes=["a/"])
+    hub.subscribe(futs["prefix-b"], prefixes=["b/"])
+    hub.subscribe(futs["root"], prefixes=[""])
+    assert hub.notify(["service.db"], ["a/y/z"]) == 2  # a/ and the root prefix
+    assert futs["prefix-a"].done() and futs["root"].done()
+    assert not futs["key"].done() and not futs["prefix-b"].done() and not futs["svc"].done()
+    assert hub.notify(["service.web"], ["a/x"]) == 2
+    assert futs["svc"].done() and futs["key"].done() and not futs["prefix-b"].done()
+    hub.unsubscribe(futs["prefix-b"], prefixes=["b/"])
+    assert hub.waiting() == 0
+    hub.close()
+
+
+def test_render_cache_keys_on_index() -> None:
+    cache = RenderCache(size=2)
+    calls = []
+
+    def render(v):
+        return lambda: calls.append(v) or v
+
+    assert cache.get("q", 1, render("a")) == "a"
+    assert cache.get("q", 1, render("b")) == "a"  # same index: cached
+    assert cache.get("q", 2, render("c")) == "c"  # index moved: rendered again
+    cache.get("r", 1, render("d"))
+    cache.get("s", 1, render("e"))  # evicts "q"
+    assert cache.get("q", 2, render("f")) == "f"
+    assert calls == ["a", "c", "d", "e", "f"]
+
+
+# -- write ops over in-memory tables (the store is never opened: no SQLite, no loop) --------
+from discovery.catalog._catalog import register_service, set_check_status  # noqa: E402
+from discovery.catalog._kv import TOMBSTONE_TTL, kv_delete, kv_set, reap_tombstones  # noqa: E402
+from discovery.catalog._model import State  # noqa: E402
+from discovery.catalog._store import Store, Tx  # noqa: E402
+
+
+def _op(store: Store, fn):
+    tx = Tx(store)
+    tx._begin_op()
+    result = fn(tx)
+    tx._end_op()
+    return result, tx
+
+
+@pytest.fixture
+def mem(tmp_path):
+    st = State()
+    return st, Store(str(tmp_path), st.tables())
+
+
+def test_ops_bump_only_the_indexes_they_change(mem) -> None:
+    st, store = mem
+    _, tx = _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "web", "ID": "w1", "Tags": ["a"],
+                                                                   "Check": {"TTL": 10**10}}))
+    assert tx.topics == {"service.web", "services", "node.n1", "checks", "service_names"}
+    # a second instance with the same tags does not change the service list
+    _, tx = _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "web", "ID": "w2", "Tags": ["a"]}))
+    assert "service_names" not in tx.topics and "service.web" in tx.topics
+    # the same registration again writes nothing and takes no index
+    index = store.index
+    _, tx = _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "web", "ID": "w2", "Tags": ["a"]}))
+    assert tx.topics == set() and store.index == index
+    # a check result that repeats takes no index either
+    _op(store, lambda tx: set_check_status(st, tx, ("n1", "service:w1"), "passing", "ok"))
+    index = store.index
+    wrote, tx = _op(store, lambda tx: set_check_status(st, tx, ("n1", "service:w1"), "passing", "ok"))
+    assert wrote is False and store.index == index and tx.topics == set()
+
+
+def test_kv_ops_and_failed_op_rollback(mem) -> None:
+    st, store = mem
+    ok, _ = _op(store, lambda tx: kv_set(st, tx, "a", b"1"))
+    assert ok and st.kv.get("a")["ModifyIndex"] == store.index
+    index = store.index
+    ok, _ = _op(store, lambda tx: kv_set(st, tx, "a", b"2", cas=index - 1))
+    assert ok is False and store.index == index  # a failed CAS takes no index
+    tx = Tx(store)
+    tx._begin_op()
+    kv_set(st, tx, "b", b"x")
+    kv_delete(st, tx, "a")
+    tx._rollback_op()
+    assert st.kv.get("b") is None and st.kv.get("a")["Value"] == b"1" and store.index == index
+    assert "a" not in st.tombs
+
+
+def test_reap_tombstones(mem) -> None:
+    st, store = mem
+    _op(store, lambda tx: kv_set(st, tx, "old", b"1"))
+    _op(store, lambda tx: kv_delete(st, tx, "old"))
+    stamp = st.tombs.get("old")["t"]
+    n, _ = _op(store, lambda tx: reap_tombstones(st, tx, now=stamp + 1))
+    assert n == 0 and "old" in st.tombs
+    n, _ = _op(store, lambda tx: reap_tombstones(st, tx, now=stamp + TOMBSTONE_TTL + 1))
+    assert n == 1 and "old" not in st.tombs
