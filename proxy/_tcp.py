@@ -67,7 +67,7 @@ class TcpConnection(asyncio.Protocol):
     """A client connection on a TCP VIP listener; see the module docstring."""
 
     __slots__ = ("server", "key", "loop", "transport", "cluster", "ep", "up", "task", "tried", "t0", "deadline",
-                 "last_io", "closed", "up_eof", "down_eof", "draining", "peer_ip", "retries", "pending", "rtt")
+                 "last_io", "closed", "up_eof", "down_eof", "draining", "peer_ip", "retries", "pending", "rtt", "early")
 
     def __init__(self, server: ProxyServer, key: tuple[str, int]) -> None:
         self.server = server
@@ -90,6 +90,7 @@ class TcpConnection(asyncio.Protocol):
         self.retries = 0
         self.pending = False
         self.rtt = 0.0
+        self.early: list[bytes] = []  # bytes read before the upstream connection exists
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -145,7 +146,12 @@ class TcpConnection(asyncio.Protocol):
         if task.cancelled() or task.exception() is not None:
             self._connect_failed(str(task.exception() or "time-out"))
             return
-        self.up = task.result()[1]
+        self.up = up = task.result()[1]
+        if self.early:
+            early, self.early = self.early, []
+            up.transport.writelines(early)
+        if self.down_eof and up.transport.can_write_eof():
+            up.transport.write_eof()
         if self.pending:
             self.pending = False
             self.cluster.release_pending()
@@ -173,8 +179,13 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_io = self.loop.time()
         up = self.up
-        if up is not None and not up.closed:
-            up.transport.write(data)
+        if up is not None:
+            if not up.closed:
+                up.transport.write(data)
+            return
+        # uvloop may deliver a first read although reading was paused in connection_made.
+        self.early.append(data)
+        self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.down_eof = True

@@ -674,3 +674,41 @@ class RawUpstream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class EchoServer:
+    """A TCP echo server in a thread (one thread per connection); echoes until EOF,
+    then half-closes its side."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        conn.shutdown(socket.SHUT_WR)
+                        return
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
