@@ -1,0 +1,173 @@
+"""``--workers N``: a parent that starts N proxy processes sharing the listeners.
+
+Each worker is a full proxy (``python -m proxy ... --worker-index i``) with its own catalog
+Mirror and route table, binding every listener with SO_REUSEPORT so the kernel spreads
+connections over them. The parent binds each entry listener first (without listening:
+a bound, non-listening socket receives no connections) to resolve port 0 and to hold the
+port while a worker restarts. The admin listener runs in worker 0 only, so ``/metrics``
+covers worker 0's traffic.
+
+The parent prints the ready line once every worker printed its own, restarts a worker
+that exits unexpectedly (1 s backoff, doubling to 30 s), forwards SIGTERM/SIGINT, waits
+for the workers to drain and exits 0 when they all did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+__all__ = ["supervise", "die_with_parent", "worker_argv"]
+
+log = logging.getLogger("meshlet.proxy.workers")
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies, so a killed parent leaves no workers."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def worker_argv(args: argparse.Namespace, index: int, listens: list[tuple[str, int]]) -> list[str]:
+    """The command line of worker ``index`` (pure: tested directly)."""
+    argv = [sys.executable, "-m", "proxy", "--consul", args.consul, "--workers", str(args.workers),
+            "--worker-index", str(index), "--domain", args.domain, "--drain-timeout", repr(args.drain_timeout),
+            "--max-connections", str(args.max_connections), "--header-timeout", repr(args.header_timeout),
+            "--idle-timeout", repr(args.idle_timeout), "--catalog-timeout", repr(args.catalog_timeout),
+            "--log-level", args.log_level]
+    for host, port in listens:
+        argv += ["--listen", _fmt(host, port)]
+    if index == 0 and args.admin is not None:
+        argv += ["--admin", _fmt(*args.admin)]
+    if args.access_log:
+        argv.append("--access-log")
+    return argv
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+class _Worker:
+    def __init__(self, index: int, argv: list[str], env: dict[str, str] | None) -> None:
+        self.index = index
+        self.argv = argv
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] | None = None
+
+    async def spawn(self, timeout: float) -> dict[str, Any]:
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE,
+                                                         stdin=asyncio.subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        text = line.decode("utf-8", "replace").strip()
+        if not text.startswith("ready "):
+            await self.proc.wait()
+            raise RuntimeError(f"worker {self.index} exited with {self.proc.returncode} before it was ready")
+        self.ready = json.loads(text[6:])
+        return self.ready
+
+
+async def supervise(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    held: list[socket.socket] = []
+    listens: list[tuple[str, int]] = []
+    try:
+        for host, port in args.listen:
+            s = _reserve(host, port)
+            held.append(s)
+            listens.append((host, s.getsockname()[1]))
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
+    workers = [_Worker(i, worker_argv(args, i, listens), None) for i in range(args.workers)]
+    start_timeout = args.catalog_timeout + 15.0
+    try:
+        readies = await asyncio.gather(*(w.spawn(start_timeout) for w in workers))
+    except (RuntimeError, asyncio.TimeoutError, OSError) as exc:
+        log.error("workers did not start: %s", exc or "time-out")
+        await _stop_all(workers, args.drain_timeout)
+        return 1
+    ready: dict[str, Any] = {"http": [_fmt(h, p) for h, p in listens]}
+    if "admin" in readies[0]:
+        ready["admin"] = readies[0]["admin"]
+    sys.stdout.write("ready " + json.dumps(ready) + "\n")
+    sys.stdout.flush()
+    log.info("proxy ready with %d workers: %s", args.workers, json.dumps(ready))
+
+    backoff = {w.index: 1.0 for w in workers}
+    while not stop.is_set():
+        waits = {asyncio.ensure_future(w.proc.wait()): w for w in workers if w.proc is not None}  # type: ignore[union-attr]
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+        for f in waits:
+            if f not in done:
+                f.cancel()
+        if stopper not in done:
+            stopper.cancel()
+        if stop.is_set():
+            break
+        for f in done:
+            w = waits.get(f)
+            if w is None:
+                continue
+            log.error("worker %d exited with %s; restarting in %.0fs", w.index, w.proc.returncode, backoff[w.index])
+            try:
+                await asyncio.wait_for(stop.wait(), backoff[w.index])
+                break
+            except asyncio.TimeoutError:
+                pass
+            backoff[w.index] = min(backoff[w.index] * 2, 30.0)
+            try:
+                await w.spawn(start_timeout)
+            except (RuntimeError, asyncio.TimeoutError, OSError) as exc:
+                log.error("worker %d did not restart: %s", w.index, exc or "time-out")
+    rc = await _stop_all(workers, args.drain_timeout)
+    for s in held:
+        s.close()
+    return rc
+
+
+async def _stop_all(workers: list[_Worker], drain_timeout: float) -> int:
+    procs = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    rc = 0
+    for p in procs:
+        try:
+            code = await asyncio.wait_for(p.wait(), drain_timeout + 5.0)
+        except asyncio.TimeoutError:
+            log.error("worker pid %d did not stop in time; killing it", p.pid)
+            p.kill()
+            code = await p.wait()
+        if code != 0:
+            rc = 1
+    return rc

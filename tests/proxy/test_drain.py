@@ -1,0 +1,158 @@
+"""SIGTERM drains: in-flight requests finish, idle connections close, the process exits 0;
+``--workers N`` shares the listeners between processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+
+
+@pytest.fixture
+def one(mesh_catalog, backends, px):
+    name = px.unique("drain")
+    b = backends(name + "-b0")
+    mesh_catalog.register(name, name + "-0", b.port)
+    yield name, f"{name}.service.meshlet", b
+    mesh_catalog.deregister(name + "-0")
+
+
+def _backend_count(b) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.port}/count", timeout=5) as r:
+        return json.loads(r.read())["count"]
+
+
+def _refuses(addr: str) -> bool:
+    host, port = addr.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return False
+    except OSError:
+        return True
+
+
+async def test_sigterm_finishes_in_flight_requests_and_exits_0(one, start_proxy, px):
+    name, host, backend = one
+    proxy = start_proxy()
+    base = _backend_count(backend)
+    async with aiohttp.ClientSession() as s:
+        async def slow(i: int) -> tuple[int, str, str | None]:
+            async with s.get(proxy.url(f"/slow?delay=1.5&i={i}"), headers={"Host": host}) as r:
+                return r.status, await r.text(), r.headers.get("Connection")
+        tasks = [asyncio.create_task(slow(i)) for i in range(5)]
+        await px.async_wait_for(lambda: _backend_count(backend) >= base + 5 + 1, 10, interval=0.02,
+                                what="five requests at the backend")
+        t0 = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        await px.async_wait_for(lambda: _refuses(proxy.http), 5, what="the listener to close")
+        results = await asyncio.gather(*tasks)
+    assert [r[0] for r in results] == [200] * 5
+    assert all(r[1].startswith("slow done") for r in results)
+    assert all(r[2] == "close" for r in results)  # busy connections lose keep-alive
+    assert proxy.proc.wait(10) == 0
+    print(f"drained 5 in-flight requests, exit after {time.monotonic() - t0:.2f}s")
+
+
+def test_sigterm_closes_idle_keep_alive_connections_at_once(one, start_proxy, px):
+    name, host, backend = one
+    proxy = start_proxy()
+    with px.RawClient(proxy.http) as c:
+        c.send(px.get("/x", host))
+        assert c.response().status == 200
+        t0 = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert c.is_closed(timeout=5)
+        assert time.monotonic() - t0 < 2
+    assert proxy.proc.wait(10) == 0
+
+
+def test_drain_deadline_closes_what_is_left(one, start_proxy, px):
+    name, host, backend = one
+    proxy = start_proxy("--drain-timeout", "0.5")
+    with px.RawClient(proxy.http) as c:
+        c.send(px.get("/slow?delay=10", host))
+        base = _backend_count(backend)
+        px.wait_for(lambda: _backend_count(backend) > base, 10, what="the request at the backend")
+        t0 = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(10) == 0
+        assert c.is_closed(timeout=5)
+    assert time.monotonic() - t0 < 5
+
+
+async def test_workers_share_the_listener_and_drain_together(one, start_proxy, px):
+    name, host, backend = one
+    proxy = start_proxy("--workers", "2")
+    prefixes = set()
+    for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
+        with px.RawClient(proxy.http) as c:
+            c.send(px.get("/w", host, "Connection: close\r\n"))
+            r = c.response()
+            assert r.status == 200
+            rid = dict((k.lower(), v) for k, v in r.json()["headers"])["x-request-id"]
+            prefixes.add(rid.split("-")[0])
+    assert len(prefixes) == 2, prefixes
+    with urllib.request.urlopen(f"http://{proxy.admin}/ready", timeout=5) as r:
+        assert r.status == 200
+    children = _children(proxy.pid)
+    assert len(children) == 2
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(15) == 0
+    px.wait_for(lambda: not any(_alive(pid) for pid in children), 5, what="workers to exit")
+
+
+def test_a_killed_worker_is_restarted(one, start_proxy, px):
+    name, host, backend = one
+    proxy = start_proxy("--workers", "2")
+    first = _children(proxy.pid)
+    os.kill(first[0], signal.SIGKILL)
+    px.wait_for(lambda: len(set(_children(proxy.pid)) - set(first)) == 1, 15, interval=0.1,
+                what="a new worker")
+    for _ in range(10):
+        with px.RawClient(proxy.http) as c:
+            c.send(px.get("/after", host, "Connection: close\r\n"))
+            assert c.response().status == 200
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return sorted(out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_command_lines():
+    from proxy import parse_args
+    from proxy._workers import worker_argv
+    args = parse_args(["--consul", "http://c:8500", "--listen", "127.0.0.1:0", "--workers", "3",
+                       "--admin", "127.0.0.1:9901", "--access-log"])
+    w0 = worker_argv(args, 0, [("127.0.0.1", 8080)])
+    w1 = worker_argv(args, 1, [("127.0.0.1", 8080)])
+    assert w0[1:3] == ["-m", "proxy"]
+    assert "--listen" in w0 and w0[w0.index("--listen") + 1] == "127.0.0.1:8080"  # the port the parent holds
+    assert w0[w0.index("--worker-index") + 1] == "0" and w1[w1.index("--worker-index") + 1] == "1"
+    assert "--admin" in w0 and "--admin" not in w1  # the admin listener lives in worker 0
+    assert "--access-log" in w1 and w1[w1.index("--workers") + 1] == "3"
+    assert parse_args(w0[3:]).listen == [("127.0.0.1", 8080)]
