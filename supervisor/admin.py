@@ -46,6 +46,7 @@ class AdminServer:
         self.on_down = on_down
         self.down_requested = False
         self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task[Any]] = set()   # open log streams, ended at close()
         app = web.Application()
         app.router.add_get("/v1/status", self.get_status)
         app.router.add_get("/v1/logs/{service}", self.get_logs)
@@ -72,6 +73,9 @@ class AdminServer:
         return f"{bound[0]}:{bound[1]}"
 
     async def close(self) -> None:
+        # Followed log streams never end on their own; end them so cleanup does not wait.
+        for task in list(self._streams):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -130,6 +134,9 @@ class AdminServer:
 
         tasks = [asyncio.create_task(pump(o.instance_id, o.node)) for o in insts]
         open_streams = len(tasks)
+        me = asyncio.current_task()
+        if me is not None:
+            self._streams.add(me)
         try:
             while open_streams:
                 item = await queue.get()
@@ -144,5 +151,6 @@ class AdminServer:
         finally:
             for t in tasks:
                 t.cancel()
+            self._streams.discard(me)  # type: ignore[arg-type]
         await resp.write_eof()
         return resp

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import sys
@@ -150,9 +151,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 query["instance"] = args.instance
             url = f"{base}/v1/logs/{urllib.parse.quote(args.service)}?{urllib.parse.urlencode(query)}"
             with _request("GET", url, timeout=None if args.follow else 30.0) as r:
-                while chunk := r.read1(65536):
-                    out.write(chunk.decode("utf-8", "replace"))
-                    out.flush()
+                try:
+                    while chunk := r.read1(65536):
+                        out.write(chunk.decode("utf-8", "replace"))
+                        out.flush()
+                except (http.client.HTTPException, ValueError, ConnectionError):
+                    print(f"meshlet logs: the supervisor at {admin} closed the stream", file=err)
             return 0
     except urllib.error.HTTPError as exc:
         try:

@@ -57,6 +57,10 @@ class Component:
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     async def _spawn(self, timeout: float) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as err:
@@ -222,7 +226,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
             comp = Component(name, argv, log_dir, out=err)
             ready = await comp.start()
             started.append(comp)
-            print(f"meshlet up: {name} ready {json.dumps(ready)}", file=out, flush=True)
+            print(f"meshlet up: {name} ready {json.dumps(ready)} (pid {comp.pid})", file=out, flush=True)
         changes = await apply.apply_to(url, cfg.services, mesh.vip_range, err=err)
         if changes is None:
             return 1

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -107,12 +110,73 @@ def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
         code, text = run_cmd("logs", "web", "--admin", admin)
         assert code == 0 and "listening on" in text
 
+        follow = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "logs", "web", "-f",
+                                   "--admin", admin], cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+        followed = Lines(follow.stdout)
+        followed.wait("listening on", timeout=15)
         code, _ = run_cmd("down", "--admin", admin)
         assert code == 0
         assert proc.wait(timeout=30) == 0
+        follow.wait(timeout=15)   # -f ends with the supervisor
         assert not list((tmp_path / "state" / "nodes" / "local" / "instances").glob("*.json")), \
             "down stops and removes every workload"
         code, _ = run_cmd("status", "--admin", admin)
         assert code == 1
     finally:
         stop_process(proc)
+
+
+def _pid_after(lines: Lines, prefix: str) -> int:
+    line = next(s for s in lines.seen if s.startswith(prefix))
+    return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
+
+
+def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(tmp_path):
+    path, ports = demo_copy(tmp_path)
+    admin = f"127.0.0.1:{ports['admin']}"
+    argv = [sys.executable, "-m", "supervisor.commands", "up", "-f", str(path), "--keep"]
+    proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    try:
+        lines = Lines(proc.stdout)
+        lines.wait("web: 2/2 ready", timeout=60)
+        lines.wait("api: 1/1 ready", timeout=30)
+
+        # a component that dies is started again (like a static pod)
+        os.kill(_pid_after(lines, "meshlet up: dns ready"), signal.SIGKILL)
+
+        def resolves():
+            q = dns.message.make_query("web.service.meshlet", dns.rdatatype.A)
+            return dns.query.udp(q, "127.0.0.1", port=ports["dns"], timeout=1).answer
+        wait_for(resolves, timeout=20)
+
+        code, text = run_cmd("status", "--admin", admin, "--json")
+        before = {i["id"]: i["pid"] for s in json.loads(text)["services"]
+                  for i in s["instances"]}
+        assert len(before) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert len(list((tmp_path / "state" / "nodes" / "local" / "instances").glob("*.json"))) == 3
+
+        proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+        lines = Lines(proc.stdout)
+        lines.wait("web: 2/2 ready", timeout=60)
+        lines.wait("api: 1/1 ready", timeout=30)
+        code, text = run_cmd("status", "--admin", admin, "--json")
+        after = {i["id"]: i["pid"] for s in json.loads(text)["services"]
+                 for i in s["instances"]}
+        assert after == before, "the second up adopted every workload, restarted none"
+        code, _ = run_cmd("down", "--admin", admin)
+        assert code == 0 and proc.wait(timeout=30) == 0
+        assert not list((tmp_path / "state" / "nodes" / "local" / "instances").glob("*.json"))
+    finally:
+        stop_process(proc)
+
+
+def test_up_with_a_bad_file_exits_2_and_says_where(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  web:\n    command: [x]\n    replicas: three\n")
+    proc = subprocess.run([sys.executable, "-m", "supervisor.commands", "up", "-f", str(bad)],
+                          cwd=str(REPO), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "bad.yaml:4 services.web.replicas" in proc.stderr
+    assert not (tmp_path / ".meshlet").exists(), "nothing was started"
