@@ -105,3 +105,17 @@ async def test_scale_up_and_down_by_reapplying(mesh):
     await async_wait_for(lambda: len(mesh.running("web")) == 1, timeout=15)
     assert {o.slot for o in mesh.running("web").values()} == {0}
     assert set(mesh.running("web")) == first, "scaling down stops the highest slots"
+
+
+async def test_a_service_removed_from_the_file_is_stopped_and_deregistered(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=2, probes=READY))
+    await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 2), timeout=15)
+    pids = [o.pid for o in mesh.running("web").values()]
+    await mesh.apply(mesh.service_yaml(name="other", replicas=0))   # prune: web is gone
+    await async_wait_for(lambda: not mesh.running("web"), timeout=15)
+    assert await mesh.health("web") == {}
+    for pid in pids:
+        await async_wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                             open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z",
+                             timeout=10)
