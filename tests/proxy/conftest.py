@@ -3,12 +3,9 @@ and the real proxy process (``python -m proxy``).
 
 Everything is a real process or a real socket:
 
-* ``mesh_catalog``: a Consul HTTP API the proxy's Mirror watches (blocking queries), with
-  helpers to register instances, flip their check status and store service documents
-  built by :mod:`config`. STAND-IN: ``discovery.catalog`` does not serve
-  ``/v1/catalog`` and ``/v1/health`` yet, so this is a small in-thread server speaking
-  the subset the Mirror uses; replace :class:`_StandinCatalog` by the real process when
-  it does (the helper methods are the interface the tests use).
+* ``mesh_catalog``: the embedded catalog process the proxy's Mirror watches (blocking
+  queries), with helpers to register instances with a TTL check, flip its status and
+  store service documents built by :mod:`config`.
 * ``Backend``: an aiohttp server in its own process (so a test can ``kill -9`` it); every
   answer carries ``X-Backend: <name>``.
 * ``Proxy``: the proxy process; its ready line gives the listener addresses.
@@ -17,7 +14,6 @@ Everything is a real process or a real socket:
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import select
@@ -32,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 import config
 
@@ -90,144 +85,60 @@ def read_ready(proc: subprocess.Popen, timeout: float, what: str) -> dict[str, A
 # --------------------------------------------------------------------------- catalog
 
 
-class _StandinCatalog:
-    """The subset of Consul's HTTP API the Mirror reads, with blocking queries."""
+class MeshCatalog:
+    """The embedded catalog (``python -m discovery.catalog``) with helpers the tests use:
+    register instances (one TTL check each, as the supervisor does), flip their status,
+    and store service documents built by :mod:`config` (as ``meshlet apply`` does)."""
 
-    def __init__(self) -> None:
-        self.index = 1
-        self.instances: dict[str, dict[str, Any]] = {}
-        self.kv: dict[str, bytes] = {}
-        self.closing = False
-        self.loop = asyncio.new_event_loop()
-        self._changed: asyncio.Event | None = None
-        self.port = 0
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True, name="catalog")
-        self.thread.start()
-        started.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, data_dir: Path) -> None:
+        import consul
+        from _util import start_server
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self._changed = asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/v1/catalog/services", self._services)
-        app.router.add_get("/v1/catalog/nodes", self._nodes)
-        app.router.add_get("/v1/health/service/{name}", self._health)
-        app.router.add_get("/v1/kv/{key:.*}", self._kv)
-        runner = self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        self.loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = runner.addresses[0][1]
-        started.set()
-        self.loop.run_forever()
-
-    # -- control (from the test thread) --------------------------------------------
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        async def run() -> None:
-            fn()
-            self.index += 1
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()  # type: ignore[union-attr]
-        asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+        self.proc, ready = start_server([PY, "-m", "discovery.catalog", "--listen", "127.0.0.1:0",
+                                         "--data-dir", str(data_dir)], cwd=str(ROOT))
+        self.url = "http://" + ready["http"]
+        host, port = ready["http"].rsplit(":", 1)
+        self.client = consul.Consul(host=host, port=int(port))
 
     def register(self, service: str, instance_id: str, port: int, *, address: str = "127.0.0.1",
                  status: str = "passing", meta: dict[str, str] | None = None, port_name: str | None = "http") -> None:
+        import consul
+
         m = dict(meta or {})
         if port_name:
             m.setdefault(f"port_{port_name}", str(port))
-        entry = {"ID": instance_id, "Service": service, "Address": address, "Port": port, "Tags": [],
-                 "Meta": m, "status": status}
-        self._call(lambda: self.instances.__setitem__(instance_id, entry))
+        assert self.client.agent.service.register(service, service_id=instance_id, address=address, port=port,
+                                                  meta=m, check=consul.Check.ttl("1h"))
+        self.set_status(instance_id, status)
 
     def set_status(self, instance_id: str, status: str) -> None:
-        self._call(lambda: self.instances[instance_id].__setitem__("status", status))
+        check = f"service:{instance_id}"
+        {"passing": self.client.agent.check.ttl_pass, "warning": self.client.agent.check.ttl_warn,
+         "critical": self.client.agent.check.ttl_fail}[status](check)
 
     def deregister(self, instance_id: str) -> None:
-        self._call(lambda: self.instances.pop(instance_id, None))
+        self.client.agent.service.deregister(instance_id)
 
     def put_service(self, name: str, yaml_service: str, vip: str | None = None) -> None:
         """Store the KV service document of ``name`` built from a YAML service body."""
         text = "services:\n  " + name + ":\n" + "\n".join("    " + line for line in yaml_service.splitlines())
         cfg = config.loads(text)
-        doc = json.dumps(config.service_document(cfg.services[name], vip)).encode()
-        self._call(lambda: self.kv.__setitem__("meshlet/services/" + name, doc))
+        doc = json.dumps(config.service_document(cfg.services[name], vip))
+        assert self.client.kv.put("meshlet/services/" + name, doc)
 
     def delete_service(self, name: str) -> None:
-        self._call(lambda: self.kv.pop("meshlet/services/" + name, None))
+        self.client.kv.delete("meshlet/services/" + name)
 
     def close(self) -> None:
-        async def shutdown() -> None:
-            self.closing = True
-            self._changed.set()  # type: ignore[union-attr]
-            await self.runner.cleanup()
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        from _util import stop_process
 
-    # -- HTTP ----------------------------------------------------------------------
-
-    async def _block(self, request: web.Request) -> None:
-        try:
-            index = int(request.query.get("index", "0"))
-        except ValueError:
-            index = 0
-        wait = request.query.get("wait", "5m")
-        seconds = float(wait[:-1]) * (60 if wait.endswith("m") else 1) if wait[-1] in "sm" else float(wait)
-        deadline = time.monotonic() + min(seconds, 600)
-        while index and index >= self.index and not self.closing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)  # type: ignore[union-attr]
-            except asyncio.TimeoutError:
-                return
-
-    def _json(self, data: Any, status: int = 200) -> web.Response:
-        return web.Response(status=status, text=json.dumps(data), content_type="application/json",
-                            headers={"X-Consul-Index": str(self.index)})
-
-    async def _services(self, request: web.Request) -> web.Response:
-        await self._block(request)
-        out: dict[str, list[str]] = {}
-        for inst in self.instances.values():
-            out.setdefault(inst["Service"], [])
-        return self._json(out)
-
-    async def _nodes(self, request: web.Request) -> web.Response:
-        await self._block(request)
-        return self._json([{"Node": "local", "Address": "127.0.0.1", "Meta": {}}])
-
-    async def _health(self, request: web.Request) -> web.Response:
-        await self._block(request)
-        name = request.match_info["name"]
-        out = []
-        for inst in self.instances.values():
-            if inst["Service"] != name:
-                continue
-            svc = {k: v for k, v in inst.items() if k != "status"}
-            out.append({"Node": {"Node": "local", "Address": "127.0.0.1"}, "Service": svc,
-                        "Checks": [{"CheckID": f"service:{inst['ID']}", "Status": inst["status"]}]})
-        return self._json(out)
-
-    async def _kv(self, request: web.Request) -> web.Response:
-        await self._block(request)
-        key = request.match_info["key"]
-        if "recurse" in request.query:
-            items = [(k, v) for k, v in sorted(self.kv.items()) if k.startswith(key)]
-        else:
-            items = [(key, self.kv[key])] if key in self.kv else []
-        if not items:
-            return self._json(None, 404)
-        return self._json([{"Key": k, "Value": base64.b64encode(v).decode(), "Flags": 0, "LockIndex": 0,
-                            "CreateIndex": 1, "ModifyIndex": self.index} for k, v in items])
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="session")
-def mesh_catalog() -> Iterator[_StandinCatalog]:
-    c = _StandinCatalog()
+def mesh_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshCatalog]:
+    """One catalog for the whole session; tests use unique service names (``unique``)."""
+    c = MeshCatalog(tmp_path_factory.mktemp("catalog"))
     yield c
     c.close()
 
@@ -433,7 +344,7 @@ class Proxy:
 
 
 @pytest.fixture
-def start_proxy(mesh_catalog: _StandinCatalog, tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+def start_proxy(mesh_catalog: MeshCatalog, tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Factory: ``start_proxy(*extra_args)`` starts a proxy on the catalog; stopped at teardown."""
     started: list[Proxy] = []
 
@@ -585,7 +496,7 @@ def get(path: str, host: str, extra: str = "") -> bytes:
 class Env:
     """One service registered with its backends, and a proxy watching the catalog."""
 
-    def __init__(self, catalog: _StandinCatalog, tmp: Path, name: str, n: int, yaml: str | None,
+    def __init__(self, catalog: MeshCatalog, tmp: Path, name: str, n: int, yaml: str | None,
                  vip: str | None = None, proxy_args: tuple[str, ...] = ()) -> None:
         self.catalog = catalog
         self.name = name
