@@ -318,6 +318,9 @@ class LeaderLock:
         return self._held and not self.lost.is_set()
 
     async def acquire(self) -> None:
+        """Return once held. Cancelling it leaves the session alive: call ``release()``."""
+        if self.held:
+            return
         backoff = Backoff()
         while True:
             try:
@@ -331,8 +334,14 @@ class LeaderLock:
                     self._tasks.append(asyncio.create_task(self._monitor(self.session)))
                     return
                 index, entry = await self.client.kv.get(self.key)
+                if entry is None or not entry.get("Session"):
+                    # Free but refused: the lock-delay after the last holder's session was
+                    # invalidated. Nothing to block on; back off and try again.
+                    await asyncio.sleep(backoff.next())
+                    continue
                 while entry is not None and entry.get("Session") and self.session is not None:
-                    index, entry = await self.client.kv.get(self.key, index=index, wait=self.wait)
+                    returned, entry = await self.client.kv.get(self.key, index=index, wait=self.wait)
+                    index = next_index(int(index), int(returned))
                 backoff.reset()
             except asyncio.CancelledError:
                 raise

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import logging
 import os
 import random
 import sys
@@ -41,6 +42,8 @@ __all__ = [
     "ApplyError", "ApplyPlan", "ServiceChange", "TxnConflict", "VipRangeExhausted", "apply_services",
     "diff_fields", "format_change", "plan_apply", "read_state", "resolve_catalog_url", "run", "txn_chunks",
 ]
+
+log = logging.getLogger(__name__)
 
 SERVICES_PREFIX = "meshlet/services/"
 VIPS_PREFIX = "meshlet/vips/"
@@ -356,6 +359,7 @@ async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], 
                 done.update((name, by_name[name]) for name, _ in chunk if name in by_name)
         except TxnConflict as exc:
             last = str(exc)
+            log.info("apply: conflict with a concurrent change (%s); re-reading and planning again", last)
             await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
             continue
         results = {c.name: c for c in plan.changes}

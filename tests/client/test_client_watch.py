@@ -32,8 +32,8 @@ class Collector:
         return self.items[-1] if self.items else None
 
     async def until(self, predicate, timeout: float = 5.0, what: str | None = None) -> Any:
-        return await async_wait_for(lambda: self.items and predicate(self.items[-1]) and self.items[-1],
-                                    timeout, what=what)
+        await async_wait_for(lambda: bool(self.items) and predicate(self.items[-1]), timeout, what=what)
+        return self.items[-1]
 
     async def close(self) -> None:
         self._task.cancel()
