@@ -19,14 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .backoff import BackoffState
 from .runtime import WorkloadError
 
 if TYPE_CHECKING:
     from .agent import Supervisor
 
-__all__ = ["AdminServer", "split_hostport"]
+__all__ = ["AdminServer", "build_status", "split_hostport"]
 
 log = logging.getLogger(__name__)
+
+_NO_BACKOFF = BackoffState()
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -38,6 +41,38 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def build_status(sup: Supervisor) -> dict[str, Any]:
+    """Services (ready/desired, problem) and their instances, for /v1/status and progress."""
+    now = sup.clock()
+    services = []
+    for name in sorted(sup._service_names()):
+        entry = sup.desired.get(name)
+        insts = sorted((i for i in sup.instances.values() if i.obs.service == name),
+                       key=lambda i: (i.obs.slot, i.obs.instance_id))
+        rows = []
+        for i in insts:
+            o = i.obs
+            node = sup.nodes.get(o.node)
+            first = next(iter(o.ports.values()), None)
+            state = "exited" if not o.is_running else i.health.describe()
+            rows.append({
+                "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
+                "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
+                "state": state, "ready": o.is_running and i.health.ready,
+                "registered": o.instance_id in sup.registered,
+                "restarts": sup.backoff.get((name, o.slot), _NO_BACKOFF).restarts,
+                "age": None if o.started_at is None else round(now - o.started_at, 1),
+                "exit_code": o.exit_code, "pid": o.pid})
+        services.append({
+            "name": name, "desired": entry[0].replicas if entry else 0,
+            "revision": sup.doc_revision.get(name) if entry else None,
+            "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
+            "problem": sup.problems.get(name)})
+    return {"services": services, "nodes": [
+        {"name": n.name, "runtime": n.runtime, "address": n.address} for n in sup.nodes.values()],
+        "events": sup.events[-20:]}
 
 
 class AdminServer:
@@ -81,7 +116,7 @@ class AdminServer:
             self._runner = None
 
     async def get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.sup.status())
+        return web.json_response(build_status(self.sup))
 
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True

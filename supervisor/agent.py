@@ -30,15 +30,12 @@ the next resync tick; nothing here raises into the loop.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import random
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -60,7 +57,7 @@ from .reconcile import (Action, Deregister, Kill, Observed, Register, Replica, S
 from .runtime import RUNTIMES, InstanceSpec, Runtime, RuntimeEvent, WorkloadError
 from .runtime import Observed as RuntimeObserved
 
-__all__ = ["Supervisor", "resolve_nodes", "docker_answers", "PORT_RANGE", "main"]
+__all__ = ["Supervisor", "make_runtime", "template_revision", "PORT_RANGE", "DEFAULT_ENGINE", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -97,31 +94,6 @@ class _Inst:
 
 
 # --------------------------------------------------------------------------- nodes
-
-
-def docker_answers(engine: str = DEFAULT_ENGINE, timeout: float = 2.0) -> bool:
-    """Does a Docker engine answer at ``engine``? (blocking; run in a thread)"""
-    if engine.startswith("unix://") and not os.path.exists(engine[len("unix://"):]):
-        return False
-    try:
-        import docker
-        client = docker.DockerClient(base_url=engine, timeout=timeout)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - anything but an answer means no engine
-        return False
-
-
-async def resolve_nodes(mesh: config.MeshSettings) -> list[config.NodeSpec]:
-    """``mesh.nodes``, or one node "local": docker if an engine answers, else process."""
-    if mesh.nodes:
-        return [n if n.runtime else dataclasses.replace(
-            n, runtime="docker" if n.engine else "process") for n in mesh.nodes]
-    if await asyncio.to_thread(docker_answers):
-        return [config.NodeSpec(name="local", runtime="docker", engine=DEFAULT_ENGINE)]
-    return [config.NodeSpec(name="local", runtime="process")]
 
 
 def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
@@ -635,89 +607,12 @@ class Supervisor:
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
         del self.events[:-100]
 
-    # --- status (for the admin API and `meshlet up` progress) ------------------------------
-
-    def status(self) -> dict[str, Any]:
-        now = self.clock()
-        services = []
-        for name in sorted(self._service_names()):
-            entry = self.desired.get(name)
-            insts = sorted((i for i in self.instances.values() if i.obs.service == name),
-                           key=lambda i: (i.obs.slot, i.obs.instance_id))
-            rows = []
-            for i in insts:
-                o = i.obs
-                node = self.nodes.get(o.node)
-                first = next(iter(o.ports.values()), None)
-                state = "exited" if not o.is_running else i.health.describe()
-                rows.append({
-                    "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
-                    "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
-                    "state": state, "ready": o.is_running and i.health.ready,
-                    "registered": o.instance_id in self.registered,
-                    "restarts": self.backoff.get((name, o.slot), BackoffState()).restarts,
-                    "age": None if o.started_at is None else round(now - o.started_at, 1),
-                    "exit_code": o.exit_code, "pid": o.pid})
-            services.append({
-                "name": name, "desired": entry[0].replicas if entry else 0,
-                "revision": self.doc_revision.get(name) if entry else None,
-                "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
-                "problem": self.problems.get(name)})
-        return {"services": services, "nodes": [
-            {"name": n.name, "runtime": n.runtime, "address": n.address} for n in self.nodes.values()],
-            "events": self.events[-20:]}
-
-
-# --------------------------------------------------------------------------- standalone
-
-
-async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
-                         runtime: str | None = None) -> int:
-    """The supervisor alone against a running catalog (the loop of `meshlet up` without
-    its components). SIGTERM leaves the workloads running for the next supervisor unless
-    ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them."""
-    from .admin import AdminServer
-
-    if runtime:
-        cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
-    else:
-        cfg_nodes = await resolve_nodes(config.MeshSettings())
-    sup = Supervisor(url, cfg_nodes, data_dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await sup.start()
-    server = None
-    ready: dict[str, str] = {}
-    if admin:
-        server = AdminServer(sup, on_down=stop.set)
-        ready["admin"] = await server.start(admin)
-    print("ready " + json.dumps(ready), flush=True)
-    try:
-        await stop.wait()
-    finally:
-        if server is not None:
-            await server.close()
-        await sup.close(stop=stop_on_exit or (server is not None and server.down_requested))
-    return 0
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m supervisor.agent",
-                                     description="run the supervisor against a running catalog")
-    parser.add_argument("--consul", required=True, metavar="URL")
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--admin", metavar="HOST:PORT")
-    parser.add_argument("--stop-on-exit", action="store_true",
-                        help="deregister and stop the workloads when stopped")
-    parser.add_argument("--runtime", choices=sorted(RUNTIMES),
-                        help="the local node's runtime (default: docker if an engine answers)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
-                                      args.runtime))
+    """``python -m supervisor.agent --consul URL --data-dir DIR [--admin HOST:PORT]``: the
+    supervisor alone against a running catalog (see supervisor.up.run_standalone)."""
+    from .up import standalone_main
+    return standalone_main(argv)
 
 
 if __name__ == "__main__":

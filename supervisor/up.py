@@ -14,12 +14,20 @@ its stderr goes to ``<data_dir>/logs/<name>.log`` and it is started again (1 s d
 stopped, then proxy, DNS and catalog. With ``--keep`` the workloads keep running for the
 next ``meshlet up`` to adopt. A second Ctrl-C skips the graceful steps.
 
+Nodes: ``mesh.nodes``, or when empty one node "local" -- docker if an engine answers at
+the default socket, else process (``resolve_nodes``).
+
+``run_standalone`` (``python -m supervisor.agent --consul URL --data-dir DIR``) is the
+supervisor and its admin API alone against a running catalog: no components, no apply.
+
 Exit codes: 0 stopped cleanly, 1 a component could not start, 2 invalid FILE.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -31,12 +39,39 @@ from typing import Any, TextIO
 import config
 
 from . import apply
-from .admin import AdminServer
-from .agent import Supervisor, resolve_nodes
+from .admin import AdminServer, build_status
+from .agent import DEFAULT_ENGINE, Supervisor
+from .runtime import RUNTIMES
 
-__all__ = ["Component", "ComponentFailed", "up", "component_argvs"]
+__all__ = ["docker_answers", "resolve_nodes", "Component", "ComponentFailed", "up", "component_argvs", "run_standalone",
+           "standalone_main"]
 
 log = logging.getLogger(__name__)
+
+
+def docker_answers(engine: str = DEFAULT_ENGINE, timeout: float = 2.0) -> bool:
+    """Does a Docker engine answer at ``engine``? (blocking; run in a thread)"""
+    if engine.startswith("unix://") and not os.path.exists(engine[len("unix://"):]):
+        return False
+    try:
+        import docker
+        client = docker.DockerClient(base_url=engine, timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - anything but an answer means no engine
+        return False
+
+
+async def resolve_nodes(mesh: config.MeshSettings) -> list[config.NodeSpec]:
+    """``mesh.nodes``, or one node "local": docker if an engine answers, else process."""
+    if mesh.nodes:
+        return [n if n.runtime else dataclasses.replace(
+            n, runtime="docker" if n.engine else "process") for n in mesh.nodes]
+    if await asyncio.to_thread(docker_answers):
+        return [config.NodeSpec(name="local", runtime="docker", engine=DEFAULT_ENGINE)]
+    return [config.NodeSpec(name="local", runtime="process")]
 
 
 class ComponentFailed(Exception):
@@ -169,7 +204,7 @@ async def _answers(url: str) -> bool:
 
 def _progress(sup: Supervisor) -> list[str]:
     lines = []
-    for s in sup.status()["services"]:
+    for s in build_status(sup)["services"]:
         if s["desired"] or s["instances"]:
             line = f"{s['name']}: {s['ready']}/{s['desired']} ready"
             if s.get("problem"):
@@ -277,8 +312,55 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         print("meshlet up: stopped", file=out, flush=True)
 
 
+async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
+                         runtime: str | None = None) -> int:
+    """The supervisor alone against a running catalog (the loop of `meshlet up` without
+    its components). SIGTERM leaves the workloads running for the next supervisor unless
+    ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them."""
+    if runtime:
+        cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
+    else:
+        cfg_nodes = await resolve_nodes(config.MeshSettings())
+    sup = Supervisor(url, cfg_nodes, data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await sup.start()
+    server = None
+    ready: dict[str, str] = {}
+    if admin:
+        server = AdminServer(sup, on_down=stop.set)
+        ready["admin"] = await server.start(admin)
+    print("ready " + json.dumps(ready), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        if server is not None:
+            await server.close()
+        await sup.close(stop=stop_on_exit or (server is not None and server.down_requested))
+    return 0
+
+
+
+def standalone_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m supervisor.agent",
+                                     description="run the supervisor against a running catalog")
+    parser.add_argument("--consul", required=True, metavar="URL")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--admin", metavar="HOST:PORT")
+    parser.add_argument("--stop-on-exit", action="store_true",
+                        help="deregister and stop the workloads when stopped")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES),
+                        help="the local node's runtime (default: docker if an engine answers)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
+                                      args.runtime))
+
+
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     parser = argparse.ArgumentParser(prog="meshlet up")
     parser.add_argument("-f", "--file", required=True)
     parser.add_argument("--keep", action="store_true")

@@ -3,7 +3,6 @@ processes, with containers found again by their labels."""
 
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 
