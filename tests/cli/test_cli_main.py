@@ -1,17 +1,14 @@
-"""The `meshlet` command: version, hand-over to components, and the minimal `meshlet up`."""
+"""The `meshlet` command: version, hand-over to components, the supervisor's commands."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import consul
-from _util import free_port, start_server, stop_process, wait_for
+import pytest
+from _util import free_port, start_server, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,61 +30,22 @@ def test_catalog_subcommand_hands_over(tmp_path) -> None:
         assert stop_process(proc) == 0
 
 
-class Lines:
-    """Reads a process's stdout lines in a thread (no blocking reads in the test)."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+@pytest.mark.parametrize("command", ["dns", "proxy", "catalog"])
+def test_components_own_their_command_line(command: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "supervisor", "--log-level", "INFO", command, "--help"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: meshlet {command} ") and "--listen" in result.stdout
 
 
-def _up(config: Path) -> tuple[subprocess.Popen, Lines]:
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "-f", str(config)], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")})
-    return proc, Lines(proc)
-
-
-def test_up_starts_the_catalog_applies_and_stops_cleanly(tmp_path) -> None:
-    port = free_port()
-    config = tmp_path / "meshlet.yaml"
-    config.write_text(f"mesh:\n  catalog_listen: 127.0.0.1:{port}\n  data_dir: state\n"
-                      "services:\n  web:\n    command: [x]\n    ports: [{name: http}]\n")
-    proc, out = _up(config)
-    try:
-        wait_for(lambda: any("running" in line for line in out.lines), 30, what="meshlet up running")
-        assert out.lines[0].startswith(f"meshlet up: catalog at http://127.0.0.1:{port}")
-        assert any(line.startswith("web: created (revision ") for line in out.lines)
-        assert (tmp_path / "state" / "catalog").is_dir()  # data_dir is relative to the file
-        _, entry = consul.Consul(host="127.0.0.1", port=port).kv.get("meshlet/services/web")
-        assert json.loads(entry["Value"])["name"] == "web"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        stop_process(proc)
-    # The child catalog is gone with it.
-    try:
-        consul.Consul(host="127.0.0.1", port=port).status.leader()
-        answered = True
-    except Exception:  # noqa: BLE001
-        answered = False
-    assert not answered, "the embedded catalog outlived meshlet up"
-
-
-def test_up_reuses_a_catalog_that_already_answers(catalog, tmp_path) -> None:
-    config = tmp_path / "meshlet.yaml"
-    config.write_text(f"mesh:\n  catalog_listen: {catalog.host}:{catalog.port}\n"
-                      "services:\n  web:\n    command: [x]\n")
-    proc, out = _up(config)
-    try:
-        wait_for(lambda: any("running" in line for line in out.lines), 30, what="meshlet up running")
-        assert out.lines[0] == f"meshlet up: using the catalog already answering at {catalog.url}"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        stop_process(proc)
-    assert catalog.running  # not ours to stop
+def test_supervisor_commands_are_wired(tmp_path) -> None:
+    """`up`, `status`, `logs`, `down` go to supervisor.commands (tested end to end there)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  web:\n    replicas: -1\n")
+    up = subprocess.run([sys.executable, "-m", "supervisor", "up", "-f", str(bad)],
+                        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert up.returncode == 2 and "services.web.replicas" in up.stderr
+    admin = f"127.0.0.1:{free_port()}"
+    status = subprocess.run([sys.executable, "-m", "supervisor", "status", "--admin", admin],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert status.returncode == 1 and f"no supervisor answers at {admin}" in status.stderr
