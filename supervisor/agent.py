@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -47,7 +48,7 @@ from typing import Any
 import aiohttp
 
 import config
-from discovery.consul import SERVICES_PREFIX, connect, watch_kv_prefix
+from discovery.consul import SERVICES_PREFIX, connect, kv_delete, kv_put, watch_kv_prefix
 
 from .backoff import BackoffState
 from .place import NodeInfo
@@ -69,6 +70,9 @@ CHECK_TTL = 30.0
 # Level-triggered safety net: re-list the runtimes and sync every service this often.
 RESYNC = 5.0
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+# Restart counts and back-off per slot survive a supervisor restart here:
+# meshlet/backoff/<service>/<slot> = {"failures": N, "restarts": N}
+BACKOFF_PREFIX = "meshlet/backoff/"
 
 
 @dataclass(eq=False)
@@ -171,6 +175,7 @@ class Supervisor:
             self._tasks.append(asyncio.create_task(self._consume(rt), name=f"events {rt.node}"))
         listed = await asyncio.gather(*(rt.list() for rt in self.runtimes.values()))
         registrations, checks = await self._list_registrations()
+        await self._load_backoff()
         self._tasks.append(asyncio.create_task(self._watch_desired(), name="watch desired"))
         await asyncio.wait_for(self._kv_loaded.wait(), timeout)
         now = self.clock()
@@ -233,6 +238,36 @@ class Supervisor:
                 ours[sid] = svc.get("Service", "")
                 self.registered_rev[sid] = meta["revision"]
         return ours, {cid: c.get("Status", "") for cid, c in (checks or {}).items()}
+
+    async def _load_backoff(self) -> None:
+        _, entries = await self._client.kv.get(BACKOFF_PREFIX, recurse=True)
+        for e in entries or ():
+            try:
+                service, slot = e["Key"][len(BACKOFF_PREFIX):].rsplit("/", 1)
+                d = json.loads(e.get("Value") or b"{}")
+                self.backoff[(service, int(slot))] = BackoffState(int(d["failures"]), int(d["restarts"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring unreadable back-off state %s", e.get("Key"))
+
+    async def _save_backoff(self, service: str, slot: int, state: BackoffState) -> None:
+        if self.backoff.get((service, slot)) == state:
+            return
+        self.backoff[(service, slot)] = state
+        try:
+            await kv_put(self._client, f"{BACKOFF_PREFIX}{service}/{slot}",
+                         json.dumps({"failures": state.failures, "restarts": state.restarts}))
+        except Exception as exc:  # noqa: BLE001 - only the restart count is at stake
+            log.warning("cannot store the back-off of %s slot %d: %s", service, slot, exc)
+
+    async def _forget_backoff(self, service: str) -> None:
+        if not any(k[0] == service for k in self.backoff):
+            return
+        for key in [k for k in self.backoff if k[0] == service]:
+            del self.backoff[key]
+        try:
+            await kv_delete(self._client, f"{BACKOFF_PREFIX}{service}/", recurse=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot delete the back-off of %s: %s", service, exc)
 
     async def _watch_desired(self) -> None:
         async for docs in watch_kv_prefix(self._client, SERVICES_PREFIX):
@@ -301,7 +336,19 @@ class Supervisor:
         last_status = 0.0
         while True:
             await asyncio.sleep(self.resync)
-            await self._relist()
+            try:
+                await self._relist()
+                # The catalog is the truth for registrations: one restarted without its
+                # state (or edited by hand) gets our instances registered again.
+                regs, _ = await self._list_registrations()
+                if regs != self.registered:
+                    log.info("catalog registrations changed behind our back: %d -> %d",
+                             len(self.registered), len(regs))
+                    self.registered = regs
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                log.warning("resync: %s", exc)
             for name in self._service_names():
                 self.enqueue(name)
             if time.monotonic() - last_status >= self.check_ttl / 2 - self.resync:
@@ -361,6 +408,9 @@ class Supervisor:
             if not isinstance(action, Stop):
                 await self._execute(action, now)
         await self._refresh_meta(service)
+        if service not in self.desired and not any(
+                i.obs.service == service for i in self.instances.values()):
+            await self._forget_backoff(service)
 
     async def _refresh_meta(self, service: str) -> None:
         # A change that keeps the template (replicas) keeps the replicas, but the catalog
@@ -434,7 +484,7 @@ class Supervisor:
             env=env, ports=ports, cpu=spec.resources.cpu, memory=spec.resources.memory,
             stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period)
         self._ports_taken.update(ports.values())
-        self.backoff[(a.service, a.slot)] = a.backoff
+        await self._save_backoff(a.service, a.slot, a.backoff)
         try:
             observed = await rt.start(ispec)
         except WorkloadError as exc:
@@ -443,7 +493,7 @@ class Supervisor:
             log.error("cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
             # An engine that refuses is retried with back-off, like a crash.
             st = a.backoff
-            self.backoff[(a.service, a.slot)] = BackoffState(st.failures + 1, st.restarts)
+            await self._save_backoff(a.service, a.slot, BackoffState(st.failures + 1, st.restarts))
             self._follow_up(a.service, a.slot, max(spec.restart.backoff.initial, 1.0))
             return
         self.problems.pop(a.service, None)

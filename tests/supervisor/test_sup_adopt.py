@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import urllib.request
@@ -51,6 +52,11 @@ async def test_kill9_supervisor_then_restart_adopts_everything(mesh):
     try:
         await async_wait_for(lambda: len([r for r in web_rows(admin) if r["ready"]]) == 2, timeout=20)
         await async_wait_for(lambda: _passing(mesh, 2), timeout=10)
+        # one crash first: its restart count must survive the supervisor
+        os.kill(web_rows(admin)[0]["pid"], signal.SIGKILL)
+        await async_wait_for(lambda: [r["restarts"] for r in web_rows(admin) if r["ready"]] == [1, 0],
+                             timeout=20)
+        await async_wait_for(lambda: _passing(mesh, 2), timeout=10)
         before = {r["id"]: r["pid"] for r in web_rows(admin)}
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -62,6 +68,7 @@ async def test_kill9_supervisor_then_restart_adopts_everything(mesh):
         await async_wait_for(lambda: len([r for r in web_rows(admin) if r["ready"]]) == 2, timeout=20)
         after = {r["id"]: r["pid"] for r in web_rows(admin)}
         assert after == before, "nothing restarted, nothing duplicated"
+        assert [r["restarts"] for r in web_rows(admin)] == [1, 0]
         assert sorted(await mesh.passing("web")) == sorted(before)
         assert len(list((data / "nodes" / "local" / "instances").glob("*.json"))) == 2
     finally:

@@ -119,3 +119,39 @@ async def test_a_service_removed_from_the_file_is_stopped_and_deregistered(mesh)
         await async_wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
                              open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z",
                              timeout=10)
+
+
+async def test_a_registration_lost_by_the_catalog_comes_back(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+    (iid, obs), = mesh.running("web").items()
+    await mesh.client.agent.service.deregister(iid)
+    assert await mesh.health("web") == {}
+    await async_wait_for(lambda: _status_is(mesh, iid, "passing"), timeout=10)
+    assert mesh.running("web")[iid].pid == obs.pid
+
+
+async def test_an_unreadable_document_keeps_the_last_good_spec(mesh, caplog):
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+    before = set(mesh.running("web"))
+    await mesh.client.kv.put("meshlet/services/web", b"{not json")
+    await async_wait_for(lambda: "ignoring unreadable meshlet/services/web" in caplog.text, timeout=10)
+    await async_wait_for(lambda: mesh.sup._syncing == {}, timeout=10)   # any sync it caused is over
+    assert set(mesh.running("web")) == before
+    assert await mesh.passing("web") == sorted(before)
+
+
+async def test_replicas_spread_over_two_nodes(mesh):
+    import config
+    from supervisor.agent import Supervisor
+    await mesh.apply(mesh.service_yaml(replicas=2, probes=READY))
+    nodes = [config.NodeSpec(name="a", runtime="process"), config.NodeSpec(name="b", runtime="process")]
+    mesh.sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=1.0)
+    await mesh.sup.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 2), timeout=15)
+    assert sorted(o.node for o in mesh.running("web").values()) == ["a", "b"]
+    _, entries = await mesh.client.health.service("web")
+    assert sorted(e["Service"]["Meta"]["node"] for e in entries) == ["a", "b"]
