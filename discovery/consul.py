@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 import consul
 import consul.aio
+from consul.callback import CB
 
 import config
 from discovery.view import Instance, Node, ServiceView, View, worst_status
@@ -194,11 +195,12 @@ class _Outage:
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.errors += 1
         if not self.failing:
-            log.warning("%s: catalog unreachable (%s); keeping the last known state, retrying",
+            log.warning("%s: catalog unreachable or failing (%s); keeping the last known state, retrying",
                         self.what, self.last_error)
         self.failing.add(key)
 
     def ok(self, key: object) -> None:
+        """``key`` answered again (or its watch ended)."""
         if self.failing:
             self.failing.discard(key)
             if not self.failing:
@@ -236,7 +238,7 @@ def watch_service(client: consul.aio.Consul, name: str, *, wait: str = "30s",
                   _outage: _Outage | None = None) -> AsyncIterator[tuple[Instance, ...]]:
     """Instances of ``name`` (all health states), yielded whenever they change."""
     return _watch(lambda i: client.health.service(name, index=i, wait=wait), instances_from_health,
-                  _outage or _Outage(f"watch of service {name!r}"), name)
+                  _outage or _Outage(f"watch of service {name!r}"), ("health", name))
 
 
 def watch_services(client: consul.aio.Consul, *, wait: str = "30s",
@@ -292,6 +294,11 @@ async def kv_delete(client: consul.aio.Consul, key: str, *, recurse: bool = Fals
 # --------------------------------------------------------------------------- leader lock
 
 
+class _Rejected(Exception):
+    """The catalog answered session creation with an error: retrying will not help."""
+
+
+
 class LeaderLock:
     """At most one holder of ``key`` at a time, through a Consul session.
 
@@ -300,14 +307,18 @@ class LeaderLock:
     ``lost`` is set when a renewal fails for longer than the TTL, the session disappears
     (destroyed, expired) or the key is taken away. ``release()`` releases the key and
     destroys the session (no lock-delay for the next holder); it is idempotent.
+
+    Errors: catalog trouble while acquiring is retried (backoff, logged); the catalog
+    rejecting the session itself (e.g. a TTL outside its bounds, 10s..24h on Consul)
+    raises ``consul.ConsulException`` from ``acquire()``.
     """
 
     def __init__(self, client: consul.aio.Consul, key: str, *, ttl: str = "15s",
                  name: str = "meshlet-leader", value: bytes = b"", lock_delay: str = "15s",
                  wait: str = "30s") -> None:
         self.client, self.key, self.name, self.value, self.wait = client, key, name, value, wait
-        self.ttl = min(max(int(parse_seconds(ttl)), 10), 86400)  # Consul's session TTL bounds
-        self.lock_delay = int(parse_seconds(lock_delay))
+        self.ttl = parse_seconds(ttl)  # the catalog enforces its bounds (Consul: 10s..24h)
+        self.lock_delay = parse_seconds(lock_delay)
         self.lost = asyncio.Event()
         self.session: str | None = None
         self._held = False
@@ -325,8 +336,7 @@ class LeaderLock:
         while True:
             try:
                 if self.session is None:
-                    self.session = await self.client.session.create(
-                        name=self.name, ttl=self.ttl, behavior="release", lock_delay=self.lock_delay)
+                    self.session = await self._create_session()
                     self._tasks.append(asyncio.create_task(self._renew(self.session)))
                 if await self.client.kv.put(self.key, self.value, acquire=self.session):
                     self._held = True
@@ -345,10 +355,25 @@ class LeaderLock:
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
+            except _Rejected as exc:
+                raise exc.__cause__ from None  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - catalog trouble or our session vanished
                 log.warning("leader lock %s: %s; retrying", self.key, exc)
                 await self._drop_session()
                 await asyncio.sleep(backoff.next())
+
+    async def _create_session(self) -> str:
+        # py-consul's session.create only takes whole seconds >= 10; send the body ourselves
+        # so a catalog with a lower minimum (tests) can use a shorter TTL.
+        body = json.dumps({"Name": self.name, "TTL": f"{self.ttl:g}s", "Behavior": "release",
+                           "LockDelay": f"{self.lock_delay:g}s"})
+        try:
+            return await self.client.http.put(CB.json(is_id=True), "/v1/session/create",
+                                              headers=self.client.prepare_headers(), data=body)
+        except consul.ConsulException as exc:
+            if isinstance(exc, consul.Timeout):
+                raise
+            raise _Rejected(exc) from exc
 
     async def _renew(self, session: str) -> None:
         renewed, delay = time.monotonic(), self.ttl / 2
@@ -522,6 +547,7 @@ class Mirror:
                 task = self._tasks.pop("health:" + name, None)
                 if task is not None:
                     task.cancel()
+                    self._outage.ok(("health", name))  # a watch cancelled mid-outage is not failing
                 if self._pending is not None:
                     self._pending.discard("health:" + name)
                 if self._instances.pop(name, None) is not None:

@@ -145,3 +145,34 @@ async def test_leader_lock_two_contenders_hand_over(catalog) -> None:
         await two.release()
         for c in (c1, c2, c3):
             await c.close()
+
+
+async def test_leader_lock_renews_and_is_lost_when_renewal_fails(catalog_factory) -> None:
+    cat = catalog_factory("--session-ttl-min", "1s")
+    c = connect(cat.url)
+    lock = LeaderLock(c, "meshlet/leader", ttl="1s", lock_delay="0s")
+    try:
+        await asyncio.wait_for(lock.acquire(), 5)
+        # Unrenewed, the session would expire after TTL x 2 = 2 s; renewed every 0.5 s it lives on.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(lock.lost.wait()), 3.0)
+        _, entry = await c.kv.get("meshlet/leader")
+        assert lock.held and entry["Session"] == lock.session
+        # Catalog gone: renewals fail, and after the TTL leadership is given up.
+        await asyncio.to_thread(cat.kill)
+        await asyncio.wait_for(lock.lost.wait(), 5)
+        assert not lock.held
+    finally:
+        await lock.release()
+        await c.close()
+
+
+async def test_leader_lock_rejected_session_raises(catalog) -> None:
+    c = connect(catalog.url)
+    lock = LeaderLock(c, "meshlet/leader", ttl="1s")  # below the catalog's 10 s minimum
+    try:
+        with pytest.raises(consul.ConsulException, match="Invalid Session TTL"):
+            await asyncio.wait_for(lock.acquire(), 5)
+    finally:
+        await lock.release()
+        await c.close()
