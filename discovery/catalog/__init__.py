@@ -4,7 +4,7 @@ Run it with ``python -m discovery.catalog --listen 127.0.0.1:8500 --data-dir DIR
 ``meshlet catalog ...`` (which calls :func:`main`). Clients use it as they would use a
 Consul agent: py-consul (sync and aio), curl, consul-template-style watchers.
 
-Layout (each module's docstring says more):
+Layout (each module's docstring says more; README.md has the choices made):
 
     _cli        argument parsing, the ``ready`` line, signals
     _server     start/stop order of the pieces below
@@ -12,10 +12,12 @@ Layout (each module's docstring says more):
     _db         SQLite (WAL, synchronous=FULL) under --data-dir
     _model      the tables and their derived indexes
     _watch      blocking queries: targeted wake-ups and the wait loop
-    _kv         KV semantics           _catalog  nodes/services/checks semantics
-    _sessions   sessions and their TTL _checks   the HTTP/TCP/TTL check runner
-    _txn        /v1/txn                _decode   Consul-style JSON and duration decoding
-    _http, _h_* routing, Consul's error texts, endpoint handlers
+    _kv         KV semantics            _catalog   nodes/services/checks write ops
+    _sessions   sessions, their TTLs    _checks    the HTTP/TCP/TTL check runner
+    _checkdef   check rules (pure)      _txn       /v1/txn
+    _decode     Consul-style JSON and duration decoding (pure); _schemas: the bodies
+    _filter     ?filter= expressions (pure)   _render: rows -> Consul JSON, render cache
+    _http, _h_* routing, Consul's error texts, endpoint handlers; _errors: the exceptions
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Errors raise :class:`DecodeError` whose message is the text after
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -53,9 +54,14 @@ class DecodeError(ValueError):
 
 def parse_go_duration(text: str) -> int:
     """Parse a Go duration string ("300ms", "1h2m", "-1.5s", "0") into nanoseconds."""
-    orig = text
     if not isinstance(text, str):
-        raise DecodeError(f"time: invalid duration {orig!r}")
+        raise DecodeError(f"time: invalid duration {text!r}")
+    return _parse_go_duration(text)
+
+
+@functools.lru_cache(maxsize=256)  # the same few strings ("30s", "10m") come again and again
+def _parse_go_duration(text: str) -> int:
+    orig = text
     neg = False
     if text[:1] in ("-", "+"):
         neg = text[0] == "-"

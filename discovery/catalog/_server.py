@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ._http import SERVER, Router, make_handler
+from ._http import Router, make_handler
 from ._model import State
 from ._render import RenderCache
 from ._store import Store
@@ -95,26 +95,17 @@ class CatalogServer:
 
         self.checks = CheckRunner(self)
         self.sessions = SessionTimers(self)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
 
-    def build_app(self) -> web.Application:
-        from . import _h_kv
+    def build_router(self) -> Router:
+        from . import _h_agent, _h_catalog, _h_kv, _h_session
 
         router = Router()
-        _h_kv.register(router)
-        for extra in self._route_modules():
-            extra.register(router)
-        app = web.Application(client_max_size=16 * 1024 * 1024)
-        app[SERVER] = self
-        app.router.add_route("*", "/{tail:.*}", make_handler(router))
-        return app
-
-    def _route_modules(self) -> list[Any]:
-        from . import _h_agent, _h_catalog, _h_session
-
-        return [_h_agent, _h_catalog, _h_session]
+        for module in (_h_kv, _h_agent, _h_catalog, _h_session):
+            module.register(router)
+        return router
 
     async def start(self) -> tuple[str, int]:
         from ._catalog import bootstrap_node
@@ -124,7 +115,8 @@ class CatalogServer:
         await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
         for component in self._components:
             await component.start()
-        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
+        http = web.Server(make_handler(self.build_router(), self), access_log=None)
+        self._runner = web.ServerRunner(http, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True, backlog=1024)
         await site.start()

@@ -418,8 +418,6 @@ class Store:
         finally:
             self._is_settled = True
             self._settled_event.set()
-        if tx.topics or tx.kv_keys:
-            self._notify(tx.topics, tx.kv_keys)
         for fn in tx.post_commit:
             try:
                 fn()
@@ -439,3 +437,8 @@ class Store:
                 fut.set_result(result)
             else:
                 fut.set_exception(exc)
+        # Acks are scheduled before the wake-ups: a writer is not kept waiting behind a
+        # thousand watchers' answers. Both happen in this same synchronous step, so by
+        # the time any ack reaches its client every watcher has been woken.
+        if tx.topics or tx.kv_keys:
+            self._notify(tx.topics, tx.kv_keys)

@@ -1,0 +1,302 @@
+"""Benchmark of the embedded catalog (a benchmark, not a test: it asserts nothing).
+
+    .venv/bin/python bench/catalog/run.py            # print the results as markdown
+    .venv/bin/python bench/catalog/run.py --write    # and replace "## Catalog" in bench/RESULTS.md
+
+Starts a real ``python -m discovery.catalog`` on a fresh data dir and measures, over real
+HTTP on loopback:
+
+1. registrations per second: 10,000 instances (100 services x 100, each with a passing
+   TTL check and meshlet's Meta), from 64 concurrent clients; also per catalog CPU-second;
+2. KV writes per second (5,000 PUTs of a 200-byte value, 64 concurrent clients);
+3. RSS of the catalog process when idle and with the 10,000 instances registered;
+4. wake-up latency: 1,000 blocking watchers (py-consul aio, one process, 4 clients x 250
+   connections) on one service; 20 times its TTL check is flipped (pass <-> fail) and we
+   measure, from the moment the flip is acknowledged, the time until every watcher holds
+   the new status (p50/p99 over the 20 flips), and each watcher's own delay (p50/p99 over
+   20,000 observations). Watchers parse their answers in this process, so the numbers
+   include client-side work (1,000 JSON answers per flip) on the same 2 cores.
+
+Every write is durable before it is acknowledged (SQLite WAL, synchronous=FULL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Catalog"
+
+
+def start_catalog(data_dir: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "discovery.catalog", "--listen", "127.0.0.1:0", "--data-dir", data_dir,
+         "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ready "):
+        proc.kill()
+        raise SystemExit(f"catalog did not start: {line!r}")
+    return proc, "http://" + json.loads(line[6:])["http"]
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def run_concurrently(n: int, concurrency: int, one) -> float:
+    """Run ``one(i)`` for i in range(n) from ``concurrency`` workers; return the elapsed seconds."""
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+async def bench_registrations(url: str, pid: int, n: int, concurrency: int) -> dict[str, float]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        async def register(i: int) -> None:
+            body = {
+                "Name": f"svc{i % 100}", "ID": f"svc{i % 100}-{i}", "Address": "127.0.0.1",
+                "Port": 20000 + i % 40000, "Tags": ["v1"],
+                "Meta": {"revision": "9f86d081884c", "node": "local", "slot": str(i // 100), "weight": "1"},
+                "Check": {"CheckID": f"service:svc{i % 100}-{i}", "TTL": "10m", "Status": "passing"},
+            }
+            async with http.put(url + "/v1/agent/service/register", json=body) as r:
+                assert r.status == 200, await r.text()
+
+        cpu0 = cpu_seconds(pid)
+        elapsed = await run_concurrently(n, concurrency, register)
+        cpu = cpu_seconds(pid) - cpu0
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "per_cpu_s": n / cpu if cpu else float("nan")}
+
+
+async def bench_kv(url: str, n: int, concurrency: int) -> dict[str, float]:
+    value = b"x" * 200
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        async def put(i: int) -> None:
+            async with http.put(f"{url}/v1/kv/bench/{i % 1000}", data=value) as r:
+                assert r.status == 200
+
+        elapsed = await run_concurrently(n, concurrency, put)
+    return {"n": n, "rate": n / elapsed}
+
+
+async def blocked_queries(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url + "/v1/agent/metrics") as r:
+        gauges = {g["Name"]: g["Value"] for g in (await r.json())["Gauges"]}
+    return gauges["meshlet.catalog.blocked_queries"]
+
+
+async def bench_watchers(url: str, pid: int, n_watchers: int, flips: int) -> dict[str, float]:
+    import consul.aio
+
+    host, port = url[len("http://"):].rsplit(":", 1)
+    clients = [consul.aio.Consul(host=host, port=int(port), connections_limit=n_watchers // 4 + 10) for _ in range(4)]
+    admin = consul.aio.Consul(host=host, port=int(port))
+    http = aiohttp.ClientSession()
+    try:
+        await admin.agent.service.register("hot", service_id="hot-1", port=8080, check={"TTL": "10m"})
+        await admin.agent.check.ttl_pass("service:hot-1")
+        index, _ = await admin.health.service("hot")
+        seen: list[str] = ["passing"] * n_watchers
+        arrival: list[float] = [0.0] * n_watchers
+        changed = asyncio.Event()
+        want = {"status": "passing", "remaining": 0}
+
+        async def watch(w: int) -> None:
+            c = clients[w % len(clients)]
+            idx = index
+            while True:
+                idx, nodes = await c.health.service("hot", index=idx, wait="120s")
+                status = next(ch["Status"] for ch in nodes[0]["Checks"] if ch["CheckID"] == "service:hot-1")
+                if status != seen[w]:
+                    seen[w] = status
+                    arrival[w] = time.perf_counter()
+                    if status == want["status"]:
+                        want["remaining"] -= 1
+                        if want["remaining"] == 0:
+                            changed.set()
+
+        tasks = [asyncio.ensure_future(watch(w)) for w in range(n_watchers)]
+        while await blocked_queries(http, url) < n_watchers:
+            await asyncio.sleep(0.02)
+        server_cpu0, client_cpu0 = cpu_seconds(pid), cpu_seconds(os.getpid())
+        all_latencies: list[float] = []
+        each_latencies: list[float] = []
+        after_ack: list[float] = []
+        for k in range(flips):
+            while await blocked_queries(http, url) < n_watchers:
+                await asyncio.sleep(0.02)
+            status = "critical" if k % 2 == 0 else "passing"
+            want.update(status=status, remaining=n_watchers)
+            changed.clear()
+            sent = time.perf_counter()
+            if status == "critical":
+                await admin.agent.check.ttl_fail("service:hot-1")
+            else:
+                await admin.agent.check.ttl_pass("service:hot-1")
+            acked = time.perf_counter()
+            await asyncio.wait_for(changed.wait(), 60)
+            delays = [t - sent for t in arrival]
+            all_latencies.append(max(delays))
+            each_latencies.extend(delays)
+            after_ack.append(max(delays) - (acked - sent))
+        server_cpu, client_cpu = cpu_seconds(pid) - server_cpu0, cpu_seconds(os.getpid()) - client_cpu0
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await http.close()
+        await admin.close()
+        for c in clients:
+            await c.close()
+    ms = 1000.0
+    return {
+        "watchers": n_watchers, "flips": flips,
+        "all_p50": statistics.median(all_latencies) * ms, "all_p99": pct(all_latencies, 99) * ms,
+        "all_max": max(all_latencies) * ms,
+        "each_p50": statistics.median(each_latencies) * ms, "each_p99": pct(each_latencies, 99) * ms,
+        "ack_p50": statistics.median(after_ack) * ms, "ack_p99": pct(after_ack, 99) * ms,
+        "server_cpu_ms": server_cpu / flips * ms, "client_cpu_ms": client_cpu / flips * ms,
+    }
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import uvloop
+
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "uvloop": uvloop.__version__,
+        "aiohttp": aiohttp.__version__,
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    data_dir = tempfile.mkdtemp(prefix="catalog-bench-")
+    proc, url = start_catalog(data_dir)
+    try:
+        await asyncio.sleep(0.5)
+        rss_idle = rss_mib(proc.pid)
+        reg = await bench_registrations(url, proc.pid, args.instances, args.concurrency)
+        rss_full = rss_mib(proc.pid)
+        kv = await bench_kv(url, args.kv_writes, args.concurrency)
+        watch = await bench_watchers(url, proc.pid, args.watchers, args.flips)
+        db_size = sum(f.stat().st_size for f in Path(data_dir).iterdir()) / 2**20
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    m = machine()
+    lines = [
+        SECTION,
+        "",
+        f"Measured {m['date']} with `bench/catalog/run.py`: {m['nproc']} vCPU ({m['cpu']}), Python {m['python']}, "
+        f"SQLite {m['sqlite']}, uvloop {m['uvloop']}, aiohttp {m['aiohttp']}; load average at the end {m['load']} "
+        "(the machine is shared with other work, so treat the figures as a floor). The catalog is one process; the "
+        "load generator and the watchers run in a second process on the same cores. Every write is acknowledged "
+        "only once durable (SQLite WAL, synchronous=FULL, group commit).",
+        "",
+        "Reproduce: `.venv/bin/python bench/catalog/run.py --write`",
+        "",
+        "| measure | result |",
+        "|---|---|",
+        f"| registrations/s ({reg['n']:,} instances with a TTL check, {args.concurrency} concurrent clients) "
+        f"| {reg['rate']:,.0f} /s ({reg['per_cpu_s']:,.0f} per catalog CPU-second) |",
+        f"| KV writes/s ({kv['n']:,} PUTs of 200 bytes, {args.concurrency} concurrent clients) | {kv['rate']:,.0f} /s |",
+        f"| RSS idle | {rss_idle:.1f} MiB |",
+        f"| RSS with {reg['n']:,} instances (+ as many checks) | {rss_full:.1f} MiB |",
+        f"| data dir size at the end | {db_size:.1f} MiB |",
+        f"| {watch['watchers']:,} watchers on one service: TTL check flip sent -> every watcher has the new status "
+        f"(p50 / p99 / max over {watch['flips']} flips; includes the durable write) | {watch['all_p50']:.1f} / "
+        f"{watch['all_p99']:.1f} / {watch['all_max']:.1f} ms |",
+        f"| same, counted from the flip's acknowledgement (negative: every watcher had it before the writer read "
+        f"its own ack) | {watch['ack_p50']:.1f} / {watch['ack_p99']:.1f} ms |",
+        f"| CPU per flip: catalog / watcher process (1,000 answers sent and 1,000 new blocking queries) "
+        f"| {watch['server_cpu_ms']:.0f} / {watch['client_cpu_ms']:.0f} ms |",
+        f"| same, per watcher, from the flip sent (p50 / p99 over {watch['watchers'] * watch['flips']:,} "
+        f"observations) | {watch['each_p50']:.1f} / {watch['each_p99']:.1f} ms |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) our section of bench/RESULTS.md, leaving the others alone."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        nxt = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
+    RESULTS.write_text(new)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, default=10_000)
+    p.add_argument("--kv-writes", type=int, default=5_000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--watchers", type=int, default=1_000)
+    p.add_argument("--flips", type=int, default=20)
+    p.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        text = uvloop.run(main_async(args))
+    except ImportError:
+        text = asyncio.run(main_async(args))
+    print(text)
+    if args.write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
