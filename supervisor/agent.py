@@ -214,6 +214,28 @@ class Supervisor:
         if stop:
             await asyncio.gather(*(self._stop_instance(i.obs.instance_id, "meshlet is stopping")
                                    for i in list(self.instances.values())), return_exceptions=True)
+            # A start cancelled above may have left an instance we never recorded: list
+            # every node once more and stop whatever meshlet still owns there.
+            for rt in self.runtimes.values():
+                try:
+                    leftovers = await rt.list()
+                except WorkloadError as exc:
+                    log.warning("cannot list node %s while stopping: %s", rt.node, exc)
+                    continue
+                for o in leftovers:
+                    await self._deregister(o.instance_id)
+                    try:
+                        await rt.stop(o.instance_id, grace=0 if not o.is_running else 5.0)
+                        await rt.remove(o.instance_id)
+                    except WorkloadError as exc:
+                        log.warning("cannot stop %s: %s", o.instance_id, exc)
+            # Likewise a registration whose request was cut off: nothing of ours runs now.
+            try:
+                self.registered, _ = await self._list_registrations()
+                for iid in list(self.registered):
+                    await self._deregister(iid)
+            except Exception as exc:  # noqa: BLE001 - the catalog may be gone already
+                log.warning("cannot clear registrations while stopping: %s", exc)
         for rt in self.runtimes.values():
             try:
                 await rt.close()

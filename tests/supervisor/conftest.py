@@ -67,9 +67,12 @@ class Mesh:
                 if i.obs.service == service and i.obs.is_running}
 
     async def close(self) -> None:
-        if self.sup is not None:
-            await self.sup.close(stop=True)
-        await self.client.close()
+        try:
+            if self.sup is not None:
+                await self.sup.close(stop=True)
+        finally:
+            await self.client.close()
+            kill_leftovers(self.data_dir)
 
 
 @pytest.fixture
@@ -83,3 +86,17 @@ async def mesh(catalog, tmp_path: Path) -> AsyncIterator[Mesh]:
 
 def kill9(pid: int) -> None:
     os.kill(pid, 9)
+
+
+def kill_leftovers(data_dir: Path) -> None:
+    """Last-resort cleanup after a failed test: SIGKILL every process group recorded in the
+    process runtime's state files under ``data_dir`` (so no workload outlives its test)."""
+    import json
+    import signal
+    for path in Path(data_dir).glob("nodes/*/instances/*.json"):
+        try:
+            record = json.loads(path.read_text())
+            if not record.get("exited"):
+                os.killpg(int(record["pid"]), signal.SIGKILL)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass

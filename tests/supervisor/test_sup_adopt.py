@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from _util import async_wait_for, start_server, stop_process
+from conftest import kill_leftovers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,7 @@ async def test_kill9_supervisor_then_restart_adopts_everything(mesh):
         assert len(list((data / "nodes" / "local" / "instances").glob("*.json"))) == 2
     finally:
         stop_process(proc)
+        kill_leftovers(data)
     # --stop-on-exit: SIGTERM deregistered and stopped the workloads
     assert await mesh.health("web") == {}
     assert not any(pid_alive(p) for p in before.values())

@@ -155,3 +155,19 @@ async def test_replicas_spread_over_two_nodes(mesh):
     assert sorted(o.node for o in mesh.running("web").values()) == ["a", "b"]
     _, entries = await mesh.client.health.service("web")
     assert sorted(e["Service"]["Meta"]["node"] for e in entries) == ["a", "b"]
+
+
+async def test_closing_while_starting_leaves_nothing_running(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=4))
+    sup = await mesh.start()
+    # close as soon as the first replica runs: the sync is cut off among its starts
+    await async_wait_for(lambda: len(sup.instances) >= 1, timeout=10, interval=0.001)
+    await sup.close(stop=True)
+    mesh.sup = None
+    from supervisor.runtime import ProcessRuntime
+    rt = ProcessRuntime(mesh.data_dir / "nodes" / "local", node="local")
+    try:
+        assert [o.instance_id for o in await rt.list() if o.is_running] == []
+    finally:
+        await rt.close()
+    assert await mesh.health("web") == {}

@@ -21,6 +21,7 @@ import dns.rdatatype
 import yaml
 
 from _util import free_port, stop_process, wait_for
+from conftest import kill_leftovers
 from supervisor.commands import main as commands_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,6 +125,7 @@ def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
         assert code == 1
     finally:
         stop_process(proc)
+        kill_leftovers(tmp_path / "state")
 
 
 def _pid_after(lines: Lines, prefix: str) -> int:
@@ -170,6 +172,7 @@ def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(t
         assert not list((tmp_path / "state" / "nodes" / "local" / "instances").glob("*.json"))
     finally:
         stop_process(proc)
+        kill_leftovers(tmp_path / "state")
 
 
 def test_up_with_a_bad_file_exits_2_and_says_where(tmp_path):
