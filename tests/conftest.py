@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -90,7 +91,7 @@ class CatalogProcess:
             try:
                 return self.start(port)
             except ServerStartError:
-                continue  # the port may still be held for a moment; try again
+                time.sleep(0.1)  # the port may still be held for a moment; try again
         return self.start(0)
 
     def client(self, **kwargs) -> "consul.Consul":  # noqa: F821

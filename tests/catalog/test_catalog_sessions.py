@@ -97,13 +97,13 @@ def test_session_invalidated_when_its_check_goes_critical(catalog) -> None:
 
 def test_lock_delay_after_invalidation(catalog) -> None:
     c = catalog.client()
-    s1 = c.session.create(lock_delay=1)
-    s2 = c.session.create(lock_delay=1)
+    s1 = c.session.create(lock_delay=2)
+    s2 = c.session.create(lock_delay=2)
     assert c.kv.put("lock", "a", acquire=s1) is True
     c.session.destroy(s1)
     assert "Session" not in c.kv.get("lock")[1]
     assert c.kv.put("lock", "b", acquire=s2) is False  # in lock-delay
-    wait_for(lambda: c.kv.put("lock", "b", acquire=s2), timeout=5, interval=0.05, what="acquire after lock-delay")
+    wait_for(lambda: c.kv.put("lock", "b", acquire=s2), timeout=10, interval=0.05, what="acquire after lock-delay")
     assert c.kv.get("lock")[1]["Session"] == s2
 
 
