@@ -59,7 +59,7 @@ class Engine:
     def set_view(self, view: View) -> None:
         """Swap in the zone of a new View. On a bug in building, keep the last good zone."""
         try:
-            zone = build_zone(view, self.settings)
+            zone = build_zone(view, self.settings, self.zone)
         except Exception:  # noqa: BLE001 - keep serving the last good zone
             log.exception("could not build the DNS zone for catalog view %d; keeping the last one", view.index)
             return

@@ -105,15 +105,24 @@ class RRSet(NamedTuple):
 
 
 _NO_SETS: Mapping[int, RRSet] = MappingProxyType({})
+_NO_NODES: Mapping[str, Any] = MappingProxyType({})
+_NO_PARTS: Mapping[str, Any] = MappingProxyType({})
+
+
+Names = Mapping[str, Mapping[int, RRSet]]
 
 
 @dataclass(frozen=True, slots=True)
 class Zone:
     settings: Settings
-    names: Mapping[str, Mapping[int, RRSet]]
+    names: Names
     soa: RR
     index: int = 0
     services: tuple[str, ...] = field(default=())
+    # What the next build may reuse: the nodes it was built with and, per service, the
+    # ServiceView and the names it produced (None: the service has no name).
+    nodes: Mapping[str, Any] = field(default_factory=lambda: _NO_NODES)
+    parts: Mapping[str, tuple[ServiceView, Names | None]] = field(default_factory=lambda: _NO_PARTS)
 
     @property
     def domain(self) -> str:
@@ -175,8 +184,10 @@ def _instance_tags(inst: Instance, sv: ServiceView) -> frozenset[str]:
 
 
 class _Builder:
-    def __init__(self, view: View, settings: Settings) -> None:
-        self.view = view
+    """Builds the names of one part of the zone (one service, or the apex and nodes)."""
+
+    def __init__(self, nodes: Mapping[str, Any], settings: Settings) -> None:
+        self.nodes = nodes
         self.s = settings
         self.d = settings.domain
         self.names: dict[str, dict[int, RRSet]] = {}
@@ -189,7 +200,7 @@ class _Builder:
         """SRV target of an instance and the records that resolve it: the node's name
         when the instance lives at its node's address, else ``<hex-ip>.addr.<d>``."""
         ip = _ip(inst.address)
-        node = self.view.nodes.get(inst.node)
+        node = self.nodes.get(inst.node)
         if ip is None:
             host = inst.address.strip(".").lower()
             return (host, ()) if _is_dns_name(host) else None
@@ -231,9 +242,6 @@ class _Builder:
         ready = [i for i in sv.ready(self.s.include_warning) if i.weight > 0]
         vip = _ip(sv.vip) if sv.vip else None
         base = f"{name}.service.{self.d}"
-        if base in self.names:
-            log.warning("service %r collides with another service name; ignored", sv.name)
-            return False
         if not ready and vip is None:
             return False  # NXDOMAIN: nothing to send traffic to
         sets = self.endpoint_sets(ready, ttl)
@@ -273,37 +281,71 @@ class _Builder:
             self.put(name, TXT, RRSet(tuple(RR("", TXT, ttl, (t,)) for t in txt)))
         self.names.setdefault(name, {})
 
-    def build(self) -> Zone:
+    def frozen(self) -> Names:
+        """The names built so far plus their empty non-terminals: every ancestor of an
+        owned name exists (NODATA, not NXDOMAIN; RFC 8020)."""
+        for name in list(self.names):
+            if name.endswith(_REVERSE_SUFFIXES):
+                continue
+            while name != self.d and "." in name:
+                name = name.split(".", 1)[1]
+                self.names.setdefault(name, {})
+        return {n: MappingProxyType(sets) if sets else _NO_SETS for n, sets in self.names.items()}
+
+    def apex(self, serial: int) -> tuple[RR, Names]:
         d, s = self.d, self.s
-        serial = self.view.index & 0xFFFFFFFF or 1
         soa = RR(d, SOA, s.negative_ttl,
                  SoaData(f"ns.{d}", f"hostmaster.{d}", serial, 3600, 600, 86400, s.negative_ttl))
         ns_rrs = tuple(_addr_rr(f"ns.{d}", ip, s.ttl) for ip in map(_ip, s.ns_addresses) if ip is not None)
         self.put(d, SOA, RRSet((soa._replace(name=""),)))
         self.put(d, NS, RRSet((RR("", NS, s.ttl, f"ns.{d}"),), ns_rrs))
-        self.names.setdefault(f"ns.{d}", {})
+        sets = self.names.setdefault(f"ns.{d}", {})
         for rr in ns_rrs:
-            sets = self.names[f"ns.{d}"]
             prev = sets.get(rr.rtype, RRSet(()))
             sets[rr.rtype] = RRSet(prev.records + (rr._replace(name=""),))
-        for node in sorted(self.view.nodes.values(), key=lambda n: n.name):
+        for node in sorted(self.nodes.values(), key=lambda n: n.name):
             self.add_node(node.name, node.address, node.meta)
-        services = tuple(sv.name for sv in sorted(self.view.services.values(), key=lambda v: v.name)
-                         if self.add_service(sv))
-        # Empty non-terminals: every ancestor of an owned name exists (NODATA, RFC 8020).
-        for name in list(self.names):
-            if name.endswith(_REVERSE_SUFFIXES):
-                continue
-            while name != d:
-                name = name.split(".", 1)[1]
-                self.names.setdefault(name, {})
-        frozen = {n: MappingProxyType(sets) if sets else _NO_SETS for n, sets in self.names.items()}
-        return Zone(s, MappingProxyType(frozen), soa, self.view.index, services)
+        return soa, self.frozen()
 
 
-def build_zone(view: View, settings: Settings) -> Zone:
-    """Every name and record meshlet answers for at this View. Pure; cost O(instances)."""
-    return _Builder(view, settings).build()
+def _service_part(sv: ServiceView, nodes: Mapping[str, Any], settings: Settings) -> Names | None:
+    b = _Builder(nodes, settings)
+    return b.frozen() if b.add_service(sv) else None
+
+
+def build_zone(view: View, settings: Settings, previous: Zone | None = None) -> Zone:
+    """Every name and record meshlet answers for at this View. Pure.
+
+    With ``previous`` (the zone of the last View), the names of every service whose
+    ServiceView is unchanged are reused, so a change to one service costs the rebuild of
+    that service plus a merge, not a rebuild of the fleet (the Mirror keeps unchanged
+    ServiceViews identical between Views)."""
+    soa, apex = _Builder(view.nodes, settings).apex(view.index & 0xFFFFFFFF or 1)
+    reusable = previous is not None and previous.settings == settings and (
+        previous.nodes is view.nodes or previous.nodes == view.nodes)
+    old_parts = previous.parts if previous is not None and reusable else _NO_PARTS
+    parts: dict[str, tuple[ServiceView, Names | None]] = {}
+    names: dict[str, Mapping[int, RRSet]] = dict(apex)
+    services = []
+    for sv in sorted(view.services.values(), key=lambda v: v.name):
+        old = old_parts.get(sv.name)
+        part = old[1] if old is not None and (old[0] is sv or old[0] == sv) else _service_part(sv, view.nodes, settings)
+        parts[sv.name] = (sv, part)
+        if part is None:
+            continue
+        base = f"{sv.name.lower()}.service.{settings.domain}"
+        if names.get(base):
+            log.warning("service %r collides with another service name; ignored", sv.name)
+            continue
+        services.append(sv.name)
+        for name, sets in part.items():
+            have = names.get(name)
+            if not have:
+                names[name] = sets
+            elif sets:
+                names[name] = MappingProxyType({**have, **sets})
+    return Zone(settings, MappingProxyType(names), soa, view.index, tuple(services),
+                view.nodes, MappingProxyType(parts))
 
 
 # ---------------------------------------------------------------------------- answering

@@ -230,3 +230,21 @@ def test_spec_tags_apply_to_instances_of_the_applied_revision() -> None:
     zone = build_zone(view, Settings())
     assert data(answer(zone, "blue.s.service.meshlet", A)) == ["127.0.0.2", "127.0.0.3"]
     assert data(answer(zone, "own.s.service.meshlet", A)) == ["127.0.0.2"]
+
+
+def test_rebuild_reuses_unchanged_services_and_matches_a_fresh_build() -> None:
+    """Incremental builds (previous zone given) answer exactly like a build from scratch."""
+    changed = dict(VIEW.services)
+    changed["db"] = ServiceView("db", (inst("db", 1, "127.0.0.5", node="n2", port=5432),
+                                       inst("db", 2, "127.0.0.6", node="n2", port=5433)))
+    del changed["idle"]
+    view2 = View(services=changed, nodes=VIEW.nodes, index=8)
+    incremental = build_zone(view2, Settings(), previous=ZONE)
+    fresh = build_zone(view2, Settings())
+    assert incremental.names == fresh.names
+    assert incremental.parts["web"][1] is ZONE.parts["web"][1]      # reused
+    assert incremental.parts["db"][1] is not ZONE.parts["db"][1]    # rebuilt
+    assert answer(incremental, "idle.service.meshlet", A).rcode == NXDOMAIN
+    assert data(answer(incremental, "db.service.meshlet", A)) == ["127.0.0.5", "127.0.0.6"]
+    moved = View(services=changed, nodes={**VIEW.nodes, "n2": Node("n2", "127.0.0.5")}, index=9)
+    assert build_zone(moved, Settings(), previous=incremental).names == build_zone(moved, Settings()).names
