@@ -22,6 +22,7 @@ import yaml
 
 from _util import free_port, stop_process, wait_for
 from conftest import kill_leftovers
+from docker_env import docker_engine, docker_engines  # noqa: F401 (fixtures)
 from supervisor.commands import main as commands_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,3 +184,37 @@ def test_up_with_a_bad_file_exits_2_and_says_where(tmp_path):
     assert proc.returncode == 2
     assert "bad.yaml:4 services.web.replicas" in proc.stderr
     assert not (tmp_path / ".meshlet").exists(), "nothing was started"
+
+
+def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
+    from docker_env import TEST_IMAGE, build_test_images
+    build_test_images(docker_engine)
+    path, ports = demo_copy(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["mesh"]["nodes"] = [{"name": "box", "runtime": "docker", "engine": docker_engine.url}]
+    doc["services"] = {"web": {
+        "image": TEST_IMAGE, "replicas": 2, "ports": [{"name": "http", "vip_port": 80}],
+        "stop_grace_period": "1s", "update": {"drain_delay": "0s"},
+        "probes": {"readiness": {"http": {"path": "/"}, "period": "0.2s"}}}}
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+                            cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    client = docker_engine.client()
+    try:
+        lines = Lines(proc.stdout)
+        lines.wait("web: 2/2 ready", timeout=60)
+
+        def through_proxy():
+            req = urllib.request.Request(f"http://127.0.0.1:{ports['proxy']}/cgi-bin/env",
+                                         headers={"Host": "web.service.meshlet"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status == 200 and r.read().decode()
+        body = wait_for(through_proxy, timeout=15)
+        assert "web-" in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not client.containers.list(all=True, filters={"label": ["meshlet.service=web", "meshlet.node=box"]})
+    finally:
+        stop_process(proc)
+        for c in client.containers.list(all=True, filters={"label": ["meshlet.service=web", "meshlet.node=box"]}):
+            c.remove(force=True)
