@@ -5,7 +5,9 @@ Vocabulary
                restarts and revisions; instance ids change, slots do not)
     replica    what a runtime runs for a slot: ``Replica`` (plain data, from the agent)
     current    a replica of the revision last applied (``is_current``: the one place the
-               revision is compared; the rollout engine will take over ordering later)
+               revision is compared; the rollout engine will take over ordering later).
+               The agent passes the spec's *template* revision (the spec without
+               ``replicas``, agent.template_revision), so scaling keeps running replicas.
 
 Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
 
