@@ -8,6 +8,7 @@ import signal
 import aiohttp
 
 from _util import async_wait_for
+from supervisor.admin import build_status
 
 
 async def get(port: int, path: str = "/") -> tuple[int, str]:
@@ -171,3 +172,35 @@ async def test_closing_while_starting_leaves_nothing_running(mesh):
     finally:
         await rt.close()
     assert await mesh.health("web") == {}
+
+
+async def test_startup_exec_probe_holds_readiness_off(mesh):
+    probes = f"""\
+        probes:
+          startup: {{exec: {{command: [test, -f, {mesh.markers / 'started'}]}}, period: 0.1s, failure_threshold: 600}}
+          readiness: {{http: {{path: /ready}}, period: 0.1s}}
+        """
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=probes))
+    sup = await mesh.start()
+    await async_wait_for(lambda: len(mesh.running("web")) == 1, timeout=15)
+    (iid, _), = mesh.running("web").items()
+    await async_wait_for(lambda: _status_is(mesh, iid, "critical"), timeout=10)
+    # the app answers /ready, but until the startup probe passes it is not ready
+    await async_wait_for(lambda: sup.instances[iid].prober.last.get("startup", "").startswith("exec exit 1"),
+                         timeout=10)
+    assert await _status_is(mesh, iid, "critical")
+    (mesh.markers / "started").touch()
+    await async_wait_for(lambda: _status_is(mesh, iid, "passing"), timeout=10)
+
+
+async def test_restart_policy_never_leaves_the_replica_exited(mesh):
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY, extra="restart: {policy: never}\n"))
+    sup = await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+    (iid, obs), = mesh.running("web").items()
+    os.kill(obs.pid, signal.SIGKILL)
+    await async_wait_for(lambda: _len_eq(mesh.health("web"), 0), timeout=10)
+    await async_wait_for(lambda: mesh.sup._syncing == {}, timeout=10)
+    (row,) = [s for s in build_status(sup)["services"] if s["name"] == "web"][0]["instances"]
+    assert (row["id"], row["state"], row["exit_code"]) == (iid, "exited", 137)
+    assert mesh.running("web") == {}
