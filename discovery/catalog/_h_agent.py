@@ -97,12 +97,12 @@ async def agent_self(req: Req) -> web.StreamResponse:
         "Meta": {"consul-network-segment": ""},
         "xDS": {"SupportedProxies": {"envoy": []}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
     }
-    return req.json(body)
+    return req.json(body, server.store.index)
 
 
 async def agent_members(req: Req) -> web.StreamResponse:
     wan = req.query.get("wan", "") not in ("", "0", "false")
-    return req.json([member(req, wan)])
+    return req.json([member(req, wan)], req.server.store.index)
 
 
 async def agent_services(req: Req) -> web.StreamResponse:
@@ -291,7 +291,7 @@ async def agent_metrics(req: Req) -> web.StreamResponse:
         "Counters": [],
         "Samples": [],
     }
-    return req.json(body)
+    return req.json(body, server.store.index)
 
 
 def register(router: Router) -> None:

@@ -220,7 +220,9 @@ def make_handler(router: Router, server: "CatalogServer") -> Callable[[web.BaseR
         except MethodNotAllowed as exc:
             return _text(exc.status, exc.reason, {"Allow": exc.allow})
         except CatalogError as exc:
-            return _text(exc.status, exc.reason)
+            # Reads carry the query metadata even when they fail (clients such as
+            # py-consul insist on X-Consul-Index for a 404).
+            return _text(exc.status, exc.reason, read_headers(server.store.index) if method == "GET" else None)
         except DecodeError as exc:
             return _text(400, f"Request decode failed: {exc}")
         except (web.HTTPException, ConnectionResetError):

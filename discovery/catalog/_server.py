@@ -9,7 +9,9 @@ the database. Every step of stop runs even if an earlier one failed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +46,19 @@ class Options:
 
     @property
     def advertise(self) -> str:
-        """The address other parties reach this node at (the listen host, not a wildcard)."""
-        if self.host in ("", "0.0.0.0", "::", "[::]"):
+        """The node's address: the listen host as an IP (a wildcard or an unresolvable
+        name gives 127.0.0.1), since DNS answers and clients use it as an address."""
+        host = self.host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
             return "127.0.0.1"
-        return self.host.strip("[]")
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
+        try:
+            return socket.gethostbyname(host)
+        except OSError:
+            return "127.0.0.1"
 
 
 class TombstoneReaper:
@@ -88,7 +99,8 @@ class CatalogServer:
         self.store = Store(opts.data_dir, self.state.tables())
         self.hub = WatchHub()
         self.store.set_notifier(self.hub.notify)
-        self.leader_addr = f"{opts.advertise}:8300"
+        adv = opts.advertise
+        self.leader_addr = f"[{adv}]:8300" if ":" in adv else f"{adv}:8300"
         self.render_cache = RenderCache()
         from ._checks import CheckRunner
         from ._sessions import SessionTimers

@@ -20,7 +20,8 @@ READ_PATHS = [
     "/v1/catalog/service/web", "/v1/catalog/node/meshlet", "/v1/health/service/web", "/v1/health/checks/web",
     "/v1/health/state/any", "/v1/health/node/meshlet", "/v1/session/list", "/v1/session/info/x",
     "/v1/session/node/meshlet", "/v1/agent/services", "/v1/agent/checks", "/v1/status/leader",
-    "/v1/status/peers", "/v1/catalog/datacenters",
+    "/v1/status/peers", "/v1/catalog/datacenters", "/v1/agent/self", "/v1/agent/members", "/v1/agent/metrics",
+    "/v1/agent/service/nope", "/v1/health/connect/web",
 ]
 
 
