@@ -76,3 +76,25 @@ async def test_docker_replicas_heal_probe_and_are_adopted(mesh, engine):
 
 async def _status(mesh, iid, status):
     return (await mesh.health("box")).get(iid) == status
+
+
+async def test_docker_failing_liveness_restarts_with_growing_backoff(mesh, engine):
+    await mesh.apply(f"""\
+services:
+  box:
+    image: {TEST_IMAGE}
+    ports: [{{name: http}}]
+    stop_grace_period: 0.5s
+    update: {{drain_delay: 0s}}
+    restart: {{backoff: {{initial: 0.4s, max: 5s}}}}
+    probes:
+      liveness: {{http: {{path: /missing}}, initial_delay: 0.3s, period: 0.1s, failure_threshold: 1}}
+""")
+    sup = mesh.sup = supervisor(mesh, engine)
+    await sup.start()
+    await async_wait_for(lambda: sum(kind == "started" for _, kind, _ in sup.history) >= 4, timeout=60)
+    starts = [t for t, kind, _ in sup.history if kind == "started"]
+    kills = [t for t, kind, _ in sup.history if kind == "killed"]
+    gaps = [s - k for k, s in zip(kills, starts[1:])]
+    assert gaps[1] >= 0.4 and gaps[2] >= 0.8 and gaps[2] > gaps[0]
+    assert sup.backoff[("box", 0)].restarts >= 3
