@@ -33,7 +33,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ._framing import (CHUNKED, CRLF, LAST_CHUNK, LENGTH, NONE, UNTIL_CLOSE, HeadError, RequestHead,
-                       chunk_header, generated, parse_response_head, status_line, strip_prefix, trailer_block)
+                       chunk_header, generated, response_head, status_line, strip_prefix, trailer_block)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._http1 import ClientConnection
@@ -159,39 +159,27 @@ class Exchange:
         self.up_head = self._upstream_head()
         if self.req_done:
             self.done_at = self.t0
-        self.attempt()
+        self.attempt(now=self.t0)
 
     def _upstream_head(self) -> bytes:
+        """The request head for the upstream. Its fixed parts are built once per (head,
+        route) and kept on the (memoised) head; per request only X-Forwarded-For and
+        X-Request-Id are added."""
         head = self.head
-        target = head.target
         route = self.route
-        if route is not None and route.strip_prefix:
-            target = strip_prefix(target, route.prefix)
-        parts = [head.method, b" ", target, b" HTTP/1.1\r\n"]
-        if head.host_header:
-            parts += (b"host: ", head.host_header, CRLF)
-        parts += head.fields
-        peer = self.client.peer_ip
-        parts += (b"x-forwarded-for: ", peer if head.xff is None else head.xff + b", " + peer,
-                  b"\r\nx-forwarded-proto: http\r\n")
-        if head.host_header:
-            parts += (b"x-forwarded-host: ", head.host_header, CRLF)
+        pre = head.up_pre
+        if pre is None or head.up_route is not route:
+            pre, post = _upstream_parts(head, route)
+            head.up_pre, head.up_post, head.up_route = pre, post, route
+        xff = self.client.xff_line if head.xff is None else (
+            b"x-forwarded-for: " + head.xff + b", " + self.client.peer_ip + CRLF)
         if head.request_id is None:
-            parts += (b"x-request-id: ", self.server.next_request_id(), CRLF)
-        if head.framing == LENGTH:
-            parts.append(b"content-length: %d\r\n" % head.content_length)
-        elif head.framing == CHUNKED:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        if head.upgrade is not None:
-            parts += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
-        elif head.te_trailers:
-            parts.append(b"te: trailers\r\n")
-        parts.append(CRLF)
-        return b"".join(parts)
+            return b"".join((pre, xff, b"x-request-id: ", self.server.next_request_id(), CRLF, head.up_post))
+        return b"".join((pre, xff, head.up_post))
 
     # -- attempts ----------------------------------------------------------------------
 
-    def attempt(self, fresh: bool = False, ep: Any = None) -> None:
+    def attempt(self, fresh: bool = False, ep: Any = None, now: float = 0.0) -> None:
         cluster = self.cluster
         if ep is None:
             tried = self.tried
@@ -205,12 +193,13 @@ class Exchange:
         cluster.begin(ep)
         self.ep = ep
         server = self.server
-        now = server.loop.time()
+        if not now:
+            now = server.loop.time()
         self.ep_t0 = now
         pool = server.pool_for(ep, cluster)
         conn = None if fresh else pool.acquire()
         if conn is not None:
-            self.attach(conn)
+            self.attach(conn, now)
             return
         self.state = CONNECTING
         self.connect_deadline = now + cluster.settings.timeouts.connect
@@ -234,42 +223,51 @@ class Exchange:
             self.client.flush()
             return
         conn = task.result()[1]
-        self.attach(conn)
+        self.attach(conn, self.server.loop.time())
         self.flush_upstream()
 
-    def attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnection, now: float) -> None:
         """Send the request (head and what we have of the body) on ``conn``."""
         self.conn = conn
         conn.start(self, self.head_request)
         self.state = SENDING
-        pieces = [self.up_head]
         body = self.body
         chunked = self.head.framing == CHUNKED
-        if body:
-            for piece in body:
-                if chunked:
-                    pieces += (chunk_header(len(piece)), piece, CRLF)
-                else:
-                    pieces.append(piece)
-            if self.body_len > REPLAY_LIMIT:
-                self.replayable = False
-                self.body = None
-        if self.req_done and chunked:
-            pieces.append(trailer_block(self.req_trailers))
-        self.sent_upstream = False
-        self._send_up(b"".join(pieces) if len(pieces) > 1 else pieces[0])
+        if body or chunked:
+            pieces = [self.up_head]
+            if body:
+                for piece in body:
+                    if chunked:
+                        pieces += (chunk_header(len(piece)), piece, CRLF)
+                    else:
+                        pieces.append(piece)
+                if self.body_len > REPLAY_LIMIT:
+                    self.replayable = False
+                    self.body = None
+            if self.req_done and chunked:
+                pieces.append(trailer_block(self.req_trailers))
+            self._send_up(b"".join(pieces))
+        else:
+            self._send_up(self.up_head)
         client = self.client
         if client.write_paused:
             conn.pause_reading()
         if client.pause_flags & 4:
             client.resume(4)  # PAUSE_CONNECT: body may flow again
+        timeouts = self.cluster.settings
         if self.req_done:
-            settings = self.cluster.settings
-            ptt = settings.retries.per_try_timeout
-            self.try_deadline = self.server.loop.time() + ptt if ptt > 0 else 0.0
+            ptt = timeouts.retries.per_try_timeout
+            d = self.done_at + timeouts.timeouts.request
+            if ptt > 0:
+                self.try_deadline = now + ptt
+                if self.try_deadline < d:
+                    d = self.try_deadline
+            else:
+                self.try_deadline = 0.0
         else:
-            self.last_io = self.server.loop.time()
-        self._arm()
+            self.last_io = now
+            d = now + timeouts.timeouts.idle
+        client.deadline = d
 
     def _send_up(self, data: bytes) -> None:
         """Request bytes for the upstream. While the client's parser runs they are gathered
@@ -419,64 +417,51 @@ class Exchange:
 
     def response_head(self, conn: UpstreamConnection, status: int, version: str, headers: list) -> None:
         try:
-            resp = parse_response_head(status, version, headers, head_request=self.head_request)
+            resp = response_head(status, version, headers, self.head_request)
         except HeadError as exc:
             conn.poisoned = True
             self.failure_note = exc.reason
             self.attempt_failed(None, 502)
             return
-        if status == 101 and self.head.upgrade is None:
+        head = self.head
+        if status >= 502 and status <= 504 and head.idempotent and self.replayable and self._retry_elsewhere(status):
+            conn.poisoned = True  # we do not read the rest of this answer
+            return
+        if status == 101 and head.upgrade is None:
             conn.poisoned = True
             self.failure_note = "upstream switched protocols without being asked"
             self.attempt_failed(None, 502)
             return
-        if status in _RETRY_STATUSES and self.head.idempotent and self.replayable:
-            cluster = self.cluster
-            now = self.server.loop.time()
-            if (self.retries < cluster.settings.retries.attempts and self._time_left(now) > 0
-                    and cluster.retry_allowed()):
-                # Retry only if there is another endpoint; else this answer is the answer.
-                exclude = {self.ep.id} if self.tried is None else self.tried | {self.ep.id}
-                nxt = cluster.pick(self.hash_key, exclude)
-                if nxt is not None:
-                    conn.poisoned = True  # we do not read the rest of this answer
-                    self.failure_note = f"answered {status}"
-                    self.attempt_failed(None, status, nxt)
-                    return
         self.resp = resp
         self.state = RESPONDING
         self.status = status
         client = self.client
-        head = self.head
-        framing = resp.framing
-        keep = head.keep_alive and not client.draining and head.upgrade is None
-        if framing == LENGTH:
-            out = b"content-length: %d\r\n" % resp.content_length
-        elif framing == NONE:
-            # HEAD and 304 keep the Content-Length the upstream announced
-            out = (b"content-length: %d\r\n" % resp.content_length
-                   if resp.content_length >= 0 and status != 204 and status >= 200 else b"")
-        elif head.version == 11:
-            framing = CHUNKED
-            out = b"transfer-encoding: chunked\r\n"
-        else:
-            framing = UNTIL_CLOSE
-            keep = False
-            out = b""
-        if not self.req_done:
-            keep = False  # the rest of the request body would have to be read first
-        self.out_framing = framing
-        self.close_after = not keep
-        if status == 101:
-            out += b"connection: upgrade\r\nupgrade: " + (resp.upgrade or head.upgrade) + CRLF
-        elif not keep:
-            out += b"connection: close\r\n"
-        elif head.version == 10:
-            out += b"connection: keep-alive\r\n"
+        keep = head.keep_alive and self.req_done and not client.draining and head.upgrade is None
+        variant = (head.version, keep, status)
+        out = resp.outs.get(variant)
+        if out is None:
+            out = resp.outs[variant] = _client_head(resp, status, head, keep)
         self.resp_mark = (client.flushes, len(client.out))
-        client.send(status_line(status) + b"".join(resp.fields) + out + CRLF)
-        self.last_io = self.server.loop.time()
-        self._arm()
+        client.out.append(out[0])
+        self.out_framing = out[1]
+        self.close_after = out[2]
+        self.last_io = now = self.server.loop.time()
+        client.deadline = now + self.cluster.settings.timeouts.idle
+
+    def _retry_elsewhere(self, status: int) -> bool:
+        """A 502/503/504 for an idempotent request: retry it on another endpoint if the
+        budget, the attempts and the time allow and there is one; else it is the answer."""
+        cluster = self.cluster
+        now = self.server.loop.time()
+        if (self.retries < cluster.settings.retries.attempts and self._time_left(now) > 0
+                and cluster.retry_allowed()):
+            exclude = {self.ep.id} if self.tried is None else self.tried | {self.ep.id}
+            nxt = cluster.pick(self.hash_key, exclude)
+            if nxt is not None:
+                self.failure_note = f"answered {status}"
+                self.attempt_failed(None, status, nxt)
+                return True
+        return False
 
     def response_body(self, data: bytes) -> None:
         if self.state != RESPONDING:
@@ -492,8 +477,9 @@ class Exchange:
         """The upstream's final response is complete (after its parser returned)."""
         if self.state != RESPONDING or self.status == 101:
             return
+        client = self.client
         if self.out_framing == CHUNKED:
-            self.client.send(trailer_block(conn.trailers))
+            client.out.append(trailer_block(conn.trailers))
         now = self.server.loop.time()
         self.conn = None
         if self.req_done and self.resp.keep_alive:
@@ -501,8 +487,9 @@ class Exchange:
         else:
             conn.close()
         self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
-        self._end_retry()
-        self.finish(self.close_after)
+        if self.retrying:
+            self._end_retry()
+        self.finish(self.close_after, now=now)
 
     def response_upgraded(self, conn: UpstreamConnection) -> bool:
         """The upstream switched protocols (101): tunnel the two connections."""
@@ -684,7 +671,7 @@ class Exchange:
                                    extra=b"" if close or head.version == 11 else b"connection: keep-alive\r\n"))
         self.finish(close)
 
-    def finish(self, close: bool, *, abort: bool = False, tunnel: Any = None) -> None:
+    def finish(self, close: bool, *, abort: bool = False, tunnel: Any = None, now: float = 0.0) -> None:
         if self.state == DONE:
             return
         self.state = DONE
@@ -692,14 +679,15 @@ class Exchange:
         if self.pending:
             self.pending = False
             self.cluster.release_pending()
-        now = server.loop.time()
+        if not now:
+            now = server.loop.time()
         latency = now - self.t0
         status = self.status if not abort else (self.status or 502)
         server.metrics.active_requests.value -= 1
         server.metrics.request_done(self.service, status, latency)
         if server.access_log is not None:
             server.access_log(self, now, latency, abort)
-        self.client.exchange_done(self, close, abort, tunnel)
+        self.client.exchange_done(self, close, abort, tunnel, now)
 
     def client_gone(self) -> None:
         """The client connection closed before the response was complete."""
@@ -723,6 +711,55 @@ class Exchange:
         server = self.server
         server.metrics.active_requests.value -= 1
         server.metrics.request_done(self.service, 499, server.loop.time() - self.t0)
+
+
+def _upstream_parts(head: RequestHead, route: Any) -> tuple[bytes, bytes]:
+    """The fixed parts of the upstream request head: before and after the per-request fields."""
+    target = head.target
+    if route is not None and route.strip_prefix:
+        target = strip_prefix(target, route.prefix)
+    pre = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+    if head.host_header:
+        pre += (b"host: ", head.host_header, CRLF)
+    pre += head.fields
+    post = [b"x-forwarded-proto: http\r\n"]
+    if head.host_header:
+        post += (b"x-forwarded-host: ", head.host_header, CRLF)
+    if head.framing == LENGTH:
+        post.append(b"content-length: %d\r\n" % head.content_length)
+    elif head.framing == CHUNKED:
+        post.append(b"transfer-encoding: chunked\r\n")
+    if head.upgrade is not None:
+        post += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
+    elif head.te_trailers:
+        post.append(b"te: trailers\r\n")
+    post.append(CRLF)
+    return b"".join(pre), b"".join(post)
+
+
+def _client_head(resp: Any, status: int, head: RequestHead, keep: bool) -> tuple[bytes, int, bool]:
+    """The response head for the client, its framing, and whether to close after it."""
+    framing = resp.framing
+    if framing == LENGTH:
+        out = b"content-length: %d\r\n" % resp.content_length
+    elif framing == NONE:
+        # HEAD and 304 keep the Content-Length the upstream announced
+        out = (b"content-length: %d\r\n" % resp.content_length
+               if resp.content_length >= 0 and status != 204 and status >= 200 else b"")
+    elif head.version == 11:
+        framing = CHUNKED
+        out = b"transfer-encoding: chunked\r\n"
+    else:
+        framing = UNTIL_CLOSE
+        keep = False
+        out = b""
+    if status == 101:
+        out += b"connection: upgrade\r\nupgrade: " + (resp.upgrade or head.upgrade) + CRLF
+    elif not keep:
+        out += b"connection: close\r\n"
+    elif head.version == 10:
+        out += b"connection: keep-alive\r\n"
+    return status_line(status) + b"".join(resp.fields) + out + CRLF, framing, not keep
 
 
 def _hash_key(hash_on: tuple[str, Any], head: RequestHead, peer: bytes) -> bytes | None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ._exchange import Exchange
-from ._framing import CRLF, NONE, HeadError, generated, parse_request_head
+from ._framing import CRLF, NONE, HeadError, generated, request_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
@@ -82,7 +82,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "vip", "loop", "transport", "peer_ip", "parser", "url", "headers", "trailers",
                  "in_head", "head_len", "reading", "active", "queue", "out", "pause_flags", "write_paused",
-                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes")
+                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes", "xff_line")
 
     def __init__(self, server: ProxyServer, vip: tuple[str, int] | None = None) -> None:
         self.server = server
@@ -112,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self.eof = False                  # the client half-closed: close after the answer
         self.feeding = False              # inside parser.feed_data (upstream writes are gathered)
         self.flushes = 0                  # writes so far (an exchange knows if its head left)
+        self.xff_line = b""               # "x-forwarded-for: <peer>" for requests without one
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = peer[0].encode("ascii")
+        self.xff_line = b"x-forwarded-for: " + self.peer_ip + CRLF
         self.last_io = now = self.loop.time()
         self.deadline = now + server.header_timeout
 
@@ -209,18 +211,19 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.in_head = True
-        self.head_len = 0
-        self.url = b""
-        self.headers = []
-        self.trailers = None
-        if self.active is None:
-            self.deadline = self.last_io + self.server.header_timeout
-
     def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > self.server.max_url:
+        # The first piece of a request target starts a head (no on_message_begin callback:
+        # one Python call less per request; the header list is replaced when handed over).
+        if self.in_head:
+            url = self.url = self.url + url
+        else:
+            self.url = url
+            self.in_head = True
+            self.head_len = 0
+            self.trailers = None
+            if self.active is None:
+                self.deadline = self.last_io + self.server.header_timeout
+        if len(url) > self.server.max_url:
             raise HeadError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -233,10 +236,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        headers = self.headers
+        self.headers = []
         parser = self.parser
         server = self.server
-        head = parse_request_head(parser.get_method(), self.url, parser.get_http_version(), self.headers,
-                                  max_headers=server.max_headers, max_bytes=server.max_head_bytes)
+        head = request_head(parser.get_method(), self.url, parser.get_http_version(), headers,
+                            max_headers=server.max_headers, max_bytes=server.max_head_bytes)
         ex = Exchange(self, head)
         if head.framing == NONE:
             ex.req_done = True  # no body: the message is complete with its head
@@ -259,7 +264,8 @@ class ClientConnection(asyncio.Protocol):
         reading = self.reading
         if reading is not None:
             self.reading = None
-            reading.request_complete(self.trailers)
+            if not reading.req_done or self.trailers is not None:  # else the head said it all
+                reading.request_complete(self.trailers)
 
     # -- errors --------------------------------------------------------------------------
 
@@ -330,7 +336,8 @@ class ClientConnection(asyncio.Protocol):
             if not flags and not self.closed and not self.dead:
                 self.transport.resume_reading()
 
-    def exchange_done(self, ex: Any, close: bool, abort: bool, tunnel: UpstreamConnection | None) -> None:
+    def exchange_done(self, ex: Any, close: bool, abort: bool, tunnel: UpstreamConnection | None,
+                      now: float = 0.0) -> None:
         """``ex`` answered (or gave up): go on with the next request, idle, or close."""
         if ex is not self.active:
             return
@@ -355,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
             nxt.start()
             return
         self.deadline = (self.last_io + self.server.header_timeout if self.in_head
-                         else self.loop.time() + self.server.client_idle_timeout)
+                         else (now or self.loop.time()) + self.server.client_idle_timeout)
 
     def on_deadline(self, now: float) -> None:
         active = self.active

@@ -42,7 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "transport", "parser", "owner", "headers", "trailers", "in_body", "final_done",
                  "head_len", "uses", "idle_since", "reading_paused", "poisoned", "tunnel", "head_request",
-                 "closed", "eof", "in_head")
+                 "closed", "eof", "in_head", "version")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -63,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.in_head = False
+        self.version: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -103,15 +104,18 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the server answered nothing we asked; never reuse it.
             self.close()
             return
-        if self.in_head:
-            # More bytes of a head begun in an earlier read (the read in which a head starts
-            # is measured exactly by parse_response_head, where the header sizes are known).
-            self.head_len += len(data)
-            if self.head_len > MAX_RESPONSE_HEAD:
-                self.poisoned = True
-                owner.upstream_failed(self, "protocol", "upstream response head too large")
-                owner.client.flush()
-                return
+        if not self.in_body:
+            if self.in_head:
+                # More bytes of a head begun in an earlier read (the read in which a head
+                # starts is measured exactly by parse_response_head, which knows the sizes).
+                self.head_len += len(data)
+                if self.head_len > MAX_RESPONSE_HEAD:
+                    self.poisoned = True
+                    owner.upstream_failed(self, "protocol", "upstream response head too large")
+                    owner.client.flush()
+                    return
+            else:
+                self.in_head = True  # this read starts a head
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -158,16 +162,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self.final_done:
-            # A second response to one request: the stream is out of step (response
-            # splitting). Stop here; the connection is closed, never reused.
-            self.poisoned = True
-            raise _Stray()
-        self.headers = []
-        self.in_head = True
-        self.head_len = 0
-
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_body:
             if self.trailers is None:
@@ -177,17 +171,30 @@ class UpstreamConnection(asyncio.Protocol):
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # (No on_message_begin callback: one Python call less per response. Heads are
+        # delimited here instead: the header list is handed over and replaced.)
+        headers = self.headers
+        self.headers = []
+        if self.final_done:
+            # A second response to one request: the stream is out of step (response
+            # splitting). Stop here; the connection is closed, never reused.
+            self.poisoned = True
+            raise _Stray()
         owner = self.owner
         if owner is None:
             return
         self.in_head = False
+        self.head_len = 0
         status = self.parser.get_status_code()
         if status < 200 and status != 101:
-            owner.response_interim(self, status, self.headers)
+            owner.response_interim(self, status, headers)
             return
         self.in_body = True
         self.trailers = None
-        owner.response_head(self, status, self.parser.get_http_version(), self.headers)
+        version = self.version
+        if version is None:  # a server does not change HTTP versions within a connection
+            version = self.version = self.parser.get_http_version()
+        owner.response_head(self, status, version, headers)
         if self.head_request and self.owner is owner:
             self.final_done = True
 
@@ -206,6 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.uses += 1
         self.in_head = False
+        self.head_len = 0
         self.in_body = False
         self.final_done = False
         self.head_request = head_request

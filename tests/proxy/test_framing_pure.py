@@ -170,3 +170,23 @@ _R = dict(idempotent=True, replayable=True, response_started=False, retries=0, m
 ])
 def test_retry_decision(failure, status, changes, expected):
     assert retry_decision(failure=failure, status=status, **{**_R, **changes}) is expected
+
+
+def test_request_head_memo_returns_the_validated_head_for_the_same_bytes_only():
+    from proxy import _framing
+    a = _framing.request_head(b"GET", b"/m", "1.1", [(b"Host", b"memo.test")])
+    assert _framing.request_head(b"GET", b"/m", "1.1", [(b"Host", b"memo.test")]) is a
+    b = _framing.request_head(b"GET", b"/m", "1.1", [(b"Host", b"memo.test"), (b"Connection", b"close")])
+    assert b is not a and not b.keep_alive and a.keep_alive
+    for _ in range(2):  # an invalid head raises every time: errors are never memoised
+        with pytest.raises(HeadError):
+            _framing.request_head(b"GET", b"/m", "1.1", [(b"Host", b"memo.test"), (b"Host", b"x")])
+    big = [(b"Host", b"memo.test"), (b"X-Big", b"v" * 5000)]
+    assert _framing.request_head(b"GET", b"/", "1.1", big) is not _framing.request_head(b"GET", b"/", "1.1", big)
+
+
+def test_head_memo_is_bounded():
+    from proxy import _framing
+    for i in range(_framing.MEMO_ENTRIES + 10):
+        _framing.response_head(200, "1.1", [(b"X-N", b"%d" % i), (b"Content-Length", b"0")], False)
+    assert len(_framing._RESPONSES) <= _framing.MEMO_ENTRIES
