@@ -10,6 +10,8 @@
 * ``stop_process(proc)``: SIGTERM, wait, SIGKILL as a last resort; returns the exit code.
 * ``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago (prefer passing port
   0 to a server and reading its ready line; this is for restarts that must keep a port).
+* ``CatalogProcess``: a running ``python -m discovery.catalog`` (what the ``catalog``
+  fixture of tests/conftest.py yields).
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ import queue
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-__all__ = ["wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "ServerStartError"]
+REPO = Path(__file__).resolve().parent.parent
+
+__all__ = [
+    "wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "ServerStartError", "CatalogProcess",
+]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str | None = None) -> Any:
@@ -130,3 +138,68 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class CatalogProcess:
+    """A running ``python -m discovery.catalog``: what the ``catalog`` fixture of tests/conftest.py yields."""
+
+    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.data_dir = Path(data_dir)
+        self.extra_args = tuple(extra_args)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<CatalogProcess {self.url} {state} data_dir={self.data_dir}>"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def argv(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "discovery.catalog",
+            "--listen", f"{self.host}:{port}",
+            "--data-dir", str(self.data_dir),
+            *self.extra_args,
+        ]
+
+    def start(self, port: int = 0) -> "CatalogProcess":
+        self.proc, ready = start_server(self.argv(port), cwd=str(REPO))
+        host, _, bound = ready["http"].rpartition(":")
+        self.host, self.port = host, int(bound)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=15)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        return stop_process(self.proc)
+
+    def restart(self) -> "CatalogProcess":
+        if self.running:
+            self.stop()
+        port = self.port
+        for _ in range(20):
+            try:
+                return self.start(port)
+            except ServerStartError:
+                time.sleep(0.1)  # the port may still be held for a moment; try again
+        return self.start(0)
+
+    def client(self, **kwargs: Any) -> Any:
+        import consul
+
+        return consul.Consul(host=self.host, port=self.port, **kwargs)

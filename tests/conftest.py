@@ -20,84 +20,14 @@ build it themselves: ``consul.aio.Consul(host=catalog.host, port=catalog.port)``
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import ServerStartError, start_server, stop_process  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-class CatalogProcess:
-    """A running ``python -m discovery.catalog`` (see the module docstring)."""
-
-    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
-        self.data_dir = Path(data_dir)
-        self.extra_args = tuple(extra_args)
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<CatalogProcess {self.url} {state} data_dir={self.data_dir}>"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def argv(self, port: int) -> list[str]:
-        return [
-            sys.executable, "-m", "discovery.catalog",
-            "--listen", f"{self.host}:{port}",
-            "--data-dir", str(self.data_dir),
-            *self.extra_args,
-        ]
-
-    def start(self, port: int = 0) -> "CatalogProcess":
-        self.proc, ready = start_server(self.argv(port), cwd=str(REPO))
-        host, _, bound = ready["http"].rpartition(":")
-        self.host, self.port = host, int(bound)
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=15)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        return stop_process(self.proc)
-
-    def restart(self) -> "CatalogProcess":
-        if self.running:
-            self.stop()
-        port = self.port
-        for _ in range(20):
-            try:
-                return self.start(port)
-            except ServerStartError:
-                time.sleep(0.1)  # the port may still be held for a moment; try again
-        return self.start(0)
-
-    def client(self, **kwargs) -> "consul.Consul":  # noqa: F821
-        import consul
-
-        return consul.Consul(host=self.host, port=self.port, **kwargs)
+from _util import CatalogProcess  # noqa: E402
 
 
 @pytest.fixture

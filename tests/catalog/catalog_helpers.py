@@ -1,10 +1,25 @@
-"""Small helpers for the catalog tests (raw HTTP next to the py-consul client)."""
+"""Small helpers for the catalog tests (raw HTTP next to the py-consul client).
+
+``shared_catalog``: one catalog process per test module, for parametrized tests that only
+read or are refused (headers, error texts); import it into the module to use it. Tests
+that change state use the function-scoped ``catalog`` fixture.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 import requests
+
+from _util import CatalogProcess
+
+
+@pytest.fixture(scope="module")
+def shared_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CatalogProcess]:
+    cat = CatalogProcess(tmp_path_factory.mktemp("shared-catalog")).start()
+    yield cat
+    cat.stop()
 
 
 def metrics(url: str) -> dict[str, Any]:

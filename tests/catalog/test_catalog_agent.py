@@ -9,6 +9,7 @@ import consul.aio
 import pytest
 import requests
 
+from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 from _util import wait_for
 
 Check = consul.Check
@@ -99,13 +100,13 @@ def test_register_keys_case_insensitive_and_durations(catalog, body: dict) -> No
         pytest.param("", "Request decode failed: EOF", id="empty"),
     ],
 )
-def test_register_rejects(catalog, body, text: str | None) -> None:
-    r = put(catalog, "/v1/agent/service/register", body)
+def test_register_rejects(shared_catalog, body, text: str | None) -> None:
+    r = put(shared_catalog, "/v1/agent/service/register", body)
     assert r.status_code == 400, r.text
     assert "Traceback" not in r.text
     if text is not None:
         assert r.text == text
-    assert catalog.client().agent.services() == {}  # nothing half-written
+    assert shared_catalog.client().agent.services() == {}  # nothing half-written
 
 
 def test_script_checks_are_disabled(catalog) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import consul
 import pytest
 import requests
+from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
 Check = consul.Check
 
@@ -75,8 +76,8 @@ def test_health_state_checks_and_node(catalog) -> None:
         pytest.param('not (Service.ID contains "1")', ["foo:2"], id="not-contains"),
     ],
 )
-def test_health_service_filter(catalog, expr: str, ids: list[str]) -> None:
-    c = catalog.client()
+def test_health_service_filter(shared_catalog, expr: str, ids: list[str]) -> None:
+    c = shared_catalog.client()
     c.agent.service.register("foo", service_id="foo:1", tags=["tag:foo:1"], meta={"slot": "1"}, port=8001)
     c.agent.service.register("foo", service_id="foo:2", tags=["tag:foo:2"], meta={"slot": "2"}, port=8002)
     assert [n["Service"]["ID"] for n in c.health.service("foo", filter_expr=expr)[1]] == ids
@@ -151,11 +152,11 @@ def test_catalog_register_list_and_deregister(catalog) -> None:
         pytest.param({"Node": "n1", "Address": "10.0.0.1", "Service": {"Name": "s"}}, 400, id="unknown-field"),
     ],
 )
-def test_catalog_register_rejects(catalog, body: dict, status: int) -> None:
-    r = requests.put(catalog.url + "/v1/catalog/register", json=body)
+def test_catalog_register_rejects(shared_catalog, body: dict, status: int) -> None:
+    r = requests.put(shared_catalog.url + "/v1/catalog/register", json=body)
     assert r.status_code == status, r.text
     assert "Traceback" not in r.text
-    assert [n["Node"] for n in catalog.client().catalog.nodes()[1]] == ["meshlet"]  # nothing half-written
+    assert [n["Node"] for n in shared_catalog.client().catalog.nodes()[1]] == ["meshlet"]  # nothing half-written
 
 
 def test_catalog_services_lists_consul_and_tags(catalog) -> None:

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from _util import ServerStartError, start_server, wait_for
-from catalog_helpers import blocked
+from catalog_helpers import blocked, shared_catalog  # noqa: F401 (fixture)
 
 READ_PATHS = [
     "/v1/kv/missing", "/v1/kv/?recurse", "/v1/kv/?keys", "/v1/catalog/services", "/v1/catalog/nodes",
@@ -26,8 +26,8 @@ READ_PATHS = [
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-")) for p in READ_PATHS])
-def test_read_endpoints_carry_consul_headers(catalog, path: str) -> None:
-    r = requests.get(catalog.url + path, timeout=5)
+def test_read_endpoints_carry_consul_headers(shared_catalog, path: str) -> None:
+    r = requests.get(shared_catalog.url + path, timeout=5)
     assert r.status_code in (200, 404)
     assert int(r.headers["X-Consul-Index"]) >= 1
     assert r.headers["X-Consul-KnownLeader"] == "true"
@@ -46,21 +46,21 @@ def test_read_endpoints_carry_consul_headers(catalog, path: str) -> None:
         pytest.param("GET", "/v1/txn", "OPTIONS,PUT", id="txn-get"),
     ],
 )
-def test_wrong_method(catalog, method: str, path: str, allow: str) -> None:
-    r = requests.request(method, catalog.url + path, timeout=5)
+def test_wrong_method(shared_catalog, method: str, path: str, allow: str) -> None:
+    r = requests.request(method, shared_catalog.url + path, timeout=5)
     assert (r.status_code, r.text, r.headers["Allow"]) == (405, f"method {method} not allowed", allow)
 
 
 @pytest.mark.parametrize("path", ["/v1/acl/token/self", "/v1/acl/tokens", "/v1/acl/bootstrap", "/v1/agent/token/default"])
-def test_acl_is_disabled(catalog, path: str) -> None:
+def test_acl_is_disabled(shared_catalog, path: str) -> None:
     for method in ("GET", "PUT"):
-        r = requests.request(method, catalog.url + path, timeout=5)
+        r = requests.request(method, shared_catalog.url + path, timeout=5)
         assert (r.status_code, r.text) == (401, "ACL support disabled")
 
 
-def test_unknown_paths(catalog) -> None:
+def test_unknown_paths(shared_catalog) -> None:
     for path in ("/v1/nothing", "/v1/agent/nothing", "/v1/catalog"):
-        r = requests.get(catalog.url + path, timeout=5)
+        r = requests.get(shared_catalog.url + path, timeout=5)
         assert (r.status_code, r.text) == (404, "Invalid URL path: not a recognized HTTP API endpoint\n")
 
 
@@ -87,15 +87,15 @@ def test_pretty(catalog) -> None:
         pytest.param("PUT", "/v1/agent/check/update/x", b"{}", id="update-unknown"),
     ],
 )
-def test_bad_input_never_crashes_or_leaks_a_trace(catalog, method: str, path: str, body: bytes) -> None:
-    conn = http.client.HTTPConnection(catalog.host, catalog.port, timeout=10)
+def test_bad_input_never_crashes_or_leaks_a_trace(shared_catalog, method: str, path: str, body: bytes) -> None:
+    conn = http.client.HTTPConnection(shared_catalog.host, shared_catalog.port, timeout=10)
     conn.request(method, path, body=body)
     r = conn.getresponse()
     text = r.read().decode("utf-8", "replace")
     conn.close()
     assert r.status < 500 or r.status == 500 and "Internal error" not in text, text
     assert "Traceback" not in text and 'File "' not in text
-    assert requests.get(catalog.url + "/v1/status/leader", timeout=5).status_code == 200  # still serving
+    assert requests.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200  # still serving
 
 
 def test_sigterm_answers_blocked_queries_and_exits_0(catalog) -> None:

@@ -10,6 +10,7 @@ import consul
 import consul.aio
 import pytest
 import requests
+from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
 
 def test_put_get_roundtrip_binary_and_empty(catalog) -> None:
@@ -136,9 +137,9 @@ def test_raw_and_pretty(catalog) -> None:
         pytest.param("GET", "/v1/nope", 404, "Invalid URL path: not a recognized HTTP API endpoint\n", id="unknown-path"),
     ],
 )
-def test_kv_errors(catalog, method: str, path: str, status: int, body: str | None) -> None:
+def test_kv_errors(shared_catalog, method: str, path: str, status: int, body: str | None) -> None:
     # http.client sends the path as given (requests would resolve "..").
-    conn = http.client.HTTPConnection(catalog.host, catalog.port, timeout=5)
+    conn = http.client.HTTPConnection(shared_catalog.host, shared_catalog.port, timeout=5)
     conn.request(method, path)
     r = conn.getresponse()
     text = r.read().decode()

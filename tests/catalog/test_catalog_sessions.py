@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from _util import async_wait_for, wait_for
+from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
 Check = consul.Check
 
@@ -62,10 +63,10 @@ def test_renew_and_delete_behavior(catalog) -> None:
         pytest.param({"Nmae": "typo"}, 400, 'Request decode failed: json: unknown field "Nmae"', id="unknown-field"),
     ],
 )
-def test_create_rejects(catalog, body: dict, status: int, text: str) -> None:
-    r = create(catalog, body)
+def test_create_rejects(shared_catalog, body: dict, status: int, text: str) -> None:
+    r = create(shared_catalog, body)
     assert (r.status_code, r.text) == (status, text)
-    assert catalog.client().session.list()[1] == []
+    assert shared_catalog.client().session.list()[1] == []
 
 
 def test_create_accepts_lowercase_and_number_lock_delay(catalog) -> None:

@@ -7,6 +7,7 @@ import base64
 import consul.aio
 import pytest
 import requests
+from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
 
 def b64(s: str) -> str:
@@ -103,8 +104,8 @@ def test_cas_check_index_lock_unlock_and_trees(catalog) -> None:
         pytest.param({"KV": {}}, 400, "Request decode failed", id="not-a-list"),
     ],
 )
-def test_rejects(catalog, ops, status: int, text: str) -> None:
-    r = txn(catalog, ops)
+def test_rejects(shared_catalog, ops, status: int, text: str) -> None:
+    r = txn(shared_catalog, ops)
     assert r.status_code == status, r.text
     assert text in r.text
-    assert catalog.client().kv.get("a")[1] is None
+    assert shared_catalog.client().kv.get("a")[1] is None
