@@ -298,7 +298,7 @@ class Supervisor:
                 name = key[len(SERVICES_PREFIX):]
                 try:
                     spec, _vip, revision = config.parse_service_document(raw, source=key)
-                except config.ConfigError as exc:
+                except (config.ConfigError, ValueError, TypeError, KeyError) as exc:
                     # Keep the last good spec of that service rather than stopping it.
                     log.error("ignoring unreadable %s: %s", key, exc)
                     if name in self.desired:
@@ -314,8 +314,18 @@ class Supervisor:
                 self.enqueue(name)
 
     async def _consume(self, rt: Runtime) -> None:
-        async for event in rt.events():
-            self._on_event(event)
+        # Exits arrive here at once; if the stream breaks, the resync tick's re-list still
+        # notices every exit (at most RESYNC late) while we subscribe again.
+        while True:
+            try:
+                async for event in rt.events():
+                    self._on_event(event)
+                return   # the runtime closed its stream: it is shutting down
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("runtime events of node %s failed; subscribing again", rt.node)
+                await asyncio.sleep(1.0)
 
     def _on_event(self, event: RuntimeEvent) -> None:
         if event.kind == "resync":
