@@ -216,50 +216,71 @@ def machine() -> dict[str, str]:
     }
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def one_round(args: argparse.Namespace) -> dict[str, float]:
     data_dir = tempfile.mkdtemp(prefix="catalog-bench-")
     proc, url = start_catalog(data_dir)
     try:
         await asyncio.sleep(0.5)
-        rss_idle = rss_mib(proc.pid)
+        out = {"rss_idle": rss_mib(proc.pid)}
         reg = await bench_registrations(url, proc.pid, args.instances, args.concurrency)
-        rss_full = rss_mib(proc.pid)
-        kv = await bench_kv(url, args.kv_writes, args.concurrency)
+        out.update(reg_rate=reg["rate"], reg_per_cpu=reg["per_cpu_s"], rss_full=rss_mib(proc.pid))
+        out["kv_rate"] = (await bench_kv(url, args.kv_writes, args.concurrency))["rate"]
         watch = await bench_watchers(url, proc.pid, args.watchers, args.flips)
-        db_size = sum(f.stat().st_size for f in Path(data_dir).iterdir()) / 2**20
+        out.update({f"w_{k}": v for k, v in watch.items()})
+        out["db_mib"] = sum(f.stat().st_size for f in Path(data_dir).iterdir()) / 2**20
     finally:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(data_dir, ignore_errors=True)
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(await one_round(args))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    def med(key: str, fmt: str = ",.0f") -> str:
+        values = [x[key] for x in rounds]
+        m = statistics.median(values)
+        if len(values) == 1:
+            return format(m, fmt)
+        return f"{format(m, fmt)} [{format(min(values), fmt)}–{format(max(values), fmt)}]"
+
     m = machine()
+    n, w, f = args.instances, args.watchers, args.flips
     lines = [
         SECTION,
         "",
         f"Measured {m['date']} with `bench/catalog/run.py`: {m['nproc']} vCPU ({m['cpu']}), Python {m['python']}, "
-        f"SQLite {m['sqlite']}, uvloop {m['uvloop']}, aiohttp {m['aiohttp']}; load average at the end {m['load']} "
-        "(the machine is shared with other work, so treat the figures as a floor). The catalog is one process; the "
-        "load generator and the watchers run in a second process on the same cores. Every write is acknowledged "
-        "only once durable (SQLite WAL, synchronous=FULL, group commit).",
+        f"SQLite {m['sqlite']}, uvloop {m['uvloop']}, aiohttp {m['aiohttp']}. Load average at the end "
+        f"{m['load']}: the machine was shared with other work, so the wall-clock figures are a floor and vary "
+        "between runs; the CPU figures are steadier. The catalog is one process; the load generator and the "
+        "watchers run in a second process on the same cores. Every write is acknowledged only once durable "
+        "(SQLite WAL, synchronous=FULL, group commit).",
         "",
-        "Reproduce: `.venv/bin/python bench/catalog/run.py --write`",
+        f"Reproduce: `.venv/bin/python bench/catalog/run.py --write` ({args.rounds} rounds, each on a fresh "
+        "catalog; median [min–max] over rounds).",
         "",
         "| measure | result |",
         "|---|---|",
-        f"| registrations/s ({reg['n']:,} instances with a TTL check, {args.concurrency} concurrent clients) "
-        f"| {reg['rate']:,.0f} /s ({reg['per_cpu_s']:,.0f} per catalog CPU-second) |",
-        f"| KV writes/s ({kv['n']:,} PUTs of 200 bytes, {args.concurrency} concurrent clients) | {kv['rate']:,.0f} /s |",
-        f"| RSS idle | {rss_idle:.1f} MiB |",
-        f"| RSS with {reg['n']:,} instances (+ as many checks) | {rss_full:.1f} MiB |",
-        f"| data dir size at the end | {db_size:.1f} MiB |",
-        f"| {watch['watchers']:,} watchers on one service: TTL check flip sent -> every watcher has the new status "
-        f"(p50 / p99 / max over {watch['flips']} flips; includes the durable write) | {watch['all_p50']:.1f} / "
-        f"{watch['all_p99']:.1f} / {watch['all_max']:.1f} ms |",
-        f"| same, counted from the flip's acknowledgement (negative: every watcher had it before the writer read "
-        f"its own ack) | {watch['ack_p50']:.1f} / {watch['ack_p99']:.1f} ms |",
-        f"| CPU per flip: catalog / watcher process (1,000 answers sent and 1,000 new blocking queries) "
-        f"| {watch['server_cpu_ms']:.0f} / {watch['client_cpu_ms']:.0f} ms |",
-        f"| same, per watcher, from the flip sent (p50 / p99 over {watch['watchers'] * watch['flips']:,} "
-        f"observations) | {watch['each_p50']:.1f} / {watch['each_p99']:.1f} ms |",
+        f"| registrations/s ({n:,} instances with a TTL check, {args.concurrency} concurrent clients) "
+        f"| {med('reg_rate')} /s |",
+        f"| registrations per catalog CPU-second | {med('reg_per_cpu')} |",
+        f"| KV writes/s ({args.kv_writes:,} PUTs of 200 bytes, {args.concurrency} concurrent clients) | {med('kv_rate')} /s |",
+        f"| RSS idle | {med('rss_idle', '.1f')} MiB |",
+        f"| RSS with {n:,} instances (+ as many checks) | {med('rss_full', '.1f')} MiB |",
+        f"| data dir size at the end | {med('db_mib', '.1f')} MiB |",
+        f"| {w:,} watchers on one service: TTL check flip sent -> every watcher has the new status, p50 over "
+        f"{f} flips (includes the durable write) | {med('w_all_p50', '.0f')} ms |",
+        f"| same, p99 over {f} flips | {med('w_all_p99', '.0f')} ms |",
+        f"| same, counted from the flip's acknowledgement, p50 / p99 | {med('w_ack_p50', '.0f')} / "
+        f"{med('w_ack_p99', '.0f')} ms |",
+        f"| same, per watcher from the flip sent, p50 / p99 over {w * f:,} observations | "
+        f"{med('w_each_p50', '.0f')} / {med('w_each_p99', '.0f')} ms |",
+        f"| CPU per flip: catalog ({w:,} answers sent, {w:,} new blocking queries) | {med('w_server_cpu_ms', '.0f')} ms |",
+        f"| CPU per flip: watcher process (py-consul aio handling {w:,} answers) | {med('w_client_cpu_ms', '.0f')} ms |",
         "",
     ]
     return "\n".join(lines)
@@ -284,6 +305,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--watchers", type=int, default=1_000)
     p.add_argument("--flips", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = p.parse_args()
     try:
