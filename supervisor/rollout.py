@@ -358,11 +358,13 @@ def _slots_free(v: _View, replicas: int) -> list[int]:
 
 def _old_order(v: _View, replicas: int) -> list[ObservedReplica]:
     """Old replicas in the order they go: slots beyond replicas, then slots whose new
-    replica is available (the pair is complete), then slots with a new one, then the highest."""
+    replica is available (the pair is complete), then slots with a new one (lowest first,
+    as new ones are started), then the rest, highest slot first."""
     new_avail = {r.slot for r in v.new_available}
     new_any = {r.slot for r in v.new}
     return sorted(v.old, key=lambda r: (r.slot < replicas, r.slot not in new_avail,
-                                        r.slot not in new_any, -r.slot, r.instance_id))
+                                        r.slot not in new_any,
+                                        r.slot if r.slot in new_any else -r.slot, r.instance_id))
 
 
 def _surplus_new(v: _View, replicas: int, now: float, s: Strategy) -> list[ObservedReplica]:
@@ -383,9 +385,12 @@ def _rolling(state: RolloutState, v: _View, s: Strategy, now: float) -> tuple[li
     stage = _canary_stage(state, s)
     cap = canary_count(stage[0], R) if stage else R
     w_new, w_old = _weights(state, s)
-    # 5. weights
-    sets: list[Action] = [SetWeight(r.instance_id, w_new) for r in v.new if r.weight != w_new]
-    sets += [SetWeight(r.instance_id, w_old) for r in v.old if r.weight != w_old]
+    # 5. weights: once a new replica runs (it registers with its weight when ready, so the
+    # old ones get theirs first), and back to 1 after the last canary step
+    sets: list[Action] = []
+    if not stage or v.new:
+        sets = [SetWeight(r.instance_id, w_new) for r in v.new if r.weight != w_new]
+        sets += [SetWeight(r.instance_id, w_old) for r in v.old if r.weight != w_old]
     if sets:
         return sets, state
     # 6. scale up
@@ -490,10 +495,10 @@ def rollout_step(state: RolloutState, observed: ObservedReplicas, strategy: Stra
     if not pausing and now - state.last_progress_at > s.progress_deadline:
         return _fail(state, s, f"no progress for {s.progress_deadline:g}s (progress_deadline): "
                                f"{_summary(state, v, s)}", now)
-    before = (state.canary_step, state.step_ready_at)
+    before = state.canary_step
     actions, state = (_recreate if s.kind == "recreate" else _rolling)(state, v, s, now)
-    moved = (state.canary_step, state.step_ready_at) != before
-    follow = now if not actions and moved else _followup(state, v, s, now)
+    # promoted to the next canary step: look again at once to start its replicas
+    follow = now if state.canary_step != before else _followup(state, v, s, now)
     return StepResult(tuple(actions), state, follow)
 
 
