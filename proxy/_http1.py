@@ -109,7 +109,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_rest = b""
         self.dead = False                 # the parser failed; nothing more is read
-        self.eof = False                  # the client half-closed: close after the answer
+        self.eof = False                  # the client half-closed its side of a tunnel
         self.feeding = False              # inside parser.feed_data (upstream writes are gathered)
         self.flushes = 0                  # writes so far (an exchange knows if its head left)
         self.xff_line = b""               # "x-forwarded-for: <peer>" for requests without one
@@ -154,9 +154,9 @@ class ClientConnection(asyncio.Protocol):
                 return None  # both directions finished: close (connection_lost closes the tunnel)
             tunnel.transport.write_eof()  # type: ignore[union-attr]
             return True
-        if self.active is not None and self.active.req_done:
-            self.eof = True
-            return True  # the client half-closed after its request: still answer it
+        # EOF from the client while a request is in flight means it went away (nginx's
+        # default; TCP cannot tell a half-close from a close): the transport closes and
+        # connection_lost abandons the exchange, so the upstream stops working for nobody.
         return None
 
     def data_received(self, data: bytes) -> None:
@@ -321,6 +321,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             if len(out) == 1:
                 self.transport.write(out[0])
+            elif len(out) < 8:
+                self.transport.write(b"".join(out))  # small pieces: one copy beats an iovec each
             else:
                 self.transport.writelines(out)
 

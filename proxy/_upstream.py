@@ -295,11 +295,12 @@ class Pool:
     def release(self, conn: UpstreamConnection, now: float) -> None:
         """Take back a connection whose response is complete, or close it."""
         conn.owner = None
-        if (self.retired or conn.poisoned or conn.closed or len(self.idle) >= self.max_idle
+        if (conn.poisoned or conn.closed or self.retired or len(self.idle) >= self.max_idle
                 or conn.transport.is_closing()):  # type: ignore[union-attr]
             conn.close()
             return
-        conn.resume_reading()  # an idle connection must see the server's FIN
+        if conn.reading_paused:
+            conn.resume_reading()  # an idle connection must see the server's FIN
         conn.idle_since = now
         self.idle.append(conn)
 
