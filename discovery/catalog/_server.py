@@ -127,7 +127,10 @@ class CatalogServer:
         await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
         for component in self._components:
             await component.start()
-        http = web.Server(make_handler(self.build_router(), self), access_log=None)
+        # handler_cancellation: a blocking query whose client went away stops waiting at
+        # once instead of holding its subscriptions for up to ten minutes. Writes are
+        # shielded (Store.write): a write that was received is applied either way.
+        http = web.Server(make_handler(self.build_router(), self), access_log=None, handler_cancellation=True)
         self._runner = web.ServerRunner(http, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True, backlog=1024)

@@ -345,7 +345,10 @@ class Store:
         return fut
 
     async def write(self, op: Op) -> Any:
-        return await self.submit(op)
+        """Submit ``op`` and wait for its result. If the caller is cancelled (its client
+        went away) the op still runs: once received, a write is applied or refused, never
+        dropped half-way."""
+        return await asyncio.shield(self.submit(op))
 
     async def _run(self) -> None:
         assert self._wakeup is not None

@@ -116,3 +116,17 @@ async def test_many_watchers_of_one_key_all_wake(catalog) -> None:
         assert {r[1]["Value"] for r in results} == {b"1"}
     finally:
         await c.close()
+
+
+def test_abandoned_blocking_query_is_dropped(catalog) -> None:
+    """A watcher whose client went away stops waiting (and holding its subscription)."""
+    import requests as rq
+
+    from _util import wait_for
+
+    c = catalog.client()
+    c.kv.put("k", "v")
+    index, _ = c.kv.get("k")
+    with pytest.raises(rq.exceptions.ReadTimeout):
+        rq.get(catalog.url + "/v1/kv/k", params={"index": index, "wait": "120s"}, timeout=0.5)
+    wait_for(lambda: blocked(catalog.url) == 0, timeout=10, what="abandoned query dropped")
