@@ -344,3 +344,21 @@ def test_reap_tombstones(mem) -> None:
     assert n == 0 and "old" in st.tombs
     n, _ = _op(store, lambda tx: reap_tombstones(st, tx, now=stamp + TOMBSTONE_TTL + 1))
     assert n == 1 and "old" not in st.tombs
+
+
+def test_blocking_index_of_a_service(mem) -> None:
+    from discovery.catalog._catalog import deregister_service
+    from discovery.catalog._h_catalog import service_index
+
+    st, store = mem
+    assert service_index(st, "web") == 1  # nothing ever happened: never 0
+    _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "web", "ID": "w1"}))
+    registered = store.index
+    _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "db", "ID": "d1"}))
+    assert service_index(st, "web") == registered  # db's write is not web's change
+    _op(store, lambda tx: deregister_service(st, tx, "n1", "w1"))
+    gone = store.index
+    assert service_index(st, "web") == gone  # absent: the last extinction
+    assert service_index(st, "never-there") == gone
+    _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "x", "ID": "x1"}))
+    assert service_index(st, "web") == gone  # a new service elsewhere does not move it
