@@ -151,6 +151,7 @@ class StartReplica:
     slot: int
     revision: str
     weight: int = 1
+    reason: str = "new revision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,7 @@ class SetWeight:
     """Re-register the instance with Meta weight ``weight`` (the proxy's instance weight)."""
     instance_id: str
     weight: int
+    reason: str = "canary step"
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,21 +385,28 @@ def _surplus_new(v: _View, replicas: int, now: float, s: Strategy) -> list[Obser
 def _rolling(state: RolloutState, v: _View, s: Strategy, now: float) -> tuple[list[Action], RolloutState]:
     R = s.replicas
     stage = _canary_stage(state, s)
-    cap = canary_count(stage[0], R) if stage else R
+    # a canary step runs canary_count new replicas beside the old ones it keeps. If old ones
+    # are missing (lost, or replicas raised mid-rollout), new ones fill up to replicas; if
+    # more new ones run than the step wants (replicas lowered), they stay: a step never
+    # takes traffic back
+    cap = min(R, max(canary_count(stage[0], R), R - len(v.old), len(v.new))) if stage else R
     w_new, w_old = _weights(state, s)
     # 5. weights: once a new replica runs (it registers with its weight when ready, so the
     # old ones get theirs first), and back to 1 after the last canary step
     sets: list[Action] = []
     if not stage or v.new:
-        sets = [SetWeight(r.instance_id, w_new) for r in v.new if r.weight != w_new]
-        sets += [SetWeight(r.instance_id, w_old) for r in v.old if r.weight != w_old]
+        why = f"canary {stage[0]}% to {state.revision}" if stage else "canary over: equal weights"
+        sets = [SetWeight(r.instance_id, w_new, why) for r in v.new if r.weight != w_new]
+        sets += [SetWeight(r.instance_id, w_old, why) for r in v.old if r.weight != w_old]
     if sets:
         return sets, state
     # 6. scale up
     max_total = R + s.surge
     if v.total < max_total and len(v.new) < cap:
         n = min(max_total - v.total, cap - len(v.new))
-        return [StartReplica(slot, state.revision, w_new) for slot in _slots_free(v, R)[:n]], state
+        why = (f"canary {stage[0]}%: {cap} of {R} new" if stage
+               else f"rolling: up to {max_total} replicas ({R} + surge {s.surge})")
+        return [StartReplica(slot, state.revision, w_new, why) for slot in _slots_free(v, R)[:n]], state
     # 7. scale down old
     min_available = R - s.unavailable
     new_unavailable = len(v.new) - len(v.new_available)
@@ -428,7 +437,7 @@ def _rolling(state: RolloutState, v: _View, s: Strategy, now: float) -> tuple[li
         return out, state
     # 9. canary pause, then the next step
     if stage and len(v.new) == cap and len(v.new_available) == cap \
-            and len(v.old) == R - cap and not v.terminating:
+            and len(v.old) + cap == R and not v.terminating:
         if state.step_ready_at is None:
             return [], replace(state, step_ready_at=now)
         if now >= state.step_ready_at + stage[1]:
@@ -445,7 +454,8 @@ def _recreate(state: RolloutState, v: _View, s: Strategy, now: float) -> tuple[l
     if any(r.revision != state.revision for r in v.terminating):
         return [], state
     if len(v.new) < s.replicas:
-        return [StartReplica(slot, state.revision) for slot in _slots_free(v, s.replicas)], state
+        return [StartReplica(slot, state.revision, 1, "recreate: old replicas are gone")
+                for slot in _slots_free(v, s.replicas)], state
     surplus = _surplus_new(v, s.replicas, now, s)
     return [RetireReplica(r.instance_id, RETIRE_SURPLUS) for r in surplus], state
 
