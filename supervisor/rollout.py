@@ -62,6 +62,7 @@ PAUSED = "paused"
 COMPLETE = "complete"
 FAILED = "failed"
 REVERTING = "reverting"
+_PHASES = (PROGRESSING, PAUSED, COMPLETE, FAILED, REVERTING)
 
 # Replica phases (what the supervisor observes).
 STARTING = "starting"          # running, not ready yet
@@ -137,10 +138,39 @@ class RolloutState:
                     else getattr(self, f)) for f in self.__slots__}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RolloutState:
+    def from_dict(cls, data: Any) -> RolloutState:
+        """From ``to_dict`` output read back from KV; RolloutError naming the bad field
+        (unknown keys are ignored, so older supervisors read newer states)."""
+        if not isinstance(data, dict):
+            raise RolloutError(f"rollout state: expected an object, got {type(data).__name__}")
         known = {k: v for k, v in data.items() if k in cls.__slots__}
-        if known.get("marks") is not None:
-            known["marks"] = tuple(known["marks"])
+
+        def bad(key: str, want: str) -> RolloutError:
+            return RolloutError(f"rollout state: {key}: expected {want}, got {known.get(key)!r:.60}")
+
+        for key in ("service", "revision"):
+            if not isinstance(known.get(key), str) or not known[key]:
+                raise bad(key, "a non-empty string")
+        if known.get("phase", PROGRESSING) not in _PHASES:
+            raise bad("phase", " | ".join(_PHASES))
+        for key in ("started_at", "last_progress_at", "step_ready_at"):
+            value = known.get(key, 0.0)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise bad(key, "a number")
+        if isinstance(known.get("canary_step", 0), bool) or not isinstance(known.get("canary_step", 0), int) \
+                or known.get("canary_step", 0) < 0:
+            raise bad("canary_step", "an integer >= 0")
+        for key in ("revert_to", "reverted_from", "paused_from", "restart_token"):
+            if known.get(key) is not None and not isinstance(known[key], str):
+                raise bad(key, "a string or null")
+        if not isinstance(known.get("reason", ""), str):
+            raise bad("reason", "a string")
+        marks = known.get("marks")
+        if marks is not None:
+            if not (isinstance(marks, (list, tuple)) and len(marks) == 3
+                    and all(isinstance(m, int) and not isinstance(m, bool) for m in marks)):
+                raise bad("marks", "three integers")
+            known["marks"] = tuple(marks)
         return cls(**known)
 
 

@@ -15,7 +15,7 @@ import config
 from supervisor.rollout import (AVAILABLE, COMPLETE, FAILED, PAUSED, PROGRESSING, READY,
                                 REVERTING, STARTING, TERMINATING, MarkComplete, MarkFailed,
                                 ObservedReplica, RetireReplica, Revert, RolloutState, SetWeight,
-                                StartReplica, Strategy, canary_count, describe, pause,
+                                RolloutError, StartReplica, Strategy, canary_count, describe, pause,
                                 resolve_fenceposts, resume, rollout_step, start_rollout)
 
 OLD, NEW = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
@@ -293,6 +293,20 @@ def test_state_survives_a_json_round_trip():
     assert RolloutState.from_dict(json.loads(json.dumps(st.to_dict()))) == st
 
 
+@pytest.mark.parametrize("data, message", [
+    pytest.param([], "expected an object", id="not-an-object"),
+    pytest.param({"revision": "r"}, "service: expected a non-empty string", id="no-service"),
+    pytest.param({"service": "web", "revision": "r", "phase": "dancing"}, "phase", id="phase"),
+    pytest.param({"service": "web", "revision": "r", "last_progress_at": "soon"},
+                 "last_progress_at: expected a number", id="time"),
+    pytest.param({"service": "web", "revision": "r", "marks": [1, 2]}, "marks", id="marks"),
+    pytest.param({"service": "web", "revision": "r", "canary_step": -1}, "canary_step", id="step"),
+])
+def test_a_bad_stored_state_is_refused_with_the_field_named(data, message):
+    with pytest.raises(RolloutError, match=message):
+        RolloutState.from_dict(data)
+
+
 @pytest.mark.parametrize("st, old, new, strategy, expected", [
     pytest.param(state(), "AAA", "AAR", Strategy(3, 1, 0, min_ready=5.0),
                  "web: 3 of 3 updated, 5 available, waiting for web-2 to be available (min_ready 5s)",
@@ -303,6 +317,13 @@ def test_state_survives_a_json_round_trip():
                  "web: 1 of 3 updated, 3 available, waiting for web-0 to stop", id="terminating"),
     pytest.param(state(phase=FAILED, reason="web-0 crashed"), "AAA", "", Strategy(3, 1, 0),
                  "web: 0 of 3 updated, 3 available, failed: web-0 crashed", id="failed"),
+    pytest.param(state(step_ready_at=NOW - 5), "AA.", "A",
+                 Strategy(3, 1, 0, canary=((10, 60.0), (100, 0.0))),
+                 "web: 1 of 3 updated, 3 available, canary step 1 of 2 (10%), pausing 60s since 995",
+                 id="canary-pause"),
+    pytest.param(state(phase=REVERTING, revision=OLD, reverted_from=NEW), "AAS", "A", Strategy(3, 1, 0),
+                 "web: 3 of 3 updated, 3 available, reverting from bbbbbbbbbbbb, waiting for web-2 to be ready",
+                 id="reverting"),
 ])
 def test_describe(st, old, new, strategy, expected):
     assert describe(st, replicas(old, new), strategy, NOW) == expected
