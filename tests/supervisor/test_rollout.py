@@ -322,7 +322,8 @@ def test_a_bad_stored_state_is_refused_with_the_field_named(data, message):
                  "web: 1 of 3 updated, 3 available, canary step 1 of 2 (10%), pausing 60s since 995",
                  id="canary-pause"),
     pytest.param(state(phase=REVERTING, revision=OLD, reverted_from=NEW), "AAS", "A", Strategy(3, 1, 0),
-                 "web: 3 of 3 updated, 3 available, reverting from bbbbbbbbbbbb, waiting for web-2 to be ready",
+                 "web: 3 of 3 updated, 3 available, reverting from bbbbbbbbbbbb, "
+                 "waiting for web-2 to be ready",
                  id="reverting"),
 ])
 def test_describe(st, old, new, strategy, expected):
