@@ -35,6 +35,34 @@ applies returns):
 9. canary: a step whose replicas are all available waits its pause, then the next step
 
 Recreate: retire every old replica, wait until they are gone, start all new ones.
+Complete means every one of ``replicas`` new replicas available (stricter than Kubernetes,
+which accepts replicas - maxUnavailable): ``meshlet rollout status`` exits 0 only then.
+
+The supervisor's side (the contract)
+    start       a service's desired revision differs from ``state.revision`` (or there is no
+                state and replicas of another revision run): ``record_revision`` the history,
+                then ``start_rollout(service, revision, history, now)``. A rolling restart
+                is a rollout to ``restart_revision(revision, token)`` with the token kept in
+                ``state.restart_token`` and the KV document; ``meshlet rollback [--to N]`` is
+                a rollout to ``rollback_target(history, N)['revision']`` (spec from the entry).
+    observe     every replica of the service, any revision: ``ObservedReplica`` with phase
+                starting/ready/available/terminating/failed, ``ready_since`` (when its
+                readiness probe last turned passing), ``restarts`` (counted since it was
+                started for this rollout, so an old crash does not fail a revert) and the
+                Meta ``weight`` it is registered with.
+    act         ``StartReplica``: place and start it in ``slot`` beside any old replica of
+                that slot; register it (Meta weight ``weight``) only once ready.
+                ``RetireReplica``: mark it terminating at once (report it so from now on),
+                deregister, wait drain_delay and in-flight requests, SIGTERM, grace,
+                SIGKILL, then forget it. ``SetWeight``: re-register with the new Meta weight.
+                ``MarkFailed``/``MarkComplete``: ``mark_revision`` in the history.
+                ``Revert``: the service's desired revision becomes ``to_revision`` (spec
+                from its history entry, ``record_revision`` again); keep calling with the
+                returned state.
+    store       the returned state (``to_dict``) in KV after acting, and call again at
+                ``followup_at`` or on the next observed change, whichever comes first.
+    reconcile   leaves a service with a rollout in progress/paused/failed to this engine
+                (no OUTDATED/DUPLICATE stops for it); it keeps restarting crashed replicas.
 """
 
 from __future__ import annotations
