@@ -374,7 +374,7 @@ def rollout_step(state: RolloutState, observed: ObservedReplicas, strategy: Stra
     state = _progress(state, v, now)
     crashed = _crashed(v, s, now)
     if crashed is not None:
-        what = (f"exited and is not restarted" if crashed.phase not in _ALIVE
+        what = ("exited and is not restarted" if crashed.phase not in _ALIVE
                 else f"restarted {crashed.restarts} times without becoming available")
         return _fail(state, s, f"{_name(state, crashed)} ({crashed.instance_id}) of revision "
                                f"{state.revision} {what}", now)
