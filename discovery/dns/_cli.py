@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close idle TCP connections after this (default 10s)")
     p.add_argument("--max-tcp-connections", type=int, default=512, metavar="N",
                    help="open TCP connections at most (default 512)")
+    p.add_argument("--udp-io", choices=["auto", "plain"], default="auto",
+                   help="auto: batched recvmmsg/sendmmsg where available (Linux); plain: recvfrom/sendto")
     p.add_argument("--log-level", default=os.environ.get("MESHLET_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -145,7 +147,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     forwarder = Forwarder(args.recursor, args.recursor_timeout) if args.recursor else None
     listeners = Listeners(engine, forwarder, idle_timeout=args.tcp_idle_timeout,
-                          max_tcp=args.max_tcp_connections)
+                          max_tcp=args.max_tcp_connections, batched=args.udp_io == "auto")
     try:
         ready: dict[str, str] = {}
         for i, (host, port) in enumerate(listens):

@@ -61,8 +61,9 @@ def silent() -> Iterator[str]:
     udp.close()
 
 
-def test_forwards_to_dnsmasq_over_udp_and_tcp(dnsmasq, dns_server) -> None:
-    s = dns_server("--recursor", dnsmasq)
+@pytest.mark.parametrize("udp_io", ["auto", "plain"])
+def test_forwards_to_dnsmasq_over_udp_and_tcp(dnsmasq, dns_server, udp_io: str) -> None:
+    s = dns_server("--recursor", dnsmasq, "--udp-io", udp_io)
     r = s.query("outside.example")
     assert rdata_texts(r) == ["127.0.0.77"]
     assert r.flags & dns.flags.RA

@@ -10,6 +10,7 @@ import struct
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import pytest
 
 from _dnstest import put_document, rdata_texts, register
 from _util import wait_for
@@ -39,11 +40,12 @@ def _mutations(rng: random.Random, base: list[bytes], n: int) -> list[bytes]:
     return out
 
 
-def test_fuzzed_packets_never_stop_the_server(catalog, dns_server) -> None:
+@pytest.mark.parametrize("udp_io", ["auto", "plain"])  # batched recvmmsg/sendmmsg, and recvfrom/sendto
+def test_fuzzed_packets_never_stop_the_server(catalog, dns_server, udp_io: str) -> None:
     c = catalog.client()
     put_document(c, "web", "127.10.0.2")
     register(c, "web", "web-1", address="127.0.0.1")
-    s = dns_server()
+    s = dns_server("--udp-io", udp_io)
     rng = random.Random(SEED)
     base = [dns.message.make_query(n, t, use_edns=e).to_wire()
             for n in ("web.service.meshlet", "_web._tcp.service.meshlet", "meshlet", "outside.example")

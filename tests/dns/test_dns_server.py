@@ -144,11 +144,12 @@ def test_include_warning_and_endpoints_mode(catalog, dns_server) -> None:
     assert vip.addresses("web.service.meshlet") == ["127.10.0.7"]
 
 
-def test_fifty_instances_truncate_over_udp_and_come_whole_over_tcp(catalog, dns_server) -> None:
+@pytest.mark.parametrize("udp_io", ["auto", "plain"])
+def test_fifty_instances_truncate_over_udp_and_come_whole_over_tcp(catalog, dns_server, udp_io: str) -> None:
     c = catalog.client()
     for i in range(50):
         register(c, "big", f"big-{i}", address=f"127.2.0.{i + 1}", port=9000 + i)
-    s = dns_server()
+    s = dns_server("--udp-io", udp_io)
     udp = s.query("big.service.meshlet")
     assert udp.flags & dns.flags.TC
     assert 0 < len(rdata_texts(udp)) < 50 and len(udp.to_wire()) <= 512
@@ -183,6 +184,17 @@ def test_changes_keep_coming_and_outage_keeps_last_answers(catalog, dns_server) 
         wait_for(lambda: len(s.addresses("svc.service.meshlet")) == n, timeout=3, what=f"{n} instances")
     catalog.stop()
     assert len(s.addresses("svc.service.meshlet")) == 5  # last good View while the catalog is away
+
+
+def test_ipv6_loopback_listener(catalog, dns_server) -> None:
+    c = catalog.client()
+    put_document(c, "web", "127.10.0.2")
+    s = dns_server(listen="[::1]:0")
+    assert s.ready["udp"].startswith("[::1]:")
+    assert s.addresses("web.service.meshlet") == ["127.10.0.2"]              # fast path, v6 source
+    assert s.addresses("web.service.meshlet", tcp=True) == ["127.10.0.2"]
+    assert s.query("nope.service.meshlet").rcode() == dns.rcode.NXDOMAIN     # miss path
+    assert s.dig("+short", "web.service.meshlet").split() == ["127.10.0.2"]
 
 
 def test_listen_twice_and_sigterm(catalog, dns_server) -> None:

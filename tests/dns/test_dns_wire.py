@@ -193,3 +193,16 @@ def test_mutated_queries_never_raise() -> None:
                 p += rng.randbytes(rng.randint(1, 20))
         engine.handle(bytes(p), rng.random() < 0.3)
     assert records(ask(engine, "web.service.meshlet", "A")) == ["127.10.0.2"]
+
+
+def test_sockaddr_decoding_for_batched_io() -> None:
+    import socket as s
+
+    from discovery.dns._mmsg import decode_sockaddr
+
+    v4 = struct.pack("=H", s.AF_INET) + struct.pack("!H", 5353) + s.inet_pton(s.AF_INET, "127.0.0.9") + bytes(8)
+    assert decode_sockaddr(v4) == ("127.0.0.9", 5353)
+    v6 = (struct.pack("=H", s.AF_INET6) + struct.pack("!H", 53) + struct.pack("!I", 0)
+          + s.inet_pton(s.AF_INET6, "::1") + struct.pack("=I", 0))
+    assert decode_sockaddr(v6) == ("::1", 53, 0, 0)
+    assert decode_sockaddr(b"\x00" * 4) is None
