@@ -32,44 +32,22 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._framing import (CHUNKED, CRLF, LAST_CHUNK, LENGTH, NONE, UNTIL_CLOSE, HeadError, RequestHead,
-                       chunk_header, generated, response_head, status_line, strip_prefix, trailer_block)
+from ._decisions import REPLAY_LIMIT, hash_key, os_error, retry_decision, upstream_parts
+from ._framing import CHUNKED, CRLF, NONE, RequestHead, chunk_header, generated, trailer_block
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._http1 import ClientConnection
     from ._upstream import UpstreamConnection
 
-__all__ = ["Exchange", "retry_decision", "REPLAY_LIMIT"]
+__all__ = ["Exchange", "retry_decision", "REPLAY_LIMIT"]  # the last two re-exported from _decisions
 
 log = logging.getLogger(__name__)
 
-REPLAY_LIMIT = 64 * 1024  # request body bytes kept for a retry
-_RETRY_STATUSES = frozenset({502, 503, 504})
 
-# States
-ROUTING, CONNECTING, SENDING, RESPONDING, DONE = range(5)
+from ._relay import CONNECTING, DONE, RESPONDING, ROUTING, SENDING, Relay  # noqa: E402  (states)
 
 
-def retry_decision(*, failure: str | None, status: int | None, idempotent: bool, replayable: bool,
-                   response_started: bool, retries: int, max_retries: int, time_left: float) -> bool:
-    """May this failed attempt be retried on another endpoint? (the retry budget is
-    checked afterwards by the caller, so that it is consulted only when it matters)
-
-    failure: "connect" (nothing sent), "reset" (connection lost before any response byte),
-    "timeout" (per-try time-out), or None with ``status`` the upstream's 5xx.
-    """
-    if response_started or not replayable or retries >= max_retries or time_left <= 0:
-        return False
-    if failure == "connect" or failure == "reset":
-        return True  # before any response byte: safe for any method (issue #4)
-    if failure == "timeout":
-        return idempotent
-    if failure is None and status in _RETRY_STATUSES:
-        return idempotent
-    return False
-
-
-class Exchange:
+class Exchange(Relay):
     """See the module docstring."""
 
     __slots__ = (
@@ -77,7 +55,7 @@ class Exchange:
         "retries", "retrying", "t0", "done_at", "try_deadline", "connect_deadline", "connect_task", "last_io",
         "body", "body_len", "replayable", "req_done", "req_trailers", "sent_upstream", "up_out", "up_head",
         "resp", "out_framing", "status", "pending", "stale_retry", "close_after", "bytes_out", "failure_note",
-        "upgrade_conn", "head_request", "hash_key", "timed_out", "resp_mark",
+        "head_request", "hash_key", "timed_out", "resp_mark",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead) -> None:
@@ -116,7 +94,6 @@ class Exchange:
         self.close_after = False
         self.bytes_out = 0
         self.failure_note = ""
-        self.upgrade_conn: UpstreamConnection | None = None
         self.head_request = head.method == b"HEAD"
         self.hash_key: bytes | None = None
         self.timed_out = False
@@ -155,7 +132,7 @@ class Exchange:
         settings = cluster.settings
         hash_on = settings.hash_on
         if hash_on is not None:
-            self.hash_key = _hash_key(hash_on, head, client.peer_ip)
+            self.hash_key = hash_key(hash_on, head, client.peer_ip)
         self.up_head = self._upstream_head()
         if self.req_done:
             self.done_at = self.t0
@@ -169,7 +146,7 @@ class Exchange:
         route = self.route
         pre = head.up_pre
         if pre is None or head.up_route is not route:
-            pre, post = _upstream_parts(head, route)
+            pre, post = upstream_parts(head, route)
             head.up_pre, head.up_post, head.up_route = pre, post, route
         xff = self.client.xff_line if head.xff is None else (
             b"x-forwarded-for: " + head.xff + b", " + self.client.peer_ip + CRLF)
@@ -218,7 +195,7 @@ class Exchange:
             return
         exc = task.exception()
         if exc is not None:
-            self.failure_note = f"connect to {self.ep.address}:{self.ep.port} failed: {_os_error(exc)}"
+            self.failure_note = f"connect to {self.ep.address}:{self.ep.port} failed: {os_error(exc)}"
             self.attempt_failed("connect", None)
             self.client.flush()
             return
@@ -297,7 +274,8 @@ class Exchange:
         ep = self.ep
         now = self.server.loop.time()
         conn = self.conn
-        stale = (failure == "reset" and conn is not None and conn.uses > 1 and not self.stale_retry)
+        stale = (failure == "reset" and conn is not None and conn.uses > 1 and not self.stale_retry
+                 and self.replayable and self.resp is None)
         if conn is not None:
             self.conn = None
             conn.abort() if failure else conn.close()
@@ -361,7 +339,7 @@ class Exchange:
         if self.state == DONE:
             return
         conn = self.conn
-        if conn is not None and self.state == SENDING:
+        if conn is not None and self.state >= SENDING:  # also while an early response streams
             if self.head.framing == CHUNKED:
                 self._send_up(chunk_header(len(data)))
                 self._send_up(data)
@@ -396,157 +374,13 @@ class Exchange:
         now = self.server.loop.time() if self.t0 else 0.0
         self.done_at = now
         conn = self.conn
-        if conn is not None and self.state == SENDING:
+        if conn is not None and self.state >= SENDING:
             if self.head.framing == CHUNKED:
                 self._send_up(trailer_block(trailers))
-            ptt = self.cluster.settings.retries.per_try_timeout
-            self.try_deadline = now + ptt if ptt > 0 else 0.0
-            self._arm()
-
-    # -- response from the upstream -----------------------------------------------------
-
-    def response_interim(self, conn: UpstreamConnection, status: int, headers: list) -> None:
-        """A 1xx other than 101: relayed to HTTP/1.1 clients (100 Continue, 103 Early Hints)."""
-        if self.head.version == 11 and self.resp is None:
-            parts = [status_line(status)]
-            for name, value in headers:
-                if name.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length"):
-                    parts += (name, b": ", value, CRLF)
-            parts.append(CRLF)
-            self.client.send(b"".join(parts))
-
-    def response_head(self, conn: UpstreamConnection, status: int, version: str, headers: list) -> None:
-        try:
-            resp = response_head(status, version, headers, self.head_request)
-        except HeadError as exc:
-            conn.poisoned = True
-            self.failure_note = exc.reason
-            self.attempt_failed(None, 502)
-            return
-        head = self.head
-        if status >= 502 and status <= 504 and head.idempotent and self.replayable and self._retry_elsewhere(status):
-            conn.poisoned = True  # we do not read the rest of this answer
-            return
-        if status == 101 and head.upgrade is None:
-            conn.poisoned = True
-            self.failure_note = "upstream switched protocols without being asked"
-            self.attempt_failed(None, 502)
-            return
-        self.resp = resp
-        self.state = RESPONDING
-        self.status = status
-        client = self.client
-        keep = head.keep_alive and self.req_done and not client.draining and head.upgrade is None
-        variant = (head.version, keep, status)
-        out = resp.outs.get(variant)
-        if out is None:
-            out = resp.outs[variant] = _client_head(resp, status, head, keep)
-        self.resp_mark = (client.flushes, len(client.out))
-        client.out.append(out[0])
-        self.out_framing = out[1]
-        self.close_after = out[2]
-        self.last_io = now = self.server.loop.time()
-        client.deadline = now + self.cluster.settings.timeouts.idle
-
-    def _retry_elsewhere(self, status: int) -> bool:
-        """A 502/503/504 for an idempotent request: retry it on another endpoint if the
-        budget, the attempts and the time allow and there is one; else it is the answer."""
-        cluster = self.cluster
-        now = self.server.loop.time()
-        if (self.retries < cluster.settings.retries.attempts and self._time_left(now) > 0
-                and cluster.retry_allowed()):
-            exclude = {self.ep.id} if self.tried is None else self.tried | {self.ep.id}
-            nxt = cluster.pick(self.hash_key, exclude)
-            if nxt is not None:
-                self.failure_note = f"answered {status}"
-                self.attempt_failed(None, status, nxt)
-                return True
-        return False
-
-    def response_body(self, data: bytes) -> None:
-        if self.state != RESPONDING:
-            return
-        self.bytes_out += len(data)
-        self.last_io = self.server.loop.time()
-        if self.out_framing == CHUNKED:
-            self.client.send_chunk(data)
-        else:
-            self.client.send(data)
-
-    def response_complete(self, conn: UpstreamConnection) -> None:
-        """The upstream's final response is complete (after its parser returned)."""
-        if self.state != RESPONDING or self.status == 101:
-            return
-        client = self.client
-        if self.out_framing == CHUNKED:
-            client.out.append(trailer_block(conn.trailers))
-        now = self.server.loop.time()
-        self.conn = None
-        if self.req_done and self.resp.keep_alive:
-            conn.pool.release(conn, now)
-        else:
-            conn.close()
-        self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
-        if self.retrying:
-            self._end_retry()
-        self.finish(self.close_after, now=now)
-
-    def response_upgraded(self, conn: UpstreamConnection) -> bool:
-        """The upstream switched protocols (101): tunnel the two connections."""
-        if self.state != RESPONDING or self.status != 101:
-            conn.close()
-            return False
-        now = self.server.loop.time()
-        self.conn = None
-        conn.owner = None
-        self.cluster.end(self.ep, status=101, failure=None, latency=now - self.ep_t0)
-        self._end_retry()
-        self.client.flush()
-        self.finish(False, tunnel=conn)
-        return True
-
-    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
-        """The upstream connection closed while this exchange owned it."""
-        if conn is not self.conn:
-            return
-        if self.state == RESPONDING:
-            if self.resp.framing == UNTIL_CLOSE and exc is None:
-                self.conn = None
-                conn.owner = None
-                if self.out_framing == CHUNKED:
-                    self.client.send(LAST_CHUNK)
-                now = self.server.loop.time()
-                self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
-                self._end_retry()
-                self.finish(self.close_after)
-            else:
-                self._abort_midstream("reset")
-            self.client.flush()
-            return
-        self.failure_note = f"connection to {self.ep.address}:{self.ep.port} lost before any response"
-        self.attempt_failed("reset", None)
-        self.client.flush()
-
-    def upstream_failed(self, conn: UpstreamConnection, failure: str, note: str) -> None:
-        """Invalid bytes from the upstream: close it; 502 (or abort, if the response
-        had started)."""
-        if conn is not self.conn:
-            conn.close()
-            return
-        self.failure_note = note
-        conn.poisoned = True
-        if self.state == RESPONDING:
-            client = self.client
-            flushes, mark = self.resp_mark
-            if client.flushes != flushes:
-                self._abort_midstream("reset")  # the client has bytes of this response already
-                return
-            del client.out[mark:]  # nothing of this response left yet: answer 502 instead
-            self.resp = None
-            self.state = SENDING
-            self.status = 0
-            self.bytes_out = 0
-        self.attempt_failed(None, 502)
+            if self.state == SENDING:
+                ptt = self.cluster.settings.retries.per_try_timeout
+                self.try_deadline = now + ptt if ptt > 0 else 0.0
+                self._arm()
 
     def request_broken(self, status: int, reason: str) -> None:
         """The client's request body turned out malformed (e.g. a bad chunk size): nothing
@@ -711,80 +545,3 @@ class Exchange:
         server = self.server
         server.metrics.active_requests.value -= 1
         server.metrics.request_done(self.service, 499, server.loop.time() - self.t0)
-
-
-def _upstream_parts(head: RequestHead, route: Any) -> tuple[bytes, bytes]:
-    """The fixed parts of the upstream request head: before and after the per-request fields."""
-    target = head.target
-    if route is not None and route.strip_prefix:
-        target = strip_prefix(target, route.prefix)
-    pre = [head.method, b" ", target, b" HTTP/1.1\r\n"]
-    if head.host_header:
-        pre += (b"host: ", head.host_header, CRLF)
-    pre += head.fields
-    post = [b"x-forwarded-proto: http\r\n"]
-    if head.host_header:
-        post += (b"x-forwarded-host: ", head.host_header, CRLF)
-    if head.framing == LENGTH:
-        post.append(b"content-length: %d\r\n" % head.content_length)
-    elif head.framing == CHUNKED:
-        post.append(b"transfer-encoding: chunked\r\n")
-    if head.upgrade is not None:
-        post += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
-    elif head.te_trailers:
-        post.append(b"te: trailers\r\n")
-    post.append(CRLF)
-    return b"".join(pre), b"".join(post)
-
-
-def _client_head(resp: Any, status: int, head: RequestHead, keep: bool) -> tuple[bytes, int, bool]:
-    """The response head for the client, its framing, and whether to close after it."""
-    framing = resp.framing
-    if framing == LENGTH:
-        out = b"content-length: %d\r\n" % resp.content_length
-    elif framing == NONE:
-        # HEAD and 304 keep the Content-Length the upstream announced
-        out = (b"content-length: %d\r\n" % resp.content_length
-               if resp.content_length >= 0 and status != 204 and status >= 200 else b"")
-    elif head.version == 11:
-        framing = CHUNKED
-        out = b"transfer-encoding: chunked\r\n"
-    else:
-        framing = UNTIL_CLOSE
-        keep = False
-        out = b""
-    if status == 101:
-        out += b"connection: upgrade\r\nupgrade: " + (resp.upgrade or head.upgrade) + CRLF
-    elif not keep:
-        out += b"connection: close\r\n"
-    elif head.version == 10:
-        out += b"connection: keep-alive\r\n"
-    return status_line(status) + b"".join(resp.fields) + out + CRLF, framing, not keep
-
-
-def _hash_key(hash_on: tuple[str, Any], head: RequestHead, peer: bytes) -> bytes | None:
-    kind, name = hash_on
-    if kind == "source_ip":
-        return peer
-    fields = head.fields
-    want = (name.encode("latin-1") if isinstance(name, str) else name).lower()
-    if kind == "header":
-        for i in range(0, len(fields), 4):
-            if fields[i].lower() == want:
-                return fields[i + 2]
-        return None
-    if kind == "cookie":
-        for i in range(0, len(fields), 4):
-            if fields[i].lower() == b"cookie":
-                for part in fields[i + 2].split(b";"):
-                    k, eq, v = part.strip().partition(b"=")
-                    if eq and k.lower() == want:
-                        return v
-        return None
-    return None
-
-
-def _os_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return type(exc).__name__

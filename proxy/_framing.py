@@ -152,7 +152,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "path", "host", "host_header", "version", "keep_alive", "framing",
                  "content_length", "expect_continue", "upgrade", "fields", "xff", "request_id",
-                 "te_trailers", "forwarded_host", "idempotent", "size", "up_route", "up_pre", "up_post")
+                 "te_trailers", "idempotent", "size", "up_route", "up_pre", "up_post")
 
     method: bytes
     target: bytes          # origin-form (absolute-form is reduced to its path and query)
@@ -173,7 +173,6 @@ class RequestHead:
 
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
 def parse_request_head(method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]],

@@ -82,7 +82,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "vip", "loop", "transport", "peer_ip", "parser", "url", "headers", "trailers",
                  "in_head", "head_len", "reading", "active", "queue", "out", "pause_flags", "write_paused",
-                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes", "xff_line")
+                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes", "xff_line", "last")
 
     def __init__(self, server: ProxyServer, vip: tuple[str, int] | None = None) -> None:
         self.server = server
@@ -113,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self.feeding = False              # inside parser.feed_data (upstream writes are gathered)
         self.flushes = 0                  # writes so far (an exchange knows if its head left)
         self.xff_line = b""               # "x-forwarded-for: <peer>" for requests without one
+        self.last: Any = None             # the exchange whose head was parsed last
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -178,8 +179,15 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            self.upgrade_rest = data[exc.args[0]:]
-            self.pause(PAUSE_UPGRADE)
+            last = self.last
+            if last is not None and last.head.upgrade is not None:
+                self.upgrade_rest = data[exc.args[0]:]
+                self.pause(PAUSE_UPGRADE)
+            else:
+                # llhttp switched for an upgrade we do not honour (h2c): answer, then close.
+                self.dead = True
+                if not self.closed:
+                    self.transport.pause_reading()
         except HttpParserError as exc:
             self.feeding = False
             self.parse_failed(exc)
@@ -245,7 +253,7 @@ class ClientConnection(asyncio.Protocol):
         ex = Exchange(self, head)
         if head.framing == NONE:
             ex.req_done = True  # no body: the message is complete with its head
-        self.reading = ex
+        self.reading = self.last = ex
         if self.active is None:
             self.active = ex
             ex.start()
@@ -439,13 +447,10 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.server.connections.discard(self)
-            self.flush_unchecked()
+            out, self.out = self.out, []
+            if out:
+                self.transport.writelines(out)
             self.transport.close()
-
-    def flush_unchecked(self) -> None:
-        out, self.out = self.out, []
-        if out:
-            self.transport.writelines(out)
 
     def abort(self) -> None:
         """Close at once, dropping whatever is buffered (drain deadline passed)."""

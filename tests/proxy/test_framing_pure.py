@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy._exchange import retry_decision
+from proxy._decisions import retry_decision
 from proxy._framing import (CHUNKED, LENGTH, NONE, UNTIL_CLOSE, HeadError, generated, parse_request_head,
                             parse_response_head, strip_prefix, trailer_block)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import time
 import urllib.request
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -198,3 +197,14 @@ def test_admin_serves_metrics_and_routes(web, px):
     assert f'service="{web.name}"' in metrics
     routes = json.loads(urllib.request.urlopen(f"http://{web.proxy.admin}/routes", timeout=5).read())
     assert web.host in routes["hosts"]
+
+
+def test_h2c_upgrade_is_ignored_and_the_request_answered(web, px):
+    with px.RawClient(web.addr) as c:
+        c.send(f"GET /h2c HTTP/1.1\r\nHost: {web.host}\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               f"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".encode())
+        r = c.response()
+        assert r.status == 200 and r.json()["path"] == "/h2c"
+        sent = {k.lower() for k, _ in r.json()["headers"]}
+        assert "upgrade" not in sent and "http2-settings" not in sent
+        assert c.is_closed()

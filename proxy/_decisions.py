@@ -1,0 +1,109 @@
+"""Pure decisions of an exchange: whether to retry, what the upstream and the client are
+sent as heads, which key a hashing balancer gets. No sockets, no clock: tested directly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._framing import CHUNKED, CRLF, LENGTH, NONE, UNTIL_CLOSE, RequestHead, status_line, strip_prefix
+
+__all__ = ["REPLAY_LIMIT", "retry_decision", "upstream_parts", "client_head", "hash_key", "os_error"]
+
+REPLAY_LIMIT = 64 * 1024  # request body bytes kept for a retry
+_RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def retry_decision(*, failure: str | None, status: int | None, idempotent: bool, replayable: bool,
+                   response_started: bool, retries: int, max_retries: int, time_left: float) -> bool:
+    """May this failed attempt be retried on another endpoint? (the retry budget is
+    checked afterwards by the caller, so that it is consulted only when it matters)
+
+    failure: "connect" (nothing sent), "reset" (connection lost before any response byte),
+    "timeout" (per-try time-out), or None with ``status`` the upstream's 5xx.
+    """
+    if response_started or not replayable or retries >= max_retries or time_left <= 0:
+        return False
+    if failure == "connect" or failure == "reset":
+        return True  # before any response byte: safe for any method (issue #4)
+    if failure == "timeout":
+        return idempotent
+    if failure is None and status in _RETRY_STATUSES:
+        return idempotent
+    return False
+
+
+def upstream_parts(head: RequestHead, route: Any) -> tuple[bytes, bytes]:
+    """The fixed parts of the upstream request head: before and after the per-request fields."""
+    target = head.target
+    if route is not None and route.strip_prefix:
+        target = strip_prefix(target, route.prefix)
+    pre = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+    if head.host_header:
+        pre += (b"host: ", head.host_header, CRLF)
+    pre += head.fields
+    post = [b"x-forwarded-proto: http\r\n"]
+    if head.host_header:
+        post += (b"x-forwarded-host: ", head.host_header, CRLF)
+    if head.framing == LENGTH:
+        post.append(b"content-length: %d\r\n" % head.content_length)
+    elif head.framing == CHUNKED:
+        post.append(b"transfer-encoding: chunked\r\n")
+    if head.upgrade is not None:
+        post += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
+    elif head.te_trailers:
+        post.append(b"te: trailers\r\n")
+    post.append(CRLF)
+    return b"".join(pre), b"".join(post)
+
+
+def client_head(resp: Any, status: int, head: RequestHead, keep: bool) -> tuple[bytes, int, bool]:
+    """The response head for the client, its framing, and whether to close after it."""
+    framing = resp.framing
+    if framing == LENGTH:
+        out = b"content-length: %d\r\n" % resp.content_length
+    elif framing == NONE:
+        # HEAD and 304 keep the Content-Length the upstream announced
+        out = (b"content-length: %d\r\n" % resp.content_length
+               if resp.content_length >= 0 and status != 204 and status >= 200 else b"")
+    elif head.version == 11:
+        framing = CHUNKED
+        out = b"transfer-encoding: chunked\r\n"
+    else:
+        framing = UNTIL_CLOSE
+        keep = False
+        out = b""
+    if status == 101:
+        out += b"connection: upgrade\r\nupgrade: " + (resp.upgrade or head.upgrade) + CRLF
+    elif not keep:
+        out += b"connection: close\r\n"
+    elif head.version == 10:
+        out += b"connection: keep-alive\r\n"
+    return status_line(status) + b"".join(resp.fields) + out + CRLF, framing, not keep
+
+
+def hash_key(hash_on: tuple[str, Any], head: RequestHead, peer: bytes) -> bytes | None:
+    kind, name = hash_on
+    if kind == "source_ip":
+        return peer
+    fields = head.fields
+    want = (name.encode("latin-1") if isinstance(name, str) else name).lower()
+    if kind == "header":
+        for i in range(0, len(fields), 4):
+            if fields[i].lower() == want:
+                return fields[i + 2]
+        return None
+    if kind == "cookie":
+        for i in range(0, len(fields), 4):
+            if fields[i].lower() == b"cookie":
+                for part in fields[i + 2].split(b";"):
+                    k, eq, v = part.strip().partition(b"=")
+                    if eq and k.lower() == want:
+                        return v
+        return None
+    return None
+
+
+def os_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__

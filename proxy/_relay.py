@@ -1,0 +1,197 @@
+"""The response half of an exchange: what the upstream answers, relayed to the client.
+
+:class:`Relay` is the base of :class:`proxy._exchange.Exchange` (which defines the state
+and the attempts); it holds the methods the upstream connection calls: interim and final
+response heads, body, completion, upgrade, loss and invalid bytes. A response head is
+checked once (memoised, :func:`proxy._framing.response_head`) and the client's head built
+once per upstream head and variant (:func:`proxy._decisions.client_head`). A 502/503/504
+to an idempotent request is retried on another endpoint when one is there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._decisions import client_head
+from ._framing import CHUNKED, CRLF, LAST_CHUNK, UNTIL_CLOSE, HeadError, response_head, status_line, trailer_block
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._upstream import UpstreamConnection
+
+__all__ = ["Relay", "ROUTING", "CONNECTING", "SENDING", "RESPONDING", "DONE"]
+
+# Exchange states
+ROUTING, CONNECTING, SENDING, RESPONDING, DONE = range(5)
+
+
+class Relay:
+    """Response-side methods of an exchange (no state of its own)."""
+
+    __slots__ = ()
+    # Provided by Exchange:
+    client: Any
+    server: Any
+    head: Any
+    cluster: Any
+    conn: Any
+    ep: Any
+    ep_t0: float
+    state: int
+    status: int
+    resp: Any
+    req_done: bool
+    replayable: bool
+    retries: int
+    retrying: bool
+    tried: Any
+    hash_key: Any
+    head_request: bool
+    failure_note: str
+    resp_mark: tuple[int, int]
+    out_framing: int
+    close_after: bool
+    last_io: float
+    bytes_out: int
+
+    def response_interim(self, conn: UpstreamConnection, status: int, headers: list) -> None:
+        """A 1xx other than 101: relayed to HTTP/1.1 clients (100 Continue, 103 Early Hints)."""
+        if self.head.version == 11 and self.resp is None:
+            parts = [status_line(status)]
+            for name, value in headers:
+                if name.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length"):
+                    parts += (name, b": ", value, CRLF)
+            parts.append(CRLF)
+            self.client.send(b"".join(parts))
+
+    def response_head(self, conn: UpstreamConnection, status: int, version: str, headers: list) -> None:
+        try:
+            resp = response_head(status, version, headers, self.head_request)
+        except HeadError as exc:
+            conn.poisoned = True
+            self.failure_note = exc.reason
+            self.attempt_failed(None, 502)
+            return
+        head = self.head
+        if status >= 502 and status <= 504 and head.idempotent and self.replayable and self._retry_elsewhere(status):
+            conn.poisoned = True  # we do not read the rest of this answer
+            return
+        if status == 101 and head.upgrade is None:
+            conn.poisoned = True
+            self.failure_note = "upstream switched protocols without being asked"
+            self.attempt_failed(None, 502)
+            return
+        self.resp = resp
+        self.state = RESPONDING
+        self.status = status
+        client = self.client
+        keep = head.keep_alive and self.req_done and not client.draining and head.upgrade is None
+        variant = (head.version, keep, status)
+        out = resp.outs.get(variant)
+        if out is None:
+            out = resp.outs[variant] = client_head(resp, status, head, keep)
+        self.resp_mark = (client.flushes, len(client.out))
+        client.out.append(out[0])
+        self.out_framing = out[1]
+        self.close_after = out[2]
+        self.last_io = now = self.server.loop.time()
+        client.deadline = now + self.cluster.settings.timeouts.idle
+
+    def _retry_elsewhere(self, status: int) -> bool:
+        """A 502/503/504 for an idempotent request: retry it on another endpoint if the
+        budget, the attempts and the time allow and there is one; else it is the answer."""
+        cluster = self.cluster
+        now = self.server.loop.time()
+        if (self.retries < cluster.settings.retries.attempts and self._time_left(now) > 0
+                and cluster.retry_allowed()):
+            exclude = {self.ep.id} if self.tried is None else self.tried | {self.ep.id}
+            nxt = cluster.pick(self.hash_key, exclude)
+            if nxt is not None:
+                self.failure_note = f"answered {status}"
+                self.attempt_failed(None, status, nxt)
+                return True
+        return False
+
+    def response_body(self, data: bytes) -> None:
+        if self.state != RESPONDING:
+            return
+        self.bytes_out += len(data)
+        self.last_io = self.server.loop.time()
+        if self.out_framing == CHUNKED:
+            self.client.send_chunk(data)
+        else:
+            self.client.send(data)
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        """The upstream's final response is complete (after its parser returned)."""
+        if self.state != RESPONDING or self.status == 101:
+            return
+        client = self.client
+        if self.out_framing == CHUNKED:
+            client.out.append(trailer_block(conn.trailers))
+        now = self.server.loop.time()
+        self.conn = None
+        if self.req_done and self.resp.keep_alive:
+            conn.pool.release(conn, now)
+        else:
+            conn.close()
+        self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
+        if self.retrying:
+            self._end_retry()
+        self.finish(self.close_after, now=now)
+
+    def response_upgraded(self, conn: UpstreamConnection) -> bool:
+        """The upstream switched protocols (101): tunnel the two connections."""
+        if self.state != RESPONDING or self.status != 101:
+            conn.close()
+            return False
+        now = self.server.loop.time()
+        self.conn = None
+        conn.owner = None
+        self.cluster.end(self.ep, status=101, failure=None, latency=now - self.ep_t0)
+        self._end_retry()
+        self.client.flush()
+        self.finish(False, tunnel=conn)
+        return True
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed while this exchange owned it."""
+        if conn is not self.conn:
+            return
+        if self.state == RESPONDING:
+            if self.resp.framing == UNTIL_CLOSE and exc is None:
+                self.conn = None
+                conn.owner = None
+                if self.out_framing == CHUNKED:
+                    self.client.send(LAST_CHUNK)
+                now = self.server.loop.time()
+                self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
+                self._end_retry()
+                self.finish(self.close_after)
+            else:
+                self._abort_midstream("reset")
+            self.client.flush()
+            return
+        self.failure_note = f"connection to {self.ep.address}:{self.ep.port} lost before any response"
+        self.attempt_failed("reset", None)
+        self.client.flush()
+
+    def upstream_failed(self, conn: UpstreamConnection, failure: str, note: str) -> None:
+        """Invalid bytes from the upstream: close it; 502 (or abort, if the response
+        had started)."""
+        if conn is not self.conn:
+            conn.close()
+            return
+        self.failure_note = note
+        conn.poisoned = True
+        if self.state == RESPONDING:
+            client = self.client
+            flushes, mark = self.resp_mark
+            if client.flushes != flushes:
+                self._abort_midstream("reset")  # the client has bytes of this response already
+                return
+            del client.out[mark:]  # nothing of this response left yet: answer 502 instead
+            self.resp = None
+            self.state = SENDING
+            self.status = 0
+            self.bytes_out = 0
+        self.attempt_failed(None, 502)
