@@ -99,3 +99,42 @@ def test_idle_upstream_connections_are_closed_after_the_idle_time_out(svc, start
     px.wait_for(lambda: _metric(proxy, "meshlet_proxy_upstream_connections") == 0, 5,
                 what="the idle upstream connection to be closed")
     assert peer() != first
+
+
+def test_catalog_outage_keeps_the_last_table(catalog_factory, backends, px, tmp_path):
+    import consul
+
+    cat = catalog_factory()
+    c = consul.Consul(host=cat.host, port=cat.port)
+    b = backends("outage-b0")
+    assert c.agent.service.register("outage", service_id="outage-0", address="127.0.0.1", port=b.port,
+                                    check=consul.Check.ttl("1h"))
+    c.agent.check.ttl_pass("service:outage-0")
+    proxy = px.Proxy(cat.url, log_path=tmp_path / "proxy.log")
+    try:
+        def ok() -> bool:
+            with px.RawClient(proxy.http) as rc:
+                rc.send(px.get("/x", "outage.service.meshlet"))
+                return rc.response().status == 200
+        px.wait_for(ok, 5, what="the service routed")
+        cat.kill()
+        for _ in range(20):
+            assert ok()
+        assert proxy.proc.poll() is None
+    finally:
+        proxy.stop()
+
+
+def test_unreachable_catalog_at_start_exits_1_with_a_message(tmp_path):
+    import subprocess
+    import sys
+
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    p = subprocess.run([sys.executable, "-m", "proxy", "--consul", f"http://127.0.0.1:{port}", "--listen",
+                        "127.0.0.1:0", "--catalog-timeout", "1"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert p.stdout == ""
+    assert f"127.0.0.1:{port}" in p.stderr and "Traceback" not in p.stderr

@@ -208,3 +208,20 @@ def test_h2c_upgrade_is_ignored_and_the_request_answered(web, px):
         sent = {k.lower() for k, _ in r.json()["headers"]}
         assert "upgrade" not in sent and "http2-settings" not in sent
         assert c.is_closed()
+
+
+async def test_ring_hash_on_a_header_keeps_each_key_on_one_instance(mesh_catalog, tmp_path, px):
+    yaml = ("command: [x]\nports: [{name: http, port: 0, protocol: http}]\n"
+            "routes: {policy: ring_hash, hash_on: {header: X-User}}")
+    env = px.Env(mesh_catalog, tmp_path, px.unique("ring"), 3, yaml)
+    try:
+        placed: dict[str, set[str]] = {}
+        async with aiohttp.ClientSession() as s:
+            for user in range(20):
+                for _ in range(4):
+                    async with s.get(env.url("/r"), headers={"Host": env.host, "X-User": f"u{user}"}) as r:
+                        placed.setdefault(f"u{user}", set()).add(r.headers["X-Backend"])
+        assert all(len(b) == 1 for b in placed.values()), placed
+        assert len(set().union(*placed.values())) > 1  # the keys spread over the instances
+    finally:
+        env.close()
