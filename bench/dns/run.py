@@ -377,14 +377,15 @@ flips one instance's TTL check every 100 ms (each flip invalidates every pre-enc
 dnsmasq gets SIGHUP every 100 ms (re-reads its hosts file, clears its cache).
 
 Where the time goes (measured separately on this machine, 2026-11-24, dnsperf at saturation,
-user/sys from /proc per query): dnsmasq ~0.55 us user + ~1.6-1.7 us sys; meshlet ~0.95-1.1 us
-user + ~1.2-1.4 us sys. meshlet spends less in the kernel (it drains ~120 datagrams per
-wake-up instead of polling per datagram) and about twice as much in user space: the CPython
-floor of recvfrom + dict lookup + sendto (a bare loop doing only that, without meshlet,
-measures the same). At a fixed 10k QPS each query is its own wake-up, and meshlet's costs
-~14-19 us of CPU against dnsmasq's ~8-9 us (event-loop turn per datagram), which is why its
-CPU % is higher there. On a loaded machine p99/p99.9 are dominated by scheduling delays of
-whichever process is preempted: read the per-round p99s, and re-run on a quiet machine.
+user/sys from /proc per query): dnsmasq ~0.55-0.65 us user + ~1.45-1.55 us sys; meshlet
+~0.65-0.75 us user + ~1.1-1.2 us sys with batched I/O (recvmmsg/sendmmsg, the default on
+Linux), ~1.05-1.2 us user + ~1.3 us sys with `--udp-io plain` (recvfrom/sendto; 0.87x
+dnsmasq per CPU-second). meshlet spends less in the kernel because it drains a whole batch
+per wake-up instead of polling per datagram. At a fixed 10k QPS each query is its own
+wake-up, and meshlet's costs ~14-19 us of CPU against dnsmasq's ~8-9 us (an event-loop turn
+per datagram), which is why its CPU % is higher there. On a loaded machine p99/p99.9 are
+dominated by scheduling delays of whichever process is preempted: read the per-round p99s,
+and re-run on a quiet machine.
 """
 
 
