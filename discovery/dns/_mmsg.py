@@ -146,6 +146,14 @@ class Batch:
             if n < 0 and ctypes.get_errno() not in _RETRY:
                 raise OSError(ctypes.get_errno(), "recvmmsg failed")
             return 0
+        try:
+            self._answer(fd, n, get, miss, unsent)
+        finally:  # the kernel shrank msg_namelen of the used slots: restore them for the next call
+            self.rmsg_b[:n * self.si * 4] = self.pristine[:n * self.si * 4]
+        return n
+
+    def _answer(self, fd: int, n: int, get: Callable[[bytes], Any],
+                miss: Callable[[bytes, int], bytes | None], unsent: Callable[[bytes, Any], None]) -> None:
         rb, sb, rmsg_i, siov_q, smsg_q, smsg_i = self.rb, self.sb, self.rmsg_i, self.siov_q, self.smsg_q, self.smsg_i
         si, sq, len_i, namelen_i, name_q, nbase = self.si, self.sq, self.len_i, self.namelen_i, self.name_q, self.nbase
         slot_of = self.slot_of
@@ -176,10 +184,7 @@ class Batch:
             j += 1
         if j:
             sent = self._send(fd, self.smsg, j, 0)
-            if sent < j:
-                for k in range(max(sent, 0), j):
-                    src = self.source(slot_of[k])
-                    if src is not None:
-                        unsent(bytes(sb[k * SLOT:k * SLOT + siov_q[k * 2 + 1]]), src)
-        self.rmsg_b[:n * si * 4] = self.pristine[:n * si * 4]
-        return n
+            for k in range(max(sent, 0), j):  # not taken by the kernel (buffer full): queue them
+                src = self.source(slot_of[k])
+                if src is not None:
+                    unsent(bytes(sb[k * SLOT:k * SLOT + siov_q[k * 2 + 1]]), src)
