@@ -50,7 +50,7 @@ import aiohttp
 import config
 from discovery.consul import SERVICES_PREFIX, connect, kv_delete, kv_put, watch_kv_prefix
 
-from .backoff import BackoffState
+from .backoff import BackoffState, delay_for
 from .place import NodeInfo
 from .probes import Health, ProbeScheduler, initial_health
 from .reconcile import (Action, Deregister, Kill, Observed, Register, Replica, Start, Stop,
@@ -102,7 +102,12 @@ class _Inst:
 
 def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
     if node.runtime == "docker":
-        return RUNTIMES["docker"](node.engine or DEFAULT_ENGINE, node=node.name, address=node.address)
+        engine = node.engine or DEFAULT_ENGINE
+        # A local engine mounts the workloads' resolv.conf read-only from a file we write
+        # (an absolute host path); a remote one writes it itself.
+        local = engine.startswith("unix://")
+        return RUNTIMES["docker"](engine, node=node.name, address=node.address,
+                                  data_dir=(data_dir / "nodes" / node.name).resolve() if local else None)
     return RUNTIMES["process"](data_dir / "nodes" / node.name, node=node.name, address=node.address)
 
 
@@ -129,12 +134,18 @@ class Supervisor:
 
     ``start()`` observes in full and adopts before the first reconcile; ``close(stop=True)``
     deregisters and stops every workload, ``close(stop=False)`` leaves them running for the
-    next supervisor to adopt."""
+    next supervisor to adopt.
+
+    ``dns``: the resolver address (port 53) of meshlet's DNS; containers started on docker
+    nodes get a resolv.conf naming it, so ``<service>.service.<domain>`` resolves in them
+    without app changes. Processes keep the host's resolver (no per-process resolv.conf
+    without a mount namespace)."""
 
     def __init__(self, url: str, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
                  runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
-                 check_ttl: float = CHECK_TTL, clock: Any = time.time) -> None:
+                 check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None) -> None:
         self.url = url
+        self.dns = dns
         self.nodes = {n.name: n for n in nodes}
         self.data_dir = Path(data_dir)
         self.runtimes: dict[str, Runtime] = dict(runtimes or {})
@@ -148,6 +159,9 @@ class Supervisor:
         self.doc_revision: dict[str, str] = {}       # service -> revision of the KV document
         self.backoff: dict[tuple[str, int], BackoffState] = {}
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
+        # (service, slot) -> when to try a start the runtime refused again (missing image,
+        # engine error): refusals back off like crashes instead of retrying every sync.
+        self._start_hold: dict[tuple[str, int], float] = {}
         self.events: list[str] = []                  # recent actions, for status
         self.history: list[tuple[float, str, str]] = []   # (time, "start"/"kill"/..., instance)
         self._dirty: set[str] = set()
@@ -282,6 +296,8 @@ class Supervisor:
             log.warning("cannot store the back-off of %s slot %d: %s", service, slot, exc)
 
     async def _forget_backoff(self, service: str) -> None:
+        for key in [k for k in self._start_hold if k[0] == service]:
+            del self._start_hold[key]
         if not any(k[0] == service for k in self.backoff):
             return
         for key in [k for k in self.backoff if k[0] == service]:
@@ -458,6 +474,10 @@ class Supervisor:
 
     async def _execute(self, action: Action, now: float) -> None:
         if isinstance(action, Start):
+            hold = self._start_hold.get((action.service, action.slot))
+            if hold is not None and now < hold:
+                self._follow_up(action.service, action.slot, hold - now)
+                return
             await self._start_instance(action)
         elif isinstance(action, Kill):
             await self._kill_instance(action)
@@ -514,20 +534,27 @@ class Supervisor:
             instance_id=iid, service=a.service, slot=a.slot, revision=revision, node=a.node,
             image=spec.image, command=spec.command, args=spec.args, workdir=spec.workdir,
             env=env, ports=ports, cpu=spec.resources.cpu, memory=spec.resources.memory,
-            stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period)
+            stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period,
+            dns=self.dns if node.runtime == "docker" else None)
         self._ports_taken.update(ports.values())
         await self._save_backoff(a.service, a.slot, a.backoff)
         try:
             observed = await rt.start(ispec)
         except WorkloadError as exc:
             self._ports_taken.difference_update(ports.values())
-            self.problems[a.service] = f"slot {a.slot}: {exc}"
-            log.error("cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
-            # An engine that refuses is retried with back-off, like a crash.
-            st = a.backoff
-            await self._save_backoff(a.service, a.slot, BackoffState(st.failures + 1, st.restarts))
-            self._follow_up(a.service, a.slot, max(spec.restart.backoff.initial, 1.0))
+            problem = f"slot {a.slot}: {exc}"
+            # Said once per new reason, not on every retry.
+            (log.debug if self.problems.get(a.service) == problem else log.error)(
+                "cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
+            self.problems[a.service] = problem
+            # An engine that refuses is retried with back-off, like a crash (at least 1 s).
+            st = BackoffState(a.backoff.failures + 1, a.backoff.restarts)
+            await self._save_backoff(a.service, a.slot, st)
+            delay = max(delay_for(spec.restart.backoff, st.failures), 1.0)
+            self._start_hold[(a.service, a.slot)] = self.clock() + delay
+            self._follow_up(a.service, a.slot, delay)
             return
+        self._start_hold.pop((a.service, a.slot), None)
         self.problems.pop(a.service, None)
         log.info("started %s (%s slot %d on %s, ports %s): %s", iid, a.service, a.slot, a.node,
                  ports, a.reason)

@@ -14,6 +14,20 @@ its stderr goes to ``<data_dir>/logs/<name>.log`` and it is started again (1 s d
 stopped, then proxy, DNS and catalog. With ``--keep`` the workloads keep running for the
 next ``meshlet up`` to adopt. A second Ctrl-C skips the graceful steps.
 
+Names inside containers (``<service>.service.<domain>`` without app changes): resolv.conf
+cannot name a port, so the DNS server also answers on port 53 of a loopback address, the
+*resolver*, and every container on a docker node gets a read-only resolv.conf naming it
+(host networking: the container shares the host's loopback). The resolver is the first
+``mesh.dns.listen`` entry on port 53 (0.0.0.0/:: count as 127.0.0.1); with none, and when
+running as root with 127.0.0.153:53 free, ``up`` adds ``127.0.0.153:53`` to the DNS
+listeners (``DEFAULT_RESOLVER``; config has no field of its own for it). Otherwise
+containers keep the engine's default resolver and ``up`` says so. Names outside the
+domain: ``mesh.dns.recursors``, or when that is empty the host's /etc/resolv.conf
+nameservers that are on loopback (a local caching resolver); without any, meshlet DNS
+refuses outside names. Processes use the host's resolver (no per-process resolv.conf
+without a mount namespace): point the host's /etc/resolv.conf at the resolver
+(``nameserver 127.0.0.153``) to give them the same names.
+
 Nodes: ``mesh.nodes``, or when empty one node "local" -- docker if an engine answers at
 the default socket, else process (``resolve_nodes``).
 
@@ -31,7 +45,9 @@ import dataclasses
 import json
 import logging
 import os
+import ipaddress
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,7 +59,7 @@ from .admin import AdminServer, build_status
 from .agent import DEFAULT_ENGINE, Supervisor
 from .runtime import RUNTIMES
 
-__all__ = ["docker_answers", "resolve_nodes", "Component", "ComponentFailed", "up", "component_argvs", "run_standalone",
+__all__ = ["docker_answers", "resolve_nodes", "plan_resolver", "loopback_nameservers", "DEFAULT_RESOLVER", "Component", "ComponentFailed", "up", "component_argvs", "run_standalone",
            "standalone_main"]
 
 log = logging.getLogger(__name__)
@@ -72,6 +88,90 @@ async def resolve_nodes(mesh: config.MeshSettings) -> list[config.NodeSpec]:
     if await asyncio.to_thread(docker_answers):
         return [config.NodeSpec(name="local", runtime="docker", engine=DEFAULT_ENGINE)]
     return [config.NodeSpec(name="local", runtime="process")]
+
+
+# Where the DNS server answers on port 53 for containers when mesh.dns.listen has no
+# port-53 entry (an address of 127.0.0.0/8 that nothing else uses by convention).
+DEFAULT_RESOLVER = "127.0.0.153"
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def plan_resolver(listen: tuple[str, ...], default: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """(resolver IP for the containers' resolv.conf, DNS listen addresses).
+
+    The first ``listen`` entry on port 53 is the resolver (an unspecified host answers on
+    loopback too: 127.0.0.1 / ::1); with none, ``default`` (an IP, or None: no resolver)
+    is added on port 53."""
+    for item in listen:
+        host, port = _split_hostport(item)
+        if port != 53:
+            continue
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if ip.is_unspecified:
+            return ("::1" if ip.version == 6 else "127.0.0.1"), listen
+        return str(ip), listen
+    if default is None:
+        return None, listen
+    return default, (*listen, _hostport(default, 53))
+
+
+def loopback_nameservers(resolv_conf: str, exclude: str | None = None) -> tuple[str, ...]:
+    """The ``nameserver`` lines of a resolv.conf that are on loopback, as HOST:53 (a local
+    caching resolver is a safe recursor; ``exclude``, our own resolver, would loop)."""
+    out: list[str] = []
+    for line in resolv_conf.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or parts[0] != "nameserver":
+            continue
+        try:
+            ip = ipaddress.ip_address(parts[1].split("%")[0])
+        except ValueError:
+            continue
+        if ip.is_loopback and str(ip) != exclude and _hostport(str(ip), 53) not in out:
+            out.append(_hostport(str(ip), 53))
+    return tuple(out)
+
+
+def _can_bind(ip: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(family, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((ip, port))
+            except OSError:
+                return False
+    return True
+
+
+def dns_settings(mesh: config.MeshSettings) -> tuple[str | None, config.MeshSettings, bool]:
+    """(resolver IP, ``mesh`` with the DNS listeners and recursors ``up`` runs, whether
+    the DEFAULT_RESOLVER listener was added). Reads /etc/resolv.conf; binds a test socket."""
+    default = None
+    if not any(_split_hostport(item)[1] == 53 for item in mesh.dns.listen):
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and _can_bind(DEFAULT_RESOLVER, 53):
+            default = DEFAULT_RESOLVER
+    resolver, listen = plan_resolver(mesh.dns.listen, default)
+    recursors = mesh.dns.recursors
+    if not recursors:
+        try:
+            recursors = loopback_nameservers(Path("/etc/resolv.conf").read_text(), exclude=resolver)
+        except OSError:
+            recursors = ()
+    dns = dataclasses.replace(mesh.dns, listen=listen, recursors=recursors)
+    return resolver, dataclasses.replace(mesh, dns=dns), default is not None
 
 
 class ComponentFailed(Exception):
@@ -178,7 +278,10 @@ def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]
     """The DNS and proxy command lines for ``mesh`` against the catalog at ``url``."""
     py = sys.executable
     dns = [py, "-m", "discovery.dns", "--consul", url, "--domain", mesh.domain,
-           "--mode", mesh.dns.mode]
+           "--mode", mesh.dns.mode, "--ttl", f"{mesh.dns.ttl:g}s",
+           "--negative-ttl", f"{mesh.dns.negative_ttl:g}s"]
+    if not mesh.dns.only_passing:
+        dns.append("--include-warning")
     for listen in mesh.dns.listen:
         dns += ["--listen", listen]
     for recursor in mesh.dns.recursors:
@@ -257,11 +360,27 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
             started.append(catalog)
             url = "http://" + (ready.get("http") or mesh.catalog_listen)
             print(f"meshlet up: catalog at {url} (data in {data_dir / 'catalog'})", file=out, flush=True)
-        for name, argv in component_argvs(mesh, url).items():
+        resolver, run_mesh, added = dns_settings(mesh)
+        for name, argv in component_argvs(run_mesh, url).items():
             comp = Component(name, argv, log_dir, out=err)
-            ready = await comp.start()
+            try:
+                ready = await comp.start()
+            except ComponentFailed:
+                if name != "dns" or not added:
+                    raise
+                # The default resolver address was taken between our check and the bind.
+                resolver, run_mesh = None, dataclasses.replace(
+                    run_mesh, dns=dataclasses.replace(run_mesh.dns, listen=mesh.dns.listen))
+                comp = Component(name, component_argvs(run_mesh, url)["dns"], log_dir, out=err)
+                ready = await comp.start()
             started.append(comp)
             print(f"meshlet up: {name} ready {json.dumps(ready)} (pid {comp.pid})", file=out, flush=True)
+        if resolver is not None:
+            print(f"meshlet up: containers resolve <service>.service.{mesh.domain} through "
+                  f"{resolver}:53", file=out, flush=True)
+        else:
+            print("meshlet up: no DNS listener on port 53 (add one to mesh.dns.listen, or run as "
+                  "root): containers keep the engine's resolver", file=out, flush=True)
         changes = await apply.apply_to(url, cfg.services, mesh.vip_range, err=err)
         if changes is None:
             return 1
@@ -271,7 +390,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         nodes = await resolve_nodes(mesh)
         print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
               file=out, flush=True)
-        sup = Supervisor(url, nodes, data_dir)
+        sup = Supervisor(url, nodes, data_dir, dns=resolver)
         await sup.start()
         admin = AdminServer(sup, on_down=stop.set)
         bound = await admin.start(mesh.admin_listen)
@@ -313,7 +432,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
 
 
 async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
-                         runtime: str | None = None) -> int:
+                         runtime: str | None = None, dns: str | None = None) -> int:
     """The supervisor alone against a running catalog (the loop of `meshlet up` without
     its components). SIGTERM leaves the workloads running for the next supervisor unless
     ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them."""
@@ -321,7 +440,7 @@ async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exi
         cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
     else:
         cfg_nodes = await resolve_nodes(config.MeshSettings())
-    sup = Supervisor(url, cfg_nodes, data_dir)
+    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -353,11 +472,13 @@ def standalone_main(argv: list[str] | None = None) -> int:
                         help="deregister and stop the workloads when stopped")
     parser.add_argument("--runtime", choices=sorted(RUNTIMES),
                         help="the local node's runtime (default: docker if an engine answers)")
+    parser.add_argument("--dns", metavar="IP",
+                        help="resolver (port 53) named in the containers' resolv.conf")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
-                                      args.runtime))
+                                      args.runtime, args.dns))
 
 
 def main(argv: list[str] | None = None) -> int:

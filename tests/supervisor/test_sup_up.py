@@ -186,23 +186,41 @@ def test_up_with_a_bad_file_exits_2_and_says_where(tmp_path):
     assert not (tmp_path / ".meshlet").exists(), "nothing was started"
 
 
+def _unique_loopback() -> str:
+    """A 127.x.y.z of this test alone, so its port-53 listener collides with nothing."""
+    import random
+    return f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
+
+
 def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
+    """Served through the proxy; a container resolves another service by name through the
+    DNS listener on port 53 (resolv.conf mounted by meshlet); a missing image is a clear
+    problem in the progress lines and in status, and the rest runs on; SIGTERM removes
+    every container."""
     from docker_env import TEST_IMAGE, build_test_images
     build_test_images(docker_engine)
     path, ports = demo_copy(tmp_path)
+    resolver = _unique_loopback()
     doc = yaml.safe_load(path.read_text())
     doc["mesh"]["nodes"] = [{"name": "box", "runtime": "docker", "engine": docker_engine.url}]
-    doc["services"] = {"web": {
-        "image": TEST_IMAGE, "replicas": 2, "ports": [{"name": "http", "vip_port": 80}],
-        "stop_grace_period": "1s", "update": {"drain_delay": "0s"},
-        "probes": {"readiness": {"http": {"path": "/"}, "period": "0.2s"}}}}
+    doc["mesh"]["dns"]["listen"].append(f"{resolver}:53")
+    box = {"image": TEST_IMAGE, "ports": [{"name": "http", "vip_port": 80}],
+           "stop_grace_period": "1s", "update": {"drain_delay": "0s"},
+           "probes": {"readiness": {"http": {"path": "/"}, "period": "0.2s"}}}
+    doc["services"] = {"web": {**box, "replicas": 2}, "client": {**box, "replicas": 1},
+                       "ghost": {**box, "image": "meshlet-test/missing:404", "replicas": 1}}
     path.write_text(yaml.safe_dump(doc))
     proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
                             cwd=str(REPO), stdout=subprocess.PIPE, text=True)
     client = docker_engine.client()
+    labels = ["meshlet.node=box"]
     try:
         lines = Lines(proc.stdout)
+        lines.wait(f"containers resolve <service>.service.meshlet through {resolver}:53", timeout=60)
         lines.wait("web: 2/2 ready", timeout=60)
+        lines.wait("client: 1/1 ready", timeout=30)
+        lines.wait("ghost: 0/1 ready (slot 0: image meshlet-test/missing:404 not found on node box",
+                   timeout=30)
 
         def through_proxy():
             req = urllib.request.Request(f"http://127.0.0.1:{ports['proxy']}/cgi-bin/env",
@@ -211,10 +229,38 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
                 return r.status == 200 and r.read().decode()
         body = wait_for(through_proxy, timeout=15)
         assert "web-" in body
+
+        # the app in a container resolves another service by name, unchanged
+        (box_client,) = client.containers.list(filters={"label": ["meshlet.service=client", *labels]})
+        code, conf = box_client.exec_run(["cat", "/etc/resolv.conf"])
+        assert f"nameserver {resolver}" in conf.decode()
+        code, out = box_client.exec_run(["nslookup", "web.service.meshlet"])
+        assert code == 0, out.decode()
+        answer = out.decode().split("web.service.meshlet", 1)[1]
+        vip = answer.split("Address:", 1)[1].split()[0]
+        assert vip.startswith("127.91.0."), out.decode()
+
+        # ... and an HTTP client there reaches it by name: DNS -> VIP -> proxy -> a web
+        # replica. (The port is explicit: the static busybox's wget crashes looking up the
+        # "http" service name without glibc's NSS modules; the host name is no problem.)
+        def wget_by_name():
+            code, out = box_client.exec_run(["wget", "-O", "-",
+                                             "http://web.service.meshlet:80/cgi-bin/env"])
+            return code == 0 and out.decode()
+        env = wait_for(wget_by_name, timeout=15)
+        assert "MESHLET_SERVICE=web" in env and "HTTP_HOST=web.service.meshlet:80" in env
+
+        # the missing image: status says so, the supervisor runs on
+        code, text = run_cmd("status", "--admin", f"127.0.0.1:{ports['admin']}")
+        assert code == 0
+        assert "web  2/2 ready" in text and "client  1/1 ready" in text
+        assert "ghost  0/1 ready" in text and "meshlet-test/missing:404 not found" in text
+        assert proc.poll() is None
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert not client.containers.list(all=True, filters={"label": ["meshlet.service=web", "meshlet.node=box"]})
+        assert not client.containers.list(all=True, filters={"label": labels})
     finally:
         stop_process(proc)
-        for c in client.containers.list(all=True, filters={"label": ["meshlet.service=web", "meshlet.node=box"]}):
+        for c in client.containers.list(all=True, filters={"label": labels}):
             c.remove(force=True)
