@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from dnslib import (
     AAAA as _AAAA, A as _A, CLASS, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNS0, NS as _NS,
-    PTR as _PTR, QTYPE, RR as _RR, SOA as _SOA, SRV as _SRV, TXT as _TXT,
+    PTR as _PTR, RR as _RR, SOA as _SOA, SRV as _SRV, TXT as _TXT,
 )
 
 from ._records import (
@@ -217,7 +217,7 @@ def _to_dnslib(rr: RR, owner: DNSLabel | None) -> _RR:
     return _RR(name, rr.rtype, CLASS.IN, rr.ttl, _rdata(rr))
 
 
-def _header(query: Query, rcode: int, aa: bool, tc: bool, ra: bool, counts: tuple[int, ...] = ()) -> DNSHeader:
+def _header(query: Query, rcode: int, aa: bool, tc: bool, ra: bool) -> DNSHeader:
     bits = _QR | (query.flags & (_RD | _CD))
     if aa:
         bits |= _AA
@@ -326,10 +326,3 @@ def error_response(data: bytes, rcode: int, query: Query | None = None, ra: bool
 
 def servfail(query: Query, ra: bool) -> bytes:
     return encode(query, Answer(SERVFAIL, authoritative=False), udp_limit(query), ra)
-
-
-def qtype_name(qtype: int) -> str:
-    try:
-        return str(QTYPE[qtype])
-    except Exception:
-        return str(qtype)

@@ -14,7 +14,7 @@ import dns.rdatatype
 import pytest
 
 from _dnstest import put_document, rdata_texts, register, set_status, srv_ports
-from _util import start_server, stop_process, wait_for
+from _util import wait_for
 
 
 @pytest.fixture
