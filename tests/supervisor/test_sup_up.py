@@ -264,3 +264,66 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         stop_process(proc)
         for c in client.containers.list(all=True, filters={"label": labels}):
             c.remove(force=True)
+
+
+def test_meshlet_up_on_the_docker_demo(tmp_path, docker_engine):  # noqa: F811
+    """config/examples/demo-docker.yaml as shipped (only its engine and listen addresses
+    moved to the test's): the image built by its build.sh, both routes served, status and
+    logs through the admin API, and Ctrl-C leaves no container behind."""
+    build = subprocess.run(["sh", str(EXAMPLES / "docker" / "httpd" / "build.sh")],
+                           env={**os.environ, "DOCKER_HOST": docker_engine.url},
+                           capture_output=True, text=True, timeout=180)
+    assert build.returncode == 0, build.stderr
+    ports = {k: free_port() for k in ("catalog", "admin", "dns", "proxy", "proxy_admin")}
+    doc = yaml.safe_load((EXAMPLES / "demo-docker.yaml").read_text())
+    doc["mesh"].update({
+        "catalog_listen": f"127.0.0.1:{ports['catalog']}",
+        "admin_listen": f"127.0.0.1:{ports['admin']}",
+        "data_dir": "./state",
+        "vip_range": "127.92.0.0/24",
+        "dns": {"listen": [f"127.0.0.1:{ports['dns']}", f"{_unique_loopback()}:53"]},
+        "proxy": {"listen": [f"127.0.0.1:{ports['proxy']}"],
+                  "admin_listen": f"127.0.0.1:{ports['proxy_admin']}"}})
+    assert [n["name"] for n in doc["mesh"]["nodes"]] == ["local"]
+    doc["mesh"]["nodes"][0]["engine"] = docker_engine.url
+    path = tmp_path / "demo-docker.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+                            cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    client = docker_engine.client()
+    labels = ["meshlet.node=local", "meshlet.owner=meshlet"]
+    try:
+        lines = Lines(proc.stdout)
+        lines.wait("web: 2/2 ready", timeout=90)
+        lines.wait("api: 1/1 ready", timeout=30)
+
+        def get(path: str):
+            req = urllib.request.Request(f"http://127.0.0.1:{ports['proxy']}{path}",
+                                         headers={"Host": "demo.localhost"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status == 200 and r.read().decode()
+        assert wait_for(lambda: get("/"), timeout=15).startswith("hello from web-")
+        assert wait_for(lambda: get("/api/"), timeout=15).startswith("api from api-")
+
+        admin = f"127.0.0.1:{ports['admin']}"
+        code, text = run_cmd("status", "--admin", admin)
+        assert code == 0
+        assert "web  2/2 ready" in text and "api  1/1 ready" in text
+        rows = [line.split() for line in text.splitlines() if line.strip().startswith(("web-", "api-"))]
+        assert len(rows) == 3
+        header = next(line.split() for line in text.splitlines() if "NODE" in line)
+        assert header[:6] == ["INSTANCE", "NODE", "ADDRESS", "STATE", "RESTARTS", "AGE"]
+        for row in rows:
+            assert row[1] == "local" and row[2].startswith("127.0.0.1:") and row[3] == "ready" \
+                and row[4] == "0", row
+        code, text = run_cmd("logs", "web", "--admin", admin)
+        assert code == 0 and "response:200" in text, text
+
+        proc.send_signal(signal.SIGINT)   # Ctrl-C
+        assert proc.wait(timeout=60) == 0
+        lines.wait("meshlet up: stopped", timeout=5)
+        assert not client.containers.list(all=True, filters={"label": labels})
+    finally:
+        stop_process(proc)
+        for c in client.containers.list(all=True, filters={"label": labels}):
+            c.remove(force=True)
