@@ -10,7 +10,9 @@ Order (and the reverse on the way down)::
 
 The components are child processes started like static pods: each prints a ``ready`` line,
 its stderr goes to ``<data_dir>/logs/<name>.log`` and it is started again (1 s doubling to
-30 s) whenever it dies. Ctrl-C / SIGTERM stops everything: workloads are deregistered and
+30 s) whenever it dies. They die with ``up`` (SIGTERM on the parent's death, even a
+``kill -9``); workloads do not, and the next ``up`` adopts them (the catalog's data dir
+keeps their registrations). Ctrl-C / SIGTERM stops everything: workloads are deregistered and
 stopped, then proxy, DNS and catalog. With ``--keep`` the workloads keep running for the
 next ``meshlet up`` to adopt. A second Ctrl-C skips the graceful steps.
 
@@ -174,6 +176,21 @@ def dns_settings(mesh: config.MeshSettings) -> tuple[str | None, config.MeshSett
     return resolver, dataclasses.replace(mesh, dns=dns), default is not None
 
 
+def _die_with(parent: int) -> Any:
+    """preexec_fn: the component gets SIGTERM when `meshlet up` dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG), so a killed ``up`` leaves no catalog/DNS/proxy holding the
+    ports the next ``up`` needs. Workloads are not components: they keep running."""
+    def preexec() -> None:
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:   # the parent died before prctl took effect
+            os._exit(0)
+    return preexec if sys.platform.startswith("linux") else None
+
+
 class ComponentFailed(Exception):
     pass
 
@@ -201,7 +218,7 @@ class Component:
         with open(self.log_path, "ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=err)
+                stderr=err, preexec_fn=_die_with(os.getpid()))
         assert self.proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)

@@ -134,6 +134,25 @@ def _pid_after(lines: Lines, prefix: str) -> int:
     return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _bindable(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(tmp_path):
     path, ports = demo_copy(tmp_path)
     admin = f"127.0.0.1:{ports['admin']}"
@@ -168,6 +187,23 @@ def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(t
         after = {i["id"]: i["pid"] for s in json.loads(text)["services"]
                  for i in s["instances"]}
         assert after == before, "the second up adopted every workload, restarted none"
+
+        # kill -9 of `meshlet up`: its components go with it (their ports are free for the
+        # next up), the workloads stay, and the next up adopts them all again
+        components = [_pid_after(lines, f"meshlet up: {n} ready") for n in ("dns", "proxy")]
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: not any(_alive(pid) for pid in components), timeout=15)
+        wait_for(lambda: _bindable(ports["catalog"]) and _bindable(ports["proxy"]), timeout=15)
+        assert all(_alive(pid) for pid in before.values())
+        proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+        lines = Lines(proc.stdout)
+        lines.wait("web: 2/2 ready", timeout=60)
+        lines.wait("api: 1/1 ready", timeout=30)
+        code, text = run_cmd("status", "--admin", admin, "--json")
+        again = {i["id"]: i["pid"] for s in json.loads(text)["services"]
+                 for i in s["instances"]}
+        assert again == before, "after kill -9 of up: every workload adopted, none restarted"
         code, _ = run_cmd("down", "--admin", admin)
         assert code == 0 and proc.wait(timeout=30) == 0
         assert not list((tmp_path / "state" / "nodes" / "local" / "instances").glob("*.json"))
