@@ -286,10 +286,50 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         env = wait_for(wget_by_name, timeout=15)
         assert "MESHLET_SERVICE=web" in env and "HTTP_HOST=web.service.meshlet:80" in env
 
+        # readiness: a web replica failing its probe leaves DNS and the proxy without a
+        # restart, and comes back when it passes again
+        web = sorted(client.containers.list(filters={"label": ["meshlet.service=web", *labels]}),
+                     key=lambda c: c.labels["meshlet.slot"])
+        sick, healthy = web
+        port_of = {c.name: json.loads(c.labels["meshlet.ports"])["http"] for c in web}
+
+        def srv_ports():
+            q = dns.message.make_query("web.service.meshlet", dns.rdatatype.SRV)
+            r = dns.query.udp(q, "127.0.0.1", port=ports["dns"], timeout=2)
+            return sorted(rr.port for rrset in r.answer for rr in rrset)
+        assert wait_for(lambda: srv_ports() == sorted(port_of.values()), timeout=10)
+        assert sick.exec_run(["mv", "/www/index.html", "/www/away.html"]).exit_code == 0
+        wait_for(lambda: srv_ports() == [port_of[healthy.name]], timeout=10)
+        wait_for(lambda: all(f"instance={healthy.name}" in through_proxy() for _ in range(5)), timeout=10)
+        assert all(f"instance={healthy.name}" in through_proxy() for _ in range(20))
+        assert sick.exec_run(["mv", "/www/away.html", "/www/index.html"]).exit_code == 0
+        wait_for(lambda: srv_ports() == sorted(port_of.values()), timeout=10)
+        wait_for(lambda: f"instance={sick.name}" in through_proxy(), timeout=10)
+        assert {c.id for c in client.containers.list(filters={"label": ["meshlet.service=web", *labels]})} \
+            == {c.id for c in web}, "readiness never restarts"
+
+        # scale up and down with `meshlet apply`
+        def apply(replicas: int) -> None:
+            doc["services"]["web"]["replicas"] = replicas
+            path.write_text(yaml.safe_dump(doc))
+            done = subprocess.run([sys.executable, "-m", "supervisor", "apply", "-f", str(path)],
+                                  cwd=str(REPO), capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+
+        def web_slots():
+            return sorted(int(c.labels["meshlet.slot"]) for c in
+                          client.containers.list(filters={"label": ["meshlet.service=web", *labels]}))
+        apply(3)
+        lines.wait("web: 3/3 ready", timeout=30)
+        assert web_slots() == [0, 1, 2]
+        apply(1)
+        wait_for(lambda: web_slots() == [0], timeout=30)
+        assert client.containers.get(sick.id).status == "running", "scaling down keeps slot 0"
+
         # the missing image: status says so, the supervisor runs on
         code, text = run_cmd("status", "--admin", f"127.0.0.1:{ports['admin']}")
         assert code == 0
-        assert "web  2/2 ready" in text and "client  1/1 ready" in text
+        assert "web  1/1 ready" in text and "client  1/1 ready" in text
         assert "ghost  0/1 ready" in text and "meshlet-test/missing:404 not found" in text
         assert proc.poll() is None
 
