@@ -151,7 +151,9 @@ class Exchange(Relay):
         xff = self.client.xff_line if head.xff is None else (
             b"x-forwarded-for: " + head.xff + b", " + self.client.peer_ip + CRLF)
         if head.request_id is None:
-            return b"".join((pre, xff, b"x-request-id: ", self.server.next_request_id(), CRLF, head.up_post))
+            server = self.server
+            return b"".join((pre, xff, b"x-request-id: %s-%x\r\n" % (server.rid_prefix, next(server.rid_counter)),
+                             head.up_post))
         return b"".join((pre, xff, head.up_post))
 
     # -- attempts ----------------------------------------------------------------------
@@ -173,11 +175,16 @@ class Exchange(Relay):
         if not now:
             now = server.loop.time()
         self.ep_t0 = now
-        pool = server.pool_for(ep, cluster)
-        conn = None if fresh else pool.acquire()
-        if conn is not None:
-            self.attach(conn, now)
-            return
+        pool = server.pools.get(ep.id)
+        if pool is None or pool.retired or pool.port != ep.port or pool.address != ep.address:
+            pool = server.pool_for(ep, cluster)
+        if not fresh and pool.idle:
+            conn = pool.idle.pop()  # most recently used first
+            if conn.closed or conn.transport.is_closing():
+                conn = pool.acquire()
+            if conn is not None:
+                self.attach(conn, now)
+                return
         self.state = CONNECTING
         self.connect_deadline = now + cluster.settings.timeouts.connect
         self._arm()
@@ -206,7 +213,11 @@ class Exchange(Relay):
     def attach(self, conn: UpstreamConnection, now: float) -> None:
         """Send the request (head and what we have of the body) on ``conn``."""
         self.conn = conn
-        conn.start(self, self.head_request)
+        conn.owner = self  # (UpstreamConnection.start, inlined on the hot path)
+        conn.uses += 1
+        conn.in_head = conn.in_body = conn.final_done = False
+        conn.head_len = 0
+        conn.head_request = self.head_request
         self.state = SENDING
         body = self.body
         chunked = self.head.framing == CHUNKED
@@ -224,6 +235,8 @@ class Exchange(Relay):
             if self.req_done and chunked:
                 pieces.append(trailer_block(self.req_trailers))
             self._send_up(b"".join(pieces))
+        elif self.client.feeding:
+            self.up_out.append(self.up_head)
         else:
             self._send_up(self.up_head)
         client = self.client

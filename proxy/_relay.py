@@ -131,7 +131,14 @@ class Relay:
         now = self.server.loop.time()
         self.conn = None
         if self.req_done and self.resp.keep_alive:
-            conn.pool.release(conn, now)
+            pool = conn.pool
+            if not (conn.poisoned or conn.closed or conn.reading_paused or pool.retired
+                    or len(pool.idle) >= pool.max_idle):
+                conn.owner = None  # (Pool.release, inlined on the hot path)
+                conn.idle_since = now
+                pool.idle.append(conn)
+            else:
+                pool.release(conn, now)
         else:
             conn.close()
         self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)

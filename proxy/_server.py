@@ -89,8 +89,8 @@ class ProxyServer:
         self.reuse_port = reuse_port
         self.draining = False
         self.access_log: Callable[..., None] | None = self._access_log if access_log else None
-        self._rid_prefix = os.urandom(8).hex().encode()
-        self._rid = itertools.count(1)
+        self.rid_prefix = os.urandom(8).hex().encode()  # X-Request-Id: <prefix>-<counter, hex>
+        self.rid_counter = itertools.count(1)
         self.entry_servers: list[asyncio.AbstractServer] = []
         self.vip_servers: dict[tuple[str, int], tuple[str, asyncio.AbstractServer]] = {}
         self.vip_failures: dict[tuple[str, int], str] = {}
@@ -125,7 +125,7 @@ class ProxyServer:
         return pool
 
     def next_request_id(self) -> bytes:
-        return b"%s-%x" % (self._rid_prefix, next(self._rid))
+        return b"%s-%x" % (self.rid_prefix, next(self.rid_counter))
 
     # -- listeners -----------------------------------------------------------------------
 

@@ -116,6 +116,8 @@ class UpstreamConnection(asyncio.Protocol):
                     return
             else:
                 self.in_head = True  # this read starts a head
+        else:
+            owner.last_io = self.pool.loop.time()  # a body streams: the idle clock restarts
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -201,7 +203,11 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         owner = self.owner
         if owner is not None and not self.final_done:
-            owner.response_body(body)
+            if owner.state == 3 and owner.out_framing != 2:  # RESPONDING, not re-chunked: the fast path
+                owner.client.out.append(body)
+                owner.bytes_out += len(body)
+            else:
+                owner.response_body(body)
 
     def on_message_complete(self) -> None:
         if self.in_body:
