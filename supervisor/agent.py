@@ -327,6 +327,9 @@ class Supervisor:
             self.desired = desired
             self._kv_loaded.set()
             for name in sorted(changed):
+                # A new spec (a fixed image, say) is tried at once, not after the hold.
+                for key in [k for k in self._start_hold if k[0] == name]:
+                    del self._start_hold[key]
                 self.enqueue(name)
 
     async def _consume(self, rt: Runtime) -> None:

@@ -204,3 +204,31 @@ async def test_restart_policy_never_leaves_the_replica_exited(mesh):
     (row,) = [s for s in build_status(sup)["services"] if s["name"] == "web"][0]["instances"]
     assert (row["id"], row["state"], row["exit_code"]) == (iid, "exited", 137)
     assert mesh.running("web") == {}
+
+
+async def test_a_refused_start_backs_off_says_why_and_a_fixed_spec_runs_at_once(mesh):
+    bad = f"""\
+services:
+  web:
+    command: [{mesh.tmp / 'no-such-program'}]
+    ports: [{{name: http}}]
+    restart: {{backoff: {{initial: 10s, max: 30s}}}}
+"""
+    await mesh.apply(bad)
+    sup = await mesh.start()
+    began = sup.clock()
+    await async_wait_for(lambda: sup.backoff.get(("web", 0)) is not None
+                         and sup.backoff[("web", 0)].failures >= 2, timeout=20)
+    # the runtime's refusal is the service's problem and the loop runs on; the second try
+    # came after at least 1 s (not one attempt per sync), the third waits the back-off
+    (web,) = [s for s in build_status(sup)["services"] if s["name"] == "web"]
+    assert web["ready"] == 0 and "no-such-program" in web["problem"]
+    assert sup.clock() - began >= 1.0
+    hold = sup._start_hold[("web", 0)]
+    assert hold - sup.clock() > 5.0
+    # a fixed spec is started at once, not after the hold
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=8)
+    assert sup.clock() < hold
+    (web,) = [s for s in build_status(sup)["services"] if s["name"] == "web"]
+    assert web["problem"] is None
