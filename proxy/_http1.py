@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ._exchange import Exchange
-from ._framing import CRLF, NONE, HeadError, generated, request_head
+from ._framing import _REQUESTS, CRLF, NONE, HeadError, generated, request_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
@@ -247,9 +247,12 @@ class ClientConnection(asyncio.Protocol):
         headers = self.headers
         self.headers = []
         parser = self.parser
-        server = self.server
-        head = request_head(parser.get_method(), self.url, parser.get_http_version(), headers,
-                            max_headers=server.max_headers, max_bytes=server.max_head_bytes)
+        method, url, version = parser.get_method(), self.url, parser.get_http_version()
+        head = _REQUESTS.get((method, url, version, *headers))  # request_head's memo, looked up inline
+        if head is None:
+            server = self.server
+            head = request_head(method, url, version, headers, max_headers=server.max_headers,
+                                max_bytes=server.max_head_bytes)
         ex = Exchange(self, head)
         if head.framing == NONE:
             ex.req_done = True  # no body: the message is complete with its head

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._decisions import client_head
-from ._framing import CHUNKED, CRLF, LAST_CHUNK, UNTIL_CLOSE, HeadError, response_head, status_line, trailer_block
+from ._framing import (_RESPONSES, CHUNKED, CRLF, LAST_CHUNK, UNTIL_CLOSE, HeadError, response_head, status_line,
+                       trailer_block)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._upstream import UpstreamConnection
@@ -65,7 +66,9 @@ class Relay:
 
     def response_head(self, conn: UpstreamConnection, status: int, version: str, headers: list) -> None:
         try:
-            resp = response_head(status, version, headers, self.head_request)
+            resp = _RESPONSES.get((status, version, self.head_request, *headers))  # the memo, inline
+            if resp is None:
+                resp = response_head(status, version, headers, self.head_request)
         except HeadError as exc:
             conn.poisoned = True
             self.failure_note = exc.reason
