@@ -70,6 +70,7 @@ class Run:
     sent: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    per_kill: list[int] = field(default_factory=list)     # failures from a kill to the next
     duration: float = 0.0
 
 
@@ -196,6 +197,7 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                 t0 = time.monotonic()
                 await asyncio.sleep(1.0)   # warm the keep-alive pool before the first kill
                 last_kill = 0.0
+                failed_before = run.failed
                 for n in range(args.kills):
                     while True:   # all replicas passing, and the interval since the last kill
                         now_passing = await passing(session, catalog)
@@ -203,6 +205,9 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                             break
                         await asyncio.sleep(0.05)
                     ready = await pids(session, admin)
+                    if n:
+                        run.per_kill.append(run.failed - failed_before)
+                        failed_before = run.failed
                     victim = random.choice(sorted(i for i in ready if i in now_passing))
                     slot = now_passing[victim]
                     killed_at = time.monotonic()
@@ -229,6 +234,7 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                 await asyncio.sleep(1.0)
                 stop.set()
                 await loader
+                run.per_kill.append(run.failed - failed_before)
                 run.duration = time.monotonic() - t0
             drain.cancel()
         finally:
@@ -269,8 +275,8 @@ def machine() -> str:
 
 def table(runs: list[Run], args: argparse.Namespace) -> str:
     lines = ["| runtime | kills | heal p50 | heal p99 | heal max | out of catalog p50 / p99 | "
-             "requests | failed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "requests | failed | kills with failures |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r.reasons.items()))
         lines.append(
@@ -278,7 +284,15 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
             f"{pct(r.heal, 99) * 1000:.0f} ms | {max(r.heal) * 1000:.0f} ms | "
             f"{pct(r.out, 50) * 1000:.0f} / {pct(r.out, 99) * 1000:.0f} ms | "
             f"{r.sent:,} in {r.duration:.0f} s ({r.sent / r.duration:.0f}/s) | "
-            f"{r.failed}{f' ({reasons})' if reasons else ''} |")
+            f"{r.failed}{f' ({reasons})' if reasons else ''} | "
+            f"{sum(1 for f in r.per_kill if f)} of {len(r.per_kill)} |")
+    for r in runs:
+        bad = [(n, f) for n, f in enumerate(r.per_kill) if f]
+        if bad:
+            lines.append("")
+            lines.append(f"{r.runtime}: failed requests came after kill " + ", ".join(
+                f"#{n + 1} ({f} requests; the catalog dropped the killed instance after "
+                f"{r.out[n] * 1000:.0f} ms, healed after {r.heal[n] * 1000:.0f} ms)" for n, f in bad) + ".")
     return "\n".join(lines)
 
 
@@ -331,7 +345,8 @@ web.service.meshlet`) the whole time; {args.kills} times a random ready replica 
 `kill -9` ({args.interval:g} s apart, and only once all {REPLICAS} pass again). *Heal* is
 kill -> the catalog shows a new passing instance for the killed slot (polled every 5 ms);
 *out of catalog* is kill -> the killed instance is no longer passing (what DNS and the
-proxy follow). *Failed* counts client requests without a 200 within 5 s.
+proxy follow). *Failed* counts client requests without a 200 within 5 s; *kills with
+failures* says how many kills had any failed request between them and the next kill.
 
 {table(runs, args)}
 """

@@ -333,6 +333,20 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         assert "ghost  0/1 ready" in text and "meshlet-test/missing:404 not found" in text
         assert proc.poll() is None
 
+        # kill -9 of `meshlet up`: the containers run on and the next up adopts them all
+        running = {c.id for c in client.containers.list(filters={"label": labels})}
+        assert len(running) == 2
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: _bindable(ports["proxy"]) and _bindable(ports["catalog"]), timeout=15)
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+                                cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+        lines = Lines(proc.stdout)
+        lines.wait("web: 1/1 ready", timeout=60)
+        lines.wait("client: 1/1 ready", timeout=30)
+        assert {c.id for c in client.containers.list(all=True, filters={"label": labels})} == running, \
+            "adopted: nothing restarted, nothing duplicated"
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not client.containers.list(all=True, filters={"label": labels})
