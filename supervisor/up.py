@@ -179,16 +179,21 @@ def dns_settings(mesh: config.MeshSettings) -> tuple[str | None, config.MeshSett
 def _die_with(parent: int) -> Any:
     """preexec_fn: the component gets SIGTERM when `meshlet up` dies, even by SIGKILL
     (Linux PR_SET_PDEATHSIG), so a killed ``up`` leaves no catalog/DNS/proxy holding the
-    ports the next ``up`` needs. Workloads are not components: they keep running."""
+    ports the next ``up`` needs. Workloads are not components: they keep running.
+    prctl is looked up here, in the parent: the child between fork and exec only calls."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
     def preexec() -> None:
-        try:
-            import ctypes
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:   # the parent died before prctl took effect
+        prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
+        if os.getppid() != parent:           # the parent died before prctl took effect
             os._exit(0)
-    return preexec if sys.platform.startswith("linux") else None
+    return preexec
 
 
 class ComponentFailed(Exception):
