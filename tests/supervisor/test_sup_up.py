@@ -104,6 +104,16 @@ def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
         addresses = wait_for(resolves, timeout=10)
         assert addresses and all(a.startswith("127.91.0.") for a in addresses)
 
+        # no port-53 listener configured: as root, up adds the default resolver address
+        # (unless another mesh on this machine holds it, which up then says)
+        said = "\n".join(lines.seen)
+        if os.geteuid() == 0 and "through 127.0.0.153:53" in said:
+            q = dns.message.make_query("web.service.meshlet", dns.rdatatype.A)
+            r = dns.query.udp(q, "127.0.0.153", port=53, timeout=2)
+            assert [a.address for rrset in r.answer for a in rrset] == addresses
+        else:
+            assert "no DNS listener on port 53" in said, said
+
         admin = f"127.0.0.1:{ports['admin']}"
         code, text = run_cmd("status", "--admin", admin)
         assert code == 0
