@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -418,8 +419,21 @@ def test_meshlet_up_on_the_docker_demo(tmp_path, docker_engine):  # noqa: F811
                 and row[4] == "0", row
         code, text = run_cmd("logs", "web", "--admin", admin)
         assert code == 0 and "response:200" in text, text
+        follow = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "logs", "api", "-f",
+                                   "--admin", admin], cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+        followed = Lines(follow.stdout)
+
+        def missing_page():
+            try:
+                get("/api/missing")
+            except urllib.error.HTTPError as exc:
+                return exc.code == 404
+            return False
+        assert wait_for(missing_page, timeout=5)
+        followed.wait("response:404", timeout=15)   # new output arrives while following
 
         proc.send_signal(signal.SIGINT)   # Ctrl-C
+        follow.wait(timeout=15)           # -f ends with the supervisor
         assert proc.wait(timeout=60) == 0
         lines.wait("meshlet up: stopped", timeout=5)
         assert not client.containers.list(all=True, filters={"label": labels})
