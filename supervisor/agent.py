@@ -55,7 +55,7 @@ from .place import NodeInfo
 from .probes import Health, ProbeScheduler, initial_health
 from .reconcile import (Action, Deregister, Kill, Observed, Register, Replica, Start, Stop,
                         Unplaceable, Wait, reconcile_service, summary)
-from .runtime import RUNTIMES, InstanceSpec, Runtime, RuntimeEvent, WorkloadError
+from .runtime import RUNTIMES, InstanceNotFound, InstanceSpec, Runtime, RuntimeEvent, WorkloadError
 from .runtime import Observed as RuntimeObserved
 
 __all__ = ["Supervisor", "make_runtime", "template_revision", "PORT_RANGE", "DEFAULT_ENGINE", "main"]
@@ -162,6 +162,9 @@ class Supervisor:
         # (service, slot) -> when to try a start the runtime refused again (missing image,
         # engine error): refusals back off like crashes instead of retrying every sync.
         self._start_hold: dict[tuple[str, int], float] = {}
+        # Instances this supervisor removed: a re-list that began before the removal must
+        # not adopt them again (insertion-ordered, the last 1000 kept).
+        self._removed: dict[str, None] = {}
         self.events: list[str] = []                  # recent actions, for status
         self.history: list[tuple[float, str, str]] = []   # (time, "start"/"kill"/..., instance)
         self._dirty: set[str] = set()
@@ -372,6 +375,8 @@ class Supervisor:
                 log.warning("cannot list node %s: %s", rt.node, exc)
                 continue
             for o in listed:
+                if o.instance_id in self._removed:
+                    continue   # listed before we removed it
                 inst = self.instances.get(o.instance_id)
                 if inst is None:
                     # Not started by us in this life and not seen at start: adopt it; the
@@ -703,10 +708,15 @@ class Supervisor:
             try:
                 await rt.stop(iid, grace=grace)
                 await rt.remove(iid)
+            except InstanceNotFound:
+                pass   # gone already: nothing left to stop
             except WorkloadError as exc:
                 log.error("cannot stop %s: %s", iid, exc)
                 return
         self.instances.pop(iid, None)
+        self._removed[iid] = None
+        if len(self._removed) > 1000:
+            del self._removed[next(iter(self._removed))]
         self._ports_taken.difference_update(inst.obs.ports.values())
         if inst.obs.is_running:
             self._note(f"stopped {iid}: {reason}")

@@ -239,6 +239,34 @@ def _unique_loopback() -> str:
     return f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
 
 
+class FakeRecursor:
+    """A loopback DNS server answering every A question with 127.1.2.3 (stands in for
+    the recursor that names outside the mesh's domain are forwarded to)."""
+
+    def __init__(self) -> None:
+        import socket
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        from dnslib import QTYPE, RR, A, DNSRecord
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            q = DNSRecord.parse(data)
+            reply = q.reply()
+            if q.q.qtype == QTYPE.A:
+                reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A("127.1.2.3"), ttl=5))
+            self.sock.sendto(reply.pack(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
     """Served through the proxy; a container resolves another service by name through the
     DNS listener on port 53 (resolv.conf mounted by meshlet); a missing image is a clear
@@ -251,6 +279,8 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
     doc = yaml.safe_load(path.read_text())
     doc["mesh"]["nodes"] = [{"name": "box", "runtime": "docker", "engine": docker_engine.url}]
     doc["mesh"]["dns"]["listen"].append(f"{resolver}:53")
+    recursor = FakeRecursor()
+    doc["mesh"]["dns"]["recursors"] = [recursor.address]
     box = {"image": TEST_IMAGE, "ports": [{"name": "http", "vip_port": 80}],
            "stop_grace_period": "1s", "update": {"drain_delay": "0s"},
            "probes": {"readiness": {"http": {"path": "/"}, "period": "0.2s"}}}
@@ -286,6 +316,10 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         answer = out.decode().split("web.service.meshlet", 1)[1]
         vip = answer.split("Address:", 1)[1].split()[0]
         assert vip.startswith("127.91.0."), out.decode()
+
+        # a name outside the domain goes to the recursor
+        code, out = box_client.exec_run(["nslookup", "outside.example"])
+        assert code == 0 and "127.1.2.3" in out.decode().split("outside.example", 1)[1], out.decode()
 
         # ... and an HTTP client there reaches it by name: DNS -> VIP -> proxy -> a web
         # replica. (The port is explicit: the static busybox's wget crashes looking up the
@@ -340,7 +374,8 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         # the missing image: status says so, the supervisor runs on
         code, text = run_cmd("status", "--admin", f"127.0.0.1:{ports['admin']}")
         assert code == 0
-        assert "web  1/1 ready" in text and "client  1/1 ready" in text
+        events = json.loads(run_cmd("status", "--admin", f"127.0.0.1:{ports['admin']}", "--json")[1])["events"]
+        assert "web  1/1 ready" in text and "client  1/1 ready" in text, (text, events)
         assert "ghost  0/1 ready" in text and "meshlet-test/missing:404 not found" in text
         assert proc.poll() is None
 
@@ -355,14 +390,16 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         lines = Lines(proc.stdout)
         lines.wait("web: 1/1 ready", timeout=60)
         lines.wait("client: 1/1 ready", timeout=30)
-        assert {c.id for c in client.containers.list(all=True, filters={"label": labels})} == running, \
-            "adopted: nothing restarted, nothing duplicated"
+        # (an exited container of the scale-down may still be awaiting removal: wait for it)
+        wait_for(lambda: {c.id for c in client.containers.list(all=True, filters={"label": labels})}
+                 == running, timeout=15, what="adopted: nothing restarted, nothing duplicated")
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not client.containers.list(all=True, filters={"label": labels})
     finally:
         stop_process(proc)
+        recursor.close()
         for c in client.containers.list(all=True, filters={"label": labels}):
             c.remove(force=True)
 
