@@ -400,6 +400,10 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         if resolver is not None:
             print(f"meshlet up: containers resolve <service>.service.{mesh.domain} through "
                   f"{resolver}:53", file=out, flush=True)
+            if not run_mesh.dns.recursors:
+                print(f"meshlet up: names outside .{mesh.domain} are refused there: no "
+                      "mesh.dns.recursors and no loopback nameserver in /etc/resolv.conf "
+                      "(set mesh.dns.recursors to forward them)", file=out, flush=True)
         else:
             print("meshlet up: no DNS listener on port 53 (add one to mesh.dns.listen, or run as "
                   "root): containers keep the engine's resolver", file=out, flush=True)
