@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Exchange", "retry_decision", "REPLAY_LIMIT"]  # the last two re-exported from _decisions
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meshlet.proxy.exchange")
 
 
 from ._relay import CONNECTING, DONE, RESPONDING, ROUTING, SENDING, Relay  # noqa: E402  (states)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ClientConnection", "PAUSE_PIPELINE", "PAUSE_UPSTREAM", "PAUSE_CONNECT", "PAUSE_UPGRADE"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meshlet.proxy.http")
 
 PAUSE_PIPELINE = 1   # a pipelined request waits for the one before it
 PAUSE_UPSTREAM = 2   # the upstream's write buffer is full

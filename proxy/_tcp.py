@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["TcpConnection"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meshlet.proxy.tcp")
 INF = float("inf")
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Pool", "UpstreamConnection", "MAX_RESPONSE_HEAD"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meshlet.proxy.upstream")
 
 MAX_RESPONSE_HEAD = 64 * 1024  # bytes of an upstream response head before it is refused (502)
 
