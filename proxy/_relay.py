@@ -91,7 +91,9 @@ class Relay:
         variant = (head.version, keep, status)
         out = resp.outs.get(variant)
         if out is None:
-            out = resp.outs[variant] = client_head(resp, status, head, keep)
+            out = client_head(resp, status, head, keep)
+            if status != 101:  # a 101's head carries the request's Upgrade value
+                resp.outs[variant] = out
         self.resp_mark = (client.flushes, len(client.out))
         client.out.append(out[0])
         self.out_framing = out[1]
