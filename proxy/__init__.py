@@ -5,11 +5,18 @@
 ``ready {"http": ["127.0.0.1:8080"], "admin": "127.0.0.1:9901"}``, and logs everything else
 to stderr. SIGTERM/SIGINT drain (``--drain-timeout``) and exit 0.
 
-Layout: ``_framing`` (pure message-head rules), ``_http1`` (client connections),
-``_exchange`` (one request: attempts, retries, time-outs), ``_upstream`` (upstream
+Layout: ``_framing`` (pure message-head rules and their memo), ``_http1`` (client
+connections), ``_exchange`` (one request: attempts, retries, time-outs) with ``_relay``
+(its response side) and ``_decisions`` (its pure rules), ``_upstream`` (upstream
 connections and pools), ``_tcp`` (TCP VIPs), ``_server`` (listeners, table, sweep,
 drain), ``_workers`` (``--workers N``); routing and balancing: ``_routes``, ``_balance``,
 ``_outlier``, ``_retry``; observability: ``_metrics``, ``_admin``.
+
+Time-outs: connect (``timeouts.connect``), per try (``retries.per_try_timeout``, from the
+request being sent to the response head), overall (``timeouts.request``, from the client's
+request being complete to the response head, across retries), idle (``timeouts.idle``:
+no byte either way while a body streams; also the upstream keep-alive idle time, capped at
+30 s), request head (``--header-timeout``), client keep-alive idle (``--idle-timeout``).
 """
 
 from __future__ import annotations
