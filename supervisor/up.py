@@ -223,7 +223,12 @@ class Component:
         with open(self.log_path, "ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=err, preexec_fn=_die_with(os.getpid()))
+                stderr=err, preexec_fn=_die_with(os.getpid()),
+                # Its own session: a terminal's Ctrl-C (or `timeout`'s group signal) reaches
+                # only `up`, which stops workloads first (deregistering them in the
+                # catalog) and the catalog last. Sharing the group, the catalog died first
+                # and `up` restarted it while stopping.
+                start_new_session=True)
         assert self.proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
