@@ -132,3 +132,39 @@ def test_stalled_request_body_is_408_and_closed(mesh, px):
         c.send(f"POST /upload HTTP/1.1\r\nHost: {hosts['stall']}\r\nContent-Length: 100\r\n\r\nonly some".encode())
         r = c.response()
         assert r.status == 408 and c.is_closed()
+
+
+def test_connect_that_hangs_is_retried_on_another_instance(mesh_catalog, backends, start_proxy, px):
+    """An instance whose accept queue is full drops SYNs: connects hang until the connect
+    time-out (1 s by default), then the request goes to another instance."""
+    import socket
+
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue; nothing ever accepts
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(hang.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    name = px.unique("hang")
+    good = backends(name + "-good")
+    mesh_catalog.register(name, name + "-0", hang.getsockname()[1])
+    mesh_catalog.register(name, name + "-1", good.port)
+    proxy = start_proxy()
+    try:
+        for _ in range(6):
+            with px.RawClient(proxy.http, timeout=10) as c:
+                c.send(px.get("/h", f"{name}.service.meshlet"))
+                r = c.response()
+                assert r.status == 200 and r.header("x-backend") == good.name
+    finally:
+        mesh_catalog.deregister(name + "-0")
+        mesh_catalog.deregister(name + "-1")
+        for s in fillers:
+            s.close()
+        hang.close()
