@@ -157,11 +157,19 @@ def test_connect_that_hangs_is_retried_on_another_instance(mesh_catalog, backend
     mesh_catalog.register(name, name + "-1", good.port)
     proxy = start_proxy()
     try:
-        for _ in range(6):
+        import urllib.request
+
+        def retried() -> bool:
+            text = urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5).read().decode()
+            return f'meshlet_proxy_retries_total{{service="{name}"}}' in text
+        for _ in range(40):  # until the balancer has tried the hanging instance once
             with px.RawClient(proxy.http, timeout=10) as c:
                 c.send(px.get("/h", f"{name}.service.meshlet"))
                 r = c.response()
                 assert r.status == 200 and r.header("x-backend") == good.name
+            if retried():
+                break
+        assert retried()
     finally:
         mesh_catalog.deregister(name + "-0")
         mesh_catalog.deregister(name + "-1")
