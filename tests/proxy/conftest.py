@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,7 +149,9 @@ def px() -> Any:
     """This module: the helper classes and functions (``px.RawClient``, ``px.Env``, ...).
     Test directories are not packages, so tests reach helpers through a fixture rather
     than ``import conftest`` (which could find another directory's conftest)."""
-    return sys.modules[__name__]
+    # Not sys.modules[__name__]: every directory's conftest is named "conftest", so that
+    # entry is whichever was imported last. globals() is always this module's own.
+    return types.SimpleNamespace(**globals())
 
 
 # --------------------------------------------------------------------------- backends
