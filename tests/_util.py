@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import queue
 import signal
 import socket
@@ -203,3 +204,16 @@ class CatalogProcess:
         import consul
 
         return consul.Consul(host=self.host, port=self.port, **kwargs)
+
+
+def kill_leftovers(data_dir: "str | os.PathLike[str]") -> None:
+    """Last-resort cleanup after a failed test: SIGKILL every process group recorded in the
+    process runtime's state files under ``data_dir`` (so no workload outlives its test)."""
+    for path in Path(data_dir).glob("nodes/*/instances/*.json"):
+        try:
+            record = json.loads(path.read_text())
+            if not record.get("exited"):
+                os.killpg(int(record["pid"]), signal.SIGKILL)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from _util import kill_leftovers
 
 import config
 from discovery.consul import connect, instances_from_health
@@ -87,16 +88,3 @@ async def mesh(catalog, tmp_path: Path) -> AsyncIterator[Mesh]:
 def kill9(pid: int) -> None:
     os.kill(pid, 9)
 
-
-def kill_leftovers(data_dir: Path) -> None:
-    """Last-resort cleanup after a failed test: SIGKILL every process group recorded in the
-    process runtime's state files under ``data_dir`` (so no workload outlives its test)."""
-    import json
-    import signal
-    for path in Path(data_dir).glob("nodes/*/instances/*.json"):
-        try:
-            record = json.loads(path.read_text())
-            if not record.get("exited"):
-                os.killpg(int(record["pid"]), signal.SIGKILL)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from _util import async_wait_for, start_server, stop_process
-from conftest import kill_leftovers
+from _util import kill_leftovers
 
 REPO = Path(__file__).resolve().parents[2]
 

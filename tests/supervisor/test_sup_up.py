@@ -22,7 +22,7 @@ import dns.rdatatype
 import yaml
 
 from _util import free_port, stop_process, wait_for
-from conftest import kill_leftovers
+from _util import kill_leftovers
 from docker_env import docker_engine, docker_engines  # noqa: F401 (fixtures)
 from supervisor.commands import main as commands_main
 
