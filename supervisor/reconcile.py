@@ -4,10 +4,10 @@ Vocabulary
     slot       a replica's position 0..replicas-1 within its service (stable across
                restarts and revisions; instance ids change, slots do not)
     replica    what a runtime runs for a slot: ``Replica`` (plain data, from the agent)
-    current    a replica of the revision last applied (``is_current``: the one place the
-               revision is compared; the rollout engine will take over ordering later).
-               The agent passes the spec's *template* revision (the spec without
-               ``replicas``, agent.template_revision), so scaling keeps running replicas.
+    current    a replica of the revision the service should run (``is_current``: the one
+               place the revision is compared). The agent passes the *target* revision
+               (``rollout_keys.target_revision``: the spec without ``replicas``, changed by
+               a rolling restart's token), so scaling keeps running replicas.
 
 Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
 
@@ -23,11 +23,20 @@ Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
 Catalog registrations follow: a kept running replica not registered -> ``Register``; a
 registration of the service with no kept running replica behind it -> ``Deregister``.
 Stop and Kill deregister first themselves (deregistered BEFORE stopped).
+
+A service in ``Observed.rolling`` has a rollout in progress, paused or failed: the rollout
+engine (``rollout.py``, driven by ``rolling.py``) owns which revisions run where, so
+reconcile neither stops a replica for its revision, slot or duplicate (no ``OUTDATED``,
+``DUPLICATE``, ``SCALE_DOWN``), nor starts the target revision in a free slot. It still
+kills a replica whose liveness probe failed, restarts an exited replica of the target
+revision under the restart policy (the engine counts those restarts), and keeps the
+catalog in step with every running replica. Exited replicas of other revisions are the
+engine's to clean up. The agent leaves replicas being retired out of ``Observed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -72,6 +81,7 @@ class Observed:
     registered: Mapping[str, str] = field(default_factory=dict)   # instance id -> service
     nodes: tuple[NodeInfo, ...] = ()
     backoff: Mapping[tuple[str, int], BackoffState] = field(default_factory=dict)
+    rolling: frozenset[str] = frozenset()     # services whose revisions the rollout engine owns
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +181,8 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
     if name not in desired:
         for r in sorted(mine, key=lambda r: r.slot):
             stop(r, ORPHAN)
+    elif name in observed.rolling:
+        _rolling(name, desired, observed, now, mine, actions, kept, handled, stop)
     else:
         spec, revision = desired[name]
         node_names = {n.name for n in observed.nodes}
@@ -256,6 +268,62 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
             why = "no such replica" if r is None else ("exited" if not r.running else "not kept")
             actions.append(Deregister(iid, name, why))
     return actions
+
+
+def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], observed: Observed,
+             now: float, mine: Sequence[Replica], actions: list[Action], kept: set[str],
+             handled: set[str], stop: Callable[[Replica, str], None]) -> None:
+    """A service under rollout: keep every running replica (kill the dead ones), restart
+    exited replicas of the target revision; revisions and slots are the engine's."""
+    spec, revision = desired[name]
+    node_names = {n.name for n in observed.nodes}
+    by_slot: dict[int, list[Replica]] = {}
+    for r in mine:
+        by_slot.setdefault(r.slot, []).append(r)
+    to_place: list[Request] = []
+    for slot in sorted(by_slot):
+        group = by_slot[slot]
+        for r in group:
+            if not r.running:
+                continue
+            if r.alive:
+                kept.add(r.instance_id)
+            else:
+                actions.append(Kill(r.instance_id, name, slot, r.node, PROBE_FAILED))
+                handled.add(r.instance_id)
+        exited = sorted((r for r in group if not r.running and is_current(r, revision)),
+                        key=lambda r: (r.finished_at or 0.0, r.instance_id))
+        if not exited or slot >= spec.replicas:
+            continue
+        if any(r.running and is_current(r, revision) for r in group):
+            for r in exited:
+                stop(r, STALE)
+            continue
+        last = exited[-1]
+        for r in exited[:-1]:
+            stop(r, STALE)
+        d = decide(spec.restart, observed.backoff.get((name, slot), BackoffState()),
+                   exit_code=last.exit_code, started_at=last.started_at,
+                   finished_at=last.finished_at if last.finished_at is not None else now,
+                   failed=last.killed)
+        if not d.restart:
+            continue
+        if now < d.at:
+            actions.append(Wait(name, slot, d.at, d.reason))
+            continue
+        stop(last, EXITED)
+        if last.node in node_names:
+            actions.append(Start(name, slot, revision, last.node, d.state, d.reason))
+        else:
+            to_place.append(Request(spec, slot))
+    if to_place:
+        others = [r for r in observed.replicas if r.instance_id not in handled or r.service != name]
+        result = place(to_place, observed.nodes, _allocations(desired, others))
+        for req, node in result.placed:
+            actions.append(Start(name, req.slot, revision, node,
+                                 observed.backoff.get((name, req.slot), BackoffState()), EXITED))
+        for req, reason in result.failed:
+            actions.append(Unplaceable(name, req.slot, reason))
 
 
 def reconcile(desired: Mapping[str, tuple[config.ServiceSpec, str]], observed: Observed,

@@ -90,6 +90,44 @@ def test_reconcile_table(desired, replicas, registered, backoff, expected):
     assert kinds(reconcile(desired, observed, NOW)) == expected
 
 
+ROLL = frozenset({"web"})
+
+
+@pytest.mark.parametrize("desired, replicas, registered, backoff, expected", [
+    pytest.param({"web": (spec(2), "r2")}, [rep("a", 0, rev="r1"), rep("b", 1, rev="r1")], REG, {},
+                 [], id="old-revision-left-to-the-engine"),
+    pytest.param({"web": (spec(2), "r2")},
+                 [rep("a", 0, rev="r1"), rep("n", 0, rev="r2"), rep("b", 1, rev="r1")], REG, {},
+                 ["register n"], id="old-and-new-in-a-slot-both-kept"),
+    pytest.param({"web": (spec(1), "r2")}, [rep("a", 0, rev="r1"), rep("b", 1, rev="r1")], REG, {},
+                 [], id="surplus-slot-not-scaled-down"),
+    pytest.param({"web": (spec(2), "r2")}, [], {}, {},
+                 [], id="free-slots-not-started"),
+    pytest.param({"web": (spec(1), "r2")},
+                 [rep("a", 0, rev="r1"), rep("n", 0, rev="r2", running=False, exit_code=1, finished_at=NOW - 1)],
+                 {"a": "web", "n": "web"}, {},
+                 ["stop n (exited; replaced by a new replica)", "start web/0@local"], id="crashed-new-restarted"),
+    pytest.param({"web": (spec(1), "r2")},
+                 [rep("a", 0, rev="r1"), rep("n", 0, rev="r2", running=False, exit_code=1,
+                                            started_at=NOW - 5, finished_at=NOW - 1)],
+                 {"a": "web"}, {("web", 0): BackoffState(failures=3, restarts=3)},
+                 ["wait web/0 until 1003"], id="crashed-new-backs-off"),
+    pytest.param({"web": (spec(1, policy="never"), "r2")},
+                 [rep("a", 0, rev="r1"), rep("n", 0, rev="r2", running=False, exit_code=1, finished_at=NOW - 1)],
+                 {"a": "web"}, {}, [], id="crashed-new-never-restarted"),
+    pytest.param({"web": (spec(1), "r2")},
+                 [rep("a", 0, rev="r1", running=False, exit_code=1, finished_at=NOW - 1), rep("n", 0, rev="r2")],
+                 {"a": "web", "n": "web"}, {},
+                 ["deregister a"], id="exited-old-left-to-the-engine"),
+    pytest.param({"web": (spec(1), "r2")}, [rep("a", 0, rev="r1", alive=False), rep("n", 0, rev="r2")],
+                 REG | {"n": "web"}, {}, ["kill a", "deregister b"], id="dead-old-killed"),
+])
+def test_reconcile_leaves_revisions_of_a_rolling_service_to_the_engine(desired, replicas, registered,
+                                                                      backoff, expected):
+    observed = Observed(tuple(replicas), registered, NODES, backoff, rolling=ROLL)
+    assert kinds(reconcile(desired, observed, NOW)) == expected
+
+
 def test_restart_carries_the_next_backoff_state():
     observed = Observed((rep("a", 0, running=False, exit_code=1, started_at=NOW - 20,
                              finished_at=NOW - 10),), {}, NODES,
@@ -149,6 +187,16 @@ def test_at_most_one_running_replica_per_slot_and_no_extra_slots(replicas, web_n
     for a in reconcile(desired, Observed(tuple(after), {}, NODES), NOW):
         if isinstance(a, Start):
             assert (a.service, a.slot) not in seen
+    # a service under rollout: nothing running is stopped except the dead, nothing of
+    # the target started except in a slot whose target replica exited
+    rolling = Observed(tuple(replicas), registered, NODES, rolling=frozenset({"web"}))
+    for a in reconcile(desired, rolling, NOW):
+        if isinstance(a, Stop) and a.service == "web":
+            r = next(r for r in replicas if r.instance_id == a.instance_id)
+            assert not r.running and r.revision == "r2"
+        if isinstance(a, Start) and a.service == "web":
+            assert any(r.service == "web" and r.slot == a.slot and r.revision == "r2" and not r.running
+                       for r in replicas)
     # every desired slot is filled or has a reason (wait / policy) not to be
     for name, (s, _) in desired.items():
         for slot in range(s.replicas):
