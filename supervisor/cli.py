@@ -7,6 +7,8 @@ Subcommands::
     meshlet proxy ...          -> proxy.main(argv)               (the proxy)
     meshlet apply -f FILE      store the file's services in the catalog (supervisor.apply)
     meshlet up|status|logs|down  the supervisor's commands (supervisor.commands, supervisor.up)
+    meshlet rollout status|history|pause|resume SERVICE, rollback SERVICE, restart SERVICE
+                               rollouts, through the catalog (supervisor.rollout_cli)
     meshlet version
 
 ``catalog``, ``dns`` and ``proxy`` are imported only when asked for, so a missing

@@ -1,4 +1,6 @@
-"""The supervisor's commands: ``meshlet up``, ``status``, ``logs`` and ``down``.
+"""The supervisor's commands: ``meshlet up``, ``status``, ``logs`` and ``down``; and the
+rollout commands of ``supervisor.rollout_cli`` (``rollout status|history|pause|resume``,
+``rollback``, ``restart``), which talk to the catalog (``--consul URL``), not the supervisor.
 
 ``status``, ``logs`` and ``down`` talk to the running supervisor's admin API (see admin.py)
 at ``--admin HOST:PORT``, else ``$MESHLET_ADMIN``, else ``mesh.admin_listen`` of ``-f FILE``
@@ -25,7 +27,8 @@ from typing import Any, TextIO
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "main", "format_status", "format_age"]
 
-COMMANDS = ("up", "status", "logs", "down")
+ROLLOUT_COMMANDS = ("rollout", "rollback", "restart")   # supervisor.rollout_cli.COMMANDS
+COMMANDS = ("up", "status", "logs", "down") + ROLLOUT_COMMANDS
 DEFAULT_ADMIN = "127.0.0.1:9900"
 
 
@@ -52,6 +55,9 @@ def add_subcommands(sub: Any) -> None:
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     down.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+
+    from . import rollout_cli
+    rollout_cli.add_subcommands(sub)
 
 
 def _admin_address(args: argparse.Namespace, err: TextIO) -> str | None:
@@ -124,6 +130,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             return asyncio.run(up(args.file, keep=args.keep, out=out, err=err))
         except KeyboardInterrupt:
             return 130
+    if args.command in ROLLOUT_COMMANDS:
+        from . import rollout_cli
+        return rollout_cli.run(args, out, err)
     admin = _admin_address(args, err)
     if admin is None:
         return 2

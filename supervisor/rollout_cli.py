@@ -1,0 +1,613 @@
+"""``meshlet rollout status|history|pause|resume``, ``meshlet rollback`` and ``meshlet restart``.
+
+These commands talk to the catalog only (``--consul URL``, else ``$CONSUL_HTTP_ADDR``, else
+``mesh.catalog`` of ``-f FILE``, else http://127.0.0.1:8500), never to the supervisor: the
+supervisor reads what they write. The KV keys are those of ``supervisor.rollout_keys`` (the
+contract): the supervisor writes ``state`` and ``history``; these commands write ``control``
+(pause/resume), ``restart`` (restart, rollback) and, for a rollback, the service document.
+
+Flow of ``rollout status``::
+
+    KV meshlet/services/<svc>  --blocking query--+
+    KV meshlet/rollout/<svc>/  --blocking query--+--> assess (pure) --Progress--> line / exit code
+    /v1/health/service/<svc>   --blocking query--+
+
+``assess`` only trusts a state whose ``revision`` is ``target_revision(spec, restart token)``
+of the service document read *now*: a state left from an older desired revision means
+"the supervisor has not caught up yet", never success.
+
+Exit codes
+    0   done: the rollout completed; the key was written
+    1   the rollout failed, was reverted or is paused; ``--timeout`` passed; the catalog is
+        unreachable or refused; no history / no complete revision to roll back to; the
+        service changed under a rollback twice (CAS conflict)
+    2   usage: unknown service, ``--to N`` / ``--revision N`` not in the history (the message
+        names the numbers there are) or the current one
+
+Secrets: specs carry secret *references* only (config/README.md: secret values never enter
+the model), but ``env`` values and probe ``headers`` are plain text a user may have filled
+with a password. ``history`` therefore prints ``<masked>`` for the value of every ``env``
+or ``headers`` key that looks secret-like (``SECRET_NAME``: PASSWORD, TOKEN, SECRET, KEY,
+CREDENTIAL, AUTH, ...); the change summary names changed env keys and never values.
+
+``restart`` and ``rollback`` return once their write is done (as ``kubectl rollout restart``
+and ``undo`` do, and so that they work while no supervisor runs); ``--wait`` follows the
+rollout like ``rollout status`` afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from ._rollout_history import COMPLETE as ENTRY_COMPLETE, RolloutError, rollback_target
+from ._rollout_types import COMPLETE, FAILED, PAUSED, REVERTING, RolloutState
+
+__all__ = ["COMMANDS", "add_subcommands", "run", "Progress", "assess", "history_table",
+           "change_summary", "masked", "rollback_document", "restart_token", "SECRET_NAME"]
+
+COMMANDS = ("rollout", "rollback", "restart")
+DEFAULT_CATALOG = "http://127.0.0.1:8500"
+WAIT = "30s"                     # blocking query wait; the HTTP timeout is longer
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION|(^|_)KEY($|_)"
+                         r"|APIKEY|ACCESSKEY|SIGNATURE|CERT", re.I)
+MASK = "<masked>"
+
+
+class CliError(Exception):
+    """What the user is told, with the exit code (1 failure, 2 usage)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# =============================================================== pure: status
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    code: int | None          # None: keep following; 0 complete; 1 failed, reverted or paused
+    text: str
+
+
+def _label(history: Sequence[Mapping[str, Any]], revision: str) -> str:
+    """``revision 4`` when the history numbers ``revision``, else ``revision 9f86d081884c``."""
+    for e in reversed(history):
+        if e.get("revision") == revision and isinstance(e.get("number"), int):
+            return f"revision {e['number']}"
+    return f"revision {revision[:12]}"
+
+
+def _revision_of(instance: Any) -> str | None:
+    meta = getattr(instance, "meta", None) or {}
+    return meta.get("revision")
+
+
+def assess(service: str, target: str, replicas: int, state: RolloutState | None,
+           history: Sequence[Mapping[str, Any]], instances: Sequence[Any],
+           current: frozenset[str] | None = None) -> Progress:
+    """Where the rollout of ``service`` to ``target`` stands, as ``rollout status`` prints it.
+
+    ``instances``: ``discovery.view.Instance`` of every catalog instance of the service;
+    an instance is *updated* when its Meta ``revision`` is in ``current`` (default: just
+    ``target``), *available* when updated and passing. ``state``: the supervisor's state,
+    trusted only when its ``revision`` is ``target``. Without any state, a service whose
+    ``replicas`` instances are all updated and passing, with nothing else registered, is
+    complete (its first deployment needs no rollout), as is a last history entry for
+    ``target`` marked complete.
+    """
+    current = current or frozenset({target})
+    name = _label(history, target)
+    if state is not None and state.revision != target and state.reverted_from == target:
+        return Progress(1, f"rollout of {service} to {name} failed and was reverted to "
+                           f"{_label(history, state.revision)}: {state.reason or 'no reason given'}")
+    if state is None or state.revision != target:
+        if state is None and (_settled(instances, current, replicas) or (
+                history and history[-1].get("revision") == target
+                and history[-1].get("status") == ENTRY_COMPLETE)):
+            return Progress(0, f"rollout of {service} to {name} complete")
+        was = f" (its last rollout was to {_label(history, state.revision)}, {state.phase})" \
+            if state is not None else ""
+        return Progress(None, f"Waiting for the supervisor to start the rollout of {service} "
+                              f"to {name}{was}...")
+    if state.phase == COMPLETE:
+        return Progress(0, f"rollout of {service} to {name} complete")
+    if state.phase == FAILED:
+        return Progress(1, f"rollout of {service} to {name} failed: {state.reason or 'no reason given'}")
+    if state.phase == REVERTING:
+        failed = _label(history, state.reverted_from) if state.reverted_from else "the new revision"
+        return Progress(1, f"rollout of {service} to {failed} failed: {state.reason or 'no reason given'}; "
+                           f"reverting to {name}")
+    if state.phase == PAUSED:
+        return Progress(1, f"rollout of {service} to {name} is paused: {state.reason or 'no reason given'}; "
+                           f"resume it with `meshlet rollout resume {service}`")
+    new = [i for i in instances if _revision_of(i) in current]
+    available = sum(1 for i in new if getattr(i, "is_passing", False))
+    old = len(instances) - len(new)
+    head = f"Waiting for rollout of {service} to finish: "
+    if available < replicas:
+        return Progress(None, f"{head}{available} of {replicas} updated replicas are available...")
+    if old:
+        return Progress(None, f"{head}{old} old replica{'s are' if old != 1 else ' is'} pending termination...")
+    return Progress(None, f"{head}{available} of {replicas} updated replicas are available, "
+                          f"waiting for the supervisor to confirm...")
+
+
+def _settled(instances: Sequence[Any], current: frozenset[str], replicas: int) -> bool:
+    return len(instances) == replicas and all(
+        _revision_of(i) in current and getattr(i, "is_passing", False) for i in instances)
+
+
+# =============================================================== pure: history
+
+def masked(value: Any, parent: str = "") -> Any:
+    """``value`` with the values of secret-looking keys of ``env``/``headers`` mappings
+    replaced by ``<masked>`` (recursively; the input is not changed)."""
+    if isinstance(value, Mapping):
+        hide = parent in ("env", "headers")
+        return {k: (MASK if hide and SECRET_NAME.search(str(k)) and v is not None else masked(v, str(k)))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [masked(v, parent) for v in value]
+    return value
+
+
+def change_summary(prev: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> str:
+    """What ``entry`` changed against the entry before it: the differing top-level spec
+    fields (``env`` with the names of the keys that changed, never their values), ``rolling
+    restart`` for the same spec with a new restart token, ``-`` for the oldest entry."""
+    if prev is None:
+        return "-"
+    a, b = prev.get("spec"), entry.get("spec")
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return "?"
+    parts = []
+    for field in sorted(a.keys() | b.keys()):
+        if field == "replicas" or a.get(field) == b.get(field):
+            continue
+        if field == "env" and isinstance(a.get(field), Mapping) and isinstance(b.get(field), Mapping):
+            ea, eb = a["env"], b["env"]
+            names = [("+" if k not in ea else "-" if k not in eb else "") + k
+                     for k in sorted(ea.keys() | eb.keys()) if ea.get(k) != eb.get(k)]
+            parts.append(f"env ({', '.join(names)})")
+        else:
+            parts.append(field)
+    if not parts:
+        return "rolling restart" if prev.get("restart_token") != entry.get("restart_token") else "no change"
+    return ", ".join(parts)
+
+
+def _age(seconds: float | None) -> str:
+    from .commands import format_age
+    return format_age(seconds)
+
+
+def history_table(history: Sequence[Mapping[str, Any]], now: float) -> list[str]:
+    """``rollout history``: NUMBER REVISION STATUS CREATED CHANGE, oldest first."""
+    rows = [("NUMBER", "REVISION", "STATUS", "CREATED", "CHANGE")]
+    prev = None
+    for e in history:
+        created = e.get("created_at")
+        age = _age(max(0.0, now - created)) + " ago" if isinstance(created, (int, float)) else "-"
+        rows.append((str(e.get("number", "?")), str(e.get("revision", "?"))[:12], str(e.get("status", "?")),
+                     age, change_summary(prev, e)))
+        prev = e
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def entry_yaml(entry: Mapping[str, Any], now: float) -> str:
+    """``rollout history --revision N``: a comment line, then the entry's spec (masked) as YAML."""
+    import yaml
+    created = entry.get("created_at")
+    age = f", created {_age(max(0.0, now - created))} ago" if isinstance(created, (int, float)) else ""
+    token = f", restart {entry['restart_token']}" if entry.get("restart_token") else ""
+    head = f"# revision {entry.get('number')} ({entry.get('revision')}), {entry.get('status')}{age}{token}\n"
+    spec = entry.get("spec")
+    if not isinstance(spec, Mapping):
+        return head + "# (no spec recorded)\n"
+    return head + yaml.safe_dump(masked(spec), sort_keys=False, default_flow_style=False)
+
+
+def _find(history: Sequence[Mapping[str, Any]], number: int) -> Mapping[str, Any]:
+    for e in history:
+        if e.get("number") == number:
+            return e
+    have = ", ".join(str(e.get("number")) for e in history) or "none"
+    raise CliError(f"revision {number} is not in the history (have: {have})", 2)
+
+
+# =============================================================== pure: writes
+
+def restart_token(now: float) -> str:
+    """A fresh, readable restart token: the UTC time of the request to the microsecond."""
+    seconds, micros = divmod(round(now * 1_000_000), 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def rollback_document(current: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The service document a rollback to ``entry`` writes: the entry's spec with the
+    current ``replicas`` (a rollback restores the template, not the scale, as ``kubectl
+    rollout undo``), the current VIP when the spec has ports (None otherwise), ``format``
+    and ``name`` as config writes them and the revision recomputed as ``meshlet apply``
+    does. CliError when the entry's spec is unusable."""
+    import config
+    number = entry.get("number")
+    if not isinstance(entry.get("spec"), Mapping):
+        raise CliError(f"revision {number} has no spec recorded in the history; cannot roll back to it")
+    try:
+        spec = config.ServiceSpec.from_dict(dict(entry["spec"]), source=f"history revision {number}")
+        replicas = config.ServiceSpec.from_dict(dict(current["spec"])).replicas
+    except config.ConfigError as exc:
+        raise CliError("; ".join(str(i) for i in exc.issues)) from None
+    if spec.name != current.get("name"):
+        raise CliError(f"revision {number} is of service {spec.name!r}, not {current.get('name')!r}")
+    vip = current.get("vip") if spec.ports else None
+    if spec.ports and not vip:
+        raise CliError(f"revision {number} has ports but the service has no virtual IP now; "
+                       "apply a file with its ports instead (`meshlet apply`)")
+    doc = config.service_document(dataclasses.replace(spec, replicas=replicas), vip)
+    return json.loads(json.dumps(doc))
+
+
+def _kv(verb: str, key: str, index: int = 0, value: bytes | None = None) -> dict[str, Any]:
+    import base64
+    op: dict[str, Any] = {"Verb": verb, "Key": key, "Index": index}
+    if value is not None:
+        op["Value"] = base64.b64encode(value).decode("ascii")
+    return {"KV": op}
+
+
+def rollback_ops(service: str, doc: Mapping[str, Any], doc_index: int, token: str | None,
+                 now: float, release_vip: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+    """One transaction: the document (CAS on its ModifyIndex), the restart key set to the
+    entry's token or deleted, and the VIP reservation given back when the spec lost its ports."""
+    from . import rollout_keys as keys
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    ops = [_kv("cas", f"meshlet/services/{service}", doc_index, body)]
+    if token:
+        ops.append(_kv("set", keys.restart_key(service), 0, _json({"token": token, "at": now})))
+    else:
+        ops.append(_kv("delete", keys.restart_key(service)))
+    if release_vip is not None:
+        ops.append(_kv("delete-cas", f"meshlet/vips/{release_vip[0]}", release_vip[1]))
+    return ops
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+# =============================================================== I/O
+
+def add_subcommands(sub: Any) -> None:
+    """Add ``rollout``, ``rollback`` and ``restart`` to the ``meshlet`` subparsers."""
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("service", help="the service's name")
+        p.add_argument("--consul", metavar="URL",
+                       help="catalog URL (default: $CONSUL_HTTP_ADDR, else mesh.catalog of -f FILE, "
+                            f"else {DEFAULT_CATALOG})")
+        p.add_argument("-f", "--file", help="meshlet.yaml naming mesh.catalog")
+        return p
+
+    def waiting(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wait", action="store_true", help="then follow the rollout like `rollout status`")
+        p.add_argument("--timeout", type=_duration, metavar="D", help="with --wait: give up after D (e.g. 5m)")
+
+    rollout = sub.add_parser("rollout", help="follow, list, pause and resume a service's rollouts")
+    actions = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    status = common(actions.add_parser("status", help="follow the rollout until it completes (exit 0) "
+                                                      "or fails, is reverted or paused (exit 1)"))
+    status.add_argument("--timeout", type=_duration, metavar="D", help="give up (exit 1) after D, e.g. 5m")
+    history = common(actions.add_parser("history", help="the service's revisions"))
+    history.add_argument("--revision", type=int, metavar="N", help="print revision N's spec as YAML")
+    pause = common(actions.add_parser("pause", help="stop the rollout where it is"))
+    pause.add_argument("--reason", default="paused by the user", help="shown by `rollout status`")
+    common(actions.add_parser("resume", help="continue a paused rollout"))
+    rollback = common(sub.add_parser("rollback", help="roll back to the last complete revision, or --to N"))
+    rollback.add_argument("--to", type=int, metavar="N", help="the history number to roll back to")
+    waiting(rollback)
+    waiting(common(sub.add_parser("restart", help="replace every replica, one by one (same spec)")))
+
+
+def _duration(text: str) -> float:
+    import config
+    try:
+        return float(config.parse_duration(text))
+    except (ValueError, config.UnitError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _catalog_url(args: argparse.Namespace) -> str:
+    from .apply import resolve_catalog_url
+    if not args.consul and not os.environ.get("CONSUL_HTTP_ADDR") and args.file:
+        import config
+        try:
+            mesh = config.load(args.file).mesh
+        except config.ConfigError as exc:
+            raise CliError("; ".join(str(i) for i in exc.issues), 2) from None
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", 2) from None
+        return resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
+    return resolve_catalog_url(args.consul, os.environ, "embedded", DEFAULT_CATALOG.split("//")[1])
+
+
+def _name(args: argparse.Namespace) -> str:
+    return f"{args.command} {args.rollout_command}" if args.command == "rollout" else args.command
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run one of COMMANDS; returns the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        return asyncio.run(_run(args, out, err))
+    except CliError as exc:
+        print(f"meshlet {_name(args)}: {exc}", file=err)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import aiohttp
+    import consul
+
+    from discovery.consul import connect, parse_seconds
+    url = _catalog_url(args)
+    try:
+        client = connect(url, timeout=parse_seconds(WAIT) + 15.0)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    handlers = {"status": _status, "history": _history, "pause": _pause, "resume": _resume,
+                "rollback": _rollback, "restart": _restart}
+    try:
+        return await handlers[getattr(args, "rollout_command", None) or args.command](client, args, out, err)
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise CliError(f"cannot reach the catalog at {url}: {exc or type(exc).__name__}") from None
+    except consul.ConsulException as exc:
+        raise CliError(f"the catalog at {url} refused the request: {exc}") from None
+    finally:
+        await client.close()
+
+
+async def _document(client: Any, service: str) -> tuple[int, dict[str, Any], Any]:
+    """(ModifyIndex, document, ServiceSpec) of ``service``; CliError 2 when it does not exist."""
+    import config
+
+    from discovery.consul import kv_get
+    index, raw = await kv_get(client, f"meshlet/services/{service}")
+    if raw is None:
+        raise CliError(f"no service {service!r} in the catalog (apply it first: `meshlet apply`)", 2)
+    try:
+        spec, _vip, _rev = config.parse_service_document(raw, source=f"meshlet/services/{service}")
+    except config.ConfigError as exc:
+        raise CliError("; ".join(str(i) for i in exc.issues)) from None
+    return index, json.loads(raw), spec
+
+
+async def _read_json(client: Any, key: str) -> Any:
+    from discovery.consul import kv_get
+    _, raw = await kv_get(client, key)
+    return _parse(key, raw)
+
+
+def _parse(key: str, raw: bytes | None) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CliError(f"{key}: not valid JSON ({exc})") from None
+
+
+def _history_list(key: str, data: Any) -> list[dict[str, Any]]:
+    if data is None:
+        return []
+    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+        raise CliError(f"{key}: expected a list of entries")
+    return data
+
+
+def _token(data: Any) -> str | None:
+    token = data.get("token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+async def _history(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from . import rollout_keys as keys
+    await _document(client, args.service)
+    key = keys.history_key(args.service)
+    history = _history_list(key, await _read_json(client, key))
+    now = time.time()
+    if args.revision is not None:
+        out.write(entry_yaml(_find(history, args.revision), now))
+        return 0
+    if not history:
+        print(f"{args.service}: no rollout history yet (the supervisor records each revision it rolls out)",
+              file=out)
+        return 0
+    for line in history_table(history, now):
+        print(line, file=out)
+    return 0
+
+
+async def _control(client: Any, args: argparse.Namespace, out: TextIO, paused: bool) -> int:
+    from . import rollout_keys as keys
+    from discovery.consul import kv_put
+    await _document(client, args.service)
+    reason = args.reason if paused else ""
+    await kv_put(client, keys.control_key(args.service),
+                 _json({"paused": paused, "reason": reason, "at": time.time()}))
+    state = await _read_json(client, keys.state_key(args.service))
+    phase = state.get("phase") if isinstance(state, dict) else None
+    if paused:
+        print(f"{args.service}: rollout paused ({reason})" + (
+            "" if phase in ("progressing", "reverting", "paused") else
+            "; no rollout is in progress, the next one will wait"), file=out)
+    else:
+        print(f"{args.service}: rollout resumed", file=out)
+    return 0
+
+
+async def _pause(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return await _control(client, args, out, True)
+
+
+async def _resume(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return await _control(client, args, out, False)
+
+
+async def _restart(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from . import rollout_keys as keys
+    from discovery.consul import kv_put
+    _, _, spec = await _document(client, args.service)
+    now = time.time()
+    token = restart_token(now)
+    await kv_put(client, keys.restart_key(args.service), _json({"token": token, "at": now}))
+    print(f"{args.service}: rolling restart requested (revision {keys.target_revision(spec, token)}, "
+          f"token {token})", file=out)
+    return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
+
+
+async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from . import rollout_keys as keys
+    from discovery.consul import kv_get
+
+    from .apply import TxnConflict, _txn
+    for attempt in (1, 2):
+        index, doc, _ = await _document(client, args.service)
+        key = keys.history_key(args.service)
+        history = _history_list(key, await _read_json(client, key))
+        if not history:
+            raise CliError(f"{args.service} has no rollout history yet; nothing to roll back to")
+        try:
+            entry = rollback_target(history, args.to)
+        except RolloutError as exc:
+            raise CliError(str(exc), 2) from None
+        if entry is None:
+            have = ", ".join(f"{e['number']} ({e['status']})" for e in history)
+            raise CliError(f"no complete revision to go back to (history: {have}); "
+                           "name one with --to N")
+        new = rollback_document(doc, entry)
+        release = None
+        if doc.get("vip") and new["vip"] is None:
+            vip_index, owner = await kv_get(client, f"meshlet/vips/{doc['vip']}")
+            if owner is not None and owner.decode("utf-8", "replace") == args.service:
+                release = (doc["vip"], vip_index)
+        try:
+            await _txn(client, rollback_ops(args.service, new, index, entry.get("restart_token"),
+                                            time.time(), release))
+            break
+        except TxnConflict as exc:
+            if attempt == 2:
+                raise CliError(f"{args.service} changed in the catalog during the rollback, twice "
+                               f"(a concurrent apply?): {exc}; try again") from None
+    print(f"{args.service}: rolling back to revision {entry['number']} ({new['revision']}); "
+          f"follow it with `meshlet rollout status {args.service}`", file=out)
+    return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
+
+
+async def _status(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return await follow(client, args.service, args.timeout, out, err)
+
+
+async def follow(client: Any, service: str, timeout: float | None, out: TextIO, err: TextIO) -> int:
+    """``rollout status``: three blocking queries (the document, the rollout keys, the
+    service's health); ``assess`` after each answer that changed something; one line per
+    new text. Catalog errors after the first answers are retried with back-off."""
+    from . import rollout_keys as keys
+    import config
+
+    from discovery.consul import Backoff, instances_from_health, next_index
+    deadline = None if timeout is None else time.monotonic() + timeout
+    doc_key, prefix = f"meshlet/services/{service}", f"{keys.ROLLOUT_PREFIX}{service}/"
+    fetch = {
+        "doc": lambda i: client.kv.get(doc_key, index=i, wait=WAIT),
+        "rollout": lambda i: client.kv.get(prefix, index=i, recurse=True, wait=WAIT),
+        "health": lambda i: client.health.service(service, index=i, wait=WAIT),
+    }
+    index = dict.fromkeys(fetch, 0)
+    data: dict[str, Any] = {}
+    backoff, failing = Backoff(), False
+
+    async def later(name: str, delay: float) -> Any:
+        await asyncio.sleep(delay)
+        return await fetch[name](index[name])
+
+    tasks = {name: asyncio.ensure_future(f(0)) for name, f in fetch.items()}
+    last, bad_state = "", ""
+    try:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                print(f"meshlet rollout status: timed out after {timeout:g}s; last: {last or 'nothing yet'}",
+                      file=err)
+                return 1
+            done, _ = await asyncio.wait(tasks.values(), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for name, task in list(tasks.items()):
+                if task not in done:
+                    continue
+                try:
+                    returned, value = task.result()
+                except Exception as exc:  # noqa: BLE001 - the catalog failing: first read fails, later retried
+                    if len(data) < len(fetch):
+                        raise
+                    if not failing:
+                        print(f"meshlet rollout status: catalog not answering ({exc or type(exc).__name__}); "
+                              "retrying", file=err)
+                    failing = True
+                    tasks[name] = asyncio.ensure_future(later(name, backoff.next()))
+                    continue
+                failing = False
+                backoff.reset()
+                index[name] = next_index(index[name], int(returned))
+                data[name] = value
+                tasks[name] = asyncio.ensure_future(fetch[name](index[name]))
+            if len(data) < len(fetch):
+                continue
+            entry = data["doc"]
+            if entry is None:
+                raise CliError(f"no service {service!r} in the catalog" + (
+                    " (it was deleted)" if last else " (apply it first: `meshlet apply`)"), 1 if last else 2)
+            raw = entry.get("Value") or b""
+            try:
+                spec, _vip, doc_revision = config.parse_service_document(raw, source=doc_key)
+            except config.ConfigError as exc:
+                raise CliError("; ".join(str(i) for i in exc.issues)) from None
+            rollout = {e["Key"][len(prefix):]: e.get("Value") for e in data["rollout"] or ()}
+            token = _token(_parse(keys.restart_key(service), rollout.get("restart")))
+            history = _history_list(keys.history_key(service),
+                                    _parse(keys.history_key(service), rollout.get("history")))
+            state = None
+            try:
+                raw_state = _parse(keys.state_key(service), rollout.get("state"))
+                state = RolloutState.from_dict(raw_state) if raw_state is not None else None
+            except (CliError, RolloutError) as exc:
+                if str(exc) != bad_state:
+                    print(f"meshlet rollout status: ignoring an unreadable state: {exc}", file=err)
+                    bad_state = str(exc)
+            target = keys.target_revision(spec, token)
+            # Replicas register the target revision in Meta; a supervisor that registers the
+            # document's revision instead is understood too, unless a restart token makes
+            # the document's revision ambiguous (old and new replicas share it).
+            current = frozenset({target} if token else {target, doc_revision})
+            progress = assess(service, target, spec.replicas, state, history,
+                              instances_from_health(data["health"]), current)
+            if progress.text != last:
+                print(progress.text, file=out if progress.code in (None, 0) else err)
+                out.flush()
+                last = progress.text
+            if progress.code is not None:
+                return progress.code
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)

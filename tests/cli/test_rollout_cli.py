@@ -1,0 +1,417 @@
+"""`meshlet rollout status|history|pause|resume`, `rollback`, `restart`.
+
+Pure parts (progress text and verdict, history table, masking, the rollback document) are
+tested with tables; the commands run as real subprocesses against a real catalog process,
+with the supervisor's side (rollout state and history in KV) written by the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+import config
+from discovery.view import CRITICAL, PASSING, Instance
+from supervisor import rollout_keys as keys
+from supervisor._rollout_history import mark_revision, record_revision
+from supervisor._rollout_types import RolloutState
+from supervisor.rollout_cli import (MASK, CliError, assess, change_summary, history_table, masked,
+                                    rollback_document, restart_token)
+
+REPO = Path(__file__).resolve().parents[2]
+
+T, OLD, DOC = "a" * 12, "b" * 12, "c" * 12
+
+
+def inst(iid: str, revision: str, status: str = PASSING) -> Instance:
+    return Instance(iid, "web", "local", "127.0.0.1", 1, status, meta=MappingProxyType({"revision": revision}))
+
+
+def state(revision: str = T, phase: str = "progressing", **kw) -> RolloutState:
+    return RolloutState("web", revision, phase, **kw)
+
+
+HISTORY = [{"number": 3, "revision": OLD, "status": "complete", "created_at": 0.0, "spec": None},
+           {"number": 4, "revision": T, "status": "active", "created_at": 0.0, "spec": None}]
+
+
+# ------------------------------------------------------------------ pure: assess
+
+@pytest.mark.parametrize("st, history, instances, code, text", [
+    pytest.param(None, [], [], None, "Waiting for the supervisor to start the rollout of web to revision aaaaaaaaaaaa...",
+                 id="no-state-yet"),
+    pytest.param(state(OLD, "complete"), HISTORY, [inst("o1", OLD)] * 3, None,
+                 "Waiting for the supervisor to start the rollout of web to revision 4 "
+                 "(its last rollout was to revision 3, complete)...", id="stale-complete-state-is-no-success"),
+    pytest.param(state(), HISTORY, [inst("n1", T), inst("n2", T, CRITICAL), inst("o1", OLD), inst("o2", OLD)],
+                 None, "Waiting for rollout of web to finish: 1 of 3 updated replicas are available...",
+                 id="progressing"),
+    pytest.param(state(), HISTORY, [inst(f"n{i}", T) for i in range(3)] + [inst("o1", OLD)], None,
+                 "Waiting for rollout of web to finish: 1 old replica is pending termination...", id="old-left"),
+    pytest.param(state(), HISTORY, [inst(f"n{i}", T) for i in range(3)], None,
+                 "Waiting for rollout of web to finish: 3 of 3 updated replicas are available, "
+                 "waiting for the supervisor to confirm...", id="all-available-not-marked"),
+    pytest.param(state(phase="complete"), HISTORY, [], 0, "rollout of web to revision 4 complete", id="complete"),
+    pytest.param(state(phase="failed", reason="web-1 crashed 3 times"), HISTORY, [], 1,
+                 "rollout of web to revision 4 failed: web-1 crashed 3 times", id="failed"),
+    pytest.param(state(phase="paused", reason="checking logs"), HISTORY, [], 1,
+                 "rollout of web to revision 4 is paused: checking logs; resume it with "
+                 "`meshlet rollout resume web`", id="paused"),
+    pytest.param(state(OLD, "reverting", reverted_from=T, reason="progress deadline 10s exceeded"), HISTORY, [], 1,
+                 "rollout of web to revision 4 failed and was reverted to revision 3: progress deadline 10s exceeded",
+                 id="reverted-document-kept"),
+    pytest.param(state(T, "reverting", reverted_from=OLD, reason="crashed"), HISTORY, [], 1,
+                 "rollout of web to revision 3 failed: crashed; reverting to revision 4", id="reverting-to-target"),
+    pytest.param(None, [], [inst(f"n{i}", T) for i in range(3)], 0, "rollout of web to revision aaaaaaaaaaaa complete",
+                 id="first-deploy-settled-without-state"),
+    pytest.param(None, [], [inst("n1", T), inst("n2", T), inst("n3", T, CRITICAL)], None,
+                 "Waiting for the supervisor to start the rollout of web to revision aaaaaaaaaaaa...",
+                 id="first-deploy-not-ready"),
+    pytest.param(None, [dict(HISTORY[1], status="complete")], [], 0, "rollout of web to revision 4 complete",
+                 id="history-says-complete"),
+])
+def test_assess(st, history, instances, code, text) -> None:
+    p = assess("web", T, 3, st, history, instances)
+    assert (p.code, p.text) == (code, text)
+
+
+def test_assess_counts_the_documents_revision_only_when_told() -> None:
+    """A supervisor registering the document's revision in Meta is understood (current set);
+    during a rolling restart the document's revision is ambiguous and is not passed."""
+    running = [inst(f"n{i}", DOC) for i in range(3)]
+    assert assess("web", T, 3, state(), HISTORY, running).text.endswith("0 of 3 updated replicas are available...")
+    assert "3 of 3" in assess("web", T, 3, state(), HISTORY, running, frozenset({T, DOC})).text
+
+
+# ------------------------------------------------------------------ pure: history
+
+SPEC1 = {"name": "web", "image": "web:1", "replicas": 3, "env": {"GREETING": "hi", "DB_PASSWORD": "hunter2"},
+         "probes": {"readiness": {"http": {"headers": {"Authorization": "Bearer xyz", "X-Env": "test"}}}}}
+
+
+@pytest.mark.parametrize("before, after, summary", [
+    pytest.param(None, {"spec": SPEC1}, "-", id="oldest"),
+    pytest.param({"spec": SPEC1}, {"spec": dict(SPEC1, image="web:2")}, "image", id="image"),
+    pytest.param({"spec": SPEC1}, {"spec": dict(SPEC1, replicas=5, image="web:2", command=["x"])}, "command, image",
+                 id="replicas-ignored"),
+    pytest.param({"spec": SPEC1}, {"spec": dict(SPEC1, env={"GREETING": "yo", "NEW": "1"})},
+                 "env (-DB_PASSWORD, GREETING, +NEW)", id="env-names-only"),
+    pytest.param({"spec": SPEC1}, {"spec": SPEC1, "restart_token": "t1"}, "rolling restart", id="restart"),
+    pytest.param({"spec": SPEC1}, {"spec": SPEC1}, "no change", id="same"),
+    pytest.param({"spec": None}, {"spec": SPEC1}, "?", id="no-spec-recorded"),
+])
+def test_change_summary(before, after, summary) -> None:
+    assert change_summary(before, after) == summary
+
+
+def test_masked_hides_secret_looking_env_and_header_values_only() -> None:
+    out = masked(SPEC1)
+    assert out["env"] == {"GREETING": "hi", "DB_PASSWORD": MASK}
+    assert out["probes"]["readiness"]["http"]["headers"] == {"Authorization": MASK, "X-Env": "test"}
+    assert out["image"] == "web:1" and SPEC1["env"]["DB_PASSWORD"] == "hunter2"  # input untouched
+    for name in ("API_KEY", "TOKEN", "AWS_SECRET_ACCESS_KEY", "SESSION_COOKIE", "KEY", "TLS_KEY_FILE"):
+        assert masked({"env": {name: "v"}})["env"][name] == MASK, name
+    for name in ("KEYBOARD", "MONKEY_COUNT", "PORT", "LOG_LEVEL"):
+        assert masked({"env": {name: "v"}})["env"][name] == "v", name
+
+
+def test_history_table() -> None:
+    history = [{"number": 1, "revision": "9f86d081884c", "status": "complete", "created_at": 1000.0, "spec": SPEC1},
+               {"number": 2, "revision": "0123456789ab", "status": "active", "created_at": 1290.0,
+                "spec": dict(SPEC1, image="web:2")}]
+    assert history_table(history, 1300.0) == [
+        "NUMBER  REVISION      STATUS    CREATED    CHANGE",
+        "1       9f86d081884c  complete  5m00s ago  -",
+        "2       0123456789ab  active    10s ago    image",
+    ]
+
+
+# ------------------------------------------------------------------ pure: writes
+
+def spec_doc(text: str, vip: str | None = "127.10.0.2") -> dict:
+    (spec,) = config.loads("services:\n" + textwrap.indent(textwrap.dedent(text), "  "), base_dir="/").services.values()
+    return json.loads(json.dumps(config.service_document(spec, vip if spec.ports else None)))
+
+
+V1 = "web: {command: [python3, app.py], replicas: 3, ports: [{name: http}], env: {V: '1'}}"
+V2 = V1.replace("V: '1'", "V: '2'")
+
+
+def test_rollback_document_keeps_name_vip_and_replicas_and_recomputes_the_revision() -> None:
+    current = spec_doc(V2.replace("replicas: 3", "replicas: 5"))
+    entry = {"number": 1, "revision": "x", "spec": spec_doc(V1)["spec"]}
+    doc = rollback_document(current, entry)
+    assert doc["spec"]["env"] == {"V": "1"} and doc["spec"]["replicas"] == 5
+    assert (doc["name"], doc["vip"], doc["format"]) == ("web", "127.10.0.2", 1)
+    spec, vip, revision = config.parse_service_document(json.dumps(doc))
+    assert revision == config.service_revision(spec) and vip == "127.10.0.2"
+    assert keys.template_revision(spec) == keys.template_revision(config.ServiceSpec.from_dict(entry["spec"]))
+
+
+@pytest.mark.parametrize("entry, message", [
+    pytest.param({"number": 1, "spec": None}, "revision 1 has no spec recorded", id="no-spec"),
+    pytest.param({"number": 1, "spec": {"name": "web", "replicas": -1}},
+                 "history revision 1 replicas: expected an integer >= 0", id="invalid-spec"),
+    pytest.param({"number": 1, "spec": spec_doc(V1.replace("web:", "api:"))["spec"]}, "of service 'api'",
+                 id="other-service"),
+])
+def test_rollback_document_refuses(entry, message) -> None:
+    with pytest.raises(CliError, match=message):
+        rollback_document(spec_doc(V2), entry)
+
+
+def test_restart_tokens_are_fresh_and_readable() -> None:
+    assert restart_token(1764000000.25) == "2025-11-24T16:00:00.250000Z"
+    assert restart_token(1764000000.25) != restart_token(1764000000.250001)
+
+
+# ------------------------------------------------------------------ commands against a catalog
+
+def meshlet_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor", *args]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+
+
+def meshlet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(meshlet_argv(*args), capture_output=True, text=True, cwd=REPO, env=clean_env(),
+                          timeout=timeout)
+
+
+class Catalog:
+    """The test's side of the catalog: service documents, and the supervisor's KV keys."""
+
+    def __init__(self, catalog, tmp: Path) -> None:
+        self.url, self.c, self.tmp = catalog.url, catalog.client(), tmp
+
+    def apply(self, text: str) -> dict:
+        f = self.tmp / "meshlet.yaml"
+        f.write_text("services:\n" + textwrap.indent(textwrap.dedent(text), "  "))
+        r = meshlet("apply", "-f", str(f), "--consul", self.url)
+        assert r.returncode == 0, r.stderr
+        return self.doc()
+
+    def doc(self) -> dict:
+        return json.loads(self.c.kv.get("meshlet/services/web")[1]["Value"])
+
+    def target(self, token: str | None = None) -> str:
+        return keys.target_revision(config.ServiceSpec.from_dict(self.doc()["spec"]), token)
+
+    def put(self, key: str, value) -> None:
+        assert self.c.kv.put(key, json.dumps(value))
+
+    def get(self, key: str):
+        _, e = self.c.kv.get(key)
+        return None if e is None else json.loads(e["Value"])
+
+    def record(self, status: str | None = None, token: str | None = None) -> list:
+        """What the supervisor does when it starts rolling the current document out."""
+        history = self.get(keys.history_key("web")) or []
+        rev = self.target(token)
+        history = record_revision(history, rev, self.doc()["spec"], 1000.0 + len(history))
+        history[-1]["restart_token"] = token
+        if status:
+            history = mark_revision(history, rev, status)
+        self.put(keys.history_key("web"), history)
+        return history
+
+    def state(self, revision: str, phase: str, **kw) -> None:
+        self.put(keys.state_key("web"), RolloutState("web", revision, phase, **kw).to_dict())
+
+
+@pytest.fixture
+def cat(catalog, tmp_path) -> Catalog:
+    return Catalog(catalog, tmp_path)
+
+
+def status(cat: Catalog, *extra: str) -> subprocess.CompletedProcess:
+    return meshlet("rollout", "status", "web", "--consul", cat.url, *extra)
+
+
+def test_status_exit_codes(cat: Catalog) -> None:
+    cat.apply(V1)
+    cat.record("complete")
+    cat.apply(V2)
+    cat.record()
+    target = cat.target()
+    cat.state(target, "complete")
+    r = status(cat)
+    assert (r.returncode, r.stdout) == (0, "rollout of web to revision 2 complete\n"), r.stderr
+
+    cat.state(target, "failed", reason="web-0 crashed 3 times")
+    r = status(cat)
+    assert r.returncode == 1 and "rollout of web to revision 2 failed: web-0 crashed 3 times" in r.stderr
+
+    cat.state(target, "paused", reason="canary looks slow")
+    r = status(cat)
+    assert r.returncode == 1 and "is paused: canary looks slow" in r.stderr
+
+    cat.state(target, "progressing")
+    r = status(cat, "--timeout", "1s")
+    assert r.returncode == 1
+    assert r.stdout == "Waiting for rollout of web to finish: 0 of 3 updated replicas are available...\n"
+    assert "timed out after 1s" in r.stderr
+
+    r = meshlet("rollout", "status", "nope", "--consul", cat.url)
+    assert r.returncode == 2 and "no service 'nope'" in r.stderr
+
+
+def test_status_waits_for_the_supervisor_to_catch_up_then_follows_to_complete(cat: Catalog) -> None:
+    """The state is for the previous revision (complete): no success until the supervisor
+    starts the new one; progress lines follow the catalog; exit 0 on the complete state."""
+    cat.apply(V1)
+    old = cat.target()
+    cat.record("complete")
+    cat.state(old, "complete")
+    for i in range(3):
+        cat.c.agent.service.register("web", service_id=f"web-{i}-old", port=1000 + i, meta={"revision": old})
+    cat.apply(V2)
+    new = cat.target()
+    proc = subprocess.Popen(meshlet_argv("rollout", "status", "web", "--consul", cat.url, "--timeout", "60s"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=clean_env())
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln.rstrip("\n")) for ln in proc.stdout], daemon=True).start()
+    try:
+        assert lines.get(timeout=30) == ("Waiting for the supervisor to start the rollout of web to revision "
+                                         f"{new} (its last rollout was to revision 1, complete)...")
+        cat.state(new, "progressing")
+        assert lines.get(timeout=30) == "Waiting for rollout of web to finish: 0 of 3 updated replicas are available..."
+        cat.c.agent.service.register("web", service_id="web-0-new", port=2000, meta={"revision": new})
+        assert lines.get(timeout=30) == "Waiting for rollout of web to finish: 1 of 3 updated replicas are available..."
+        for i in range(3):
+            cat.c.agent.service.deregister(f"web-{i}-old")
+        for i in (1, 2):
+            cat.c.agent.service.register("web", service_id=f"web-{i}-new", port=2000 + i, meta={"revision": new})
+        assert "3 of 3 updated replicas are available" in lines.get(timeout=30)
+        assert proc.poll() is None      # not complete before the supervisor says so
+        cat.record("complete")
+        cat.state(new, "complete")
+        assert lines.get(timeout=30) == "rollout of web to revision 2 complete"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        print(proc.stderr.read(), file=sys.stderr)
+
+
+def test_history_table_and_one_revision_as_yaml_with_secrets_masked(cat: Catalog) -> None:
+    cat.apply(V1.replace("V: '1'", "V: '1', DB_PASSWORD: hunter2"))
+    cat.record("complete")
+    cat.apply(V2)
+    cat.record()
+    r = meshlet("rollout", "history", "web", "--consul", cat.url)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines()]
+    assert rows[0] == ["NUMBER", "REVISION", "STATUS", "CREATED", "CHANGE"]
+    assert [row[:3] for row in rows[1:]] == [["1", cat.get(keys.history_key("web"))[0]["revision"], "complete"],
+                                             ["2", cat.target(), "active"]]
+    assert r.stdout.splitlines()[2].endswith("env (-DB_PASSWORD, V)")
+    assert "hunter2" not in r.stdout
+
+    r = meshlet("rollout", "history", "web", "--consul", cat.url, "--revision", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("# revision 1 (") and "complete" in r.stdout.splitlines()[0]
+    import yaml
+    spec = yaml.safe_load(r.stdout)
+    assert spec["env"] == {"V": "1", "DB_PASSWORD": MASK} and spec["command"] == ["python3", "app.py"]
+    assert "hunter2" not in r.stdout
+
+    r = meshlet("rollout", "history", "web", "--consul", cat.url, "--revision", "9")
+    assert r.returncode == 2 and "revision 9 is not in the history (have: 1, 2)" in r.stderr
+
+
+def test_rollback_writes_the_document_and_restart_key_in_one_transaction(cat: Catalog) -> None:
+    v1 = cat.apply(V1)
+    cat.record("complete")
+    cat.apply(V2)
+    cat.record()
+    cat.put(keys.restart_key("web"), {"token": "later", "at": 1.0})   # v1 had no token: rollback deletes it
+    r = meshlet("rollback", "web", "--consul", cat.url)
+    assert r.returncode == 0, r.stderr
+    doc = cat.doc()
+    assert doc == v1 and r.stdout.startswith(f"web: rolling back to revision 1 ({v1['revision']})")
+    assert cat.get(keys.restart_key("web")) is None
+
+    # --to N restores N's restart token too; both keys land with one index (one transaction)
+    cat.record()                      # the supervisor records v1 again, as number 3
+    cat.put(keys.restart_key("web"), {"token": "t1", "at": 2.0})
+    cat.record("complete", token="t1")  # a rolling restart of v1: number 4, complete
+    cat.apply(V2)
+    cat.record()                      # v2 again: number 5
+    cat.c.kv.delete(keys.restart_key("web"))
+    assert [e["number"] for e in cat.get(keys.history_key("web"))] == [3, 4, 5]
+    r = meshlet("rollback", "web", "--consul", cat.url, "--to", "4")
+    assert r.returncode == 0, r.stderr
+    _, d = cat.c.kv.get("meshlet/services/web")
+    _, k = cat.c.kv.get(keys.restart_key("web"))
+    assert json.loads(d["Value"]) == v1 and json.loads(k["Value"])["token"] == "t1"
+    assert d["ModifyIndex"] == k["ModifyIndex"]
+    assert cat.target("t1") == cat.get(keys.history_key("web"))[1]["revision"]
+
+
+def test_rollback_refusals(cat: Catalog) -> None:
+    cat.apply(V1)
+    r = meshlet("rollback", "web", "--consul", cat.url)
+    assert r.returncode == 1 and "web has no rollout history yet" in r.stderr
+    cat.record("complete")
+    r = meshlet("rollback", "web", "--consul", cat.url)
+    assert r.returncode == 1 and "no complete revision to go back to (history: 1 (complete))" in r.stderr
+    cat.apply(V2)
+    cat.record("failed")
+    before = cat.doc()
+    for args, code, message in [
+        (("--to", "7"), 2, "revision 7 is not in the history (have: 1, 2)"),
+        (("--to", "2"), 2, "revision 2 is the current revision"),
+    ]:
+        r = meshlet("rollback", "web", "--consul", cat.url, *args)
+        assert (r.returncode, message in r.stderr) == (code, True), r.stderr
+    assert cat.doc() == before
+    r = meshlet("rollback", "nope", "--consul", cat.url)
+    assert r.returncode == 2 and "no service 'nope'" in r.stderr
+
+
+def test_pause_resume_and_restart_write_their_keys(cat: Catalog) -> None:
+    cat.apply(V1)
+    r = meshlet("rollout", "pause", "web", "--consul", cat.url, "--reason", "look at the canary")
+    assert r.returncode == 0, r.stderr
+    control = cat.get(keys.control_key("web"))
+    assert (control["paused"], control["reason"]) == (True, "look at the canary")
+    r = meshlet("rollout", "resume", "web", "--consul", cat.url)
+    assert r.returncode == 0 and cat.get(keys.control_key("web"))["paused"] is False
+
+    tokens = []
+    for _ in range(2):
+        r = meshlet("restart", "web", "--consul", cat.url)
+        assert r.returncode == 0, r.stderr
+        tokens.append(cat.get(keys.restart_key("web"))["token"])
+        assert r.stdout.startswith(f"web: rolling restart requested (revision {cat.target(tokens[-1])}")
+    assert tokens[0] != tokens[1] and cat.target(tokens[1]) != cat.target()
+
+    # status follows the restart's revision: the state for the plain revision is stale
+    cat.state(cat.target(), "complete")
+    r = status(cat, "--timeout", "1s")
+    assert r.returncode == 1 and "Waiting for the supervisor to start the rollout" in r.stdout
+    cat.state(cat.target(tokens[1]), "complete", restart_token=tokens[1])
+    assert status(cat).returncode == 0
+
+    for cmd in (("rollout", "pause"), ("rollout", "resume"), ("restart",)):
+        r = meshlet(*cmd, "nope", "--consul", cat.url)
+        assert r.returncode == 2 and "no service 'nope'" in r.stderr, cmd
+
+
+def test_an_unreachable_catalog_is_a_message_not_a_traceback(tmp_path) -> None:
+    from _util import free_port
+    r = meshlet("rollout", "status", "web", "--consul", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and "cannot reach the catalog" in r.stderr and "Traceback" not in r.stderr
