@@ -282,6 +282,12 @@ def test_status_waits_for_the_supervisor_to_catch_up_then_follows_to_complete(ca
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=clean_env())
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln.rstrip("\n")) for ln in proc.stdout], daemon=True).start()
+    def until(expected: str) -> None:
+        """Read lines until ``expected`` (one line per catalog change; those on the way are
+        progress lines of the same rollout)."""
+        while (line := lines.get(timeout=30)) != expected:
+            assert line.startswith("Waiting for rollout of web to finish: "), line
+
     try:
         assert lines.get(timeout=30) == ("Waiting for the supervisor to start the rollout of web to revision "
                                          f"{new} (its last rollout was to revision 1, complete)...")
@@ -289,11 +295,13 @@ def test_status_waits_for_the_supervisor_to_catch_up_then_follows_to_complete(ca
         assert lines.get(timeout=30) == "Waiting for rollout of web to finish: 0 of 3 updated replicas are available..."
         cat.c.agent.service.register("web", service_id="web-0-new", port=2000, meta={"revision": new})
         assert lines.get(timeout=30) == "Waiting for rollout of web to finish: 1 of 3 updated replicas are available..."
-        for i in range(3):
-            cat.c.agent.service.deregister(f"web-{i}-old")
         for i in (1, 2):
             cat.c.agent.service.register("web", service_id=f"web-{i}-new", port=2000 + i, meta={"revision": new})
-        assert "3 of 3 updated replicas are available" in lines.get(timeout=30)
+        until("Waiting for rollout of web to finish: 3 old replicas are pending termination...")
+        for i in range(3):
+            cat.c.agent.service.deregister(f"web-{i}-old")
+        until("Waiting for rollout of web to finish: 3 of 3 updated replicas are available, "
+              "waiting for the supervisor to confirm...")
         assert proc.poll() is None      # not complete before the supervisor says so
         cat.record("complete")
         cat.state(new, "complete")
