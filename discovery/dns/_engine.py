@@ -6,10 +6,12 @@ and stored under ``query[2:]``; a hit is one dict lookup, ``next()`` on a cycle 
 pre-encoded bodies and the client's ID glued in front. Answers with several records keep
 up to ``ROTATIONS`` bodies, each with the records rotated, and cycle through them, so the
 order varies between queries without encoding per query (and truncated UDP answers show
-different subsets). A new View swaps the zone and clears both caches (the dicts are
-cleared in place: the protocols hold references to them). Refilling costs one miss per
-hot question (~35 us for a one-record answer), so even a catalog change every 100 ms costs
-well under 1% of a core.
+different subsets). A new View swaps the zone and drops from both caches (in place: the
+protocols hold references to the dicts) only the entries of names whose records changed,
+plus every negative answer (they carry the SOA, whose serial is the View's index). A
+catalog change to one service thus costs a miss (~35 us for a one-record answer) for that
+service's hot questions only, not for every hot question of the fleet: the event loop
+stalls less per change, which is what p99 latency under churn is made of.
 
 Not cached: forwarded questions (answers come from elsewhere), malformed packets, queries
 carrying EDNS options (dig's per-client cookies would only fill the cache) and anything
@@ -54,6 +56,9 @@ class Engine:
         self.zone: Zone = build_zone(view or View(), settings)
         self.udp_cache: dict[bytes, Iterator[bytes]] = {}
         self.tcp_cache: dict[bytes, Iterator[bytes]] = {}
+        # Per cache: key -> the lowercased name it answers ("" for a negative answer), and
+        # name -> its keys, so a change drops exactly the entries it touches.
+        self._index = {id(c): _Index() for c in (self.udp_cache, self.tcp_cache)}
         self.ra = settings.forwarding
 
     def set_view(self, view: View) -> None:
@@ -63,10 +68,23 @@ class Engine:
         except Exception:  # noqa: BLE001 - keep serving the last good zone
             log.exception("could not build the DNS zone for catalog view %d; keeping the last one", view.index)
             return
-        self.zone = zone
-        self.udp_cache.clear()
-        self.tcp_cache.clear()
+        old, self.zone = self.zone, zone
+        if old.settings != zone.settings:
+            for cache in (self.udp_cache, self.tcp_cache):
+                cache.clear()
+                self._index[id(cache)] = _Index()
+        else:
+            self._invalidate(changed_names(old, zone))
         log.debug("zone updated to view %d: %d services", view.index, len(zone.services))
+
+    def _invalidate(self, changed: set[str]) -> None:
+        """Drop the cached answers for ``changed`` names and every negative answer."""
+        for cache in (self.udp_cache, self.tcp_cache):
+            index = self._index[id(cache)]
+            for name in ("", *changed):
+                for key in index.keys.pop(name, ()):
+                    del index.owner[key]
+                    cache.pop(key, None)
 
     def handle(self, data: bytes, tcp: bool) -> bytes | Forward | None:
         """Response bytes for one query message, a ``Forward``, or ``None`` (drop)."""
@@ -100,7 +118,47 @@ class Engine:
         first = next(bodies_iter)
         if len(data) <= _MAX_KEY and (query.edns is None or not query.edns.has_options):
             cache = self.tcp_cache if tcp else self.udp_cache
+            index = self._index[id(cache)]
             if len(cache) >= self.max_entries:
-                del cache[next(iter(cache))]
-            cache[bytes(data[2:])] = bodies_iter
+                oldest = next(iter(cache))
+                del cache[oldest]
+                index.forget(oldest)
+            key = bytes(data[2:])
+            index.forget(key)
+            cache[key] = bodies_iter
+            index.add(key, query.qname.rstrip(".").lower() if ans.answers else "")
         return data[:2] + first
+
+
+class _Index:
+    """Which name each cached answer belongs to, both ways."""
+
+    __slots__ = ("owner", "keys")
+
+    def __init__(self) -> None:
+        self.owner: dict[bytes, str] = {}
+        self.keys: dict[str, set[bytes]] = {}
+
+    def add(self, key: bytes, name: str) -> None:
+        self.owner[key] = name
+        self.keys.setdefault(name, set()).add(key)
+
+    def forget(self, key: bytes) -> None:
+        name = self.owner.pop(key, None)
+        if name is not None:
+            keys = self.keys[name]
+            keys.discard(key)
+            if not keys:
+                del self.keys[name]
+
+
+def changed_names(old: Zone, new: Zone) -> set[str]:
+    """The names whose records differ between two zones (lowercased, no trailing dot).
+
+    Conservative: the zone builder reuses the record mappings of unchanged services, so an
+    identical object means unchanged; a name whose mapping was rebuilt (the apex, names
+    shared by several services) counts as changed even when equal."""
+    a, b = old.names, new.names
+    out = {name for name, sets in b.items() if a.get(name) is not sets}
+    out.update(name for name in a if name not in b)
+    return out

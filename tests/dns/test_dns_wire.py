@@ -97,6 +97,44 @@ def test_cache_hit_patches_id_and_new_view_invalidates(engine: Engine) -> None:
     assert records(ask(engine, "web.service.meshlet", "A")) == ["127.10.0.9"]
 
 
+def _with(view: View, **services: ServiceView) -> View:
+    return View(services={**view.services, **services}, nodes=view.nodes, index=view.index + 1)
+
+
+def test_a_change_drops_only_the_answers_it_touches(engine: Engine) -> None:
+    """A catalog change to one service re-encodes that service's answers only (and every
+    negative answer, which carries the SOA serial); the rest stay cached and correct."""
+    for name in ("web.service.meshlet", "pair.service.meshlet", "nope.service.meshlet"):
+        ask(engine, name, "A")
+    ask(engine, "pair.service.meshlet", "A", tcp=True)
+    pair_key = dns.message.make_query("pair.service.meshlet", "A").to_wire()[2:]
+    assert pair_key in engine.udp_cache and len(engine.udp_cache) == 3
+    engine.set_view(_with(big_view(), web=ServiceView("web", (), vip="127.10.0.7")))
+    assert set(engine.udp_cache) == {pair_key} and len(engine.tcp_cache) == 1
+    assert records(ask(engine, "web.service.meshlet", "A")) == ["127.10.0.7"]
+    assert sorted(records(ask(engine, "pair.service.meshlet", "A"))) == ["127.0.0.21", "127.0.0.22"]
+    # a name that was NXDOMAIN exists after the next change
+    assert ask(engine, "nope.service.meshlet", "A").rcode() == dns.rcode.NXDOMAIN
+    nope = ServiceView("nope", (Instance("n-1", "nope", "local", "127.0.0.31", 1),))
+    engine.set_view(_with(engine_view := big_view(), nope=nope))
+    r = ask(engine, "nope.service.meshlet", "A")
+    assert r.rcode() == dns.rcode.NOERROR and records(r) == ["127.0.0.31"]
+    # the new SOA serial shows in negative answers after any change
+    engine.set_view(_with(_with(engine_view, nope=nope), pair=ServiceView("pair", ())))
+    soa = ask(engine, "gone.service.meshlet", "A").authority[0][0]
+    assert soa.serial == engine.zone.index and ask(engine, "pair.service.meshlet", "A").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_the_cache_stays_bounded_with_its_index() -> None:
+    engine = Engine(Settings(), big_view(), max_entries=4)
+    for i in range(20):
+        ask(engine, f"n{i}.service.meshlet", "A")
+        ask(engine, "wEb.service.meshlet" if i % 2 else "web.service.meshlet", "A")
+    index = engine._index[id(engine.udp_cache)]
+    assert len(engine.udp_cache) == 4 and set(index.owner) == set(engine.udp_cache)
+    assert sum(len(keys) for keys in index.keys.values()) == 4
+
+
 def test_case_of_the_question_is_echoed(engine: Engine) -> None:
     r = ask(engine, "wEb.SeRvIcE.mEsHlEt", "A")
     assert str(r.question[0].name) == "wEb.SeRvIcE.mEsHlEt."
