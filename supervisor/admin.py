@@ -1,6 +1,9 @@
 """The supervisor's admin API: JSON over HTTP on a loopback address (``mesh.admin_listen``).
 
-    GET  /v1/status                      services, ready/desired, instances (see Supervisor.status)
+    GET  /v1/status                      services, ready/desired, instances (build_status); per
+                                         service "rollout": null or {phase, revision (target),
+                                         number (in the history), progress ("2/3 updated, 1 old"),
+                                         reason, reverted_from, summary (one line), terminating}
     GET  /v1/logs/<service>?follow=1&tail=N&instance=ID
                                          the instances' logs as text; with several instances
                                          each line is prefixed "<instance id> | "
@@ -57,6 +60,8 @@ def build_status(sup: Supervisor) -> dict[str, Any]:
             node = sup.nodes.get(o.node)
             first = next(iter(o.ports.values()), None)
             state = "exited" if not o.is_running else i.health.describe()
+            if o.instance_id in sup.rolling.terminating:
+                state = "terminating"
             rows.append({
                 "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
                 "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
@@ -65,11 +70,15 @@ def build_status(sup: Supervisor) -> dict[str, Any]:
                 "restarts": sup.backoff.get((name, o.slot), _NO_BACKOFF).restarts,
                 "age": None if o.started_at is None else round(now - o.started_at, 1),
                 "exit_code": o.exit_code, "pid": o.pid})
+        rollout = sup.rolling.status(name) if entry else None
         services.append({
             "name": name, "desired": entry[0].replicas if entry else 0,
             "revision": sup.doc_revision.get(name) if entry else None,
             "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
-            "problem": sup.problems.get(name)})
+            # a failed, paused or reverted rollout is the service's problem too, so the
+            # status table shows it (what runs is not what was applied)
+            "problem": sup.problems.get(name) or (sup.rolling.attention(name) if entry else None),
+            "rollout": rollout})
     return {"services": services, "nodes": [
         {"name": n.name, "runtime": n.runtime, "address": n.address} for n in sup.nodes.values()],
         "events": sup.events[-20:]}

@@ -3,10 +3,13 @@
 Flow::
 
     KV meshlet/services/ --watch--+
+    KV meshlet/rollout/ ----------+
     runtime events (exits) -------+--> enqueue(service) --> _sync(service):
-    probe state changes ----------+        observed = runtimes + registrations + probes
-    timer (resync) ---------------+        actions  = reconcile_service(...)   (pure)
+    probe state changes ----------+        rolling.begin: a new desired revision starts a rollout
+    timer (resync, follow-ups) ---+        observed = runtimes + registrations + probes
+                                           actions  = reconcile_service(...)   (pure)
                                            execute actions (start/stop/register...)
+                                           rolling.step: rollout_step (pure) and its actions
 
 Handlers only record what they saw and enqueue the service's name; one sync per service
 runs at a time and re-reads everything (a delete is a sync that finds no desired spec).
@@ -24,6 +27,11 @@ Each replica: ports assigned from ``PORT_RANGE`` (checked free with a bind), env
 revision/node/slot/weight/port_<name>) with one TTL check ``service:<ID>`` that starts
 critical and follows readiness; deregistered before it is stopped.
 
+Revisions: replicas run ``rollout_keys.target_revision(spec, restart token)``. A change
+of it with replicas of another revision running is a rollout, driven by ``rolling.py``;
+reconcile leaves that service's revisions to it (``Observed.rolling``). The actions on a
+single replica (start, register, status pushes, stop) are in ``_actions.py``.
+
 Errors: runtime and catalog failures during a sync are logged and the sync is retried on
 the next resync tick; nothing here raises into the loop.
 """
@@ -35,13 +43,9 @@ import dataclasses
 import json
 import logging
 import os
-import random
-import secrets
-import socket
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +54,20 @@ import aiohttp
 import config
 from discovery.consul import SERVICES_PREFIX, connect, kv_delete, kv_put, watch_kv_prefix
 
-from .backoff import BackoffState, delay_for
+from ._actions import PORT_RANGE, ReplicaActions, _Inst, port_is_free
+from .backoff import BackoffState
 from .place import NodeInfo
-from .probes import Health, ProbeScheduler, initial_health
-from .reconcile import (Action, Deregister, Kill, Observed, Register, Replica, Start, Stop,
-                        Unplaceable, Wait, reconcile_service, summary)
-from .runtime import RUNTIMES, InstanceNotFound, InstanceSpec, Runtime, RuntimeEvent, WorkloadError
-from .runtime import Observed as RuntimeObserved
+from .reconcile import (Action, Deregister, Kill, Observed, Register, Start, Stop, Unplaceable, Wait,
+                        reconcile_service, summary)
+from .rollout_keys import ROLLOUT_PREFIX, template_revision
+from .rolling import RolloutDriver
+from .runtime import RUNTIMES, Runtime, RuntimeEvent, WorkloadError
 
-__all__ = ["Supervisor", "make_runtime", "template_revision", "PORT_RANGE", "DEFAULT_ENGINE", "main"]
+__all__ = ["Supervisor", "make_runtime", "template_revision", "PORT_RANGE", "DEFAULT_ENGINE", "main",
+           "port_is_free"]
 
 log = logging.getLogger(__name__)
 
-PORT_RANGE = (20000, 29999)
 # The TTL of every instance check. Status is pushed on every probe change and re-asserted
 # every TTL/2; a generous TTL only matters if the supervisor dies (the check then goes
 # critical after at most 30 s, while the workload may still be serving).
@@ -73,28 +78,6 @@ DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 # Restart counts and back-off per slot survive a supervisor restart here:
 # meshlet/backoff/<service>/<slot> = {"failures": N, "restarts": N}
 BACKOFF_PREFIX = "meshlet/backoff/"
-
-
-@dataclass(eq=False)
-class _Inst:
-    """One replica the supervisor knows of: what its runtime reports plus probe state."""
-
-    obs: RuntimeObserved
-    health: Health = field(default_factory=Health)
-    prober: ProbeScheduler | None = None
-    killed: bool = False
-    noticed_exit: float | None = None
-    pushing: bool = False              # a status push is in flight (pushes are serialised)
-    pushed: str | None = None          # the last status the catalog acknowledged
-
-    def replica(self) -> Replica:
-        o = self.obs
-        running = o.state != "exited"
-        return Replica(o.instance_id, o.service, o.slot, o.revision, o.node, running,
-                       ready=running and self.health.ready, alive=self.health.alive,
-                       started_at=o.started_at,
-                       finished_at=o.finished_at if o.finished_at is not None else self.noticed_exit,
-                       exit_code=o.exit_code, killed=self.killed)
 
 
 # --------------------------------------------------------------------------- nodes
@@ -111,25 +94,11 @@ def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
     return RUNTIMES["process"](data_dir / "nodes" / node.name, node=node.name, address=node.address)
 
 
-def template_revision(spec: config.ServiceSpec) -> str:
-    """What a replica is compared by: the spec's revision without ``replicas`` (scaling
-    keeps the running replicas, like Kubernetes' pod-template-hash)."""
-    return config.service_revision(dataclasses.replace(spec, replicas=0))
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
 
 # --------------------------------------------------------------------------- supervisor
 
 
-class Supervisor:
+class Supervisor(ReplicaActions):
     """Runs the desired services on ``nodes`` and keeps the catalog in step.
 
     ``start()`` observes in full and adopts before the first reconcile; ``close(stop=True)``
@@ -178,6 +147,7 @@ class Supervisor:
         self._kv_loaded = asyncio.Event()
         self._closed = False
         self._adopted = False   # no sync before the full view is observed and adopted
+        self.rolling = RolloutDriver(self)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -193,7 +163,10 @@ class Supervisor:
         listed = await asyncio.gather(*(rt.list() for rt in self.runtimes.values()))
         registrations, checks = await self._list_registrations()
         await self._load_backoff()
+        _, entries = await self._client.kv.get(ROLLOUT_PREFIX, recurse=True)
+        self.rolling.load({e["Key"]: e.get("Value") or b"" for e in entries or ()})
         self._tasks.append(asyncio.create_task(self._watch_desired(), name="watch desired"))
+        self._tasks.append(asyncio.create_task(self._watch_rollouts(), name="watch rollouts"))
         await asyncio.wait_for(self._kv_loaded.wait(), timeout)
         now = self.clock()
         for observed in (o for group in listed for o in group):
@@ -203,6 +176,8 @@ class Supervisor:
             if observed.is_running:
                 passing = checks.get(f"service:{observed.instance_id}") == "passing"
                 self._start_probes(inst, adopted_ready=passing)
+                if passing:
+                    inst.ready_since, inst.pushed = now, "passing"
         self.registered = registrations
         log.info("adopted %d instances (%d running), %d registrations; %d services desired",
                  len(self.instances), sum(i.obs.is_running for i in self.instances.values()),
@@ -225,6 +200,7 @@ class Supervisor:
         for task in syncs:
             task.cancel()
         await asyncio.gather(*self._tasks, *syncs, return_exceptions=True)
+        await self.rolling.close()
         for inst in self.instances.values():
             if inst.prober is not None:
                 inst.prober.close()
@@ -276,6 +252,8 @@ class Supervisor:
             if meta.get("node") in self.nodes and "slot" in meta and "revision" in meta:
                 ours[sid] = svc.get("Service", "")
                 self.registered_rev[sid] = meta["revision"]
+                if str(meta.get("weight", "1")).isdigit() and meta.get("weight") != "1":
+                    self.rolling.weights.setdefault(sid, int(meta["weight"]))
         return ours, {cid: c.get("Status", "") for cid, c in (checks or {}).items()}
 
     async def _load_backoff(self) -> None:
@@ -335,6 +313,13 @@ class Supervisor:
                     del self._start_hold[key]
                 self.enqueue(name)
 
+    async def _watch_rollouts(self) -> None:
+        # The CLI's pause/resume and restart keys act at once (state and history under the
+        # same prefix are ours: read once at start).
+        async for docs in watch_kv_prefix(self._client, ROLLOUT_PREFIX):
+            for name in sorted(self.rolling.on_control(docs)):
+                self.enqueue(name)
+
     async def _consume(self, rt: Runtime) -> None:
         # Exits arrive here at once; if the stream breaks, the resync tick's re-list still
         # notices every exit (at most RESYNC late) while we subscribe again.
@@ -363,6 +348,7 @@ class Supervisor:
             inst.prober = None
         inst.health = dataclasses.replace(inst.health, ready=False)
         log.info("%s exited (code %s)", event.instance_id, event.observed.exit_code)
+        self.rolling.note_exit(inst)
         self._push_status(inst)
         self.enqueue(inst.obs.service)
 
@@ -440,16 +426,23 @@ class Supervisor:
             self._syncing.pop(service, None)
 
     def observed(self) -> Observed:
+        # Replicas being retired are the rollout's: reconcile neither keeps nor restarts them.
+        gone = self.rolling.terminating
         return Observed(
-            replicas=tuple(i.replica() for i in self.instances.values()),
-            registered=dict(self.registered),
+            replicas=tuple(i.replica() for i in self.instances.values() if i.obs.instance_id not in gone),
+            registered={k: v for k, v in self.registered.items() if k not in gone},
             nodes=tuple(NodeInfo(n.name, n.runtime or "process", n.address, n.capacity.cpu,
                                  n.capacity.memory, dict(n.labels)) for n in self.nodes.values()),
-            backoff=dict(self.backoff))
+            backoff=dict(self.backoff), rolling=self.rolling.rolling())
 
     async def _sync(self, service: str) -> None:
         now = self.clock()
-        actions = reconcile_service(service, self.desired, self.observed(), now)
+        await self.rolling.begin(service, now)
+        actions = reconcile_service(service, self.rolling.effective(), self.observed(), now)
+        await self._act(service, actions, now)
+        await self.rolling.step(service, self.clock())
+
+    async def _act(self, service: str, actions: list[Action], now: float) -> None:
         if not actions:
             await self._refresh_meta(service)
             return
@@ -471,13 +464,13 @@ class Supervisor:
     async def _refresh_meta(self, service: str) -> None:
         # A change that keeps the template (replicas) keeps the replicas, but the catalog
         # names the applied revision in Meta (DNS serves spec tags for that revision only).
-        revision = self.doc_revision.get(service)
-        if revision is None:
+        if self.doc_revision.get(service) is None:
             return
         for inst in list(self.instances.values()):
             iid = inst.obs.instance_id
-            if inst.obs.service == service and iid in self.registered and \
-                    self.registered_rev.get(iid) != revision and inst.obs.is_running:
+            if inst.obs.service == service and iid in self.registered and inst.obs.is_running \
+                    and self.registered_rev.get(iid) != self._meta_revision(inst.obs) \
+                    and iid not in self.rolling.terminating:
                 await self._register(inst)
 
     async def _execute(self, action: Action, now: float) -> None:
@@ -486,7 +479,8 @@ class Supervisor:
             if hold is not None and now < hold:
                 self._follow_up(action.service, action.slot, hold - now)
                 return
-            await self._start_instance(action)
+            await self._start_instance(action.service, action.slot, action.revision, action.node,
+                                       action.backoff, action.reason)
         elif isinstance(action, Kill):
             await self._kill_instance(action)
         elif isinstance(action, Register):
@@ -511,224 +505,6 @@ class Supervisor:
             max(delay, 0.0), self.enqueue, service)
 
     # --- actions --------------------------------------------------------------------------
-
-    def _assign_ports(self, spec: config.ServiceSpec, host: str) -> dict[str, int]:
-        ports: dict[str, int] = {}
-        lo, hi = PORT_RANGE
-        for p in spec.ports:
-            if p.port:
-                ports[p.name] = p.port
-                continue
-            start = random.randint(lo, hi)
-            for i in range(hi - lo + 1):
-                cand = lo + (start - lo + i) % (hi - lo + 1)
-                if cand not in self._ports_taken and cand not in ports.values() and \
-                        port_is_free(host, cand):
-                    ports[p.name] = cand
-                    break
-            else:
-                raise WorkloadError(f"no free port in {lo}-{hi} on {host}")
-        return ports
-
-    async def _start_instance(self, a: Start) -> None:
-        spec, revision = self.desired[a.service]
-        node = self.nodes[a.node]
-        rt = self.runtimes[a.node]
-        ports = self._assign_ports(spec, node.address)
-        iid = f"{a.service}-{a.slot}-{revision[:8]}-{secrets.token_hex(3)}"
-        env = dict(spec.env)
-        env.setdefault("HOST", node.address)
-        ispec = InstanceSpec(
-            instance_id=iid, service=a.service, slot=a.slot, revision=revision, node=a.node,
-            image=spec.image, command=spec.command, args=spec.args, workdir=spec.workdir,
-            env=env, ports=ports, cpu=spec.resources.cpu, memory=spec.resources.memory,
-            stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period,
-            dns=self.dns if node.runtime == "docker" else None)
-        self._ports_taken.update(ports.values())
-        await self._save_backoff(a.service, a.slot, a.backoff)
-        try:
-            observed = await rt.start(ispec)
-        except WorkloadError as exc:
-            self._ports_taken.difference_update(ports.values())
-            problem = f"slot {a.slot}: {exc}"
-            # Said once per new reason, not on every retry.
-            (log.debug if self.problems.get(a.service) == problem else log.error)(
-                "cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
-            self.problems[a.service] = problem
-            # An engine that refuses is retried with back-off, like a crash (at least 1 s).
-            st = BackoffState(a.backoff.failures + 1, a.backoff.restarts)
-            await self._save_backoff(a.service, a.slot, st)
-            delay = max(delay_for(spec.restart.backoff, st.failures), 1.0)
-            self._start_hold[(a.service, a.slot)] = self.clock() + delay
-            self._follow_up(a.service, a.slot, delay)
-            return
-        self._start_hold.pop((a.service, a.slot), None)
-        self.problems.pop(a.service, None)
-        log.info("started %s (%s slot %d on %s, ports %s): %s", iid, a.service, a.slot, a.node,
-                 ports, a.reason)
-        self._note(f"started {iid}: {a.reason}")
-        inst = _Inst(observed)
-        self.instances[iid] = inst
-        if not observed.is_running:   # exited before we looked
-            inst.noticed_exit = self.clock()
-        else:
-            self._start_probes(inst)
-        await self._register(inst)
-
-    def _start_probes(self, inst: _Inst, adopted_ready: bool = False) -> None:
-        entry = self.desired.get(inst.obs.service)
-        if entry is None or entry[1] != inst.obs.revision:
-            # Not desired as it is: it will be stopped; no probes, not ready.
-            inst.health = Health(ready=False)
-            return
-        spec = entry[0]
-        inst.health = initial_health(spec.probes)
-        if adopted_ready:
-            inst.health = dataclasses.replace(inst.health, started=True, ready=True)
-        rt = self.runtimes[inst.obs.node]
-        iid = inst.obs.instance_id
-
-        async def exec_(argv: list[str], timeout: float) -> tuple[int, bytes]:
-            return await rt.exec(iid, argv, timeout=timeout)
-
-        def changed(health: Health) -> None:
-            before = inst.health
-            inst.health = health
-            if before.ready != health.ready:
-                self._note(f"{iid} {'ready' if health.ready else 'not ready'}")
-                self._push_status(inst)
-            if not health.alive:
-                self.enqueue(inst.obs.service)
-
-        assert self._session is not None
-        prober = ProbeScheduler(spec, address=inst.obs.address, ports=inst.obs.ports, exec_=exec_,
-                                session=self._session, started_at=inst.obs.started_at or self.clock(),
-                                on_change=changed, clock=self.clock)
-        prober.health = inst.health
-        inst.prober = prober
-        prober.start()
-
-    def _status_of(self, inst: _Inst) -> str:
-        return "passing" if inst.obs.is_running and inst.health.ready and not inst.killed else "critical"
-
-    async def _register(self, inst: _Inst) -> None:
-        o = inst.obs
-        entry = self.desired.get(o.service)
-        tags = list(entry[0].tags) if entry else []
-        node = self.nodes.get(o.node)
-        meta = {"revision": self.doc_revision.get(o.service, o.revision), "node": o.node, "slot": str(o.slot), "weight": "1"}
-        meta.update({f"port_{name}": str(port) for name, port in o.ports.items()})
-        first = next(iter(o.ports.values()), 0)
-        status = self._status_of(inst)
-        check = {"TTL": f"{self.check_ttl:g}s", "Status": status}
-        await self._client.agent.service.register(
-            o.service, service_id=o.instance_id, address=node.address if node else o.address,
-            port=first, tags=tags, meta=meta, check=check)
-        self.registered[o.instance_id] = o.service
-        self.registered_rev[o.instance_id] = meta["revision"]
-        inst.pushed = status
-        # The status may have changed while the registration was in flight.
-        self._push_status(inst)
-
-    def _push_status(self, inst: _Inst, *, force: bool = False) -> None:
-        """Send the instance's readiness to its TTL check now (not through a sync).
-
-        One push per instance at a time; the pusher re-reads the wanted status after each
-        request, so quick flips end at the latest state, never at an older one."""
-        iid = inst.obs.instance_id
-        if iid not in self.registered or self._client is None:
-            return
-        if force:
-            inst.pushed = None
-        if inst.pushing:
-            return
-
-        async def push() -> None:
-            inst.pushing = True
-            try:
-                while iid in self.registered and inst.pushed != (status := self._status_of(inst)):
-                    try:
-                        if status == "passing":
-                            await self._client.agent.check.ttl_pass(f"service:{iid}")
-                        else:
-                            await self._client.agent.check.ttl_fail(f"service:{iid}")
-                        inst.pushed = status
-                    except Exception as exc:  # noqa: BLE001 - re-asserted every TTL/2 anyway
-                        log.warning("cannot update the check of %s: %s", iid, exc)
-                        return
-            finally:
-                inst.pushing = False
-
-        task = asyncio.create_task(push())
-        self._pending_status.add(task)
-        task.add_done_callback(self._pending_status.discard)
-
-    async def _deregister(self, iid: str) -> None:
-        if iid not in self.registered:
-            return
-        try:
-            await self._client.agent.service.deregister(iid)
-        except Exception as exc:  # noqa: BLE001 - retried by the next sync
-            log.warning("cannot deregister %s: %s", iid, exc)
-            return
-        self.registered.pop(iid, None)
-        self.registered_rev.pop(iid, None)
-
-    async def _kill_instance(self, a: Kill) -> None:
-        inst = self.instances.get(a.instance_id)
-        if inst is None:
-            return
-        inst.killed = True
-        if inst.prober is not None:
-            inst.prober.close()
-            inst.prober = None
-        self._note(f"killed {a.instance_id}: {a.reason}")
-        log.warning("killing %s: %s", a.instance_id, a.reason)
-        await self._deregister(a.instance_id)
-        entry = self.desired.get(a.service)
-        grace = entry[0].stop_grace_period if entry else 10.0
-        await self.runtimes[a.node].stop(a.instance_id, grace=grace)
-
-    async def _stop_instance(self, iid: str, reason: str) -> None:
-        inst = self.instances.get(iid)
-        if inst is None:
-            await self._deregister(iid)
-            return
-        if inst.prober is not None:
-            inst.prober.close()
-            inst.prober = None
-        was_serving = iid in self.registered and inst.health.ready and inst.obs.is_running
-        await self._deregister(iid)
-        entry = self.desired.get(inst.obs.service)
-        if was_serving and entry is not None:
-            await asyncio.sleep(entry[0].update.drain_delay)   # let DNS and proxies catch up
-        grace = entry[0].stop_grace_period if entry else 10.0
-        rt = self.runtimes.get(inst.obs.node)
-        if rt is not None:
-            try:
-                await rt.stop(iid, grace=grace)
-                await rt.remove(iid)
-            except InstanceNotFound:
-                pass   # gone already: nothing left to stop
-            except WorkloadError as exc:
-                log.error("cannot stop %s: %s", iid, exc)
-                return
-        self.instances.pop(iid, None)
-        self._removed[iid] = None
-        if len(self._removed) > 1000:
-            del self._removed[next(iter(self._removed))]
-        self._ports_taken.difference_update(inst.obs.ports.values())
-        if inst.obs.is_running:
-            self._note(f"stopped {iid}: {reason}")
-            log.info("stopped %s: %s", iid, reason)
-
-    def _note(self, text: str) -> None:
-        kind, _, rest = text.partition(" ")
-        self.history.append((self.clock(), kind, rest.split(":")[0].split(" ")[0]))
-        del self.history[:-1000]
-        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
-        del self.events[:-100]
-
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m supervisor.agent --consul URL --data-dir DIR [--admin HOST:PORT]``: the

@@ -337,6 +337,9 @@ def _progress(sup: Supervisor) -> list[str]:
     for s in build_status(sup)["services"]:
         if s["desired"] or s["instances"]:
             line = f"{s['name']}: {s['ready']}/{s['desired']} ready"
+            rollout = s.get("rollout") or {}
+            if rollout.get("phase") in ("progressing", "reverting"):
+                line += f", rollout {rollout['phase']} to #{rollout.get('number')}: {rollout['progress']}"
             if s.get("problem"):
                 line += f" ({s['problem']})"
             lines.append(line)

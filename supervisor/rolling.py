@@ -1,0 +1,503 @@
+"""Rolling updates in the supervisor: the I/O shell over the pure engine (``rollout.py``).
+
+Per service the driver keeps the rollout state and revision history (both mirrored in KV,
+``rollout_keys``), the CLI's control (pause) and restart token, and per replica what the
+engine needs to know (terminating, weight, restarts of the target revision). Each sync of
+a service (``agent.Supervisor._sync``) calls, in this order:
+
+    begin(service)    desired revision = target_revision(spec, restart token); a change
+                      records the history and starts a rollout (``start_rollout``), unless
+                      nothing of another revision runs (a first deploy: reconcile starts
+                      it, and the revision is marked complete once all replicas are ready)
+    effective()       (spec, revision) per service for reconcile: the rollout's target,
+                      with the spec of its history entry (an auto-revert target)
+    rolling()         services reconcile leaves to the engine (progressing/paused/failed)
+    step(service)     ObservedReplicas from the runtimes and probes -> ``rollout_step`` ->
+                      start / retire / weights / history; state and history stored in KV
+                      after acting; a follow-up at ``followup_at``
+
+Retiring runs in the background (never in the sync): mark terminating, deregister, wait
+``max(MIN_DRAIN, update.drain_delay)`` so every proxy and DNS server has dropped it (their
+blocking queries return within milliseconds of the change; the floor covers a slow
+scheduler), then SIGTERM, grace period, SIGKILL. The proxy reports no per-endpoint
+in-flight count (only a process-wide gauge in /metrics), so in-flight requests get the
+drain delay plus the grace period: a request still running after SIGTERM is the
+workload's to finish in its grace period.
+
+Auto-revert does not rewrite ``meshlet/services/<name>``: that document stays what the
+user applied, the state says ``reverted_from`` and why, and a document whose revision is
+the one reverted from starts no rollout again. A new apply, ``meshlet rollback`` or
+``meshlet restart`` does. (Rewriting it would race with ``meshlet apply`` and the CLI's
+rollback transaction, and lose the record of what was applied.)
+
+Errors: KV failures are logged; the state is stored again after the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import config
+from discovery.consul import kv_delete, kv_put
+
+from .backoff import BackoffState, decide
+from .place import Request, place
+from .rollout import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVERTING,
+                      STARTING, TERMINATING, MarkComplete, MarkFailed, ObservedReplica, RetireReplica,
+                      Revert, RolloutError, RolloutState, SetWeight, StartReplica, Strategy, describe,
+                      mark_revision, pause, record_revision, restart_revision, resume, rollout_step,
+                      start_rollout)
+from .rollout_keys import ROLLOUT_PREFIX, history_key, state_key
+
+if TYPE_CHECKING:
+    from .agent import Supervisor, _Inst
+
+__all__ = ["RolloutDriver", "MIN_DRAIN", "FOLLOWUP_SLOT"]
+
+log = logging.getLogger(__name__)
+
+# The least wait between deregistering a retired replica and SIGTERM: proxies and DNS see
+# the change through blocking queries within milliseconds; 0.5 s covers a busy machine.
+MIN_DRAIN = 0.5
+FOLLOWUP_SLOT = -1          # the agent's follow-up key (service, slot) for rollout steps
+_ENGINE_OWNS = (PROGRESSING, PAUSED, FAILED, REVERTING)
+
+
+class RolloutDriver:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.states: dict[str, RolloutState] = {}
+        self.histories: dict[str, list[dict[str, Any]]] = {}
+        self.controls: dict[str, dict[str, Any]] = {}
+        self.tokens: dict[str, str | None] = {}
+        self.terminating: set[str] = set()
+        self.weights: dict[str, int] = {}
+        self.crashes: dict[tuple[str, int], int] = {}       # restarts of the target, per slot
+        self._counted: set[str] = set()                     # exits already counted
+        self._stored: dict[str, tuple[Any, Any]] = {}
+        self._specs: dict[tuple[str, str], config.ServiceSpec] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- KV ----------------------------------------------------------------------------
+
+    def load(self, entries: Mapping[str, bytes]) -> None:
+        """Everything under ``meshlet/rollout/`` as read at start (state, history, control,
+        restart); unreadable values are logged and ignored."""
+        for key, raw in entries.items():
+            service, _, kind = key[len(ROLLOUT_PREFIX):].rpartition("/")
+            try:
+                value = json.loads(raw or b"null")
+                if kind == "state" and value is not None:
+                    self.states[service] = RolloutState.from_dict(value)
+                    self._stored.setdefault(service, (None, None))
+                elif kind == "history" and isinstance(value, list):
+                    self.histories[service] = value
+            except (ValueError, RolloutError) as exc:
+                log.error("ignoring unreadable %s: %s", key, exc)
+        for service, st in self.states.items():
+            self._stored[service] = (st.to_dict(), self.histories.get(service))
+        self.on_control(entries, initial=True)
+
+    def on_control(self, entries: Mapping[str, bytes], initial: bool = False) -> set[str]:
+        """The control and restart keys (from the watch): returns the services they changed."""
+        controls: dict[str, dict[str, Any]] = {}
+        tokens: dict[str, str | None] = {}
+        for key, raw in entries.items():
+            service, _, kind = key[len(ROLLOUT_PREFIX):].rpartition("/")
+            if kind not in ("control", "restart"):
+                continue
+            try:
+                value = json.loads(raw or b"null")
+            except ValueError:
+                log.error("ignoring unreadable %s", key)
+                continue
+            if not isinstance(value, dict):
+                continue
+            if kind == "control":
+                controls[service] = value
+            elif isinstance(value.get("token"), str) and value["token"]:
+                tokens[service] = value["token"]
+        changed = {s for s in set(controls) | set(self.controls) if controls.get(s) != self.controls.get(s)}
+        changed |= {s for s in set(tokens) | set(self.tokens) if tokens.get(s) != self.tokens.get(s)}
+        self.controls, self.tokens = controls, tokens
+        for service in changed:
+            self._apply_control(service, initial)
+        return changed
+
+    def _apply_control(self, service: str, initial: bool) -> None:
+        st = self.states.get(service)
+        if st is None:
+            return
+        control = self.controls.get(service) or {}
+        now = self.sup.clock()
+        if control.get("paused"):
+            self.states[service] = pause(st, str(control.get("reason") or "paused by the user"))
+        elif st.phase == PAUSED and not (initial and st.reason.startswith("revert to ")):
+            # at start a failed revert stays paused; a resume seen live resumes anything
+            self.states[service] = resume(st, now)
+
+    async def store(self, service: str) -> None:
+        st = self.states.get(service)
+        want = (st.to_dict() if st else None, self.histories.get(service))
+        if self._stored.get(service) == want:
+            return
+        client = self.sup._client
+        try:
+            if want[1] is not None:
+                await kv_put(client, history_key(service), json.dumps(want[1]))
+            if want[0] is not None:
+                await kv_put(client, state_key(service), json.dumps(want[0]))
+            else:
+                await kv_delete(client, state_key(service))
+            self._stored[service] = want
+        except Exception as exc:  # noqa: BLE001 - stored again after the next step
+            log.warning("cannot store the rollout of %s: %s", service, exc)
+
+    # --- what should run -------------------------------------------------------------------
+
+    def doc_target(self, service: str) -> str | None:
+        entry = self.sup.desired.get(service)
+        return restart_revision(entry[1], self.tokens.get(service)) if entry else None
+
+    def spec_for(self, service: str, revision: str) -> config.ServiceSpec | None:
+        """The spec replicas of ``revision`` run: the applied one, or its history entry's
+        (with the applied ``replicas``: a revert goes back on the template, not the scale).
+        Unknown revisions (adopted from before any history) get the applied spec."""
+        entry = self.sup.desired.get(service)
+        if entry is None:
+            return None
+        if revision == self.doc_target(service):
+            return entry[0]
+        spec = self._specs.get((service, revision))
+        if spec is None:
+            for e in reversed(self.histories.get(service, ())):
+                if e.get("revision") == revision and isinstance(e.get("spec"), dict):
+                    try:
+                        spec = config.ServiceSpec.from_dict(e["spec"], source=f"history of {service}")
+                    except (config.ConfigError, ValueError, TypeError) as exc:
+                        log.error("history entry %s of %s: %s", e.get("number"), service, exc)
+                        continue
+                    self._specs[(service, revision)] = spec
+                    break
+        if spec is None:
+            return entry[0]
+        return dataclasses.replace(spec, replicas=entry[0].replicas)
+
+    def effective(self) -> dict[str, tuple[config.ServiceSpec, str]]:
+        out = {}
+        for name, (spec, _) in self.sup.desired.items():
+            st = self.states.get(name)
+            revision = st.revision if st is not None else self.doc_target(name)
+            assert revision is not None
+            out[name] = (self.spec_for(name, revision) or spec, revision)
+        return out
+
+    def rolling(self) -> frozenset[str]:
+        return frozenset(n for n, st in self.states.items()
+                         if st.phase in _ENGINE_OWNS and n in self.sup.desired)
+
+    # --- starting a rollout ------------------------------------------------------------------
+
+    def _record(self, service: str, revision: str, spec_doc: Any, token: str | None,
+                limit: int, now: float) -> None:
+        history = record_revision(self.histories.get(service, []), revision, spec_doc, now, limit)
+        history[-1]["restart_token"] = token
+        self.histories[service] = history
+
+    async def begin(self, service: str, now: float) -> None:
+        entry = self.sup.desired.get(service)
+        if entry is None:
+            return
+        spec = entry[0]
+        want = self.doc_target(service)
+        assert want is not None
+        token = self.tokens.get(service)
+        st = self.states.get(service)
+        if st is not None and want in (st.revision, st.reverted_from):
+            await self._first_complete(service, spec, now)
+            return
+        others = [i for i in self._instances(service)
+                  if i.obs.is_running and i.obs.revision != want and i.obs.instance_id not in self.terminating]
+        history = self.histories.get(service, [])
+        if not others:
+            # A first deploy (or all on it already): reconcile starts it; no rollout.
+            if not history or history[-1]["revision"] != want:
+                self._record(service, want, spec.to_dict(), token, spec.update.history, now)
+            self.states.pop(service, None)
+            await self.store(service)
+            await self._first_complete(service, spec, now)
+            return
+        try:
+            self._record(service, want, spec.to_dict(), token, spec.update.history, now)
+        except RolloutError as exc:      # a corrupt history in KV: start a new one
+            log.error("history of %s: %s; starting a new one", service, exc)
+            self.histories[service] = []
+            self._record(service, want, spec.to_dict(), token, spec.update.history, now)
+        st = start_rollout(service, want, self.histories[service], now, restart_token=token)
+        if (self.controls.get(service) or {}).get("paused"):
+            st = pause(st, str(self.controls[service].get("reason") or "paused by the user"))
+        self._reset_crashes(service)
+        self.states[service] = st
+        log.info("rollout of %s to %s started (revert target %s)", service, want, st.revert_to)
+        self.sup._note(f"rollout {service}: to {want}")
+        await self.store(service)
+
+    async def _first_complete(self, service: str, spec: config.ServiceSpec, now: float) -> None:
+        """No rollout state yet: once every replica of the active revision is ready it is
+        marked complete (a later auto-revert target) and the state says so."""
+        history = self.histories.get(service)
+        want = self.doc_target(service)
+        if service in self.states or not history or spec.replicas == 0:
+            return
+        last = history[-1]
+        if last["revision"] != want or last["status"] != "active":
+            return
+        ready = sum(1 for i in self._instances(service)
+                    if i.obs.revision == want and i.obs.is_running and i.health.ready)
+        if ready < spec.replicas:
+            return
+        self.histories[service] = mark_revision(history, want, "complete")
+        self.states[service] = RolloutState(service, want, COMPLETE, now, now,
+                                            restart_token=self.tokens.get(service),
+                                            reason=f"deployed {want}: {ready} ready")
+        await self.store(service)
+
+    # --- observing -------------------------------------------------------------------------
+
+    def _instances(self, service: str) -> list[_Inst]:
+        return [i for i in self.sup.instances.values() if i.obs.service == service]
+
+    def _reset_crashes(self, service: str) -> None:
+        for key in [k for k in self.crashes if k[0] == service]:
+            del self.crashes[key]
+
+    def note_exit(self, inst: _Inst) -> None:
+        """An instance exited (crash, kill): a restart of the rollout's target counts."""
+        o = inst.obs
+        st = self.states.get(o.service)
+        if o.instance_id in self._counted or o.instance_id in self.terminating or st is None \
+                or st.phase not in _ENGINE_OWNS or o.revision != st.revision:
+            return
+        self._counted.add(o.instance_id)
+        if len(self._counted) > 10000:
+            self._counted.clear()
+        self.crashes[(o.service, o.slot)] = self.crashes.get((o.service, o.slot), 0) + 1
+
+    def observe(self, service: str, st: RolloutState, spec: config.ServiceSpec,
+                now: float) -> list[ObservedReplica]:
+        insts = self._instances(service)
+        running_new = {i.obs.slot for i in insts if i.obs.is_running and i.obs.revision == st.revision
+                       and i.obs.instance_id not in self.terminating}
+        out = []
+        latest_exit: dict[int, _Inst] = {}
+        for i in insts:
+            o = i.obs
+            if not o.is_running and o.revision == st.revision and o.instance_id not in self.terminating:
+                # one exited replica of the target per slot stands for the slot (the newest)
+                prev = latest_exit.get(o.slot)
+                if o.slot in running_new or (prev is not None and (prev.obs.finished_at or 0) >= (o.finished_at or 0)):
+                    continue
+                latest_exit[o.slot] = i
+        for i in insts:
+            o = i.obs
+            iid = o.instance_id
+            restarts = self.crashes.get((service, o.slot), 0) if o.revision == st.revision else 0
+            ready_since = None
+            if iid in self.terminating:
+                phase = TERMINATING
+            elif not o.is_running:
+                if o.revision == st.revision:
+                    if latest_exit.get(o.slot) is not i:
+                        continue
+                    phase = STARTING if self._restarts(i, spec, now) else EXITED
+                else:
+                    phase = EXITED
+            elif i.health.ready and not i.killed and i.pushed == "passing":
+                # ready once the catalog says so: an old replica is never retired before
+                # its replacement is passing where proxies and DNS read it
+                phase, ready_since = READY, i.ready_since if i.ready_since is not None else now
+            else:
+                phase = STARTING
+            out.append(ObservedReplica(iid, o.slot, o.revision, phase, ready_since, restarts,
+                                       self.weights.get(iid, 1)))
+        return out
+
+    def _restarts(self, inst: _Inst, spec: config.ServiceSpec, now: float) -> bool:
+        o = inst.obs
+        if o.slot >= spec.replicas:
+            return False
+        d = decide(spec.restart, self.sup.backoff.get((o.service, o.slot), BackoffState()),
+                   exit_code=o.exit_code, started_at=o.started_at,
+                   finished_at=o.finished_at if o.finished_at is not None else (inst.noticed_exit or now),
+                   failed=inst.killed)
+        return d.restart
+
+    # --- stepping ---------------------------------------------------------------------------
+
+    async def step(self, service: str, now: float) -> None:
+        st = self.states.get(service)
+        if st is None or st.phase not in (PROGRESSING, REVERTING) or service not in self.sup.desired:
+            return
+        spec = self.spec_for(service, st.revision) or self.sup.desired[service][0]
+        strategy = Strategy.from_spec(spec.replicas, spec.update)
+        observed = self.observe(service, st, spec, now)
+        result = rollout_step(st, observed, strategy, now)
+        self.states[service] = result.state
+        if result.actions:
+            log.info("rollout %s: %s", service, result.fields())
+        acted = False
+        for action in result.actions:
+            acted |= await self._execute(service, action, now)
+        if result.state.phase != st.phase:
+            log.info("rollout of %s: %s (%s)", service, result.state.phase, result.state.reason)
+            self.sup._note(f"rollout {service}: {result.state.phase}: {result.state.reason}")
+        await self.store(service)
+        if result.followup_at is not None:
+            self.sup._follow_up(service, FOLLOWUP_SLOT, result.followup_at - now)
+        if acted:
+            self.sup.enqueue(service)    # level-triggered: look again with the new view
+
+    async def _execute(self, service: str, a: Any, now: float) -> bool:
+        history = self.histories.get(service, [])
+        if isinstance(a, StartReplica):
+            return await self._start(service, a, now)
+        if isinstance(a, RetireReplica):
+            return self.retire(a.instance_id, a.reason)
+        if isinstance(a, SetWeight):
+            self.weights[a.instance_id] = a.weight
+            inst = self.sup.instances.get(a.instance_id)
+            if inst is not None and a.instance_id in self.sup.registered:
+                await self.sup._register(inst)
+            return True
+        if isinstance(a, MarkFailed):
+            log.error("rollout of %s: revision %s failed: %s", service, a.revision, a.reason)
+            self.histories[service] = mark_revision(history, a.revision, FAILED)
+        elif isinstance(a, MarkComplete):
+            self.histories[service] = mark_revision(history, a.revision, COMPLETE)
+        elif isinstance(a, Revert):
+            entry = next((e for e in reversed(history) if e.get("revision") == a.to_revision), None)
+            spec = self.sup.desired[service][0]
+            token = entry.get("restart_token") if entry else None
+            self._record(service, a.to_revision, entry.get("spec") if entry else None, token,
+                         spec.update.history, now)
+            self.states[service] = dataclasses.replace(self.states[service], restart_token=token)
+            self._reset_crashes(service)
+            log.warning("rollout of %s: reverting to %s: %s", service, a.to_revision, a.reason)
+            return True
+        return False
+
+    async def _start(self, service: str, a: StartReplica, now: float) -> bool:
+        sup = self.sup
+        hold = sup._start_hold.get((service, a.slot))
+        if hold is not None and now < hold:
+            sup._follow_up(service, a.slot, hold - now)
+            return False
+        spec = self.spec_for(service, a.revision)
+        if spec is None:
+            return False
+        beside = [i.obs.node for i in self._instances(service)
+                  if i.obs.slot == a.slot and i.obs.node in sup.nodes]
+        node = beside[0] if beside else None
+        if node is None:
+            observed = sup.observed()
+            from .reconcile import _allocations
+            result = place([Request(spec, a.slot)], observed.nodes,
+                           _allocations(self.effective(), observed.replicas))
+            if not result.placed:
+                reason = result.failed[0][1] if result.failed else "no node"
+                sup.problems[service] = f"slot {a.slot}: {reason}"
+                return False
+            node = result.placed[0][1]
+        await sup._start_instance(service, a.slot, a.revision, node, BackoffState(), a.reason,
+                                  weight=a.weight)
+        return True
+
+    # --- retiring ----------------------------------------------------------------------------
+
+    def retire(self, iid: str, reason: str) -> bool:
+        inst = self.sup.instances.get(iid)
+        if inst is None or iid in self.terminating:
+            return False
+        self.terminating.add(iid)       # reported terminating from now on
+        task = asyncio.create_task(self._retire(inst, reason), name=f"retire {iid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _retire(self, inst: _Inst, reason: str) -> None:
+        sup = self.sup
+        o = inst.obs
+        iid = o.instance_id
+        spec = self.spec_for(o.service, o.revision)
+        try:
+            for attempt in range(30):
+                serving = iid in sup.registered and o.is_running and inst.health.ready
+                if inst.prober is not None:
+                    inst.prober.close()
+                    inst.prober = None
+                await sup._deregister(iid)          # out of the catalog FIRST
+                if serving:
+                    drain = max(MIN_DRAIN, spec.update.drain_delay if spec else 0.0)
+                    await asyncio.sleep(drain)      # proxies and DNS drop it; requests end
+                await sup._stop_instance(iid, f"retired: {reason}")
+                if iid not in sup.instances:
+                    break
+                await asyncio.sleep(min(1.0 + attempt, 10.0))   # the runtime refused: again
+            else:
+                log.error("could not retire %s", iid)
+        finally:
+            if iid not in sup.instances:
+                self.terminating.discard(iid)
+                self.weights.pop(iid, None)
+            sup.enqueue(o.service)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- status --------------------------------------------------------------------------------
+
+    def status(self, service: str) -> dict[str, Any] | None:
+        st = self.states.get(service)
+        history = self.histories.get(service) or []
+        if st is None:
+            if not history:
+                return None
+            return {"phase": "deploying", "revision": history[-1]["revision"],
+                    "number": history[-1]["number"], "summary": "first deploy", "reason": ""}
+        number = next((e["number"] for e in reversed(history) if e.get("revision") == st.revision), None)
+        insts = [i for i in self._instances(service) if i.obs.is_running
+                 and i.obs.instance_id not in self.terminating]
+        spec = self.spec_for(service, st.revision)
+        replicas = spec.replicas if spec else len({i.obs.slot for i in insts})
+        updated = sum(1 for i in insts if i.obs.revision == st.revision)
+        old = len(insts) - updated
+        progress = f"{min(updated, replicas)}/{replicas} updated" + (f", {old} old" if old else "")
+        strategy = Strategy.from_spec(replicas, spec.update) if spec else None
+        now = self.sup.clock()
+        line = describe(st, self.observe(service, st, spec, now) if spec else [], strategy, now)
+        return {"phase": st.phase, "revision": st.revision, "number": number, "progress": progress,
+                "reason": st.reason, "reverted_from": st.reverted_from, "summary": line,
+                "terminating": sum(1 for i in self._instances(service)
+                                   if i.obs.instance_id in self.terminating)}
+
+    def attention(self, service: str) -> str | None:
+        """What ``meshlet status`` should say of a rollout that needs a human: failed,
+        paused, or reverted (the applied document is not what runs)."""
+        st = self.states.get(service)
+        if st is None:
+            return None
+        if st.phase in (FAILED, PAUSED):
+            return f"rollout {st.phase}: {st.reason}"
+        if st.phase == REVERTING:
+            return f"rollout: {st.reason}"
+        if st.phase == COMPLETE and st.reverted_from and st.reverted_from == self.doc_target(service):
+            return f"rollout: {st.reason}; the applied revision {st.reverted_from} is not running"
+        return None
+

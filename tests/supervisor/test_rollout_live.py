@@ -1,0 +1,360 @@
+"""Rolling updates end to end: the supervisor (process runtime, and a Docker engine) moves
+3 replicas to a new revision while an aiohttp client sends steady load through the real
+proxy (``python -m proxy``) to ``web.service.meshlet``; every non-200 counts as failed.
+
+While a rollout runs, a sampler reads the catalog (``/v1/health/service``) and the running
+replicas every few ms: never more than replicas + surge registered or running, never fewer
+than replicas - unavailable passing (3 replicas, defaults 25%/25%: surge 1, unavailable 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import textwrap
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from _util import async_wait_for, kill_leftovers, start_server, stop_process
+from conftest import APPS
+from discovery.consul import instances_from_health
+from supervisor.admin import build_status
+from supervisor.rollout_keys import history_key, state_key
+
+REPLICAS = 3
+READY = "{http: {path: /ready}, period: 0.1s, failure_threshold: 1}"
+
+
+def web_yaml(mesh, *, env: dict[str, str] | None = None, command: list[str] | None = None,
+             update: str = "", image: str | None = None, readiness: str = READY) -> str:
+    env = {"MARKERS": str(mesh.markers), **(env or {})}
+    if image:
+        run = f"image: {image}"
+    else:
+        run = f"command: {json.dumps(command or [sys.executable, str(APPS / 'flaky.py')])}"
+    return textwrap.dedent(f"""\
+        services:
+          web:
+            {run}
+            replicas: {REPLICAS}
+            ports: [{{name: http}}]
+            env: {json.dumps(env)}
+            update: {{drain_delay: 0s{update}}}
+            stop_grace_period: 2s
+            restart: {{backoff: {{initial: 0.2s, max: 1s}}}}
+            probes:
+              readiness: {readiness}
+        """)
+
+
+# --------------------------------------------------------------------------- load and bounds
+
+
+@dataclass
+class Load:
+    """Steady requests through the proxy from a few keep-alive workers."""
+    port: int
+    sent: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    bodies: set[str] = field(default_factory=set)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def _worker(self, session: aiohttp.ClientSession) -> None:
+        url = f"http://127.0.0.1:{self.port}/"
+        while not self._stop.is_set():
+            self.sent += 1
+            try:
+                async with session.get(url, headers={"Host": "web.service.meshlet"}) as r:
+                    body = await r.text()
+                    if r.status != 200:
+                        self._fail(f"HTTP {r.status}: {body[:80]!r}")
+                    else:
+                        self.bodies.add(body.strip())
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self._fail(f"{type(exc).__name__}: {exc}"[:120])
+            await asyncio.sleep(0.01)
+
+    def _fail(self, why: str) -> None:
+        self.failed += 1
+        self.reasons[why] = self.reasons.get(why, 0) + 1
+
+    async def __aenter__(self) -> Load:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._tasks = [asyncio.create_task(self._worker(self._session)) for _ in range(4)]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._session.close()
+
+
+@dataclass
+class Bounds:
+    """Samples the catalog during a rollout (registered and passing instances of web)."""
+    client: object
+    running: object              # () -> number of running replicas (runtime view)
+    max_registered: int = 0
+    max_running: int = 0
+    min_passing: int = 10 ** 6
+    samples: int = 0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            _, entries = await self.client.health.service("web")
+            insts = instances_from_health(entries)
+            self.max_registered = max(self.max_registered, len(insts))
+            self.min_passing = min(self.min_passing, sum(i.status == "passing" for i in insts))
+            self.max_running = max(self.max_running, self.running())
+            self.samples += 1
+            await asyncio.sleep(0.005)
+
+    async def __aenter__(self) -> Bounds:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._stop.set()
+        await self._task
+
+
+@pytest.fixture
+def proxy(catalog):
+    proc, ready = start_server([sys.executable, "-m", "proxy", "--consul", catalog.url,
+                                "--listen", "127.0.0.1:0"])
+    yield int(ready["http"][0].rpartition(":")[2])
+    stop_process(proc)
+
+
+async def _serving(port: int, n: int) -> bool:
+    """n distinct instances answered through the proxy."""
+    seen = set()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4 * n):
+            async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "web.service.meshlet"}) as r:
+                if r.status != 200:
+                    return False
+                seen.add(await r.text())
+    return len(seen) >= n
+
+
+def web_status(sup) -> dict:
+    return next(s for s in build_status(sup)["services"] if s["name"] == "web")
+
+
+async def _kv_json(mesh, key: str):
+    _, entry = await mesh.client.kv.get(key)
+    return json.loads(entry["Value"]) if entry else None
+
+
+async def _up(mesh, proxy, text: str):
+    await mesh.apply(text)
+    sup = await mesh.start()
+    await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
+    await async_wait_for(lambda: _serving(proxy, REPLICAS), timeout=15)
+    await async_wait_for(lambda: (sup.rolling.states.get("web") or _Nil).phase == "complete", timeout=10)
+    return sup
+
+
+class _Nil:
+    phase = None
+
+
+async def _n_passing(mesh, n):
+    return len(await mesh.passing("web")) == n
+
+
+def _revisions(mesh) -> list[str]:
+    return sorted(o.revision for o in mesh.running("web").values())
+
+
+# --------------------------------------------------------------------------- process runtime
+
+
+async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    first = sup.rolling.states["web"].revision
+    history = await _kv_json(mesh, history_key("web"))
+    assert [(e["number"], e["revision"], e["status"]) for e in history] == [(1, first, "complete")]
+    async with Load(proxy) as load, Bounds(mesh.client, lambda: len(mesh.running("web"))) as bounds:
+        await async_wait_for(lambda: load.sent > 20, timeout=10)
+        await mesh.apply(web_yaml(mesh, env={"V": "2"}))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
+        new = sup.rolling.states["web"].revision
+        status = web_status(sup)["rollout"]
+        assert status["phase"] == "progressing" and status["revision"] == new and status["number"] == 2
+        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=60)
+        await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=15)
+        sent_at_end = load.sent
+        await async_wait_for(lambda: load.sent > sent_at_end + 20, timeout=10)
+    assert load.failed == 0, load.reasons
+    assert load.sent > 100
+    assert bounds.samples > 20
+    assert bounds.max_running <= REPLICAS + 1 and bounds.max_registered <= REPLICAS + 1, bounds
+    assert bounds.min_passing >= REPLICAS, bounds
+    assert sorted(o.slot for o in mesh.running("web").values()) == [0, 1, 2]
+    assert len(await mesh.passing("web")) == REPLICAS
+    history = await _kv_json(mesh, history_key("web"))
+    assert [(e["revision"], e["status"]) for e in history] == [(first, "complete"), (new, "complete")]
+    state = await _kv_json(mesh, state_key("web"))
+    assert (state["revision"], state["phase"]) == (new, "complete")
+    assert web_status(sup)["rollout"]["progress"] == "3/3 updated"
+
+
+async def test_a_revision_that_crashes_at_start_is_reverted_without_failures(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    good = sup.rolling.states["web"].revision
+    before = set(mesh.running("web"))
+    crash = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    async with Load(proxy) as load:
+        await async_wait_for(lambda: load.sent > 20, timeout=10)
+        await mesh.apply(web_yaml(mesh, command=crash))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
+        bad = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete"
+                             and sup.rolling.states["web"].revision == good, timeout=60)
+        await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
+                             and not sup.rolling.terminating, timeout=15)
+    assert load.failed == 0, load.reasons
+    assert set(mesh.running("web")) == before, "the old replicas never stopped"
+    history = await _kv_json(mesh, history_key("web"))
+    assert [(e["number"], e["revision"], e["status"]) for e in history] == \
+        [(2, bad, "failed"), (3, good, "complete")]
+    state = sup.rolling.states["web"]
+    assert state.reverted_from == bad and ("exited" in state.reason or "restarted" in state.reason)
+    web = web_status(sup)
+    assert f"reverted to {good}" in web["problem"] and bad in web["problem"], web["problem"]
+    assert web["rollout"]["phase"] == "complete"
+    # the document is still what was applied; a sync does not start the bad one again
+    sup.enqueue("web")
+    await async_wait_for(lambda: sup._syncing == {}, timeout=10)
+    assert sup.rolling.states["web"].revision == good
+
+
+async def test_a_revision_never_ready_hits_the_progress_deadline_and_is_reverted(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    good = sup.rolling.states["web"].revision
+    stuck = mesh.tmp / "stuck"
+    stuck.mkdir()
+    (stuck / "unready").touch()
+    async with Load(proxy) as load:
+        await async_wait_for(lambda: load.sent > 20, timeout=10)
+        began = sup.clock()
+        await mesh.apply(web_yaml(mesh, env={"MARKERS": str(stuck)}, update=", progress_deadline: 2s"))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
+        bad = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=30)
+        await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
+                             and not sup.rolling.terminating, timeout=15)
+    assert sup.clock() - began >= 2.0
+    assert load.failed == 0, load.reasons
+    history = await _kv_json(mesh, history_key("web"))
+    assert (history[-2]["revision"], history[-2]["status"]) == (bad, "failed")
+    assert (history[-1]["revision"], history[-1]["status"]) == (good, "complete")
+    assert "progress_deadline" in sup.rolling.states["web"].reason
+
+
+async def test_pause_holds_a_rollout_and_resume_finishes_it(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    first = sup.rolling.states["web"].revision
+    await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", min_ready: 1s"))
+    await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
+    await mesh.client.kv.put("meshlet/rollout/web/control",
+                             json.dumps({"paused": True, "reason": "checking", "at": 1.0}))
+    await async_wait_for(lambda: sup.rolling.states["web"].phase == "paused", timeout=10)
+    held = sorted(mesh.running("web"))
+    await async_wait_for(lambda: sup._syncing == {}, timeout=10)
+    assert "paused: checking" in web_status(sup)["problem"]
+    await mesh.client.kv.put("meshlet/rollout/web/control",
+                             json.dumps({"paused": False, "reason": "", "at": 2.0}))
+    await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=60)
+    assert sorted(mesh.running("web")) != held
+
+
+async def test_a_restart_token_rolls_every_replica_without_a_spec_change(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    first = sup.rolling.states["web"].revision
+    before = set(mesh.running("web"))
+    await mesh.client.kv.put("meshlet/rollout/web/restart", json.dumps({"token": "t1", "at": 1.0}))
+    await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+                         and sup.rolling.states["web"].phase == "complete", timeout=60)
+    await async_wait_for(lambda: not (set(mesh.running("web")) & before)
+                         and len(mesh.running("web")) == REPLICAS, timeout=15)
+    history = await _kv_json(mesh, history_key("web"))
+    assert history[-1]["restart_token"] == "t1" and history[-1]["status"] == "complete"
+
+
+# --------------------------------------------------------------------------- kill -9 mid-rollout
+
+
+async def test_a_supervisor_killed_mid_rollout_resumes_it_after_its_restart(mesh, proxy, tmp_path):
+    text = web_yaml(mesh, update=", min_ready: 1.5s")
+    await mesh.apply(text)
+    argv = [sys.executable, "-m", "supervisor.agent", "--consul", mesh.url, "--data-dir",
+            str(mesh.data_dir), "--admin", "127.0.0.1:0", "--runtime", "process"]
+    env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
+    proc, ready = start_server(argv, env=env)
+    try:
+        await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
+        await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=15)
+        first = (await _kv_json(mesh, state_key("web")))["revision"]
+        async with Load(proxy) as load, Bounds(mesh.client, lambda: _running_pids(mesh)) as bounds:
+            await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", min_ready: 1.5s"))
+            # killed once the first new replica passes (a rollout half way)
+            await async_wait_for(lambda: _new_ready(ready["admin"], first, 1), timeout=30)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            state = await _kv_json(mesh, state_key("web"))
+            assert state["phase"] == "progressing" and state["revision"] != first
+            proc, ready = start_server(argv, env=env)
+            await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=60)
+        new = (await _kv_json(mesh, state_key("web")))["revision"]
+        assert new == state["revision"]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{ready['admin']}/v1/status") as r:
+                web = next(x for x in (await r.json())["services"] if x["name"] == "web")
+        running = [i for i in web["instances"] if i["state"] != "exited"]
+        assert sorted(i["slot"] for i in running) == [0, 1, 2], running
+        assert {i["revision"] for i in running} == {new}
+        assert load.failed == 0, load.reasons
+        assert bounds.max_running <= REPLICAS + 1 and bounds.max_registered <= REPLICAS + 1, bounds
+        assert bounds.min_passing >= REPLICAS, bounds
+        history = await _kv_json(mesh, history_key("web"))
+        assert [e["status"] for e in history] == ["complete", "complete"]
+    finally:
+        stop_process(proc, sig=signal.SIGTERM)
+        kill_leftovers(mesh.data_dir)
+
+
+async def _kv_phase(mesh, phase: str) -> bool:
+    state = await _kv_json(mesh, state_key("web"))
+    return state is not None and state["phase"] == phase
+
+
+async def _new_ready(admin: str, old: str, n: int) -> bool:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{admin}/v1/status") as r:
+            web = next(x for x in (await r.json())["services"] if x["name"] == "web")
+    return sum(i["ready"] and i["revision"] != old for i in web["instances"]) >= n
+
+
+def _running_pids(mesh) -> int:
+    """Running replicas as the process runtime's state files say (the supervisor is
+    another process here)."""
+    n = 0
+    for path in mesh.data_dir.glob("nodes/*/instances/*.json"):
+        try:
+            record = json.loads(path.read_text())
+            if not record.get("exited") and os.path.exists(f"/proc/{record['pid']}"):
+                n += 1
+        except (OSError, ValueError, KeyError):
+            pass
+    return n
