@@ -180,13 +180,15 @@ def _revisions(mesh) -> list[str]:
 
 
 async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, proxy):
-    sup = await _up(mesh, proxy, web_yaml(mesh))
+    drains = {"TERM_SERVE": "0.5"}     # the app serves on 0.5 s after SIGTERM, counting arrivals
+    sup = await _up(mesh, proxy, web_yaml(mesh, env=drains))
     first = sup.rolling.states["web"].revision
+    old = set(mesh.running("web"))
     history = await _kv_json(mesh, history_key("web"))
     assert [(e["number"], e["revision"], e["status"]) for e in history] == [(1, first, "complete")]
     async with Load(proxy) as load, Bounds(mesh.client, lambda: len(mesh.running("web"))) as bounds:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
-        await mesh.apply(web_yaml(mesh, env={"V": "2"}))
+        await mesh.apply(web_yaml(mesh, env={"V": "2", **drains}))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
         new = sup.rolling.states["web"].revision
         status = web_status(sup)["rollout"]
@@ -197,6 +199,10 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
         await async_wait_for(lambda: load.sent > sent_at_end + 20, timeout=10)
     assert load.failed == 0, load.reasons
     assert load.sent > 100
+    # no request reached an old replica after its SIGTERM: it had left the catalog and
+    # the proxy before (deregistered first, then the drain delay)
+    late = {iid: (mesh.markers / f"term-{iid}").read_text() for iid in old}
+    assert late == {iid: "0" for iid in old}
     assert bounds.samples > 20
     assert bounds.max_running <= REPLICAS + 1 and bounds.max_registered <= REPLICAS + 1, bounds
     assert bounds.min_passing >= REPLICAS, bounds
