@@ -30,6 +30,14 @@ with a password. ``history`` therefore prints ``<masked>`` for the value of ever
 or ``headers`` key that looks secret-like (``SECRET_NAME``: PASSWORD, TOKEN, SECRET, KEY,
 CREDENTIAL, AUTH, ...); the change summary names changed env keys and never values.
 
+``rollback`` goes to ``rollback_target`` of the history (the newest complete revision
+before the current one, or ``--to N``), with one exception: after an auto-revert the
+supervisor leaves the document at the failed revision while the last history entry
+(complete) is what runs; then plain ``rollback`` writes that entry, so the document says
+what runs again. The document, the restart key (the entry's token, or deleted) and, when
+the spec lost its ports, the VIP reservation change in one transaction, CAS on the
+document's ModifyIndex; a conflict is retried once.
+
 ``restart`` and ``rollback`` return once their write is done (as ``kubectl rollout restart``
 and ``undo`` do, and so that they work while no supervisor runs); ``--wait`` follows the
 rollout like ``rollout status`` afterwards.
@@ -52,7 +60,8 @@ from ._rollout_history import COMPLETE as ENTRY_COMPLETE, RolloutError, rollback
 from ._rollout_types import COMPLETE, FAILED, PAUSED, REVERTING, RolloutState
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "Progress", "assess", "history_table",
-           "change_summary", "masked", "rollback_document", "restart_token", "SECRET_NAME"]
+           "change_summary", "masked", "rollback_entry", "rollback_document", "restart_token",
+           "SECRET_NAME"]
 
 COMMANDS = ("rollout", "rollback", "restart")
 DEFAULT_CATALOG = "http://127.0.0.1:8500"
@@ -215,6 +224,19 @@ def entry_yaml(entry: Mapping[str, Any], now: float) -> str:
     if not isinstance(spec, Mapping):
         return head + "# (no spec recorded)\n"
     return head + yaml.safe_dump(masked(spec), sort_keys=False, default_flow_style=False)
+
+
+def rollback_entry(history: Sequence[Mapping[str, Any]], to: int | None,
+                   doc_target: str) -> dict[str, Any] | None:
+    """The history entry ``rollback [--to N]`` goes to: ``rollback_target``, except after an
+    auto-revert, when the document still names the failed revision while the last entry
+    (complete) is what runs: then plain ``rollback`` (or ``--to`` that entry) makes the
+    document say what runs. RolloutError as ``rollback_target``."""
+    last = history[-1] if history else None
+    if last is not None and last.get("revision") != doc_target and last.get("status") == ENTRY_COMPLETE \
+            and to in (None, last.get("number")):
+        return dict(last)
+    return rollback_target(history, to)
 
 
 def _find(history: Sequence[Mapping[str, Any]], number: int) -> Mapping[str, Any]:
@@ -483,13 +505,14 @@ async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: Tex
 
     from .apply import TxnConflict, _txn
     for attempt in (1, 2):
-        index, doc, _ = await _document(client, args.service)
+        index, doc, spec = await _document(client, args.service)
         key = keys.history_key(args.service)
         history = _history_list(key, await _read_json(client, key))
         if not history:
             raise CliError(f"{args.service} has no rollout history yet; nothing to roll back to")
+        token = _token(await _read_json(client, keys.restart_key(args.service)))
         try:
-            entry = rollback_target(history, args.to)
+            entry = rollback_entry(history, args.to, keys.target_revision(spec, token))
         except RolloutError as exc:
             raise CliError(str(exc), 2) from None
         if entry is None:
@@ -595,10 +618,9 @@ async def follow(client: Any, service: str, timeout: float | None, out: TextIO, 
                     print(f"meshlet rollout status: ignoring an unreadable state: {exc}", file=err)
                     bad_state = str(exc)
             target = keys.target_revision(spec, token)
-            # Replicas register the target revision in Meta; a supervisor that registers the
-            # document's revision instead is understood too, unless a restart token makes
-            # the document's revision ambiguous (old and new replicas share it).
-            current = frozenset({target} if token else {target, doc_revision})
+            # The supervisor registers replicas of the document's target with the document's
+            # revision in Meta (DNS serves that document's tags), others with their own.
+            current = frozenset({target, doc_revision})
             progress = assess(service, target, spec.replicas, state, history,
                               instances_from_health(data["health"]), current)
             if progress.text != last:

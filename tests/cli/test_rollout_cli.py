@@ -24,8 +24,9 @@ from discovery.view import CRITICAL, PASSING, Instance
 from supervisor import rollout_keys as keys
 from supervisor._rollout_history import mark_revision, record_revision
 from supervisor._rollout_types import RolloutState
+from supervisor._rollout_history import RolloutError
 from supervisor.rollout_cli import (MASK, CliError, assess, change_summary, history_table, masked,
-                                    rollback_document, restart_token)
+                                    rollback_document, rollback_entry, restart_token)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,8 +86,8 @@ def test_assess(st, history, instances, code, text) -> None:
 
 
 def test_assess_counts_the_documents_revision_only_when_told() -> None:
-    """A supervisor registering the document's revision in Meta is understood (current set);
-    during a rolling restart the document's revision is ambiguous and is not passed."""
+    """The supervisor registers replicas of the document's target with the document's
+    revision in Meta: `rollout status` passes both as ``current``."""
     running = [inst(f"n{i}", DOC) for i in range(3)]
     assert assess("web", T, 3, state(), HISTORY, running).text.endswith("0 of 3 updated replicas are available...")
     assert "3 of 3" in assess("web", T, 3, state(), HISTORY, running, frozenset({T, DOC})).text
@@ -167,6 +168,32 @@ def test_rollback_document_keeps_name_vip_and_replicas_and_recomputes_the_revisi
 def test_rollback_document_refuses(entry, message) -> None:
     with pytest.raises(CliError, match=message):
         rollback_document(spec_doc(V2), entry)
+
+
+def entries(*statuses: str) -> list[dict]:
+    return [{"number": n, "revision": f"r{n}", "status": s, "created_at": 0.0, "spec": None}
+            for n, s in enumerate(statuses, 1)]
+
+
+@pytest.mark.parametrize("history, to, doc_target, number", [
+    pytest.param(entries("complete", "active"), None, "r2", 1, id="previous-complete"),
+    pytest.param(entries("complete", "failed", "active"), None, "r3", 1, id="skips-failed"),
+    pytest.param(entries("complete", "complete", "active"), 1, "r3", 1, id="to-n"),
+    pytest.param(entries("failed", "complete"), None, "r1", 2, id="after-auto-revert-goes-to-what-runs"),
+    pytest.param(entries("failed", "complete"), 2, "r1", 2, id="after-auto-revert-to-the-last"),
+    pytest.param(entries("complete", "failed", "complete"), 1, "r2", 1, id="after-auto-revert-to-older"),
+    pytest.param(entries("complete"), None, "r1", None, id="nothing-to-go-back-to"),
+])
+def test_rollback_entry(history, to, doc_target, number) -> None:
+    entry = rollback_entry(history, to, doc_target)
+    assert (entry and entry["number"]) == number
+
+
+def test_rollback_entry_refuses_like_rollback_target() -> None:
+    with pytest.raises(RolloutError, match="revision 2 is the current revision"):
+        rollback_entry(entries("complete", "active"), 2, "r2")
+    with pytest.raises(RolloutError, match=r"revision 5 is not in the history \(have: 1, 2\)"):
+        rollback_entry(entries("complete", "active"), 5, "r2")
 
 
 def test_restart_tokens_are_fresh_and_readable() -> None:
@@ -367,6 +394,27 @@ def test_rollback_writes_the_document_and_restart_key_in_one_transaction(cat: Ca
     assert json.loads(d["Value"]) == v1 and json.loads(k["Value"])["token"] == "t1"
     assert d["ModifyIndex"] == k["ModifyIndex"]
     assert cat.target("t1") == cat.get(keys.history_key("web"))[1]["revision"]
+
+
+def test_rollback_after_an_auto_revert_makes_the_document_say_what_runs(cat: Catalog) -> None:
+    """The supervisor reverted v2 to v1 (history: v2 failed, v1 complete again) and left the
+    document at v2: plain `rollback` writes v1's spec (the state says what was reverted)."""
+    v1 = cat.apply(V1)
+    cat.record("complete")
+    cat.apply(V2)
+    cat.record("failed")
+    v2 = cat.doc()
+    cat.c.kv.put("meshlet/services/web", json.dumps(v1))
+    cat.record("complete")                 # the revert: v1 again, as number 3
+    cat.c.kv.put("meshlet/services/web", json.dumps(v2))
+    cat.state(keys.target_revision(config.ServiceSpec.from_dict(v1["spec"])), "complete",
+              reverted_from=cat.target(), reason="web-0 crashed")
+    r = status(cat)
+    assert r.returncode == 1 and "failed and was reverted to revision 3: web-0 crashed" in r.stderr
+    r = meshlet("rollback", "web", "--consul", cat.url)
+    assert r.returncode == 0, r.stderr
+    assert cat.doc() == v1 and r.stdout.startswith("web: rolling back to revision 3")
+    assert status(cat).returncode == 0
 
 
 def test_rollback_refusals(cat: Catalog) -> None:
