@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
+import config
 from _util import async_wait_for, kill_leftovers, start_server, stop_process
 from conftest import APPS
+from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
 from discovery.consul import instances_from_health
 from supervisor.admin import build_status
 from supervisor.rollout_keys import history_key, state_key
@@ -31,10 +33,11 @@ READY = "{http: {path: /ready}, period: 0.1s, failure_threshold: 1}"
 
 
 def web_yaml(mesh, *, env: dict[str, str] | None = None, command: list[str] | None = None,
-             update: str = "", image: str | None = None, readiness: str = READY) -> str:
+             update: str = "", image: str | None = None, readiness: str = READY,
+             grace: str = "2s", args: list[str] | None = None) -> str:
     env = {"MARKERS": str(mesh.markers), **(env or {})}
     if image:
-        run = f"image: {image}"
+        run = f"image: {image}" + (f"\n            args: {json.dumps(args)}" if args else "")
     else:
         run = f"command: {json.dumps(command or [sys.executable, str(APPS / 'flaky.py')])}"
     return textwrap.dedent(f"""\
@@ -45,7 +48,7 @@ def web_yaml(mesh, *, env: dict[str, str] | None = None, command: list[str] | No
             ports: [{{name: http}}]
             env: {json.dumps(env)}
             update: {{drain_delay: 0s{update}}}
-            stop_grace_period: 2s
+            stop_grace_period: {grace}
             restart: {{backoff: {{initial: 0.2s, max: 1s}}}}
             probes:
               readiness: {readiness}
@@ -134,15 +137,16 @@ def proxy(catalog):
     stop_process(proc)
 
 
-async def _serving(port: int, n: int) -> bool:
-    """n distinct instances answered through the proxy."""
+async def _serving(port: int, n: int, path: str = "/") -> bool:
+    """n distinct instances answered through the proxy (the first line of the body names
+    the instance: flaky.py's ``/``, the busybox image's ``/cgi-bin/env``)."""
     seen = set()
     async with aiohttp.ClientSession() as s:
         for _ in range(4 * n):
-            async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "web.service.meshlet"}) as r:
+            async with s.get(f"http://127.0.0.1:{port}{path}", headers={"Host": "web.service.meshlet"}) as r:
                 if r.status != 200:
                     return False
-                seen.add(await r.text())
+                seen.add((await r.text()).partition("\n")[0])
     return len(seen) >= n
 
 
@@ -155,11 +159,15 @@ async def _kv_json(mesh, key: str):
     return json.loads(entry["Value"]) if entry else None
 
 
-async def _up(mesh, proxy, text: str):
+async def _up(mesh, proxy, text: str, sup=None, path: str = "/"):
     await mesh.apply(text)
-    sup = await mesh.start()
+    if sup is None:
+        sup = await mesh.start()
+    else:
+        mesh.sup = sup
+        await sup.start()
     await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
-    await async_wait_for(lambda: _serving(proxy, REPLICAS), timeout=15)
+    await async_wait_for(lambda: _serving(proxy, REPLICAS, path), timeout=15)
     await async_wait_for(lambda: (sup.rolling.states.get("web") or _Nil).phase == "complete", timeout=10)
     return sup
 
@@ -364,3 +372,67 @@ def _running_pids(mesh) -> int:
         except (OSError, ValueError, KeyError):
             pass
     return n
+
+
+# --------------------------------------------------------------------------- docker
+
+
+@pytest.fixture
+def engine(docker_engine):  # noqa: F811
+    build_test_images(docker_engine)
+    return docker_engine
+
+
+def docker_supervisor(mesh, engine):
+    from supervisor.agent import Supervisor
+    node = config.NodeSpec(name="dock", runtime="docker", engine=engine.url)
+    return Supervisor(mesh.url, [node], mesh.data_dir, resync=1.0)
+
+
+DOCKER_READY = "{http: {path: /}, period: 0.1s, failure_threshold: 1}"
+
+
+def docker_yaml(mesh, **kw) -> str:
+    return web_yaml(mesh, image=TEST_IMAGE, readiness=DOCKER_READY, grace="1s", **kw)
+
+
+async def test_docker_rollout_of_3_replicas_drops_nothing(mesh, proxy, engine):
+    sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, engine),
+                    "/cgi-bin/env")
+    first = sup.rolling.states["web"].revision
+    old = set(mesh.running("web"))
+    async with Load(proxy) as load, Bounds(mesh.client, lambda: len(mesh.running("web"))) as bounds:
+        await async_wait_for(lambda: load.sent > 20, timeout=10)
+        await mesh.apply(docker_yaml(mesh, env={"V": "2"}))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
+        new = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=90)
+        await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=30)
+    assert load.failed == 0, load.reasons
+    assert load.sent > 100
+    assert not old & set(mesh.running("web"))
+    assert bounds.max_running <= REPLICAS + 1 and bounds.max_registered <= REPLICAS + 1, bounds
+    assert bounds.min_passing >= REPLICAS, bounds
+    containers = engine.client().containers.list(filters={"label": "meshlet.service=web"})
+    assert len(containers) == REPLICAS
+
+
+async def test_docker_a_crashing_image_command_is_reverted_without_failures(mesh, proxy, engine):
+    sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, engine),
+                    "/cgi-bin/env")
+    good = sup.rolling.states["web"].revision
+    before = set(mesh.running("web"))
+    async with Load(proxy) as load:
+        await async_wait_for(lambda: load.sent > 20, timeout=10)
+        await mesh.apply(docker_yaml(mesh, args=["sh", "-c", "exit 3"]))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
+        bad = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete"
+                             and sup.rolling.states["web"].revision == good, timeout=90)
+        await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
+                             and not sup.rolling.terminating, timeout=30)
+    assert load.failed == 0, load.reasons
+    assert set(mesh.running("web")) == before
+    history = await _kv_json(mesh, history_key("web"))
+    assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
+    assert f"reverted to {good}" in web_status(sup)["problem"]
