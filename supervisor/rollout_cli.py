@@ -280,25 +280,18 @@ def rollback_document(current: Mapping[str, Any], entry: Mapping[str, Any]) -> d
     return json.loads(json.dumps(doc))
 
 
-def _kv(verb: str, key: str, index: int = 0, value: bytes | None = None) -> dict[str, Any]:
-    import base64
-    op: dict[str, Any] = {"Verb": verb, "Key": key, "Index": index}
-    if value is not None:
-        op["Value"] = base64.b64encode(value).decode("ascii")
-    return {"KV": op}
-
-
 def rollback_ops(service: str, doc: Mapping[str, Any], doc_index: int, token: str | None,
                  now: float, release_vip: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """One transaction: the document (CAS on its ModifyIndex), the restart key set to the
     entry's token or deleted, and the VIP reservation given back when the spec lost its ports."""
     from . import rollout_keys as keys
+    from .apply import _kv_op as _kv    # {"KV": {"Verb", "Key", "Index", "Value": base64}}
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     ops = [_kv("cas", f"meshlet/services/{service}", doc_index, body)]
     if token:
         ops.append(_kv("set", keys.restart_key(service), 0, _json({"token": token, "at": now})))
     else:
-        ops.append(_kv("delete", keys.restart_key(service)))
+        ops.append(_kv("delete", keys.restart_key(service), 0))
     if release_vip is not None:
         ops.append(_kv("delete-cas", f"meshlet/vips/{release_vip[0]}", release_vip[1]))
     return ops
@@ -388,10 +381,12 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         client = connect(url, timeout=parse_seconds(WAIT) + 15.0)
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
-    handlers = {"status": _status, "history": _history, "pause": _pause, "resume": _resume,
-                "rollback": _rollback, "restart": _restart}
+    handlers = {"status": lambda: follow(client, args.service, args.timeout, out, err),
+                "history": lambda: _history(client, args, out), "pause": lambda: _control(client, args, out, True),
+                "resume": lambda: _control(client, args, out, False),
+                "rollback": lambda: _rollback(client, args, out, err), "restart": lambda: _restart(client, args, out, err)}
     try:
-        return await handlers[getattr(args, "rollout_command", None) or args.command](client, args, out, err)
+        return await handlers[getattr(args, "rollout_command", None) or args.command]()
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise CliError(f"cannot reach the catalog at {url}: {exc or type(exc).__name__}") from None
     except consul.ConsulException as exc:
@@ -431,11 +426,9 @@ def _parse(key: str, raw: bytes | None) -> Any:
 
 
 def _history_list(key: str, data: Any) -> list[dict[str, Any]]:
-    if data is None:
-        return []
-    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+    if data is not None and (not isinstance(data, list) or not all(isinstance(e, dict) for e in data)):
         raise CliError(f"{key}: expected a list of entries")
-    return data
+    return data or []
 
 
 def _token(data: Any) -> str | None:
@@ -443,7 +436,7 @@ def _token(data: Any) -> str | None:
     return token if isinstance(token, str) and token else None
 
 
-async def _history(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+async def _history(client: Any, args: argparse.Namespace, out: TextIO) -> int:
     from . import rollout_keys as keys
     await _document(client, args.service)
     key = keys.history_key(args.service)
@@ -477,14 +470,6 @@ async def _control(client: Any, args: argparse.Namespace, out: TextIO, paused: b
     else:
         print(f"{args.service}: rollout resumed", file=out)
     return 0
-
-
-async def _pause(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    return await _control(client, args, out, True)
-
-
-async def _resume(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    return await _control(client, args, out, False)
 
 
 async def _restart(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -536,10 +521,6 @@ async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: Tex
     print(f"{args.service}: rolling back to revision {entry['number']} ({new['revision']}); "
           f"follow it with `meshlet rollout status {args.service}`", file=out)
     return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
-
-
-async def _status(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    return await follow(client, args.service, args.timeout, out, err)
 
 
 async def follow(client: Any, service: str, timeout: float | None, out: TextIO, err: TextIO) -> int:
