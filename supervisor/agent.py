@@ -126,6 +126,7 @@ class Supervisor(ReplicaActions):
         self.registered: dict[str, str] = {}         # instance id -> service
         self.registered_rev: dict[str, str] = {}     # instance id -> Meta revision registered
         self.doc_revision: dict[str, str] = {}       # service -> revision of the KV document
+        self.doc_raw: dict[str, bytes] = {}          # the documents as last read
         self.backoff: dict[tuple[str, int], BackoffState] = {}
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
         # (service, slot) -> when to try a start the runtime refused again (missing image,
@@ -290,22 +291,12 @@ class Supervisor(ReplicaActions):
 
     async def _watch_desired(self) -> None:
         async for docs in watch_kv_prefix(self._client, SERVICES_PREFIX):
-            desired: dict[str, tuple[config.ServiceSpec, str]] = {}
-            for key, raw in docs.items():
-                name = key[len(SERVICES_PREFIX):]
-                try:
-                    spec, _vip, revision = config.parse_service_document(raw, source=key)
-                except (config.ConfigError, ValueError, TypeError, KeyError) as exc:
-                    # Keep the last good spec of that service rather than stopping it.
-                    log.error("ignoring unreadable %s: %s", key, exc)
-                    if name in self.desired:
-                        desired[name] = self.desired[name]
-                    continue
-                desired[spec.name] = (spec, template_revision(spec))
-                self.doc_revision[spec.name] = revision
-            changed = {n for n in set(desired) | set(self.desired)
-                       if desired.get(n) != self.desired.get(n)}
-            self.desired = desired
+            changed = self._apply_docs(docs)
+            if changed and self._kv_loaded.is_set():
+                # `meshlet rollback` writes the document and the restart key in one
+                # transaction: read the other half now, so no sync sees one without the
+                # other (which would start a rollout to a revision nobody asked for).
+                changed |= await self._reread(ROLLOUT_PREFIX, self.rolling.on_control)
             self._kv_loaded.set()
             for name in sorted(changed):
                 # A new spec (a fixed image, say) is tried at once, not after the hold.
@@ -313,11 +304,42 @@ class Supervisor(ReplicaActions):
                     del self._start_hold[key]
                 self.enqueue(name)
 
+    def _apply_docs(self, docs: Mapping[str, bytes]) -> set[str]:
+        desired: dict[str, tuple[config.ServiceSpec, str]] = {}
+        for key, raw in docs.items():
+            name = key[len(SERVICES_PREFIX):]
+            try:
+                spec, _vip, revision = config.parse_service_document(raw, source=key)
+            except (config.ConfigError, ValueError, TypeError, KeyError) as exc:
+                # Keep the last good spec of that service rather than stopping it.
+                if self.doc_raw.get(key) != raw:
+                    log.error("ignoring unreadable %s: %s", key, exc)
+                if name in self.desired:
+                    desired[name] = self.desired[name]
+                continue
+            desired[spec.name] = (spec, template_revision(spec))
+            self.doc_revision[spec.name] = revision
+        self.doc_raw = dict(docs)
+        changed = {n for n in set(desired) | set(self.desired) if desired.get(n) != self.desired.get(n)}
+        self.desired = desired
+        return changed
+
+    async def _reread(self, prefix: str, apply: Any) -> set[str]:
+        try:
+            _, entries = await self._client.kv.get(prefix, recurse=True)
+        except Exception as exc:  # noqa: BLE001 - the watch delivers it a moment later
+            log.warning("cannot read %s: %s", prefix, exc)
+            return set()
+        return set(apply({e["Key"]: e.get("Value") or b"" for e in entries or ()}))
+
     async def _watch_rollouts(self) -> None:
         # The CLI's pause/resume and restart keys act at once (state and history under the
         # same prefix are ours: read once at start).
         async for docs in watch_kv_prefix(self._client, ROLLOUT_PREFIX):
-            for name in sorted(self.rolling.on_control(docs)):
+            changed = self.rolling.on_control(docs)
+            if changed:
+                changed |= await self._reread(SERVICES_PREFIX, self._apply_docs)
+            for name in sorted(changed):
                 self.enqueue(name)
 
     async def _consume(self, rt: Runtime) -> None:

@@ -187,16 +187,21 @@ def _revisions(mesh) -> list[str]:
 # --------------------------------------------------------------------------- process runtime
 
 
-async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, proxy):
+@pytest.mark.parametrize("update, surge, unavailable", [
+    pytest.param("", 1, 0, id="surge-first"),
+    pytest.param(", max_surge: 0, max_unavailable: 1", 0, 1, id="kill-first"),
+])
+async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, proxy, update, surge,
+                                                                        unavailable):
     drains = {"TERM_SERVE": "0.5"}     # the app serves on 0.5 s after SIGTERM, counting arrivals
-    sup = await _up(mesh, proxy, web_yaml(mesh, env=drains))
+    sup = await _up(mesh, proxy, web_yaml(mesh, env=drains, update=update))
     first = sup.rolling.states["web"].revision
     old = set(mesh.running("web"))
     history = await _kv_json(mesh, history_key("web"))
     assert [(e["number"], e["revision"], e["status"]) for e in history] == [(1, first, "complete")]
     async with Load(proxy) as load, Bounds(mesh.client, lambda: len(mesh.running("web"))) as bounds:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
-        await mesh.apply(web_yaml(mesh, env={"V": "2", **drains}))
+        await mesh.apply(web_yaml(mesh, env={"V": "2", **drains}, update=update))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
         new = sup.rolling.states["web"].revision
         status = web_status(sup)["rollout"]
@@ -212,8 +217,9 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
     late = {iid: (mesh.markers / f"term-{iid}").read_text() for iid in old}
     assert late == {iid: "0" for iid in old}
     assert bounds.samples > 20
-    assert bounds.max_running <= REPLICAS + 1 and bounds.max_registered <= REPLICAS + 1, bounds
-    assert bounds.min_passing >= REPLICAS, bounds
+    assert bounds.max_running == REPLICAS + surge, bounds        # used, never exceeded
+    assert bounds.max_registered <= REPLICAS + surge, bounds
+    assert bounds.min_passing == REPLICAS - unavailable, bounds
     assert sorted(o.slot for o in mesh.running("web").values()) == [0, 1, 2]
     assert len(await mesh.passing("web")) == REPLICAS
     history = await _kv_json(mesh, history_key("web"))
@@ -304,6 +310,33 @@ async def test_a_restart_token_rolls_every_replica_without_a_spec_change(mesh, p
                          and len(mesh.running("web")) == REPLICAS, timeout=15)
     history = await _kv_json(mesh, history_key("web"))
     assert history[-1]["restart_token"] == "t1" and history[-1]["status"] == "complete"
+
+
+async def test_a_canary_step_weighs_the_old_replicas_then_promotes(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    first = sup.rolling.states["web"].revision
+    seen: set[tuple[str, str]] = set()      # (Meta revision is first?, weight) during the rollout
+    done = asyncio.Event()
+
+    async def sample():
+        while not done.is_set():
+            _, entries = await mesh.client.health.service("web")
+            for e in entries:
+                seen.add((e["Service"]["Meta"]["revision"] == first, e["Service"]["Meta"]["weight"]))
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    async with Load(proxy) as load:
+        await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", canary: [{weight: 50, pause: 1s}]"))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+                             and sup.rolling.states["web"].phase == "complete", timeout=60)
+    done.set()
+    await sampler
+    # 50% of 3 = 2 new replicas beside 1 old: each new one weight 1, the old one 2
+    assert (True, "2") in seen and (False, "1") in seen, seen
+    _, entries = await mesh.client.health.service("web")
+    assert sorted(e["Service"]["Meta"]["weight"] for e in entries) == ["1"] * REPLICAS
+    assert load.failed == 0, load.reasons
 
 
 # --------------------------------------------------------------------------- kill -9 mid-rollout
