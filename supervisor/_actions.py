@@ -20,13 +20,14 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import config
 
 from .backoff import BackoffState, delay_for
 from .probes import Health, ProbeScheduler, initial_health
 from .reconcile import Kill, Replica
+from .rolling import MIN_DRAIN
 from .runtime import InstanceNotFound, InstanceSpec, WorkloadError
 from .runtime import Observed as RuntimeObserved
 
@@ -300,7 +301,8 @@ class ReplicaActions:
         await self._deregister(iid)
         spec = self.rolling.spec_for(inst.obs.service, inst.obs.revision)
         if was_serving and spec is not None:
-            await asyncio.sleep(spec.update.drain_delay)   # let DNS and proxies catch up
+            # let DNS and proxies catch up (and requests in flight end) before SIGTERM
+            await asyncio.sleep(max(MIN_DRAIN, spec.update.drain_delay))
         grace = spec.stop_grace_period if spec else 10.0
         rt = self.runtimes.get(inst.obs.node)
         if rt is not None:

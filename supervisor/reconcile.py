@@ -46,7 +46,7 @@ from .backoff import BackoffState, decide
 from .place import Allocation, NodeInfo, Request, place
 
 __all__ = ["Replica", "Observed", "Start", "Stop", "Kill", "Register", "Deregister", "Wait",
-           "Unplaceable", "Action", "reconcile", "reconcile_service", "is_current", "summary",
+           "Unplaceable", "Action", "reconcile", "reconcile_service", "is_current", "summary", "allocations",
            "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "PROBE_FAILED"]
 
 # Reasons a replica is stopped.
@@ -156,7 +156,7 @@ def _rank(r: Replica) -> tuple[bool, bool, float]:
     return (r.ready, r.alive, r.started_at or 0.0)
 
 
-def _allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
+def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
                  replicas: Sequence[Replica]) -> list[Allocation]:
     out = []
     for r in replicas:
@@ -251,7 +251,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
         if to_place:
             running_others = [r for r in observed.replicas
                               if r.instance_id not in handled or r.service != name]
-            result = place(to_place, observed.nodes, _allocations(desired, running_others))
+            result = place(to_place, observed.nodes, allocations(desired, running_others))
             for req, node in result.placed:
                 state = observed.backoff.get((name, req.slot), BackoffState())
                 actions.append(Start(name, req.slot, revision, node, state,
@@ -318,7 +318,7 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
             to_place.append(Request(spec, slot))
     if to_place:
         others = [r for r in observed.replicas if r.instance_id not in handled or r.service != name]
-        result = place(to_place, observed.nodes, _allocations(desired, others))
+        result = place(to_place, observed.nodes, allocations(desired, others))
         for req, node in result.placed:
             actions.append(Start(name, req.slot, revision, node,
                                  observed.backoff.get((name, req.slot), BackoffState()), EXITED))

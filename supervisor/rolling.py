@@ -47,6 +47,7 @@ from discovery.consul import kv_delete, kv_put
 
 from .backoff import BackoffState, decide
 from .place import Request, place
+from .reconcile import allocations
 from .rollout import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVERTING,
                       STARTING, TERMINATING, MarkComplete, MarkFailed, ObservedReplica, RetireReplica,
                       Revert, RolloutError, RolloutState, SetWeight, StartReplica, Strategy, describe,
@@ -94,13 +95,13 @@ class RolloutDriver:
                 value = json.loads(raw or b"null")
                 if kind == "state" and value is not None:
                     self.states[service] = RolloutState.from_dict(value)
-                    self._stored.setdefault(service, (None, None))
                 elif kind == "history" and isinstance(value, list):
                     self.histories[service] = value
             except (ValueError, RolloutError) as exc:
                 log.error("ignoring unreadable %s: %s", key, exc)
-        for service, st in self.states.items():
-            self._stored[service] = (st.to_dict(), self.histories.get(service))
+        for service in set(self.states) | set(self.histories):
+            st = self.states.get(service)
+            self._stored[service] = (st.to_dict() if st else None, self.histories.get(service))
         self.on_control(entries, initial=True)
 
     def on_control(self, entries: Mapping[str, bytes], initial: bool = False) -> set[str]:
@@ -405,9 +406,8 @@ class RolloutDriver:
         node = beside[0] if beside else None
         if node is None:
             observed = sup.observed()
-            from .reconcile import _allocations
             result = place([Request(spec, a.slot)], observed.nodes,
-                           _allocations(self.effective(), observed.replicas))
+                           allocations(self.effective(), observed.replicas))
             if not result.placed:
                 reason = result.failed[0][1] if result.failed else "no node"
                 sup.problems[service] = f"slot {a.slot}: {reason}"
@@ -431,12 +431,11 @@ class RolloutDriver:
 
     async def _retire(self, inst: _Inst, reason: str) -> None:
         sup = self.sup
-        o = inst.obs
-        iid = o.instance_id
-        spec = self.spec_for(o.service, o.revision)
+        iid, service = inst.obs.instance_id, inst.obs.service
+        spec = self.spec_for(service, inst.obs.revision)
         try:
             for attempt in range(30):
-                serving = iid in sup.registered and o.is_running and inst.health.ready
+                serving = iid in sup.registered and inst.obs.is_running and inst.health.ready
                 if inst.prober is not None:
                     inst.prober.close()
                     inst.prober = None
@@ -454,7 +453,7 @@ class RolloutDriver:
             if iid not in sup.instances:
                 self.terminating.discard(iid)
                 self.weights.pop(iid, None)
-            sup.enqueue(o.service)
+            sup.enqueue(service)
 
     async def close(self) -> None:
         for task in list(self._tasks):
