@@ -14,9 +14,23 @@ drain), ``_workers`` (``--workers N``); routing and balancing: ``_routes``, ``_b
 
 Time-outs: connect (``timeouts.connect``), per try (``retries.per_try_timeout``, from the
 request being sent to the response head), overall (``timeouts.request``, from the client's
-request being complete to the response head, across retries), idle (``timeouts.idle``:
-no byte either way while a body streams; also the upstream keep-alive idle time, capped at
-30 s), request head (``--header-timeout``), client keep-alive idle (``--idle-timeout``).
+request being complete to the response head, across retries; 0 = none), idle
+(``timeouts.idle``: no byte either way while a body streams; also the upstream keep-alive
+idle time, capped at 30 s), request head (``--header-timeout``), client keep-alive idle
+(``--idle-timeout``).
+
+Default per try: Envoy and HAProxy have none (a frozen or vanished upstream holds a request
+for the whole route time-out). Here, on a route without ``per_try_timeout``, a GET, HEAD,
+OPTIONS or TRACE with no response head ``HEDGE_AFTER`` (2 s) after it was sent is also sent
+to another endpoint, and the first response head wins (Envoy's
+``hedge_on_per_try_timeout``): the first attempt is never cut short, so a slow answer still
+arrives; once per request, within the retry attempts and budget.
+
+Endpoints leaving: when an instance leaves the table (deregistered, not passing) its idle
+pooled connections are closed at once; requests in flight on it finish there; retries
+pick from the current table, never from the one the request began with. A connect
+failure (nothing sent) is retried for any method outside the retry budget, with its own
+allowance of ``attempts`` + one per endpoint, so that every endpoint gets a chance.
 """
 
 from __future__ import annotations

@@ -7,29 +7,57 @@ from typing import Any
 
 from ._framing import CHUNKED, CRLF, LENGTH, NONE, UNTIL_CLOSE, RequestHead, status_line, strip_prefix
 
-__all__ = ["REPLAY_LIMIT", "retry_decision", "upstream_parts", "client_head", "hash_key", "os_error"]
+__all__ = ["REPLAY_LIMIT", "HEDGE_AFTER", "SAFE_METHODS", "retry_decision", "hedge_decision", "upstream_parts", "client_head", "hash_key", "os_error"]
 
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept for a retry
 _RETRY_STATUSES = frozenset({502, 503, 504})
+# A safe request without a response head this long after it was sent, on a route without
+# per_try_timeout, is also sent to another endpoint and the first response head wins
+# (Envoy's hedge_on_per_try_timeout; Envoy and HAProxy set no per-try time-out by
+# default, so a frozen or vanished upstream holds a request for the whole route time-out,
+# 15 s). The first attempt is never cut short: a legitimately slow answer still arrives.
+HEDGE_AFTER = 2.0
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 
 
 def retry_decision(*, failure: str | None, status: int | None, idempotent: bool, replayable: bool,
-                   response_started: bool, retries: int, max_retries: int, time_left: float) -> bool:
+                   response_started: bool, retries: int, max_retries: int, time_left: float,
+                   connect_failures: int = 0, endpoints: int = 0) -> bool:
     """May this failed attempt be retried on another endpoint? (the retry budget is
     checked afterwards by the caller, so that it is consulted only when it matters)
 
     failure: "connect" (nothing sent), "reset" (connection lost before any response byte),
     "timeout" (per-try time-out), or None with ``status`` the upstream's 5xx.
+
+    A connect failure reached no upstream: it has its own allowance, ``max_retries`` plus
+    one per endpoint (``connect_failures`` counts this one too), so that every endpoint
+    gets a chance even when several refuse or time out in a row (a stalled machine drops
+    SYNs on full accept queues: each costs a whole connect time-out).
     """
-    if response_started or not replayable or retries >= max_retries or time_left <= 0:
+    if response_started or not replayable or time_left <= 0:
         return False
-    if failure == "connect" or failure == "reset":
+    if failure == "connect":
+        return connect_failures <= max_retries + endpoints
+    if retries >= max_retries:
+        return False
+    if failure == "reset":
         return True  # before any response byte: safe for any method (issue #4)
     if failure == "timeout":
         return idempotent
     if failure is None and status in _RETRY_STATUSES:
         return idempotent
     return False
+
+
+def hedge_decision(*, safe: bool, replayable: bool, response_started: bool, upgrade: bool, hedged: bool,
+                   retries: int, max_retries: int, time_left: float) -> bool:
+    """May a request still waiting for its response head after ``HEDGE_AFTER`` (the route
+    sets no per-try time-out) also be sent to another endpoint? Only safe methods
+    (GET/HEAD/OPTIONS/TRACE: two copies running at once harm nothing), once per request,
+    with its body complete and replayable, within the attempts and the time left (the
+    budget and a free endpoint are checked by the caller)."""
+    return (safe and replayable and not response_started and not upgrade and not hedged
+            and retries < max_retries and time_left > 0)
 
 
 def upstream_parts(head: RequestHead, route: Any) -> tuple[bytes, bytes]:

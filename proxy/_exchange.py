@@ -16,9 +16,11 @@ Time-outs (Envoy's semantics; every deadline is checked by the server's sweep, s
 
 * connect: per new upstream connection (``timeouts.connect``);
 * per try: from the moment the request is complete upstream to its response head
-  (``retries.per_try_timeout``, 0 = none);
+  (``retries.per_try_timeout``; the attempt is abandoned and retried). Without one, a safe
+  request (GET/HEAD/OPTIONS/TRACE) is *hedged* after ``HEDGE_AFTER``: sent to another
+  endpoint too, the earlier attempt kept (``hedge``), the first response head wins;
 * overall: from the moment the client's request is complete to the response head, across
-  all attempts (``timeouts.request``);
+  all attempts (``timeouts.request``; 0 = none);
 * idle: no byte in either direction while the request body or the response body streams
   (``timeouts.idle``).
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._decisions import REPLAY_LIMIT, hash_key, os_error, retry_decision, upstream_parts
+from ._decisions import HEDGE_AFTER, REPLAY_LIMIT, SAFE_METHODS, hash_key, os_error, retry_decision, upstream_parts
 from ._framing import CHUNKED, CRLF, NONE, RequestHead, chunk_header, generated, trailer_block
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,12 +44,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Exchange", "retry_decision", "REPLAY_LIMIT"]  # the last two re-exported from _decisions
 
 log = logging.getLogger("meshlet.proxy.exchange")
+INF = float("inf")
 
 
+from ._hedge import Hedging  # noqa: E402
 from ._relay import CONNECTING, DONE, RESPONDING, ROUTING, SENDING, Relay  # noqa: E402  (states)
 
 
-class Exchange(Relay):
+class Exchange(Relay, Hedging):
     """See the module docstring."""
 
     __slots__ = (
@@ -55,7 +59,8 @@ class Exchange(Relay):
         "retries", "retrying", "t0", "done_at", "try_deadline", "connect_deadline", "connect_task", "last_io",
         "body", "body_len", "replayable", "req_done", "req_trailers", "sent_upstream", "up_out", "up_head",
         "resp", "out_framing", "status", "pending", "stale_retry", "close_after", "bytes_out", "failure_note",
-        "head_request", "hash_key", "timed_out", "resp_mark",
+        "head_request", "hash_key", "timed_out", "resp_mark", "connect_fails", "hedge", "hedge_ep", "hedge_t0",
+        "hedged", "try_hedges",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead) -> None:
@@ -98,6 +103,12 @@ class Exchange(Relay):
         self.hash_key: bytes | None = None
         self.timed_out = False
         self.resp_mark = (-1, 0)  # (client flush count, output length) when the response head was queued
+        self.connect_fails = 0        # connect failures so far (their own allowance: retry_decision)
+        self.hedge: UpstreamConnection | None = None  # the earlier attempt, still waiting (see _hedge)
+        self.hedge_ep: Any = None
+        self.hedge_t0 = 0.0
+        self.hedged = False           # a hedge was started (at most one per request)
+        self.try_hedges = False       # try_deadline is HEDGE_AFTER (hedge), not per_try_timeout (abort)
 
     # -- start -------------------------------------------------------------------------
 
@@ -156,15 +167,47 @@ class Exchange(Relay):
                              head.up_post))
         return b"".join((pre, xff, head.up_post))
 
+    def _set_try_deadline(self, now: float, settings: Any) -> float:
+        """Arm this attempt's per-try deadline (the request is complete upstream) and
+        return the earlier of it and the overall deadline. ``per_try_timeout`` aborts the
+        attempt; without one, a safe request is hedged after ``HEDGE_AFTER``."""
+        d = self.done_at + settings.timeouts.request if settings.timeouts.request > 0 else INF
+        ptt = settings.retries.per_try_timeout
+        if ptt > 0:
+            self.try_hedges = False
+            t = self.try_deadline = now + ptt
+        elif not self.hedged and self.head.method in SAFE_METHODS and settings.retries.attempts:
+            self.try_hedges = True
+            t = self.try_deadline = now + HEDGE_AFTER
+        else:
+            self.try_deadline = 0.0
+            return d
+        return t if t < d else d
+
+    def _current_cluster(self) -> Any:
+        """For a retry: the service's cluster in the current table (endpoints that left
+        the catalog since the request began are not tried again), else the one it began with."""
+        cluster = self.cluster
+        table = self.server.table
+        if table is not None:
+            cur = table.clusters.get((cluster.name, cluster.port_name))
+            if cur is not None and cur is not cluster:
+                self.cluster = cluster = cur
+        return cluster
+
     # -- attempts ----------------------------------------------------------------------
 
     def attempt(self, fresh: bool = False, ep: Any = None, now: float = 0.0) -> None:
         cluster = self.cluster
         if ep is None:
             tried = self.tried
-            ep = cluster.pick(self.hash_key, tried) if tried else cluster.pick(self.hash_key)
+            if tried is None and not self.stale_retry:
+                ep = cluster.pick(self.hash_key)
+            else:
+                cluster = self._current_cluster()
+                ep = cluster.pick(self.hash_key, tried) if tried else cluster.pick(self.hash_key)
         if ep is None:
-            if self.retries == 0 and not self.stale_retry:
+            if self.retries == 0 and self.connect_fails == 0 and not self.stale_retry:
                 self.answer(503, f"no ready instance of service {cluster.name}")
             else:
                 self.answer(*self._failure_answer())
@@ -246,14 +289,7 @@ class Exchange(Relay):
             client.resume(4)  # PAUSE_CONNECT: body may flow again
         timeouts = self.cluster.settings
         if self.req_done:
-            ptt = timeouts.retries.per_try_timeout
-            d = self.done_at + timeouts.timeouts.request
-            if ptt > 0:
-                self.try_deadline = now + ptt
-                if self.try_deadline < d:
-                    d = self.try_deadline
-            else:
-                self.try_deadline = 0.0
+            d = self._set_try_deadline(now, timeouts)
         else:
             self.last_io = now
             d = now + timeouts.timeouts.idle
@@ -309,19 +345,34 @@ class Exchange(Relay):
         self.ep = None
         self.status = status or 0
         time_left = self._time_left(now)
+        if self.hedge is not None and time_left > 0:
+            self._promote_hedge()  # the earlier attempt is still out there: wait for it
+            return
+        if failure == "connect":
+            self.connect_fails += 1
         # A connect failure reached no upstream, so retrying it adds no load anywhere: it
         # is exempt from the retry budget (Envoy counts it; a kill -9 of one instance under
         # load would otherwise turn the budget's excess into client-visible 502s).
         if (retry_decision(failure=failure, status=status, idempotent=self.head.idempotent,
                            replayable=self.replayable, response_started=self.resp is not None,
                            retries=self.retries, max_retries=cluster.settings.retries.attempts,
-                           time_left=time_left)
+                           time_left=time_left, connect_failures=self.connect_fails,
+                           endpoints=len(cluster.endpoints))
                 and (failure == "connect" or cluster.retry_allowed())):
-            if self.tried is None:
-                self.tried = set()
-            self.tried.add(ep.id)
-            self.retries += 1
-            if failure != "connect":
+            tried = self.tried
+            if tried is None:
+                tried = self.tried = set()
+            tried.add(ep.id)
+            if failure == "connect":
+                # Every endpoint had its try: start over (a stall may be over), except
+                # on the one that just failed when there is another.
+                routable = self._current_cluster().routable
+                if all(e.id in tried for e in routable):
+                    tried.clear()
+                    if len(routable) > 1:
+                        tried.add(ep.id)
+            else:
+                self.retries += 1
                 self.retrying = True
                 cluster.retry_begin()
             self.server.metrics.retry(self.service)
@@ -337,7 +388,8 @@ class Exchange(Relay):
     def _time_left(self, now: float) -> float:
         if not self.req_done:
             return 1.0  # the overall clock starts when the request is complete
-        return self.done_at + self.cluster.settings.timeouts.request - now
+        limit = self.cluster.settings.timeouts.request
+        return self.done_at + limit - now if limit > 0 else INF  # 0: no overall time-out
 
     def _failure_answer(self, failure: str | None = None) -> tuple[int, str]:
         name = self.service
@@ -391,8 +443,7 @@ class Exchange(Relay):
             if self.head.framing == CHUNKED:
                 self._send_up(trailer_block(trailers))
             if self.state == SENDING:
-                ptt = self.cluster.settings.retries.per_try_timeout
-                self.try_deadline = now + ptt if ptt > 0 else 0.0
+                self._set_try_deadline(now, self.cluster.settings)
                 self._arm()
 
     def request_broken(self, status: int, reason: str) -> None:
@@ -434,13 +485,14 @@ class Exchange(Relay):
         settings = self.cluster.settings if self.cluster is not None else None
         if settings is None:
             return
+        limit = settings.timeouts.request
         if state == CONNECTING:
             d = self.connect_deadline
-            if self.req_done:
-                d = min(d, self.done_at + settings.timeouts.request)
+            if self.req_done and limit > 0:
+                d = min(d, self.done_at + limit)
         elif state == SENDING:
             if self.req_done:
-                d = self.done_at + settings.timeouts.request
+                d = self.done_at + limit if limit > 0 else INF
                 if self.try_deadline:
                     d = min(d, self.try_deadline)
             else:
@@ -479,6 +531,10 @@ class Exchange(Relay):
                     self.answer(408, "timed out reading the request body")
                     return
                 self.client.deadline = last + settings.timeouts.idle
+                return
+            if overall_left > 0 and self.try_hedges and self.try_deadline and now >= self.try_deadline:
+                self._hedge(now)
+                self._arm()
                 return
             if overall_left <= 0 or (self.try_deadline and now >= self.try_deadline):
                 self.failure_note = "no response in time"
@@ -522,6 +578,8 @@ class Exchange(Relay):
         if self.state == DONE:
             return
         self.state = DONE
+        if self.hedge is not None:
+            self.drop_hedge()
         server = self.server
         if self.pending:
             self.pending = False
@@ -550,6 +608,8 @@ class Exchange(Relay):
             now = self.server.loop.time()
             self.cluster.end(self.ep, status=None, failure=None, latency=now - self.ep_t0)
             self.ep = None
+        if self.hedge is not None:
+            self.drop_hedge()
         self._end_retry()
         self.state = DONE
         if self.pending:

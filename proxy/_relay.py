@@ -49,6 +49,7 @@ class Relay:
     head_request: bool
     failure_note: str
     resp_mark: tuple[int, int]
+    hedge: Any
     out_framing: int
     close_after: bool
     last_io: float
@@ -56,7 +57,7 @@ class Relay:
 
     def response_interim(self, conn: UpstreamConnection, status: int, headers: list) -> None:
         """A 1xx other than 101: relayed to HTTP/1.1 clients (100 Continue, 103 Early Hints)."""
-        if self.head.version == 11 and self.resp is None:
+        if self.head.version == 11 and self.resp is None and conn is self.conn:
             parts = [status_line(status)]
             for name, value in headers:
                 if name.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length"):
@@ -65,6 +66,12 @@ class Relay:
             self.client.send(b"".join(parts))
 
     def response_head(self, conn: UpstreamConnection, status: int, version: str, headers: list) -> None:
+        if conn is not self.conn:
+            if not self.hedge_answered(conn):
+                conn.close()
+                return
+        elif self.hedge is not None:
+            self.drop_hedge()  # this attempt answered first
         try:
             resp = _RESPONSES.get((status, version, self.head_request, *headers))  # the memo, inline
             if resp is None:
@@ -104,7 +111,7 @@ class Relay:
     def _retry_elsewhere(self, status: int) -> bool:
         """A 502/503/504 for an idempotent request: retry it on another endpoint if the
         budget, the attempts and the time allow and there is one; else it is the answer."""
-        cluster = self.cluster
+        cluster = self._current_cluster()
         now = self.server.loop.time()
         if (self.retries < cluster.settings.retries.attempts and self._time_left(now) > 0
                 and cluster.retry_allowed()):
@@ -168,6 +175,8 @@ class Relay:
     def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream connection closed while this exchange owned it."""
         if conn is not self.conn:
+            if conn is self.hedge:
+                self.drop_hedge("reset")
             return
         if self.state == RESPONDING:
             if self.resp.framing == UNTIL_CLOSE and exc is None:
@@ -191,7 +200,10 @@ class Relay:
         """Invalid bytes from the upstream: close it; 502 (or abort, if the response
         had started)."""
         if conn is not self.conn:
-            conn.close()
+            if conn is self.hedge:
+                self.drop_hedge("reset")
+            else:
+                conn.close()
             return
         self.failure_note = note
         conn.poisoned = True

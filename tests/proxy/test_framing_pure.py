@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy._decisions import retry_decision
+from proxy._decisions import hedge_decision, retry_decision
 from proxy._framing import (CHUNKED, LENGTH, NONE, UNTIL_CLOSE, HeadError, generated, parse_request_head,
                             parse_response_head, strip_prefix, trailer_block)
 
@@ -165,11 +165,35 @@ _R = dict(idempotent=True, replayable=True, response_started=False, retries=0, m
     pytest.param(None, 500, {}, False, id="500"),
     pytest.param("connect", None, {"replayable": False}, False, id="body-too-large"),
     pytest.param("reset", None, {"response_started": True}, False, id="response-started"),
-    pytest.param("connect", None, {"retries": 2}, False, id="attempts-used"),
+    pytest.param("reset", None, {"retries": 2}, False, id="attempts-used"),
+    pytest.param("timeout", None, {"retries": 2}, False, id="attempts-used-timeout"),
+    # Connect failures have their own allowance: attempts + one per endpoint.
+    pytest.param("connect", None, {"retries": 2, "connect_failures": 1, "endpoints": 3}, True,
+                 id="connect-after-attempts-used"),
+    pytest.param("connect", None, {"connect_failures": 5, "endpoints": 3}, True, id="connect-allowance-last"),
+    pytest.param("connect", None, {"connect_failures": 6, "endpoints": 3}, False, id="connect-allowance-used"),
     pytest.param("connect", None, {"time_left": 0.0}, False, id="no-time-left"),
 ])
 def test_retry_decision(failure, status, changes, expected):
     assert retry_decision(failure=failure, status=status, **{**_R, **changes}) is expected
+
+
+_H = dict(safe=True, replayable=True, response_started=False, upgrade=False, hedged=False, retries=0,
+          max_retries=2, time_left=5.0)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    pytest.param({}, True, id="get-waiting"),
+    pytest.param({"safe": False}, False, id="post-or-put-never"),
+    pytest.param({"hedged": True}, False, id="once-per-request"),
+    pytest.param({"response_started": True}, False, id="head-arrived"),
+    pytest.param({"upgrade": True}, False, id="upgrade"),
+    pytest.param({"replayable": False}, False, id="body-too-large"),
+    pytest.param({"retries": 2}, False, id="attempts-used"),
+    pytest.param({"time_left": 0.0}, False, id="no-time-left"),
+])
+def test_hedge_decision(changes, expected):
+    assert hedge_decision(**{**_H, **changes}) is expected
 
 
 def test_request_head_memo_returns_the_validated_head_for_the_same_bytes_only():
