@@ -72,6 +72,10 @@ class Run:
     reasons: dict[str, int] = field(default_factory=dict)
     per_kill: list[int] = field(default_factory=list)     # failures from a kill to the next
     duration: float = 0.0
+    kills: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, victim "host:port")
+    # per failed request: (sent at, failed at, reason, body or error text), monotonic seconds
+    details: list[tuple[float, float, str, str]] = field(default_factory=list)
+    metrics: str = ""                                      # the proxy's /metrics at the end
 
 
 def write_config(tmp: Path, runtime: str, engine_url: str | None, image: str | None) -> tuple[Path, dict[str, int]]:
@@ -122,8 +126,9 @@ async def read_until(stream: asyncio.StreamReader, text: str, timeout: float, se
         seen.append(line.decode().rstrip())
 
 
-async def passing(session: aiohttp.ClientSession, catalog: str) -> dict[str, int]:
-    """instance id -> slot, of the passing instances of SERVICE."""
+async def passing(session: aiohttp.ClientSession, catalog: str,
+                  where: dict[str, str] | None = None) -> dict[str, int]:
+    """instance id -> slot, of the passing instances of SERVICE (``where``: id -> host:port)."""
     async with session.get(f"http://{catalog}/v1/health/service/{SERVICE}") as r:
         entries = await r.json()
     out = {}
@@ -131,6 +136,8 @@ async def passing(session: aiohttp.ClientSession, catalog: str) -> dict[str, int
         svc = e["Service"]
         if all(c["Status"] == "passing" for c in e.get("Checks", [])):
             out[svc["ID"]] = int(svc["Meta"]["slot"])
+            if where is not None:
+                where[svc["ID"]] = f"{svc['Address']}:{svc['Port']}"
     return out
 
 
@@ -148,17 +155,21 @@ async def load(proxy: str, rate: float, stop: asyncio.Event, run: Run) -> None:
         pending: set[asyncio.Task[None]] = set()
 
         async def one() -> None:
+            sent = time.monotonic()
             try:
                 async with session.get(f"http://{proxy}/", headers={"Host": f"{SERVICE}.service.meshlet"}) as r:
-                    await r.read()
+                    body = await r.read()
                     if r.status != 200:
                         reason = f"HTTP {r.status}"
+                        text = body[:300].decode("utf-8", "replace").strip()
                     else:
                         return
             except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
                 reason = type(exc).__name__
+                text = str(exc)[:300]
             run.failed += 1
             run.reasons[reason] = run.reasons.get(reason, 0) + 1
+            run.details.append((sent, time.monotonic(), reason, text))
 
         start = time.monotonic()
         i = 0
@@ -189,7 +200,12 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
         assert proc.stdout is not None
         seen: list[str] = []
         try:
-            await read_until(proc.stdout, f"{SERVICE}: {REPLICAS}/{REPLICAS} ready", 90, seen)
+            try:
+                await read_until(proc.stdout, f"{SERVICE}: {REPLICAS}/{REPLICAS} ready", 90, seen)
+            except (RuntimeError, asyncio.TimeoutError):
+                print("  meshlet up did not get ready; its stderr ends with:\n"
+                      + (tmp / "up.err").read_text(errors="replace")[-3000:], file=sys.stderr)
+                raise
             drain = asyncio.create_task(_drain(proc.stdout))
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
                 stop = asyncio.Event()
@@ -205,6 +221,8 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                             break
                         await asyncio.sleep(0.05)
                     ready = await pids(session, admin)
+                    where: dict[str, str] = {}
+                    await passing(session, catalog, where)
                     if n:
                         run.per_kill.append(run.failed - failed_before)
                         failed_before = run.failed
@@ -212,6 +230,7 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                     slot = now_passing[victim]
                     killed_at = time.monotonic()
                     os.kill(ready[victim], signal.SIGKILL)
+                    run.kills.append((killed_at, where.get(victim, "?")))
                     last_kill = killed_at
                     out_at = None
                     deadline = killed_at + 60
@@ -236,7 +255,20 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                 await loader
                 run.per_kill.append(run.failed - failed_before)
                 run.duration = time.monotonic() - t0
+                try:
+                    async with session.get(f"http://127.0.0.1:{ports['proxy_admin']}/metrics") as r:
+                        run.metrics = await r.text()
+                except Exception as exc:  # noqa: BLE001 - the figures stand without it
+                    run.metrics = f"(no /metrics: {exc})"
             drain.cancel()
+            if args.keep_logs and run.failed:
+                keep = Path(args.keep_logs) / f"{runtime}-{time.strftime('%H%M%S')}"
+                keep.mkdir(parents=True, exist_ok=True)
+                for log_file in (tmp / "state" / "logs").glob("*.log"):
+                    (keep / log_file.name).write_bytes(log_file.read_bytes())
+                (keep / "up.err").write_bytes((tmp / "up.err").read_bytes())
+                (keep / "metrics.txt").write_text(run.metrics)
+                print(f"  logs kept in {keep}", flush=True)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -254,6 +286,22 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
 async def _drain(stream: asyncio.StreamReader) -> None:
     while await stream.read(65536):
         pass
+
+
+def failure_report(run: Run) -> list[str]:
+    """Each failed request placed after the kill before it: when it was sent and when it
+    failed (ms after that kill), the victim's address, and the proxy's answer."""
+    lines = []
+    for sent, failed, reason, text in sorted(run.details):
+        n = max((i for i, (t, _) in enumerate(run.kills) if t <= sent), default=-1)
+        if n < 0:
+            where = "before the first kill"
+        else:
+            t, victim = run.kills[n]
+            where = (f"kill #{n + 1} (victim {victim}): sent +{(sent - t) * 1000:.0f} ms, "
+                     f"failed +{(failed - t) * 1000:.0f} ms")
+        lines.append(f"{where}: {reason}: {' '.join(text.split())}")
+    return lines
 
 
 def pct(values: list[float], q: float) -> float:
@@ -351,6 +399,15 @@ failures* says how many kills had any failed request between them and the next k
 {table(runs, args)}
 """
     print()
+    for r in runs:
+        if r.details:
+            print(f"{r.runtime}: failed requests in detail:")
+            for line in failure_report(r):
+                print("  " + line)
+            print(f"{r.runtime}: proxy metrics at the end (retries, upstream):")
+            for line in r.metrics.splitlines():
+                if "retries" in line or "ejection" in line or ('code="5' in line):
+                    print("  " + line)
     print(text)
     if args.write:
         write_results(text)
@@ -365,6 +422,8 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=3.0, help="seconds between kills (at least)")
     p.add_argument("--runtime", choices=("process", "docker", "both"), default="both")
     p.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
+    p.add_argument("--keep-logs", metavar="DIR", help="when requests failed, copy the components' logs "
+                   "and the proxy's /metrics to DIR/<runtime>-<time>/")
     args = p.parse_args()
     try:
         import uvloop
