@@ -370,17 +370,24 @@ async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], 
     raise ApplyError(f"the catalog kept changing under this apply ({attempts} attempts); last conflict: {last}")
 
 
-async def run(path: str, *, url: str | None = None, dry_run: bool = False, prune: bool = False,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """``meshlet apply``: 0 done, 1 catalog trouble, 2 invalid file."""
+def load_or_report(path: str, command: str, err: TextIO) -> config.MeshConfig | None:
+    """FILE loaded and checked, or None after printing every problem in it (each with
+    file, line and field path) or why it could not be read: the caller exits 2."""
     try:
-        cfg = config.load(path)
+        return config.load(path)
     except config.ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=err)
-        return 2
     except OSError as exc:
-        print(f"meshlet apply: cannot read {path}: {exc.strerror or exc}", file=err)
+        print(f"meshlet {command}: cannot read {path}: {exc.strerror or exc}", file=err)
+    return None
+
+
+async def run(path: str, *, url: str | None = None, dry_run: bool = False, prune: bool = False,
+              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """``meshlet apply``: 0 done, 1 catalog trouble, 2 invalid file."""
+    cfg = load_or_report(path, "apply", err)
+    if cfg is None:
         return 2
     mesh = cfg.mesh
     url = resolve_catalog_url(url, os.environ, mesh.catalog, mesh.catalog_listen)

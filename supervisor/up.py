@@ -348,14 +348,8 @@ def _progress(sup: Supervisor) -> list[str]:
 
 async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
              err: TextIO = sys.stderr) -> int:
-    try:
-        cfg = config.load(path)
-    except config.ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=err)
-        return 2
-    except OSError as exc:
-        print(f"meshlet up: cannot read {path}: {exc.strerror or exc}", file=err)
+    cfg = apply.load_or_report(path, "up", err)
+    if cfg is None:
         return 2
     mesh = cfg.mesh
     data_dir = Path(mesh.data_dir)
