@@ -2,7 +2,8 @@
 """Rolling updates under a steady load: failed requests, latency during versus before, duration.
 
     .venv/bin/python bench/rollout/run.py [--rate 1000] [--replicas 3 10] [--before 10]
-                                          [--runtime process|docker|both] [--deadline 180] [--write]
+                                          [--runtime process|docker|both] [--rounds 1] [--deadline 180]
+                                          [--write]
 
 For each runtime (docker only when a test engine starts: tests/docker_env.start_engine) and
 each replica count:
@@ -275,8 +276,8 @@ async def amain(args: argparse.Namespace) -> int:
     results: list[Result] = []
 
     async def each(runtime: str, engine_url: str | None = None, image: str | None = None) -> None:
-        for n in args.replicas:
-            print(f"{runtime}, {n} replicas:", flush=True)
+        for n, k in [(n, k) for n in args.replicas for k in range(args.rounds)]:
+            print(f"{runtime}, {n} replicas, round {k + 1} of {args.rounds}:", flush=True)
             r = await bench(runtime, n, args, engine_url, image)
             results.append(r)
             print("  " + row(r), flush=True)
@@ -301,9 +302,10 @@ async def amain(args: argparse.Namespace) -> int:
         return 1
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     cmd = ".venv/bin/python bench/rollout/run.py --write"
-    if (args.rate, args.before, args.runtime, args.replicas) != (1000.0, 10.0, "process", [3, 10]):
+    if (args.rate, args.before, args.runtime, args.replicas, args.rounds) != (1000.0, 10.0, "process", [3, 10], 1):
         cmd = (f".venv/bin/python bench/rollout/run.py --rate {args.rate:g} --before {args.before:g} "
-               f"--runtime {args.runtime} --replicas {' '.join(map(str, args.replicas))} --write")
+               f"--runtime {args.runtime} --replicas {' '.join(map(str, args.replicas))} "
+               f"--rounds {args.rounds} --write")
     text = f"""## Rollout
 
 Measured {stamp} UTC with `{cmd}` on {machine()}.
@@ -333,6 +335,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=1000.0, help="client requests per second")
     p.add_argument("--replicas", type=int, nargs="+", default=[3, 10], help="replica counts to roll (default 3 10)")
+    p.add_argument("--rounds", type=int, default=1, help="rollouts per runtime and replica count, "
+                   "each on a fresh `meshlet up` (one table row each)")
     p.add_argument("--before", type=float, default=10.0, help="seconds of load measured before the apply")
     p.add_argument("--deadline", type=float, default=180.0, help="give up on a rollout after this many seconds")
     p.add_argument("--runtime", choices=("process", "docker", "both"), default="process")
