@@ -106,12 +106,13 @@ class ReplicaActions:
         return ports
 
     async def _start_instance(self: Supervisor, service: str, slot: int, revision: str, node_name: str,
-                              backoff: BackoffState, reason: str, *, weight: int = 1) -> None:
+                              backoff: BackoffState, reason: str, *, weight: int = 1) -> bool:
         """Start a replica of ``revision`` (its own spec) in ``slot`` on ``node_name`` and
-        register it (check critical until its readiness passes) with Meta ``weight``."""
+        register it (check critical until its readiness passes) with Meta ``weight``.
+        False when the runtime refused (the slot is held back, the problem recorded)."""
         spec = self.rolling.spec_for(service, revision)
         if spec is None:
-            return
+            return False
         a = _StartArgs(service, slot, node_name, backoff, reason)
         node = self.nodes[a.node]
         rt = self.runtimes[a.node]
@@ -144,7 +145,7 @@ class ReplicaActions:
             self._start_hold[(a.service, a.slot)] = self.clock() + delay
             self._follow_up(a.service, a.slot, delay)
             await self._save_backoff(a.service, a.slot, st)
-            return
+            return False
         self._start_hold.pop((a.service, a.slot), None)
         self.problems.pop(a.service, None)
         log.info("started %s (%s slot %d on %s, ports %s): %s", iid, a.service, a.slot, a.node,
@@ -160,6 +161,7 @@ class ReplicaActions:
         else:
             self._start_probes(inst)
         await self._register(inst)
+        return True
 
     def _start_probes(self: Supervisor, inst: _Inst, adopted_ready: bool = False) -> None:
         spec = self.rolling.spec_for(inst.obs.service, inst.obs.revision)

@@ -63,7 +63,7 @@ from .rollout_keys import ROLLOUT_PREFIX, template_revision
 from .rolling import RolloutDriver
 from .runtime import RUNTIMES, Runtime, RuntimeEvent, WorkloadError
 
-__all__ = ["Supervisor", "make_runtime", "template_revision", "PORT_RANGE", "DEFAULT_ENGINE", "main",
+__all__ = ["Supervisor", "make_runtime", "PORT_RANGE", "DEFAULT_ENGINE", "main",
            "port_is_free"]
 
 log = logging.getLogger(__name__)

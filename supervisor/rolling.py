@@ -24,6 +24,11 @@ in-flight count (only a process-wide gauge in /metrics), so in-flight requests g
 drain delay plus the grace period: a request still running after SIGTERM is the
 workload's to finish in its grace period.
 
+A started replica is registered at once with its TTL check critical (as every replica
+is), which proxies and DNS treat as absent; it turns passing when its readiness probe
+does. The engine counts a replica ready only once the catalog acknowledged that passing
+status, so an old replica is never retired before its replacement is routable.
+
 Auto-revert does not rewrite ``meshlet/services/<name>``: that document stays what the
 user applied, the state says ``reverted_from`` and why, and a document whose revision is
 the one reverted from starts no rollout again. A new apply, ``meshlet rollback`` or
@@ -56,7 +61,8 @@ from .rollout import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVE
 from .rollout_keys import ROLLOUT_PREFIX, history_key, state_key
 
 if TYPE_CHECKING:
-    from .agent import Supervisor, _Inst
+    from ._actions import _Inst
+    from .agent import Supervisor
 
 __all__ = ["RolloutDriver", "MIN_DRAIN", "FOLLOWUP_SLOT"]
 
@@ -79,6 +85,7 @@ class RolloutDriver:
         self.terminating: set[str] = set()
         self.weights: dict[str, int] = {}
         self.crashes: dict[tuple[str, int], int] = {}       # restarts of the target, per slot
+        self.refused: dict[tuple[str, int], int] = {}       # refused starts of the target, per slot
         self._counted: set[str] = set()                     # exits already counted
         self._stored: dict[str, tuple[Any, Any]] = {}
         self._specs: dict[tuple[str, str], config.ServiceSpec] = {}
@@ -274,8 +281,9 @@ class RolloutDriver:
         return [i for i in self.sup.instances.values() if i.obs.service == service]
 
     def _reset_crashes(self, service: str) -> None:
-        for key in [k for k in self.crashes if k[0] == service]:
-            del self.crashes[key]
+        for counts in (self.crashes, self.refused):
+            for key in [k for k in counts if k[0] == service]:
+                del counts[key]
 
     def note_exit(self, inst: _Inst) -> None:
         """An instance exited (crash, kill): a restart of the rollout's target counts."""
@@ -326,6 +334,13 @@ class RolloutDriver:
                 phase = STARTING
             out.append(ObservedReplica(iid, o.slot, o.revision, phase, ready_since, restarts,
                                        self.weights.get(iid, 1)))
+        # A slot whose start the runtime refused twice stands as a crash-looping replica of
+        # the target (once: the start is retried after its hold, as a crash would be).
+        taken = {r.slot for r in out if r.revision == st.revision and r.phase != TERMINATING}
+        for (name, slot), n in sorted(self.refused.items()):
+            if name == service and n >= 2 and slot not in taken and slot < spec.replicas:
+                out.append(ObservedReplica(f"{service}-{slot}-refused", slot, st.revision, STARTING,
+                                           restarts=n))
         return out
 
     def _restarts(self, inst: _Inst, spec: config.ServiceSpec, now: float) -> bool:
@@ -388,6 +403,9 @@ class RolloutDriver:
                          spec.update.history, now)
             self.states[service] = dataclasses.replace(self.states[service], restart_token=token)
             self._reset_crashes(service)
+            for key in [k for k in self.sup._start_hold if k[0] == service]:
+                del self.sup._start_hold[key]      # held for the failed revision's starts
+            self.sup.problems.pop(service, None)
             log.warning("rollout of %s: reverting to %s: %s", service, a.to_revision, a.reason)
             return True
         return False
@@ -413,9 +431,16 @@ class RolloutDriver:
                 sup.problems[service] = f"slot {a.slot}: {reason}"
                 return False
             node = result.placed[0][1]
-        await sup._start_instance(service, a.slot, a.revision, node, BackoffState(), a.reason,
-                                  weight=a.weight)
-        return True
+        started = await sup._start_instance(service, a.slot, a.revision, node, BackoffState(), a.reason,
+                                            weight=a.weight)
+        key = (service, a.slot)
+        if started:
+            self.refused.pop(key, None)
+        else:
+            # A refused start (image missing, engine error) is a crash the engine cannot
+            # see: counted here, and shown to it as a replica of the slot (see observe)
+            self.refused[key] = self.refused.get(key, 0) + 1
+        return started
 
     # --- retiring ----------------------------------------------------------------------------
 

@@ -168,12 +168,17 @@ async def _up(mesh, proxy, text: str, sup=None, path: str = "/"):
         await sup.start()
     await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
     await async_wait_for(lambda: _serving(proxy, REPLICAS, path), timeout=15)
-    await async_wait_for(lambda: (sup.rolling.states.get("web") or _Nil).phase == "complete", timeout=10)
+    await async_wait_for(lambda: "web" in sup.rolling.states and _complete(mesh, sup), timeout=10)
     return sup
 
 
-class _Nil:
-    phase = None
+async def _complete(mesh, sup) -> bool:
+    """The rollout is complete, and KV says so (state and history as the CLI reads them)."""
+    state, history = sup.rolling.states["web"], sup.rolling.histories["web"]
+    if state.phase != "complete":
+        return False
+    stored = (await _kv_json(mesh, state_key("web")), await _kv_json(mesh, history_key("web")))
+    return list(stored) == json.loads(json.dumps([state.to_dict(), history]))
 
 
 async def _n_passing(mesh, n):
@@ -206,7 +211,7 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
         new = sup.rolling.states["web"].revision
         status = web_status(sup)["rollout"]
         assert status["phase"] == "progressing" and status["revision"] == new and status["number"] == 2
-        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=60)
+        await async_wait_for(lambda: _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=15)
         sent_at_end = load.sent
         await async_wait_for(lambda: load.sent > sent_at_end + 20, timeout=10)
@@ -239,8 +244,8 @@ async def test_a_revision_that_crashes_at_start_is_reverted_without_failures(mes
         await mesh.apply(web_yaml(mesh, command=crash))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
         bad = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete"
-                             and sup.rolling.states["web"].revision == good, timeout=60)
+        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+                             and _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
                              and not sup.rolling.terminating, timeout=15)
     assert load.failed == 0, load.reasons
@@ -271,7 +276,7 @@ async def test_a_revision_never_ready_hits_the_progress_deadline_and_is_reverted
         await mesh.apply(web_yaml(mesh, env={"MARKERS": str(stuck)}, update=", progress_deadline: 2s"))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
         bad = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=30)
+        await async_wait_for(lambda: _complete(mesh, sup), timeout=30)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
                              and not sup.rolling.terminating, timeout=15)
     assert sup.clock() - began >= 2.0
@@ -295,7 +300,7 @@ async def test_pause_holds_a_rollout_and_resume_finishes_it(mesh, proxy):
     assert "paused: checking" in web_status(sup)["problem"]
     await mesh.client.kv.put("meshlet/rollout/web/control",
                              json.dumps({"paused": False, "reason": "", "at": 2.0}))
-    await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=60)
+    await async_wait_for(lambda: _complete(mesh, sup), timeout=60)
     assert sorted(mesh.running("web")) != held
 
 
@@ -305,7 +310,7 @@ async def test_a_restart_token_rolls_every_replica_without_a_spec_change(mesh, p
     before = set(mesh.running("web"))
     await mesh.client.kv.put("meshlet/rollout/web/restart", json.dumps({"token": "t1", "at": 1.0}))
     await async_wait_for(lambda: sup.rolling.states["web"].revision != first
-                         and sup.rolling.states["web"].phase == "complete", timeout=60)
+                         and _complete(mesh, sup), timeout=60)
     await async_wait_for(lambda: not (set(mesh.running("web")) & before)
                          and len(mesh.running("web")) == REPLICAS, timeout=15)
     history = await _kv_json(mesh, history_key("web"))
@@ -329,7 +334,7 @@ async def test_a_canary_step_weighs_the_old_replicas_then_promotes(mesh, proxy):
     async with Load(proxy) as load:
         await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", canary: [{weight: 50, pause: 1s}]"))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != first
-                             and sup.rolling.states["web"].phase == "complete", timeout=60)
+                             and _complete(mesh, sup), timeout=60)
     done.set()
     await sampler
     # 50% of 3 = 2 new replicas beside 1 old: each new one weight 1, the old one 2
@@ -439,7 +444,7 @@ async def test_docker_rollout_of_3_replicas_drops_nothing(mesh, proxy, engine):
         await mesh.apply(docker_yaml(mesh, env={"V": "2"}))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
         new = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete", timeout=90)
+        await async_wait_for(lambda: _complete(mesh, sup), timeout=90)
         await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=30)
     assert load.failed == 0, load.reasons
     assert load.sent > 100
@@ -460,8 +465,8 @@ async def test_docker_a_crashing_image_command_is_reverted_without_failures(mesh
         await mesh.apply(docker_yaml(mesh, args=["sh", "-c", "exit 3"]))
         await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
         bad = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].phase == "complete"
-                             and sup.rolling.states["web"].revision == good, timeout=90)
+        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+                             and _complete(mesh, sup), timeout=90)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
                              and not sup.rolling.terminating, timeout=30)
     assert load.failed == 0, load.reasons
@@ -469,3 +474,22 @@ async def test_docker_a_crashing_image_command_is_reverted_without_failures(mesh
     history = await _kv_json(mesh, history_key("web"))
     assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
     assert f"reverted to {good}" in web_status(sup)["problem"]
+
+
+async def test_docker_a_missing_image_is_reverted_without_failures(mesh, proxy, engine):
+    sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, engine), "/cgi-bin/env")
+    good = sup.rolling.states["web"].revision
+    before = set(mesh.running("web"))
+    async with Load(proxy) as load:
+        await async_wait_for(lambda: load.sent > 20, timeout=10)
+        # no registry answers here: the pull fails at once and the engine refuses the start
+        await mesh.apply(web_yaml(mesh, image="meshlet-test/missing:1", readiness=DOCKER_READY, grace="1s"))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
+        bad = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+                             and _complete(mesh, sup), timeout=60)
+    assert load.failed == 0, load.reasons
+    assert set(mesh.running("web")) == before
+    history = await _kv_json(mesh, history_key("web"))
+    assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
+    assert "restarted 2 times" in sup.rolling.states["web"].reason
