@@ -75,6 +75,12 @@ FOLLOWUP_SLOT = -1          # the agent's follow-up key (service, slot) for roll
 _ENGINE_OWNS = (PROGRESSING, PAUSED, FAILED, REVERTING)
 
 
+def _valid_history(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(e, dict) and isinstance(e.get("number"), int) and isinstance(e.get("revision"), str)
+        and e.get("status") in ("active", "complete", "failed", "superseded") for e in value)
+
+
 class RolloutDriver:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -102,7 +108,9 @@ class RolloutDriver:
                 value = json.loads(raw or b"null")
                 if kind == "state" and value is not None:
                     self.states[service] = RolloutState.from_dict(value)
-                elif kind == "history" and isinstance(value, list):
+                elif kind == "history":
+                    if not _valid_history(value):
+                        raise RolloutError(f"expected a list of history entries, got {raw[:80]!r}")
                     self.histories[service] = value
             except (ValueError, RolloutError) as exc:
                 log.error("ignoring unreadable %s: %s", key, exc)
@@ -213,7 +221,11 @@ class RolloutDriver:
 
     def _record(self, service: str, revision: str, spec_doc: Any, token: str | None,
                 limit: int, now: float) -> None:
-        history = record_revision(self.histories.get(service, []), revision, spec_doc, now, limit)
+        try:
+            history = record_revision(self.histories.get(service, []), revision, spec_doc, now, limit)
+        except RolloutError as exc:      # a corrupt history in KV: start a new one
+            log.error("history of %s: %s; starting a new one", service, exc)
+            history = record_revision([], revision, spec_doc, now, limit)
         history[-1]["restart_token"] = token
         self.histories[service] = history
 
@@ -234,18 +246,13 @@ class RolloutDriver:
         history = self.histories.get(service, [])
         if not others:
             # A first deploy (or all on it already): reconcile starts it; no rollout.
-            if not history or history[-1]["revision"] != want:
+            if not history or not isinstance(history[-1], dict) or history[-1].get("revision") != want:
                 self._record(service, want, spec.to_dict(), token, spec.update.history, now)
             self.states.pop(service, None)
             await self.store(service)
             await self._first_complete(service, spec, now)
             return
-        try:
-            self._record(service, want, spec.to_dict(), token, spec.update.history, now)
-        except RolloutError as exc:      # a corrupt history in KV: start a new one
-            log.error("history of %s: %s; starting a new one", service, exc)
-            self.histories[service] = []
-            self._record(service, want, spec.to_dict(), token, spec.update.history, now)
+        self._record(service, want, spec.to_dict(), token, spec.update.history, now)
         st = start_rollout(service, want, self.histories[service], now, restart_token=token)
         if (self.controls.get(service) or {}).get("paused"):
             st = pause(st, str(self.controls[service].get("reason") or "paused by the user"))

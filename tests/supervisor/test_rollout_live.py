@@ -26,6 +26,7 @@ from conftest import APPS
 from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
 from discovery.consul import instances_from_health
 from supervisor.admin import build_status
+from supervisor.up import _progress
 from supervisor.rollout_keys import history_key, state_key
 
 REPLICAS = 3
@@ -211,6 +212,8 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
         new = sup.rolling.states["web"].revision
         status = web_status(sup)["rollout"]
         assert status["phase"] == "progressing" and status["revision"] == new and status["number"] == 2
+        assert "updated" in status["progress"] and status["summary"].startswith("web: ")
+        assert any("rollout progressing to #2: " in line for line in _progress(sup))   # meshlet up
         await async_wait_for(lambda: _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=15)
         sent_at_end = load.sent

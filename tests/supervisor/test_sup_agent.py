@@ -232,3 +232,21 @@ services:
     assert sup.clock() < hold
     (web,) = [s for s in build_status(sup)["services"] if s["name"] == "web"]
     assert web["problem"] is None
+
+
+async def test_unreadable_rollout_keys_are_logged_and_replaced(mesh, caplog):
+    import json
+    await mesh.client.kv.put("meshlet/rollout/web/history", b'[{"x": 1}]')
+    await mesh.client.kv.put("meshlet/rollout/web/state", b"{not json")
+    await mesh.client.kv.put("meshlet/rollout/web/control", b"[]")
+    await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
+    sup = await mesh.start()
+    await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=15)
+    assert "ignoring unreadable meshlet/rollout/web/history" in caplog.text
+    assert "ignoring unreadable meshlet/rollout/web/state" in caplog.text
+
+    async def settled():
+        _, entry = await mesh.client.kv.get("meshlet/rollout/web/history")
+        return [(e["number"], e["status"]) for e in json.loads(entry["Value"])] == [(1, "complete")]
+    await async_wait_for(settled, timeout=10)
+    assert sup.rolling.states["web"].phase == "complete"
