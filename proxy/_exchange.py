@@ -511,6 +511,11 @@ class Exchange(Relay, Hedging):
         if state == RESPONDING:
             last = max(self.last_io, self.client.last_io)
             if now - last >= settings.timeouts.idle:
+                if self._retract():  # a held response: nothing of it reached the client
+                    self.failure_note = f"response from {self.ep.address}:{self.ep.port} stalled"
+                    self.timed_out = True
+                    self.attempt_failed("timeout", None)
+                    return
                 log.info("%s: response idle for %.1fs; closing", self.service, now - last)
                 self._abort_midstream("timeout")
             else:
@@ -580,6 +585,7 @@ class Exchange(Relay, Hedging):
         self.state = DONE
         if self.hedge is not None:
             self.drop_hedge()
+        self.client.hold = False
         server = self.server
         if self.pending:
             self.pending = False

@@ -30,7 +30,7 @@ from http import HTTPStatus
 __all__ = [
     "CHUNKED", "LENGTH", "NONE", "UNTIL_CLOSE", "HeadError", "RequestHead", "ResponseHead",
     "chunk_header", "generated", "strip_prefix", "CRLF", "request_head", "response_head", "parse_request_head", "parse_response_head", "status_line",
-    "trailer_block", "LAST_CHUNK",
+    "trailer_block", "LAST_CHUNK", "HEAD_END", "remember_raw_request", "remember_raw_response",
 ]
 
 NONE, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
@@ -443,3 +443,36 @@ def response_head(status: int, version: str, headers: list[tuple[bytes, bytes]],
                 _RESPONSES.clear()
             _RESPONSES[key] = r
     return r
+
+
+# -- raw-bytes memo (the fast paths) ------------------------------------------------------
+#
+# One step further: a request or response head that arrives alone in one read (the
+# common keep-alive case), and whose exact bytes were already parsed by llhttp and
+# validated above, is recognised by those bytes alone, without feeding the parser (its
+# ~8 callbacks are most of a request's parsing cost). Only heads that llhttp accepted
+# from a message boundary and that validated are remembered, so a hit is exactly a head
+# that passed every check; only the cases the fast paths handle are remembered:
+# requests without a body that keep the connection alive and switch no protocol;
+# responses with a Content-Length to a non-HEAD request, status 200-501 except 204/304.
+
+_RAW_REQUESTS: dict[bytes, RequestHead] = {}
+_RAW_RESPONSES: dict[bytes, ResponseHead] = {}
+HEAD_END = b"\r\n\r\n"
+
+
+def remember_raw_request(raw: bytes, h: RequestHead) -> None:
+    if (h.framing == NONE and h.keep_alive and h.upgrade is None and not h.expect_continue
+            and len(raw) <= MEMO_HEAD_BYTES):
+        if len(_RAW_REQUESTS) >= MEMO_ENTRIES:
+            _RAW_REQUESTS.clear()
+        _RAW_REQUESTS[raw] = h
+
+
+def remember_raw_response(raw: bytes, r: ResponseHead) -> None:
+    status = r.status
+    if (r.framing == LENGTH and 200 <= status < 502 and status != 204 and status != 304
+            and len(raw) <= MEMO_HEAD_BYTES and raw[9:12] == b"%d" % status):
+        if len(_RAW_RESPONSES) >= MEMO_ENTRIES:
+            _RAW_RESPONSES.clear()
+        _RAW_RESPONSES[raw] = r

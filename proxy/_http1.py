@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ._exchange import Exchange
-from ._framing import _REQUESTS, CRLF, NONE, HeadError, generated, request_head
+from ._framing import _RAW_REQUESTS, _REQUESTS, CRLF, HEAD_END, NONE, HeadError, generated, remember_raw_request, request_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
@@ -82,7 +82,8 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "vip", "loop", "transport", "peer_ip", "parser", "url", "headers", "trailers",
                  "in_head", "head_len", "reading", "active", "queue", "out", "pause_flags", "write_paused",
-                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes", "xff_line", "last")
+                 "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes", "xff_line", "last",
+                 "hold")
 
     def __init__(self, server: ProxyServer, vip: tuple[str, int] | None = None) -> None:
         self.server = server
@@ -114,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
         self.flushes = 0                  # writes so far (an exchange knows if its head left)
         self.xff_line = b""               # "x-forwarded-for: <peer>" for requests without one
         self.last: Any = None             # the exchange whose head was parsed last
+        self.hold = False                 # a small response is gathered whole before it leaves
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -168,7 +170,22 @@ class ClientConnection(asyncio.Protocol):
         if self.dead:
             return
         self.last_io = self.loop.time()
-        if self.in_head:
+        raw = None
+        if not self.in_head and self.active is None and self.reading is None:
+            # At a message boundary with nothing in flight: a head seen before, alone in
+            # this read, needs no parsing (see _framing's raw-bytes memo).
+            head = _RAW_REQUESTS.get(data)
+            if head is not None:
+                ex = Exchange(self, head)
+                ex.req_done = True
+                self.last = self.active = ex
+                ex.start()
+                if self.out:
+                    self.flush()
+                return
+            if data.find(HEAD_END) == len(data) - 4:
+                raw = data  # exactly one head: remembered below if it parses and validates
+        elif self.in_head:
             self.head_len += len(data)
             if self.head_len > self.server.max_head_bytes:
                 self.reject(431 if self.headers else 414,
@@ -193,8 +210,13 @@ class ClientConnection(asyncio.Protocol):
             self.parse_failed(exc)
         self.feeding = False
         active = self.active
-        if active is not None and active.up_out:
-            active.flush_upstream()
+        if active is not None:
+            if active.up_out:
+                active.flush_upstream()
+            if raw is not None and active is self.last and self.reading is None and not self.dead:
+                head = getattr(active, "head", None)  # (a _Rejection has none)
+                if head is not None:
+                    remember_raw_request(raw, head)
         self.flush()
 
     def pause_writing(self) -> None:
@@ -325,7 +347,7 @@ class ClientConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         out = self.out
-        if out:
+        if out and not self.hold:
             self.out = []
             self.flushes += 1
             if self.closed:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._decisions import client_head
-from ._framing import (_RESPONSES, CHUNKED, CRLF, LAST_CHUNK, UNTIL_CLOSE, HeadError, response_head, status_line,
-                       trailer_block)
+from ._framing import (_RESPONSES, CHUNKED, CRLF, LAST_CHUNK, LENGTH, UNTIL_CLOSE, HeadError, response_head,
+                       status_line, trailer_block)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._upstream import UpstreamConnection
@@ -23,6 +23,11 @@ __all__ = ["Relay", "ROUTING", "CONNECTING", "SENDING", "RESPONDING", "DONE"]
 
 # Exchange states
 ROUTING, CONNECTING, SENDING, RESPONDING, DONE = range(5)
+# A Content-Length response up to this size is relayed only once complete: if its upstream
+# dies mid-body (a kill between a server's head and body writes), nothing has reached the
+# client and the request is retried elsewhere, instead of the client getting a truncated
+# response. Larger ones stream as they come (bounded memory).
+HOLD_LIMIT = 64 * 1024
 
 
 class Relay:
@@ -102,11 +107,41 @@ class Relay:
             if status != 101:  # a 101's head carries the request's Upgrade value
                 resp.outs[variant] = out
         self.resp_mark = (client.flushes, len(client.out))
+        if resp.framing == LENGTH and resp.content_length <= HOLD_LIMIT:
+            client.hold = True  # until complete: an upstream dying mid-body can still be retried
         client.out.append(out[0])
         self.out_framing = out[1]
         self.close_after = out[2]
         self.last_io = now = self.server.loop.time()
         client.deadline = now + self.cluster.settings.timeouts.idle
+
+    def fast_response(self, conn: UpstreamConnection, resp: Any, data: bytes, start: int) -> bool:
+        """A whole response in one read whose head is known by its bytes (``resp``, see
+        _framing's raw-bytes memo: a validated Content-Length response, not a 1xx, 204,
+        304 or 502-504): relay head and body and complete, as response_head, on_body
+        and response_complete would. False when this exchange is not in the plain state
+        that allows it (the caller then parses as usual)."""
+        if self.state != SENDING or conn is not self.conn or not self.req_done or self.hedge is not None:
+            return False
+        head = self.head
+        status = resp.status
+        self.resp = resp
+        self.state = RESPONDING
+        self.status = status
+        client = self.client
+        keep = head.keep_alive and not client.draining and head.upgrade is None
+        variant = (head.version, keep, status)
+        out = resp.outs.get(variant)
+        if out is None:
+            out = resp.outs[variant] = client_head(resp, status, head, keep)
+        body = data[start:]
+        client.out += (out[0], body)
+        self.bytes_out += len(body)
+        self.out_framing = out[1]
+        self.close_after = out[2]
+        self.response_complete(conn)
+        client.flush()
+        return True
 
     def _retry_elsewhere(self, status: int) -> bool:
         """A 502/503/504 for an idempotent request: retry it on another endpoint if the
@@ -140,6 +175,7 @@ class Relay:
         client = self.client
         if self.out_framing == CHUNKED:
             client.out.append(trailer_block(conn.trailers))
+        client.hold = False
         now = self.server.loop.time()
         self.conn = None
         if self.req_done and self.resp.keep_alive:
@@ -188,6 +224,11 @@ class Relay:
                 self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
                 self._end_retry()
                 self.finish(self.close_after)
+            elif self._retract():
+                self.failure_note = f"connection to {self.ep.address}:{self.ep.port} lost before the whole response"
+                if not self.head.idempotent:
+                    self.replayable = False  # it was processed: a 502, never a second try
+                self.attempt_failed("reset", None)
             else:
                 self._abort_midstream("reset")
             self.client.flush()
@@ -207,15 +248,22 @@ class Relay:
             return
         self.failure_note = note
         conn.poisoned = True
-        if self.state == RESPONDING:
-            client = self.client
-            flushes, mark = self.resp_mark
-            if client.flushes != flushes:
-                self._abort_midstream("reset")  # the client has bytes of this response already
-                return
-            del client.out[mark:]  # nothing of this response left yet: answer 502 instead
-            self.resp = None
-            self.state = SENDING
-            self.status = 0
-            self.bytes_out = 0
+        if self.state == RESPONDING and not self._retract():
+            self._abort_midstream("reset")  # the client has bytes of this response already
+            return
         self.attempt_failed(None, 502)
+
+    def _retract(self) -> bool:
+        """Take back the response begun (nothing of it has left for the client yet), so
+        the attempt counts as failed before any response byte; False if bytes left."""
+        client = self.client
+        flushes, mark = self.resp_mark
+        if client.flushes != flushes:
+            return False
+        del client.out[mark:]
+        client.hold = False
+        self.resp = None
+        self.state = SENDING
+        self.status = 0
+        self.bytes_out = 0
+        return True

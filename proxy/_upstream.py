@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from ._framing import _RAW_RESPONSES, HEAD_END, remember_raw_response
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._exchange import Exchange
 
@@ -104,6 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the server answered nothing we asked; never reuse it.
             self.close()
             return
+        raw = None
         if not self.in_body:
             if self.in_head:
                 # More bytes of a head begun in an earlier read (the read in which a head
@@ -115,6 +118,15 @@ class UpstreamConnection(asyncio.Protocol):
                     owner.client.flush()
                     return
             else:
+                i = data.find(HEAD_END) + 4
+                if i > 4 and not self.head_request:
+                    # A head seen before, with its whole body in this read, needs no
+                    # parsing (see _framing's raw-bytes memo).
+                    raw = data[:i]
+                    resp = _RAW_RESPONSES.get(raw)
+                    if (resp is not None and len(data) - i == resp.content_length
+                            and owner.fast_response(self, resp, data, i)):
+                        return
                 self.in_head = True  # this read starts a head
         else:
             owner.last_io = self.pool.loop.time()  # a body streams: the idle clock restarts
@@ -145,6 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.head_request:
                 # llhttp cannot be told that a HEAD response has no body: start afresh.
                 self.parser = HttpResponseParser(self)
+            elif raw is not None and owner.resp is not None and owner.status == owner.resp.status:
+                remember_raw_response(raw, owner.resp)
             owner.response_complete(self)
         owner.client.flush()
 

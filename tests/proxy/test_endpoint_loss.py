@@ -246,3 +246,44 @@ async def test_request_timeout_zero_means_none(mesh_catalog, tmp_path, px):
             assert (status, backend) == (200, env.backends[0].name)
     finally:
         env.close()
+
+
+def _dies_mid_body(conn, head: bytes, rest: bytes) -> bytes:
+    """Answer a head and half the body, then vanish (a kill between a server's writes)."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    conn.close()
+    return b""
+
+
+async def test_upstream_dying_between_head_and_body_is_retried_not_truncated(mesh_catalog, tmp_path, px):
+    """A small response is relayed only once complete: an upstream that dies after its
+    head leaves nothing at the client, so a GET is retried elsewhere and a POST (already
+    processed) gets a 502 naming the loss; no client sees a truncated 200."""
+    name = px.unique("midbody")
+    dying = px.RawUpstream({b"/": _dies_mid_body})
+    live = px.Backend(f"{name}-live")
+    mesh_catalog.register(name, f"{name}-0", dying.port)
+    mesh_catalog.register(name, f"{name}-1", live.port)
+    mesh_catalog.put_service(name, PORT + f"routes: {{{NO_EJECTION}}}")
+    proxy = px.Proxy(mesh_catalog.url, log_path=tmp_path / "proxy.log")
+    host = {"Host": f"{name}.service.meshlet"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(20):
+                async with s.get(proxy.url("/"), headers=host) as r:
+                    assert r.status == 200 and r.headers["X-Backend"] == live.name
+                    await r.read()  # a truncated body would raise ClientPayloadError here
+            posts = []
+            for _ in range(20):
+                async with s.post(proxy.url("/"), data=b"x", headers=host) as r:
+                    posts.append((r.status, (await r.read()).decode()))
+        assert {st for st, _ in posts} <= {200, 502}
+        assert all("lost before the whole response" in text for st, text in posts if st == 502), posts
+        assert dying.accepted > 0
+    finally:
+        proxy.stop()
+        for i in range(2):
+            mesh_catalog.deregister(f"{name}-{i}")
+        mesh_catalog.delete_service(name)
+        dying.close()
+        live.stop()

@@ -1,0 +1,81 @@
+"""The raw-bytes fast paths (proxy._framing's raw memo): a head seen before, alone in one
+read, skips the parser; anything else takes the full path, with the same answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy._framing import (_RAW_REQUESTS, _RAW_RESPONSES, parse_request_head, parse_response_head,
+                            remember_raw_request, remember_raw_response)
+
+
+@pytest.mark.parametrize("method, headers, remembered", [
+    pytest.param(b"GET", [(b"Host", b"a.test")], True, id="get"),
+    pytest.param(b"GET", [(b"Host", b"a.test"), (b"Connection", b"close")], False, id="closing"),
+    pytest.param(b"POST", [(b"Host", b"a.test"), (b"Content-Length", b"3")], False, id="with-body"),
+    pytest.param(b"GET", [(b"Host", b"a.test"), (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")], False,
+                 id="upgrade"),
+    pytest.param(b"PUT", [(b"Host", b"a.test"), (b"Expect", b"100-continue"), (b"Content-Length", b"0")], False,
+                 id="expect"),
+])
+def test_only_bodiless_keep_alive_requests_are_remembered(method, headers, remembered):
+    raw = method + b" /r HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
+    remember_raw_request(raw, parse_request_head(method, b"/r", "1.1", headers))
+    assert (raw in _RAW_REQUESTS) is remembered
+    _RAW_REQUESTS.pop(raw, None)
+
+
+@pytest.mark.parametrize("raw, headers, status, remembered", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", [(b"Content-Length", b"2")], 200, True, id="200"),
+    pytest.param(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n", [(b"Content-Length", b"2")], 404, True,
+                 id="404"),
+    pytest.param(b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\n\r\n", [(b"Content-Length", b"2")], 503, False,
+                 id="503-may-be-retried"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", [(b"Transfer-Encoding", b"chunked")],
+                 200, False, id="chunked"),
+    pytest.param(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 2\r\n\r\n", [(b"Content-Length", b"2")], 304, False,
+                 id="304"),
+    pytest.param(b"HTTP/1.1 100 Continue\r\n\r\n", [(b"Content-Length", b"2")], 200, False,
+                 id="interim-head-of-another-status"),
+])
+def test_only_complete_length_responses_are_remembered(raw, headers, status, remembered):
+    remember_raw_response(raw, parse_response_head(status, "1.1", headers, head_request=False))
+    assert (raw in _RAW_RESPONSES) is remembered
+    _RAW_RESPONSES.pop(raw, None)
+
+
+@pytest.fixture(scope="module")
+def env(mesh_catalog, tmp_path_factory, px):
+    e = px.Env(mesh_catalog, tmp_path_factory.mktemp("fast"), px.unique("fast"), 1, None)
+    yield e
+    e.close()
+
+
+def test_remembered_head_split_or_pipelined_takes_the_full_path(env, px):
+    req = px.get("/same", env.host)
+    with px.RawClient(env.addr) as c:
+        for _ in range(3):  # the second and third are answered from the memo
+            c.send(req)
+            r = c.response()
+            assert r.status == 200 and r.json()["path"] == "/same"
+        c.send(req[:10])  # the same bytes in two reads
+        c.send(req[10:])
+        assert c.response().json()["path"] == "/same"
+        c.send(req + px.get("/other", env.host))  # and pipelined with another request
+        assert c.response().json()["path"] == "/same"
+        assert c.response().json()["path"] == "/other"
+        c.send(req + b"GARBAGE\r\n\r\n")  # a remembered head followed by bad bytes
+        assert c.response().json()["path"] == "/same"
+        assert c.response().status == 400
+
+
+def test_remembered_head_from_another_client_gets_its_own_forwarded_for(env, px):
+    req = px.get("/xff", env.host)
+    seen = []
+    for _ in range(2):
+        with px.RawClient(env.addr) as c:
+            c.send(req)
+            headers = {k.lower(): v for k, v in c.response().json()["headers"]}
+            seen.append((headers["x-forwarded-for"], headers["x-request-id"]))
+    assert seen[0][0] == seen[1][0] == "127.0.0.1"
+    assert seen[0][1] != seen[1][1]  # a request id per request, not per memoised head
