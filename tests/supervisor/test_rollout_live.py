@@ -267,6 +267,45 @@ async def test_a_revision_that_crashes_at_start_is_reverted_without_failures(mes
     assert sup.rolling.states["web"].revision == good
 
 
+async def test_without_auto_revert_a_failed_rollout_stops_and_says_why(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh))
+    good = sup.rolling.states["web"].revision
+    before = set(mesh.running("web"))
+    crash = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    await mesh.apply(web_yaml(mesh, command=crash, update=", auto_revert: false"))
+    await async_wait_for(lambda: sup.rolling.states["web"].revision != good
+                         and sup.rolling.states["web"].phase == "failed", timeout=30)
+    assert "auto_revert is off" in sup.rolling.states["web"].reason
+    assert "rollout failed" in web_status(sup)["problem"]
+    # the old replicas keep serving, untouched; nothing else is retired
+    await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=10)
+    assert before <= set(mesh.running("web"))
+    history = await _kv_json(mesh, history_key("web"))
+    assert [e["status"] for e in history] == ["complete", "failed"]
+
+
+async def test_recreate_stops_the_old_revision_before_starting_the_new(mesh, proxy):
+    sup = await _up(mesh, proxy, web_yaml(mesh, update=", strategy: recreate"))
+    first = sup.rolling.states["web"].revision
+    mixed = []
+
+    async def sample():
+        while not done.is_set():
+            revs = {o.revision for o in mesh.running("web").values()}
+            mixed.append(len(revs) > 1 or len(mesh.running("web")) > REPLICAS)
+            await asyncio.sleep(0.002)
+
+    done = asyncio.Event()
+    sampler = asyncio.create_task(sample())
+    await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", strategy: recreate"))
+    await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+                         and _complete(mesh, sup), timeout=60)
+    done.set()
+    await sampler
+    assert len(mixed) > 20 and not any(mixed), "never old and new side by side, never more than 3"
+    assert set(_revisions(mesh)) == {sup.rolling.states["web"].revision}
+
+
 async def test_a_revision_never_ready_hits_the_progress_deadline_and_is_reverted(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
     good = sup.rolling.states["web"].revision
