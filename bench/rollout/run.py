@@ -199,7 +199,7 @@ async def bench(runtime: str, replicas: int, args: argparse.Namespace, engine_ur
             if await apply.wait() != 0:
                 raise RuntimeError("meshlet apply of the new revision failed")
             res.t_apply = time.monotonic()
-            res.notes.append(f"apply took {(res.t_apply - t_apply0) * 1000:.0f} ms")
+            print(f"  apply took {(res.t_apply - t_apply0) * 1000:.0f} ms", flush=True)
             target = await target_revision(catalog)
             deadline = res.t_apply + args.deadline
             status = asyncio.create_task(follow_status(catalog, args.deadline, res))
