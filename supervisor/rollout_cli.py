@@ -102,7 +102,7 @@ def _revision_of(instance: Any) -> str | None:
 
 def assess(service: str, target: str, replicas: int, state: RolloutState | None,
            history: Sequence[Mapping[str, Any]], instances: Sequence[Any],
-           current: frozenset[str] | None = None) -> Progress:
+           current: frozenset[str] | None = None, canary: Sequence[int] = ()) -> Progress:
     """Where the rollout of ``service`` to ``target`` stands, as ``rollout status`` prints it.
 
     ``instances``: ``discovery.view.Instance`` of every catalog instance of the service;
@@ -111,7 +111,8 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
     trusted only when its ``revision`` is ``target``. Without any state, a service whose
     ``replicas`` instances are all updated and passing, with nothing else registered, is
     complete (its first deployment needs no rollout), as is a last history entry for
-    ``target`` marked complete.
+    ``target`` marked complete. ``canary``: the weights of ``update.canary``; the step the
+    state is at is named while progressing.
     """
     current = current or frozenset({target})
     name = _label(history, target)
@@ -142,10 +143,13 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
     available = sum(1 for i in new if getattr(i, "is_passing", False))
     old = len(instances) - len(new)
     head = f"Waiting for rollout of {service} to finish: "
+    step = f" (canary step {state.canary_step + 1} of {len(canary)}: {canary[state.canary_step]}%)" \
+        if state.canary_step < len(canary) else ""
     if available < replicas:
-        return Progress(None, f"{head}{available} of {replicas} updated replicas are available...")
+        return Progress(None, f"{head}{available} of {replicas} updated replicas are available{step}...")
     if old:
-        return Progress(None, f"{head}{old} old replica{'s are' if old != 1 else ' is'} pending termination...")
+        return Progress(None, f"{head}{old} old replica{'s are' if old != 1 else ' is'} pending "
+                              f"termination{step}...")
     return Progress(None, f"{head}{available} of {replicas} updated replicas are available, "
                           f"waiting for the supervisor to confirm...")
 
@@ -603,7 +607,8 @@ async def follow(client: Any, service: str, timeout: float | None, out: TextIO, 
             # revision in Meta (DNS serves that document's tags), others with their own.
             current = frozenset({target, doc_revision})
             progress = assess(service, target, spec.replicas, state, history,
-                              instances_from_health(data["health"]), current)
+                              instances_from_health(data["health"]), current,
+                              [c.weight for c in spec.update.canary])
             if progress.text != last:
                 print(progress.text, file=out if progress.code in (None, 0) else err)
                 out.flush()

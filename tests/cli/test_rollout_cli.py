@@ -85,6 +85,16 @@ def test_assess(st, history, instances, code, text) -> None:
     assert (p.code, p.text) == (code, text)
 
 
+@pytest.mark.parametrize("step, text", [
+    pytest.param(0, "1 of 3 updated replicas are available (canary step 1 of 2: 10%)...", id="first-step"),
+    pytest.param(1, "1 of 3 updated replicas are available (canary step 2 of 2: 50%)...", id="second-step"),
+    pytest.param(2, "1 of 3 updated replicas are available...", id="canary-done"),
+])
+def test_assess_names_the_canary_step(step, text) -> None:
+    p = assess("web", T, 3, state(canary_step=step), HISTORY, [inst("n1", T), inst("o1", OLD)], canary=[10, 50])
+    assert (p.code, p.text) == (None, "Waiting for rollout of web to finish: " + text)
+
+
 def test_assess_counts_the_documents_revision_only_when_told() -> None:
     """The supervisor registers replicas of the document's target with the document's
     revision in Meta: `rollout status` passes both as ``current``."""
@@ -465,6 +475,22 @@ def test_pause_resume_and_restart_write_their_keys(cat: Catalog) -> None:
     for cmd in (("rollout", "pause"), ("rollout", "resume"), ("restart",)):
         r = meshlet(*cmd, "nope", "--consul", cat.url)
         assert r.returncode == 2 and "no service 'nope'" in r.stderr, cmd
+
+
+def test_unreadable_keys_are_named_not_a_traceback(cat: Catalog) -> None:
+    cat.apply(V1)
+    cat.c.kv.put(keys.history_key("web"), "{not json")
+    r = meshlet("rollout", "history", "web", "--consul", cat.url)
+    assert r.returncode == 1 and "meshlet/rollout/web/history: not valid JSON" in r.stderr
+    assert "Traceback" not in r.stderr
+    cat.put(keys.history_key("web"), {"number": 1})
+    r = meshlet("rollback", "web", "--consul", cat.url)
+    assert r.returncode == 1 and "meshlet/rollout/web/history: expected a list of entries" in r.stderr
+    cat.c.kv.delete(keys.history_key("web"))
+    cat.put(keys.state_key("web"), {"service": "web", "revision": cat.target(), "phase": "exploded"})
+    r = status(cat, "--timeout", "1s")      # a state it cannot read counts as none: it waits
+    assert r.returncode == 1 and "ignoring an unreadable state: rollout state: phase" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_an_unreachable_catalog_is_a_message_not_a_traceback(tmp_path) -> None:
