@@ -51,6 +51,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench" / "rollout"))
+from loadgen import OpenLoad  # noqa: E402 - the shared open-loop load generator
 HELLO = REPO / "config" / "examples" / "apps" / "hello.py"
 SERVICE = "web"
 REPLICAS = 3
@@ -149,42 +151,10 @@ async def pids(session: aiohttp.ClientSession, admin: str) -> dict[str, int]:
 
 
 async def load(proxy: str, rate: float, stop: asyncio.Event, run: Run) -> None:
-    conn = aiohttp.TCPConnector(limit=64)
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-        pending: set[asyncio.Task[None]] = set()
-
-        async def one() -> None:
-            sent = time.monotonic()
-            try:
-                async with session.get(f"http://{proxy}/", headers={"Host": f"{SERVICE}.service.meshlet"}) as r:
-                    body = await r.read()
-                    if r.status != 200:
-                        reason = f"HTTP {r.status}"
-                        text = body[:300].decode("utf-8", "replace").strip()
-                    else:
-                        return
-            except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
-                reason = type(exc).__name__
-                text = str(exc)[:300]
-            run.failed += 1
-            run.reasons[reason] = run.reasons.get(reason, 0) + 1
-            run.details.append((sent, time.monotonic(), reason, text))
-
-        start = time.monotonic()
-        i = 0
-        while not stop.is_set():
-            at = start + i / rate
-            delay = at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(one())
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            run.sent += 1
-            i += 1
-        if pending:
-            await asyncio.gather(*pending)
+    """``rate`` requests/s through the proxy on a fixed schedule until ``stop``, over a
+    64-connection keep-alive pool; every request without a 200 within 5 s is counted into
+    ``run`` as it happens (bench/rollout/loadgen.py, shared with bench/rollout)."""
+    await OpenLoad(proxy, f"{SERVICE}.service.meshlet", rate, connections=64, timeout=5.0, sink=run).run(stop)
 
 
 async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None = None,

@@ -14,8 +14,9 @@ time, so a stall shows in the latency of every request it held up (no coordinate
 omission). A request fails when it gets no 200 within ``timeout``; failures keep their
 reason (``HTTP 503``, ``ServerDisconnectedError``, ...) and the start of the answer.
 
-Same failure bookkeeping as bench/heal's load (``failed``, ``reasons``, ``details``), plus
-per-request latency; bench/heal keeps its own generator (its numbers were taken with it).
+Failures are counted into ``sink`` (default: the OpenLoad itself), any object with
+``sent``, ``failed``, ``reasons`` and ``details`` (bench/heal passes its ``Run``, so its
+counts are live while it kills replicas); ``outcomes`` always holds every request.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -44,25 +46,23 @@ class OpenLoad:
     connections: int = 16
     timeout: float = 5.0
     path: str = "/"
+    sink: Any = None                            # where sent/failed/reasons/details go; None: self
     outcomes: list[Outcome] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
     details: list[tuple[float, float, str, str]] = field(default_factory=list)  # (due, failed at, reason, text)
     sent: int = 0
+    failed: int = 0
     started: float = 0.0
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for o in self.outcomes if o.error is not None)
 
     def window(self, t0: float, t1: float) -> list[Outcome]:
         return [o for o in self.outcomes if t0 <= o.scheduled < t1]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set, then wait for the requests still out."""
-        conn = aiohttp.TCPConnector(limit=self.connections, force_close=False)
+        sink = self if self.sink is None else self.sink
+        conn = aiohttp.TCPConnector(limit=self.connections)
         url, headers = f"http://{self.target}{self.path}", {"Host": self.host}
-        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                         auto_decompress=False) as session:
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
             pending: set[asyncio.Task[None]] = set()
 
             async def one(due: float) -> None:
@@ -77,8 +77,9 @@ class OpenLoad:
                 end = time.monotonic()
                 self.outcomes.append(Outcome(due, end - due, error))
                 if error is not None:
-                    self.reasons[error] = self.reasons.get(error, 0) + 1
-                    self.details.append((due, end, error, text or ""))
+                    sink.failed += 1
+                    sink.reasons[error] = sink.reasons.get(error, 0) + 1
+                    sink.details.append((due, end, error, text or ""))
 
             self.started = start = time.monotonic()
             i = 0
@@ -90,7 +91,7 @@ class OpenLoad:
                 task = asyncio.create_task(one(due))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-                self.sent += 1
+                sink.sent += 1
                 i += 1
             if pending:
                 await asyncio.gather(*pending)
