@@ -45,7 +45,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +108,18 @@ class Supervisor(ReplicaActions):
     ``dns``: the resolver address (port 53) of meshlet's DNS; containers started on docker
     nodes get a resolv.conf naming it, so ``<service>.service.<domain>`` resolves in them
     without app changes. Processes keep the host's resolver (no per-process resolv.conf
-    without a mount namespace)."""
+    without a mount namespace).
+
+    ``proxy_admins``: admin addresses ("host:port") of proxies whose ``/routes`` says which
+    retired replicas still carry requests; a rollout waits for those before SIGTERM."""
 
     def __init__(self, url: str, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
                  runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
-                 check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None) -> None:
+                 check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None,
+                 proxy_admins: Sequence[str] = ()) -> None:
         self.url = url
         self.dns = dns
+        self.proxy_admins = tuple(proxy_admins)    # proxies a retired replica drains from
         self.nodes = {n.name: n for n in nodes}
         self.data_dir = Path(data_dir)
         self.runtimes: dict[str, Runtime] = dict(runtimes or {})

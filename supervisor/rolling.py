@@ -19,10 +19,13 @@ a service (``agent.Supervisor._sync``) calls, in this order:
 Retiring runs in the background (never in the sync): mark terminating, deregister, wait
 ``max(MIN_DRAIN, update.drain_delay)`` so every proxy and DNS server has dropped it (their
 blocking queries return within milliseconds of the change; the floor covers a slow
-scheduler), then SIGTERM, grace period, SIGKILL. The proxy reports no per-endpoint
-in-flight count (only a process-wide gauge in /metrics), so in-flight requests get the
-drain delay plus the grace period: a request still running after SIGTERM is the
-workload's to finish in its grace period.
+scheduler), then until no proxy it knows of (``Supervisor.proxy_admins``: ``meshlet up``
+passes its proxy's admin address) lists it in ``GET /routes`` "draining" (an endpoint
+that left the table with requests still in flight), at most ``IN_FLIGHT_LIMIT``; then
+SIGTERM, grace period, SIGKILL. Proxies the supervisor does not know of (other hosts) are
+covered by the drain delay only; a request of theirs still running after SIGTERM is the
+workload's to finish in its grace period. (``--workers N`` proxies answer /routes from
+worker 0: the other workers' in-flight requests are not seen.)
 
 A started replica is registered at once with its TTL check critical (as every replica
 is), which proxies and DNS treat as absent; it turns passing when its readiness probe
@@ -44,6 +47,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+
+import aiohttp
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +76,9 @@ log = logging.getLogger(__name__)
 # The least wait between deregistering a retired replica and SIGTERM: proxies and DNS see
 # the change through blocking queries within milliseconds; 0.5 s covers a busy machine.
 MIN_DRAIN = 0.5
+# The longest a retired replica waits for requests in flight on it (as the proxies report
+# them) before SIGTERM; its grace period follows.
+IN_FLIGHT_LIMIT = 30.0
 FOLLOWUP_SLOT = -1          # the agent's follow-up key (service, slot) for rollout steps
 _ENGINE_OWNS = (PROGRESSING, PAUSED, FAILED, REVERTING)
 
@@ -474,7 +482,8 @@ class RolloutDriver:
                 await sup._deregister(iid)          # out of the catalog FIRST
                 if serving:
                     drain = max(MIN_DRAIN, spec.update.drain_delay if spec else 0.0)
-                    await asyncio.sleep(drain)      # proxies and DNS drop it; requests end
+                    await asyncio.sleep(drain)      # proxies and DNS drop it
+                    await self._wait_in_flight(iid, IN_FLIGHT_LIMIT)
                 await sup._stop_instance(iid, f"retired: {reason}")
                 if iid not in sup.instances:
                     break
@@ -486,6 +495,35 @@ class RolloutDriver:
                 self.terminating.discard(iid)
                 self.weights.pop(iid, None)
             sup.enqueue(service)
+
+    async def _wait_in_flight(self, iid: str, limit: float) -> None:
+        """Until no proxy the supervisor knows of (``Supervisor.proxy_admins``) lists ``iid``
+        among its draining endpoints (``GET /routes``: left the table, requests still in
+        flight), at most ``limit`` seconds. A proxy that does not answer is not waited for."""
+        session = self.sup._session
+        if not self.sup.proxy_admins or session is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            busy = []
+            for admin in self.sup.proxy_admins:
+                try:
+                    async with session.get(f"http://{admin}/routes",
+                                           timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                        doc = await r.json(content_type=None)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    continue
+                draining = doc.get("draining") if isinstance(doc, dict) else None
+                busy += [d.get("active") for d in draining or () if isinstance(d, dict)
+                         and iid in (d.get("instance"), d.get("id"))]
+            if not busy:
+                return
+            if loop.time() >= deadline:
+                log.warning("%s still has %s request(s) in flight after %gs; stopping it",
+                            iid, sum(b for b in busy if isinstance(b, int)), limit)
+                return
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -52,6 +52,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import config
@@ -385,6 +386,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
             url = "http://" + (ready.get("http") or mesh.catalog_listen)
             print(f"meshlet up: catalog at {url} (data in {data_dir / 'catalog'})", file=out, flush=True)
         resolver, run_mesh, added = dns_settings(mesh)
+        proxy_admins: list[str] = []
         for name, argv in component_argvs(run_mesh, url).items():
             comp = Component(name, argv, log_dir, out=err)
             try:
@@ -398,6 +400,8 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
                 comp = Component(name, component_argvs(run_mesh, url)["dns"], log_dir, out=err)
                 ready = await comp.start()
             started.append(comp)
+            if name == "proxy" and isinstance(ready.get("admin"), str):
+                proxy_admins.append(ready["admin"])
             print(f"meshlet up: {name} ready {json.dumps(ready)} (pid {comp.pid})", file=out, flush=True)
         if resolver is not None:
             print(f"meshlet up: containers resolve <service>.service.{mesh.domain} through "
@@ -418,7 +422,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         nodes = await resolve_nodes(mesh)
         print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
               file=out, flush=True)
-        sup = Supervisor(url, nodes, data_dir, dns=resolver)
+        sup = Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins)
         await sup.start()
         admin = AdminServer(sup, on_down=stop.set)
         bound = await admin.start(mesh.admin_listen)
@@ -460,7 +464,8 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
 
 
 async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
-                         runtime: str | None = None, dns: str | None = None) -> int:
+                         runtime: str | None = None, dns: str | None = None,
+                         proxy_admins: Sequence[str] = ()) -> int:
     """The supervisor alone against a running catalog (the loop of `meshlet up` without
     its components). SIGTERM leaves the workloads running for the next supervisor unless
     ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them."""
@@ -468,7 +473,7 @@ async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exi
         cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
     else:
         cfg_nodes = await resolve_nodes(config.MeshSettings())
-    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns)
+    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns, proxy_admins=proxy_admins)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -502,11 +507,14 @@ def standalone_main(argv: list[str] | None = None) -> int:
                         help="the local node's runtime (default: docker if an engine answers)")
     parser.add_argument("--dns", metavar="IP",
                         help="resolver (port 53) named in the containers' resolv.conf")
+    parser.add_argument("--proxy-admin", action="append", default=[], metavar="HOST:PORT",
+                        help="a proxy's admin API: retired replicas wait for its in-flight "
+                             "requests before SIGTERM (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
-                                      args.runtime, args.dns))
+                                      args.runtime, args.dns, args.proxy_admin))
 
 
 def main(argv: list[str] | None = None) -> int:

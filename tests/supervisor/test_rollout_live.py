@@ -222,8 +222,8 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
     assert load.sent > 100
     # no request reached an old replica after its SIGTERM: it had left the catalog and
     # the proxy before (deregistered first, then the drain delay)
-    late = {iid: (mesh.markers / f"term-{iid}").read_text() for iid in old}
-    assert late == {iid: "0" for iid in old}
+    late = {iid: json.loads((mesh.markers / f"term-{iid}").read_text())["late"] for iid in old}
+    assert late == {iid: 0 for iid in old}
     assert bounds.samples > 20
     assert bounds.max_running == REPLICAS + surge, bounds        # used, never exceeded
     assert bounds.max_registered <= REPLICAS + surge, bounds

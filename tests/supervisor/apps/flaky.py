@@ -4,15 +4,19 @@
     GET /        200 "<instance>\n"
     GET /ready   503 while $MARKERS/unready exists, else 200
     GET /live    500 while $MARKERS/dead exists, else 200
+    GET /slow?S  200 "<instance>\n" after S seconds (default 1)
 
 With $TERM_SERVE (seconds) it keeps serving that long after SIGTERM, like an app that
-drains, and then writes $MARKERS/term-<instance>: the number of requests (other than
-probes) that arrived after SIGTERM. A replica retired by a rollout must see none: it
-left the catalog, and every proxy dropped it, before it was signalled.
+drains, and then writes $MARKERS/term-<instance>, JSON: "late", the requests (other than
+probes) that arrived after SIGTERM; "in_flight", those still running when SIGTERM came;
+"slow", the /slow requests it served. A replica retired by a rollout must see no late
+request (it left the catalog, and every proxy dropped it, before it was signalled) and,
+when the supervisor knows the proxy, none in flight.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -24,15 +28,32 @@ INSTANCE = os.environ.get("MESHLET_INSTANCE", "?")
 MARKERS = os.environ.get("MARKERS", "/nonexistent")
 TERM_SERVE = float(os.environ.get("TERM_SERVE", "0"))
 terminating = threading.Event()
-late = [0]
+lock = threading.Lock()
+counts = {"late": 0, "in_flight": 0, "slow": 0}
+at_term = {"in_flight": 0}
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        if terminating.is_set() and self.path not in ("/ready", "/live"):
-            late[0] += 1
+        probe = self.path in ("/ready", "/live")
+        with lock:
+            if not probe:
+                counts["in_flight"] += 1
+                counts["late"] += terminating.is_set()
+        try:
+            self.answer()
+        finally:
+            with lock:
+                if not probe:
+                    counts["in_flight"] -= 1
+
+    def answer(self) -> None:
+        if self.path.startswith("/slow"):
+            time.sleep(float(self.path.partition("?")[2] or 1))
+            with lock:
+                counts["slow"] += 1
         code = 200
         if self.path == "/ready" and os.path.exists(os.path.join(MARKERS, "unready")):
             code = 503
@@ -54,10 +75,14 @@ def main() -> int:
 
     def stop() -> None:
         if TERM_SERVE:
-            terminating.set()
+            with lock:
+                terminating.set()
+                at_term["in_flight"] = counts["in_flight"]
             time.sleep(TERM_SERVE)
+            with lock:
+                report = {"late": counts["late"], "in_flight": at_term["in_flight"], "slow": counts["slow"]}
             with open(os.path.join(MARKERS, f"term-{INSTANCE}"), "w") as f:
-                f.write(str(late[0]))
+                f.write(json.dumps(report))
         server.shutdown()
 
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stop, daemon=True).start())
