@@ -161,7 +161,8 @@ async def serve(args: argparse.Namespace) -> int:
         ready: dict[str, Any] = {"http": bound}
         if args.admin is not None and (args.worker_index in (None, 0)):
             runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
-                                                   metrics=metrics, is_ready=lambda: not server.draining)
+                                                   metrics=metrics, is_ready=lambda: not server.draining,
+                                                   get_draining=server.draining_endpoints)
             ready["admin"] = _fmt(args.admin[0], admin_port)
     except OSError as exc:
         log.error("cannot listen: %s", exc)

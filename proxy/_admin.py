@@ -2,7 +2,10 @@
 
 - ``GET /metrics``: Prometheus text format 0.0.4 (see :mod:`proxy._metrics`).
 - ``GET /routes``: the live route table as JSON (``RouteTable.to_json()``), or
-  ``{"loaded": false}`` with 503 before the first table.
+  ``{"loaded": false}`` with 503 before the first table. ``draining``: the endpoints that
+  left the table (deregistered, not passing) with requests of this process still in
+  flight on them, ``[{"service", "id", "instance", "address", "port", "active"}]``: a
+  rollout can wait for its retired replica to be absent here before SIGTERM.
 - ``GET /ready``: 200 ``ready`` once the first table is loaded and the proxy is not
   draining (``is_ready()``), else 503 with the reason.
 
@@ -29,7 +32,7 @@ log = logging.getLogger("meshlet.proxy.admin")
 
 
 def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
-             is_ready: Callable[[], bool]) -> web.Application:
+             is_ready: Callable[[], bool], get_draining: Callable[[], list] | None = None) -> web.Application:
     if metrics.get_table is None:
         metrics.get_table = get_table
 
@@ -53,6 +56,7 @@ def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
             return web.json_response({"loaded": False}, status=503)
         doc = table.to_json()
         doc["loaded"] = True
+        doc["draining"] = get_draining() if get_draining is not None else []
         return web.Response(text=json.dumps(doc, indent=1, sort_keys=False) + "\n",
                             content_type="application/json")
 
@@ -71,10 +75,11 @@ def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
 
 
 async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTable | None], metrics: Metrics,
-                      is_ready: Callable[[], bool]) -> tuple[web.AppRunner, int]:
+                      is_ready: Callable[[], bool],
+                      get_draining: Callable[[], list] | None = None) -> tuple[web.AppRunner, int]:
     """Serve the admin API on ``host:port`` (0: any free port). Returns the runner
     (``await runner.cleanup()`` stops it) and the bound port."""
-    app = make_app(get_table=get_table, metrics=metrics, is_ready=is_ready)
+    app = make_app(get_table=get_table, metrics=metrics, is_ready=is_ready, get_draining=get_draining)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

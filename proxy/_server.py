@@ -78,6 +78,9 @@ class ProxyServer:
         self.metrics = metrics
         self.table: RouteTable | None = None
         self.pools: dict[str, Pool] = {}
+        # Endpoints that left the table with requests still in flight on them (a rollout's
+        # retired replica): listed in /routes as "draining" until those requests end.
+        self.leaving: dict[str, tuple[str, Any]] = {}
         self.connections: set[Any] = set()
         self.max_connections = limits.max_connections
         self.max_head_bytes = limits.max_head_bytes
@@ -104,11 +107,16 @@ class ProxyServer:
 
     def set_table(self, table: RouteTable) -> None:
         """Publish a new table; bind/close VIP listeners and retire pools to match."""
-        self.table = table
+        old, self.table = self.table, table
         live: set[str] = set()
         for cluster in table.clusters.values():
             for ep in cluster.endpoints:
                 live.add(ep.id)
+        if old is not None:
+            for cluster in old.clusters.values():
+                for ep in cluster.endpoints:
+                    if ep.id not in live and ep.active > 0:
+                        self.leaving[ep.id] = (cluster.name, ep)
         for ep_id in [i for i in self.pools if i not in live]:
             self.pools.pop(ep_id).retire()
         self.reconcile_vips()
@@ -123,6 +131,17 @@ class ProxyServer:
                         gauge=self.metrics.upstream_connections, loop=self.loop)
             self.pools[ep.id] = pool
         return pool
+
+    def draining_endpoints(self) -> list[dict[str, Any]]:
+        """Endpoints no longer in the table that still carry requests (for /routes)."""
+        out = []
+        for ep_id, (service, ep) in list(self.leaving.items()):
+            if ep.active <= 0 or ep.id in self.pools and not self.pools[ep.id].retired:
+                del self.leaving[ep_id]  # done, or back in the table
+                continue
+            out.append({"service": service, "id": ep.id, "instance": ep.instance_id, "address": ep.address,
+                        "port": ep.port, "active": ep.active})
+        return out
 
     def next_request_id(self) -> bytes:
         return b"%s-%x" % (self.rid_prefix, next(self.rid_counter))

@@ -38,6 +38,12 @@ def routes_endpoints(proxy, service: str) -> set[int]:
     return {e["port"] for c in svc["clusters"] for e in c["endpoints"]}
 
 
+def draining_ports(proxy) -> dict[int, int]:
+    """/routes "draining": port -> requests in flight, of endpoints that left the table."""
+    with urllib.request.urlopen(f"http://{proxy.admin}/routes", timeout=5) as r:
+        return {e["port"]: e["active"] for e in json.load(r)["draining"]}
+
+
 def established(port: int) -> int:
     """TCP connections in ESTABLISHED state whose local port is ``port`` (the backend's
     side of the proxy's upstream connections), from /proc/net/tcp."""
@@ -170,8 +176,9 @@ def served(backend) -> int:
 
 async def test_endpoint_leaving_the_catalog_finishes_in_flight_and_gets_nothing_new(mesh_catalog, tmp_path, px):
     """Deregister one of two instances (a rollout retiring it) while a slow request is in
-    flight on it: that request completes from it; once the proxy's table no longer lists
-    it, no request reaches it, and its idle pooled connections are closed."""
+    flight on it: that request completes from it (and /routes lists the instance as
+    draining until then); once the proxy's table no longer lists it, no request reaches
+    it, and its idle pooled connections are closed."""
     env = px.Env(mesh_catalog, tmp_path, px.unique("leave"), 2, PORT + f"routes: {{{NO_EJECTION}}}")
     try:
         victim = env.backends[0]
@@ -192,8 +199,11 @@ async def test_endpoint_leaving_the_catalog_finishes_in_flight_and_gets_nothing_
             left_at = time.monotonic()
             await px.async_wait_for(lambda: victim.port not in routes_endpoints(env.proxy, env.name), timeout=5,
                                     what="the instance out of the proxy's table")
+            # A rollout can see that requests are still in flight on the retired instance.
+            assert draining_ports(env.proxy).get(victim.port, 0) >= 1
             seen_after = await asyncio.gather(*(get(s, env, f"/new/{i}") for i in range(40)))
             finished = await asyncio.gather(*slow)
+            assert victim.port not in draining_ports(env.proxy)
             assert all(status == 200 for status, _, _ in finished), finished
             on_victim = [took for _, backend, took in finished if backend == victim.name]
             assert on_victim and min(on_victim) >= 1.5, finished  # answered by it, not retried elsewhere
