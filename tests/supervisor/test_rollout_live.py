@@ -138,6 +138,15 @@ def proxy(catalog):
     stop_process(proc)
 
 
+@pytest.fixture
+def proxy_admin(catalog):
+    """(entry port, admin "host:port") of a proxy with its admin API (``/routes``)."""
+    proc, ready = start_server([sys.executable, "-m", "proxy", "--consul", catalog.url,
+                                "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+    yield int(ready["http"][0].rpartition(":")[2]), ready["admin"]
+    stop_process(proc)
+
+
 async def _serving(port: int, n: int, path: str = "/") -> bool:
     """n distinct instances answered through the proxy (the first line of the body names
     the instance: flaky.py's ``/``, the busybox image's ``/cgi-bin/env``)."""
@@ -384,6 +393,38 @@ async def test_a_canary_step_weighs_the_old_replicas_then_promotes(mesh, proxy):
     _, entries = await mesh.client.health.service("web")
     assert sorted(e["Service"]["Meta"]["weight"] for e in entries) == ["1"] * REPLICAS
     assert load.failed == 0, load.reasons
+
+
+async def test_a_retired_replica_is_signalled_only_after_its_requests_in_flight_end(mesh, proxy_admin):
+    port, admin = proxy_admin
+    drains = {"TERM_SERVE": "0.2"}
+    await mesh.apply(web_yaml(mesh, env=drains))
+    sup = await mesh.start(proxy_admins=[admin])
+    await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
+    await async_wait_for(lambda: _serving(port, REPLICAS), timeout=15)
+    await async_wait_for(lambda: "web" in sup.rolling.states and _complete(mesh, sup), timeout=10)
+    first = sup.rolling.states["web"].revision
+    old = set(mesh.running("web"))
+
+    # 1.5 s: under the proxy's hedging delay (2 s), so each request has one attempt
+    async def slow(session):
+        async with session.get(f"http://127.0.0.1:{port}/slow?1.5",
+                               headers={"Host": "web.service.meshlet"}) as r:
+            return r.status, (await r.text()).strip()
+
+    async with aiohttp.ClientSession() as session:
+        requests = [asyncio.create_task(slow(session)) for _ in range(6)]
+        await mesh.apply(web_yaml(mesh, env={"V": "2", **drains}))
+        await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+                             and _complete(mesh, sup), timeout=60)
+        answers = await asyncio.gather(*requests)
+    assert all(status == 200 for status, _ in answers), answers
+    assert {who for _, who in answers} <= old, "the slow requests went to the old replicas"
+    reports = {iid: json.loads((mesh.markers / f"term-{iid}").read_text()) for iid in old}
+    # the slow requests were running when their replicas were retired, and each replica
+    # got SIGTERM only once none was left in flight
+    assert sum(r["slow"] for r in reports.values()) == 6, reports
+    assert {iid: (r["late"], r["in_flight"]) for iid, r in reports.items()} == {iid: (0, 0) for iid in old}
 
 
 # --------------------------------------------------------------------------- kill -9 mid-rollout
