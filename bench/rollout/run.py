@@ -216,6 +216,13 @@ async def bench(runtime: str, replicas: int, args: argparse.Namespace, engine_ur
             else:
                 status.cancel()
             drain.cancel()
+            if args.keep_logs and res.load is not None and res.load.failed:
+                keep = Path(args.keep_logs) / f"{runtime}-{replicas}-{time.strftime('%H%M%S')}"
+                keep.mkdir(parents=True, exist_ok=True)
+                for log_file in (tmp / "state" / "logs").glob("*.log"):
+                    (keep / log_file.name).write_bytes(log_file.read_bytes())
+                (keep / "up.err").write_bytes((tmp / "up.err").read_bytes())
+                print(f"  logs kept in {keep}", flush=True)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -341,6 +348,8 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=180.0, help="give up on a rollout after this many seconds")
     p.add_argument("--runtime", choices=("process", "docker", "both"), default="process")
     p.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
+    p.add_argument("--keep-logs", metavar="DIR", help="when requests failed, copy the components' logs "
+                   "and meshlet up's stderr to DIR/<runtime>-<replicas>-<time>/")
     args = p.parse_args()
     try:
         import uvloop
