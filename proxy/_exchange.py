@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._decisions import HEDGE_AFTER, REPLAY_LIMIT, SAFE_METHODS, hash_key, os_error, retry_decision, upstream_parts
+from ._decisions import REPLAY_LIMIT, hash_key, os_error, retry_decision, upstream_parts
 from ._framing import CHUNKED, CRLF, NONE, RequestHead, chunk_header, generated, trailer_block
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,34 +166,6 @@ class Exchange(Relay, Hedging):
             return b"".join((pre, xff, b"x-request-id: %s-%x\r\n" % (server.rid_prefix, next(server.rid_counter)),
                              head.up_post))
         return b"".join((pre, xff, head.up_post))
-
-    def _set_try_deadline(self, now: float, settings: Any) -> float:
-        """Arm this attempt's per-try deadline (the request is complete upstream) and
-        return the earlier of it and the overall deadline. ``per_try_timeout`` aborts the
-        attempt; without one, a safe request is hedged after ``HEDGE_AFTER``."""
-        d = self.done_at + settings.timeouts.request if settings.timeouts.request > 0 else INF
-        ptt = settings.retries.per_try_timeout
-        if ptt > 0:
-            self.try_hedges = False
-            t = self.try_deadline = now + ptt
-        elif not self.hedged and self.head.method in SAFE_METHODS and settings.retries.attempts:
-            self.try_hedges = True
-            t = self.try_deadline = now + HEDGE_AFTER
-        else:
-            self.try_deadline = 0.0
-            return d
-        return t if t < d else d
-
-    def _current_cluster(self) -> Any:
-        """For a retry: the service's cluster in the current table (endpoints that left
-        the catalog since the request began are not tried again), else the one it began with."""
-        cluster = self.cluster
-        table = self.server.table
-        if table is not None:
-            cur = table.clusters.get((cluster.name, cluster.port_name))
-            if cur is not None and cur is not cluster:
-                self.cluster = cluster = cur
-        return cluster
 
     # -- attempts ----------------------------------------------------------------------
 

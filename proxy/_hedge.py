@@ -8,19 +8,23 @@ first response head wins: from the new attempt (the hedge is dropped) or from th
 one (``hedge_answered``: the new attempt is abandoned and the parked one becomes current).
 If the new attempt fails first, the parked one is waited for again (``_promote_hedge``).
 Every end of the exchange drops a hedge still parked. Envoy: ``hedge_on_per_try_timeout``.
+Also here: arming an attempt's per-try deadline (``per_try_timeout`` or ``HEDGE_AFTER``),
+and the current table's cluster for a retry or hedge.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._decisions import hedge_decision
+from ._decisions import HEDGE_AFTER, SAFE_METHODS, hedge_decision
 from ._relay import SENDING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._upstream import UpstreamConnection
 
 __all__ = ["Hedging"]
+
+INF = float("inf")
 
 
 class Hedging:
@@ -48,6 +52,36 @@ class Hedging:
     hedge_ep: Any
     hedge_t0: float
     hedged: bool
+    try_hedges: bool
+    done_at: float
+
+    def _set_try_deadline(self, now: float, settings: Any) -> float:
+        """Arm this attempt's per-try deadline (the request is complete upstream) and
+        return the earlier of it and the overall deadline. ``per_try_timeout`` aborts the
+        attempt; without one, a safe request is hedged after ``HEDGE_AFTER``."""
+        d = self.done_at + settings.timeouts.request if settings.timeouts.request > 0 else INF
+        ptt = settings.retries.per_try_timeout
+        if ptt > 0:
+            self.try_hedges = False
+            t = self.try_deadline = now + ptt
+        elif not self.hedged and self.head.method in SAFE_METHODS and settings.retries.attempts:
+            self.try_hedges = True
+            t = self.try_deadline = now + HEDGE_AFTER
+        else:
+            self.try_deadline = 0.0
+            return d
+        return t if t < d else d
+
+    def _current_cluster(self) -> Any:
+        """For a retry: the service's cluster in the current table (endpoints that left
+        the catalog since the request began are not tried again), else the one it began with."""
+        cluster = self.cluster
+        table = self.server.table
+        if table is not None:
+            cur = table.clusters.get((cluster.name, cluster.port_name))
+            if cur is not None and cur is not cluster:
+                self.cluster = cluster = cur
+        return cluster
 
     def _hedge(self, now: float) -> None:
         """``HEDGE_AFTER`` passed without a response head: send the request to another

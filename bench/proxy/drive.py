@@ -18,7 +18,6 @@ request target different (no head memo hits).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import pstats
 import sys
