@@ -236,7 +236,7 @@ class HashOn:
 @model
 class Retries:
     attempts: int = opt(2, integer(0))
-    per_try_timeout: float = opt(0.0, duration())      # 0: only the request timeout applies
+    per_try_timeout: float = opt(0.0, duration())      # 0: no cut-off; a safe request is hedged after 2s
     budget_percent: int = opt(20, integer(0, 100))     # Envoy retry budget
     min_concurrent: int = opt(3, integer(0))
 
