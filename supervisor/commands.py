@@ -102,11 +102,19 @@ def format_status(data: dict[str, Any]) -> list[str]:
         if s.get("problem"):
             head += f"  ({s['problem']})"
         out.append(head)
-        rows = [("INSTANCE", "NODE", "ADDRESS", "STATE", "RESTARTS", "AGE")]
+        rollout = s.get("rollout") or {}
+        if rollout.get("phase") in ("progressing", "reverting", "paused"):
+            line = f"  rollout to revision {rollout.get('number') or '?'}: {rollout['phase']}"
+            if rollout.get("progress"):
+                line += f", {rollout['progress']}"
+            if rollout.get("terminating"):
+                line += f", {rollout['terminating']} terminating"
+            out.append(line)
+        rows = [("INSTANCE", "NODE", "ADDRESS", "STATE", "RESTARTS", "AGE", "REVISION")]
         for i in s.get("instances", []):
             state = i["state"] + (f" ({i['exit_code']})" if i.get("exit_code") is not None else "")
             rows.append((i["id"], i["node"], i["address"], state, str(i["restarts"]),
-                         format_age(i.get("age"))))
+                         format_age(i.get("age")), (i.get("revision") or "-")[:12]))
         if len(rows) > 1:
             widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
             for r in rows:
