@@ -5,7 +5,8 @@ the catalog does not answer within ``--start-timeout``) -> bind every listener -
 ``ready {...}``. Answering before the first View would send NXDOMAIN for every service,
 which resolvers cache; so the server is not ready until it knows the catalog. After that
 the Mirror's blocking queries keep the zone current (no polling) and keep the last good
-View while the catalog is unreachable.
+View while the catalog is unreachable. The Mirror and the zone builds run on a thread of
+their own (``_watch.CatalogThread``); the answering loop only swaps finished zones in.
 
 Shut-down (SIGTERM/SIGINT): close listeners and connections, stop the Mirror, exit 0.
 """
@@ -116,7 +117,9 @@ def _ns_addresses(listens: list[tuple[str, int]]) -> tuple[str, ...]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from discovery.consul import Mirror, MirrorError  # imported late: only the server needs it
+    from discovery.consul import MirrorError  # imported late: only the server needs it
+
+    from ._watch import CatalogThread
 
     listens = args.listen or [("127.0.0.1", 8600)]
     settings = Settings(domain=args.domain, mode=args.mode, ttl=args.ttl, negative_ttl=args.negative_ttl,
@@ -128,7 +131,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    mirror = Mirror(args.consul, on_change=engine.set_view)
+    mirror = CatalogThread(args.consul, engine)
     try:
         start = asyncio.ensure_future(mirror.start(args.start_timeout))
         stopping = asyncio.ensure_future(stop.wait())
@@ -139,11 +142,11 @@ async def _serve(args: argparse.Namespace) -> int:
             await mirror.close()
             return 0
         stopping.cancel()
-        view = start.result()
+        start.result()                       # the engine serves the first View's zone now
     except MirrorError as exc:
         log.error("%s", exc)
+        await mirror.close()
         return 1
-    engine.set_view(view)
 
     forwarder = Forwarder(args.recursor, args.recursor_timeout) if args.recursor else None
     listeners = Listeners(engine, forwarder, idle_timeout=args.tcp_idle_timeout,

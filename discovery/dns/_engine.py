@@ -31,7 +31,7 @@ from ._records import SERVFAIL
 from ._wire import TCP_LIMIT, BadQuery, Drop, Query, encode, error_response, parse_query, udp_limit
 from ._zone import Settings, Zone, answer, build_zone
 
-__all__ = ["Engine", "Forward", "ROTATIONS"]
+__all__ = ["Engine", "Forward", "Update", "ROTATIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ class Forward(NamedTuple):
 
     query: Query
     data: bytes
+
+
+class Update(NamedTuple):
+    """A zone ready to serve, and the names whose records differ from the zone before it
+    (None: everything may differ)."""
+
+    zone: Zone
+    changed: set[str] | None
 
 
 class Engine:
@@ -62,20 +70,33 @@ class Engine:
         self.ra = settings.forwarding
 
     def set_view(self, view: View) -> None:
-        """Swap in the zone of a new View. On a bug in building, keep the last good zone."""
+        """Swap in the zone of a new View (``prepare`` then ``commit``, in one go)."""
+        update = self.prepare(view, self.zone)
+        if update is not None:
+            self.commit(update)
+
+    def prepare(self, view: View, previous: Zone) -> Update | None:
+        """The zone of ``view`` built on ``previous`` (the last zone prepared), and the names
+        that changed between them. Pure: it may run on another thread (``CatalogThread``).
+        On a bug in building, None: the last good zone stays."""
         try:
-            zone = build_zone(view, self.settings, self.zone)
+            zone = build_zone(view, self.settings, previous)
         except Exception:  # noqa: BLE001 - keep serving the last good zone
             log.exception("could not build the DNS zone for catalog view %d; keeping the last one", view.index)
-            return
-        old, self.zone = self.zone, zone
-        if old.settings != zone.settings:
+            return None
+        return Update(zone, None if previous.settings != zone.settings else changed_names(previous, zone))
+
+    def commit(self, update: Update) -> None:
+        """Serve ``update``'s zone from now on and drop the cached answers it changed. On
+        the thread that answers queries; O(changed cached answers)."""
+        self.zone = update.zone
+        if update.changed is None:
             for cache in (self.udp_cache, self.tcp_cache):
                 cache.clear()
                 self._index[id(cache)] = _Index()
         else:
-            self._invalidate(changed_names(old, zone))
-        log.debug("zone updated to view %d: %d services", view.index, len(zone.services))
+            self._invalidate(update.changed)
+        log.debug("zone updated to view %d: %d services", update.zone.index, len(update.zone.services))
 
     def _invalidate(self, changed: set[str]) -> None:
         """Drop the cached answers for ``changed`` names and every negative answer."""
