@@ -17,6 +17,10 @@ from discovery.consul import connect, instances_from_health
 from supervisor.agent import Supervisor
 from supervisor.apply import apply_to
 
+# One private Docker engine for every module here that does not import its own (a module
+# importing these fixtures gets a session engine of its own: another dockerd to start).
+from docker_env import docker_engine, docker_engines  # noqa: E402,F401 (fixtures)
+
 APPS = Path(__file__).resolve().parent / "apps"
 
 

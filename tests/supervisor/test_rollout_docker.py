@@ -23,7 +23,6 @@ import docker
 import pytest
 
 from _util import async_wait_for, start_server, stop_process
-from docker_env import docker_engine, docker_engines  # noqa: F401 (fixtures)
 from supervisor.rollout_keys import history_key, state_key
 from test_rollout_live import (REPLICAS, Bounds, Load, _complete, _kv_json, _kv_phase, _n_passing, _new_ready,
                                _revisions, _up, docker_supervisor, docker_yaml, engine,  # noqa: F401
