@@ -533,40 +533,12 @@ class Supervisor(ReplicaActions):
 
     # --- actions --------------------------------------------------------------------------
 
-ENGINE_HELP = ("  --engine URL          run the local node on this Docker engine (e.g.\n"
-               "                        unix:///path/docker.sock); implies --runtime docker\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m supervisor.agent --consul URL --data-dir DIR [--admin HOST:PORT]
     [--runtime R | --engine URL]``: the supervisor alone against a running catalog (see
-    supervisor.up.run_standalone). ``--engine URL``: one docker node "local" on that engine
-    instead of the default socket."""
-    import argparse
-
-    from . import agent
+    supervisor.up.run_standalone)."""
     from .up import standalone_main
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--engine", metavar="URL")
-    pre.add_argument("--runtime")
-    args, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if args.runtime and not args.engine:
-        rest = [*rest, "--runtime", args.runtime]
-    if args.engine:
-        if args.runtime not in (None, "docker"):
-            print(f"python -m supervisor.agent: --engine is a docker engine, not --runtime "
-                  f"{args.runtime}", file=sys.stderr)
-            return 2
-        # The node "local" of --runtime docker takes its engine from DEFAULT_ENGINE (read
-        # when the runtime is made): this module's, whether run as __main__ or imported.
-        agent.DEFAULT_ENGINE = args.engine
-        rest = [*rest, "--runtime", "docker"]
-    try:
-        return standalone_main(rest)
-    except SystemExit:
-        if "-h" in rest or "--help" in rest:
-            print(ENGINE_HELP, end="")
-        raise
+    return standalone_main(argv)
 
 
 if __name__ == "__main__":

@@ -465,11 +465,14 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
 
 async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
                          runtime: str | None = None, dns: str | None = None,
-                         proxy_admins: Sequence[str] = ()) -> int:
+                         proxy_admins: Sequence[str] = (), engine: str | None = None) -> int:
     """The supervisor alone against a running catalog (the loop of `meshlet up` without
     its components). SIGTERM leaves the workloads running for the next supervisor unless
-    ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them."""
-    if runtime:
+    ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them. ``engine``: the
+    local node is docker on that engine."""
+    if engine:
+        cfg_nodes = [config.NodeSpec(name="local", runtime="docker", engine=engine)]
+    elif runtime:
         cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
     else:
         cfg_nodes = await resolve_nodes(config.MeshSettings())
@@ -505,16 +508,21 @@ def standalone_main(argv: list[str] | None = None) -> int:
                         help="deregister and stop the workloads when stopped")
     parser.add_argument("--runtime", choices=sorted(RUNTIMES),
                         help="the local node's runtime (default: docker if an engine answers)")
+    parser.add_argument("--engine", metavar="URL",
+                        help="run the local node on this Docker engine (e.g. "
+                             "unix:///path/docker.sock); implies --runtime docker")
     parser.add_argument("--dns", metavar="IP",
                         help="resolver (port 53) named in the containers' resolv.conf")
     parser.add_argument("--proxy-admin", action="append", default=[], metavar="HOST:PORT",
                         help="a proxy's admin API: retired replicas wait for its in-flight "
                              "requests before SIGTERM (repeatable)")
     args = parser.parse_args(argv)
+    if args.engine and args.runtime not in (None, "docker"):
+        parser.error(f"--engine is a Docker engine; it cannot go with --runtime {args.runtime}")
     logging.basicConfig(level=os.environ.get("MESHLET_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
-                                      args.runtime, args.dns, args.proxy_admin))
+                                      args.runtime, args.dns, args.proxy_admin, args.engine))
 
 
 def main(argv: list[str] | None = None) -> int:
