@@ -97,8 +97,11 @@ def format_status(data: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for s in data.get("services", []):
         head = f"{s['name']}  {s['ready']}/{s['desired']} ready"
-        if s.get("revision"):
-            head += f"  revision {s['revision'][:12]}"
+        # the replicas' revision (as the instances and `rollout history` show it), else the
+        # applied document's
+        revision = (s.get("rollout") or {}).get("revision") or s.get("revision")
+        if revision:
+            head += f"  revision {revision[:12]}"
         if s.get("problem"):
             head += f"  ({s['problem']})"
         out.append(head)

@@ -522,7 +522,7 @@ async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: Tex
             if attempt == 2:
                 raise CliError(f"{args.service} changed in the catalog during the rollback, twice "
                                f"(a concurrent apply?): {exc}; try again") from None
-    print(f"{args.service}: rolling back to revision {entry['number']} ({new['revision']}); "
+    print(f"{args.service}: rolling back to revision {entry['number']} ({entry['revision']}); "
           f"follow it with `meshlet rollout status {args.service}`", file=out)
     return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
 

@@ -379,14 +379,15 @@ def test_history_table_and_one_revision_as_yaml_with_secrets_masked(cat: Catalog
 
 def test_rollback_writes_the_document_and_restart_key_in_one_transaction(cat: Catalog) -> None:
     v1 = cat.apply(V1)
-    cat.record("complete")
+    first = cat.record("complete")[-1]
     cat.apply(V2)
     cat.record()
     cat.put(keys.restart_key("web"), {"token": "later", "at": 1.0})   # v1 had no token: rollback deletes it
     r = meshlet("rollback", "web", "--consul", cat.url)
     assert r.returncode == 0, r.stderr
     doc = cat.doc()
-    assert doc == v1 and r.stdout.startswith(f"web: rolling back to revision 1 ({v1['revision']})")
+    # the revision as `rollout history` and `meshlet status` show it (the replicas' template)
+    assert doc == v1 and r.stdout.startswith(f"web: rolling back to revision 1 ({first['revision']})")
     assert cat.get(keys.restart_key("web")) is None
 
     # --to N restores N's restart token too; both keys land with one index (one transaction)

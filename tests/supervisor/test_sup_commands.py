@@ -5,8 +5,8 @@ from supervisor.commands import format_age, format_status
 
 def test_status_table_reads_like_kubectl():
     data = {"services": [{
-        "name": "web", "desired": 2, "ready": 1, "revision": "9f86d081884c0000", "problem": None,
-        "rollout": {"phase": "complete", "number": 1, "progress": "2/2 updated"},
+        "name": "web", "desired": 2, "ready": 1, "revision": "0123456789ab", "problem": None,
+        "rollout": {"phase": "complete", "number": 1, "progress": "2/2 updated", "revision": "9f86d081884c"},
         "instances": [
             {"id": "web-0-aa", "node": "local", "address": "127.0.0.1:20001", "state": "ready",
              "restarts": 0, "age": 75.2, "exit_code": None, "revision": "9f86d081884c"},
@@ -40,6 +40,12 @@ def test_status_shows_a_rollout_in_progress_and_each_replicas_revision():
     assert format_status({"services": [paused]})[:2] == [
         "web  3/3 ready  revision bbbbbbbbbbbb  (rollout paused: paused by the user)",
         "  rollout to revision 4: paused, 1/3 updated, 2 old"]
+
+
+def test_without_a_rollout_the_head_shows_the_applied_revision():
+    data = {"services": [{"name": "api", "desired": 0, "ready": 0, "revision": "0123456789ab",
+                          "problem": None, "rollout": None, "instances": []}]}
+    assert format_status(data) == ["api  0/0 ready  revision 0123456789ab"]
 
 
 def test_no_services():
