@@ -232,20 +232,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                     else:
                         to_place.append(Request(spec, slot))
                     continue
-                d = decide(spec.restart, state, exit_code=last.exit_code,
-                           started_at=last.started_at,
-                           finished_at=last.finished_at if last.finished_at is not None else now,
-                           failed=last.killed)
-                if not d.restart:
-                    continue
-                if now < d.at:
-                    actions.append(Wait(name, slot, d.at, d.reason))
-                    continue
-                stop(last, EXITED)
-                if last.node in node_names:
-                    actions.append(Start(name, slot, revision, last.node, d.state, d.reason))
-                else:
-                    to_place.append(Request(spec, slot))
+                _restart_exited(spec, revision, last, state, node_names, now, stop, actions, to_place)
                 continue
             to_place.append(Request(spec, slot))
         if to_place:
@@ -268,6 +255,27 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
             why = "no such replica" if r is None else ("exited" if not r.running else "not kept")
             actions.append(Deregister(iid, name, why))
     return actions
+
+
+def _restart_exited(spec: config.ServiceSpec, revision: str, last: Replica, state: BackoffState,
+                    node_names: set[str], now: float, stop: Callable[[Replica, str], None],
+                    actions: list[Action], to_place: list[Request]) -> None:
+    """``last``, the newest exited replica of its slot, per the restart policy: nothing
+    (policy says no), Wait (backing off), or stop it and Start again on its node (placed
+    anew when the node is gone)."""
+    d = decide(spec.restart, state, exit_code=last.exit_code, started_at=last.started_at,
+               finished_at=last.finished_at if last.finished_at is not None else now,
+               failed=last.killed)
+    if not d.restart:
+        return
+    if now < d.at:
+        actions.append(Wait(last.service, last.slot, d.at, d.reason))
+        return
+    stop(last, EXITED)
+    if last.node in node_names:
+        actions.append(Start(last.service, last.slot, revision, last.node, d.state, d.reason))
+    else:
+        to_place.append(Request(spec, last.slot))
 
 
 def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], observed: Observed,
@@ -302,20 +310,8 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
         last = exited[-1]
         for r in exited[:-1]:
             stop(r, STALE)
-        d = decide(spec.restart, observed.backoff.get((name, slot), BackoffState()),
-                   exit_code=last.exit_code, started_at=last.started_at,
-                   finished_at=last.finished_at if last.finished_at is not None else now,
-                   failed=last.killed)
-        if not d.restart:
-            continue
-        if now < d.at:
-            actions.append(Wait(name, slot, d.at, d.reason))
-            continue
-        stop(last, EXITED)
-        if last.node in node_names:
-            actions.append(Start(name, slot, revision, last.node, d.state, d.reason))
-        else:
-            to_place.append(Request(spec, slot))
+        _restart_exited(spec, revision, last, observed.backoff.get((name, slot), BackoffState()),
+                        node_names, now, stop, actions, to_place)
     if to_place:
         others = [r for r in observed.replicas if r.instance_id not in handled or r.service != name]
         result = place(to_place, observed.nodes, allocations(desired, others))
