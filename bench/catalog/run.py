@@ -40,7 +40,9 @@ from pathlib import Path
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "bench" / "RESULTS.md"
+sys.path.insert(0, str(REPO / "bench"))
+from _common import cpu_seconds, replace_section  # noqa: E402 - shared bench helpers
+
 SECTION = "## Catalog"
 
 
@@ -61,11 +63,6 @@ def start_catalog(data_dir: str) -> tuple[subprocess.Popen, str]:
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -286,18 +283,6 @@ async def main_async(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) our section of bench/RESULTS.md, leaving the others alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
-    RESULTS.write_text(new)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--instances", type=int, default=10_000)
@@ -316,7 +301,7 @@ def main() -> int:
         text = asyncio.run(main_async(args))
     print(text)
     if args.write:
-        write_section(text)
+        replace_section(SECTION, text)
     return 0
 
 

@@ -30,7 +30,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,45 +43,11 @@ import dns.message
 import dns.query
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import cpu_seconds, free_port, replace_section, start_ready  # noqa: E402
+
 PY = sys.executable
-TICKS = os.sysconf("SC_CLK_TCK")
 N_NAMES = 10
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now (dnsmasq needs a number)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
-def start_ready(cmd: list[str], log: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, dict]:
-    """Start a meshlet server process and read its `ready {...}` line."""
-    err = open(log, "wb")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=ROOT, text=True)
-    deadline = time.monotonic() + timeout
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if line.startswith("ready "):
-            return proc, json.loads(line[6:])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{cmd[2]} did not become ready: {line!r}; see {log}")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def dnsperf(port: int, queries: Path, duration: float, clients: int, rate: int | None,
@@ -185,7 +150,7 @@ def main() -> int:
                                  check=consul.Check.ttl("1h"))
 
         # dnsmasq, as in reference/perf-anchors (same ten A records, other names)
-        dm_port = free_port()
+        dm_port = free_port(udp_too=True)
         hosts = run / "dnsmasq.hosts"
         hosts.write_text("".join(f"127.0.0.{10 + i} web{i}.svc.test\n" for i in range(N_NAMES)))
         conf = (ROOT.parent / "shared/reference/perf-anchors/dnsmasq.conf")
@@ -294,7 +259,7 @@ def main() -> int:
         print(text)
         if args.write:
             stamp = time.strftime("%Y-%m-%d %H:%M")
-            path = write_section(f"Measured {stamp} with `bench/dns/run.py --write`.\n\n{NOTES}\n{text}")
+            path = replace_section("## DNS", f"## DNS\n\nMeasured {stamp} with `bench/dns/run.py --write`.\n\n{NOTES}\n{text}")
             print(f"wrote {path}")
         return 0
     finally:
@@ -412,18 +377,6 @@ per datagram), which is why its CPU % is higher there. On a loaded machine p99/p
 dominated by scheduling delays of whichever process is preempted: read the per-round p99s,
 and re-run on a quiet machine.
 """
-
-
-def write_section(text: str) -> Path:
-    """Replace (or append) the "## DNS" section of bench/RESULTS.md."""
-    path = ROOT / "bench" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"## DNS\n\n{text.rstrip()}\n"
-    m = re.search(r"^## DNS\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
-    new = old[:m.start()] + section + ("\n" + old[m.end():] if old[m.end():] else "") if m else \
-        old.rstrip() + "\n\n" + section
-    path.write_text(new)
-    return path
 
 
 if __name__ == "__main__":

@@ -31,15 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
 import re
 import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,17 +47,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+from _common import free_port, replace_section  # noqa: E402 - shared bench helpers
 sys.path.insert(0, str(REPO / "bench" / "rollout"))
 from loadgen import OpenLoad  # noqa: E402 - the shared open-loop load generator
 HELLO = REPO / "config" / "examples" / "apps" / "hello.py"
 SERVICE = "web"
 REPLICAS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -314,18 +306,6 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    m = re.search(r"^## Heal\n.*?(?=^## |\Z)", current, flags=re.S | re.M)
-    section = text.rstrip() + "\n\n"
-    if m:
-        current = current[:m.start()] + section + current[m.end():]
-    else:
-        current = current.rstrip() + "\n\n" + section
-    path.write_text(current.rstrip() + "\n")
-
-
 async def amain(args: argparse.Namespace) -> int:
     runs: list[Run] = []
     if args.runtime in ("process", "both"):
@@ -380,7 +360,7 @@ failures* says how many kills had any failed request between them and the next k
                     print("  " + line)
     print(text)
     if args.write:
-        write_results(text)
+        replace_section("## Heal", text)
         print("written to bench/RESULTS.md")
     return 0
 

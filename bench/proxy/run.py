@@ -47,15 +47,10 @@ import consul
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import cpu_seconds, free_port, start_ready  # noqa: E402
 PY = sys.executable
-TICKS = os.sysconf("SC_CLK_TCK")
 HOST = "bench.service.meshlet"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -69,21 +64,6 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def start_ready(cmd: list[str], log: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, dict]:
-    """Start a meshlet server process and read its `ready {...}` line."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "wb"), cwd=ROOT, text=True)
-    deadline = time.monotonic() + timeout
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if line.startswith("ready "):
-            return proc, json.loads(line[6:])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{cmd[:3]} did not become ready: {line!r}; see {log}")
-
-
 def children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -95,17 +75,6 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 out.append(int(entry))
     return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
-    return total
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -262,11 +231,11 @@ def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[in
             for conns in conns_list:
                 wrk(t.port, conns, args.warmup)
                 pids, bpids = t.pids(), backend_pids()
-                c0, b0, w0 = cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
+                c0, b0, w0 = cpu_seconds(*pids), cpu_seconds(*bpids), time.monotonic()
                 r = wrk(t.port, conns, args.duration)
                 wall = time.monotonic() - w0
-                r["proxy_cpu"] = (cpu_seconds(pids) - c0) / wall
-                r["backend_cpu"] = (cpu_seconds(bpids) - b0) / wall
+                r["proxy_cpu"] = (cpu_seconds(*pids) - c0) / wall
+                r["backend_cpu"] = (cpu_seconds(*bpids) - b0) / wall
                 r["wrk_cpu"] /= wall
                 r.pop("raw")
                 results.setdefault((t.name, conns), []).append(r)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import signal
 import sys
 import tempfile
@@ -49,7 +48,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
-from heal.run import _drain, free_port, machine, read_until  # noqa: E402 - shared bench helpers
+from _common import free_port, replace_section  # noqa: E402 - shared bench helpers
+from heal.run import _drain, machine, read_until  # noqa: E402
 from loadgen import OpenLoad, percentile  # noqa: E402
 
 APP = HERE / "app.py"    # hello.py (http.server) tops out at a few hundred requests/s; see app.py
@@ -270,15 +270,6 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str, heading: str = "## Rollout") -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    m = re.search(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", current, flags=re.S | re.M)
-    section = text.rstrip() + "\n\n"
-    current = current[:m.start()] + section + current[m.end():] if m else current.rstrip() + "\n\n" + section
-    path.write_text(current.rstrip() + "\n")
-
-
 async def amain(args: argparse.Namespace) -> int:
     results: list[Result] = []
 
@@ -333,7 +324,7 @@ when the catalog first showed every replica passing and none of the old instance
     print()
     print(text)
     if args.write:
-        write_results(text)
+        replace_section("## Rollout", text)
         print("written to bench/RESULTS.md")
     return 0
 
