@@ -13,6 +13,7 @@ import urllib.request
 
 import aiohttp
 import pytest
+from _util import pid_alive
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ async def test_workers_share_the_listener_and_drain_together(one, start_proxy, p
     assert len(children) == 2
     proxy.proc.send_signal(signal.SIGTERM)
     assert proxy.proc.wait(15) == 0
-    px.wait_for(lambda: not any(_alive(pid) for pid in children), 5, what="workers to exit")
+    px.wait_for(lambda: not any(pid_alive(pid) for pid in children), 5, what="workers to exit")
 
 
 def test_a_killed_worker_is_restarted(one, start_proxy, px):
@@ -133,14 +134,6 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 out.append(int(entry))
     return sorted(out)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_worker_command_lines():

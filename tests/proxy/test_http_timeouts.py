@@ -6,6 +6,7 @@ import time
 
 import aiohttp
 import pytest
+from _util import free_port
 
 PORT = "ports: [{name: http, port: 0, protocol: http}]"
 
@@ -30,7 +31,7 @@ def mesh(mesh_catalog, tmp_path_factory, px):
     add("pertry", 2, "{retries: {attempts: 1, per_try_timeout: 0.3s}, timeouts: {request: 5s}}")
     add("down", 1, None)
     mesh_catalog.set_status(f"{names['down']}-0", "critical")
-    mesh_catalog.register(names["refused"], f"{names['refused']}-0", _closed_port())
+    mesh_catalog.register(names["refused"], f"{names['refused']}-0", free_port())
     add("pending", 1, "{max_pending: 1}")
     add("stall", 1, "{timeouts: {idle: 0.5s}}")
     proxy = px.Proxy(mesh_catalog.url, "--header-timeout", "0.5", "--idle-timeout", "0.5",
@@ -43,15 +44,6 @@ def mesh(mesh_catalog, tmp_path_factory, px):
         mesh_catalog.delete_service(name)
     for b in backends:
         b.stop()
-
-
-def _closed_port() -> int:
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def test_overall_timeout_is_504_naming_the_service(mesh):

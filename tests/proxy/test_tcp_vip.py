@@ -7,6 +7,7 @@ import socket
 import threading
 
 import pytest
+from _util import free_port
 
 TCP_SPEC = "command: [x]\nports: [{name: echo, port: 0, vip_port: 7000, protocol: tcp}]"
 HTTP_SPEC = "command: [x]\nports: [{name: http, port: 0, vip_port: 8081, protocol: http}]"
@@ -18,7 +19,7 @@ def vips(mesh_catalog, tmp_path_factory, px):
     tcp, http = px.unique("echo"), px.unique("vipweb")
     mesh_catalog.register(tcp, tcp + "-0", echo_a.port, port_name="echo")
     mesh_catalog.register(tcp, tcp + "-1", echo_b.port, port_name="echo")
-    mesh_catalog.register(tcp, tcp + "-2", _closed_port(), port_name="echo")  # refuses: retried elsewhere
+    mesh_catalog.register(tcp, tcp + "-2", free_port(), port_name="echo")  # refuses: retried elsewhere
     mesh_catalog.put_service(tcp, TCP_SPEC, vip="127.77.0.2")
     web = px.Backend(http + "-b0")
     mesh_catalog.register(http, http + "-0", web.port)
@@ -34,14 +35,6 @@ def vips(mesh_catalog, tmp_path_factory, px):
     echo_a.close()
     echo_b.close()
     web.stop()
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _echo_roundtrip(data: bytes) -> bytes:

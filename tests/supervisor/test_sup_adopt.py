@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from _util import async_wait_for, start_server, stop_process
-from _util import kill_leftovers
+from _util import kill_leftovers, pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,15 +32,6 @@ def web_rows(admin: str) -> list[dict]:
         if s["name"] == "web":
             return s["instances"]
     return []
-
-
-def pid_alive(pid: int) -> bool:
-    """Running (a zombie nobody reaped yet counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def test_kill9_supervisor_then_restart_adopts_everything(mesh):

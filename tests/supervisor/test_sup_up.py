@@ -22,7 +22,7 @@ import dns.rdatatype
 import yaml
 
 from _util import free_port, stop_process, wait_for
-from _util import kill_leftovers
+from _util import kill_leftovers, pid_alive
 from docker_env import docker_engine, docker_engines  # noqa: F401 (fixtures)
 from supervisor.commands import main as commands_main
 
@@ -145,14 +145,6 @@ def _pid_after(lines: Lines, prefix: str) -> int:
     return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _bindable(port: int) -> bool:
     import socket
     with socket.socket() as s:
@@ -204,9 +196,9 @@ def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(t
         components = [_pid_after(lines, f"meshlet up: {n} ready") for n in ("dns", "proxy")]
         proc.kill()
         proc.wait(timeout=10)
-        wait_for(lambda: not any(_alive(pid) for pid in components), timeout=15)
+        wait_for(lambda: not any(pid_alive(pid) for pid in components), timeout=15)
         wait_for(lambda: _bindable(ports["catalog"]) and _bindable(ports["proxy"]), timeout=15)
-        assert all(_alive(pid) for pid in before.values())
+        assert all(pid_alive(pid) for pid in before.values())
         proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
         lines = Lines(proc.stdout)
         lines.wait("web: 2/2 ready", timeout=60)
