@@ -171,13 +171,16 @@ class RolloutDriver:
         if self._stored.get(service) == want:
             return
         client = self.sup._client
+        stored = self._stored.get(service, (None, None))
         try:
-            if want[1] is not None:
+            # only what changed: a step that moves the state leaves the history as it was
+            if want[1] is not None and want[1] != stored[1]:
                 await kv_put(client, history_key(service), json.dumps(want[1]))
-            if want[0] is not None:
-                await kv_put(client, state_key(service), json.dumps(want[0]))
-            else:
-                await kv_delete(client, state_key(service))
+            if want[0] != stored[0] or service not in self._stored:
+                if want[0] is not None:
+                    await kv_put(client, state_key(service), json.dumps(want[0]))
+                else:
+                    await kv_delete(client, state_key(service))
             self._stored[service] = want
         except Exception as exc:  # noqa: BLE001 - stored again after the next step
             log.warning("cannot store the rollout of %s: %s", service, exc)
