@@ -5,8 +5,8 @@ the catalog does not answer within ``--start-timeout``) -> bind every listener -
 ``ready {...}``. Answering before the first View would send NXDOMAIN for every service,
 which resolvers cache; so the server is not ready until it knows the catalog. After that
 the Mirror's blocking queries keep the zone current (no polling) and keep the last good
-View while the catalog is unreachable. The Mirror and the zone builds run on a thread of
-their own (``_watch.CatalogThread``); the answering loop only swaps finished zones in.
+View while the catalog is unreachable. The Mirror and the zone builds run in a child
+process (``_watch.CatalogProcess``); the answering loop only applies the names that changed.
 
 Shut-down (SIGTERM/SIGINT): close listeners and connections, stop the Mirror, exit 0.
 """
@@ -119,7 +119,7 @@ def _ns_addresses(listens: list[tuple[str, int]]) -> tuple[str, ...]:
 async def _serve(args: argparse.Namespace) -> int:
     from discovery.consul import MirrorError  # imported late: only the server needs it
 
-    from ._watch import CatalogThread
+    from ._watch import CatalogProcess
 
     listens = args.listen or [("127.0.0.1", 8600)]
     settings = Settings(domain=args.domain, mode=args.mode, ttl=args.ttl, negative_ttl=args.negative_ttl,
@@ -131,7 +131,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    mirror = CatalogThread(args.consul, engine)
+    mirror = CatalogProcess(args.consul, engine, args.log_level)
     try:
         start = asyncio.ensure_future(mirror.start(args.start_timeout))
         stopping = asyncio.ensure_future(stop.wait())

@@ -77,7 +77,8 @@ class Engine:
 
     def prepare(self, view: View, previous: Zone) -> Update | None:
         """The zone of ``view`` built on ``previous`` (the last zone prepared), and the names
-        that changed between them. Pure: it may run on another thread (``CatalogThread``).
+        that changed between them. Pure: the zone builder process
+        (``_builder``) computes the same difference and sends only it.
         On a bug in building, None: the last good zone stays."""
         try:
             zone = build_zone(view, self.settings, previous)

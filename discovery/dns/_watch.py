@@ -1,129 +1,181 @@
-"""The catalog watch on a thread of its own, so a catalog change never stalls answering.
+"""The catalog watch in a process of its own, so a catalog change never stalls answering.
 
-A change costs the DNS server ~1 ms of Python (measured with py-spy under the bench's
-churn: ~0.75 ms for the blocking query's round trip through aiohttp and py-consul, ~0.35 ms
-to build the View and the zone). On the answering loop that is ~10 queries at 10k QPS
-held up per change: the whole of p99 latency under churn. Here the Mirror runs on its own
-event loop in a daemon thread and the zone is built there too (``Engine.prepare`` is
-pure); the answering loop only swaps the finished zone in and drops the cached answers it
-changed (``Engine.commit``, microseconds).
+A change costs ~2 ms of Python (the blocking query's round trip through aiohttp and
+py-consul, the View, the zone build). Run on a thread of the answering process, that was
+GIL time the answering loop had to wait for: at 10k QPS with one change per 100 ms, p99
+latency rose from ~0.15 to ~0.4 ms (``bench/dns``). So the Mirror and the zone builds run
+in a child process (``_builder``, ``python -m discovery.dns._builder``), which sends the
+names that changed; the answering loop applies them and drops the cached answers of those
+names (``Engine.commit``), microseconds per change.
 
-The two threads share the GIL. The interpreter hands it over every
-``sys.getswitchinterval()`` seconds (5 ms by default), which would turn the watch's work
-back into answering stalls of up to 5 ms; ``SWITCH_INTERVAL`` makes the watch thread give
-way within 0.2 ms when a query is waiting. With nothing to do the watch thread sleeps in
-its own poll and costs nothing.
+If the child dies, the answering loop keeps the last zone, logs it, and starts a new
+child (0.5 s, doubling to 30 s between attempts); its first zone replaces the whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pickle
+import socket
+import subprocess
 import sys
-import threading
-from discovery.view import View
+from pathlib import Path
+from typing import Any
 
+from ._builder import MAX_FRAME, frame, frozen_sets
 from ._engine import Engine, Update
+from ._zone import Zone
 
-__all__ = ["CatalogThread", "SWITCH_INTERVAL"]
+__all__ = ["CatalogProcess"]
 
 log = logging.getLogger(__name__)
 
-SWITCH_INTERVAL = 0.0002
+_RESTART_FIRST, _RESTART_MAX = 0.5, 30.0
+_RESTART_TIMEOUT = 3600.0   # a restarted child waits this long for the catalog (then again)
 
 
-class CatalogThread:
-    """``start()`` (on the answering loop) returns once the catalog answered and the
-    engine serves the first View's zone (``MirrorError`` when the catalog does not answer
-    within ``timeout``); every later change reaches ``engine.commit`` on the answering
-    loop, in order (one channel, ``call_soon_threadsafe``, for the first zone and the rest).
-    ``close()`` stops the thread."""
+class CatalogProcess:
+    """``start()`` returns once the child's first zone is served (``MirrorError`` when the
+    catalog does not answer within ``timeout``, or the child cannot start); every later
+    change reaches ``engine.commit`` on the answering loop, in order. ``close()`` stops
+    the child."""
 
-    def __init__(self, url: str, engine: Engine) -> None:
-        self.url, self.engine = url, engine
-        self._main: asyncio.AbstractEventLoop | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, url: str, engine: Engine, log_level: str | int = "INFO") -> None:
+        self.url, self.engine, self.log_level = url, engine, log_level
+        self._names: dict[str, Any] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
-        self._first: asyncio.Future[View] | None = None
-        self._thread = threading.Thread(target=self._run, name="catalog watch", daemon=True)
-        self._timeout = 10.0
-        self._prepared = engine.zone
-        self._started = False
+        self._closing = False
+        self.restarts = 0
 
-    async def start(self, timeout: float = 10.0) -> View:
-        self._main = asyncio.get_running_loop()
-        self._first = self._main.create_future()
-        self._timeout = timeout
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        self._thread.start()
-        return await self._first
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        from discovery.consul import MirrorError
+
+        try:
+            reader = await self._spawn(timeout)
+            msg = await asyncio.wait_for(_read(reader), timeout + 30.0)
+        except (EOFError, asyncio.IncompleteReadError, OSError, asyncio.TimeoutError) as exc:
+            code = self._proc.returncode if self._proc is not None else None
+            await self.close()
+            raise MirrorError(f"the DNS zone builder did not start ({type(exc).__name__}, exit code {code})") from None
+        if msg[0] == "error":
+            await self.close()
+            raise MirrorError(msg[1])
+        self._apply(msg)
+        self._task = asyncio.get_running_loop().create_task(self._follow(reader))
 
     async def close(self) -> None:
-        loop, task = self._loop, self._task
-        if loop is not None and task is not None:
-            try:
-                loop.call_soon_threadsafe(task.cancel)
-            except RuntimeError:  # the thread's loop is already closed
-                pass
-        if self._thread.is_alive():
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._stop_child()
 
-    # -- the watch thread
+    # -- the child
 
-    def _to_main(self, fn: object, *args: object) -> None:
-        assert self._main is not None
+    async def _spawn(self, timeout: float) -> asyncio.StreamReader:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding discovery/
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            self._main.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
-        except RuntimeError:  # the answering loop has closed: shutting down
-            pass
-
-    def _run(self) -> None:
-        import uvloop
-
-        try:
-            uvloop.run(self._watch())
-        except asyncio.CancelledError:
-            pass                                           # close()
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
-            if not self._started:
-                self._to_main(self._fail, exc)
-            else:
-                log.exception("the catalog watch thread stopped")
-
-    async def _watch(self) -> None:
-        from discovery.consul import Mirror
-
-        self._task = asyncio.current_task()
-        self._loop = asyncio.get_running_loop()
-        mirror = Mirror(self.url, on_change=self._changed)
-        try:
-            await mirror.start(self._timeout)          # MirrorError goes to start()
-            view = mirror.view
-            self._started = True
-            update = self.engine.prepare(view, self._prepared)
-            if update is not None:
-                self._prepared = update.zone
-            self._to_main(self._commit_first, update, view)
-            await asyncio.Event().wait()               # until close() cancels this task
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "discovery.dns._builder", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         finally:
-            await mirror.close()
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        self._writer.write(frame({"url": self.url, "settings": self.engine.settings,
+                                  "timeout": timeout, "log_level": self.log_level}))
+        return reader
 
-    def _changed(self, view: View) -> None:
-        if not self._started:
-            return                                     # the first View: _watch takes it
-        update = self.engine.prepare(view, self._prepared)
-        if update is not None:
-            self._prepared = update.zone
-            self._to_main(self.engine.commit, update)
+    async def _stop_child(self) -> None:
+        if self._writer is not None:
+            self._writer.close()                 # EOF: the child stops
+            self._writer = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    async def _follow(self, reader: asyncio.StreamReader) -> None:
+        """Apply the child's zones; when it dies, keep the last zone and start another."""
+        delay = _RESTART_FIRST
+        while not self._closing:
+            try:
+                while True:
+                    msg = await _read(reader)
+                    if msg[0] == "error":
+                        log.error("DNS zone builder: %s", msg[1])
+                        continue
+                    self._apply(msg)
+                    delay = _RESTART_FIRST
+            except (EOFError, asyncio.IncompleteReadError, OSError, pickle.UnpicklingError, ValueError) as exc:
+                if self._closing:
+                    return
+                code = self._proc.returncode if self._proc is not None else None
+                if code is None and self._proc is not None:
+                    try:
+                        code = await asyncio.wait_for(self._proc.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                log.error("the DNS zone builder stopped (%s%s); answering from the last zone (view %d) "
+                          "and starting it again in %.1fs", how,
+                          "" if isinstance(exc, (EOFError, asyncio.IncompleteReadError)) else f", {exc}",
+                          self.engine.zone.index, delay)
+            await self._stop_child()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_MAX)
+            try:
+                reader = await self._spawn(_RESTART_TIMEOUT)
+                self.restarts += 1
+            except OSError as exc:
+                log.error("cannot start the DNS zone builder: %s", exc)
+                reader = _closed_reader()
 
     # -- on the answering loop
 
-    def _commit_first(self, update: Update | None, view: View) -> None:
-        if update is not None:
-            self.engine.commit(update)
-        if self._first is not None and not self._first.done():
-            self._first.set_result(view)
+    def _apply(self, msg: tuple[Any, ...]) -> None:
+        """Bring the served zone to the child's: all names (``changed`` None) or the changed
+        ones, in place. Nothing awaits between the update and ``commit``, so no query sees
+        a half-applied zone."""
+        _kind, index, soa, services, names, changed = msg
+        if changed is None:
+            self._names = {name: frozen_sets(sets) for name, sets in names.items()}
+        else:
+            for name, sets in names.items():
+                if sets is None:
+                    self._names.pop(name, None)
+                else:
+                    self._names[name] = frozen_sets(sets)
+        zone = Zone(self.engine.settings, self._names, soa, index, services)
+        self.engine.commit(Update(zone, changed))
 
-    def _fail(self, exc: BaseException) -> None:
-        if self._first is not None and not self._first.done():
-            self._first.set_exception(exc)
+
+async def _read(reader: asyncio.StreamReader) -> tuple[Any, ...]:
+    head = await reader.readexactly(4)
+    size = int.from_bytes(head, "big")
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes from the DNS zone builder")
+    msg = pickle.loads(await reader.readexactly(size))
+    if not isinstance(msg, tuple) or not msg or msg[0] not in ("zone", "error"):
+        raise ValueError("unexpected message from the DNS zone builder")
+    return msg
+
+
+def _closed_reader() -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_eof()
+    return reader

@@ -9,6 +9,7 @@ VIP and the spec's ``dns``/``ports``/``tags``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class DnsProcess:
         """Sorted A/AAAA data of the answer; [] for NXDOMAIN/NODATA."""
         return sorted(rdata_texts(self.query(name, rtype, **kw), rtype))
 
+    def builder_pids(self) -> list[int]:
+        """The zone builder: the server's child processes (Linux /proc)."""
+        return children(self.proc.pid)
+
     def dig(self, *args: str) -> str:
         assert shutil.which("dig"), "dig missing: apt-get install bind9-dnsutils"
         out = subprocess.run(["dig", f"@{self.host}", "-p", str(self.port), "+time=2", "+tries=1", *args],
@@ -84,3 +89,19 @@ def put_document(c: consul.Consul, name: str, vip: str | None, *, mode: str | No
         "name": name, "command": ["true"], "tags": list(tags), "dns": {"mode": mode, "ttl": ttl},
         "ports": [{"name": "http", "port": 0, "vip_port": 80, "protocol": "http"}] if vip else []})
     assert c.kv.put(f"meshlet/services/{name}", json.dumps(config.service_document(spec, vip)))
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            out += [int(x) for x in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+        except OSError:
+            continue
+    return out
+

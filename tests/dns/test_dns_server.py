@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -13,8 +15,12 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from _dnstest import put_document, rdata_texts, register, set_status, srv_ports
-from _util import wait_for
+from discovery.dns._builder import _can_leave_idle
+from _dnstest import children, put_document, rdata_texts, register, set_status, srv_ports
+from _util import pid_alive, start_server, wait_for
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -184,6 +190,42 @@ def test_changes_keep_coming_and_outage_keeps_last_answers(catalog, dns_server) 
         wait_for(lambda: len(s.addresses("svc.service.meshlet")) == n, timeout=3, what=f"{n} instances")
     catalog.stop()
     assert len(s.addresses("svc.service.meshlet")) == 5  # last good View while the catalog is away
+
+
+def test_zone_builder_lost_keeps_answers_and_comes_back(catalog, dns_server) -> None:
+    """The catalog watch runs in a child process; killed, the server answers from the last
+    zone, starts a new one, and follows the catalog again."""
+    c = catalog.client()
+    register(c, "svc", "s-1", address="127.0.0.81")
+    s = dns_server()
+    (first,) = s.builder_pids()
+    assert os.getpriority(os.PRIO_PROCESS, first) > os.getpriority(os.PRIO_PROCESS, s.proc.pid)
+    assert os.sched_getscheduler(first) == (os.SCHED_IDLE if _can_leave_idle() else os.SCHED_OTHER)
+    os.kill(first, signal.SIGKILL)
+    assert s.addresses("svc.service.meshlet") == ["127.0.0.81"]          # last zone, answered at once
+    register(c, "svc", "s-2", address="127.0.0.82")
+    wait_for(lambda: s.addresses("svc.service.meshlet") == ["127.0.0.81", "127.0.0.82"], timeout=15,
+             what="the change after the builder's restart")
+    assert s.builder_pids() not in ([], [first])
+    set_status(c, "s-1", "critical")                                      # and the one after
+    wait_for(lambda: s.addresses("svc.service.meshlet") == ["127.0.0.82"], timeout=3, what="s-1 gone")
+
+
+def test_zone_builder_ends_with_the_server(catalog, dns_server) -> None:
+    import sys
+
+    s = dns_server()
+    (child,) = s.builder_pids()
+    assert s.proc.send_signal(signal.SIGTERM) is None and s.proc.wait(10) == 0
+    wait_for(lambda: not pid_alive(child), timeout=5, what="builder gone after SIGTERM")
+
+    # kill -9 of the server: the builder sees its socket close and exits too
+    proc, _ready = start_server([sys.executable, "-m", "discovery.dns", "--listen", "127.0.0.1:0",
+                                 "--consul", catalog.url], cwd=str(REPO), timeout=30)
+    (child,) = children(proc.pid)
+    proc.kill()
+    proc.wait(10)
+    wait_for(lambda: not pid_alive(child), timeout=5, what="builder gone after kill -9 of the server")
 
 
 def test_ipv6_loopback_listener(catalog, dns_server) -> None:
