@@ -54,6 +54,21 @@ def start_ready(cmd: list[str], log: Path, timeout: float = 30.0) -> tuple[subpr
     raise RuntimeError(f"{cmd[:3]} did not become ready: {line!r}; see {log}")
 
 
+def with_children(pid: int) -> list[int]:
+    """``pid`` and its child processes now (Linux /proc), e.g. a server and its helpers."""
+    pids = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            pids += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
 def cpu_seconds(*pids: int) -> float:
     """utime + stime of the processes so far, in seconds (gone ones count 0)."""
     total = 0.0
