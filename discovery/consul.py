@@ -30,6 +30,7 @@ when no complete first View arrives in time. KV helpers and LeaderLock propagate
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -42,13 +43,14 @@ from urllib.parse import urlsplit
 import consul
 import consul.aio
 from consul.callback import CB
+from consul.exceptions import ClientError
 
 import config
 from discovery.view import Instance, Node, ServiceView, View, worst_status
 
 __all__ = [
     "DEFAULT_URL", "Backoff", "LeaderLock", "Mirror", "MirrorError", "connect", "instances_from_health",
-    "kv_cas", "kv_delete", "kv_get", "kv_put", "next_index", "read_service_document", "watch_kv_prefix",
+    "TxnRolledBack", "kv_cas", "kv_delete", "kv_get", "kv_op", "kv_put", "kv_txn", "next_index", "read_service_document", "watch_kv_prefix",
     "watch_nodes", "watch_service", "watch_services",
 ]
 
@@ -289,6 +291,40 @@ async def kv_cas(client: consul.aio.Consul, key: str, value: bytes | str, index:
 
 async def kv_delete(client: consul.aio.Consul, key: str, *, recurse: bool = False) -> bool:
     return bool(await client.kv.delete(key, recurse=recurse or None))
+
+
+class TxnRolledBack(Exception):
+    """The catalog rolled a transaction back (a CAS failed, ...); the text says which op and why."""
+
+
+def kv_op(verb: str, key: str, index: int = 0, value: bytes | str | None = None) -> dict[str, Any]:
+    """One KV operation of a ``/v1/txn`` transaction (``set``, ``cas``, ``delete``, ``delete-cas``...)."""
+    op: dict[str, Any] = {"Verb": verb, "Key": key, "Index": index}
+    if value is not None:
+        raw = value.encode() if isinstance(value, str) else value
+        op["Value"] = base64.b64encode(raw).decode("ascii")
+    return {"KV": op}
+
+
+async def kv_txn(client: consul.aio.Consul, ops: list[dict[str, Any]]) -> None:
+    """Apply ``ops`` all or none (``PUT /v1/txn``). Raises TxnRolledBack when the catalog
+    rolled them back; transport errors as they come."""
+    try:
+        result = await client.txn.put(ops)
+    except ClientError as exc:  # py-consul raises "409 <body>" on a rolled-back txn
+        if str(exc).startswith("409"):
+            raise TxnRolledBack(_txn_errors(str(exc)[4:])) from None
+        raise
+    if isinstance(result, dict) and result.get("Errors"):
+        raise TxnRolledBack(_txn_errors(json.dumps(result)))
+
+
+def _txn_errors(body: str) -> str:
+    try:
+        errors = json.loads(body).get("Errors") or []
+        return "; ".join(str(e.get("What", e)) for e in errors) or body
+    except (ValueError, AttributeError):
+        return body.strip()
 
 
 # --------------------------------------------------------------------------- leader lock

@@ -19,7 +19,6 @@ catalog transport errors (``aiohttp.ClientError``, ``OSError``, ``asyncio.Timeou
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import json
 import logging
@@ -33,10 +32,9 @@ from typing import Any, TextIO
 import aiohttp
 import consul
 import consul.aio
-from consul.exceptions import ClientError
 
 import config
-from discovery.consul import connect
+from discovery.consul import TxnRolledBack, connect, kv_op, kv_txn
 
 __all__ = [
     "ApplyError", "ApplyPlan", "ServiceChange", "TxnConflict", "VipRangeExhausted", "apply_services",
@@ -192,13 +190,6 @@ def plan_apply(desired: Mapping[str, Any], current: Mapping[str, Mapping[str, An
     return ApplyPlan(tuple(changes), claims, releases)
 
 
-def _kv_op(verb: str, key: str, index: int, value: bytes | None = None) -> dict[str, Any]:
-    op: dict[str, Any] = {"Verb": verb, "Key": key, "Index": index}
-    if value is not None:
-        op["Value"] = base64.b64encode(value).decode("ascii")
-    return {"KV": op}
-
-
 def txn_chunks(plan: ApplyPlan, doc_index: Mapping[str, int], vip_index: Mapping[str, int],
                limit: int = TXN_MAX_OPS) -> list[list[tuple[str, list[dict[str, Any]]]]]:
     """The transaction(s) writing ``plan``: chunks of (service, ops) groups.
@@ -215,13 +206,13 @@ def txn_chunks(plan: ApplyPlan, doc_index: Mapping[str, int], vip_index: Mapping
         if change.action in (CREATED, UPDATED):
             body = json.dumps(change.new, sort_keys=True, separators=(",", ":")).encode()
             groups.setdefault(change.name, []).append(
-                _kv_op("cas", key, doc_index.get(change.name, 0) if change.action == UPDATED else 0, body))
+                kv_op("cas", key, doc_index.get(change.name, 0) if change.action == UPDATED else 0, body))
         elif change.action == DELETED:
-            groups.setdefault(change.name, []).append(_kv_op("delete-cas", key, doc_index[change.name]))
+            groups.setdefault(change.name, []).append(kv_op("delete-cas", key, doc_index[change.name]))
     for vip, name in plan.claims.items():
-        groups.setdefault(name, []).append(_kv_op("cas", VIPS_PREFIX + vip, 0, name.encode()))
+        groups.setdefault(name, []).append(kv_op("cas", VIPS_PREFIX + vip, 0, name.encode()))
     for vip, name in plan.releases.items():
-        groups.setdefault(name, []).append(_kv_op("delete-cas", VIPS_PREFIX + vip, vip_index[vip]))
+        groups.setdefault(name, []).append(kv_op("delete-cas", VIPS_PREFIX + vip, vip_index[vip]))
     chunks: list[list[tuple[str, list[dict[str, Any]]]]] = []
     size = limit
     for name in sorted(groups):
@@ -324,21 +315,9 @@ async def read_state(client: consul.aio.Consul) -> CatalogState:
 
 async def _txn(client: consul.aio.Consul, ops: list[dict[str, Any]]) -> None:
     try:
-        result = await client.txn.put(ops)
-    except ClientError as exc:  # py-consul raises "409 <body>" on a rolled-back txn
-        if str(exc).startswith("409"):
-            raise TxnConflict(_txn_errors(str(exc)[4:])) from None
-        raise
-    if isinstance(result, dict) and result.get("Errors"):
-        raise TxnConflict(_txn_errors(json.dumps(result)))
-
-
-def _txn_errors(body: str) -> str:
-    try:
-        errors = json.loads(body).get("Errors") or []
-        return "; ".join(str(e.get("What", e)) for e in errors) or body
-    except (ValueError, AttributeError):
-        return body.strip()
+        await kv_txn(client, ops)
+    except TxnRolledBack as exc:
+        raise TxnConflict(str(exc)) from None
 
 
 async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], vip_range: str, *,

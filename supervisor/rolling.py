@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import config
-from discovery.consul import kv_delete, kv_put
+from discovery.consul import kv_op, kv_txn
 
 from .backoff import BackoffState, decide
 from .place import Request, place
@@ -172,15 +172,18 @@ class RolloutDriver:
             return
         client = self.sup._client
         stored = self._stored.get(service, (None, None))
+        # only what changed (a step that moves the state leaves the history as it was), and
+        # in one transaction: a crash between two writes would leave a state naming a
+        # revision that the history does not have
+        ops = []
+        if want[1] is not None and want[1] != stored[1]:
+            ops.append(kv_op("set", history_key(service), value=json.dumps(want[1])))
+        if want[0] != stored[0] or service not in self._stored:
+            ops.append(kv_op("set", state_key(service), value=json.dumps(want[0])) if want[0] is not None
+                       else kv_op("delete", state_key(service)))
         try:
-            # only what changed: a step that moves the state leaves the history as it was
-            if want[1] is not None and want[1] != stored[1]:
-                await kv_put(client, history_key(service), json.dumps(want[1]))
-            if want[0] != stored[0] or service not in self._stored:
-                if want[0] is not None:
-                    await kv_put(client, state_key(service), json.dumps(want[0]))
-                else:
-                    await kv_delete(client, state_key(service))
+            if ops:
+                await kv_txn(client, ops)
             self._stored[service] = want
         except Exception as exc:  # noqa: BLE001 - stored again after the next step
             log.warning("cannot store the rollout of %s: %s", service, exc)

@@ -289,7 +289,7 @@ def rollback_ops(service: str, doc: Mapping[str, Any], doc_index: int, token: st
     """One transaction: the document (CAS on its ModifyIndex), the restart key set to the
     entry's token or deleted, and the VIP reservation given back when the spec lost its ports."""
     from . import rollout_keys as keys
-    from .apply import _kv_op as _kv    # {"KV": {"Verb", "Key", "Index", "Value": base64}}
+    from discovery.consul import kv_op as _kv    # {"KV": {"Verb", "Key", "Index", "Value": base64}}
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     ops = [_kv("cas", f"meshlet/services/{service}", doc_index, body)]
     if token:
