@@ -121,7 +121,7 @@ class CatalogProcess:
                         continue
                     self._apply(msg)
                     delay = _RESTART_FIRST
-            except (EOFError, asyncio.IncompleteReadError, OSError, pickle.UnpicklingError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - EOF, a broken frame or a bug in applying it: start over
                 if self._closing:
                     return
                 code = self._proc.returncode if self._proc is not None else None
@@ -130,7 +130,8 @@ class CatalogProcess:
                         code = await asyncio.wait_for(self._proc.wait(), 1.0)
                     except asyncio.TimeoutError:
                         pass
-                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                how = ("still running" if code is None else
+                       f"killed by signal {-code}" if code < 0 else f"exit code {code}")
                 log.error("the DNS zone builder stopped (%s%s); answering from the last zone (view %d) "
                           "and starting it again in %.1fs", how,
                           "" if isinstance(exc, (EOFError, asyncio.IncompleteReadError)) else f", {exc}",
