@@ -1,10 +1,10 @@
 """The zone builder: a child process that watches the catalog and builds zones.
 
 ``python -m discovery.dns._builder FD`` is started by ``_watch.CatalogProcess`` with one
-end of a socketpair as FD. Over it, framed pickles (``_frames``):
+end of a socketpair as FD. Over it, framed pickles (``frame``, ``read_frame``):
 
 parent -> child, once: ``{"url", "settings", "timeout", "log_level"}`` (over the socket, not
-    in the arguments, so a catalog token never shows in the process list).
+    in the arguments: nothing of the configuration shows in the process list).
 child -> parent: ``("zone", index, soa, services, names, changed)``: the first (and after a
     restart, again the first) carries every name with ``changed`` None; each later one
     only the names that changed (value None: the name is gone) and ``changed``, the set
@@ -19,7 +19,8 @@ blocking query's round trip through aiohttp and py-consul, the View, the zone). 
 thread of the answering process that is GIL time the answering loop waits for, in slices
 of ``sys.getswitchinterval()``: measured with ``bench/dns`` at 10k QPS and one change per
 100 ms, p99 0.33-0.42 ms against 0.13-0.17 ms without changes. In its own process the
-work runs on the other core, and the answering loop only applies the names that changed.
+work runs wherever a core is free (under SCHED_IDLE: see ``Priority``), and the answering
+loop only applies the names that changed.
 """
 
 from __future__ import annotations
