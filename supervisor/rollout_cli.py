@@ -17,7 +17,8 @@ of the service document read *now*: a state left from an older desired revision 
 "the supervisor has not caught up yet", never success.
 
 Exit codes
-    0   done: the rollout completed; the key was written
+    0   done: the rollout completed and as many updated replicas pass as the document asks
+        for (as kubectl's rollout status: a scale-up since is waited for); the key was written
     1   the rollout failed, was reverted or is paused; ``--timeout`` passed; the catalog is
         unreachable or refused; no history / no complete revision to roll back to; the
         service changed under a rollback twice (CAS conflict)
@@ -119,17 +120,25 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
     if state is not None and state.revision != target and state.reverted_from == target:
         return Progress(1, f"rollout of {service} to {name} failed and was reverted to "
                            f"{_label(history, state.revision)}: {state.reason or 'no reason given'}")
+    new = [i for i in instances if _revision_of(i) in current]
+    available = sum(1 for i in new if getattr(i, "is_passing", False))
+    head = f"Waiting for rollout of {service} to finish: "
+    # Done, as kubectl's rollout status: the revision is complete *and* as many updated
+    # replicas pass as the document asks for (a scale-up or a crash after the rollout
+    # still has to come up).
+    done = Progress(0, f"rollout of {service} to {name} complete") if available >= replicas else \
+        Progress(None, f"{head}{available} of {replicas} updated replicas are available...")
     if state is None or state.revision != target:
         if state is None and (_settled(instances, current, replicas) or (
                 history and history[-1].get("revision") == target
                 and history[-1].get("status") == ENTRY_COMPLETE)):
-            return Progress(0, f"rollout of {service} to {name} complete")
+            return done
         was = f" (its last rollout was to {_label(history, state.revision)}, {state.phase})" \
             if state is not None else ""
         return Progress(None, f"Waiting for the supervisor to start the rollout of {service} "
                               f"to {name}{was}...")
     if state.phase == COMPLETE:
-        return Progress(0, f"rollout of {service} to {name} complete")
+        return done
     if state.phase == FAILED:
         return Progress(1, f"rollout of {service} to {name} failed: {state.reason or 'no reason given'}")
     if state.phase == REVERTING:
@@ -139,10 +148,7 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
     if state.phase == PAUSED:
         return Progress(1, f"rollout of {service} to {name} is paused: {state.reason or 'no reason given'}; "
                            f"resume it with `meshlet rollout resume {service}`")
-    new = [i for i in instances if _revision_of(i) in current]
-    available = sum(1 for i in new if getattr(i, "is_passing", False))
     old = len(instances) - len(new)
-    head = f"Waiting for rollout of {service} to finish: "
     step = f" (canary step {state.canary_step + 1} of {len(canary)}: {canary[state.canary_step]}%)" \
         if state.canary_step < len(canary) else ""
     if available < replicas:

@@ -61,7 +61,13 @@ HISTORY = [{"number": 3, "revision": OLD, "status": "complete", "created_at": 0.
     pytest.param(state(), HISTORY, [inst(f"n{i}", T) for i in range(3)], None,
                  "Waiting for rollout of web to finish: 3 of 3 updated replicas are available, "
                  "waiting for the supervisor to confirm...", id="all-available-not-marked"),
-    pytest.param(state(phase="complete"), HISTORY, [], 0, "rollout of web to revision 4 complete", id="complete"),
+    pytest.param(state(phase="complete"), HISTORY, [inst(f"n{i}", T) for i in range(3)], 0,
+                 "rollout of web to revision 4 complete", id="complete"),
+    pytest.param(state(phase="complete"), HISTORY, [inst(f"n{i}", T) for i in range(3)] + [inst("n4", T, CRITICAL)],
+                 0, "rollout of web to revision 4 complete", id="complete-with-one-extra-starting"),
+    pytest.param(state(phase="complete"), HISTORY, [inst("n1", T), inst("n2", T, CRITICAL)], None,
+                 "Waiting for rollout of web to finish: 1 of 3 updated replicas are available...",
+                 id="complete-but-scaled-up-or-crashed-since"),
     pytest.param(state(phase="failed", reason="web-1 crashed 3 times"), HISTORY, [], 1,
                  "rollout of web to revision 4 failed: web-1 crashed 3 times", id="failed"),
     pytest.param(state(phase="paused", reason="checking logs"), HISTORY, [], 1,
@@ -77,8 +83,11 @@ HISTORY = [{"number": 3, "revision": OLD, "status": "complete", "created_at": 0.
     pytest.param(None, [], [inst("n1", T), inst("n2", T), inst("n3", T, CRITICAL)], None,
                  "Waiting for the supervisor to start the rollout of web to revision aaaaaaaaaaaa...",
                  id="first-deploy-not-ready"),
-    pytest.param(None, [dict(HISTORY[1], status="complete")], [], 0, "rollout of web to revision 4 complete",
-                 id="history-says-complete"),
+    pytest.param(None, [dict(HISTORY[1], status="complete")], [inst(f"n{i}", T) for i in range(3)], 0,
+                 "rollout of web to revision 4 complete", id="history-says-complete"),
+    pytest.param(None, [dict(HISTORY[1], status="complete")], [inst("n1", T)], None,
+                 "Waiting for rollout of web to finish: 1 of 3 updated replicas are available...",
+                 id="history-says-complete-but-replicas-missing"),
 ])
 def test_assess(st, history, instances, code, text) -> None:
     p = assess("web", T, 3, st, history, instances)
@@ -266,6 +275,15 @@ class Catalog:
     def state(self, revision: str, phase: str, **kw) -> None:
         self.put(keys.state_key("web"), RolloutState("web", revision, phase, **kw).to_dict())
 
+    def replicas(self, revision: str, n: int = 3) -> None:
+        """``n`` passing instances of ``revision`` in the catalog, replacing those of before
+        (what a supervisor registers once a rollout to it is complete)."""
+        for sid in [s["ID"] for s in self.c.agent.services().values() if s["Service"] == "web"]:
+            self.c.agent.service.deregister(sid)
+        for i in range(n):
+            self.c.agent.service.register("web", service_id=f"web-{i}-{revision[:8]}", port=1000 + i,
+                                          meta={"revision": revision})
+
 
 @pytest.fixture
 def cat(catalog, tmp_path) -> Catalog:
@@ -283,8 +301,14 @@ def test_status_exit_codes(cat: Catalog) -> None:
     cat.record()
     target = cat.target()
     cat.state(target, "complete")
+    cat.replicas(target, 2)
+    r = status(cat, "--timeout", "1s")       # complete, but a replica short (scaled up, crashed since)
+    assert r.returncode == 1 and r.stdout == "Waiting for rollout of web to finish: 2 of 3 updated " \
+        "replicas are available...\n", r.stderr
+    cat.replicas(target)
     r = status(cat)
     assert (r.returncode, r.stdout) == (0, "rollout of web to revision 2 complete\n"), r.stderr
+    cat.replicas(target, 0)
 
     cat.state(target, "failed", reason="web-0 crashed 3 times")
     r = status(cat)
@@ -425,6 +449,7 @@ def test_rollback_after_an_auto_revert_makes_the_document_say_what_runs(cat: Cat
     r = meshlet("rollback", "web", "--consul", cat.url)
     assert r.returncode == 0, r.stderr
     assert cat.doc() == v1 and r.stdout.startswith("web: rolling back to revision 3")
+    cat.replicas(keys.target_revision(config.ServiceSpec.from_dict(v1["spec"])))
     assert status(cat).returncode == 0
 
 
@@ -471,6 +496,7 @@ def test_pause_resume_and_restart_write_their_keys(cat: Catalog) -> None:
     r = status(cat, "--timeout", "1s")
     assert r.returncode == 1 and "Waiting for the supervisor to start the rollout" in r.stdout
     cat.state(cat.target(tokens[1]), "complete", restart_token=tokens[1])
+    cat.replicas(cat.target(tokens[1]))
     assert status(cat).returncode == 0
 
     for cmd in (("rollout", "pause"), ("rollout", "resume"), ("restart",)):
