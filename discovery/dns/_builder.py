@@ -177,11 +177,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 class _Builder:
-    def __init__(self, sock: socket.socket, settings: Settings) -> None:
+    def __init__(self, sock: socket.socket, settings: Settings, priority: Priority | None = None) -> None:
         self.sock = sock
         self.engine = Engine(settings)        # for ``prepare`` and the last zone built
         self.sent = False
-        self.priority = Priority()
+        self.priority = priority if priority is not None else Priority()
 
     def send(self, msg: Any) -> None:
         self.sock.sendall(frame(msg))

@@ -33,6 +33,12 @@ class _Socket:
         return out
 
 
+def _builder(sock: _Socket) -> _Builder:
+    """A builder that leaves this process's scheduling alone."""
+    return _Builder(sock, Settings(), Priority(delay=lambda: 0, setter=lambda idle: None,  # type: ignore[arg-type]
+                                               can_leave_idle=False))
+
+
 def _messages(sock: _Socket) -> list[tuple]:
     out = []
     while sock.data:
@@ -45,7 +51,7 @@ def test_the_answering_side_rebuilds_every_zone_the_builder_sends() -> None:
     equal the builder's zone after every step, and a change drops the cached answers it
     touches (and no others)."""
     sock = _Socket()
-    builder = _Builder(sock, Settings())  # type: ignore[arg-type]
+    builder = _builder(sock)
     serving = Engine(Settings())
     parent = CatalogProcess("http://127.0.0.1:1", serving)
 
@@ -77,7 +83,7 @@ def test_the_answering_side_rebuilds_every_zone_the_builder_sends() -> None:
 def test_messages_are_plain_data() -> None:
     """What crosses the socket pickles without the zone's read-only mappings."""
     sock = _Socket()
-    _Builder(sock, Settings()).publish(big_view())  # type: ignore[arg-type]
+    _builder(sock).publish(big_view())
     (msg,) = _messages(sock)
     assert pickle.loads(pickle.dumps(msg)) == msg
 
