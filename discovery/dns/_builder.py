@@ -7,8 +7,9 @@ parent -> child, once: ``{"url", "settings", "timeout", "log_level"}`` (over the
     in the arguments: nothing of the configuration shows in the process list).
 child -> parent: ``("zone", index, soa, services, names, changed)``: the first (and after a
     restart, again the first) carries every name with ``changed`` None; each later one
-    only the names that changed (value None: the name is gone) and ``changed``, the set
-    of those names; ``("error", text)`` when the first View cannot be had.
+    only the names that changed (value None: the name is gone) and ``changed``, those
+    names with the record types that changed (``_engine.Changed``); ``("error", text)``
+    when the first View cannot be had.
 
 The child exits when the parent's end closes (the parent stopped or died): its socket
 becomes readable with EOF. SIGINT is ignored, so a Ctrl-C to the process group reaches
@@ -34,7 +35,7 @@ import socket
 import struct
 import sys
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Iterable
 
 from ._engine import Engine
 from ._zone import Names, Settings
@@ -141,7 +142,7 @@ def frame(obj: Any) -> bytes:
     return _HEAD.pack(len(body)) + body
 
 
-def names_payload(names: Names, only: set[str] | None = None) -> dict[str, dict[int, Any] | None]:
+def names_payload(names: Names, only: Iterable[str] | None = None) -> dict[str, dict[int, Any] | None]:
     """``names`` (or the ``only`` ones of it) as plain dicts, which pickle (the zone's
     read-only mapping proxies do not); None for a name in ``only`` that is gone."""
     keys = names.keys() if only is None else only

@@ -7,11 +7,13 @@ pre-encoded bodies and the client's ID glued in front. Answers with several reco
 up to ``ROTATIONS`` bodies, each with the records rotated, and cycle through them, so the
 order varies between queries without encoding per query (and truncated UDP answers show
 different subsets). A new View swaps the zone and drops from both caches (in place: the
-protocols hold references to the dicts) only the entries of names whose records changed,
-plus every negative answer (they carry the SOA, whose serial is the View's index). A
-catalog change to one service thus costs a miss (~35 us for a one-record answer) for that
-service's hot questions only, not for every hot question of the fleet: the event loop
-stalls less per change, which is what p99 latency under churn is made of.
+protocols hold references to the dicts) only the entries whose records changed: by name
+and record type, so an instance of a service with a virtual IP turning unready drops the
+service's SRV answers but not its A answer, which is still the VIP. Every negative answer
+goes too (they carry the SOA, whose serial is the View's index). A catalog change to one
+service thus costs a miss (~35 us for a one-record answer) for that service's changed
+questions only, not for every hot question of the fleet: the event loop stalls less per
+change, which is what p99 latency under churn is made of.
 
 Not cached: forwarded questions (answers come from elsewhere), malformed packets, queries
 carrying EDNS options (dig's per-client cookies would only fill the cache) and anything
@@ -27,7 +29,7 @@ from typing import Iterator, NamedTuple
 
 from discovery.view import View
 
-from ._records import SERVFAIL
+from ._records import ANY, SERVFAIL
 from ._wire import TCP_LIMIT, BadQuery, Drop, Query, encode, error_response, parse_query, udp_limit
 from ._zone import Settings, Zone, answer, build_zone
 
@@ -46,12 +48,17 @@ class Forward(NamedTuple):
     data: bytes
 
 
+Changed = dict[str, "frozenset[int] | None"]
+"""Names whose records differ between two zones, each with the record types that differ
+(None: the name came or went, so all of them)."""
+
+
 class Update(NamedTuple):
-    """A zone ready to serve, and the names whose records differ from the zone before it
-    (None: everything may differ)."""
+    """A zone ready to serve, and what differs from the zone before it (None: everything
+    may differ)."""
 
     zone: Zone
-    changed: set[str] | None
+    changed: Changed | None
 
 
 class Engine:
@@ -64,8 +71,8 @@ class Engine:
         self.zone: Zone = build_zone(view or View(), settings)
         self.udp_cache: dict[bytes, Iterator[bytes]] = {}
         self.tcp_cache: dict[bytes, Iterator[bytes]] = {}
-        # Per cache: key -> the lowercased name it answers ("" for a negative answer), and
-        # name -> its keys, so a change drops exactly the entries it touches.
+        # Per cache: key -> the lowercased name and type it answers (name "" for a negative
+        # answer), and name -> its keys, so a change drops exactly the entries it touches.
         self._index = {id(c): _Index() for c in (self.udp_cache, self.tcp_cache)}
         self.ra = settings.forwarding
 
@@ -99,13 +106,21 @@ class Engine:
             self._invalidate(update.changed)
         log.debug("zone updated to view %d: %d services", update.zone.index, len(update.zone.services))
 
-    def _invalidate(self, changed: set[str]) -> None:
-        """Drop the cached answers for ``changed`` names and every negative answer."""
+    def _invalidate(self, changed: Changed) -> None:
+        """Drop every negative answer and the cached answers whose records ``changed``: for
+        a changed name, the answers of its changed types and of ANY."""
         for cache in (self.udp_cache, self.tcp_cache):
             index = self._index[id(cache)]
-            for name in ("", *changed):
-                for key in index.keys.pop(name, ()):
-                    del index.owner[key]
+            for key in index.keys.pop("", ()):
+                del index.owner[key]
+                cache.pop(key, None)
+            for name, types in changed.items():
+                keys = index.keys.get(name)
+                if not keys:
+                    continue
+                for key in [k for k in keys if types is None or index.owner[k][1] in types
+                            or index.owner[k][1] == ANY]:
+                    index.forget(key)
                     cache.pop(key, None)
 
     def handle(self, data: bytes, tcp: bool) -> bytes | Forward | None:
@@ -148,7 +163,7 @@ class Engine:
             key = bytes(data[2:])
             index.forget(key)
             cache[key] = bodies_iter
-            index.add(key, query.qname.rstrip(".").lower() if ans.answers else "")
+            index.add(key, query.qname.rstrip(".").lower() if ans.answers else "", query.qtype)
         return data[:2] + first
 
 
@@ -158,29 +173,43 @@ class _Index:
     __slots__ = ("owner", "keys")
 
     def __init__(self) -> None:
-        self.owner: dict[bytes, str] = {}
+        self.owner: dict[bytes, tuple[str, int]] = {}
         self.keys: dict[str, set[bytes]] = {}
 
-    def add(self, key: bytes, name: str) -> None:
-        self.owner[key] = name
+    def add(self, key: bytes, name: str, qtype: int) -> None:
+        self.owner[key] = (name, qtype)
         self.keys.setdefault(name, set()).add(key)
 
     def forget(self, key: bytes) -> None:
-        name = self.owner.pop(key, None)
-        if name is not None:
+        owner = self.owner.pop(key, None)
+        if owner is not None:
+            name = owner[0]
             keys = self.keys[name]
             keys.discard(key)
             if not keys:
                 del self.keys[name]
 
 
-def changed_names(old: Zone, new: Zone) -> set[str]:
-    """The names whose records differ between two zones (lowercased, no trailing dot).
+def changed_names(old: Zone, new: Zone) -> Changed:
+    """The names whose records differ between two zones (lowercased, no trailing dot), each
+    with the types whose record sets differ; None for a name only one of them has.
 
-    Conservative: the zone builder reuses the record mappings of unchanged services, so an
-    identical object means unchanged; a name whose mapping was rebuilt (the apex, names
-    shared by several services) counts as changed even when equal."""
+    The zone builder reuses the record mappings of unchanged services, so an identical
+    mapping is unchanged without comparing; a rebuilt one is compared type by type (a few
+    small tuples: a service's names hold a handful of record sets)."""
     a, b = old.names, new.names
-    out = {name for name, sets in b.items() if a.get(name) is not sets}
-    out.update(name for name in a if name not in b)
+    out: Changed = {}
+    for name, sets in b.items():
+        before = a.get(name)
+        if before is sets:
+            continue
+        if before is None:
+            out[name] = None
+            continue
+        types = frozenset(t for t in sets.keys() | before.keys() if sets.get(t) != before.get(t))
+        if types:
+            out[name] = types
+    for name in a:
+        if name not in b:
+            out[name] = None
     return out

@@ -125,6 +125,28 @@ def test_a_change_drops_only_the_answers_it_touches(engine: Engine) -> None:
     assert soa.serial == engine.zone.index and ask(engine, "pair.service.meshlet", "A").rcode() == dns.rcode.NXDOMAIN
 
 
+def test_a_change_drops_only_the_record_types_it_touches(engine: Engine) -> None:
+    """A second instance of a service with a VIP changes its SRV records, not its A record
+    (the VIP): the A answer stays pre-encoded, SRV and ANY are answered anew and right."""
+    def key(name: str, rtype: str) -> bytes:
+        return dns.message.make_query(name, rtype).to_wire()[2:]
+
+    for name, rtype in (("web.service.meshlet", "A"), ("web.service.meshlet", "SRV"),
+                        ("_web._tcp.service.meshlet", "SRV"), ("web.service.meshlet", "ANY")):
+        ask(engine, name, rtype)
+    a_answer = engine.udp_cache[key("web.service.meshlet", "A")]
+    second = Instance("web-2", "web", "local", "127.0.0.2", 8081)
+    engine.set_view(_with(big_view(), web=ServiceView("web", (*big_view().services["web"].instances, second),
+                                                      vip="127.10.0.2")))
+    assert engine.udp_cache.get(key("web.service.meshlet", "A")) is a_answer
+    assert set(engine.udp_cache) == {key("web.service.meshlet", "A")}
+    assert records(ask(engine, "web.service.meshlet", "A")) == ["127.10.0.2"]
+    for name in ("web.service.meshlet", "_web._tcp.service.meshlet"):
+        assert sorted(rd.port for rrset in ask(engine, name, "SRV").answer for rd in rrset) == [8080, 8081]
+    assert any(rrset.rdtype == dns.rdatatype.SRV and len(rrset) == 2
+               for rrset in ask(engine, "web.service.meshlet", "ANY").answer)
+
+
 def test_the_cache_stays_bounded_with_its_index() -> None:
     engine = Engine(Settings(), big_view(), max_entries=4)
     for i in range(20):
