@@ -13,11 +13,14 @@ no-resolv) and ``python -m discovery.dns``, then measures:
    times -> p50/p99/p99.9, the median over the rounds;
 3. both again while the catalog changes one service every 100 ms (an extra instance of
    web<k> flips passing/critical, so every change invalidates meshlet's pre-encoded
-   answers); dnsmasq gets SIGHUP every 100 ms (re-reads its hosts file, clears its cache);
+   answers); for dnsmasq the same catalog change is followed by SIGHUP (re-reads its hosts
+   file, clears its cache: what consul-template does to keep dnsmasq current), and, for
+   context, a row of SIGHUP alone with no catalog write;
 4. propagation: time from the catalog accepting a check change (HTTP 200) to the first
    DNS answer that shows it (polled every ~1 ms over UDP), 20 samples.
 
-Prints markdown tables; ``--write`` also puts them in the "## DNS" section of bench/RESULTS.md.
+While one server is measured the other is paused (SIGSTOP, both meshlet processes), so
+only the measured server follows the catalog. Prints markdown tables; ``--write`` also puts them in the "## DNS" section of bench/RESULTS.md.
 Usage: .venv/bin/python bench/dns/run.py [--duration 10] [--rounds 3] [--write]
 """
 
@@ -209,6 +212,10 @@ def main() -> int:
             put(f"/v1/agent/check/{'pass' if flip[i] else 'fail'}/service:web{i}-1")
 
         def dnsmasq_change(n: int) -> None:
+            catalog_change(n)              # the catalog changes for both servers
+            dm.send_signal(signal.SIGHUP)  # and dnsmasq is told to re-read its records
+
+        def sighup_only(n: int) -> None:
             dm.send_signal(signal.SIGHUP)
 
         def unwatched_change(n: int) -> None:
@@ -220,14 +227,21 @@ def main() -> int:
                     churner=None) -> dict:
             proc, port, qfile = servers[label]
             pids = with_children(proc.pid)   # meshlet dns: the answering process and its zone builder
-            before = cpu_seconds(*pids)
-            if churn:
-                with Churn(churner or churners[label]) as ch:
+            paused = [pid for other, (p, _, _) in servers.items() if other != label for pid in with_children(p.pid)]
+            for pid in paused:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                before = cpu_seconds(*pids)
+                if churn:
+                    with Churn(churner or churners[label]) as ch:
+                        res = dnsperf(port, qfile, duration, args.clients, rate, verbose)
+                    res["changes"] = ch.count
+                else:
                     res = dnsperf(port, qfile, duration, args.clients, rate, verbose)
-                res["changes"] = ch.count
-            else:
-                res = dnsperf(port, qfile, duration, args.clients, rate, verbose)
-            res["cpu"] = (cpu_seconds(*pids) - before) / duration
+                res["cpu"] = (cpu_seconds(*pids) - before) / duration
+            finally:
+                for pid in paused:
+                    os.kill(pid, signal.SIGCONT)
             return res
 
         results: dict[tuple[str, str], list[dict]] = {}
@@ -252,6 +266,9 @@ def main() -> int:
             for label in (order if r % 2 == 0 else order[::-1]):
                 results.setdefault((label, "control lat"), []).append(
                     measure(label, args.rate, True, args.duration, True, unwatched_change))
+            # context: dnsmasq's reload alone, with no catalog write beside it
+            results.setdefault(("dnsmasq", "sighup lat"), []).append(
+                measure("dnsmasq", args.rate, True, args.duration, True, sighup_only))
 
         # propagation: catalog accepts a change -> first DNS answer showing it
         prop = []
@@ -339,13 +356,14 @@ def report(results: dict, order: list[str], prop: list[float], args: argparse.Na
                   f"{p99[(label, scen)]:.3f} [{', '.join(f'{v:.3f}' for v in p99s)}] | "
                   f"{statistics.median(pct(r['lat'], 99.9) for r in runs):.3f} | "
                   f"{statistics.median(r['cpu'] for r in runs) * 100:.0f} |")
-    for label in order:
-        ctl = results.get((label, "control lat"))
+    for label, key, scen in [(label, "control", "control: 100 ms catalog writes no server watches")
+                             for label in order] + [("dnsmasq", "sighup", "SIGHUP alone every 100 ms")]:
+        ctl = results.get((label, key + " lat"))
         if not ctl:
             continue
         p99s = [pct(r["lat"], 99) for r in ctl]
-        p99[(label, "control")] = statistics.median(p99s)
-        print(f"| {label} | control: 100 ms catalog writes no server watches | "
+        p99[(label, key)] = statistics.median(p99s)
+        print(f"| {label} | {scen} | "
               f"{statistics.median(r['qps'] for r in ctl):,.0f} | {sum(int(r['lost']) for r in ctl)} | "
               f"{statistics.median(pct(r['lat'], 50) for r in ctl):.3f} | "
               f"{statistics.median(p99s):.3f} [{', '.join(f'{v:.3f}' for v in p99s)}] | "
@@ -360,6 +378,9 @@ def report(results: dict, order: list[str], prop: list[float], args: argparse.Na
     if ("dnsmasq", "control") in p99:
         print("| p99, control rows (context: the catalog's writes alone) | " + " | ".join(
             ["", f"{p99[('meshlet dns', 'control')] / p99[('dnsmasq', 'control')]:.2f}"]) + " |")
+    if ("dnsmasq", "sighup") in p99:
+        print("| p99 against dnsmasq's SIGHUP alone (context: no catalog write in dnsmasq's row) | | "
+              f"{p99[('meshlet dns', 'churn 100 ms')] / p99[('dnsmasq', 'sighup')]:.2f} |")
     lost = sum(int(r["lost"]) for k, runs in results.items() if k[0] == "meshlet dns" for r in runs)
     eff = [per_cpu[("meshlet dns", s)] / per_cpu[("dnsmasq", s)] for s in ("steady", "churn 100 ms")]
     lat = [p99[("meshlet dns", s)] / p99[("dnsmasq", s)] for s in ("steady", "churn 100 ms")]
@@ -380,14 +401,22 @@ the same 2 cores, so both servers are load-generator bound at saturation: compar
 server CPU-second, not QPS. Server CPU = utime+stime from /proc/<pid>/stat over each run;
 meshlet's counts both its processes: the answering process and its zone builder (the child
 that runs the catalog watch and builds zones). "churn 100 ms": meshlet's catalog flips one
-instance's TTL check every 100 ms (each flip changes one service: the builder sends that
-service's names, the answering process swaps them in and drops their pre-encoded answers);
-dnsmasq gets SIGHUP every 100 ms (re-reads its hosts file, clears its cache). The churn
-driver is one keep-alive HTTP connection in the bench process (the same PUTs py-consul
-sends, without its per-call cost on the shared cores). The control rows write a KV key
-that meshlet dns does not watch at the same rate, for each server: the catalog and the
-driver work as hard while the DNS server has nothing to do, so they show what the catalog's
-own work on the same 2 cores does to either server's p99 (dnsmasq's SIGHUP has no such cost).
+instance's TTL check every 100 ms (each flip changes one service's SRV records: the builder
+sends the names that changed, the answering process swaps them in and drops the pre-encoded
+answers of the record types that changed; the A answer, the service's VIP, stays cached).
+The catalog changes the same way while dnsmasq is measured, and each change is followed by
+SIGHUP to dnsmasq (re-reads its hosts file, clears its cache), which is how dnsmasq is kept
+current from a catalog (consul-template renders the hosts file and sends SIGHUP; its own
+watch and rendering are left out, in dnsmasq's favour). The catalog runs on the same 2
+cores either way, so its write is in both rows and the ratio compares what each DNS server
+costs in following it. The row "SIGHUP alone" is the earlier, stricter anchor: dnsmasq
+reloading with no catalog write beside it. While one server is measured the other is
+paused (SIGSTOP), so only the measured server follows the catalog. The churn driver is one
+keep-alive HTTP connection in the bench process (the same PUTs py-consul sends, without its
+per-call cost on the shared cores). The control rows write a KV key that meshlet dns does
+not watch at the same rate, for each server: the catalog and the driver work as hard while
+the DNS server has nothing to do, so they show what the catalog's own work on the same 2
+cores does to either server's p99.
 
 Where the time goes (measured separately on this machine, 2026-11-24, dnsperf at saturation,
 user/sys from /proc per query): dnsmasq ~0.55-0.65 us user + ~1.45-1.55 us sys; meshlet
