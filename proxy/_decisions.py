@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._framing import CHUNKED, CRLF, LENGTH, NONE, UNTIL_CLOSE, RequestHead, status_line, strip_prefix
+from ._framing import CHUNKED, CRLF, LENGTH, NONE, UNTIL_CLOSE, RequestHead, status_line
 
 __all__ = ["REPLAY_LIMIT", "HEDGE_AFTER", "SAFE_METHODS", "retry_decision", "hedge_decision", "upstream_parts", "client_head", "hash_key", "os_error"]
 
@@ -60,12 +60,11 @@ def hedge_decision(*, safe: bool, replayable: bool, response_started: bool, upgr
             and retries < max_retries and time_left > 0)
 
 
-def upstream_parts(head: RequestHead, route: Any) -> tuple[bytes, bytes]:
-    """The fixed parts of the upstream request head: before and after the per-request fields."""
-    target = head.target
-    if route is not None and route.strip_prefix:
-        target = strip_prefix(target, route.prefix)
-    pre = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+def upstream_parts(head: RequestHead) -> tuple[bytes, bytes]:
+    """The fixed field lines of the upstream request head, before and after the
+    per-request ones. They do not depend on the target (the request line is built per
+    request, see the exchange's _upstream_head) or the route."""
+    pre: list[bytes] = []
     if head.host_header:
         pre += (b"host: ", head.host_header, CRLF)
     pre += head.fields

@@ -35,7 +35,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ._decisions import REPLAY_LIMIT, hash_key, os_error, retry_decision, upstream_parts
-from ._framing import CHUNKED, CRLF, NONE, RequestHead, chunk_header, generated, trailer_block
+from ._framing import CHUNKED, CRLF, NONE, RequestHead, chunk_header, generated, strip_prefix, trailer_block
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._http1 import ClientConnection
@@ -150,22 +150,26 @@ class Exchange(Relay, Hedging):
         self.attempt(now=self.t0)
 
     def _upstream_head(self) -> bytes:
-        """The request head for the upstream. Its fixed parts are built once per (head,
-        route) and kept on the (memoised) head; per request only X-Forwarded-For and
-        X-Request-Id are added."""
+        """The request head for the upstream. Its fixed field lines are built once per head
+        and kept on the (memoised) head, shared by the copies of it made for other targets
+        (see _framing's head memo); per request the request line (the route may strip a
+        prefix from the target), X-Forwarded-For and X-Request-Id are added, in one join."""
         head = self.head
+        fields = head.up_fields
+        if fields is None:
+            fields, head.up_post = upstream_parts(head)
+            head.up_fields = fields
+        target = head.target
         route = self.route
-        pre = head.up_pre
-        if pre is None or head.up_route is not route:
-            pre, post = upstream_parts(head, route)
-            head.up_pre, head.up_post, head.up_route = pre, post, route
+        if route is not None and route.strip_prefix:
+            target = strip_prefix(target, route.prefix)
         xff = self.client.xff_line if head.xff is None else (
             b"x-forwarded-for: " + head.xff + b", " + self.client.peer_ip + CRLF)
         if head.request_id is None:
             server = self.server
-            return b"".join((pre, xff, b"x-request-id: %s-%x\r\n" % (server.rid_prefix, next(server.rid_counter)),
-                             head.up_post))
-        return b"".join((pre, xff, head.up_post))
+            rid = b"x-request-id: %s-%x\r\n" % (server.rid_prefix, next(server.rid_counter))
+            return b"".join((head.method, b" ", target, b" HTTP/1.1\r\n", fields, xff, rid, head.up_post))
+        return b"".join((head.method, b" ", target, b" HTTP/1.1\r\n", fields, xff, head.up_post))
 
     # -- attempts ----------------------------------------------------------------------
 

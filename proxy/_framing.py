@@ -152,7 +152,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "path", "host", "host_header", "version", "keep_alive", "framing",
                  "content_length", "expect_continue", "upgrade", "fields", "xff", "request_id",
-                 "te_trailers", "idempotent", "size", "up_route", "up_pre", "up_post")
+                 "te_trailers", "idempotent", "size", "up_fields", "up_post")
 
     method: bytes
     target: bytes          # origin-form (absolute-form is reduced to its path and query)
@@ -315,7 +315,7 @@ def parse_request_head(method: bytes, url: bytes, version: str, headers: list[tu
     h.path = target if q < 0 else target[:q]
     h.fields = fields
     h.size = size
-    h.up_route = h.up_pre = h.up_post = None  # see the exchange's _upstream_head
+    h.up_fields = h.up_post = None  # see the exchange's _upstream_head
     return h
 
 
@@ -411,6 +411,12 @@ def parse_response_head(status: int, version: str, headers: list[tuple[bytes, by
 # fields themselves, so a hit is exactly the head that was validated; errors are never
 # memoised. Bounded: heads up to MEMO_HEAD_BYTES, MEMO_ENTRIES of each kind, cleared
 # whole when full (cheaper than LRU bookkeeping on every hit).
+#
+# Request heads are keyed without their target: one client sends the same header fields
+# to ever new paths and query strings. Only heads with an origin-form target ("/...") are
+# remembered; for another origin-form target the remembered head is copied with that
+# target (:func:`_with_target`), which is exactly what parse_request_head would return:
+# of the target it checks only "#" and, with the header fields, the total size.
 
 MEMO_ENTRIES = 1024
 MEMO_HEAD_BYTES = 2048
@@ -420,16 +426,49 @@ _RESPONSES: dict[tuple, ResponseHead] = {}
 
 def request_head(method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], *,
                  max_headers: int = 100, max_bytes: int = 65536) -> RequestHead:
-    """:func:`parse_request_head`, memoised on the exact head (the result is shared: read-only)."""
-    key = (method, url, version, *headers)
+    """:func:`parse_request_head`, memoised on the exact header fields (the result is
+    shared: read-only)."""
+    key = (method, version, *headers)
     h = _REQUESTS.get(key)
-    if h is None:
-        h = parse_request_head(method, url, version, headers, max_headers=max_headers, max_bytes=max_bytes)
-        if h.size <= MEMO_HEAD_BYTES:
-            if len(_REQUESTS) >= MEMO_ENTRIES:
-                _REQUESTS.clear()
-            _REQUESTS[key] = h
+    if h is not None:
+        if h.target == url:
+            return h
+        if url[:1] == b"/" and b"#" not in url:
+            size = h.size - len(h.target) + len(url)
+            if size <= max_bytes:
+                return _with_target(h, url, size)
+    h = parse_request_head(method, url, version, headers, max_headers=max_headers, max_bytes=max_bytes)
+    if h.size <= MEMO_HEAD_BYTES and url[:1] == b"/":
+        if len(_REQUESTS) >= MEMO_ENTRIES:
+            _REQUESTS.clear()
+        _REQUESTS[key] = h
     return h
+
+
+def _with_target(h: RequestHead, target: bytes, size: int) -> RequestHead:
+    """A copy of the validated head ``h`` (origin-form) for another origin-form target."""
+    c = RequestHead()
+    c.method = h.method
+    c.target = target
+    q = target.find(b"?")
+    c.path = target if q < 0 else target[:q]
+    c.host = h.host
+    c.host_header = h.host_header
+    c.version = h.version
+    c.keep_alive = h.keep_alive
+    c.framing = h.framing
+    c.content_length = h.content_length
+    c.expect_continue = h.expect_continue
+    c.upgrade = h.upgrade
+    c.fields = h.fields
+    c.xff = h.xff
+    c.request_id = h.request_id
+    c.te_trailers = h.te_trailers
+    c.idempotent = h.idempotent
+    c.size = size
+    c.up_fields = h.up_fields  # the upstream head's field lines do not depend on the
+    c.up_post = h.up_post      # target: shared
+    return c
 
 
 def response_head(status: int, version: str, headers: list[tuple[bytes, bytes]], head_request: bool) -> ResponseHead:

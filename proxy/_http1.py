@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ._exchange import Exchange
-from ._framing import _RAW_REQUESTS, _REQUESTS, CRLF, HEAD_END, NONE, HeadError, generated, remember_raw_request, request_head
+from ._framing import _RAW_REQUESTS, CRLF, HEAD_END, NONE, HeadError, generated, remember_raw_request, request_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
@@ -269,12 +269,9 @@ class ClientConnection(asyncio.Protocol):
         headers = self.headers
         self.headers = []
         parser = self.parser
-        method, url, version = parser.get_method(), self.url, parser.get_http_version()
-        head = _REQUESTS.get((method, url, version, *headers))  # request_head's memo, looked up inline
-        if head is None:
-            server = self.server
-            head = request_head(method, url, version, headers, max_headers=server.max_headers,
-                                max_bytes=server.max_head_bytes)
+        server = self.server
+        head = request_head(parser.get_method(), self.url, parser.get_http_version(), headers,
+                            max_headers=server.max_headers, max_bytes=server.max_head_bytes)
         ex = Exchange(self, head)
         if head.framing == NONE:
             ex.req_done = True  # no body: the message is complete with its head
