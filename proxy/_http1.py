@@ -217,7 +217,8 @@ class ClientConnection(asyncio.Protocol):
                 head = getattr(active, "head", None)  # (a _Rejection has none)
                 if head is not None:
                     remember_raw_request(raw, head)
-        self.flush()
+        if self.out:  # (a request forwarded upstream usually leaves nothing for the client yet)
+            self.flush()
 
     def pause_writing(self) -> None:
         self.write_paused = True
