@@ -4,9 +4,10 @@ read, skips the parser; anything else takes the full path, with the same answers
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
-from proxy._framing import (_RAW_REQUESTS, _RAW_RESPONSES, parse_request_head, parse_response_head,
-                            remember_raw_request, remember_raw_response)
+from proxy._framing import (_RAW_REQUESTS, _RAW_RESPONSES, _REQUESTS, HeadError, parse_request_head,
+                            parse_response_head, remember_raw_request, remember_raw_response, request_head)
 
 
 @pytest.mark.parametrize("method, headers, remembered", [
@@ -79,3 +80,48 @@ def test_remembered_head_from_another_client_gets_its_own_forwarded_for(env, px)
             seen.append((headers["x-forwarded-for"], headers["x-request-id"]))
     assert seen[0][0] == seen[1][0] == "127.0.0.1"
     assert seen[0][1] != seen[1][1]  # a request id per request, not per memoised head
+
+
+_SLOTS = ("method", "target", "path", "host", "host_header", "version", "keep_alive", "framing",
+          "content_length", "expect_continue", "upgrade", "fields", "xff", "request_id", "te_trailers",
+          "idempotent", "size")
+
+
+def _outcome(fn, *args, **kw):
+    try:
+        h = fn(*args, **kw)
+    except HeadError as exc:
+        return ("error", exc.status)
+    return {s: getattr(h, s) for s in _SLOTS}
+
+
+_TARGETS = st.one_of(
+    st.builds(lambda p, q: b"/" + p + (b"?" + q if q is not None else b""),
+              st.binary(max_size=40).map(lambda b: b.replace(b"#", b"")), st.none() | st.binary(max_size=20)),
+    st.sampled_from([b"/", b"/a#frag", b"*", b"http://a.test/x?y", b"http://b.test/", b"relative", b"/" + b"x" * 300]),
+)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(targets=st.lists(_TARGETS, min_size=1, max_size=6),
+       extra=st.sampled_from([[], [(b"X-Forwarded-For", b"10.0.0.1")], [(b"Cookie", b"s=1"), (b"Accept", b"*/*")]]))
+def test_the_head_memo_answers_exactly_what_a_full_parse_does(targets, extra):
+    """The memo is keyed on the header fields, not the target: one client sends the same
+    fields to ever new paths. For any sequence of targets with the same fields, a memoised
+    head (or its copy for another target) equals a full parse, errors included."""
+    headers = [(b"Host", b"a.test"), *extra]
+    _REQUESTS.clear()
+    for method in (b"GET", b"OPTIONS"):
+        for target in targets:
+            got = _outcome(request_head, method, target, "1.1", headers, max_bytes=300)
+            assert got == _outcome(parse_request_head, method, target, "1.1", headers, max_bytes=300), target
+
+
+def test_same_fields_to_new_targets_reach_the_backend_with_their_own_target(env, px):
+    with px.RawClient(env.addr) as c:
+        for target in ("/p/1?a=1", "/p/2", "/p/2?b=2", "/q"):
+            c.send(px.get(target, env.host))
+            r = c.response()
+            assert r.status == 200 and r.json()["path"] == target
+        c.send(px.get("/p/3#frag", env.host))      # the memoised fields do not skip the target's check
+        assert c.response().status == 400
