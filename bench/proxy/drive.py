@@ -8,11 +8,12 @@ the client. No system calls, no event-loop turns: what remains is the proxy's ow
 work per request (parsing callbacks, routing, balancing, heads, metrics), the part that
 bench/proxy/run.py cannot separate from the kernel's.
 
-    .venv/bin/python bench/proxy/drive.py [-n 200000] [--profile] [--unique]
+    .venv/bin/python bench/proxy/drive.py [-n 200000] [--profile] [--unique] [--unique-cookie]
 
 ``--profile`` prints cProfile's top functions by own time (cProfile adds its own
 overhead per call, so read the shares, not the absolute times); ``--unique`` makes every
-request target different (no head memo hits).
+request target different (no raw-bytes memo hits); ``--unique-cookie`` also gives every
+request a different Cookie value (no head memo hits at all: every head is validated).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from proxy._server import ProxyServer  # noqa: E402
 from proxy._upstream import UpstreamConnection  # noqa: E402
 
 REQUEST = (b"GET %s HTTP/1.1\r\nHost: bench.service.meshlet\r\n\r\n")
+REQUEST_COOKIE = (b"GET %s HTTP/1.1\r\nHost: bench.service.meshlet\r\nCookie: s=%d\r\n\r\n")
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 15:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 99 + b"\n")
 
@@ -72,7 +74,7 @@ class FakeTransport:
         return True
 
 
-async def run(n: int, profile: bool, unique: bool) -> None:
+async def run(n: int, profile: bool, unique: bool, cookie: bool = False) -> None:
     view = View(services={"bench": ServiceView("bench", (
         Instance("bench-0", "bench", "n1", "127.0.0.1", 18001),), spec=None)}, index=1)
     metrics = Metrics()
@@ -88,7 +90,10 @@ async def run(n: int, profile: bool, unique: bool) -> None:
     client = ClientConnection(server)
     client_t = FakeTransport()
     client.connection_made(client_t)
-    requests = [REQUEST % (b"/?n=%d" % i if unique else b"/") for i in range(n)]
+    if cookie:
+        requests = [REQUEST_COOKIE % (b"/?n=%d" % i, i) for i in range(n)]
+    else:
+        requests = [REQUEST % (b"/?n=%d" % i if unique else b"/") for i in range(n)]
 
     def loop() -> None:
         for req in requests:
@@ -119,9 +124,10 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=200_000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--unique", action="store_true")
+    ap.add_argument("--unique-cookie", action="store_true")
     args = ap.parse_args()
     import uvloop
-    uvloop.run(run(args.n, args.profile, args.unique))
+    uvloop.run(run(args.n, args.profile, args.unique, args.unique_cookie))
     return 0
 
 
