@@ -126,7 +126,26 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",")]
 
 
+# Valid Host values seen, with what _split_host made of them: clients send the same few
+# to a proxy, and checking one costs ~0.8 us of Python, a lookup ~0.1 us. Invalid ones
+# are never remembered; bounded like the head memos below.
+_HOSTS: dict[bytes, bytes] = {}
+
+
 def _split_host(host: bytes) -> bytes:
+    """Lower-case host without port; raises HeadError when it is not a valid authority
+    (:func:`_check_host`, memoised)."""
+    name = _HOSTS.get(host)
+    if name is None:
+        name = _check_host(host)
+        if len(host) <= 255:
+            if len(_HOSTS) >= MEMO_ENTRIES:
+                _HOSTS.clear()
+            _HOSTS[host] = name
+    return name
+
+
+def _check_host(host: bytes) -> bytes:
     """Lower-case host without port; raises HeadError when it is not a valid authority."""
     if host.translate(None, _HOST_CHARS) != host or b"@" in host:
         raise HeadError(400, "invalid Host header")
