@@ -353,7 +353,8 @@ def observe_rtt(ep: Endpoint, rtt: float, now: float, decay: float = DECAY) -> N
     if rtt > ep.rtt:
         ep.rtt = rtt
     else:
-        w = math.exp(-max(0.0, now - ep.rtt_at) / decay)
+        dt = now - ep.rtt_at
+        w = math.exp(-dt / decay) if dt > 0.0 else 1.0  # (exp(-0.0) is 1.0: no time passed, no decay)
         ep.rtt = ep.rtt * w + rtt * (1.0 - w)
     ep.rtt_at = now
 
