@@ -40,11 +40,13 @@ from typing import Any, Iterable
 from ._engine import Engine
 from ._zone import Names, Settings
 
-__all__ = ["main", "frame", "read_frame", "names_payload", "frozen_sets", "MAX_FRAME"]
+__all__ = ["main", "frame", "frame_size", "read_frame", "names_payload", "frozen_sets", "HEAD_SIZE", "MAX_FRAME"]
 
 log = logging.getLogger("discovery.dns.builder")
 
 _HEAD = struct.Struct("!I")
+HEAD_SIZE = _HEAD.size
+MAX_FRAME = 1 << 30
 NICE = 10
 
 
@@ -84,9 +86,10 @@ class Priority:
         self.setter = setter or _set_idle
         if can_leave_idle is None:
             can_leave_idle = _can_leave_idle()
-        self.enabled = can_leave_idle and self.delay() is not None
+        first = self.delay()
+        self.enabled = can_leave_idle and first is not None
         self.idle = False
-        self.last = self.delay() or 0
+        self.last = first or 0
         self.since = self.clock()
         if self.enabled:
             self._switch(True)
@@ -133,7 +136,6 @@ def _can_leave_idle() -> bool:
         return bool(int(caps.split()[1], 16) >> 23 & 1)
     except (OSError, StopIteration, ValueError, IndexError):
         return False
-MAX_FRAME = 1 << 30
 
 
 def frame(obj: Any) -> bytes:
@@ -158,13 +160,17 @@ def frozen_sets(sets: dict[int, Any]) -> Any:
     return MappingProxyType(sets)
 
 
-def read_frame(sock: socket.socket) -> Any:
-    """One message from a blocking socket; EOFError when the peer closed."""
-    head = _recv_exactly(sock, _HEAD.size)
+def frame_size(head: bytes) -> int:
+    """The body length a frame's ``HEAD_SIZE``-byte head announces; ValueError past MAX_FRAME."""
     (size,) = _HEAD.unpack(head)
     if size > MAX_FRAME:
         raise ValueError(f"frame of {size} bytes")
-    return pickle.loads(_recv_exactly(sock, size))
+    return size
+
+
+def read_frame(sock: socket.socket) -> Any:
+    """One message from a blocking socket; EOFError when the peer closed."""
+    return pickle.loads(_recv_exactly(sock, frame_size(_recv_exactly(sock, HEAD_SIZE))))
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -5,8 +5,8 @@ py-consul, the View, the zone build). Run on a thread of the answering process, 
 GIL time the answering loop had to wait for: at 10k QPS with one change per 100 ms, p99
 latency rose from ~0.15 to ~0.4 ms (``bench/dns``). So the Mirror and the zone builds run
 in a child process (``_builder``, ``python -m discovery.dns._builder``), which sends the
-names that changed; the answering loop applies them and drops the cached answers of those
-names (``Engine.commit``), microseconds per change.
+names that changed; the answering loop applies them and drops the cached answers of the
+record types that changed (``Engine.commit``), microseconds per change.
 
 If the child dies, the answering loop keeps the last zone, logs it, and starts a new
 child (0.5 s, doubling to 30 s between attempts); its first zone replaces the whole one.
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._builder import MAX_FRAME, frame, frozen_sets
+from ._builder import HEAD_SIZE, frame, frame_size, frozen_sets
 from ._engine import Engine, Update
 from ._zone import Zone
 
@@ -166,10 +166,7 @@ class CatalogProcess:
 
 
 async def _read(reader: asyncio.StreamReader) -> tuple[Any, ...]:
-    head = await reader.readexactly(4)
-    size = int.from_bytes(head, "big")
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes from the DNS zone builder")
+    size = frame_size(await reader.readexactly(HEAD_SIZE))
     msg = pickle.loads(await reader.readexactly(size))
     if not isinstance(msg, tuple) or not msg or msg[0] not in ("zone", "error"):
         raise ValueError("unexpected message from the DNS zone builder")

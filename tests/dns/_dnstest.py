@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import config
@@ -100,7 +101,7 @@ def children(pid: int) -> list[int]:
         return out
     for tid in tasks:
         try:
-            out += [int(x) for x in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+            out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
         except OSError:
             continue
     return out
