@@ -296,8 +296,7 @@ def rollback_ops(service: str, doc: Mapping[str, Any], doc_index: int, token: st
     entry's token or deleted, and the VIP reservation given back when the spec lost its ports."""
     from . import rollout_keys as keys
     from discovery.consul import kv_op as _kv    # {"KV": {"Verb", "Key", "Index", "Value": base64}}
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    ops = [_kv("cas", f"meshlet/services/{service}", doc_index, body)]
+    ops = [_kv("cas", f"meshlet/services/{service}", doc_index, _json(doc))]
     if token:
         ops.append(_kv("set", keys.restart_key(service), 0, _json({"token": token, "at": now})))
     else:
