@@ -32,10 +32,18 @@ def parse_stat_starttime(stat: str) -> int:
 
 
 def read_starttime(pid: int) -> int | None:
-    """The start time of ``pid``, or None if there is no such process."""
+    """The start time of ``pid``, or None if there is no such process or it has exited.
+
+    An orphan that exits stays a zombie until PID 1 reaps it, and a PID 1 that does not
+    reap (a container without an init, some VMs' agents) leaves it forever, with its
+    /proc entry and start time: a workload that exited while no supervisor watched would
+    look alive. Zombie ('Z') and dead ('X') processes count as gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-            return parse_stat_starttime(f.read())
+            stat = f.read()
+        if stat[stat.rindex(")") + 2] in "ZX":
+            return None
+        return parse_stat_starttime(stat)
     except (OSError, ValueError, IndexError):
         return None
 

@@ -94,6 +94,38 @@ async def test_a_reused_pid_is_never_taken_for_the_instance(tmp_path: Path) -> N
         bystander.wait()
 
 
+async def test_a_workload_that_exited_unreaped_is_exited_not_running(tmp_path: Path) -> None:
+    """An orphan that exits while no supervisor runs stays a zombie when PID 1 does not
+    reap (containers without an init, this kind of VM): it still has a /proc entry and its
+    start time, yet it is an exited instance."""
+    child = subprocess.Popen([str(static_busybox()), "sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / "instances").mkdir()
+        starttime = read_starttime(child.pid)
+        assert starttime is not None
+        write_record(tmp_path / "instances" / "gone.json",
+                     Record(spec=sleeper("gone"), pid=child.pid, starttime=starttime,
+                            started_at=time.time() - 60))
+        os.kill(child.pid, signal.SIGKILL)       # not waited for: a zombie until we reap it
+        await wait_for(lambda: _is_zombie(child.pid), what="the child to be a zombie")
+        assert read_starttime(child.pid) is None
+        rt = ProcessRuntime(tmp_path)
+        try:
+            [obs] = await rt.list()
+            assert obs.instance_id == "gone" and obs.state == "exited" and obs.exit_code is None
+        finally:
+            await rt.remove("gone")
+            await rt.close()
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def _is_zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
 async def test_a_state_file_that_is_not_one_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "instances").mkdir()
     (tmp_path / "instances" / "junk.json").write_text("{not json")
