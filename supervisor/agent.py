@@ -184,6 +184,10 @@ class Supervisor(ReplicaActions):
                 self._start_probes(inst, adopted_ready=passing)
                 if passing:
                     inst.ready_since, inst.pushed = now, "passing"
+            else:
+                # exited while no supervisor watched (or before it last stored): a crash of
+                # a rollout's target counts once (the stored counts name those counted)
+                self.rolling.note_exit(inst)
         self.registered = registrations
         log.info("adopted %d instances (%d running), %d registrations; %d services desired",
                  len(self.instances), sum(i.obs.is_running for i in self.instances.values()),

@@ -2,8 +2,10 @@
 
 Per service the driver keeps the rollout state and revision history (both mirrored in KV,
 ``rollout_keys``), the CLI's control (pause) and restart token, and per replica what the
-engine needs to know (terminating, weight, restarts of the target revision). Each sync of
-a service (``agent.Supervisor._sync``) calls, in this order:
+engine needs to know (terminating, weight, restarts of the target revision; the restarts
+are mirrored in KV too, so a supervisor restart neither resets them nor misses an exit
+that happened while it was down). Each sync of a service (``agent.Supervisor._sync``)
+calls, in this order:
 
     begin(service)    desired revision = target_revision(spec, restart token); a change
                       records the history and starts a rollout (``start_rollout``), unless
@@ -63,7 +65,7 @@ from .rollout import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVE
                       Revert, RolloutError, RolloutState, SetWeight, StartReplica, Strategy, describe,
                       mark_revision, pause, record_revision, restart_revision, resume, rollout_step,
                       start_rollout)
-from .rollout_keys import ROLLOUT_PREFIX, history_key, state_key
+from .rollout_keys import ROLLOUT_PREFIX, crashes_key, history_key, state_key
 
 if TYPE_CHECKING:
     from ._actions import _Inst
@@ -89,6 +91,35 @@ def _valid_history(value: Any) -> bool:
         and e.get("status") in ("active", "complete", "failed", "superseded") for e in value)
 
 
+def crash_doc(revision: str, crashes: Mapping[int, int], refused: Mapping[int, int],
+              counted: set[str] | frozenset[str]) -> dict[str, Any] | None:
+    """The ``crashes`` key's value for a rollout to ``revision`` (None: nothing to keep)."""
+    if not (crashes or refused or counted):
+        return None
+    return {"revision": revision, "crashes": {str(k): v for k, v in sorted(crashes.items())},
+            "refused": {str(k): v for k, v in sorted(refused.items())}, "counted": sorted(counted)}
+
+
+def read_crash_doc(value: Any, revision: str) -> tuple[dict[int, int], dict[int, int], set[str]] | None:
+    """(crashes, refused, counted) from a ``crashes`` value, if it is about ``revision``;
+    None when it is about another revision (an older rollout). ValueError if malformed."""
+    if not isinstance(value, dict) or not isinstance(value.get("revision"), str):
+        raise ValueError(f"expected an object with a revision, got {str(value)[:80]!r}")
+    if value["revision"] != revision:
+        return None
+    counts = []
+    for field in ("crashes", "refused"):
+        d = value.get(field) or {}
+        if not isinstance(d, dict) or not all(k.isdigit() and isinstance(v, int) and v >= 0
+                                              for k, v in d.items()):
+            raise ValueError(f"{field}: expected {{slot: count}}, got {str(d)[:80]!r}")
+        counts.append({int(k): v for k, v in d.items()})
+    counted = value.get("counted") or []
+    if not isinstance(counted, list) or not all(isinstance(i, str) for i in counted):
+        raise ValueError(f"counted: expected a list of instance ids, got {str(counted)[:80]!r}")
+    return counts[0], counts[1], set(counted)
+
+
 class RolloutDriver:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -100,16 +131,17 @@ class RolloutDriver:
         self.weights: dict[str, int] = {}
         self.crashes: dict[tuple[str, int], int] = {}       # restarts of the target, per slot
         self.refused: dict[tuple[str, int], int] = {}       # refused starts of the target, per slot
-        self._counted: set[str] = set()                     # exits already counted
-        self._stored: dict[str, tuple[Any, Any]] = {}
+        self.counted: dict[str, set[str]] = {}              # exits already counted, per service
+        self._stored: dict[str, tuple[Any, Any, Any]] = {}
         self._specs: dict[tuple[str, str], config.ServiceSpec] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- KV ----------------------------------------------------------------------------
 
     def load(self, entries: Mapping[str, bytes]) -> None:
-        """Everything under ``meshlet/rollout/`` as read at start (state, history, control,
-        restart); unreadable values are logged and ignored."""
+        """Everything under ``meshlet/rollout/`` as read at start (state, history, crash
+        counts, control, restart); unreadable values are logged and ignored."""
+        crash_docs: dict[str, Any] = {}
         for key, raw in entries.items():
             service, _, kind = key[len(ROLLOUT_PREFIX):].rpartition("/")
             try:
@@ -120,11 +152,26 @@ class RolloutDriver:
                     if not _valid_history(value):
                         raise RolloutError(f"expected a list of history entries, got {raw[:80]!r}")
                     self.histories[service] = value
+                elif kind == "crashes" and value is not None:
+                    crash_docs[service] = value
             except (ValueError, RolloutError) as exc:
                 log.error("ignoring unreadable %s: %s", key, exc)
-        for service in set(self.states) | set(self.histories):
+        for service, value in crash_docs.items():
             st = self.states.get(service)
-            self._stored[service] = (st.to_dict() if st else None, self.histories.get(service))
+            try:
+                counts = read_crash_doc(value, st.revision) if st and st.phase in _ENGINE_OWNS else None
+            except ValueError as exc:
+                log.error("ignoring unreadable %s: %s", crashes_key(service), exc)
+                counts = None
+            if counts is not None:
+                crashes, refused, self.counted[service] = counts
+                self.crashes.update(((service, slot), n) for slot, n in crashes.items())
+                self.refused.update(((service, slot), n) for slot, n in refused.items())
+        for service in set(self.states) | set(self.histories) | set(crash_docs):
+            st = self.states.get(service)
+            # what KV holds: a stale or unreadable crash document is replaced at the next store
+            self._stored[service] = (st.to_dict() if st else None, self.histories.get(service),
+                                     crash_docs.get(service))
         self.on_control(entries, initial=True)
 
     def on_control(self, entries: Mapping[str, bytes], initial: bool = False) -> set[str]:
@@ -165,22 +212,36 @@ class RolloutDriver:
             # at start a failed revert stays paused; a resume seen live resumes anything
             self.states[service] = resume(st, now)
 
+    def _crash_doc(self, service: str) -> dict[str, Any] | None:
+        st = self.states.get(service)
+        if st is None or st.phase not in _ENGINE_OWNS:
+            return None
+        counted = self.counted.get(service)
+        if counted:
+            counted &= self.sup.instances.keys()  # one gone is never observed (nor counted) again
+        return crash_doc(st.revision, {slot: n for (name, slot), n in self.crashes.items() if name == service},
+                         {slot: n for (name, slot), n in self.refused.items() if name == service},
+                         counted or set())
+
     async def store(self, service: str) -> None:
         st = self.states.get(service)
-        want = (st.to_dict() if st else None, self.histories.get(service))
+        want = (st.to_dict() if st else None, self.histories.get(service), self._crash_doc(service))
         if self._stored.get(service) == want:
             return
         client = self.sup._client
-        stored = self._stored.get(service, (None, None))
+        stored = self._stored.get(service, (None, None, None))
         # only what changed (a step that moves the state leaves the history as it was), and
         # in one transaction: a crash between two writes would leave a state naming a
-        # revision that the history does not have
+        # revision that the history does not have, or crash counts of another rollout
         ops = []
         if want[1] is not None and want[1] != stored[1]:
             ops.append(kv_op("set", history_key(service), value=json.dumps(want[1])))
         if want[0] != stored[0] or service not in self._stored:
             ops.append(kv_op("set", state_key(service), value=json.dumps(want[0])) if want[0] is not None
                        else kv_op("delete", state_key(service)))
+        if want[2] != stored[2]:
+            ops.append(kv_op("set", crashes_key(service), value=json.dumps(want[2])) if want[2] is not None
+                       else kv_op("delete", crashes_key(service)))
         try:
             if ops:
                 await kv_txn(client, ops)
@@ -305,17 +366,19 @@ class RolloutDriver:
         for counts in (self.crashes, self.refused):
             for key in [k for k in counts if k[0] == service]:
                 del counts[key]
+        self.counted.pop(service, None)
 
     def note_exit(self, inst: _Inst) -> None:
-        """An instance exited (crash, kill): a restart of the rollout's target counts."""
+        """An instance exited (crash, kill; or found exited at start): a restart of the
+        rollout's target counts, once per instance, across supervisor restarts (stored with
+        the state at the next step)."""
         o = inst.obs
         st = self.states.get(o.service)
-        if o.instance_id in self._counted or o.instance_id in self.terminating or st is None \
+        counted = self.counted.setdefault(o.service, set())
+        if o.instance_id in counted or o.instance_id in self.terminating or st is None \
                 or st.phase not in _ENGINE_OWNS or o.revision != st.revision:
             return
-        self._counted.add(o.instance_id)
-        if len(self._counted) > 10000:
-            self._counted.clear()
+        counted.add(o.instance_id)
         self.crashes[(o.service, o.slot)] = self.crashes.get((o.service, o.slot), 0) + 1
 
     def observe(self, service: str, st: RolloutState, spec: config.ServiceSpec,
@@ -379,6 +442,8 @@ class RolloutDriver:
     async def step(self, service: str, now: float) -> None:
         st = self.states.get(service)
         if st is None or st.phase not in (PROGRESSING, REVERTING) or service not in self.sup.desired:
+            if st is not None and st.phase in _ENGINE_OWNS:
+                await self.store(service)   # crash counts taken while paused or failed
             return
         spec = self.spec_for(service, st.revision) or self.sup.desired[service][0]
         strategy = Strategy.from_spec(spec.replicas, spec.update)

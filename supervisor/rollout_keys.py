@@ -8,6 +8,12 @@ and steers them); both sides read and write only these keys, all JSON::
     meshlet/rollout/<service>/control   {"paused": bool, "reason": str, "at": float}
                                                                       written by the CLI
     meshlet/rollout/<service>/restart   {"token": str, "at": float}   written by the CLI
+    meshlet/rollout/<service>/crashes   {"revision": str, "crashes": {slot: n}, "refused": {slot: n},
+                                         "counted": [instance id, ...]}
+                                                                      written by the supervisor
+                                        (exits and refused starts of the rollout's target, so a
+                                        supervisor restart does not reset them; absent when no
+                                        rollout runs or nothing crashed)
 
 History entries are those of ``_rollout_history`` plus ``"restart_token": str | null``;
 ``spec`` is the service document's ``spec`` object. ``meshlet rollback [--to N]`` writes the
@@ -34,6 +40,10 @@ def state_key(service: str) -> str:
 
 def history_key(service: str) -> str:
     return f"{ROLLOUT_PREFIX}{service}/history"
+
+
+def crashes_key(service: str) -> str:
+    return f"{ROLLOUT_PREFIX}{service}/crashes"
 
 
 def control_key(service: str) -> str:

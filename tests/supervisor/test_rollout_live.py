@@ -16,6 +16,7 @@ import signal
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -27,7 +28,7 @@ from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engi
 from discovery.consul import instances_from_health
 from supervisor.admin import build_status
 from supervisor.up import _progress
-from supervisor.rollout_keys import history_key, state_key
+from supervisor.rollout_keys import crashes_key, history_key, state_key
 
 REPLICAS = 3
 READY = "{http: {path: /ready}, period: 0.1s, failure_threshold: 1}"
@@ -467,6 +468,76 @@ async def test_a_supervisor_killed_mid_rollout_resumes_it_after_its_restart(mesh
     finally:
         stop_process(proc, sig=signal.SIGTERM)
         kill_leftovers(mesh.data_dir)
+
+
+# The new revision's first two starts crash, each when the test says so
+# ($MARKERS/crash-<n>); later starts serve as flaky.py does.
+CRASH_TWICE = """
+import os, sys, time
+m = os.environ["MARKERS"]
+n = sum(f.startswith("started-") for f in os.listdir(m))
+with open(os.path.join(m, "starting"), "w") as f:
+    f.write(str(os.getpid()))
+os.replace(os.path.join(m, "starting"), os.path.join(m, f"started-{n}"))  # whole, at once
+if n >= 2:
+    os.execv(sys.executable, [sys.executable, sys.argv[1]])
+while not os.path.exists(os.path.join(m, f"crash-{n}")):
+    time.sleep(0.02)
+sys.exit(3)
+"""
+
+
+async def test_crashes_counted_before_a_supervisor_restart_still_fail_the_rollout(mesh):
+    """crash_restarts (2) counts the target's crashes across supervisor restarts: one crash
+    before SIGKILL and one while no supervisor runs fail the rollout and revert it, as two
+    crashes under one supervisor would; the bad revision is not started a third time."""
+    await mesh.apply(web_yaml(mesh))
+    argv = [sys.executable, "-m", "supervisor.agent", "--consul", mesh.url, "--data-dir",
+            str(mesh.data_dir), "--admin", "127.0.0.1:0", "--runtime", "process"]
+    env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
+    proc, _ = start_server(argv, env=env)
+    try:
+        await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=30)
+        good = (await _kv_json(mesh, state_key("web")))["revision"]
+        started = [mesh.markers / f"started-{n}" for n in range(3)]
+        await mesh.apply(web_yaml(mesh, command=[sys.executable, "-c", CRASH_TWICE, str(APPS / "flaky.py")]))
+        await async_wait_for(started[0].exists, timeout=30)
+        (mesh.markers / "crash-0").touch()
+        # the first crash is stored with the rollout (and its replica restarted)
+
+        async def one_crash_stored() -> bool:
+            doc = await _kv_json(mesh, crashes_key("web"))
+            return doc is not None and sum(doc["crashes"].values()) == 1
+        await async_wait_for(one_crash_stored, timeout=30)
+        await async_wait_for(started[1].exists, timeout=30)
+        bad = (await _kv_json(mesh, state_key("web")))["revision"]
+        assert bad != good
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        (mesh.markers / "crash-1").touch()      # the second crash: nobody watches
+        pid = int(started[1].read_text())
+        await async_wait_for(lambda: _exited(pid), timeout=10)
+        proc, _ = start_server(argv, env=env)
+        await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=60)
+        state = await _kv_json(mesh, state_key("web"))
+        assert (state["revision"], state["reverted_from"]) == (good, bad), state
+        history = await _kv_json(mesh, history_key("web"))
+        assert [(e["revision"], e["status"]) for e in history][-2:] == [(bad, "failed"), (good, "complete")]
+        assert not started[2].exists(), "the failed revision was started a third time"
+        assert await _kv_json(mesh, crashes_key("web")) is None   # no rollout: nothing kept
+        await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=15)
+    finally:
+        stop_process(proc, sig=signal.SIGTERM)
+        kill_leftovers(mesh.data_dir)
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (an orphan's exit is reaped by PID 1, if at all)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
 
 
 async def _kv_phase(mesh, phase: str) -> bool:
