@@ -69,16 +69,22 @@ def with_children(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(*pids: int) -> float:
-    """utime + stime of the processes so far, in seconds (gone ones count 0)."""
-    total = 0.0
+def cpu_times(*pids: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the processes so far (gone ones count 0)."""
+    user = system = 0.0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
-    return total
+        user += int(fields[11]) / TICKS
+        system += int(fields[12]) / TICKS
+    return user, system
+
+
+def cpu_seconds(*pids: int) -> float:
+    """utime + stime of the processes so far, in seconds (gone ones count 0)."""
+    return sum(cpu_times(*pids))
 
 
 def replace_section(heading: str, text: str, path: Path = RESULTS) -> Path:

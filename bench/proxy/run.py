@@ -18,8 +18,9 @@ proxy without time-outs, limits, validation or retries: the floor of Python over
 this machine) and, with ``--unique-heads``, every request made unique (a counter in the
 query string, via a wrk Lua script, for every target) so meshlet's head memo never hits.
 
-Prints a markdown table of medians and the ratios to HAProxy (goal: meshlet 1 worker
->= 0.9x HAProxy's requests per CPU-second and p99 <= 1.2x HAProxy's).
+Prints a markdown table of medians, where each proxy's CPU goes per request (user and
+kernel microseconds), and the ratios to HAProxy (goal: meshlet 1 worker >= 0.9x HAProxy's
+requests per CPU-second and p99 <= 1.2x HAProxy's).
 
 Usage: .venv/bin/python bench/proxy/run.py [--duration 10] [--rounds 5] [--conns 64,256]
        [--targets haproxy,meshlet,meshlet-w2,raw,direct] [--unique-heads] [--profile meshlet]
@@ -48,7 +49,7 @@ import consul
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import cpu_seconds, free_port, start_ready  # noqa: E402
+from _common import cpu_seconds, cpu_times, free_port, start_ready  # noqa: E402
 PY = sys.executable
 HOST = "bench.service.meshlet"
 
@@ -105,6 +106,7 @@ def wrk(port: int, conns: int, duration: float) -> dict:
                          check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = 0
@@ -115,7 +117,7 @@ def wrk(port: int, conns: int, duration: float) -> dict:
     if m:
         errors += int(m.group(1))
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"rps": rps, "p50": p50, "p99": p99, "errors": errors, "wrk_cpu": cpu, "raw": out}
+    return {"rps": rps, "requests": requests, "p50": p50, "p99": p99, "errors": errors, "wrk_cpu": cpu, "raw": out}
 
 
 class Target:
@@ -231,10 +233,15 @@ def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[in
             for conns in conns_list:
                 wrk(t.port, conns, args.warmup)
                 pids, bpids = t.pids(), backend_pids()
-                c0, b0, w0 = cpu_seconds(*pids), cpu_seconds(*bpids), time.monotonic()
+                u0, s0 = cpu_times(*pids)
+                b0, w0 = cpu_seconds(*bpids), time.monotonic()
                 r = wrk(t.port, conns, args.duration)
                 wall = time.monotonic() - w0
-                r["proxy_cpu"] = (cpu_seconds(*pids) - c0) / wall
+                u1, s1 = cpu_times(*pids)
+                r["proxy_cpu"] = (u1 - u0 + s1 - s0) / wall
+                # where the proxy's CPU goes, per request (wrk's count; ~0 for "direct")
+                r["user_us"] = (u1 - u0) / r["requests"] * 1e6
+                r["sys_us"] = (s1 - s0) / r["requests"] * 1e6
                 r["backend_cpu"] = (cpu_seconds(*bpids) - b0) / wall
                 r["wrk_cpu"] /= wall
                 r.pop("raw")
@@ -299,6 +306,16 @@ def report(results: dict, targets: list[Target], conns_list: list[int], args: ar
                   f"| {_med(rs, 'p50'):.2f} | {_med(rs, 'p99'):.2f} | {_med(rs, 'proxy_cpu'):.0%} "
                   f"| {_med(rs, 'backend_cpu'):.0%} | {_med(rs, 'wrk_cpu'):.0%} "
                   f"| {f'{pc:,.0f}' if pc else '—'} | {sum(r['errors'] for r in rs)} |")
+    print("\nWhere the proxy's CPU goes, per request (medians of user and kernel CPU from /proc/<pid>/stat "
+          "over wrk's request count):\n")
+    print("| target | conns | user µs | kernel µs |")
+    print("|---|---|---|---|")
+    for t in targets:
+        if t.name == "direct":
+            continue
+        for conns in conns_list:
+            rs = results[(t.name, conns)]
+            print(f"| {t.label} | {conns} | {_med(rs, 'user_us'):.2f} | {_med(rs, 'sys_us'):.2f} |")
     if any(t.name == "haproxy" for t in targets):
         print("\n| ratio to HAProxy | conns | req/s | req per proxy CPU-s | p99 |")
         print("|---|---|---|---|---|")
