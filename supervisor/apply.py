@@ -26,6 +26,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -35,6 +36,8 @@ import consul.aio
 
 import config
 from discovery.consul import TxnRolledBack, connect, kv_op, kv_txn
+
+from .rollout_keys import restart_key, restart_token, target_revision
 
 __all__ = [
     "ApplyError", "ApplyPlan", "ServiceChange", "TxnConflict", "VipRangeExhausted", "apply_services",
@@ -72,14 +75,26 @@ class ServiceChange:
     action: str  # CREATED | UPDATED | UNCHANGED | DELETED
     old: Mapping[str, Any] | None  # the current document (None when created)
     new: Mapping[str, Any] | None  # the document to write (None when deleted)
+    token: str | None = None  # the service's rolling-restart token (``meshlet restart``), if any
 
     @property
     def revision(self) -> str | None:
+        """The document's revision (the whole spec, replicas included)."""
         return (self.new or {}).get("revision")
 
     @property
     def old_revision(self) -> str | None:
         return (self.old or {}).get("revision")
+
+    @property
+    def replica_revision(self) -> str | None:
+        """The revision the replicas run after this change: what ``meshlet status`` and
+        ``meshlet rollout history`` show (the document's revision counts ``replicas`` too)."""
+        return replica_revision(self.new, self.token)
+
+    @property
+    def old_replica_revision(self) -> str | None:
+        return replica_revision(self.old, self.token)
 
     @property
     def vip(self) -> str | None:
@@ -95,6 +110,22 @@ class ApplyPlan:
     @property
     def writes(self) -> bool:
         return bool(self.claims or self.releases or any(c.action != UNCHANGED for c in self.changes))
+
+
+def replica_revision(doc: Mapping[str, Any] | None, token: str | None) -> str | None:
+    """The revision replicas of the service document ``doc`` run (None: no readable spec)."""
+    if not doc:
+        return None
+    try:
+        spec, _, _ = config.parse_service_document(json.dumps(doc))
+    except (config.ConfigError, TypeError, ValueError):
+        return None
+    return target_revision(spec, token)
+
+
+def _replicas(doc: Mapping[str, Any] | None) -> Any:
+    spec = (doc or {}).get("spec")
+    return spec.get("replicas") if isinstance(spec, Mapping) else None
 
 
 def _has_ports(spec: Any) -> bool:
@@ -257,17 +288,28 @@ def diff_fields(old: Any, new: Any, limit: int = 20) -> list[str]:
 
 
 def format_change(change: ServiceChange, dry_run: bool = False) -> list[str]:
-    """The line(s) printed for one service."""
+    """The line(s) printed for one service. Revisions are the replicas' (as ``meshlet
+    status`` and ``rollout history`` show them): a new one means a rollout; a change of
+    ``replicas`` alone is a scale, which keeps the running replicas."""
     verb = {CREATED: "would create", UPDATED: "would update", DELETED: "would delete"}.get(change.action) \
         if dry_run else None
     verb = verb or change.action
     if change.action == CREATED:
         vip = f", vip {change.vip}" if change.vip else ""
-        return [f"{change.name}: {verb} (revision {change.revision}{vip})"]
+        return [f"{change.name}: {verb} (revision {change.replica_revision or change.revision}{vip})"]
     if change.action == UPDATED:
         old_vip = (change.old or {}).get("vip")
         vip = "" if old_vip == change.vip else f", vip {change.vip}" if change.vip else ", vip released"
-        lines = [f"{change.name}: {verb} (revision {change.old_revision} → {change.revision}{vip})"]
+        old_rev, new_rev = change.old_replica_revision, change.replica_revision or change.revision
+        old_n, new_n = _replicas(change.old), _replicas(change.new)
+        scale = f"replicas {old_n} → {new_n}" if old_n != new_n and old_rev is not None else ""
+        if old_rev != new_rev:
+            lines = [f"{change.name}: {verb} (revision {old_rev or '(unreadable)'} → {new_rev}"
+                     f"{', ' + scale if scale else ''}{vip})"]
+        elif scale:
+            lines = [f"{change.name}: {'would scale' if dry_run else 'scaled'} ({scale}, revision {new_rev}{vip})"]
+        else:
+            lines = [f"{change.name}: {verb} (revision {new_rev} unchanged{vip})"]
         if dry_run:
             lines += ["    " + d for d in diff_fields((change.old or {}).get("spec"), (change.new or {}).get("spec"))]
         return lines
@@ -313,6 +355,22 @@ async def read_state(client: consul.aio.Consul) -> CatalogState:
     return CatalogState(docs, doc_index, vips, vip_index)
 
 
+async def _with_tokens(client: consul.aio.Consul, changes: list[ServiceChange]) -> list[ServiceChange]:
+    """``changes`` with each created or updated service's restart token (which the
+    replicas' revision includes), read after the write; an unreadable one counts as none."""
+    async def token(name: str) -> str | None:
+        _, entry = await client.kv.get(restart_key(name))
+        try:
+            return restart_token(json.loads((entry or {}).get("Value") or b"null"))
+        except ValueError:
+            return None
+
+    wanted = [c for c in changes if c.action in (CREATED, UPDATED)]
+    tokens = await asyncio.gather(*(token(c.name) for c in wanted))
+    by_name = {c.name: dataclasses.replace(c, token=t) for c, t in zip(wanted, tokens)}
+    return [by_name.get(c.name, c) for c in changes]
+
+
 async def _txn(client: consul.aio.Consul, ops: list[dict[str, Any]]) -> None:
     try:
         await kv_txn(client, ops)
@@ -330,7 +388,7 @@ async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], 
         state = await read_state(client)
         plan = plan_apply(desired, state.docs, state.vips, vip_range, prune)
         if dry_run:
-            return list(plan.changes)
+            return await _with_tokens(client, list(plan.changes))
         try:
             for chunk in txn_chunks(plan, state.doc_index, state.vip_index):
                 await _txn(client, [op for _, ops in chunk for op in ops])
@@ -345,7 +403,7 @@ async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], 
         for name, change in done.items():  # what an earlier, conflicted attempt already wrote
             if name not in results or results[name].action == UNCHANGED:
                 results[name] = change
-        return [results[name] for name in sorted(results)]
+        return await _with_tokens(client, [results[name] for name in sorted(results)])
     raise ApplyError(f"the catalog kept changing under this apply ({attempts} attempts); last conflict: {last}")
 
 

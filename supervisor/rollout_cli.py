@@ -441,8 +441,8 @@ def _history_list(key: str, data: Any) -> list[dict[str, Any]]:
 
 
 def _token(data: Any) -> str | None:
-    token = data.get("token") if isinstance(data, dict) else None
-    return token if isinstance(token, str) and token else None
+    from .rollout_keys import restart_token
+    return restart_token(data)
 
 
 async def _history(client: Any, args: argparse.Namespace, out: TextIO) -> int:

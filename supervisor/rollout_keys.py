@@ -26,6 +26,7 @@ A service's replicas run ``target_revision(spec, token)``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import config
 
@@ -40,6 +41,12 @@ def state_key(service: str) -> str:
 
 def history_key(service: str) -> str:
     return f"{ROLLOUT_PREFIX}{service}/history"
+
+
+def restart_token(value: Any) -> str | None:
+    """The token of a restart key's (JSON-decoded) value; None for anything else."""
+    token = value.get("token") if isinstance(value, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def crashes_key(service: str) -> str:

@@ -10,7 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import config
 from _util import free_port
+from supervisor.rollout_keys import restart_key, target_revision
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,15 +57,22 @@ def lines(result: subprocess.CompletedProcess) -> list[str]:
     return result.stdout.splitlines()
 
 
+def replica_revisions(path: Path, token: str | None = None) -> dict[str, str]:
+    """The revision each service's replicas run, as the supervisor derives it from the file
+    (and ``meshlet status`` and ``meshlet rollout history`` show it)."""
+    return {name: target_revision(spec, token) for name, spec in config.load(str(path)).services.items()}
+
+
 def test_apply_create_unchanged_update_and_stable_vips(catalog, tmp_path) -> None:
     f = write(tmp_path / "meshlet.yaml", WEB_API)
     out = lines(meshlet("apply", "-f", str(f), "--consul", catalog.url))
     docs = kv_docs(catalog)
+    rev = replica_revisions(f)
     assert sorted(docs) == ["api", "web", "worker"]
     assert out == [
-        f"api: created (revision {docs['api']['revision']}, vip {docs['api']['vip']})",
-        f"web: created (revision {docs['web']['revision']}, vip {docs['web']['vip']})",
-        f"worker: created (revision {docs['worker']['revision']})",
+        f"api: created (revision {rev['api']}, vip {docs['api']['vip']})",
+        f"web: created (revision {rev['web']}, vip {docs['web']['vip']})",
+        f"worker: created (revision {rev['worker']})",
     ]
     assert docs["worker"]["vip"] is None
     assert docs["api"]["vip"] != docs["web"]["vip"]
@@ -74,13 +83,13 @@ def test_apply_create_unchanged_update_and_stable_vips(catalog, tmp_path) -> Non
     assert lines(meshlet("apply", "-f", str(f), "--consul", catalog.url)) == [
         "api: unchanged", "web: unchanged", "worker: unchanged"]
 
+    # a scale keeps the replicas' revision (no rollout); the document changes
     write(f, WEB_API.replace("replicas: 2", "replicas: 3"))
     out = lines(meshlet("apply", "-f", str(f), "--consul", catalog.url))
     after = kv_docs(catalog)
     assert after["web"]["revision"] != docs["web"]["revision"]
-    assert out == ["api: unchanged",
-                   f"web: updated (revision {docs['web']['revision']} → {after['web']['revision']})",
-                   "worker: unchanged"]
+    assert replica_revisions(f)["web"] == rev["web"]
+    assert out == ["api: unchanged", f"web: scaled (replicas 2 → 3, revision {rev['web']})", "worker: unchanged"]
     assert after["web"]["spec"]["replicas"] == 3
     assert {n: d["vip"] for n, d in after.items()} == {n: d["vip"] for n, d in docs.items()}
 
@@ -88,6 +97,21 @@ def test_apply_create_unchanged_update_and_stable_vips(catalog, tmp_path) -> Non
     assert lines(meshlet("apply", "-f", str(f), "--consul", catalog.url)) == [
         "api: unchanged", "web: unchanged", "worker: unchanged"]
     assert {n: d["vip"] for n, d in kv_docs(catalog).items()} == {n: d["vip"] for n, d in docs.items()}
+
+
+def test_a_new_revision_is_named_as_the_replicas_will_run_it(catalog, tmp_path) -> None:
+    """A template change prints the replicas' old and new revision (a rollout), with a
+    rolling restart's token folded in as the supervisor does; scaling at once says so."""
+    f = write(tmp_path / "meshlet.yaml", WEB_API)
+    lines(meshlet("apply", "-f", str(f), "--consul", catalog.url))
+    catalog.client().kv.put(restart_key("web"), json.dumps({"token": "t1", "at": 1.0}))
+    before = replica_revisions(f, "t1")
+    write(f, WEB_API.replace("replicas: 2", "replicas: 4").replace("python3, app.py", "python3, app2.py", 1))
+    after = replica_revisions(f, "t1")
+    assert after["web"] != before["web"] and after["web"] != replica_revisions(f)["web"]
+    assert lines(meshlet("apply", "-f", str(f), "--consul", catalog.url)) == [
+        "api: unchanged", f"web: updated (revision {before['web']} → {after['web']}, replicas 2 → 4)",
+        "worker: unchanged"]
 
 
 def test_dry_run_writes_nothing(catalog, tmp_path) -> None:
@@ -101,7 +125,7 @@ def test_dry_run_writes_nothing(catalog, tmp_path) -> None:
     before = kv_docs(catalog)
     write(f, WEB_API.replace("replicas: 2", "replicas: 5"))
     out = lines(meshlet("apply", "-f", str(f), "--consul", catalog.url, "--dry-run"))
-    assert out[1].startswith("web: would update (revision ")
+    assert out[1].startswith("web: would scale (replicas 2 → 5, revision ")
     assert "    replicas: 2 → 5" in out
     assert kv_docs(catalog) == before
 

@@ -15,6 +15,8 @@ import config
 from supervisor.apply import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError, ApplyPlan, ServiceChange,
                               VipRangeExhausted, diff_fields, format_change, lowest_free_vip, plan_apply,
                               resolve_catalog_url, txn_chunks)
+from supervisor._rollout_history import restart_revision
+from supervisor.rollout_keys import template_revision
 
 
 def spec(name: str, *, ports: bool = True, replicas: int = 1) -> config.ServiceSpec:
@@ -120,14 +122,29 @@ def test_documents_carry_the_config_revision() -> None:
     assert change.revision == config.service_revision(spec("web"))
 
 
-def test_update_reports_both_revisions() -> None:
+def test_a_scale_keeps_the_replicas_revision() -> None:
     old = doc(spec("web"), "127.10.0.1")
     plan = plan_apply({"web": spec("web", replicas=4)}, {"web": old}, {"127.10.0.1": "web"}, RANGE, False)
     (change,) = plan.changes
-    assert change.old_revision == old["revision"] != change.revision
-    assert format_change(change) == [f"web: updated (revision {old['revision']} → {change.revision})"]
+    assert change.old_revision == old["revision"] != change.revision      # the documents differ
+    rev = template_revision(spec("web"))
+    assert change.old_replica_revision == change.replica_revision == rev   # the replicas do not
+    assert format_change(change) == [f"web: scaled (replicas 1 → 4, revision {rev})"]
     assert format_change(change, dry_run=True) == [
-        f"web: would update (revision {old['revision']} → {change.revision})", "    replicas: 1 → 4"]
+        f"web: would scale (replicas 1 → 4, revision {rev})", "    replicas: 1 → 4"]
+
+
+def test_a_template_change_reports_the_replicas_revisions() -> None:
+    old, new = doc(spec("web"), "127.10.0.1"), doc(spec("web", ports=False), None)
+    change = ServiceChange("web", UPDATED, old, new)
+    a, b = template_revision(spec("web")), template_revision(spec("web", ports=False))
+    assert a != b
+    assert format_change(change) == [f"web: updated (revision {a} → {b}, vip released)"]
+    with_token = ServiceChange("web", UPDATED, old, doc(spec("web", replicas=2), "127.10.0.1"), token="t")
+    assert format_change(with_token) == [f"web: scaled (replicas 1 → 2, revision {restart_revision(a, 't')})"]
+    # the same document with only its VIP claimed anew: no rollout, nothing scaled
+    same = ServiceChange("web", UPDATED, dict(old, vip="127.10.0.3"), old)
+    assert format_change(same) == [f"web: updated (revision {a} unchanged, vip 127.10.0.1)"]
 
 
 def test_exhausted_range_is_a_clear_error() -> None:
@@ -255,8 +272,8 @@ def test_format_lines() -> None:
     assert format_change(ServiceChange("web", UNCHANGED, {}, {})) == ["web: unchanged"]
     assert format_change(ServiceChange("web", DELETED, {}, None)) == ["web: deleted"]
     assert format_change(ServiceChange("web", DELETED, {}, None), dry_run=True) == ["web: would delete"]
-    lost = ServiceChange("web", UPDATED, {"revision": "a", "vip": "127.10.0.2"}, {"revision": "b", "vip": None})
-    assert format_change(lost) == ["web: updated (revision a → b, vip released)"]
+    unreadable = ServiceChange("web", UPDATED, {}, {"revision": "b", "vip": None})
+    assert format_change(unreadable) == ["web: updated (revision (unreadable) → b)"]
 
 
 @pytest.mark.parametrize(
