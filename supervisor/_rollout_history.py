@@ -4,7 +4,11 @@ History is a plain list of entries (dicts, so it stores as JSON in KV unchanged)
 first::
 
     {"number": 3, "revision": "9f86d081884c", "created_at": 1764000000.0,
-     "status": "active", "spec": {...the service document's spec...}}
+     "status": "active", "spec": {...the service document's spec...},
+     "restart_token": "..." | None, "change": "env (GREETING)"}
+
+``change`` (``change_summary``) says what the entry changed against the revision that ran
+when it was recorded; kept with the entry, so a rollback's renumbering does not change it.
 
 Statuses
     active      the revision being rolled out now (at most one, always the last entry)
@@ -23,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["RolloutError", "resolve_fenceposts", "record_revision", "mark_revision",
-           "rollback_target", "restart_revision", "ACTIVE", "COMPLETE", "FAILED", "SUPERSEDED"]
+           "rollback_target", "restart_revision", "change_summary", "ACTIVE", "COMPLETE", "FAILED", "SUPERSEDED"]
 
 ACTIVE = "active"
 COMPLETE = "complete"
@@ -163,3 +167,27 @@ def rollback_target(history: Sequence[Mapping[str, Any]],
     have = ", ".join(str(n) for n in numbers) or "none"
     raise RolloutError(f"revision {to} is not in the history (have: {have})")
 
+
+def change_summary(prev: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> str:
+    """What ``entry`` changed against the entry before it: the differing top-level spec
+    fields (``env`` with the names of the keys that changed, never their values), ``rolling
+    restart`` for the same spec with a new restart token, ``-`` for the oldest entry."""
+    if prev is None:
+        return "-"
+    a, b = prev.get("spec"), entry.get("spec")
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return "?"
+    parts = []
+    for field in sorted(a.keys() | b.keys()):
+        if field == "replicas" or a.get(field) == b.get(field):
+            continue
+        if field == "env" and isinstance(a.get(field), Mapping) and isinstance(b.get(field), Mapping):
+            ea, eb = a["env"], b["env"]
+            names = [("+" if k not in ea else "-" if k not in eb else "") + k
+                     for k in sorted(ea.keys() | eb.keys()) if ea.get(k) != eb.get(k)]
+            parts.append(f"env ({', '.join(names)})")
+        else:
+            parts.append(field)
+    if not parts:
+        return "rolling restart" if prev.get("restart_token") != entry.get("restart_token") else "no change"
+    return ", ".join(parts)

@@ -60,6 +60,7 @@ from discovery.consul import kv_op, kv_txn
 from .backoff import BackoffState, decide
 from .place import Request, place
 from .reconcile import allocations
+from ._rollout_history import change_summary
 from .rollout import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVERTING,
                       STARTING, TERMINATING, MarkComplete, MarkFailed, ObservedReplica, RetireReplica,
                       Revert, RolloutError, RolloutState, SetWeight, StartReplica, Strategy, describe,
@@ -296,12 +297,16 @@ class RolloutDriver:
 
     def _record(self, service: str, revision: str, spec_doc: Any, token: str | None,
                 limit: int, now: float) -> None:
+        before = self.histories.get(service, [])
         try:
-            history = record_revision(self.histories.get(service, []), revision, spec_doc, now, limit)
+            history = record_revision(before, revision, spec_doc, now, limit)
         except RolloutError as exc:      # a corrupt history in KV: start a new one
             log.error("history of %s: %s; starting a new one", service, exc)
             history = record_revision([], revision, spec_doc, now, limit)
-        history[-1]["restart_token"] = token
+        entry = history[-1]
+        entry["restart_token"] = token
+        if before and before[-1].get("revision") != revision:   # (re-recording the active one: as it was)
+            entry["change"] = change_summary(before[-1], entry)
         self.histories[service] = history
 
     async def begin(self, service: str, now: float) -> None:

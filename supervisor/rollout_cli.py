@@ -57,7 +57,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from ._rollout_history import COMPLETE as ENTRY_COMPLETE, RolloutError, rollback_target
+from ._rollout_history import COMPLETE as ENTRY_COMPLETE, RolloutError, change_summary, rollback_target
 from ._rollout_types import COMPLETE, FAILED, PAUSED, REVERTING, RolloutState
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "Progress", "assess", "history_table",
@@ -179,31 +179,6 @@ def masked(value: Any, parent: str = "") -> Any:
     return value
 
 
-def change_summary(prev: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> str:
-    """What ``entry`` changed against the entry before it: the differing top-level spec
-    fields (``env`` with the names of the keys that changed, never their values), ``rolling
-    restart`` for the same spec with a new restart token, ``-`` for the oldest entry."""
-    if prev is None:
-        return "-"
-    a, b = prev.get("spec"), entry.get("spec")
-    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
-        return "?"
-    parts = []
-    for field in sorted(a.keys() | b.keys()):
-        if field == "replicas" or a.get(field) == b.get(field):
-            continue
-        if field == "env" and isinstance(a.get(field), Mapping) and isinstance(b.get(field), Mapping):
-            ea, eb = a["env"], b["env"]
-            names = [("+" if k not in ea else "-" if k not in eb else "") + k
-                     for k in sorted(ea.keys() | eb.keys()) if ea.get(k) != eb.get(k)]
-            parts.append(f"env ({', '.join(names)})")
-        else:
-            parts.append(field)
-    if not parts:
-        return "rolling restart" if prev.get("restart_token") != entry.get("restart_token") else "no change"
-    return ", ".join(parts)
-
-
 def _age(seconds: float | None) -> str:
     from .commands import format_age
     return format_age(seconds)
@@ -216,8 +191,11 @@ def history_table(history: Sequence[Mapping[str, Any]], now: float) -> list[str]
     for e in history:
         created = e.get("created_at")
         age = _age(max(0.0, now - created)) + " ago" if isinstance(created, (int, float)) else "-"
+        # what it changed when it was recorded; older entries have no record of it: against
+        # the entry listed before (which a rollback's renumbering may have made another)
+        change = e.get("change") if isinstance(e.get("change"), str) else change_summary(prev, e)
         rows.append((str(e.get("number", "?")), str(e.get("revision", "?"))[:12], str(e.get("status", "?")),
-                     age, change_summary(prev, e)))
+                     age, change))
         prev = e
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]

@@ -15,6 +15,7 @@ from discovery.consul import connect
 from supervisor._rollout_types import RolloutState
 from supervisor.rolling import RolloutDriver, crash_doc, read_crash_doc
 from supervisor.rollout import COMPLETE
+from supervisor.rollout_cli import history_table
 from supervisor.rollout_keys import ROLLOUT_PREFIX, crashes_key, history_key, state_key
 
 
@@ -139,3 +140,22 @@ def test_crash_doc_round_trip() -> None:
     assert crash_doc("r2", {}, {}, set()) is None
     with pytest.raises(ValueError, match="crashes"):
         read_crash_doc({"revision": "r2", "crashes": {"0": -1}}, "r2")
+
+
+def test_each_entry_keeps_what_it_changed_through_a_rollback() -> None:
+    """``rollout history``'s CHANGE is what an entry changed against the revision running
+    when it was recorded, not against whatever a rollback's renumbering put before it."""
+    driver = RolloutDriver(SimpleNamespace(clock=time.monotonic, instances={}))  # type: ignore[arg-type]
+    v1 = {"command": ["app"], "env": {"GREETING": "hello"}, "replicas": 2}
+    v2 = dict(v1, env={"GREETING": "hi"})
+    driver._record("web", "r1", v1, None, 10, 1.0)
+    driver._record("web", "r2", v2, None, 10, 2.0)
+    driver._record("web", "r2t", v2, "t1", 10, 3.0)          # meshlet restart
+    driver._record("web", "r1", v1, None, 10, 4.0)           # meshlet rollback --to 1: moves to number 4
+    history = driver.histories["web"]
+    assert [(e["number"], e["revision"], e.get("change")) for e in history] == [
+        (2, "r2", "env (GREETING)"), (3, "r2t", "rolling restart"), (4, "r1", "env (GREETING)")]
+    table = history_table(history, 10.0)
+    # number 2 is listed first now; it still says what it changed
+    assert [row.split()[0] + " " + row.split("ago")[1].strip() for row in table[1:]] == [
+        "2 env (GREETING)", "3 rolling restart", "4 env (GREETING)"]
