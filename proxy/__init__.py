@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
                    help="entry listener, routing by Host and path (repeatable) [127.0.0.1:8080]")
     p.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
-                   help="admin listener: /metrics, /routes, /ready (with --workers, served by worker 0)")
+                   help="admin listener: /metrics, /routes, /ready (with --workers: of all workers)")
     p.add_argument("--workers", type=_positive(int), default=1, help="processes sharing the listeners [1]")
     p.add_argument("--domain", default="meshlet", help="DNS domain of <service>.service.<domain> [meshlet]")
     p.add_argument("--drain-timeout", type=_positive(float), default=10.0,
@@ -159,7 +159,7 @@ async def serve(args: argparse.Namespace) -> int:
             bound.append(_fmt(*await server.listen(host, port)))
         await server.vips_settled()
         ready: dict[str, Any] = {"http": bound}
-        if args.admin is not None and (args.worker_index in (None, 0)):
+        if args.admin is not None:   # (a worker's: internal, the parent serves the address)
             runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
                                                    metrics=metrics, is_ready=lambda: not server.draining,
                                                    get_draining=server.draining_endpoints)

@@ -8,6 +8,15 @@
   rollout can wait for its retired replica to be absent here before SIGTERM.
 - ``GET /ready``: 200 ``ready`` once the first table is loaded and the proxy is not
   draining (``is_ready()``), else 503 with the reason.
+- ``GET /snapshot``: this process's metrics as JSON (``Metrics.snapshot``), for the
+  ``--workers`` parent.
+
+With ``--workers N`` the parent serves the admin address (``start_workers_admin``) and each
+worker an internal one on 127.0.0.1 (a free port, in its ready line): ``/metrics`` adds the
+workers' snapshots (counters, histograms and gauges summed), ``/routes`` is a worker's
+table with every worker's draining endpoints (``active`` summed), ``/ready`` is 200 while
+the parent is not draining and a worker is ready. A worker that does not answer (it is
+restarting) is left out; none answering is a 503.
 
 Errors: nothing here raises to a client; an exception in a handler is logged and
 answered 500 with a one-line body (no traceback).
@@ -15,10 +24,13 @@ answered 500 with a one-line body (no traceback).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
+import aiohttp
 from aiohttp import web
 
 from ._metrics import CONTENT_TYPE, Metrics
@@ -26,25 +38,26 @@ from ._metrics import CONTENT_TYPE, Metrics
 if TYPE_CHECKING:  # pragma: no cover
     from ._routes import RouteTable
 
-__all__ = ["start_admin", "make_app"]
+__all__ = ["start_admin", "make_app", "start_workers_admin", "make_workers_app", "merge_draining"]
 
 log = logging.getLogger("meshlet.proxy.admin")
+
+
+@web.middleware
+async def _no_tracebacks(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return web.Response(status=500, text="internal error\n")
 
 
 def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
              is_ready: Callable[[], bool], get_draining: Callable[[], list] | None = None) -> web.Application:
     if metrics.get_table is None:
         metrics.get_table = get_table
-
-    @web.middleware
-    async def no_tracebacks(request: web.Request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
-        except Exception:
-            log.exception("admin %s %s failed", request.method, request.path)
-            return web.Response(status=500, text="internal error\n")
 
     async def metrics_handler(request: web.Request) -> web.Response:
         body = metrics.render(get_table())
@@ -67,19 +80,101 @@ def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
             return web.Response(status=503, text="not ready: draining\n")
         return web.Response(text="ready\n")
 
-    app = web.Application(middlewares=[no_tracebacks])
+    async def snapshot_handler(request: web.Request) -> web.Response:
+        return web.json_response(metrics.snapshot(get_table()))
+
+    app = web.Application(middlewares=[_no_tracebacks])
+    app.router.add_get("/snapshot", snapshot_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/routes", routes_handler)
     app.router.add_get("/ready", ready_handler)
     return app
 
 
-async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTable | None], metrics: Metrics,
-                      is_ready: Callable[[], bool],
-                      get_draining: Callable[[], list] | None = None) -> tuple[web.AppRunner, int]:
-    """Serve the admin API on ``host:port`` (0: any free port). Returns the runner
-    (``await runner.cleanup()`` stops it) and the bound port."""
-    app = make_app(get_table=get_table, metrics=metrics, is_ready=is_ready, get_draining=get_draining)
+def merge_draining(lists: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The workers' ``draining`` lists as one: an endpoint once, its ``active`` summed."""
+    out: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for entries in lists:
+        for e in entries:
+            key = (e.get("service"), e.get("id"))
+            if key in out:
+                out[key]["active"] = out[key].get("active", 0) + e.get("active", 0)
+            else:
+                out[key] = dict(e)
+    return list(out.values())
+
+
+# How long the parent waits for a worker's internal admin (one that does not answer in
+# time is left out of the answer, as a restarting one is).
+PEER_TIMEOUT = 2.0
+
+
+def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[], bool]) -> web.Application:
+    """The ``--workers`` parent's admin: answers from the workers' internal admins
+    (``peers()``: their ``host:port``, now)."""
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    async def on_startup(app: web.Application) -> None:
+        session["s"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT))
+
+    async def on_cleanup(app: web.Application) -> None:
+        await session["s"].close()
+
+    async def ask(peer: str, path: str) -> tuple[int, Any] | None:
+        try:
+            async with session["s"].get(f"http://{peer}{path}") as r:
+                return r.status, await r.json(content_type=None) if path != "/ready" else await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("worker admin %s%s: %s", peer, path, exc)
+            return None
+
+    async def ask_all(path: str) -> list[tuple[int, Any]]:
+        return [a for a in await asyncio.gather(*(ask(p, path) for p in peers())) if a is not None]
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        snaps = [doc for status, doc in await ask_all("/snapshot") if status == 200 and isinstance(doc, dict)]
+        if not snaps:
+            return web.Response(status=503, text="no worker answered\n")
+        total = Metrics()
+        for snap in snaps:
+            total.add(snap)
+        return web.Response(body=total.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def routes_handler(request: web.Request) -> web.Response:
+        docs = [doc for status, doc in await ask_all("/routes") if status == 200 and isinstance(doc, dict)]
+        if not docs:
+            return web.json_response({"loaded": False}, status=503)
+        doc = dict(docs[0])
+        doc["draining"] = merge_draining(d.get("draining") or [] for d in docs)
+        return web.Response(text=json.dumps(doc, indent=1, sort_keys=False) + "\n",
+                            content_type="application/json")
+
+    async def ready_handler(request: web.Request) -> web.Response:
+        if is_draining():
+            return web.Response(status=503, text="not ready: draining\n")
+        answers = await ask_all("/ready")
+        ready = sum(1 for status, _ in answers if status == 200)
+        if not ready:
+            why = answers[0][1].strip() if answers else "no worker answered"
+            return web.Response(status=503, text=f"{why}\n")
+        return web.Response(text=f"ready ({ready} of {len(peers())} workers)\n")
+
+    app = web.Application(middlewares=[_no_tracebacks])
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/routes", routes_handler)
+    app.router.add_get("/ready", ready_handler)
+    return app
+
+
+async def start_workers_admin(host: str, port: int, *, peers: Callable[[], list[str]],
+                              is_draining: Callable[[], bool]) -> tuple[web.AppRunner, int]:
+    """Serve the ``--workers`` parent's admin on ``host:port``; as ``start_admin``."""
+    return await _serve(make_workers_app(peers=peers, is_draining=is_draining), host, port)
+
+
+async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -90,3 +185,12 @@ async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTabl
         raise
     bound = runner.addresses[0][1] if runner.addresses else port  # the real port when 0 was asked
     return runner, bound
+
+
+async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTable | None], metrics: Metrics,
+                      is_ready: Callable[[], bool],
+                      get_draining: Callable[[], list] | None = None) -> tuple[web.AppRunner, int]:
+    """Serve the admin API on ``host:port`` (0: any free port). Returns the runner
+    (``await runner.cleanup()`` stops it) and the bound port."""
+    return await _serve(make_app(get_table=get_table, metrics=metrics, is_ready=is_ready,
+                                 get_draining=get_draining), host, port)

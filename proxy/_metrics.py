@@ -12,7 +12,7 @@ Exposition: Prometheus text format 0.0.4
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._routes import RouteTable
@@ -83,6 +83,7 @@ class Metrics:
         self.upstream_connections = Gauge()
         self.active_requests = Gauge()
         self.get_table: Callable[[], RouteTable | None] | None = None
+        self.ejected: dict[str, int] | None = None   # set by add(): the workers' ejections
 
     # -- hot path -------------------------------------------------------------------
 
@@ -103,11 +104,57 @@ class Metrics:
     def ejection(self, service: str) -> None:
         self.ejections[service] = self.ejections.get(service, 0) + 1
 
+    # -- workers --------------------------------------------------------------------
+
+    def snapshot(self, table: RouteTable | None = None) -> dict[str, Any]:
+        """This process's values as JSON-able data (``--workers``: the parent adds every
+        worker's into one Metrics and renders that)."""
+        if table is None and self.get_table is not None:
+            table = self.get_table()
+        return {"buckets": list(self.buckets),
+                "requests": [[svc, code, n] for (svc, code), n in self.requests.items()],
+                "durations": {svc: {"counts": h.counts, "sum": h.sum, "count": h.count}
+                              for svc, h in self.durations.items()},
+                "retries": self.retries, "ejections": self.ejections,
+                "ejected": table.ejected_by_service() if table is not None else {},
+                "upstream_connections": self.upstream_connections.value,
+                "active_requests": self.active_requests.value}
+
+    def add(self, snap: dict[str, Any]) -> None:
+        """Add another process's ``snapshot()``: counters, histograms and the two gauges
+        sum; ``ejected`` keeps the most of any process (each worker ejects on its own, so
+        a sum would count one endpoint once per worker). ValueError if it does not fit."""
+        if tuple(snap["buckets"]) != self.buckets:
+            raise ValueError(f"histogram buckets differ: {snap['buckets']} vs {list(self.buckets)}")
+        for svc, d in snap["durations"].items():   # checked before anything is added
+            if len(d["counts"]) != len(self.buckets) + 1:
+                raise ValueError(f"histogram of {svc}: {len(d['counts'])} counts, expected {len(self.buckets) + 1}")
+        for svc, code, n in snap["requests"]:
+            self.requests[(svc, code)] = self.requests.get((svc, code), 0) + n
+        for svc, d in snap["durations"].items():
+            h = self.durations.get(svc)
+            if h is None:
+                h = self.durations[svc] = _Histogram(len(self.buckets))
+            h.counts = [a + b for a, b in zip(h.counts, d["counts"])]
+            h.sum += d["sum"]
+            h.count += d["count"]
+        for mine, theirs in ((self.retries, snap["retries"]), (self.ejections, snap["ejections"])):
+            for svc, n in theirs.items():
+                mine[svc] = mine.get(svc, 0) + n
+        ejected = self.ejected if self.ejected is not None else {}
+        for svc, n in snap["ejected"].items():
+            ejected[svc] = max(ejected.get(svc, 0), n)
+        self.ejected = ejected
+        self.upstream_connections.value += snap["upstream_connections"]
+        self.active_requests.value += snap["active_requests"]
+
     # -- scrape ---------------------------------------------------------------------
 
     def render(self, table: RouteTable | None = None) -> bytes:
         if table is None and self.get_table is not None:
             table = self.get_table()
+        ejected = self.ejected if self.ejected is not None else (
+            table.ejected_by_service() if table is not None else None)
         out: list[str] = []
         add = out.append
 
@@ -141,8 +188,8 @@ class Metrics:
 
         add("# HELP meshlet_proxy_endpoints_ejected Endpoints ejected now, by service.")
         add("# TYPE meshlet_proxy_endpoints_ejected gauge")
-        if table is not None:
-            for svc, n in sorted(table.ejected_by_service().items()):
+        if ejected is not None:
+            for svc, n in sorted(ejected.items()):
                 add(f'meshlet_proxy_endpoints_ejected{{service="{_escape(svc)}"}} {n}')
 
         add("# HELP meshlet_proxy_upstream_connections Open connections to upstream endpoints.")

@@ -4,8 +4,11 @@ Each worker is a full proxy (``python -m proxy ... --worker-index i``) with its 
 Mirror and route table, binding every listener with SO_REUSEPORT so the kernel spreads
 connections over them. The parent binds each entry listener first (without listening:
 a bound, non-listening socket receives no connections) to resolve port 0 and to hold the
-port while a worker restarts. The admin listener runs in worker 0 only, so ``/metrics``
-covers worker 0's traffic.
+port while a worker restarts. The parent serves the admin listener: each worker runs an
+internal one on 127.0.0.1 (a free port, reported in its ready line), and the parent
+answers ``/metrics``, ``/routes`` and ``/ready`` from all of them (``_admin``), so the
+metrics count every worker's traffic and a rollout waits for requests in flight on a
+retired replica in any worker.
 
 The parent prints the ready line once every worker printed its own, restarts a worker
 that exits unexpectedly (1 s backoff, doubling to 30 s), forwards SIGTERM/SIGINT, waits
@@ -53,8 +56,8 @@ def worker_argv(args: argparse.Namespace, index: int, listens: list[tuple[str, i
             "--log-level", args.log_level]
     for host, port in listens:
         argv += ["--listen", _fmt(host, port)]
-    if index == 0 and args.admin is not None:
-        argv += ["--admin", _fmt(*args.admin)]
+    if args.admin is not None:
+        argv += ["--admin", "127.0.0.1:0"]   # internal: the parent serves args.admin
     if args.access_log:
         argv.append("--access-log")
     return argv
@@ -106,16 +109,33 @@ async def supervise(args: argparse.Namespace) -> int:
         log.error("cannot listen: %s", exc)
         return 1
     workers = [_Worker(i, worker_argv(args, i, listens), None) for i in range(args.workers)]
+    admin = None
+    if args.admin is not None:
+        from ._admin import start_workers_admin
+
+        def peers() -> list[str]:
+            return [w.ready["admin"] for w in workers
+                    if w.ready and "admin" in w.ready and w.proc is not None and w.proc.returncode is None]
+        try:
+            admin, admin_port = await start_workers_admin(args.admin[0], args.admin[1], peers=peers,
+                                                          is_draining=stop.is_set)
+        except OSError as exc:
+            log.error("cannot listen on the admin address: %s", exc)
+            for s in held:
+                s.close()
+            return 1
     start_timeout = args.catalog_timeout + 15.0
     try:
-        readies = await asyncio.gather(*(w.spawn(start_timeout) for w in workers))
+        await asyncio.gather(*(w.spawn(start_timeout) for w in workers))
     except (RuntimeError, asyncio.TimeoutError, OSError) as exc:
         log.error("workers did not start: %s", exc or "time-out")
         await _stop_all(workers, args.drain_timeout)
+        if admin is not None:
+            await admin.cleanup()
         return 1
     ready: dict[str, Any] = {"http": [_fmt(h, p) for h, p in listens]}
-    if "admin" in readies[0]:
-        ready["admin"] = readies[0]["admin"]
+    if admin is not None:
+        ready["admin"] = _fmt(args.admin[0], admin_port)
     sys.stdout.write("ready " + json.dumps(ready) + "\n")
     sys.stdout.flush()
     log.info("proxy ready with %d workers: %s", args.workers, json.dumps(ready))
@@ -148,6 +168,8 @@ async def supervise(args: argparse.Namespace) -> int:
             except (RuntimeError, asyncio.TimeoutError, OSError) as exc:
                 log.error("worker %d did not restart: %s", w.index, exc or "time-out")
     rc = await _stop_all(workers, args.drain_timeout)
+    if admin is not None:
+        await admin.cleanup()
     for s in held:
         s.close()
     return rc

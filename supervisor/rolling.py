@@ -26,8 +26,8 @@ passes its proxy's admin address) lists it in ``GET /routes`` "draining" (an end
 that left the table with requests still in flight), at most ``IN_FLIGHT_LIMIT``; then
 SIGTERM, grace period, SIGKILL. Proxies the supervisor does not know of (other hosts) are
 covered by the drain delay only; a request of theirs still running after SIGTERM is the
-workload's to finish in its grace period. (``--workers N`` proxies answer /routes from
-worker 0: the other workers' in-flight requests are not seen.)
+workload's to finish in its grace period. (A ``--workers N`` proxy answers /routes for all
+its workers.)
 
 A started replica is registered at once with its TTL check critical (as every replica
 is), which proxies and DNS treat as absent; it turns passing when its readiness probe

@@ -109,6 +109,56 @@ async def test_workers_share_the_listener_and_drain_together(one, start_proxy, p
     px.wait_for(lambda: not any(pid_alive(pid) for pid in children), 5, what="workers to exit")
 
 
+async def test_the_workers_admin_counts_every_workers_requests_and_in_flight(one, start_proxy, px,
+                                                                                 mesh_catalog):
+    """With --workers the admin address answers for all workers: /metrics counts every
+    request whichever worker served it, and /routes lists a deregistered endpoint as
+    draining with the requests in flight on it in any worker (what a rollout waits for)."""
+    name, host, backend = one
+    proxy = start_proxy("--workers", "2")
+    prefixes = set()
+    for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
+        with px.RawClient(proxy.http) as c:
+            c.send(px.get("/w", host, "Connection: close\r\n"))
+            r = c.response()
+            assert r.status == 200
+            prefixes.add(dict((k.lower(), v) for k, v in r.json()["headers"])["x-request-id"].split("-")[0])
+    assert len(prefixes) == 2, prefixes           # both workers served some
+    samples = _samples(proxy)
+    assert samples[("meshlet_proxy_requests_total", (("code", "200"), ("service", name)))] == 40
+    assert samples[("meshlet_proxy_request_duration_seconds_count", (("service", name),))] == 40
+    with urllib.request.urlopen(f"http://{proxy.admin}/ready", timeout=5) as r:
+        assert r.status == 200 and r.read() == b"ready (2 of 2 workers)\n"
+
+    # 8 slow requests, each on its own connection (so over both workers), in flight when
+    # the endpoint leaves the catalog
+    before = _backend_count(backend)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
+        async def slow(i: int) -> int:
+            async with s.get(f"http://{proxy.http}/slow?delay=4&n={i}", headers={"Host": host}) as r:
+                await r.read()
+                return r.status
+        tasks = [asyncio.create_task(slow(i)) for i in range(8)]
+        await px.async_wait_for(lambda: _backend_count(backend) - before >= 9, timeout=10,
+                                what="8 slow requests at the backend")   # (+1: this /count)
+        mesh_catalog.deregister(name + "-0")
+
+        def draining() -> int:
+            with urllib.request.urlopen(f"http://{proxy.admin}/routes", timeout=5) as r:
+                return sum(e["active"] for e in json.load(r)["draining"] if e["port"] == backend.port)
+        await px.async_wait_for(lambda: draining() == 8, timeout=5, what="8 in flight, listed as draining")
+        assert await asyncio.gather(*tasks) == [200] * 8
+    assert draining() == 0
+
+
+def _samples(proxy) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def test_a_killed_worker_is_restarted(one, start_proxy, px):
     name, host, backend = one
     proxy = start_proxy("--workers", "2")
@@ -146,6 +196,7 @@ def test_worker_command_lines():
     assert w0[1:3] == ["-m", "proxy"]
     assert "--listen" in w0 and w0[w0.index("--listen") + 1] == "127.0.0.1:8080"  # the port the parent holds
     assert w0[w0.index("--worker-index") + 1] == "0" and w1[w1.index("--worker-index") + 1] == "1"
-    assert "--admin" in w0 and "--admin" not in w1  # the admin listener lives in worker 0
+    # each worker has an internal admin listener; the parent serves --admin from them
+    assert w0[w0.index("--admin") + 1] == w1[w1.index("--admin") + 1] == "127.0.0.1:0"
     assert "--access-log" in w1 and w1[w1.index("--workers") + 1] == "3"
     assert parse_args(w0[3:]).listen == [("127.0.0.1", 8080)]

@@ -107,3 +107,58 @@ def test_label_values_are_escaped() -> None:
     odd = 'we"ird\\name\nx'
     m.request_done(odd, 200, 0.01)
     assert parse(m)["meshlet_proxy_requests_total"] == {(("code", "200"), ("service", odd)): 1}
+
+
+def _worker(seed: int) -> Metrics:
+    rng = random.Random(seed)
+    m = Metrics()
+    for _ in range(200):
+        m.request_done(rng.choice(["web", "api"]), rng.choice([200, 200, 503]), rng.uniform(0, 0.05))
+    m.retry("web")
+    m.ejection("api")
+    m.active_requests.inc(2)
+    m.upstream_connections.inc(3)
+    return m
+
+
+def test_the_workers_snapshots_add_up_to_one_process_that_served_it_all() -> None:
+    """--workers: the parent adds the workers' snapshots (as JSON, as they travel) and
+    renders what one process that had served every request would."""
+    import json
+    a, b = _worker(1), _worker(2)
+    both = Metrics()
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        for _ in range(200):
+            both.request_done(rng.choice(["web", "api"]), rng.choice([200, 200, 503]), rng.uniform(0, 0.05))
+        both.retry("web")
+        both.ejection("api")
+    both.active_requests.inc(4)
+    both.upstream_connections.inc(6)
+    total = Metrics()
+    total.add(json.loads(json.dumps(a.snapshot())))
+    total.add(json.loads(json.dumps(b.snapshot())))
+    got, want = parse(total), parse(both)
+    sums = "meshlet_proxy_request_duration_seconds_sum"
+    assert {k: v for k, v in got.items() if k != sums} == {k: v for k, v in want.items() if k != sums}
+    assert got[sums] == pytest.approx(want[sums])
+    assert got["meshlet_proxy_requests_total"][(("code", "200"), ("service", "web"))] > 0
+
+
+def test_ejected_endpoints_are_the_most_of_any_worker_and_buckets_must_match() -> None:
+    snap = Metrics().snapshot()
+    total = Metrics()
+    total.add(dict(snap, ejected={"web": 1, "api": 0}))
+    total.add(dict(snap, ejected={"web": 1, "api": 2}))    # the same endpoint ejected in both
+    assert parse(total)["meshlet_proxy_endpoints_ejected"] == {(("service", "api"),): 2, (("service", "web"),): 1}
+    with pytest.raises(ValueError, match="buckets differ"):
+        total.add(dict(snap, buckets=[0.1, 1.0]))
+
+
+def test_draining_lists_merge_by_endpoint() -> None:
+    from proxy._admin import merge_draining
+    w0 = [{"service": "web", "id": "web-0", "port": 1, "active": 2}, {"service": "api", "id": "api-0", "active": 1}]
+    w1 = [{"service": "web", "id": "web-0", "port": 1, "active": 3}]
+    assert merge_draining([w0, w1, []]) == [{"service": "web", "id": "web-0", "port": 1, "active": 5},
+                                            {"service": "api", "id": "api-0", "active": 1}]
+    assert w0[0]["active"] == 2                               # inputs untouched
