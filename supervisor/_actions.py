@@ -137,6 +137,7 @@ class ReplicaActions:
             (log.debug if self.problems.get(a.service) == problem else log.error)(
                 "cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
             self.problems[a.service] = problem
+            self.start_errors[(a.service, a.slot)] = str(exc)
             # An engine that refuses is retried with back-off, like a crash (at least 1 s).
             # The hold is set before the back-off is stored (an await), so nothing sees the
             # new failure count with the old hold.
@@ -148,6 +149,7 @@ class ReplicaActions:
             return False
         self._start_hold.pop((a.service, a.slot), None)
         self.problems.pop(a.service, None)
+        self.start_errors.pop((a.service, a.slot), None)
         log.info("started %s (%s slot %d on %s, ports %s): %s", iid, a.service, a.slot, a.node,
                  ports, a.reason)
         self._note(f"started {iid}: {a.reason}")

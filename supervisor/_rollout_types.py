@@ -42,6 +42,7 @@ class ObservedReplica:
     ready_since: float | None = None
     restarts: int = 0                   # restarts of this replica (runtime or supervisor)
     weight: int = 1                     # catalog Meta weight now
+    problem: str = ""                   # why it could not be started, if the runtime refused
 
 
 ObservedReplicas = Sequence[ObservedReplica]

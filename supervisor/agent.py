@@ -134,6 +134,7 @@ class Supervisor(ReplicaActions):
         self.doc_raw: dict[str, bytes] = {}          # the documents as last read
         self.backoff: dict[tuple[str, int], BackoffState] = {}
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
+        self.start_errors: dict[tuple[str, int], str] = {}   # (service, slot) -> the runtime's last refusal
         # (service, slot) -> when to try a start the runtime refused again (missing image,
         # engine error): refusals back off like crashes instead of retrying every sync.
         self._start_hold: dict[tuple[str, int], float] = {}

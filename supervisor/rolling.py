@@ -429,7 +429,8 @@ class RolloutDriver:
         for (name, slot), n in sorted(self.refused.items()):
             if name == service and n >= 2 and slot not in taken and slot < spec.replicas:
                 out.append(ObservedReplica(f"{service}-{slot}-refused", slot, st.revision, STARTING,
-                                           restarts=n))
+                                           restarts=n, problem=self.sup.start_errors.get((service, slot), "")
+                                           or "the runtime refused to start it"))
         return out
 
     def _restarts(self, inst: _Inst, spec: config.ServiceSpec, now: float) -> bool:

@@ -375,6 +375,7 @@ def rollout_step(state: RolloutState, observed: ObservedReplicas, strategy: Stra
     crashed = _crashed(v, s, now)
     if crashed is not None:
         what = ("exited and is not restarted" if crashed.phase not in _ALIVE
+                else f"could not be started ({crashed.restarts} attempts): {crashed.problem}" if crashed.problem
                 else f"restarted {crashed.restarts} times without becoming available")
         return _fail(state, s, f"{_name(state, crashed)} ({crashed.instance_id}) of revision "
                                f"{state.revision} {what}", now)

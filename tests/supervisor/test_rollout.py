@@ -7,6 +7,7 @@ replica in that slot. Old replica ids are ``o<slot>``, new ones ``n<slot>``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -168,6 +169,15 @@ def test_crashing_new_replica_fails_the_rollout(auto_revert, revert_to, phase, e
     assert result.state.phase == phase
     assert "web-0 (n0) of revision bbbbbbbbbbbb restarted 2 times" in result.actions[0].reason
     assert reason in (result.state.reason if phase == FAILED else result.actions[0].reason)
+
+
+def test_a_replica_the_runtime_refuses_fails_the_rollout_with_the_runtimes_reason():
+    refused = dataclasses.replace(replicas("", "S", restarts=2)[0], instance_id="web-0-refused",
+                                  problem="image web:9 not found on node a and could not be pulled")
+    result = rollout_step(state(), [*replicas("AAA"), refused], Strategy(3, 1, 0), NOW)
+    assert text(result.actions) == ["failed", "revert a"]
+    assert ("web-0 (web-0-refused) of revision bbbbbbbbbbbb could not be started (2 attempts): "
+            "image web:9 not found on node a and could not be pulled") in result.actions[0].reason
 
 
 def test_exited_new_replica_fails_at_once():
