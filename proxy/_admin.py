@@ -109,9 +109,10 @@ def merge_draining(lists: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]
 PEER_TIMEOUT = 2.0
 
 
-def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[], bool]) -> web.Application:
+def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[], bool],
+                     workers: int) -> web.Application:
     """The ``--workers`` parent's admin: answers from the workers' internal admins
-    (``peers()``: their ``host:port``, now)."""
+    (``peers()``: the ``host:port`` of those running now, of ``workers``)."""
     session: dict[str, aiohttp.ClientSession] = {}
 
     async def on_startup(app: web.Application) -> None:
@@ -157,7 +158,7 @@ def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[]
         if not ready:
             why = answers[0][1].strip() if answers else "no worker answered"
             return web.Response(status=503, text=f"{why}\n")
-        return web.Response(text=f"ready ({ready} of {len(peers())} workers)\n")
+        return web.Response(text=f"ready ({ready} of {workers} workers)\n")
 
     app = web.Application(middlewares=[_no_tracebacks])
     app.on_startup.append(on_startup)
@@ -169,9 +170,9 @@ def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[]
 
 
 async def start_workers_admin(host: str, port: int, *, peers: Callable[[], list[str]],
-                              is_draining: Callable[[], bool]) -> tuple[web.AppRunner, int]:
+                              is_draining: Callable[[], bool], workers: int) -> tuple[web.AppRunner, int]:
     """Serve the ``--workers`` parent's admin on ``host:port``; as ``start_admin``."""
-    return await _serve(make_workers_app(peers=peers, is_draining=is_draining), host, port)
+    return await _serve(make_workers_app(peers=peers, is_draining=is_draining, workers=workers), host, port)
 
 
 async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

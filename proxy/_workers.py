@@ -118,7 +118,7 @@ async def supervise(args: argparse.Namespace) -> int:
                     if w.ready and "admin" in w.ready and w.proc is not None and w.proc.returncode is None]
         try:
             admin, admin_port = await start_workers_admin(args.admin[0], args.admin[1], peers=peers,
-                                                          is_draining=stop.is_set)
+                                                          is_draining=stop.is_set, workers=args.workers)
         except OSError as exc:
             log.error("cannot listen on the admin address: %s", exc)
             for s in held:

@@ -19,6 +19,7 @@ catalog transport errors (``aiohttp.ClientError``, ``OSError``, ``asyncio.Timeou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -26,7 +27,6 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -357,12 +357,14 @@ async def read_state(client: consul.aio.Consul) -> CatalogState:
 
 async def _with_tokens(client: consul.aio.Consul, changes: list[ServiceChange]) -> list[ServiceChange]:
     """``changes`` with each created or updated service's restart token (which the
-    replicas' revision includes), read after the write; an unreadable one counts as none."""
+    replicas' revision includes), read after the write. One that cannot be read counts as
+    none: the write is done, and only the revision printed is at stake."""
     async def token(name: str) -> str | None:
-        _, entry = await client.kv.get(restart_key(name))
         try:
+            _, entry = await client.kv.get(restart_key(name))
             return restart_token(json.loads((entry or {}).get("Value") or b"null"))
-        except ValueError:
+        except (ValueError, aiohttp.ClientError, OSError, asyncio.TimeoutError, consul.ConsulException) as exc:
+            log.warning("cannot read the restart token of %s: %s", name, exc)
             return None
 
     wanted = [c for c in changes if c.action in (CREATED, UPDATED)]
