@@ -43,6 +43,7 @@ class ObservedReplica:
     restarts: int = 0                   # restarts of this replica (runtime or supervisor)
     weight: int = 1                     # catalog Meta weight now
     problem: str = ""                   # why it could not be started, if the runtime refused
+    last_exit: int | None = None        # exit code of the slot's last crash of this revision (128+N: signal N)
 
 
 ObservedReplicas = Sequence[ObservedReplica]

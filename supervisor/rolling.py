@@ -132,6 +132,7 @@ class RolloutDriver:
         self.weights: dict[str, int] = {}
         self.crashes: dict[tuple[str, int], int] = {}       # restarts of the target, per slot
         self.refused: dict[tuple[str, int], int] = {}       # refused starts of the target, per slot
+        self.last_exit: dict[tuple[str, int], int] = {}     # exit code of the target's last crash, per slot
         self.counted: dict[str, set[str]] = {}              # exits already counted, per service
         self._stored: dict[str, tuple[Any, Any, Any]] = {}
         self._specs: dict[tuple[str, str], config.ServiceSpec] = {}
@@ -368,7 +369,7 @@ class RolloutDriver:
         return [i for i in self.sup.instances.values() if i.obs.service == service]
 
     def _reset_crashes(self, service: str) -> None:
-        for counts in (self.crashes, self.refused):
+        for counts in (self.crashes, self.refused, self.last_exit):
             for key in [k for k in counts if k[0] == service]:
                 del counts[key]
         self.counted.pop(service, None)
@@ -385,6 +386,8 @@ class RolloutDriver:
             return
         counted.add(o.instance_id)
         self.crashes[(o.service, o.slot)] = self.crashes.get((o.service, o.slot), 0) + 1
+        if o.exit_code is not None:
+            self.last_exit[(o.service, o.slot)] = o.exit_code
 
     def observe(self, service: str, st: RolloutState, spec: config.ServiceSpec,
                 now: float) -> list[ObservedReplica]:
@@ -421,8 +424,11 @@ class RolloutDriver:
                 phase, ready_since = READY, i.ready_since if i.ready_since is not None else now
             else:
                 phase = STARTING
+            last_exit = None
+            if o.revision == st.revision:   # its own exit, or the slot's last crash before it
+                last_exit = o.exit_code if not o.is_running else self.last_exit.get((service, o.slot))
             out.append(ObservedReplica(iid, o.slot, o.revision, phase, ready_since, restarts,
-                                       self.weights.get(iid, 1)))
+                                       self.weights.get(iid, 1), last_exit=last_exit))
         # A slot whose start the runtime refused twice stands as a crash-looping replica of
         # the target (once: the start is retried after its hold, as a crash would be).
         taken = {r.slot for r in out if r.revision == st.revision and r.phase != TERMINATING}

@@ -67,6 +67,7 @@ The supervisor's side (the contract)
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from math import gcd
@@ -192,6 +193,16 @@ def _progress(state: RolloutState, v: _View, now: float) -> RolloutState:
 
 
 # ---------------------------------------------------------------- the step
+
+def describe_exit(code: int) -> str:
+    """An exit code as people read it: 137 -> "code 137 (SIGKILL)"."""
+    if code > 128:
+        try:
+            return f"code {code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return f"code {code}"
+
 
 def _name(state: RolloutState, r: ObservedReplica) -> str:
     return f"{state.service}-{r.slot}"
@@ -377,6 +388,8 @@ def rollout_step(state: RolloutState, observed: ObservedReplicas, strategy: Stra
         what = ("exited and is not restarted" if crashed.phase not in _ALIVE
                 else f"could not be started ({crashed.restarts} attempts): {crashed.problem}" if crashed.problem
                 else f"restarted {crashed.restarts} times without becoming available")
+        if crashed.last_exit is not None and not crashed.problem:
+            what += f" (last exit: {describe_exit(crashed.last_exit)})"
         return _fail(state, s, f"{_name(state, crashed)} ({crashed.instance_id}) of revision "
                                f"{state.revision} {what}", now)
     stage = _canary_stage(state, s)

@@ -180,6 +180,17 @@ def test_a_replica_the_runtime_refuses_fails_the_rollout_with_the_runtimes_reaso
             "image web:9 not found on node a and could not be pulled") in result.actions[0].reason
 
 
+def test_the_failure_reason_gives_the_last_exit_code():
+    crashing = dataclasses.replace(replicas("", "S", restarts=2)[0], last_exit=137)
+    result = rollout_step(state(), [*replicas("AAA"), crashing], Strategy(3, 1, 0), NOW)
+    assert ("web-0 (n0) of revision bbbbbbbbbbbb restarted 2 times without becoming available "
+            "(last exit: code 137 (SIGKILL))") in result.actions[0].reason
+    exited = dataclasses.replace(replicas("", "X")[0], last_exit=3)
+    result = rollout_step(state(), [*replicas("AAA"), exited], Strategy(3, 1, 0), NOW)
+    assert "web-0 (n0) of revision bbbbbbbbbbbb exited and is not restarted (last exit: code 3)" \
+        in result.actions[0].reason
+
+
 def test_exited_new_replica_fails_at_once():
     result = rollout_step(state(), replicas("AAA", "X"), Strategy(3, 1, 0), NOW)
     assert text(result.actions) == ["failed", "revert a"]

@@ -268,6 +268,7 @@ async def test_a_revision_that_crashes_at_start_is_reverted_without_failures(mes
         [(2, bad, "failed"), (3, good, "complete")]
     state = sup.rolling.states["web"]
     assert state.reverted_from == bad and ("exited" in state.reason or "restarted" in state.reason)
+    assert "(last exit: code 3)" in state.reason, state.reason   # what the crashing command returned
     web = web_status(sup)
     assert f"reverted to {good}" in web["problem"] and bad in web["problem"], web["problem"]
     assert web["rollout"]["phase"] == "complete"
@@ -628,6 +629,7 @@ async def test_docker_a_crashing_image_command_is_reverted_without_failures(mesh
     history = await _kv_json(mesh, history_key("web"))
     assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
     assert f"reverted to {good}" in web_status(sup)["problem"]
+    assert "(last exit: code 3)" in sup.rolling.states["web"].reason   # the engine's exit code
 
 
 async def test_docker_a_missing_image_is_reverted_without_failures(mesh, proxy, engine):

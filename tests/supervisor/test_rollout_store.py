@@ -61,7 +61,8 @@ async def test_state_and_history_go_in_one_transaction(catalog) -> None:
 
 
 def _inst(iid: str, revision: str, slot: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(obs=SimpleNamespace(instance_id=iid, service="web", slot=slot, revision=revision))
+    return SimpleNamespace(obs=SimpleNamespace(instance_id=iid, service="web", slot=slot, revision=revision,
+                                               exit_code=3))
 
 
 async def _load(client, sup) -> RolloutDriver:
