@@ -388,6 +388,8 @@ class RolloutDriver:
         self.crashes[(o.service, o.slot)] = self.crashes.get((o.service, o.slot), 0) + 1
         if o.exit_code is not None:
             self.last_exit[(o.service, o.slot)] = o.exit_code
+        else:   # not witnessed (adopted): an older code would be taken for this exit's
+            self.last_exit.pop((o.service, o.slot), None)
 
     def observe(self, service: str, st: RolloutState, spec: config.ServiceSpec,
                 now: float) -> list[ObservedReplica]:
