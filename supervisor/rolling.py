@@ -66,7 +66,7 @@ from .rollout import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVE
                       Revert, RolloutError, RolloutState, SetWeight, StartReplica, Strategy, describe,
                       mark_revision, pause, record_revision, restart_revision, resume, rollout_step,
                       start_rollout)
-from .rollout_keys import ROLLOUT_PREFIX, crashes_key, history_key, state_key
+from .rollout_keys import ROLLOUT_PREFIX, crashes_key, history_key, restart_token, state_key
 
 if TYPE_CHECKING:
     from ._actions import _Inst
@@ -193,8 +193,8 @@ class RolloutDriver:
                 continue
             if kind == "control":
                 controls[service] = value
-            elif isinstance(value.get("token"), str) and value["token"]:
-                tokens[service] = value["token"]
+            elif token := restart_token(value):
+                tokens[service] = token
         changed = {s for s in set(controls) | set(self.controls) if controls.get(s) != self.controls.get(s)}
         changed |= {s for s in set(tokens) | set(self.tokens) if tokens.get(s) != self.tokens.get(s)}
         self.controls, self.tokens = controls, tokens

@@ -91,14 +91,7 @@ def test_drain_deadline_closes_what_is_left(one, start_proxy, px):
 async def test_workers_share_the_listener_and_drain_together(one, start_proxy, px):
     name, host, backend = one
     proxy = start_proxy("--workers", "2")
-    prefixes = set()
-    for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
-        with px.RawClient(proxy.http) as c:
-            c.send(px.get("/w", host, "Connection: close\r\n"))
-            r = c.response()
-            assert r.status == 200
-            rid = dict((k.lower(), v) for k, v in r.json()["headers"])["x-request-id"]
-            prefixes.add(rid.split("-")[0])
+    prefixes = _spread_requests(proxy, px, host, 40)
     assert len(prefixes) == 2, prefixes
     with urllib.request.urlopen(f"http://{proxy.admin}/ready", timeout=5) as r:
         assert r.status == 200
@@ -116,13 +109,7 @@ async def test_the_workers_admin_counts_every_workers_requests_and_in_flight(one
     draining with the requests in flight on it in any worker (what a rollout waits for)."""
     name, host, backend = one
     proxy = start_proxy("--workers", "2")
-    prefixes = set()
-    for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
-        with px.RawClient(proxy.http) as c:
-            c.send(px.get("/w", host, "Connection: close\r\n"))
-            r = c.response()
-            assert r.status == 200
-            prefixes.add(dict((k.lower(), v) for k, v in r.json()["headers"])["x-request-id"].split("-")[0])
+    prefixes = _spread_requests(proxy, px, host, 40)
     assert len(prefixes) == 2, prefixes           # both workers served some
     samples = _samples(proxy)
     assert samples[("meshlet_proxy_requests_total", (("code", "200"), ("service", name)))] == 40
@@ -149,6 +136,20 @@ async def test_the_workers_admin_counts_every_workers_requests_and_in_flight(one
         await px.async_wait_for(lambda: draining() == 8, timeout=5, what="8 in flight, listed as draining")
         assert await asyncio.gather(*tasks) == [200] * 8
     assert draining() == 0
+
+
+def _spread_requests(proxy, px, host: str, n: int) -> set[str]:
+    """``n`` GETs, each on a new connection (the kernel spreads them over the workers), all
+    200; the X-Request-Id prefixes seen, one per worker that served some."""
+    prefixes = set()
+    for _ in range(n):
+        with px.RawClient(proxy.http) as c:
+            c.send(px.get("/w", host, "Connection: close\r\n"))
+            r = c.response()
+            assert r.status == 200
+            rid = dict((k.lower(), v) for k, v in r.json()["headers"])["x-request-id"]
+            prefixes.add(rid.split("-")[0])
+    return prefixes
 
 
 def _samples(proxy) -> dict:

@@ -109,9 +109,9 @@ def test_label_values_are_escaped() -> None:
     assert parse(m)["meshlet_proxy_requests_total"] == {(("code", "200"), ("service", odd)): 1}
 
 
-def _worker(seed: int) -> Metrics:
+def _serve(m: Metrics, seed: int) -> Metrics:
+    """One worker's traffic (the same for the same seed), recorded in ``m``."""
     rng = random.Random(seed)
-    m = Metrics()
     for _ in range(200):
         m.request_done(rng.choice(["web", "api"]), rng.choice([200, 200, 503]), rng.uniform(0, 0.05))
     m.retry("web")
@@ -125,16 +125,8 @@ def test_the_workers_snapshots_add_up_to_one_process_that_served_it_all() -> Non
     """--workers: the parent adds the workers' snapshots (as JSON, as they travel) and
     renders what one process that had served every request would."""
     import json
-    a, b = _worker(1), _worker(2)
-    both = Metrics()
-    for seed in (1, 2):
-        rng = random.Random(seed)
-        for _ in range(200):
-            both.request_done(rng.choice(["web", "api"]), rng.choice([200, 200, 503]), rng.uniform(0, 0.05))
-        both.retry("web")
-        both.ejection("api")
-    both.active_requests.inc(4)
-    both.upstream_connections.inc(6)
+    a, b = _serve(Metrics(), 1), _serve(Metrics(), 2)
+    both = _serve(_serve(Metrics(), 1), 2)
     total = Metrics()
     total.add(json.loads(json.dumps(a.snapshot())))
     total.add(json.loads(json.dumps(b.snapshot())))
