@@ -1,22 +1,30 @@
 """meshlet's declarative model: meshlet.yaml -> validated frozen dataclasses -> KV JSON.
 
 See config/README.md for the schema and the KV service document (the contract). This
-package imports nothing else of meshlet.
+package imports nothing else of meshlet; every other package imports it, so it is also the
+one home of the facts they share: the KV keys (``_keys``), HOST:PORT text (``_address``),
+and how meshlet's processes start and log (``_process``).
 """
 
 from __future__ import annotations
 
+from ._address import join_hostport, split_hostport
 from ._document import (DOCUMENT_FORMAT, canonical_json, parse_service_document,
                         service_document, service_revision)
 from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
+from ._keys import (BACKOFF_PREFIX, ROLLOUT_KINDS, ROLLOUT_PREFIX, SERVICES_PREFIX, VIPS_PREFIX,
+                    backoff_key, key_name, rollout_key, service_key, split_backoff_key,
+                    split_rollout_key, vip_key)
 from ._load import load, loads
-from ._model import (Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
+from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
                      ProxySettings, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
                      VolumeSpec)
+from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
+                       die_with_parent_preexec, module_argv, setup_logging)
 from ._units import (UnitError, format_duration, parse_cpu, parse_duration,
                      parse_percent_or_count, parse_size)
 
@@ -35,5 +43,12 @@ __all__ = [
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
     "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec",
-    "FrozenDict",
+    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL",
+    # KV keys (the catalog contract)
+    "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
+    "service_key", "vip_key", "backoff_key", "rollout_key", "key_name", "split_rollout_key",
+    "split_backoff_key",
+    # conventions every component shares
+    "split_hostport", "join_hostport", "module_argv", "die_with_parent", "die_with_parent_preexec",
+    "setup_logging", "LOG_FORMAT", "DEFAULT_DOCKER_ENGINE",
 ]

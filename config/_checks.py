@@ -20,7 +20,7 @@ from ._model import (Backoff, ConfigSpec, HashOn, MeshSettings, NodeSpec, PortSp
 
 __all__ = ["DEFAULT_DOCKER_ENGINE"]
 
-DEFAULT_DOCKER_ENGINE = "unix:///var/run/docker.sock"
+from ._process import DEFAULT_DOCKER_ENGINE
 Values = dict[str, Any]
 
 

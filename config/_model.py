@@ -24,7 +24,7 @@ __all__ = [
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount",
     "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec",
-    "MeshConfig", "to_plain",
+    "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL",
 ]
 
 _EMPTY: FrozenDict[str, str] = FrozenDict()
@@ -81,7 +81,14 @@ def PORT_REF(n: Any, cx: Any, path: str) -> Any:
 class DnsSettings:
     listen: tuple[str, ...] = opt(("127.0.0.1:8600",), listof(HOSTPORT, unique=True))
     mode: str = opt("vip", choice("vip", "endpoints"))
+    # Record TTL 0: a readiness change must reach clients at once (the catalog change shows
+    # in answers within 100 ms; any positive TTL lets resolvers keep sending traffic to an
+    # instance that just failed).
     ttl: float = opt(0.0, duration())
+    # Negative TTL 5 s (SOA minimum and the SOA record's TTL). Consul's 0 makes resolvers
+    # that treat 0 as "unknown" fall back to their own default (Windows: 15 min), which
+    # turns a short outage into a long one. 5 s is honoured everywhere, bounds how long a
+    # service that comes back still looks missing, and damps NXDOMAIN storms.
     negative_ttl: float = opt(5.0, duration())
     only_passing: bool = opt(True, boolean)
     recursors: tuple[str, ...] = opt((), listof(HOSTPORT, unique=True))
@@ -127,6 +134,12 @@ class MeshSettings:
     dns: DnsSettings = opt(DnsSettings(), struct(DnsSettings))
     proxy: ProxySettings = opt(ProxySettings(), struct(ProxySettings))
     nodes: tuple[NodeSpec, ...] = opt((), listof(struct(NodeSpec)))  # (): one node "local"
+
+
+# The mesh defaults as one value: the command-line defaults of components run alone
+# (``meshlet dns``, ``meshlet proxy``) are these, not copies.
+MESH_DEFAULTS = MeshSettings()
+DEFAULT_CATALOG_URL = "http://" + MESH_DEFAULTS.catalog_listen
 
 
 # --- service parts ----------------------------------------------------------------------

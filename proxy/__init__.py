@@ -46,16 +46,21 @@ import signal
 import sys
 from typing import Any
 
+import config
+
 __all__ = ["main", "parse_args", "serve"]
 
 log = logging.getLogger("meshlet.proxy")
 
 
+_PROXY = config.MESH_DEFAULTS.proxy
+
+
 def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return config.split_hostport(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(kind: type) -> Any:
@@ -73,15 +78,17 @@ def _positive(kind: type) -> Any:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshlet proxy", description="HTTP/1.1 and TCP proxy to the ready "
                                 "instances of the services in the catalog.")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or "http://127.0.0.1:8500",
+    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
                    metavar="URL", help="catalog (Consul HTTP API) URL [%(default)s]")
     p.add_argument("--token", default=os.environ.get("CONSUL_HTTP_TOKEN"), help=argparse.SUPPRESS)
     p.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
-                   help="entry listener, routing by Host and path (repeatable) [127.0.0.1:8080]")
+                   help=f"entry listener, routing by Host and path (repeatable) [{_PROXY.listen[0]}]")
     p.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                    help="admin listener: /metrics, /routes, /ready (with --workers: of all workers)")
-    p.add_argument("--workers", type=_positive(int), default=1, help="processes sharing the listeners [1]")
-    p.add_argument("--domain", default="meshlet", help="DNS domain of <service>.service.<domain> [meshlet]")
+    p.add_argument("--workers", type=_positive(int), default=_PROXY.workers,
+                   help="processes sharing the listeners [%(default)s]")
+    p.add_argument("--domain", default=config.MESH_DEFAULTS.domain,
+                   help="DNS domain of <service>.service.<domain> [%(default)s]")
     p.add_argument("--drain-timeout", type=_positive(float), default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM [10]")
     p.add_argument("--access-log", action="store_true", help="JSON access log lines on stderr")
@@ -98,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.listen:
-        args.listen = [("127.0.0.1", 8080)]
+        args.listen = [config.split_hostport(a) for a in _PROXY.listen]
     return args
 
 
@@ -109,10 +116,6 @@ def _raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -156,14 +159,14 @@ async def serve(args: argparse.Namespace) -> int:
     bound: list[str] = []
     try:
         for host, port in args.listen:
-            bound.append(_fmt(*await server.listen(host, port)))
+            bound.append(config.join_hostport(*await server.listen(host, port)))
         await server.vips_settled()
         ready: dict[str, Any] = {"http": bound}
         if args.admin is not None:   # (a worker's: internal, the parent serves the address)
             runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
                                                    metrics=metrics, is_ready=lambda: not server.draining,
                                                    get_draining=server.draining_endpoints)
-            ready["admin"] = _fmt(args.admin[0], admin_port)
+            ready["admin"] = config.join_hostport(args.admin[0], admin_port)
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         await mirror.close()
@@ -190,8 +193,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.setup_logging(args.log_level)
     _raise_nofile()
     import uvloop
 
@@ -200,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return uvloop.run(supervise(args))
     if args.worker_index is not None:
-        from ._workers import die_with_parent
-
-        die_with_parent()
+        config.die_with_parent()   # a worker goes with its parent, even one killed by SIGKILL
     try:
         return uvloop.run(serve(args))
     except KeyboardInterrupt:

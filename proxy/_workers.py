@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import signal
@@ -27,35 +26,21 @@ import socket
 import sys
 from typing import Any
 
-__all__ = ["supervise", "die_with_parent", "worker_argv"]
+from config import join_hostport, module_argv
+
+__all__ = ["supervise", "worker_argv"]
 
 log = logging.getLogger("meshlet.proxy.workers")
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the parent dies, so a killed parent leaves no workers."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def worker_argv(args: argparse.Namespace, index: int, listens: list[tuple[str, int]]) -> list[str]:
     """The command line of worker ``index`` (pure: tested directly)."""
-    argv = [sys.executable, "-m", "proxy", "--consul", args.consul, "--workers", str(args.workers),
+    argv = module_argv("proxy", "--consul", args.consul, "--workers", str(args.workers),
             "--worker-index", str(index), "--domain", args.domain, "--drain-timeout", repr(args.drain_timeout),
             "--max-connections", str(args.max_connections), "--header-timeout", repr(args.header_timeout),
             "--idle-timeout", repr(args.idle_timeout), "--catalog-timeout", repr(args.catalog_timeout),
-            "--log-level", args.log_level]
+            "--log-level", args.log_level)
     for host, port in listens:
-        argv += ["--listen", _fmt(host, port)]
+        argv += ["--listen", join_hostport(host, port)]
     if args.admin is not None:
         argv += ["--admin", "127.0.0.1:0"]   # internal: the parent serves args.admin
     if args.access_log:
@@ -133,9 +118,9 @@ async def supervise(args: argparse.Namespace) -> int:
         if admin is not None:
             await admin.cleanup()
         return 1
-    ready: dict[str, Any] = {"http": [_fmt(h, p) for h, p in listens]}
+    ready: dict[str, Any] = {"http": [join_hostport(h, p) for h, p in listens]}
     if admin is not None:
-        ready["admin"] = _fmt(args.admin[0], admin_port)
+        ready["admin"] = join_hostport(args.admin[0], admin_port)
     sys.stdout.write("ready " + json.dumps(ready) + "\n")
     sys.stdout.flush()
     log.info("proxy ready with %d workers: %s", args.workers, json.dumps(ready))

@@ -37,6 +37,8 @@ import sys
 from types import MappingProxyType
 from typing import Any, Iterable
 
+from config import setup_logging
+
 from ._engine import Engine
 from ._zone import Names, Settings
 
@@ -240,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         config = read_frame(sock)
     except (EOFError, OSError):
         return 0
-    logging.basicConfig(level=config.get("log_level", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.get("log_level", "INFO"))
     import uvloop
 
     builder = _Builder(sock, config["settings"])

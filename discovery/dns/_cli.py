@@ -20,12 +20,14 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import signal
 import sys
+from collections.abc import Callable
+
+import config
 
 from ._engine import Engine
-from ._forward import Forwarder, parse_hostport
+from ._forward import Forwarder
 from ._server import Listeners
 from ._zone import DEFAULT_NEGATIVE_TTL, DEFAULT_TTL, MODES, Settings
 
@@ -33,15 +35,14 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("discovery.dns")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DNS = config.MESH_DEFAULTS.dns
 
 
 def _duration(text: str) -> float:
-    m = _DURATION.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 5s, 500ms or 2m, got {text!r}")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    try:
+        return float(config.parse_duration(text))
+    except (config.UnitError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ttl(text: str) -> int:
@@ -51,18 +52,17 @@ def _ttl(text: str) -> int:
     return int(round(seconds))
 
 
-def _listen(text: str) -> tuple[str, int]:
-    try:
-        return parse_hostport(text, 8600)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
+    def parse(text: str) -> tuple[str, int]:
+        try:
+            return config.split_hostport(text, default_port)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
-def _recursor(text: str) -> tuple[str, int]:
-    try:
-        return parse_hostport(text, 53)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_listen = _hostport(config.split_hostport(_DNS.listen[0])[1])
+_recursor = _hostport(53)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meshlet dns",
         description="Answer <service>.service.<domain> over UDP and TCP from the catalog.")
     p.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
-                   help="address to answer on, UDP and TCP (repeatable; default 127.0.0.1:8600; port 0 = any)")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or "http://127.0.0.1:8500",
-                   metavar="URL", help="catalog URL (default $CONSUL_HTTP_ADDR or http://127.0.0.1:8500)")
-    p.add_argument("--domain", default="meshlet", help="DNS domain (default meshlet)")
-    p.add_argument("--mode", choices=MODES, default="vip",
+                   help=f"address to answer on, UDP and TCP (repeatable; default {_DNS.listen[0]}; port 0 = any)")
+    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
+                   metavar="URL", help=f"catalog URL (default $CONSUL_HTTP_ADDR or {config.DEFAULT_CATALOG_URL})")
+    p.add_argument("--domain", default=config.MESH_DEFAULTS.domain,
+                   help=f"DNS domain (default {config.MESH_DEFAULTS.domain})")
+    p.add_argument("--mode", choices=MODES, default=_DNS.mode,
                    help="A/AAAA answer: the service VIP (vip, default) or its ready instances (endpoints); "
                         "a service's spec dns.mode overrides it")
     p.add_argument("--ttl", type=_ttl, default=DEFAULT_TTL, metavar="DURATION",
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer only instances whose checks all pass (default)")
     ready.add_argument("--include-warning", dest="include_warning", action="store_true",
                        help="also answer instances with a warning check")
-    p.set_defaults(include_warning=False)
+    p.set_defaults(include_warning=not _DNS.only_passing)
     p.add_argument("--recursor", action="append", type=_recursor, default=[], metavar="HOST:PORT",
                    help="where names outside the domain go, tried in order (repeatable; none: REFUSED)")
     p.add_argument("--recursor-timeout", type=_duration, default=2.0, metavar="DURATION",
@@ -121,7 +122,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from ._watch import CatalogProcess
 
-    listens = args.listen or [("127.0.0.1", 8600)]
+    listens = args.listen or [config.split_hostport(a) for a in _DNS.listen]
     settings = Settings(domain=args.domain, mode=args.mode, ttl=args.ttl, negative_ttl=args.negative_ttl,
                         include_warning=args.include_warning, forwarding=bool(args.recursor),
                         ns_addresses=_ns_addresses(listens))
@@ -180,8 +181,7 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the DNS server until SIGTERM/SIGINT. Returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.setup_logging(args.log_level)
     try:
         settings_check = Settings(domain=args.domain)  # fail early on a bad domain
         del settings_check

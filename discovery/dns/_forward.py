@@ -17,36 +17,11 @@ import asyncio
 import logging
 import struct
 
-__all__ = ["Forwarder", "parse_hostport"]
+__all__ = ["Forwarder"]
 
 log = logging.getLogger(__name__)
 
 _ACCEPT = (0, 3)  # NOERROR, NXDOMAIN
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """``HOST:PORT``, ``HOST``, ``[V6]:PORT`` or ``[V6]`` -> (host, port). Raises ValueError."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        host, port_text = text, ""  # a bare IPv6 address
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise ValueError(f"missing host in {text!r}")
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise ValueError(f"port must be a number in {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return host, port
 
 
 class _Reply(asyncio.DatagramProtocol):

@@ -22,6 +22,8 @@ import struct
 from collections import deque
 from typing import Any
 
+import config
+
 from . import _mmsg
 from ._engine import Engine, Forward
 from ._forward import Forwarder
@@ -350,5 +352,4 @@ class Listeners:
 
 
 def _fmt(sockname: tuple[Any, ...]) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return config.join_hostport(sockname[0], sockname[1])

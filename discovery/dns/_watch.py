@@ -20,9 +20,10 @@ import os
 import pickle
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from config import module_argv
 
 from ._builder import HEAD_SIZE, frame, frame_size, frozen_sets
 from ._engine import Engine, Update
@@ -88,7 +89,7 @@ class CatalogProcess:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "discovery.dns._builder", str(theirs.fileno()),
+                *module_argv("discovery.dns._builder", str(theirs.fileno())),
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()

@@ -1,0 +1,69 @@
+"""Where meshlet keeps its state in the catalog's KV store: every key and prefix, once.
+
+The contract between ``meshlet apply`` / the CLI (writers of desired state and requests),
+the supervisor (reader of those, writer of what it must not lose) and DNS and the proxy
+(readers of the service documents). config/README.md, "KV keys", says what each holds::
+
+    meshlet/services/<service>            the service document (config._document)
+    meshlet/vips/<ip>                     the service a virtual IP belongs to
+    meshlet/backoff/<service>/<slot>      a slot's restart back-off
+    meshlet/rollout/<service>/<kind>      state | history | crashes   (the supervisor)
+                                          control | restart           (the CLI)
+"""
+
+from __future__ import annotations
+
+__all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
+           "service_key", "vip_key", "backoff_key", "rollout_key", "key_name", "split_rollout_key",
+           "split_backoff_key"]
+
+SERVICES_PREFIX = "meshlet/services/"
+VIPS_PREFIX = "meshlet/vips/"
+BACKOFF_PREFIX = "meshlet/backoff/"
+ROLLOUT_PREFIX = "meshlet/rollout/"
+ROLLOUT_KINDS = ("state", "history", "crashes", "control", "restart")
+
+
+def service_key(service: str) -> str:
+    return SERVICES_PREFIX + service
+
+
+def vip_key(ip: str) -> str:
+    return VIPS_PREFIX + ip
+
+
+def backoff_key(service: str, slot: int | None = None) -> str:
+    """A slot's back-off key; without ``slot`` the service's prefix (for a recursive delete)."""
+    return f"{BACKOFF_PREFIX}{service}/" + ("" if slot is None else str(slot))
+
+
+def rollout_key(service: str, kind: str | None = None) -> str:
+    """``meshlet/rollout/<service>/<kind>``; without ``kind`` the service's prefix."""
+    if kind is not None and kind not in ROLLOUT_KINDS:
+        raise ValueError(f"unknown rollout key kind {kind!r}")
+    return f"{ROLLOUT_PREFIX}{service}/" + (kind or "")
+
+
+def key_name(key: str, prefix: str) -> str | None:
+    """The name a one-level key under ``prefix`` stands for (``meshlet/services/web`` ->
+    ``web``); None for the prefix itself or anything deeper or elsewhere."""
+    if not key.startswith(prefix):
+        return None
+    name = key[len(prefix):]
+    return name if name and "/" not in name else None
+
+
+def split_rollout_key(key: str) -> tuple[str, str] | None:
+    """``(service, kind)`` of a key under ``ROLLOUT_PREFIX``; None for anything else."""
+    if not key.startswith(ROLLOUT_PREFIX):
+        return None
+    service, sep, kind = key[len(ROLLOUT_PREFIX):].rpartition("/")
+    return (service, kind) if sep and service and kind in ROLLOUT_KINDS else None
+
+
+def split_backoff_key(key: str) -> tuple[str, int] | None:
+    """``(service, slot)`` of a key under ``BACKOFF_PREFIX``; None for anything else."""
+    if not key.startswith(BACKOFF_PREFIX):
+        return None
+    service, sep, slot = key[len(BACKOFF_PREFIX):].rpartition("/")
+    return (service, int(slot)) if sep and service and slot.isdigit() else None
