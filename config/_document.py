@@ -78,6 +78,8 @@ def parse_service_document(data: bytes | str,
                                   f"expected 12 hex digits, got {describe(revision)}"))
     if vip is not None:
         try:
+            if not isinstance(vip, str):
+                raise ValueError(vip)
             ipaddress.IPv4Address(vip)
         except ValueError:
             issues.append(ConfigIssue(source, None, "vip", f"expected an IPv4 address or null, "

@@ -57,8 +57,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8500"
-SERVICES_PREFIX = "meshlet/services/"
-DOCUMENT_FORMAT = 1
 
 
 class MirrorError(Exception):
@@ -156,32 +154,17 @@ def instances_from_health(entries: list[dict[str, Any]] | None) -> tuple[Instanc
     return tuple(out)
 
 
-def read_service_document(name: str, raw: bytes | None) -> tuple[Mapping[str, Any], str | None, str | None]:
-    """The KV document of service ``name`` -> (spec, vip, revision), the spec as the stored
-    plain dict. The whole document is validated by ``config.parse_service_document`` so the
-    data plane never sees a spec it cannot read. Raises ValueError saying what is wrong."""
+def read_service_document(name: str, raw: bytes | None) -> tuple[config.ServiceSpec, str | None, str]:
+    """The KV document of service ``name`` -> (spec, vip, revision), parsed and validated
+    once by ``config.parse_service_document``, so the data plane never sees a spec it
+    cannot read. Raises ValueError saying what is wrong."""
     try:
-        doc = json.loads(raw or b"")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError("expected a JSON object")
-    if doc.get("format") != DOCUMENT_FORMAT:
-        raise ValueError(f"unknown format {doc.get('format')!r} (this reader knows {DOCUMENT_FORMAT})")
-    if doc.get("name") != name:
-        raise ValueError(f"name {doc.get('name')!r} does not match the key")
-    spec, vip, revision = doc.get("spec"), doc.get("vip"), doc.get("revision")
-    if not isinstance(spec, dict):
-        raise ValueError("spec: expected an object")
-    if vip is not None and not isinstance(vip, str):
-        raise ValueError("vip: expected a string or null")
-    if not isinstance(revision, str):
-        raise ValueError("revision: expected a string")
-    try:
-        config.parse_service_document(raw or b"", source=SERVICES_PREFIX + name)
+        spec, vip, revision = config.parse_service_document(raw or b"", source=config.service_key(name))
     except config.ConfigError as exc:
         raise ValueError("; ".join(str(i) for i in exc.issues)) from None
-    return MappingProxyType(spec), vip, revision
+    if spec.name != name:
+        raise ValueError(f"name {spec.name!r} does not match the key")
+    return spec, vip, revision
 
 
 # --------------------------------------------------------------------------- watches
@@ -499,7 +482,7 @@ class Mirror:
     """
 
     def __init__(self, url: str, *, token: str | None = None, wait: str = "30s",
-                 kv_prefix: str = SERVICES_PREFIX, on_change: Callable[[View], None] | None = None) -> None:
+                 kv_prefix: str = config.SERVICES_PREFIX, on_change: Callable[[View], None] | None = None) -> None:
         self.url, self.token, self.wait, self.kv_prefix, self.on_change = url, token, wait, kv_prefix, on_change
         self._view = View()
         self._client: consul.aio.Consul | None = None
@@ -507,7 +490,7 @@ class Mirror:
         self._tasks: dict[str, asyncio.Task[None]] = {}  # "services", "kv", "nodes", "health:<name>"
         self._listed: dict[str, tuple[str, ...]] = {}
         self._instances: dict[str, tuple[Instance, ...]] = {}
-        self._docs: dict[str, tuple[Mapping[str, Any], str | None, str | None]] = {}
+        self._docs: dict[str, tuple[config.ServiceSpec, str | None, str]] = {}
         self._bad_docs: dict[str, bytes] = {}  # last invalid value per service (logged once)
         self._raw: dict[str, bytes] = {}  # last accepted value per service (parsed once)
         self._nodes: Mapping[str, Node] = MappingProxyType({})

@@ -7,8 +7,8 @@ Instance
     ``/v1/health/service/<name>`` plus the aggregated status of its checks.
 ServiceView
     Everything the data plane knows of one service: the spec last applied with
-    ``meshlet apply`` (from KV ``meshlet/services/<name>``, may be absent for services
-    registered by other tools), its virtual IP, and its instances.
+    ``meshlet apply`` (from KV ``meshlet/services/<name>``, a typed ``config.ServiceSpec``;
+    absent for services registered by other tools), its virtual IP, and its instances.
 View
     The whole catalog at one moment: services by name and nodes by name. A new View is
     built for every change and swapped in whole; nobody mutates a published View.
@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
+
+import config
 
 __all__ = ["Instance", "Node", "ServiceView", "View", "PASSING", "WARNING", "CRITICAL", "worst_status"]
 
@@ -93,12 +95,13 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class ServiceView:
-    """One service: its applied spec document (see config/README.md, "The KV service
-    document"), its VIP, and its instances in catalog order."""
+    """One service: its applied spec (the KV service document, see config/README.md,
+    parsed and validated once by the Mirror), its VIP, and its instances in catalog order.
+    ``spec`` is None for a service registered by another tool (no document)."""
 
     name: str
     instances: tuple[Instance, ...] = ()
-    spec: Mapping[str, Any] | None = None  # the "spec" object of the KV document, or None
+    spec: config.ServiceSpec | None = None
     vip: str | None = None
     revision: str | None = None
 

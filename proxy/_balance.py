@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._metrics import Metrics
     from ._routes import ClusterSettings
 
-__all__ = ["Endpoint", "Cluster", "POLICIES", "DEFAULT_POLICY", "LeastRequest", "RoundRobin", "Random",
+__all__ = ["Endpoint", "Cluster", "POLICIES", "LeastRequest", "RoundRobin", "Random",
            "RingHash", "PeakEwma", "hash64", "cookie_value", "DEFAULT_RTT", "DECAY", "observe_rtt"]
 
 # Linkerd2-proxy's peak-EWMA defaults.
@@ -403,7 +403,6 @@ class PeakEwma(_Base):
 POLICIES: dict[str, type[_Base]] = {
     p.name: p for p in (LeastRequest, RoundRobin, Random, RingHash, PeakEwma)
 }
-DEFAULT_POLICY = LeastRequest.name
 
 
 def cookie_value(header: bytes, name: bytes) -> bytes | None:
@@ -459,7 +458,7 @@ class Cluster:
         self.routable = routable
         self._policy = None
         if routable:
-            cls = POLICIES.get(settings.policy) or POLICIES[DEFAULT_POLICY]
+            cls = POLICIES[settings.policy]   # config accepts these names only
             self._policy = cls(routable, weights, rng=rng, clock=clock, cache=self._shared.ring_cache)
         self._seen = -1  # shared.version the ejection view below was computed at
         self._next_return = 0.0  # earliest return of an ejected endpoint (0: none)

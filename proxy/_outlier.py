@@ -29,8 +29,9 @@ used are ``c5xx``, ``cgw``, ``ejected_until`` (0.0 when in service), ``times_eje
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
+
+import config
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._balance import Endpoint
@@ -53,14 +54,10 @@ LOCAL_FAILURES = frozenset({"connect", "reset", "timeout"})
 _GATEWAY_CODES = frozenset({502, 503, 504})
 
 
-@dataclass(frozen=True, slots=True)
-class OutlierSettings:
-    consecutive_5xx: int = 5  # 0 disables this detector
-    consecutive_gateway_failure: int = 5  # 0 disables this detector
-    base_ejection_time: float = 30.0
-    max_ejection_percent: float = 10.0
-    interval: float = 10.0
-    max_ejection_time: float = 300.0
+# The settings are ``config.Outlier`` (``routes.outlier``): consecutive_5xx and
+# consecutive_gateway_failure (0 disables that detector), base_ejection_time,
+# max_ejection_percent, interval, max_ejection_time. Re-exported under the proxy's name.
+OutlierSettings = config.Outlier
 
 
 def record(ep: Endpoint, status: int | None, failure: str | None, s: OutlierSettings) -> bool:

@@ -10,17 +10,14 @@ retry_budget``; the budget is re-evaluated for every retry, so it follows the lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import config
 
 __all__ = ["RetrySettings", "retry_limit", "retry_allowed"]
 
 
-@dataclass(frozen=True, slots=True)
-class RetrySettings:
-    attempts: int = 2  # retries after the first try (config `routes.retries.attempts`)
-    per_try_timeout: float = 0.0  # seconds; 0 = only the overall request time-out
-    budget_percent: float = 20.0
-    min_concurrent: int = 3
+# The settings are ``config.Retries`` (``routes.retries``): attempts, per_try_timeout,
+# budget_percent, min_concurrent. Re-exported under the proxy's name.
+RetrySettings = config.Retries
 
 
 def retry_limit(active: int, budget_percent: float, min_concurrent: int) -> int:

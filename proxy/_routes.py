@@ -6,7 +6,8 @@ Endpoint, Cluster
     Defined in :mod:`proxy._balance` (re-exported here): one instance port with its
     live stats, and the endpoints of one service port with their balancer.
 ClusterSettings
-    A service's ``routes`` settings from its spec, parsed here (:func:`parse_settings`).
+    A service's ``routes`` settings (``config.Routes``) as the engine reads them; the
+    defaults are config's.
 Route
     (host, path prefix) -> cluster, with strip_prefix.
 RouteTable
@@ -35,8 +36,9 @@ Routing rules
 - VIP listeners: one per (vip, vip_port) of every port of a service with a VIP;
   a clash goes to the first service by name, logged.
 
-Bad spec values are logged once per spec change with the service and field, and
-replaced by defaults; they never stop the table from building.
+Specs arrive typed and validated (``discovery.view.ServiceView.spec``: the Mirror drops a
+document that does not validate and keeps the last good one), so nothing here re-checks
+or re-defaults a field.
 
 One request, as the engine drives it::
 
@@ -63,13 +65,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ._balance import DEFAULT_POLICY, POLICIES, Cluster, Endpoint, _Shared
-from ._outlier import OutlierSettings
-from ._retry import RetrySettings
+import config
+
+from ._balance import Cluster, Endpoint, _Shared
 
 if TYPE_CHECKING:  # pragma: no cover
     from discovery.view import View
@@ -86,7 +88,6 @@ __all__ = [
     "Route",
     "RouteTable",
     "build_table",
-    "parse_settings",
 ]
 
 log = logging.getLogger("meshlet.proxy.routes")
@@ -94,22 +95,29 @@ log = logging.getLogger("meshlet.proxy.routes")
 Clock = Callable[[], float]
 
 
-@dataclass(frozen=True, slots=True)
-class TimeoutSettings:
-    connect: float = 1.0
-    request: float = 15.0  # overall, retries included (Envoy's route timeout)
-    idle: float = 60.0
+# Every default is config's (config.Routes): a service registered by another tool, with no
+# spec, is routed with ``config.Routes()``.
+_ROUTES = config.Routes()
+TimeoutSettings = config.Timeouts
+RetrySettings = config.Retries
+OutlierSettings = config.Outlier
 
 
 @dataclass(frozen=True, slots=True)
 class ClusterSettings:
-    policy: str = DEFAULT_POLICY
+    """A service's ``routes`` as the engine reads them (``from_routes``)."""
+    policy: str = _ROUTES.policy
     # None | ("header", lower-case name) | ("cookie", name) | ("source_ip", None)
     hash_on: tuple[str, str | None] | None = None
-    retries: RetrySettings = field(default_factory=RetrySettings)
-    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
-    outlier: OutlierSettings = field(default_factory=OutlierSettings)
-    max_pending: int = 1024  # Envoy's max_pending_requests; 0 = no limit
+    retries: config.Retries = _ROUTES.retries
+    timeouts: config.Timeouts = _ROUTES.timeouts
+    outlier: config.Outlier = _ROUTES.outlier
+    max_pending: int = _ROUTES.max_pending  # Envoy's max_pending_requests; 0 = no limit
+
+    @classmethod
+    def from_routes(cls, routes: config.Routes) -> ClusterSettings:
+        return cls(policy=routes.policy, hash_on=_hash_on(routes.hash_on), retries=routes.retries,
+                   timeouts=routes.timeouts, outlier=routes.outlier, max_pending=routes.max_pending)
 
 
 DEFAULT_SETTINGS = ClusterSettings()
@@ -224,88 +232,17 @@ class RouteTable:
         }
 
 
-# -- spec parsing -------------------------------------------------------------------
+# -- reading a spec ---------------------------------------------------------------------
 
-class _Problems(list):
-    def add(self, where: str, expected: str, got: Any) -> None:
-        self.append(f"{where}: expected {expected}, got {got!r}")
-
-
-def _number(d: Mapping[str, Any], key: str, default: float, where: str, problems: _Problems,
-            *, integer: bool = False, minimum: float = 0.0) -> Any:
-    v = d.get(key)
-    if v is None:
-        return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= minimum
-    if ok and integer and not float(v).is_integer():
-        ok = False
-    if not ok:
-        problems.add(f"{where}.{key}", f"{'an integer' if integer else 'a number'} >= {minimum:g}", v)
-        return default
-    return int(v) if integer else float(v)
-
-
-def _section(d: Mapping[str, Any], key: str, where: str, problems: _Problems) -> Mapping[str, Any]:
-    v = d.get(key)
-    if v is None:
-        return {}
-    if not isinstance(v, Mapping):
-        problems.add(f"{where}.{key}", "a mapping", v)
-        return {}
-    return v
-
-
-def _numbers(cls: type, d: Mapping[str, Any], where: str, p: _Problems) -> Any:
-    """A settings dataclass from a mapping of numbers (ints where the default is an int)."""
-    default = cls()
-    values = {}
-    for f in fields(cls):
-        dv = getattr(default, f.name)
-        values[f.name] = _number(d, f.name, dv, where, p, integer=isinstance(dv, int))
-    return cls(**values)
-
-
-def parse_settings(routes: Mapping[str, Any] | None, where: str = "routes",
-                   problems: _Problems | None = None) -> ClusterSettings:
-    """``spec["routes"]`` -> ClusterSettings; bad fields are reported and defaulted."""
-    p = problems if problems is not None else _Problems()
-    if routes is None:
-        return DEFAULT_SETTINGS
-    if not isinstance(routes, Mapping):
-        p.add(where, "a mapping", routes)
-        return DEFAULT_SETTINGS
-    policy = routes.get("policy") or DEFAULT_POLICY
-    if policy not in POLICIES:
-        p.add(f"{where}.policy", " | ".join(POLICIES), policy)
-        policy = DEFAULT_POLICY
-    hash_on = _parse_hash_on(routes.get("hash_on"), f"{where}.hash_on", p)
-    if policy == "ring_hash" and hash_on is None:
-        p.append(f"{where}.hash_on: ring_hash without hash_on hashes nothing; picks are random")
-    parts = {key: _numbers(cls, _section(routes, key, where, p), f"{where}.{key}", p)
-             for key, cls in (("retries", RetrySettings), ("timeouts", TimeoutSettings),
-                              ("outlier", OutlierSettings))}
-    max_pending = _number(routes, "max_pending", DEFAULT_SETTINGS.max_pending, where, p, integer=True)
-    return ClusterSettings(policy=policy, hash_on=hash_on, max_pending=max_pending, **parts)
-
-
-def _parse_hash_on(v: Any, where: str, p: _Problems) -> tuple[str, str | None] | None:
-    """``{header: X}`` | ``{cookie: X}`` | ``{source_ip: true}``; the normalised document
-    carries all three keys with the unused ones null/false."""
-    if v is None:
+def _hash_on(h: config.HashOn | None) -> tuple[str, str | None] | None:
+    """config validated exactly one of header / cookie / source_ip."""
+    if h is None:
         return None
-    if isinstance(v, Mapping) and set(v) <= {"header", "cookie", "source_ip"}:
-        chosen = []
-        header, cookie = v.get("header"), v.get("cookie")
-        if isinstance(header, str) and header.strip():
-            chosen.append(("header", header.strip().lower()))
-        if isinstance(cookie, str) and cookie.strip():
-            chosen.append(("cookie", cookie.strip()))
-        if v.get("source_ip") is True:
-            chosen.append(("source_ip", None))
-        if len(chosen) == 1:
-            return chosen[0]
-    p.add(where, "exactly one of {header: NAME} | {cookie: NAME} | {source_ip: true}", v)
-    return None
+    if h.header:
+        return ("header", h.header.lower())
+    if h.cookie:
+        return ("cookie", h.cookie)
+    return ("source_ip", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +254,7 @@ class _PortSpec:
 
 @dataclass(frozen=True, slots=True)
 class _ServiceInfo:
-    spec: Any  # the spec mapping these were parsed from (compared to skip re-parsing)
+    spec: config.ServiceSpec | None  # what these were read from (compared to skip re-reading)
     vip: str | None
     revision: str | None
     settings: ClusterSettings
@@ -326,74 +263,16 @@ class _ServiceInfo:
     paths: tuple[tuple[bytes, bool], ...]
 
 
-def _parse_service(name: str, spec: Any, vip: str | None, revision: str | None) -> tuple[_ServiceInfo, list[str]]:
-    p = _Problems()
+def _service_info(spec: config.ServiceSpec | None, vip: str | None, revision: str | None) -> _ServiceInfo:
     if spec is None:  # registered by another tool: its catalog Port, plain HTTP, defaults
         return _ServiceInfo(None, vip, revision, DEFAULT_SETTINGS, (_PortSpec(None, "http", None),), (),
-                            ((b"/", False),)), p
-    if not isinstance(spec, Mapping):
-        p.add("spec", "a mapping", type(spec).__name__)
-        return _ServiceInfo(spec, vip, revision, DEFAULT_SETTINGS, (), (), ()), p
-    routes = spec.get("routes")
-    settings = parse_settings(routes, "routes", p)
-    routes = routes if isinstance(routes, Mapping) else {}
-    ports = []
-    raw_ports = spec.get("ports") or []
-    if not isinstance(raw_ports, (list, tuple)):
-        p.add("ports", "a list", raw_ports)
-        raw_ports = []
-    for i, port in enumerate(raw_ports):
-        w = f"ports[{i}]"
-        if not isinstance(port, Mapping):
-            p.add(w, "a mapping", port)
-            continue
-        pname = port.get("name")
-        if pname is not None and not isinstance(pname, str):
-            p.add(f"{w}.name", "a string", pname)
-            continue
-        proto = port.get("protocol") or "http"
-        if proto not in ("http", "tcp"):
-            p.add(f"{w}.protocol", "http | tcp", proto)
-            continue
-        vport = port.get("vip_port")
-        fixed = port.get("port")
-        if vport is None:
-            vport = fixed if isinstance(fixed, int) and fixed > 0 else (80 if proto == "http" else None)
-        if vport is not None and (not isinstance(vport, int) or isinstance(vport, bool) or not 0 < vport < 65536):
-            p.add(f"{w}.vip_port", "a port 1-65535", vport)
-            vport = None
-        ports.append(_PortSpec(pname, proto, vport))
-    hosts = []
-    raw_hosts = routes.get("hosts") or []
-    if not isinstance(raw_hosts, (list, tuple)):
-        p.add("routes.hosts", "a list", raw_hosts)
-        raw_hosts = []
-    for i, h in enumerate(raw_hosts):
-        hn = h.strip().lower().rstrip(".") if isinstance(h, str) else ""
-        if not hn or any(c in hn for c in " /\t:") or ("*" in hn and (not hn.startswith("*.") or "*" in hn[1:])):
-            p.add(f"routes.hosts[{i}]", "a host name (optionally *.suffix)", h)
-            continue
-        hosts.append(hn.encode())
-    paths = []
-    raw_paths = routes.get("paths") or [{"prefix": "/"}]
-    if not isinstance(raw_paths, (list, tuple)):
-        p.add("routes.paths", "a list", raw_paths)
-        raw_paths = [{"prefix": "/"}]
-    for i, entry in enumerate(raw_paths):
-        w = f"routes.paths[{i}]"
-        if not isinstance(entry, Mapping):
-            p.add(w, "a mapping", entry)
-            continue
-        prefix = entry.get("prefix", "/")
-        if not isinstance(prefix, str) or not prefix.startswith("/") or any(c in prefix for c in " \t\r\n"):
-            p.add(f"{w}.prefix", "a path starting with /", prefix)
-            continue
-        strip = entry.get("strip_prefix", False)
-        if not isinstance(strip, bool):
-            p.add(f"{w}.strip_prefix", "true | false", strip)
-            strip = False
-        paths.append((prefix.encode(), strip))
-    return _ServiceInfo(spec, vip, revision, settings, tuple(ports), tuple(hosts), tuple(paths)), p
+                            ((b"/", False),))
+    routes = spec.routes
+    return _ServiceInfo(
+        spec, vip, revision, ClusterSettings.from_routes(routes),
+        tuple(_PortSpec(p.name, p.protocol, p.vip_port) for p in spec.ports),
+        tuple(h.encode() for h in routes.hosts),
+        tuple((p.prefix.encode(), p.strip_prefix) for p in routes.paths))
 
 
 # -- build ------------------------------------------------------------------------------
@@ -425,9 +304,7 @@ def build_table(view: View, *, domain: str = "meshlet", previous: RouteTable | N
         info = prev_specs.get(name)
         if (info is None or not (info.spec is sv.spec or info.spec == sv.spec) or info.vip != sv.vip
                 or info.revision != sv.revision):
-            info, problems = _parse_service(name, sv.spec, sv.vip, sv.revision)
-            for msg in problems:
-                log.warning("service %s (revision %s): %s", name, sv.revision, msg)
+            info = _service_info(sv.spec, sv.vip, sv.revision)
         specs[name] = info
         ready = sorted(sv.ready(), key=lambda i: i.id)
         http_cluster = None

@@ -52,7 +52,8 @@ from typing import Any
 import aiohttp
 
 import config
-from discovery.consul import SERVICES_PREFIX, connect, kv_delete, kv_put, watch_kv_prefix
+from config import SERVICES_PREFIX
+from discovery.consul import connect, kv_delete, kv_put, watch_kv_prefix
 
 from ._actions import PORT_RANGE, ReplicaActions, _Inst, port_is_free
 from .backoff import BackoffState

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, NamedTuple
 
+import config
 from discovery.view import Instance, ServiceView, View
 
 from ._records import (
@@ -60,18 +61,12 @@ __all__ = ["Settings", "Zone", "RRSet", "build_zone", "answer", "MODES"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("vip", "endpoints")
+MODES = ("vip", "endpoints")   # config.DnsSettings.mode's choices
 
-# Record TTL default 0: a readiness change must reach clients at once (the catalog change
-# shows in answers within 100 ms; any positive TTL would let resolvers keep sending traffic
-# to an instance that just failed).
-DEFAULT_TTL = 0
-# Negative TTL default 5 s (SOA minimum and the SOA record's TTL). Consul's 0 makes
-# resolvers that treat 0 as "unknown" fall back to their own default (Windows: 15 min),
-# which turns a short outage into a long one (complaint 4). 5 s is honoured everywhere,
-# bounds how long a service that comes back still looks missing, and damps NXDOMAIN
-# storms. Services with a VIP never answer NXDOMAIN at all (see above).
-DEFAULT_NEGATIVE_TTL = 5
+# The defaults are config's (config.DnsSettings says why TTL 0 and negative TTL 5 s).
+_DNS = config.MESH_DEFAULTS.dns
+DEFAULT_TTL = int(_DNS.ttl)
+DEFAULT_NEGATIVE_TTL = int(_DNS.negative_ttl)
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
 _REVERSE_SUFFIXES = (".in-addr.arpa", ".ip6.arpa")
@@ -80,11 +75,11 @@ _SRV_PRIORITY = 1
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    domain: str = "meshlet"
-    mode: str = "vip"                 # vip | endpoints (per-service spec dns.mode overrides)
+    domain: str = config.MESH_DEFAULTS.domain
+    mode: str = _DNS.mode             # vip | endpoints (per-service spec dns.mode overrides)
     ttl: int = DEFAULT_TTL            # service and node records (spec dns.ttl overrides)
     negative_ttl: int = DEFAULT_NEGATIVE_TTL
-    include_warning: bool = False
+    include_warning: bool = not _DNS.only_passing
     forwarding: bool = False          # recursors configured: RA=1, foreign names forwarded
     ns_addresses: tuple[str, ...] = ()  # glue for ns.<domain>, from the listen addresses
 
@@ -158,14 +153,12 @@ def _hex_name(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, domain: str) ->
 def _service_dns(sv: ServiceView, settings: Settings) -> tuple[str, int]:
     """(mode, ttl) of one service: its spec's ``dns`` block over the mesh-wide settings."""
     mode, ttl = settings.mode, settings.ttl
-    spec: Any = sv.spec
-    dns = spec.get("dns") if isinstance(spec, Mapping) else None
-    if isinstance(dns, Mapping):
-        if dns.get("mode") in MODES:
-            mode = dns["mode"]
-        t = dns.get("ttl")
-        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 2**31:
-            ttl = int(round(t))
+    if sv.spec is not None:
+        dns = sv.spec.dns
+        if dns.mode is not None:
+            mode = dns.mode
+        if dns.ttl is not None:
+            ttl = min(int(round(dns.ttl)), 2**31 - 1)
     return mode, ttl
 
 
@@ -174,12 +167,10 @@ def _instance_tags(inst: Instance, sv: ServiceView) -> frozenset[str]:
     revision (an instance of an older revision keeps only what it registered with, so a
     tag added by a rollout does not route to instances that do not have it yet)."""
     tags = {t.lower() for t in inst.tags}
-    spec: Any = sv.spec
-    spec_tags = spec.get("tags") if isinstance(spec, Mapping) else None
-    if spec_tags and isinstance(spec_tags, (list, tuple)):
+    if sv.spec is not None and sv.spec.tags:
         revision = inst.meta.get("revision")
         if revision is None or revision == sv.revision:
-            tags.update(str(t).lower() for t in spec_tags)
+            tags.update(sv.spec.tags)
     return frozenset(tags)
 
 

@@ -46,9 +46,9 @@ async def test_mirror_first_view_and_changes(catalog, client) -> None:
         assert mirror.view is first and views[-1] is first
         web = first.services["web"]
         assert [(i.id, i.status) for i in web.instances] == [("web-1", PASSING)]
-        assert (web.vip, web.revision, web.spec["replicas"]) == ("127.10.0.1", config.service_revision(WEB), 2)
+        assert (web.vip, web.revision, web.spec.replicas) == ("127.10.0.1", config.service_revision(WEB), 2)
         db = first.services["db"]
-        assert (db.instances, db.vip, db.spec["ports"][0]["port"]) == ((), "127.10.0.2", 5432)
+        assert (db.instances, db.vip, db.spec.ports[0].port) == ((), "127.10.0.2", 5432)
         assert first.nodes, "the node list is part of the first view"
 
         changes = mirror.changes()

@@ -72,22 +72,45 @@ def _doc(**over) -> bytes:
 
 def test_read_service_document_ok() -> None:
     spec, vip, revision = read_service_document("web", _doc())
-    assert (spec["replicas"], spec["ports"][0]["name"], vip) == (2, "http", "127.10.0.1")
+    assert spec == WEB   # typed: the spec config validated, not a dict to re-read
+    assert (spec.replicas, spec.ports[0].name, vip) == (2, "http", "127.10.0.1")
     assert revision == config.service_revision(WEB)
+
+
+def _spec(**over) -> dict:
+    spec = WEB.to_dict()
+    spec.update(over)
+    return spec
 
 
 @pytest.mark.parametrize(
     "raw, message",
     [
-        pytest.param(b"{", "not JSON", id="not-json"),
+        pytest.param(b"{", "not valid JSON", id="not-json"),
         pytest.param(b"[]", "JSON object", id="not-object"),
-        pytest.param(_doc(format=2), "unknown format 2", id="future-format"),
+        pytest.param(_doc(format=2), "format 2", id="future-format"),
         pytest.param(_doc(name="api"), "does not match", id="wrong-name"),
         pytest.param(_doc(spec=[1]), "spec", id="spec-not-object"),
         pytest.param(_doc(vip=5), "vip", id="vip-not-string"),
         pytest.param(_doc(revision=None), "revision", id="no-revision"),
         pytest.param(_doc(spec={"name": "web", "replicas": "two"}), "replicas", id="invalid-spec"),
-        pytest.param(None, "not JSON", id="empty"),
+        pytest.param(None, "not valid JSON", id="empty"),
+        # what the data plane would otherwise have to re-check and default by hand
+        pytest.param(_doc(spec=_spec(ports=[{"name": "http", "vip_port": "eighty"}])), r"ports\[0\].vip_port",
+                     id="vip-port"),
+        pytest.param(_doc(spec=_spec(ports=[{"name": "x", "protocol": "udp"}])), r"ports\[0\].protocol",
+                     id="protocol"),
+        pytest.param(_doc(spec=_spec(routes={"policy": "fastest"})), "routes.policy", id="policy"),
+        pytest.param(_doc(spec=_spec(routes={"hash_on": {"header": "a", "cookie": "b"}})), "hash_on",
+                     id="hash-on-two"),
+        pytest.param(_doc(spec=_spec(routes={"retries": {"attempts": "two"}})), "routes.retries.attempts",
+                     id="retries"),
+        pytest.param(_doc(spec=_spec(routes={"timeouts": "soon"})), "routes.timeouts", id="timeouts"),
+        pytest.param(_doc(spec=_spec(routes={"max_pending": True})), "routes.max_pending", id="max-pending"),
+        pytest.param(_doc(spec=_spec(routes={"hosts": ["bad host"]})), r"routes.hosts\[0\]", id="host"),
+        pytest.param(_doc(spec=_spec(routes={"paths": [{"prefix": "nope"}]})), r"routes.paths\[0\].prefix",
+                     id="path"),
+        pytest.param(_doc(spec=_spec(dns={"mode": "magic"})), "dns.mode", id="dns-mode"),
     ],
 )
 def test_read_service_document_rejects(raw: bytes | None, message: str) -> None:

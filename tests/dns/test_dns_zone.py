@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
+import config
 from discovery.dns import Settings, answer, build_zone
 from discovery.dns._records import (
     A, AAAA, ANY, AXFR, NOERROR, NOTIMP, NS, NXDOMAIN, PTR, REFUSED, SOA, SRV, TXT,
@@ -21,8 +22,9 @@ def inst(service: str, n: int, address: str = "127.0.0.1", *, node: str = "local
                     port=port or 20000 + n, status=status, tags=tags, weight=weight)
 
 
-def spec(mode: str | None = None, ttl: float | None = None) -> dict:
-    return {"dns": {"mode": mode, "ttl": ttl}, "ports": [{"name": "http", "port": 0, "vip_port": 80}]}
+def spec(mode: str | None = None, ttl: float | None = None, tags: list[str] | None = None) -> config.ServiceSpec:
+    return config.ServiceSpec.from_dict({"name": "s", "command": ["s"], "dns": {"mode": mode, "ttl": ttl},
+                                         "tags": tags or [], "ports": [{"name": "http", "port": 0, "vip_port": 80}]})
 
 
 VIEW = View(
@@ -226,7 +228,7 @@ def test_spec_tags_apply_to_instances_of_the_applied_revision() -> None:
     old = Instance("s-1", "s", "local", "127.0.0.1", 1, meta={"revision": "old"})
     new = Instance("s-2", "s", "local", "127.0.0.2", 2, meta={"revision": "new"}, tags=("own",))
     foreign = Instance("s-3", "s", "local", "127.0.0.3", 3)  # registered by another tool
-    view = View(services={"s": ServiceView("s", (old, new, foreign), spec={"tags": ["blue"]}, revision="new")})
+    view = View(services={"s": ServiceView("s", (old, new, foreign), spec=spec(tags=["blue"]), revision="new")})
     zone = build_zone(view, Settings())
     assert data(answer(zone, "blue.s.service.meshlet", A)) == ["127.0.0.2", "127.0.0.3"]
     assert data(answer(zone, "own.s.service.meshlet", A)) == ["127.0.0.2"]

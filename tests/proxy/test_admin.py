@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import config
 from discovery.view import Instance, ServiceView, View
 from proxy._admin import start_admin
 from proxy._metrics import Metrics
@@ -44,8 +45,9 @@ def view() -> View:
     web = ServiceView("web", (
         Instance("web-1", "web", "n1", "127.0.0.1", 8001, ports={"http": 8001}, weight=3),
         Instance("web-2", "web", "n1", "127.0.0.2", 8002, ports={"http": 8002}),
-    ), spec={"ports": [{"name": "http", "port": 0, "vip_port": 80, "protocol": "http"}],
-             "routes": {"hosts": ["www.example.test"], "paths": [{"prefix": "/", "strip_prefix": False}]}},
+    ), spec=config.ServiceSpec.from_dict({
+        "name": "web", "command": ["web"], "ports": [{"name": "http", "port": 0, "vip_port": 80, "protocol": "http"}],
+        "routes": {"hosts": ["www.example.test"], "paths": [{"prefix": "/", "strip_prefix": False}]}}),
         vip="127.10.0.2", revision="abc123")
     return View(services={"web": web}, index=42)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+import config
 from discovery.view import Instance, ServiceView, View
 from proxy._retry import RetrySettings, retry_allowed, retry_limit
 from proxy._routes import Cluster, ClusterSettings, Endpoint, build_table
@@ -92,7 +93,9 @@ def test_budget_and_cap_are_shared_across_rebuilds() -> None:
     def view(n: int) -> View:
         return View(services={"s": ServiceView("s", tuple(
             Instance(f"i{k}", "s", "n1", "127.0.0.1", 8000 + k, ports={}) for k in range(n)),
-            spec={"ports": [{"name": "http", "port": 0, "protocol": "http"}], "routes": {"max_pending": 3}})})
+            spec=config.ServiceSpec.from_dict({"name": "s", "command": ["s"],
+                                               "ports": [{"name": "http", "port": 0, "protocol": "http"}],
+                                               "routes": {"max_pending": 3}}))})
 
     t1 = build_table(view(1))
     c1 = t1.cluster("s")

@@ -10,7 +10,7 @@ import pytest
 
 import config
 from discovery.view import CRITICAL, PASSING, WARNING, Instance, ServiceView, View
-from proxy._routes import ClusterSettings, Endpoint, RouteTable, build_table, parse_settings
+from proxy._routes import ClusterSettings, Endpoint, RouteTable, build_table
 
 
 def inst(id: str, service: str, port: int, *, addr: str = "127.0.0.1", status: str = PASSING,
@@ -19,14 +19,20 @@ def inst(id: str, service: str, port: int, *, addr: str = "127.0.0.1", status: s
                     weight=weight, ports=ports if ports is not None else {"http": port})
 
 
-def svc(name: str, *instances: Instance, spec: dict | None = None, vip: str | None = None) -> ServiceView:
+def svc(name: str, *instances: Instance, spec: config.ServiceSpec | None = None,
+        vip: str | None = None) -> ServiceView:
     return ServiceView(name=name, instances=tuple(instances), spec=spec, vip=vip,
                        revision="r1" if spec is not None else None)
 
 
-def spec_from_yaml(text: str, name: str) -> dict:
-    """The normalised spec document exactly as `meshlet apply` stores it."""
-    return config.loads(text).services[name].to_dict()
+def spec_from_yaml(text: str, name: str) -> config.ServiceSpec:
+    """The spec as the Mirror hands it over: read back from the document `meshlet apply` stores."""
+    spec = config.loads(text).services[name]
+    return config.parse_service_document(config.canonical_json(config.service_document(spec, None)))[0]
+
+
+def routes_of(**routes: object) -> config.Routes:
+    return config.ServiceSpec.from_dict({"name": "s", "command": ["s"], "routes": routes}).routes
 
 
 WEB_SPEC = spec_from_yaml("""
@@ -272,7 +278,7 @@ services:
                 max_ejection_percent: 50, interval: 1s}
       max_pending: 7
 """, "s")
-    s = parse_settings(spec["routes"])
+    s = ClusterSettings.from_routes(spec.routes)
     assert s.policy == "ring_hash" and s.hash_on == ("cookie", "sid")
     assert (s.retries.attempts, s.retries.per_try_timeout, s.retries.budget_percent, s.retries.min_concurrent) \
         == (4, 0.25, 50, 1)
@@ -287,14 +293,14 @@ services:
     ({"header": "X-User", "cookie": None, "source_ip": False}, ("header", "x-user")),
     ({"cookie": "sid"}, ("cookie", "sid")),
     ({"header": None, "cookie": None, "source_ip": True}, ("source_ip", None)),
-    (None, None),
 ])
 def test_hash_on_forms(hash_on, expected) -> None:
-    assert parse_settings({"policy": "ring_hash", "hash_on": hash_on}).hash_on == expected
+    assert ClusterSettings.from_routes(routes_of(policy="ring_hash", hash_on=hash_on)).hash_on == expected
 
 
 def test_defaults_match_envoy() -> None:
-    s = parse_settings({})
+    s = ClusterSettings.from_routes(routes_of())
+    assert s == ClusterSettings()   # one set of defaults: config's
     assert s.policy == "least_request" and s.hash_on is None
     assert (s.retries.attempts, s.retries.per_try_timeout, s.retries.budget_percent, s.retries.min_concurrent) \
         == (2, 0.0, 20, 3)
@@ -304,37 +310,15 @@ def test_defaults_match_envoy() -> None:
     assert s.max_pending == 1024
 
 
-def test_bad_spec_values_are_logged_defaulted_and_never_crash(caplog: pytest.LogCaptureFixture) -> None:
-    bad = {
-        "ports": [{"name": "http", "port": 0, "vip_port": "eighty", "protocol": "http"},
-                  {"name": "x", "protocol": "udp"}, "junk"],
-        "routes": {"policy": "fastest", "hash_on": {"header": "a", "cookie": "b"},
-                   "retries": {"attempts": "two", "budget_percent": -1},
-                   "timeouts": "soon", "outlier": {"consecutive_5xx": 2.5}, "max_pending": True,
-                   "hosts": ["ok.test", "bad host", 7, "a*.test", "*"],
-                   "paths": [{"prefix": "nope"}, {"prefix": "/ok", "strip_prefix": "yes"}]},
-    }
-    with caplog.at_level(logging.WARNING, logger="meshlet.proxy.routes"):
-        t = build_table(View(services={"s": svc("s", inst("s-1", "s", 8001), spec=bad, vip="127.10.0.5"),
-                                       "weird": svc("weird", inst("w-1", "weird", 8002), spec=["not", "a", "map"])}))
-    c = t.cluster("s", "http")
-    assert c.settings == ClusterSettings()
-    assert t.match(b"ok.test", b"/ok/x").cluster is c
-    assert t.match(b"ok.test", b"/") is None
-    assert not t.match(b"ok.test", b"/ok").strip_prefix
-    assert t.vip_listeners == {}  # vip_port invalid: no listener rather than a guess
-    assert t.cluster("weird") is None
-    text = "\n".join(r.getMessage() for r in caplog.records)
-    for field in ("routes.policy", "routes.hash_on", "routes.retries.attempts", "routes.retries.budget_percent",
-                  "routes.timeouts", "routes.outlier.consecutive_5xx", "routes.max_pending", "routes.hosts[1]",
-                  "routes.hosts[2]", "routes.hosts[3]", "routes.hosts[4]", "routes.paths[0].prefix", "routes.paths[1].strip_prefix",
-                  "ports[0].vip_port", "ports[1].protocol", "ports[2]", "service weird"):
-        assert field in text, field
-    # The same spec is not parsed (and logged) again on the next rebuild.
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="meshlet.proxy.routes"):
-        build_table(View(services={"s": svc("s", inst("s-1", "s", 8001), spec=bad, vip="127.10.0.5")}), previous=t)
-    assert not caplog.records
+def test_policy_names_are_exactly_those_config_accepts() -> None:
+    """The proxy looks the policy up by name: config must accept no name it lacks."""
+    import re
+    from proxy._balance import POLICIES
+    with pytest.raises(config.ConfigError) as info:
+        routes_of(policy="fastest")
+    accepted = re.search(r"expected (.*), got", str(info.value)).group(1).replace(" or ", ", ").split(", ")
+    assert sorted(accepted) == sorted(POLICIES)
+    assert ClusterSettings().policy in POLICIES
 
 
 def test_to_json_lists_services_hosts_and_endpoints(table: RouteTable) -> None:
