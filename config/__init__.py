@@ -17,7 +17,7 @@ from ._keys import (BACKOFF_PREFIX, ROLLOUT_KINDS, ROLLOUT_PREFIX, SERVICES_PREF
                     backoff_key, key_name, rollout_key, service_key, split_backoff_key,
                     split_rollout_key, vip_key)
 from ._load import load, loads
-from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
+from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
                      ProxySettings, Resources, RestartPolicy, Retries, Routes, SecretMount,
@@ -43,7 +43,7 @@ __all__ = [
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
     "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec",
-    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL",
+    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
     # KV keys (the catalog contract)
     "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
     "service_key", "vip_key", "backoff_key", "rollout_key", "key_name", "split_rollout_key",

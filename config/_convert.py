@@ -16,9 +16,9 @@ import re
 import shlex
 from typing import Any, Callable
 
-from ._errors import ConfigIssue
+from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
-from ._tree import MAP, SCALAR, SEQ, N, join
+from ._tree import MAP, SCALAR, SEQ, N, from_plain, join
 from ._units import (UnitError, describe, parse_cpu, parse_duration, parse_percent_or_count,
                      parse_size)
 
@@ -323,3 +323,20 @@ def named_map(cls: type, key_pattern: str, key_hint: str, noun: str) -> Conv:
         return INVALID if not is_ok(*out.values()) else FrozenDict(out)
 
     return conv
+
+
+def raise_issues(cx: Ctx) -> None:
+    """ConfigError with every issue ``cx`` collected, by line (none: nothing raised)."""
+    if cx.issues:
+        order = sorted(range(len(cx.issues)),
+                       key=lambda i: (cx.issues[i].line is None, cx.issues[i].line or 0, i))
+        raise ConfigError([cx.issues[i] for i in order])
+
+
+def read_plain(cls: type, data: Any, source: str, path: str = "") -> Any:
+    """An instance of the model class ``cls`` from plain data (parsed JSON), checked as
+    a file would be (the cross-field checks are registered in HOOKS when config loads)."""
+    cx = Ctx(source, None)
+    result = struct(cls)(from_plain(data), cx, path)
+    raise_issues(cx)
+    return result

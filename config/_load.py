@@ -10,10 +10,10 @@ import os
 from typing import Any
 
 from . import _checks  # noqa: F401  (registers the cross-field hooks)
-from ._convert import INVALID, Ctx, describe_node, struct
+from ._convert import INVALID, Ctx, describe_node, raise_issues, read_plain, struct
 from ._errors import ConfigError, ConfigIssue
 from ._model import MeshConfig, ServiceSpec
-from ._tree import MAP, N, from_plain, from_yaml
+from ._tree import MAP, N, from_yaml
 
 __all__ = ["load", "loads", "service_from_plain"]
 
@@ -52,7 +52,7 @@ def loads(text: str, filename: str = "<string>", base_dir: str | None = None) ->
         else:
             cx.names = {kind: _keys(root.get(kind)) for kind in _TOP_NAMED}
             result = struct(MeshConfig)(root, cx, "")
-    _raise_issues(cx)
+    raise_issues(cx)
     return result
 
 
@@ -62,15 +62,5 @@ def _keys(n: N | None) -> frozenset[str]:
 
 def service_from_plain(data: Any, source: str, path: str = "") -> ServiceSpec:
     """A ServiceSpec from plain data (parsed JSON); references are not checked."""
-    cx = Ctx(source, None)
-    n = from_plain(data)
-    result = struct(ServiceSpec)(n, cx, path)
-    _raise_issues(cx)
-    return result
+    return read_plain(ServiceSpec, data, source, path)
 
-
-def _raise_issues(cx: Ctx) -> None:
-    if cx.issues:
-        order = sorted(range(len(cx.issues)),
-                       key=lambda i: (cx.issues[i].line is None, cx.issues[i].line or 0, i))
-        raise ConfigError([cx.issues[i] for i in order])

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._convert import (DNS_LABEL, DNS_LABEL_HINT, boolean, choice, cpu, describe_node, duration, integer,
-                       listof, mapof, named_map, opt, percent_or_count, req, size, struct, text,
-                       word, words)
+                       listof, mapof, named_map, opt, percent_or_count, read_plain, req, size, struct,
+                       text, word, words)
 from ._frozen import FrozenDict
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount",
     "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec",
-    "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL",
+    "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
 ]
 
 _EMPTY: FrozenDict[str, str] = FrozenDict()
@@ -77,6 +77,10 @@ def PORT_REF(n: Any, cx: Any, path: str) -> Any:
 
 # --- mesh ---------------------------------------------------------------------------------
 
+# How a node runs replicas (supervisor.runtime.RUNTIMES implements exactly these).
+RUNTIME_NAMES = ("docker", "process")
+
+
 @model
 class DnsSettings:
     listen: tuple[str, ...] = opt(("127.0.0.1:8600",), listof(HOSTPORT, unique=True))
@@ -113,7 +117,7 @@ class NodeCapacity:
 class NodeSpec:
     name: str = req(text(DNS_LABEL, DNS_LABEL_HINT))
     # None in YAML: docker when `engine` is given, else process (resolved by the loader)
-    runtime: str | None = opt(None, choice("docker", "process"))
+    runtime: str | None = opt(None, choice(*RUNTIME_NAMES))
     address: str = opt("127.0.0.1", text(None, "an address"))
     # docker only; default unix:///var/run/docker.sock (Docker's own default)
     engine: str | None = opt(None, text(r"(unix|tcp|ssh|npipe)://\S+",
@@ -352,9 +356,7 @@ class ServiceSpec:
     @classmethod
     def from_dict(cls, data: Any, source: str = "<service spec>") -> "ServiceSpec":
         """Read back ``to_dict()`` output; raises ConfigError naming every bad field."""
-        from ._load import service_from_plain
-
-        return service_from_plain(data, source)
+        return read_plain(cls, data, source)
 
     def port(self, name: str) -> PortSpec | None:
         """The declared port called ``name``."""

@@ -24,7 +24,7 @@ from ._filter import apply_filter
 from ._http import Req, Router, json_response
 from ._render import agent_service_json, check_json
 from ._schemas import CHECK_TYPE, CHECK_UPDATE, SERVICE_DEFINITION
-from ._server import VERSION
+from ._model import VERSION
 
 __all__ = ["register"]
 

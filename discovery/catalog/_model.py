@@ -33,6 +33,8 @@ from ._store import Row, Table
 
 __all__ = ["State", "public", "svc_index_name", "node_index_name"]
 
+VERSION = "1.20.6"  # the Consul API level we answer as (agent/self Config.Version)
+
 
 def _kv_dump(row: Row) -> tuple[str, bytes | None]:
     meta = {k: v for k, v in row.items() if k != "Value"}

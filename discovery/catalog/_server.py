@@ -28,7 +28,6 @@ __all__ = ["Options", "CatalogServer"]
 
 log = logging.getLogger("discovery.catalog")
 
-VERSION = "1.20.6"  # the Consul API level we answer as (agent/self Config.Version)
 
 
 @dataclass(frozen=True)
