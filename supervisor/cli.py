@@ -1,19 +1,22 @@
-"""The ``meshlet`` command: the one composition root of meshlet.
+"""The ``meshlet`` command: the one entry point of meshlet, and the one composition root.
 
-Subcommands::
+Every subcommand is declared here, once, and handed to the module that runs it::
 
-    meshlet catalog ...        -> discovery.catalog.main(argv)   (the embedded catalog)
-    meshlet dns ...            -> discovery.dns.main(argv)       (the DNS server)
-    meshlet proxy ...          -> proxy.main(argv)               (the proxy)
-    meshlet apply -f FILE      store the file's services in the catalog (supervisor.apply)
-    meshlet up|status|logs|down  the supervisor's commands (supervisor.commands, supervisor.up)
-    meshlet rollout status|history|pause|resume SERVICE, rollback SERVICE, restart SERVICE
-                               rollouts, through the catalog (supervisor.rollout_cli)
+    meshlet catalog ...            discovery.catalog.main(argv)   the embedded catalog
+    meshlet dns ...                discovery.dns.main(argv)       the DNS server
+    meshlet proxy ...              proxy.main(argv)               the proxy
+    meshlet up -f FILE [--keep]    daemon.up.up                   everything on this machine
+    meshlet supervisor --consul URL --data-dir DIR
+                                   daemon.up.run_standalone       the supervisor alone
+    meshlet apply -f FILE          commands.apply                 store services in the catalog
+    meshlet status | logs | down   commands.admin_client          ask the running supervisor
+    meshlet rollout status|history|pause|resume, rollback, restart
+                                   commands.rollout               rollouts, through the catalog
     meshlet version
 
-``catalog``, ``dns`` and ``proxy`` are imported only when asked for, so a missing
-component is a clear message rather than an ImportError at startup. Exit codes: 0 ok,
-1 runtime failure (catalog unreachable, child failed), 2 usage or invalid configuration.
+``catalog``, ``dns`` and ``proxy`` own their whole command line and are imported only when
+asked for; so are the daemon and each command's module. Exit codes: 0 ok, 1 runtime
+failure (catalog unreachable, child failed), 2 usage or invalid configuration.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TextIO
 
-__all__ = ["main"]
+import config
+
+from .commands import admin_client, rollout
+
+__all__ = ["main", "build_parser"]
 
 # subcommand -> module whose main(argv) takes over
 HANDOVER = {"catalog": "discovery.catalog", "dns": "discovery.dns", "proxy": "proxy"}
@@ -40,14 +47,32 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshlet", description="A small-fleet orchestrator and service mesh.")
-    parser.add_argument("--log-level", default=os.environ.get("MESHLET_LOG_LEVEL", "WARNING"),
-                        help="logging level on stderr (default: WARNING)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in HANDOVER.items():
-        sub.add_parser(name, help=f"run the {name} ({module}); see `meshlet {name} --help`", add_help=False)
+def _daemon_subcommands(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the mesh on this machine (catalog, DNS, proxy, supervisor) "
+                                   "and apply FILE, until Ctrl-C")
+    up.add_argument("-f", "--file", required=True, help="the meshlet.yaml to run")
+    up.add_argument("--keep", action="store_true",
+                    help="on exit leave the workloads running for the next `meshlet up` to adopt")
 
+    sup = sub.add_parser("supervisor", help="run the supervisor alone against a running catalog "
+                                            "(no catalog, DNS or proxy of its own; no apply)")
+    sup.add_argument("--consul", required=True, metavar="URL", help="the catalog")
+    sup.add_argument("--data-dir", required=True, help="state of the nodes' runtimes")
+    sup.add_argument("--admin", metavar="HOST:PORT", help="serve the admin API here (loopback)")
+    sup.add_argument("--stop-on-exit", action="store_true",
+                     help="deregister and stop the workloads when stopped")
+    sup.add_argument("--runtime", choices=config.RUNTIME_NAMES,
+                     help="the local node's runtime (default: docker if an engine answers)")
+    sup.add_argument("--engine", metavar="URL",
+                     help="run the local node on this Docker engine (e.g. unix:///path/docker.sock); "
+                          "implies --runtime docker")
+    sup.add_argument("--dns", metavar="IP", help="resolver (port 53) named in the containers' resolv.conf")
+    sup.add_argument("--proxy-admin", action="append", default=[], metavar="HOST:PORT",
+                     help="a proxy's admin API: retired replicas wait for its in-flight requests "
+                          "before SIGTERM (repeatable)")
+
+
+def _apply_subcommand(sub: Any) -> None:
     apply = sub.add_parser("apply", help="validate a meshlet.yaml and store its services in the catalog")
     apply.add_argument("-f", "--file", required=True, help="the meshlet.yaml to apply")
     apply.add_argument("--consul", metavar="URL",
@@ -55,8 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     apply.add_argument("--prune", action="store_true", help="delete services that are not in the file")
 
-    from supervisor import commands  # stdlib-only at import; `up` loads the supervisor when run
-    commands.add_subcommands(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlet", description="A small-fleet orchestrator and service mesh.")
+    parser.add_argument("--log-level", default=os.environ.get("MESHLET_LOG_LEVEL", "WARNING"),
+                        help="logging level on stderr (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in HANDOVER.items():
+        sub.add_parser(name, help=f"run the {name} ({module}); see `meshlet {name} --help`", add_help=False)
+    _daemon_subcommands(sub)
+    _apply_subcommand(sub)
+    admin_client.add_subcommands(sub)
+    rollout.add_subcommands(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -82,29 +117,6 @@ def _handover(command: str, argv: list[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    # catalog/dns/proxy own their whole command line (argparse cannot pass "--listen" through)
-    # and their logging set-up.
-    position = _command_position(args_list)
-    if position is not None and args_list[position] in HANDOVER:
-        return _handover(args_list[position], args_list[position + 1:])
-    parser = _parser()
-    args = parser.parse_args(args_list)
-    _setup_logging(args.log_level)
-    if args.command == "version":
-        print(f"meshlet {_version()}")
-        return 0
-    if args.command == "apply":
-        from supervisor import apply
-        return asyncio.run(apply.run(args.file, url=args.consul, dry_run=args.dry_run, prune=args.prune))
-    from supervisor import commands
-    if args.command in commands.COMMANDS:
-        return commands.run(args)
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def _command_position(argv: list[str]) -> int | None:
     i = 0
     while i < len(argv):
@@ -117,7 +129,46 @@ def _command_position(argv: list[str]) -> int | None:
     return None
 
 
-def _setup_logging(level: str) -> None:
-    import logging
-    logging.basicConfig(level=level.upper() if isinstance(level, str) else level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, err: TextIO) -> int:
+    if args.command == "version":
+        print(f"meshlet {_version()}", file=out)
+        return 0
+    if args.command == "apply":
+        from .commands import apply
+        return asyncio.run(apply.run(args.file, url=args.consul, dry_run=args.dry_run, prune=args.prune,
+                                     out=out, err=err))
+    if args.command == "up":
+        from .daemon.up import up
+        try:
+            return asyncio.run(up(args.file, keep=args.keep, out=out, err=err))
+        except KeyboardInterrupt:
+            return 130
+    if args.command == "supervisor":
+        if args.engine and args.runtime not in (None, "docker"):
+            parser.error(f"--engine is a Docker engine; it cannot go with --runtime {args.runtime}")
+        from .daemon.up import run_standalone
+        return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
+                                          args.runtime, args.dns, args.proxy_admin, args.engine))
+    if args.command in admin_client.COMMANDS:
+        return admin_client.run(args, out, err)
+    if args.command in rollout.COMMANDS:
+        return rollout.run(args, out, err)
+    parser.print_help(err)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # catalog/dns/proxy own their whole command line (argparse cannot pass "--listen" through)
+    # and their logging set-up.
+    position = _command_position(args_list)
+    if position is not None and args_list[position] in HANDOVER:
+        return _handover(args_list[position], args_list[position + 1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    # the supervisor alone logs what it does (INFO) unless told otherwise, like the components
+    level = args.log_level
+    if args.command == "supervisor" and "--log-level" not in args_list and "MESHLET_LOG_LEVEL" not in os.environ:
+        level = "INFO"
+    config.setup_logging(level)
+    return run(args, parser, out or sys.stdout, err or sys.stderr)

@@ -157,7 +157,7 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
         path, ports = write_config(tmp, runtime, engine_url, image)
         catalog, admin = f"127.0.0.1:{ports['catalog']}", f"127.0.0.1:{ports['admin']}"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "supervisor.commands", "up", "-f", str(path), cwd=str(REPO),
+            sys.executable, "-m", "supervisor", "up", "-f", str(path), cwd=str(REPO),
             stdout=asyncio.subprocess.PIPE, stderr=open(tmp / "up.err", "wb"))
         assert proc.stdout is not None
         seen: list[str] = []

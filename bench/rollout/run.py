@@ -159,12 +159,12 @@ async def target_revision(catalog: str) -> str:
     import base64
 
     import config
-    from supervisor import rollout_keys
+    from supervisor.core.revisions import target_revision as revision_of
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://{catalog}/v1/kv/meshlet/services/{SERVICE}") as r:
             raw = base64.b64decode((await r.json())[0]["Value"])
     spec, _, _ = config.parse_service_document(raw)
-    return rollout_keys.target_revision(spec)
+    return revision_of(spec)
 
 
 async def bench(runtime: str, replicas: int, args: argparse.Namespace, engine_url: str | None = None,
@@ -177,7 +177,7 @@ async def bench(runtime: str, replicas: int, args: argparse.Namespace, engine_ur
         write_config(path, tmp, ports, runtime, replicas, "1", engine_url, image)
         catalog = f"127.0.0.1:{ports['catalog']}"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "supervisor.commands", "up", "-f", str(path), cwd=str(REPO),
+            sys.executable, "-m", "supervisor", "up", "-f", str(path), cwd=str(REPO),
             stdout=asyncio.subprocess.PIPE, stderr=open(tmp / "up.err", "wb"))
         assert proc.stdout is not None
         seen: list[str] = []

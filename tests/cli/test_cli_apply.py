@@ -12,7 +12,7 @@ from pathlib import Path
 
 import config
 from _util import free_port
-from supervisor.rollout_keys import restart_key, target_revision
+from supervisor.core.revisions import target_revision
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_a_new_revision_is_named_as_the_replicas_will_run_it(catalog, tmp_path) 
     rolling restart's token folded in as the supervisor does; scaling at once says so."""
     f = write(tmp_path / "meshlet.yaml", WEB_API)
     lines(meshlet("apply", "-f", str(f), "--consul", catalog.url))
-    catalog.client().kv.put(restart_key("web"), json.dumps({"token": "t1", "at": 1.0}))
+    catalog.client().kv.put(config.rollout_key("web", "restart"), json.dumps({"token": "t1", "at": 1.0}))
     before = replica_revisions(f, "t1")
     write(f, WEB_API.replace("replicas: 2", "replicas: 4").replace("python3, app.py", "python3, app2.py", 1))
     after = replica_revisions(f, "t1")

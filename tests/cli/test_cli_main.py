@@ -39,7 +39,7 @@ def test_components_own_their_command_line(command: str) -> None:
 
 
 def test_supervisor_commands_are_wired(tmp_path) -> None:
-    """`up`, `status`, `logs`, `down` go to supervisor.commands (tested end to end there)."""
+    """`up`, `status`, `logs`, `down` go to supervisor.commands.admin_client (tested end to end there)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("services:\n  web:\n    replicas: -1\n")
     up = subprocess.run([sys.executable, "-m", "supervisor", "up", "-f", str(bad)],

@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import config
-from supervisor.apply import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError, ApplyPlan, ServiceChange,
-                              VipRangeExhausted, diff_fields, format_change, lowest_free_vip, plan_apply,
-                              resolve_catalog_url, txn_chunks)
-from supervisor._rollout_history import restart_revision
-from supervisor.rollout_keys import template_revision
+from supervisor.commands.apply import txn_chunks
+from supervisor.core.apply_plan import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError, ApplyPlan,
+                                        ServiceChange, VipRangeExhausted, diff_fields, format_change,
+                                        lowest_free_vip, plan_apply, resolve_catalog_url)
+from supervisor.core.rollout_history import restart_revision
+from supervisor.core.revisions import template_revision
 
 
 def spec(name: str, *, ports: bool = True, replicas: int = 1) -> config.ServiceSpec:

@@ -8,7 +8,7 @@ import pytest
 
 import config
 from discovery.consul import connect
-from supervisor.apply import CREATED, TxnConflict, _txn, apply_services, plan_apply, read_state, txn_chunks
+from supervisor.commands.apply import CREATED, TxnConflict, apply_services, plan_apply, read_state, txn, txn_chunks
 
 
 def services(*names: str) -> dict[str, config.ServiceSpec]:
@@ -27,9 +27,9 @@ async def test_a_stale_plan_writes_nothing(catalog) -> None:
         assert plan_a.changes[0].vip == plan_b.changes[0].vip == "127.30.0.1"
         (chunk_a,) = txn_chunks(plan_a, state.doc_index, state.vip_index)
         (chunk_b,) = txn_chunks(plan_b, state.doc_index, state.vip_index)
-        await _txn(a, [op for _, ops in chunk_a for op in ops])
+        await txn(a, [op for _, ops in chunk_a for op in ops])
         with pytest.raises(TxnConflict, match="meshlet/vips/127.30.0.1"):
-            await _txn(b, [op for _, ops in chunk_b for op in ops])
+            await txn(b, [op for _, ops in chunk_b for op in ops])
         after = await read_state(b)
         assert sorted(after.docs) == ["alpha"]  # gamma's own VIP (.2) was free, yet nothing of b landed
         assert after.vips == {"127.30.0.1": "alpha"}

@@ -21,12 +21,12 @@ import pytest
 
 import config
 from discovery.view import CRITICAL, PASSING, Instance
-from supervisor import rollout_keys as keys
-from supervisor._rollout_history import mark_revision, record_revision
-from supervisor._rollout_types import RolloutState
-from supervisor._rollout_history import RolloutError
-from supervisor.rollout_cli import (MASK, CliError, assess, change_summary, history_table, masked,
-                                    rollback_document, rollback_entry, restart_token)
+from supervisor.core.revisions import new_restart_token, target_revision, template_revision
+from supervisor.core.rollout_history import mark_revision, record_revision
+from supervisor.core.rollout_types import RolloutState
+from supervisor.core.rollout_history import RolloutError
+from supervisor.commands.rollout import (MASK, CliError, assess, change_summary, history_table, masked,
+                                         rollback_document, rollback_entry)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,7 @@ def test_rollback_document_keeps_name_vip_and_replicas_and_recomputes_the_revisi
     assert (doc["name"], doc["vip"], doc["format"]) == ("web", "127.10.0.2", 1)
     spec, vip, revision = config.parse_service_document(json.dumps(doc))
     assert revision == config.service_revision(spec) and vip == "127.10.0.2"
-    assert keys.template_revision(spec) == keys.template_revision(config.ServiceSpec.from_dict(entry["spec"]))
+    assert template_revision(spec) == template_revision(config.ServiceSpec.from_dict(entry["spec"]))
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -216,8 +216,8 @@ def test_rollback_entry_refuses_like_rollback_target() -> None:
 
 
 def test_restart_tokens_are_fresh_and_readable() -> None:
-    assert restart_token(1764000000.25) == "2025-11-24T16:00:00.250000Z"
-    assert restart_token(1764000000.25) != restart_token(1764000000.250001)
+    assert new_restart_token(1764000000.25) == "2025-11-24T16:00:00.250000Z"
+    assert new_restart_token(1764000000.25) != new_restart_token(1764000000.250001)
 
 
 # ------------------------------------------------------------------ commands against a catalog
@@ -252,7 +252,7 @@ class Catalog:
         return json.loads(self.c.kv.get("meshlet/services/web")[1]["Value"])
 
     def target(self, token: str | None = None) -> str:
-        return keys.target_revision(config.ServiceSpec.from_dict(self.doc()["spec"]), token)
+        return target_revision(config.ServiceSpec.from_dict(self.doc()["spec"]), token)
 
     def put(self, key: str, value) -> None:
         assert self.c.kv.put(key, json.dumps(value))
@@ -263,17 +263,17 @@ class Catalog:
 
     def record(self, status: str | None = None, token: str | None = None) -> list:
         """What the supervisor does when it starts rolling the current document out."""
-        history = self.get(keys.history_key("web")) or []
+        history = self.get(config.rollout_key("web", "history")) or []
         rev = self.target(token)
         history = record_revision(history, rev, self.doc()["spec"], 1000.0 + len(history))
         history[-1]["restart_token"] = token
         if status:
             history = mark_revision(history, rev, status)
-        self.put(keys.history_key("web"), history)
+        self.put(config.rollout_key("web", "history"), history)
         return history
 
     def state(self, revision: str, phase: str, **kw) -> None:
-        self.put(keys.state_key("web"), RolloutState("web", revision, phase, **kw).to_dict())
+        self.put(config.rollout_key("web", "state"), RolloutState("web", revision, phase, **kw).to_dict())
 
     def replicas(self, revision: str, n: int = 3) -> None:
         """``n`` passing instances of ``revision`` in the catalog, replacing those of before
@@ -384,7 +384,7 @@ def test_history_table_and_one_revision_as_yaml_with_secrets_masked(cat: Catalog
     assert r.returncode == 0, r.stderr
     rows = [ln.split() for ln in r.stdout.splitlines()]
     assert rows[0] == ["NUMBER", "REVISION", "STATUS", "CREATED", "CHANGE"]
-    assert [row[:3] for row in rows[1:]] == [["1", cat.get(keys.history_key("web"))[0]["revision"], "complete"],
+    assert [row[:3] for row in rows[1:]] == [["1", cat.get(config.rollout_key("web", "history"))[0]["revision"], "complete"],
                                              ["2", cat.target(), "active"]]
     assert r.stdout.splitlines()[2].endswith("env (-DB_PASSWORD, V)")
     assert "hunter2" not in r.stdout
@@ -406,29 +406,29 @@ def test_rollback_writes_the_document_and_restart_key_in_one_transaction(cat: Ca
     first = cat.record("complete")[-1]
     cat.apply(V2)
     cat.record()
-    cat.put(keys.restart_key("web"), {"token": "later", "at": 1.0})   # v1 had no token: rollback deletes it
+    cat.put(config.rollout_key("web", "restart"), {"token": "later", "at": 1.0})   # v1 had no token: rollback deletes it
     r = meshlet("rollback", "web", "--consul", cat.url)
     assert r.returncode == 0, r.stderr
     doc = cat.doc()
     # the revision as `rollout history` and `meshlet status` show it (the replicas' template)
     assert doc == v1 and r.stdout.startswith(f"web: rolling back to revision 1 ({first['revision']})")
-    assert cat.get(keys.restart_key("web")) is None
+    assert cat.get(config.rollout_key("web", "restart")) is None
 
     # --to N restores N's restart token too; both keys land with one index (one transaction)
     cat.record()                      # the supervisor records v1 again, as number 3
-    cat.put(keys.restart_key("web"), {"token": "t1", "at": 2.0})
+    cat.put(config.rollout_key("web", "restart"), {"token": "t1", "at": 2.0})
     cat.record("complete", token="t1")  # a rolling restart of v1: number 4, complete
     cat.apply(V2)
     cat.record()                      # v2 again: number 5
-    cat.c.kv.delete(keys.restart_key("web"))
-    assert [e["number"] for e in cat.get(keys.history_key("web"))] == [3, 4, 5]
+    cat.c.kv.delete(config.rollout_key("web", "restart"))
+    assert [e["number"] for e in cat.get(config.rollout_key("web", "history"))] == [3, 4, 5]
     r = meshlet("rollback", "web", "--consul", cat.url, "--to", "4")
     assert r.returncode == 0, r.stderr
     _, d = cat.c.kv.get("meshlet/services/web")
-    _, k = cat.c.kv.get(keys.restart_key("web"))
+    _, k = cat.c.kv.get(config.rollout_key("web", "restart"))
     assert json.loads(d["Value"]) == v1 and json.loads(k["Value"])["token"] == "t1"
     assert d["ModifyIndex"] == k["ModifyIndex"]
-    assert cat.target("t1") == cat.get(keys.history_key("web"))[1]["revision"]
+    assert cat.target("t1") == cat.get(config.rollout_key("web", "history"))[1]["revision"]
 
 
 def test_rollback_after_an_auto_revert_makes_the_document_say_what_runs(cat: Catalog) -> None:
@@ -442,14 +442,14 @@ def test_rollback_after_an_auto_revert_makes_the_document_say_what_runs(cat: Cat
     cat.c.kv.put("meshlet/services/web", json.dumps(v1))
     cat.record("complete")                 # the revert: v1 again, as number 3
     cat.c.kv.put("meshlet/services/web", json.dumps(v2))
-    cat.state(keys.target_revision(config.ServiceSpec.from_dict(v1["spec"])), "complete",
+    cat.state(target_revision(config.ServiceSpec.from_dict(v1["spec"])), "complete",
               reverted_from=cat.target(), reason="web-0 crashed")
     r = status(cat)
     assert r.returncode == 1 and "failed and was reverted to revision 3: web-0 crashed" in r.stderr
     r = meshlet("rollback", "web", "--consul", cat.url)
     assert r.returncode == 0, r.stderr
     assert cat.doc() == v1 and r.stdout.startswith("web: rolling back to revision 3")
-    cat.replicas(keys.target_revision(config.ServiceSpec.from_dict(v1["spec"])))
+    cat.replicas(target_revision(config.ServiceSpec.from_dict(v1["spec"])))
     assert status(cat).returncode == 0
 
 
@@ -478,16 +478,16 @@ def test_pause_resume_and_restart_write_their_keys(cat: Catalog) -> None:
     cat.apply(V1)
     r = meshlet("rollout", "pause", "web", "--consul", cat.url, "--reason", "look at the canary")
     assert r.returncode == 0, r.stderr
-    control = cat.get(keys.control_key("web"))
+    control = cat.get(config.rollout_key("web", "control"))
     assert (control["paused"], control["reason"]) == (True, "look at the canary")
     r = meshlet("rollout", "resume", "web", "--consul", cat.url)
-    assert r.returncode == 0 and cat.get(keys.control_key("web"))["paused"] is False
+    assert r.returncode == 0 and cat.get(config.rollout_key("web", "control"))["paused"] is False
 
     tokens = []
     for _ in range(2):
         r = meshlet("restart", "web", "--consul", cat.url)
         assert r.returncode == 0, r.stderr
-        tokens.append(cat.get(keys.restart_key("web"))["token"])
+        tokens.append(cat.get(config.rollout_key("web", "restart"))["token"])
         assert r.stdout.startswith(f"web: rolling restart requested (revision {cat.target(tokens[-1])}")
     assert tokens[0] != tokens[1] and cat.target(tokens[1]) != cat.target()
 
@@ -506,15 +506,15 @@ def test_pause_resume_and_restart_write_their_keys(cat: Catalog) -> None:
 
 def test_unreadable_keys_are_named_not_a_traceback(cat: Catalog) -> None:
     cat.apply(V1)
-    cat.c.kv.put(keys.history_key("web"), "{not json")
+    cat.c.kv.put(config.rollout_key("web", "history"), "{not json")
     r = meshlet("rollout", "history", "web", "--consul", cat.url)
     assert r.returncode == 1 and "meshlet/rollout/web/history: not valid JSON" in r.stderr
     assert "Traceback" not in r.stderr
-    cat.put(keys.history_key("web"), {"number": 1})
+    cat.put(config.rollout_key("web", "history"), {"number": 1})
     r = meshlet("rollback", "web", "--consul", cat.url)
     assert r.returncode == 1 and "meshlet/rollout/web/history: expected a list of entries" in r.stderr
-    cat.c.kv.delete(keys.history_key("web"))
-    cat.put(keys.state_key("web"), {"service": "web", "revision": cat.target(), "phase": "exploded"})
+    cat.c.kv.delete(config.rollout_key("web", "history"))
+    cat.put(config.rollout_key("web", "state"), {"service": "web", "revision": cat.target(), "phase": "exploded"})
     r = status(cat, "--timeout", "1s")      # a state it cannot read counts as none: it waits
     assert r.returncode == 1 and "ignoring an unreadable state: rollout state: phase" in r.stderr
     assert "Traceback" not in r.stderr

@@ -10,7 +10,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def test_status_rollback_and_restart_on_a_running_mesh(tmp_path) -> None:
     path = tmp_path / "meshlet.yaml"
     write(path, ports, "v1")
     url = f"http://127.0.0.1:{ports['catalog']}"
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "-f", str(path)],
                             cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()

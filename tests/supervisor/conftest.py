@@ -14,8 +14,8 @@ from _util import kill_leftovers
 
 import config
 from discovery.consul import connect, instances_from_health
-from supervisor.agent import Supervisor
-from supervisor.apply import apply_to
+from supervisor.daemon.supervisor import Supervisor
+from supervisor.commands.apply import apply_to
 
 # One private Docker engine for every module here that does not import its own (a module
 # importing these fixtures gets a session engine of its own: another dockerd to start).

@@ -13,15 +13,16 @@ import json
 import pytest
 
 import config
-from supervisor.rollout import (AVAILABLE, COMPLETE, FAILED, PAUSED, PROGRESSING, READY,
-                                REVERTING, STARTING, TERMINATING, MarkComplete, MarkFailed,
-                                ObservedReplica, RetireReplica, Revert, RolloutState, SetWeight,
-                                RolloutError, StartReplica, Strategy, canary_count, describe, pause,
-                                resolve_fenceposts, resume, rollout_step, start_rollout)
+from supervisor.core.rollout import (AVAILABLE, COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY,
+                                     REVERTING, STARTING, TERMINATING, MarkComplete, MarkFailed,
+                                     ObservedReplica, RetireReplica, Revert, RolloutState, SetWeight,
+                                     RolloutError, SlotRefusal, StartReplica, Strategy, canary_count,
+                                     describe, pause, resolve_fenceposts, resume, rollout_step,
+                                     start_rollout)
 
 OLD, NEW = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 NOW = 1000.0
-_PHASE = {"A": AVAILABLE, "R": READY, "S": STARTING, "T": TERMINATING, "X": "failed"}
+_PHASE = {"A": AVAILABLE, "R": READY, "S": STARTING, "T": TERMINATING, "X": EXITED}
 
 
 def replicas(old: str = "", new: str = "", restarts: int = 0) -> list[ObservedReplica]:
@@ -171,13 +172,20 @@ def test_crashing_new_replica_fails_the_rollout(auto_revert, revert_to, phase, e
     assert reason in (result.state.reason if phase == FAILED else result.actions[0].reason)
 
 
-def test_a_replica_the_runtime_refuses_fails_the_rollout_with_the_runtimes_reason():
-    refused = dataclasses.replace(replicas("", "S", restarts=2)[0], instance_id="web-0-refused",
-                                  problem="image web:9 not found on node a and could not be pulled")
-    result = rollout_step(state(), [*replicas("AAA"), refused], Strategy(3, 1, 0), NOW)
+def test_a_slot_the_runtime_refuses_fails_the_rollout_with_the_runtimes_reason():
+    why = "image web:9 not found on node a and could not be pulled"
+    once = rollout_step(state(), replicas("AAA"), Strategy(3, 1, 0), NOW, {0: SlotRefusal(1, why)})
+    assert text(once.actions) == ["start 0"]          # one refusal: tried again (after its hold)
+    assert describe(state(), replicas("AAA"), Strategy(3, 1, 0), NOW, {0: SlotRefusal(1, why)}).endswith(
+        f"web-0 could not be started (1 attempt): {why}")
+    result = rollout_step(state(), replicas("AAA"), Strategy(3, 1, 0), NOW, {0: SlotRefusal(2, why)})
     assert text(result.actions) == ["failed", "revert a"]
-    assert ("web-0 (web-0-refused) of revision bbbbbbbbbbbb could not be started (2 attempts): "
-            "image web:9 not found on node a and could not be pulled") in result.actions[0].reason
+    # the slot is named; no replica exists there, so no instance id is invented for it
+    assert f"web-0 of revision bbbbbbbbbbbb could not be started (2 attempts): {why}" in result.actions[0].reason
+    # a slot whose new replica runs now is no longer refused
+    fine = rollout_step(state(), [*replicas("AAA"), *replicas("", "S")], Strategy(3, 1, 0), NOW,
+                        {0: SlotRefusal(2, why)})
+    assert "failed" not in text(fine.actions)
 
 
 def test_the_failure_reason_gives_the_last_exit_code():

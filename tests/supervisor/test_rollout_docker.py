@@ -2,7 +2,7 @@
 each with steady load through the real proxy (every non-200 counts as failed):
 
 - Docker: a revision that never becomes ready hits progress_deadline and is reverted;
-- Docker: ``kill -9`` of the standalone supervisor (``python -m supervisor.agent --engine
+- Docker: ``kill -9`` of the standalone supervisor (``meshlet supervisor --engine
   URL``) mid-rollout, and its restart completes the rollout without a duplicate;
 - Docker and processes: ``meshlet rollback web --to N`` (the real CLI, a subprocess)
   after three complete revisions returns the replicas to revision N's spec.
@@ -22,8 +22,9 @@ import aiohttp
 import docker
 import pytest
 
+import config
 from _util import async_wait_for, start_server, stop_process
-from supervisor.rollout_keys import history_key, state_key
+
 from test_rollout_live import (REPLICAS, Bounds, Load, _complete, _kv_json, _kv_phase, _n_passing, _new_ready,
                                _revisions, _up, docker_supervisor, docker_yaml, engine,  # noqa: F401
                                proxy, web_status, web_yaml)
@@ -84,29 +85,29 @@ class RunningMax:
 async def test_docker_a_revision_never_ready_hits_the_progress_deadline_and_is_reverted(
         mesh, proxy, clean_engine):
     sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, clean_engine), DOCKER_PATH)
-    good = sup.rolling.states["web"].revision
+    good = sup.rollouts.states["web"].revision
     before = set(mesh.running("web"))
     async with Load(proxy) as load:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         began = sup.clock()
         # runs, but serves nothing: its readiness probe never passes
         await mesh.apply(docker_yaml(mesh, args=["sleep", "3600"], update=", progress_deadline: 2s"))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
-        bad = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != good, timeout=10)
+        bad = sup.rollouts.states["web"].revision
         # the new revision's container does start (it is its readiness that never comes)
         await async_wait_for(lambda: any(o.revision == bad for o in mesh.running("web").values()),
                              timeout=10)
-        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision == good
                              and _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
-                             and not sup.rolling.terminating, timeout=30)
+                             and not sup.replicas.terminating, timeout=30)
     assert sup.clock() - began >= 2.0
     assert load.failed == 0, load.reasons
     assert load.sent > 100
     assert set(mesh.running("web")) == before, "the old replicas kept serving"
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
-    state = sup.rolling.states["web"]
+    state = sup.rollouts.states["web"]
     assert state.reverted_from == bad and "progress_deadline" in state.reason, state
     assert f"reverted to {good}" in web_status(sup)["problem"]
     running = _web_containers(clean_engine)
@@ -120,7 +121,7 @@ async def test_docker_a_supervisor_killed_mid_rollout_resumes_it_after_its_resta
         mesh, proxy, clean_engine):
     update = ", min_ready: 1.5s"
     await mesh.apply(docker_yaml(mesh, update=update))
-    argv = [sys.executable, "-m", "supervisor.agent", "--consul", mesh.url, "--data-dir",
+    argv = [sys.executable, "-m", "supervisor", "supervisor", "--consul", mesh.url, "--data-dir",
             str(mesh.data_dir), "--admin", "127.0.0.1:0", "--engine", clean_engine.url,
             "--stop-on-exit"]
     env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
@@ -128,7 +129,7 @@ async def test_docker_a_supervisor_killed_mid_rollout_resumes_it_after_its_resta
     try:
         await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=60)
         await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
-        first = (await _kv_json(mesh, state_key("web")))["revision"]
+        first = (await _kv_json(mesh, config.rollout_key("web", "state")))["revision"]
         assert sorted(c.labels["meshlet.node"] for c in _web_containers(clean_engine)) == ["local"] * 3
         async with Load(proxy) as load, RunningMax(clean_engine) as running, \
                 Bounds(mesh.client, lambda: running.max) as bounds:
@@ -138,11 +139,11 @@ async def test_docker_a_supervisor_killed_mid_rollout_resumes_it_after_its_resta
             await async_wait_for(lambda: _new_ready(ready["admin"], first, 1), timeout=60)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-            state = await _kv_json(mesh, state_key("web"))
+            state = await _kv_json(mesh, config.rollout_key("web", "state"))
             assert state["phase"] == "progressing" and state["revision"] != first, state
             proc, ready = start_server(argv, env=env)
             await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=90)
-            new = (await _kv_json(mesh, state_key("web")))["revision"]
+            new = (await _kv_json(mesh, config.rollout_key("web", "state")))["revision"]
             # the retired containers are gone from the engine, not only from the catalog
             await async_wait_for(lambda: len(_web_containers(clean_engine, all=True)) == REPLICAS,
                                  timeout=30)
@@ -159,7 +160,7 @@ async def test_docker_a_supervisor_killed_mid_rollout_resumes_it_after_its_resta
         assert sorted((c.labels["meshlet.slot"], c.labels["meshlet.revision"]) for c in containers) == \
             [(str(slot), new) for slot in range(REPLICAS)]
         assert len(set(await mesh.passing("web"))) == REPLICAS
-        history = await _kv_json(mesh, history_key("web"))
+        history = await _kv_json(mesh, config.rollout_key("web", "history"))
         assert [(e["revision"], e["status"]) for e in history] == [(first, "complete"), (new, "complete")]
     finally:
         stop_process(proc, sig=signal.SIGTERM)   # --stop-on-exit: it stops its containers
@@ -190,15 +191,15 @@ async def meshlet(*args: str) -> tuple[int, str, str]:
 async def test_rollback_to_an_older_revision_number_drops_nothing(mesh, proxy, runtime):
     yaml_of, sup, path = runtime
     sup = await _up(mesh, proxy, yaml_of(mesh, env={"V": "1"}), sup, path)
-    revisions = [sup.rolling.states["web"].revision]
+    revisions = [sup.rollouts.states["web"].revision]
     for version in ("2", "3"):
         await mesh.apply(yaml_of(mesh, env={"V": version}))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != revisions[-1]
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != revisions[-1]
                              and _complete(mesh, sup), timeout=60)
-        revisions.append(sup.rolling.states["web"].revision)
+        revisions.append(sup.rollouts.states["web"].revision)
     await async_wait_for(lambda: _revisions(mesh) == [revisions[-1]] * REPLICAS
-                         and not sup.rolling.terminating, timeout=30)
-    history = await _kv_json(mesh, history_key("web"))
+                         and not sup.replicas.terminating, timeout=30)
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["number"], e["revision"]) for e in history] == \
         [(1, revisions[0]), (2, revisions[1]), (3, revisions[2])], history
     v1 = history[0]["number"]
@@ -207,10 +208,10 @@ async def test_rollback_to_an_older_revision_number_drops_nothing(mesh, proxy, r
         code, out, err = await meshlet("rollback", "web", "--to", str(v1), "--consul", mesh.url)
         assert code == 0, (out, err)
         assert f"rolling back to revision {v1} " in out, out
-        await async_wait_for(lambda: sup.rolling.states["web"].revision == revisions[0]
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision == revisions[0]
                              and _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [revisions[0]] * REPLICAS
-                             and not sup.rolling.terminating, timeout=30)
+                             and not sup.replicas.terminating, timeout=30)
         sent_at_end = load.sent
         await async_wait_for(lambda: load.sent > sent_at_end + 20, timeout=10)
     assert load.failed == 0, load.reasons

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from supervisor.rollout import (RolloutError, mark_revision, record_revision, restart_revision,
+from supervisor.core.rollout import (RolloutError, mark_revision, record_revision, restart_revision,
                                 rollback_target)
 
 

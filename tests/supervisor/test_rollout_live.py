@@ -26,9 +26,8 @@ from _util import async_wait_for, kill_leftovers, start_server, stop_process
 from conftest import APPS
 from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
 from discovery.consul import instances_from_health
-from supervisor.admin import build_status
-from supervisor.up import _progress
-from supervisor.rollout_keys import crashes_key, history_key, state_key
+from supervisor.daemon.up import progress_lines
+
 
 REPLICAS = 3
 READY = "{http: {path: /ready}, period: 0.1s, failure_threshold: 1}"
@@ -162,7 +161,7 @@ async def _serving(port: int, n: int, path: str = "/") -> bool:
 
 
 def web_status(sup) -> dict:
-    return next(s for s in build_status(sup)["services"] if s["name"] == "web")
+    return next(s for s in sup.status()["services"] if s["name"] == "web")
 
 
 async def _kv_json(mesh, key: str):
@@ -179,16 +178,16 @@ async def _up(mesh, proxy, text: str, sup=None, path: str = "/"):
         await sup.start()
     await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
     await async_wait_for(lambda: _serving(proxy, REPLICAS, path), timeout=15)
-    await async_wait_for(lambda: "web" in sup.rolling.states and _complete(mesh, sup), timeout=10)
+    await async_wait_for(lambda: "web" in sup.rollouts.states and _complete(mesh, sup), timeout=10)
     return sup
 
 
 async def _complete(mesh, sup) -> bool:
     """The rollout is complete, and KV says so (state and history as the CLI reads them)."""
-    state, history = sup.rolling.states["web"], sup.rolling.histories["web"]
+    state, history = sup.rollouts.states["web"], sup.rollouts.histories["web"]
     if state.phase != "complete":
         return False
-    stored = (await _kv_json(mesh, state_key("web")), await _kv_json(mesh, history_key("web")))
+    stored = (await _kv_json(mesh, config.rollout_key("web", "state")), await _kv_json(mesh, config.rollout_key("web", "history")))
     return list(stored) == json.loads(json.dumps([state.to_dict(), history]))
 
 
@@ -211,19 +210,19 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
                                                                         unavailable):
     drains = {"TERM_SERVE": "0.5"}     # the app serves on 0.5 s after SIGTERM, counting arrivals
     sup = await _up(mesh, proxy, web_yaml(mesh, env=drains, update=update))
-    first = sup.rolling.states["web"].revision
+    first = sup.rollouts.states["web"].revision
     old = set(mesh.running("web"))
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["number"], e["revision"], e["status"]) for e in history] == [(1, first, "complete")]
     async with Load(proxy) as load, Bounds(mesh.client, lambda: len(mesh.running("web"))) as bounds:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         await mesh.apply(web_yaml(mesh, env={"V": "2", **drains}, update=update))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
-        new = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != first, timeout=10)
+        new = sup.rollouts.states["web"].revision
         status = web_status(sup)["rollout"]
         assert status["phase"] == "progressing" and status["revision"] == new and status["number"] == 2
         assert "updated" in status["progress"] and status["summary"].startswith("web: ")
-        assert any("rollout progressing to #2: " in line for line in _progress(sup))   # meshlet up
+        assert any("rollout progressing to #2: " in line for line in progress_lines(sup))   # meshlet up
         await async_wait_for(lambda: _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=15)
         sent_at_end = load.sent
@@ -240,33 +239,33 @@ async def test_rollout_of_3_replicas_drops_nothing_and_keeps_the_bounds(mesh, pr
     assert bounds.min_passing == REPLICAS - unavailable, bounds
     assert sorted(o.slot for o in mesh.running("web").values()) == [0, 1, 2]
     assert len(await mesh.passing("web")) == REPLICAS
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["revision"], e["status"]) for e in history] == [(first, "complete"), (new, "complete")]
-    state = await _kv_json(mesh, state_key("web"))
+    state = await _kv_json(mesh, config.rollout_key("web", "state"))
     assert (state["revision"], state["phase"]) == (new, "complete")
     assert web_status(sup)["rollout"]["progress"] == "3/3 updated"
 
 
 async def test_a_revision_that_crashes_at_start_is_reverted_without_failures(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
-    good = sup.rolling.states["web"].revision
+    good = sup.rollouts.states["web"].revision
     before = set(mesh.running("web"))
     crash = [sys.executable, "-c", "import sys; sys.exit(3)"]
     async with Load(proxy) as load:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         await mesh.apply(web_yaml(mesh, command=crash))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
-        bad = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != good, timeout=10)
+        bad = sup.rollouts.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision == good
                              and _complete(mesh, sup), timeout=60)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
-                             and not sup.rolling.terminating, timeout=15)
+                             and not sup.replicas.terminating, timeout=15)
     assert load.failed == 0, load.reasons
     assert set(mesh.running("web")) == before, "the old replicas never stopped"
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["number"], e["revision"], e["status"]) for e in history] == \
         [(2, bad, "failed"), (3, good, "complete")]
-    state = sup.rolling.states["web"]
+    state = sup.rollouts.states["web"]
     assert state.reverted_from == bad and ("exited" in state.reason or "restarted" in state.reason)
     assert "(last exit: code 3)" in state.reason, state.reason   # what the crashing command returned
     web = web_status(sup)
@@ -274,30 +273,30 @@ async def test_a_revision_that_crashes_at_start_is_reverted_without_failures(mes
     assert web["rollout"]["phase"] == "complete"
     # the document is still what was applied; a sync does not start the bad one again
     sup.enqueue("web")
-    await async_wait_for(lambda: sup._syncing == {}, timeout=10)
-    assert sup.rolling.states["web"].revision == good
+    await async_wait_for(lambda: not sup.busy(), timeout=10)
+    assert sup.rollouts.states["web"].revision == good
 
 
 async def test_without_auto_revert_a_failed_rollout_stops_and_says_why(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
-    good = sup.rolling.states["web"].revision
+    good = sup.rollouts.states["web"].revision
     before = set(mesh.running("web"))
     crash = [sys.executable, "-c", "import sys; sys.exit(3)"]
     await mesh.apply(web_yaml(mesh, command=crash, update=", auto_revert: false"))
-    await async_wait_for(lambda: sup.rolling.states["web"].revision != good
-                         and sup.rolling.states["web"].phase == "failed", timeout=30)
-    assert "auto_revert is off" in sup.rolling.states["web"].reason
+    await async_wait_for(lambda: sup.rollouts.states["web"].revision != good
+                         and sup.rollouts.states["web"].phase == "failed", timeout=30)
+    assert "auto_revert is off" in sup.rollouts.states["web"].reason
     assert "rollout failed" in web_status(sup)["problem"]
     # the old replicas keep serving, untouched; nothing else is retired
     await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=10)
     assert before <= set(mesh.running("web"))
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [e["status"] for e in history] == ["complete", "failed"]
 
 
 async def test_recreate_stops_the_old_revision_before_starting_the_new(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh, update=", strategy: recreate"))
-    first = sup.rolling.states["web"].revision
+    first = sup.rollouts.states["web"].revision
     mixed = []
 
     async def sample():
@@ -309,17 +308,17 @@ async def test_recreate_stops_the_old_revision_before_starting_the_new(mesh, pro
     done = asyncio.Event()
     sampler = asyncio.create_task(sample())
     await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", strategy: recreate"))
-    await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+    await async_wait_for(lambda: sup.rollouts.states["web"].revision != first
                          and _complete(mesh, sup), timeout=60)
     done.set()
     await sampler
     assert len(mixed) > 20 and not any(mixed), "never old and new side by side, never more than 3"
-    assert set(_revisions(mesh)) == {sup.rolling.states["web"].revision}
+    assert set(_revisions(mesh)) == {sup.rollouts.states["web"].revision}
 
 
 async def test_a_revision_never_ready_hits_the_progress_deadline_and_is_reverted(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
-    good = sup.rolling.states["web"].revision
+    good = sup.rollouts.states["web"].revision
     stuck = mesh.tmp / "stuck"
     stuck.mkdir()
     (stuck / "unready").touch()
@@ -327,29 +326,29 @@ async def test_a_revision_never_ready_hits_the_progress_deadline_and_is_reverted
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         began = sup.clock()
         await mesh.apply(web_yaml(mesh, env={"MARKERS": str(stuck)}, update=", progress_deadline: 2s"))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
-        bad = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != good, timeout=10)
+        bad = sup.rollouts.states["web"].revision
         await async_wait_for(lambda: _complete(mesh, sup), timeout=30)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
-                             and not sup.rolling.terminating, timeout=15)
+                             and not sup.replicas.terminating, timeout=15)
     assert sup.clock() - began >= 2.0
     assert load.failed == 0, load.reasons
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert (history[-2]["revision"], history[-2]["status"]) == (bad, "failed")
     assert (history[-1]["revision"], history[-1]["status"]) == (good, "complete")
-    assert "progress_deadline" in sup.rolling.states["web"].reason
+    assert "progress_deadline" in sup.rollouts.states["web"].reason
 
 
 async def test_pause_holds_a_rollout_and_resume_finishes_it(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
-    first = sup.rolling.states["web"].revision
+    first = sup.rollouts.states["web"].revision
     await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", min_ready: 1s"))
-    await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
+    await async_wait_for(lambda: sup.rollouts.states["web"].revision != first, timeout=10)
     await mesh.client.kv.put("meshlet/rollout/web/control",
                              json.dumps({"paused": True, "reason": "checking", "at": 1.0}))
-    await async_wait_for(lambda: sup.rolling.states["web"].phase == "paused", timeout=10)
+    await async_wait_for(lambda: sup.rollouts.states["web"].phase == "paused", timeout=10)
     held = sorted(mesh.running("web"))
-    await async_wait_for(lambda: sup._syncing == {}, timeout=10)
+    await async_wait_for(lambda: not sup.busy(), timeout=10)
     assert "paused: checking" in web_status(sup)["problem"]
     await mesh.client.kv.put("meshlet/rollout/web/control",
                              json.dumps({"paused": False, "reason": "", "at": 2.0}))
@@ -359,20 +358,20 @@ async def test_pause_holds_a_rollout_and_resume_finishes_it(mesh, proxy):
 
 async def test_a_restart_token_rolls_every_replica_without_a_spec_change(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
-    first = sup.rolling.states["web"].revision
+    first = sup.rollouts.states["web"].revision
     before = set(mesh.running("web"))
     await mesh.client.kv.put("meshlet/rollout/web/restart", json.dumps({"token": "t1", "at": 1.0}))
-    await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+    await async_wait_for(lambda: sup.rollouts.states["web"].revision != first
                          and _complete(mesh, sup), timeout=60)
     await async_wait_for(lambda: not (set(mesh.running("web")) & before)
                          and len(mesh.running("web")) == REPLICAS, timeout=15)
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert history[-1]["restart_token"] == "t1" and history[-1]["status"] == "complete"
 
 
 async def test_a_canary_step_weighs_the_old_replicas_then_promotes(mesh, proxy):
     sup = await _up(mesh, proxy, web_yaml(mesh))
-    first = sup.rolling.states["web"].revision
+    first = sup.rollouts.states["web"].revision
     seen: set[tuple[str, str]] = set()      # (Meta revision is first?, weight) during the rollout
     done = asyncio.Event()
 
@@ -386,7 +385,7 @@ async def test_a_canary_step_weighs_the_old_replicas_then_promotes(mesh, proxy):
     sampler = asyncio.create_task(sample())
     async with Load(proxy) as load:
         await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", canary: [{weight: 50, pause: 1s}]"))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != first
                              and _complete(mesh, sup), timeout=60)
     done.set()
     await sampler
@@ -404,8 +403,8 @@ async def test_a_retired_replica_is_signalled_only_after_its_requests_in_flight_
     sup = await mesh.start(proxy_admins=[admin])
     await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
     await async_wait_for(lambda: _serving(port, REPLICAS), timeout=15)
-    await async_wait_for(lambda: "web" in sup.rolling.states and _complete(mesh, sup), timeout=10)
-    first = sup.rolling.states["web"].revision
+    await async_wait_for(lambda: "web" in sup.rollouts.states and _complete(mesh, sup), timeout=10)
+    first = sup.rollouts.states["web"].revision
     old = set(mesh.running("web"))
 
     # 1.5 s: under the proxy's hedging delay (2 s), so each request has one attempt
@@ -417,7 +416,7 @@ async def test_a_retired_replica_is_signalled_only_after_its_requests_in_flight_
     async with aiohttp.ClientSession() as session:
         requests = [asyncio.create_task(slow(session)) for _ in range(6)]
         await mesh.apply(web_yaml(mesh, env={"V": "2", **drains}))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != first
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != first
                              and _complete(mesh, sup), timeout=60)
         answers = await asyncio.gather(*requests)
     assert all(status == 200 for status, _ in answers), answers
@@ -435,25 +434,25 @@ async def test_a_retired_replica_is_signalled_only_after_its_requests_in_flight_
 async def test_a_supervisor_killed_mid_rollout_resumes_it_after_its_restart(mesh, proxy, tmp_path):
     text = web_yaml(mesh, update=", min_ready: 1.5s")
     await mesh.apply(text)
-    argv = [sys.executable, "-m", "supervisor.agent", "--consul", mesh.url, "--data-dir",
+    argv = [sys.executable, "-m", "supervisor", "supervisor", "--consul", mesh.url, "--data-dir",
             str(mesh.data_dir), "--admin", "127.0.0.1:0", "--runtime", "process"]
     env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
     proc, ready = start_server(argv, env=env)
     try:
         await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
         await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=15)
-        first = (await _kv_json(mesh, state_key("web")))["revision"]
+        first = (await _kv_json(mesh, config.rollout_key("web", "state")))["revision"]
         async with Load(proxy) as load, Bounds(mesh.client, lambda: _running_pids(mesh)) as bounds:
             await mesh.apply(web_yaml(mesh, env={"V": "2"}, update=", min_ready: 1.5s"))
             # killed once the first new replica passes (a rollout half way)
             await async_wait_for(lambda: _new_ready(ready["admin"], first, 1), timeout=30)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-            state = await _kv_json(mesh, state_key("web"))
+            state = await _kv_json(mesh, config.rollout_key("web", "state"))
             assert state["phase"] == "progressing" and state["revision"] != first
             proc, ready = start_server(argv, env=env)
             await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=60)
-        new = (await _kv_json(mesh, state_key("web")))["revision"]
+        new = (await _kv_json(mesh, config.rollout_key("web", "state")))["revision"]
         assert new == state["revision"]
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://{ready['admin']}/v1/status") as r:
@@ -464,7 +463,7 @@ async def test_a_supervisor_killed_mid_rollout_resumes_it_after_its_restart(mesh
         assert load.failed == 0, load.reasons
         assert bounds.max_running <= REPLICAS + 1 and bounds.max_registered <= REPLICAS + 1, bounds
         assert bounds.min_passing >= REPLICAS, bounds
-        history = await _kv_json(mesh, history_key("web"))
+        history = await _kv_json(mesh, config.rollout_key("web", "history"))
         assert [e["status"] for e in history] == ["complete", "complete"]
     finally:
         stop_process(proc, sig=signal.SIGTERM)
@@ -493,13 +492,13 @@ async def test_crashes_counted_before_a_supervisor_restart_still_fail_the_rollou
     before SIGKILL and one while no supervisor runs fail the rollout and revert it, as two
     crashes under one supervisor would; the bad revision is not started a third time."""
     await mesh.apply(web_yaml(mesh))
-    argv = [sys.executable, "-m", "supervisor.agent", "--consul", mesh.url, "--data-dir",
+    argv = [sys.executable, "-m", "supervisor", "supervisor", "--consul", mesh.url, "--data-dir",
             str(mesh.data_dir), "--admin", "127.0.0.1:0", "--runtime", "process"]
     env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
     proc, _ = start_server(argv, env=env)
     try:
         await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=30)
-        good = (await _kv_json(mesh, state_key("web")))["revision"]
+        good = (await _kv_json(mesh, config.rollout_key("web", "state")))["revision"]
         started = [mesh.markers / f"started-{n}" for n in range(3)]
         await mesh.apply(web_yaml(mesh, command=[sys.executable, "-c", CRASH_TWICE, str(APPS / "flaky.py")]))
         await async_wait_for(started[0].exists, timeout=30)
@@ -507,11 +506,11 @@ async def test_crashes_counted_before_a_supervisor_restart_still_fail_the_rollou
         # the first crash is stored with the rollout (and its replica restarted)
 
         async def one_crash_stored() -> bool:
-            doc = await _kv_json(mesh, crashes_key("web"))
+            doc = await _kv_json(mesh, config.rollout_key("web", "crashes"))
             return doc is not None and sum(doc["crashes"].values()) == 1
         await async_wait_for(one_crash_stored, timeout=30)
         await async_wait_for(started[1].exists, timeout=30)
-        bad = (await _kv_json(mesh, state_key("web")))["revision"]
+        bad = (await _kv_json(mesh, config.rollout_key("web", "state")))["revision"]
         assert bad != good
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -520,12 +519,12 @@ async def test_crashes_counted_before_a_supervisor_restart_still_fail_the_rollou
         await async_wait_for(lambda: _exited(pid), timeout=10)
         proc, _ = start_server(argv, env=env)
         await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=60)
-        state = await _kv_json(mesh, state_key("web"))
+        state = await _kv_json(mesh, config.rollout_key("web", "state"))
         assert (state["revision"], state["reverted_from"]) == (good, bad), state
-        history = await _kv_json(mesh, history_key("web"))
+        history = await _kv_json(mesh, config.rollout_key("web", "history"))
         assert [(e["revision"], e["status"]) for e in history][-2:] == [(bad, "failed"), (good, "complete")]
         assert not started[2].exists(), "the failed revision was started a third time"
-        assert await _kv_json(mesh, crashes_key("web")) is None   # no rollout: nothing kept
+        assert await _kv_json(mesh, config.rollout_key("web", "crashes")) is None   # no rollout: nothing kept
         await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=15)
     finally:
         stop_process(proc, sig=signal.SIGTERM)
@@ -542,7 +541,7 @@ def _exited(pid: int) -> bool:
 
 
 async def _kv_phase(mesh, phase: str) -> bool:
-    state = await _kv_json(mesh, state_key("web"))
+    state = await _kv_json(mesh, config.rollout_key("web", "state"))
     return state is not None and state["phase"] == phase
 
 
@@ -577,7 +576,7 @@ def engine(docker_engine):  # noqa: F811
 
 
 def docker_supervisor(mesh, engine):
-    from supervisor.agent import Supervisor
+    from supervisor.daemon.supervisor import Supervisor
     node = config.NodeSpec(name="dock", runtime="docker", engine=engine.url)
     return Supervisor(mesh.url, [node], mesh.data_dir, resync=1.0)
 
@@ -592,13 +591,13 @@ def docker_yaml(mesh, **kw) -> str:
 async def test_docker_rollout_of_3_replicas_drops_nothing(mesh, proxy, engine):
     sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, engine),
                     "/cgi-bin/env")
-    first = sup.rolling.states["web"].revision
+    first = sup.rollouts.states["web"].revision
     old = set(mesh.running("web"))
     async with Load(proxy) as load, Bounds(mesh.client, lambda: len(mesh.running("web"))) as bounds:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         await mesh.apply(docker_yaml(mesh, env={"V": "2"}))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != first, timeout=10)
-        new = sup.rolling.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != first, timeout=10)
+        new = sup.rollouts.states["web"].revision
         await async_wait_for(lambda: _complete(mesh, sup), timeout=90)
         await async_wait_for(lambda: _revisions(mesh) == [new] * REPLICAS, timeout=30)
     assert load.failed == 0, load.reasons
@@ -613,41 +612,41 @@ async def test_docker_rollout_of_3_replicas_drops_nothing(mesh, proxy, engine):
 async def test_docker_a_crashing_image_command_is_reverted_without_failures(mesh, proxy, engine):
     sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, engine),
                     "/cgi-bin/env")
-    good = sup.rolling.states["web"].revision
+    good = sup.rollouts.states["web"].revision
     before = set(mesh.running("web"))
     async with Load(proxy) as load:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         await mesh.apply(docker_yaml(mesh, args=["sh", "-c", "exit 3"]))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
-        bad = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != good, timeout=10)
+        bad = sup.rollouts.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision == good
                              and _complete(mesh, sup), timeout=90)
         await async_wait_for(lambda: _revisions(mesh) == [good] * REPLICAS
-                             and not sup.rolling.terminating, timeout=30)
+                             and not sup.replicas.terminating, timeout=30)
     assert load.failed == 0, load.reasons
     assert set(mesh.running("web")) == before
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
     assert f"reverted to {good}" in web_status(sup)["problem"]
-    assert "(last exit: code 3)" in sup.rolling.states["web"].reason   # the engine's exit code
+    assert "(last exit: code 3)" in sup.rollouts.states["web"].reason   # the engine's exit code
 
 
 async def test_docker_a_missing_image_is_reverted_without_failures(mesh, proxy, engine):
     sup = await _up(mesh, proxy, docker_yaml(mesh), docker_supervisor(mesh, engine), "/cgi-bin/env")
-    good = sup.rolling.states["web"].revision
+    good = sup.rollouts.states["web"].revision
     before = set(mesh.running("web"))
     async with Load(proxy) as load:
         await async_wait_for(lambda: load.sent > 20, timeout=10)
         # no registry answers here: the pull fails at once and the engine refuses the start
         await mesh.apply(web_yaml(mesh, image="meshlet-test/missing:1", readiness=DOCKER_READY, grace="1s"))
-        await async_wait_for(lambda: sup.rolling.states["web"].revision != good, timeout=10)
-        bad = sup.rolling.states["web"].revision
-        await async_wait_for(lambda: sup.rolling.states["web"].revision == good
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision != good, timeout=10)
+        bad = sup.rollouts.states["web"].revision
+        await async_wait_for(lambda: sup.rollouts.states["web"].revision == good
                              and _complete(mesh, sup), timeout=60)
     assert load.failed == 0, load.reasons
     assert set(mesh.running("web")) == before
-    history = await _kv_json(mesh, history_key("web"))
+    history = await _kv_json(mesh, config.rollout_key("web", "history"))
     assert [(e["revision"], e["status"]) for e in history[-2:]] == [(bad, "failed"), (good, "complete")]
     # the reason names what the engine said, not just that starts failed
-    reason = sup.rolling.states["web"].reason
+    reason = sup.rollouts.states["web"].reason
     assert "could not be started (2 attempts)" in reason and "meshlet-test/missing:1" in reason, reason

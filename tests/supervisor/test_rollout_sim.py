@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.rollout import (AVAILABLE, COMPLETE, FAILED, PAUSED, PROGRESSING, READY,
+from supervisor.core.rollout import (AVAILABLE, COMPLETE, FAILED, PAUSED, PROGRESSING, READY,
                                 REVERTING, STARTING, TERMINATING, MarkComplete, MarkFailed, ObservedReplica,
                                 RetireReplica, Revert, RolloutState, SetWeight, StartReplica,
                                 Strategy, is_available, resolve_fenceposts, rollout_step,

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from _util import async_wait_for
-from supervisor.admin import AdminServer
+from supervisor.daemon.admin import AdminServer
 
 
 async def test_admin_api(mesh):

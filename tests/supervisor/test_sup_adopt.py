@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def start_supervisor(url: str, data_dir: Path, *extra: str):
-    proc, ready = start_server([sys.executable, "-m", "supervisor.agent", "--consul", url,
+    proc, ready = start_server([sys.executable, "-m", "supervisor", "supervisor", "--consul", url,
                                 "--data-dir", str(data_dir), "--admin", "127.0.0.1:0",
                                 "--runtime", "process", *extra], cwd=str(REPO))
     return proc, ready["admin"]

@@ -8,7 +8,6 @@ import signal
 import aiohttp
 
 from _util import async_wait_for
-from supervisor.admin import build_status
 
 
 async def get(port: int, path: str = "/") -> tuple[int, str]:
@@ -140,14 +139,14 @@ async def test_an_unreadable_document_keeps_the_last_good_spec(mesh, caplog):
     before = set(mesh.running("web"))
     await mesh.client.kv.put("meshlet/services/web", b"{not json")
     await async_wait_for(lambda: "ignoring unreadable meshlet/services/web" in caplog.text, timeout=10)
-    await async_wait_for(lambda: mesh.sup._syncing == {}, timeout=10)   # any sync it caused is over
+    await async_wait_for(lambda: not mesh.sup.busy(), timeout=10)   # any sync it caused is over
     assert set(mesh.running("web")) == before
     assert await mesh.passing("web") == sorted(before)
 
 
 async def test_replicas_spread_over_two_nodes(mesh):
     import config
-    from supervisor.agent import Supervisor
+    from supervisor.daemon.supervisor import Supervisor
     await mesh.apply(mesh.service_yaml(replicas=2, probes=READY))
     nodes = [config.NodeSpec(name="a", runtime="process"), config.NodeSpec(name="b", runtime="process")]
     mesh.sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=1.0)
@@ -200,8 +199,8 @@ async def test_restart_policy_never_leaves_the_replica_exited(mesh):
     (iid, obs), = mesh.running("web").items()
     os.kill(obs.pid, signal.SIGKILL)
     await async_wait_for(lambda: _len_eq(mesh.health("web"), 0), timeout=10)
-    await async_wait_for(lambda: mesh.sup._syncing == {}, timeout=10)
-    (row,) = [s for s in build_status(sup)["services"] if s["name"] == "web"][0]["instances"]
+    await async_wait_for(lambda: not mesh.sup.busy(), timeout=10)
+    (row,) = [s for s in sup.status()["services"] if s["name"] == "web"][0]["instances"]
     assert (row["id"], row["state"], row["exit_code"]) == (iid, "exited", 137)
     assert mesh.running("web") == {}
 
@@ -221,16 +220,16 @@ services:
                          and sup.backoff[("web", 0)].failures >= 2, timeout=20)
     # the runtime's refusal is the service's problem and the loop runs on; the second try
     # came after at least 1 s (not one attempt per sync), the third waits the back-off
-    (web,) = [s for s in build_status(sup)["services"] if s["name"] == "web"]
+    (web,) = [s for s in sup.status()["services"] if s["name"] == "web"]
     assert web["ready"] == 0 and "no-such-program" in web["problem"]
     assert sup.clock() - began >= 1.0
-    hold = sup._start_hold[("web", 0)]
+    hold = sup.start_holds[("web", 0)]
     assert hold - sup.clock() > 5.0
     # a fixed spec is started at once, not after the hold
     await mesh.apply(mesh.service_yaml(replicas=1, probes=READY))
     await async_wait_for(lambda: _len_eq(mesh.passing("web"), 1), timeout=8)
     assert sup.clock() < hold
-    (web,) = [s for s in build_status(sup)["services"] if s["name"] == "web"]
+    (web,) = [s for s in sup.status()["services"] if s["name"] == "web"]
     assert web["problem"] is None
 
 
@@ -249,4 +248,4 @@ async def test_unreadable_rollout_keys_are_logged_and_replaced(mesh, caplog):
         _, entry = await mesh.client.kv.get("meshlet/rollout/web/history")
         return [(e["number"], e["status"]) for e in json.loads(entry["Value"])] == [(1, "complete")]
     await async_wait_for(settled, timeout=10)
-    assert sup.rolling.states["web"].phase == "complete"
+    assert sup.rollouts.states["web"].phase == "complete"

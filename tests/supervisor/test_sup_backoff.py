@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 import config
-from supervisor.backoff import BackoffState, decide, delay_for, should_restart
+from supervisor.core.backoff import BackoffState, decide, delay_for, should_restart
 
 DEFAULT = config.RestartPolicy()
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from supervisor.commands import format_age, format_status
+from supervisor.commands.admin_client import format_age, format_status
 
 
 def test_status_table_reads_like_kubectl():

@@ -9,7 +9,7 @@ import pytest
 import config
 from _util import async_wait_for
 from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
-from supervisor.agent import Supervisor
+from supervisor.daemon.supervisor import Supervisor
 
 SERVICE = f"""\
 services:

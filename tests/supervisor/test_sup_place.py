@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 import config
-from supervisor.place import Allocation, NodeInfo, Request, place
+from supervisor.core.placement import Allocation, NodeInfo, Request, place
 
 
 def spec(name="web", cpu=None, memory=None, image=None, spread=True, constraints=()):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 import config
-from supervisor.probes import (LIVENESS, READINESS, STARTUP, Health, due_kinds, initial_health,
+from supervisor.daemon.probes import (LIVENESS, READINESS, STARTUP, Health, due_kinds, initial_health,
                                on_result, resolve_port)
 
 

@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import config
-from supervisor.backoff import BackoffState
-from supervisor.place import NodeInfo
-from supervisor.reconcile import (DUPLICATE, ORPHAN, OUTDATED, PROBE_FAILED, SCALE_DOWN, Deregister,
+from supervisor.core.backoff import BackoffState
+from supervisor.core.placement import NodeInfo
+from supervisor.core.reconcile import (DUPLICATE, ORPHAN, OUTDATED, PROBE_FAILED, SCALE_DOWN, Deregister,
                                   Kill, Observed, Register, Replica, Start, Stop, Unplaceable, Wait,
                                   reconcile)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.up import DEFAULT_RESOLVER, loopback_nameservers, plan_resolver
+from supervisor.daemon.components import DEFAULT_RESOLVER, loopback_nameservers, plan_resolver
 
 
 @pytest.mark.parametrize("listen, default, resolver, runs", [

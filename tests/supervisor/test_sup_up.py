@@ -24,7 +24,7 @@ import yaml
 from _util import free_port, stop_process, wait_for
 from _util import kill_leftovers, pid_alive
 from docker_env import docker_engine, docker_engines  # noqa: F401 (fixtures)
-from supervisor.commands import main as commands_main
+from supervisor.cli import main as meshlet_main
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "config" / "examples"
@@ -72,18 +72,13 @@ class Lines:
 
 def run_cmd(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
-    real = sys.stdout
-    sys.stdout = out
-    try:
-        code = commands_main(list(argv))
-    finally:
-        sys.stdout = real
+    code = meshlet_main(list(argv), out=out)
     return code, out.getvalue()
 
 
 def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
     path, ports = demo_copy(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "-f", str(path)],
                             cwd=str(REPO), stdout=subprocess.PIPE, text=True)
     lines = Lines(proc.stdout)
     try:
@@ -123,7 +118,7 @@ def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
         code, text = run_cmd("logs", "web", "--admin", admin)
         assert code == 0 and "listening on" in text
 
-        follow = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "logs", "web", "-f",
+        follow = subprocess.Popen([sys.executable, "-m", "supervisor", "logs", "web", "-f",
                                    "--admin", admin], cwd=str(REPO), stdout=subprocess.PIPE, text=True)
         followed = Lines(follow.stdout)
         followed.wait("listening on", timeout=15)
@@ -159,7 +154,7 @@ def _bindable(port: int) -> bool:
 def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(tmp_path):
     path, ports = demo_copy(tmp_path)
     admin = f"127.0.0.1:{ports['admin']}"
-    argv = [sys.executable, "-m", "supervisor.commands", "up", "-f", str(path), "--keep"]
+    argv = [sys.executable, "-m", "supervisor", "up", "-f", str(path), "--keep"]
     proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
     try:
         lines = Lines(proc.stdout)
@@ -218,7 +213,7 @@ def test_up_keep_leaves_workloads_for_the_next_up_and_restarts_dead_components(t
 def test_up_with_a_bad_file_exits_2_and_says_where(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("services:\n  web:\n    command: [x]\n    replicas: three\n")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.commands", "up", "-f", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "up", "-f", str(bad)],
                           cwd=str(REPO), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "bad.yaml:4 services.web.replicas" in proc.stderr
@@ -279,7 +274,7 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
     doc["services"] = {"web": {**box, "replicas": 2}, "client": {**box, "replicas": 1},
                        "ghost": {**box, "image": "meshlet-test/missing:404", "replicas": 1}}
     path.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "-f", str(path)],
                             cwd=str(REPO), stdout=subprocess.PIPE, text=True)
     client = docker_engine.client()
     labels = ["meshlet.node=box"]
@@ -377,7 +372,7 @@ def test_meshlet_up_on_a_docker_node(tmp_path, docker_engine):  # noqa: F811
         proc.kill()
         proc.wait(timeout=10)
         wait_for(lambda: _bindable(ports["proxy"]) and _bindable(ports["catalog"]), timeout=15)
-        proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "-f", str(path)],
                                 cwd=str(REPO), stdout=subprocess.PIPE, text=True)
         lines = Lines(proc.stdout)
         lines.wait("web: 1/1 ready", timeout=60)
@@ -418,7 +413,7 @@ def test_meshlet_up_on_the_docker_demo(tmp_path, docker_engine):  # noqa: F811
     doc["mesh"]["nodes"][0]["engine"] = docker_engine.url
     path = tmp_path / "demo-docker.yaml"
     path.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "up", "-f", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "-f", str(path)],
                             cwd=str(REPO), stdout=subprocess.PIPE, text=True)
     client = docker_engine.client()
     labels = ["meshlet.node=local", "meshlet.owner=meshlet"]
@@ -448,7 +443,7 @@ def test_meshlet_up_on_the_docker_demo(tmp_path, docker_engine):  # noqa: F811
                 and row[4] == "0", row
         code, text = run_cmd("logs", "web", "--admin", admin)
         assert code == 0 and "response:200" in text, text
-        follow = subprocess.Popen([sys.executable, "-m", "supervisor.commands", "logs", "api", "-f",
+        follow = subprocess.Popen([sys.executable, "-m", "supervisor", "logs", "api", "-f",
                                    "--admin", admin], cwd=str(REPO), stdout=subprocess.PIPE, text=True)
         followed = Lines(follow.stdout)
 

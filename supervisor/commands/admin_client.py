@@ -1,20 +1,16 @@
-"""The supervisor's commands: ``meshlet up``, ``status``, ``logs`` and ``down``; and the
-rollout commands of ``supervisor.rollout_cli`` (``rollout status|history|pause|resume``,
-``rollback``, ``restart``), which talk to the catalog (``--consul URL``), not the supervisor.
+"""``meshlet status``, ``logs`` and ``down``: clients of the running supervisor's admin API
+(daemon/admin.py) at ``--admin HOST:PORT``, else ``$MESHLET_ADMIN``, else
+``mesh.admin_listen`` of ``-f FILE`` (``--file`` for logs, where ``-f`` is ``--follow``),
+else the default ``mesh.admin_listen``.
 
-``status``, ``logs`` and ``down`` talk to the running supervisor's admin API (see admin.py)
-at ``--admin HOST:PORT``, else ``$MESHLET_ADMIN``, else ``mesh.admin_listen`` of ``-f FILE``
-(``--file`` for logs, where ``-f`` is ``--follow``), else 127.0.0.1:9900.
-
-Wiring into the ``meshlet`` parser: ``add_subcommands(subparsers)``; then
-``if args.command in COMMANDS: return run(args)``. ``main(argv)`` does both on its own.
-Exit codes: 0 ok, 1 supervisor unreachable or a failure, 2 usage/invalid file.
+Wired into the ``meshlet`` parser (supervisor/cli.py) by ``add_subcommands``; ``run(args)``
+runs one of ``COMMANDS``. Exit codes: 0 ok, 1 supervisor unreachable or a failure, 2
+usage/invalid file.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.client
 import json
 import os
@@ -22,23 +18,17 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
 from typing import Any, TextIO
 
-__all__ = ["COMMANDS", "add_subcommands", "run", "main", "format_status", "format_age"]
+import config
 
-ROLLOUT_COMMANDS = ("rollout", "rollback", "restart")   # supervisor.rollout_cli.COMMANDS
-COMMANDS = ("up", "status", "logs", "down") + ROLLOUT_COMMANDS
-DEFAULT_ADMIN = "127.0.0.1:9900"
+__all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age"]
+
+COMMANDS = ("status", "logs", "down")
+DEFAULT_ADMIN = config.MESH_DEFAULTS.admin_listen
 
 
 def add_subcommands(sub: Any) -> None:
-    up = sub.add_parser("up", help="run the mesh on this machine (catalog, DNS, proxy, supervisor) "
-                                   "and apply FILE, until Ctrl-C")
-    up.add_argument("-f", "--file", required=True, help="the meshlet.yaml to run")
-    up.add_argument("--keep", action="store_true",
-                    help="on exit leave the workloads running for the next `meshlet up` to adopt")
-
     status = sub.add_parser("status", help="services, ready/desired and their instances")
     status.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     status.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
@@ -56,9 +46,6 @@ def add_subcommands(sub: Any) -> None:
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     down.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
 
-    from . import rollout_cli
-    rollout_cli.add_subcommands(sub)
-
 
 def _admin_address(args: argparse.Namespace, err: TextIO) -> str | None:
     if getattr(args, "admin", None):
@@ -66,7 +53,6 @@ def _admin_address(args: argparse.Namespace, err: TextIO) -> str | None:
     if os.environ.get("MESHLET_ADMIN"):
         return os.environ["MESHLET_ADMIN"]
     if getattr(args, "file", None):
-        import config
         try:
             return config.load(args.file).mesh.admin_listen
         except config.ConfigError as exc:
@@ -135,15 +121,6 @@ def _request(method: str, url: str, timeout: float | None = 10.0) -> Any:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    if args.command == "up":
-        from .up import up
-        try:
-            return asyncio.run(up(args.file, keep=args.keep, out=out, err=err))
-        except KeyboardInterrupt:
-            return 130
-    if args.command in ROLLOUT_COMMANDS:
-        from . import rollout_cli
-        return rollout_cli.run(args, out, err)
     admin = _admin_address(args, err)
     if admin is None:
         return 2
@@ -193,15 +170,3 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     except KeyboardInterrupt:
         return 130
     return 2
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshlet")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_subcommands(sub)
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -73,23 +73,26 @@ from dataclasses import dataclass, field, replace
 from math import gcd
 from typing import Any
 
-from ._rollout_history import (COMPLETE as _ENTRY_COMPLETE, RolloutError, mark_revision,
-                               record_revision, resolve_fenceposts, restart_revision,
-                               rollback_target)
-from ._rollout_types import (_ALIVE, AVAILABLE, COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING,
-                             READY, RETIRE_EXITED, RETIRE_RECREATE, RETIRE_REPLACED,
-                             RETIRE_SURPLUS, RETIRE_UNHEALTHY, REVERTING, STARTING, TERMINATING,
-                             Action, MarkComplete, MarkFailed, ObservedReplica, ObservedReplicas,
-                             RetireReplica, Revert, RolloutState, SetWeight, StartReplica,
-                             StepResult, Strategy)
+from .rollout_history import (EntryStatus, RolloutError, mark_revision, record_revision,
+                              resolve_fenceposts, restart_revision, rollback_target)
+from .rollout_types import (_ALIVE, AVAILABLE, COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING,
+                            READY, RETIRE_EXITED, RETIRE_RECREATE, RETIRE_REPLACED,
+                            RETIRE_SURPLUS, RETIRE_UNHEALTHY, REVERTING, STARTING, TERMINATING,
+                            Action, MarkComplete, MarkFailed, ObservedReplica, ObservedReplicas,
+                            ReplicaPhase, RetireReason, RetireReplica, Revert, RolloutPhase,
+                            RolloutState, SetWeight, SlotRefusal, SlotRefusals, StartReplica,
+                            StepResult, Strategy)
 
 __all__ = ["ObservedReplica", "ObservedReplicas", "Strategy", "RolloutState", "StepResult",
            "StartReplica", "RetireReplica", "SetWeight", "MarkFailed", "MarkComplete", "Revert",
-           "Action", "rollout_step", "start_rollout", "pause", "resume", "describe",
+           "Action", "SlotRefusal", "SlotRefusals", "RolloutPhase", "ReplicaPhase", "RetireReason",
+           "rollout_step", "start_rollout", "pause", "resume", "describe", "describe_exit",
            "is_available", "canary_count", "resolve_fenceposts", "record_revision",
            "mark_revision", "rollback_target", "restart_revision", "RolloutError",
            "PROGRESSING", "PAUSED", "COMPLETE", "FAILED", "REVERTING",
            "STARTING", "READY", "AVAILABLE", "TERMINATING", "EXITED"]
+
+_NO_REFUSALS: SlotRefusals = {}
 
 
 # ---------------------------------------------------------------- starting, pausing
@@ -100,7 +103,7 @@ def start_rollout(service: str, revision: str, history: Sequence[dict[str, Any]]
     or ``restart_revision(spec_revision, token)`` for a rolling restart). ``revert_to`` is
     the newest complete revision in ``history`` other than ``revision``."""
     revert_to = next((e["revision"] for e in reversed(history)
-                      if e.get("status") == _ENTRY_COMPLETE and e.get("revision") != revision), None)
+                      if e.get("status") == EntryStatus.COMPLETE and e.get("revision") != revision), None)
     return RolloutState(service, revision, PROGRESSING, now, now, revert_to=revert_to,
                         restart_token=restart_token)
 
@@ -170,12 +173,30 @@ def _classify(state: RolloutState, observed: ObservedReplicas, s: Strategy, now:
     return v
 
 
-def _crashed(v: _View, s: Strategy, now: float) -> ObservedReplica | None:
+def _crash(state: RolloutState, v: _View, s: Strategy, refused: SlotRefusals, now: float) -> str | None:
+    """Why the new revision failed, if it did: a new replica exited for good, restarted
+    ``crash_restarts`` times without becoming available, or a slot whose start the runtime
+    refused that often."""
+    crashed = None
     for r in v.exited_new:
-        return r
-    for r in v.new:
-        if r.restarts >= s.crash_restarts and not is_available(r, now, s.min_ready):
-            return r
+        crashed = r
+        break
+    else:
+        for r in v.new:
+            if r.restarts >= s.crash_restarts and not is_available(r, now, s.min_ready):
+                crashed = r
+                break
+    if crashed is not None:
+        what = ("exited and is not restarted" if crashed.phase not in _ALIVE
+                else f"restarted {crashed.restarts} times without becoming available")
+        if crashed.last_exit is not None:
+            what += f" (last exit: {describe_exit(crashed.last_exit)})"
+        return f"{_name(state, crashed)} ({crashed.instance_id}) of revision {state.revision} {what}"
+    taken = {r.slot for r in v.new}
+    for slot, refusal in sorted(refused.items()):
+        if slot not in taken and slot < s.replicas and refusal.attempts >= s.crash_restarts:
+            return (f"{state.service}-{slot} of revision {state.revision} could not be started "
+                    f"({refusal.attempts} attempts): {refusal.problem}")
     return None
 
 
@@ -374,24 +395,19 @@ def _followup(state: RolloutState, v: _View, s: Strategy, now: float) -> float |
 
 
 def rollout_step(state: RolloutState, observed: ObservedReplicas, strategy: Strategy,
-                 now: float) -> StepResult:
+                 now: float, refused: SlotRefusals = _NO_REFUSALS) -> StepResult:
     """The next step of a rollout: actions for the supervisor, the new state, and when to
     look again. ``observed``: every replica of ``state.service`` the supervisor knows of,
-    including terminating and exited ones."""
+    including terminating and exited ones; ``refused``: slots whose start of the target
+    the runtime refused (no replica there to observe)."""
     s = strategy
     if state.phase not in (PROGRESSING, REVERTING):
         return StepResult((), state)
     v = _classify(state, observed, s, now)
     state = _progress(state, v, now)
-    crashed = _crashed(v, s, now)
-    if crashed is not None:
-        what = ("exited and is not restarted" if crashed.phase not in _ALIVE
-                else f"could not be started ({crashed.restarts} attempts): {crashed.problem}" if crashed.problem
-                else f"restarted {crashed.restarts} times without becoming available")
-        if crashed.last_exit is not None and not crashed.problem:
-            what += f" (last exit: {describe_exit(crashed.last_exit)})"
-        return _fail(state, s, f"{_name(state, crashed)} ({crashed.instance_id}) of revision "
-                               f"{state.revision} {what}", now)
+    crash = _crash(state, v, s, refused, now)
+    if crash is not None:
+        return _fail(state, s, crash, now)
     stage = _canary_stage(state, s)
     if stage is None and _is_done(v, s):
         done = replace(state, phase=COMPLETE, reason=(
@@ -417,7 +433,7 @@ def _summary(state: RolloutState, v: _View, s: Strategy | None) -> str:
 
 
 def describe(state: RolloutState, observed: ObservedReplicas, strategy: Strategy | None = None,
-             now: float | None = None) -> str:
+             now: float | None = None, refused: SlotRefusals = _NO_REFUSALS) -> str:
     """One line for ``meshlet rollout status``, e.g. ``web: 2 of 3 updated, 3 available,
     waiting for web-2 to be available (min_ready 5s)``."""
     s = strategy or Strategy(len({r.slot for r in observed}), 0, 1)
@@ -436,6 +452,11 @@ def describe(state: RolloutState, observed: ObservedReplicas, strategy: Strategy
         prefix += f", canary step {state.canary_step + 1} of {len(s.canary)} ({stage[0]}%)"
         if state.step_ready_at is not None:
             return f"{prefix}, pausing {stage[1]:g}s since {state.step_ready_at:g}"
+    taken = {r.slot for r in v.new}
+    for slot, refusal in sorted(refused.items()):
+        if slot not in taken:
+            return (f"{prefix}, {state.service}-{slot} could not be started ({refusal.attempts} "
+                    f"attempt{'s' if refusal.attempts != 1 else ''}): {refusal.problem}")
     for r in v.new:
         if r.phase == STARTING:
             return f"{prefix}, waiting for {_name(state, r)} to be ready"

@@ -10,6 +10,9 @@
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
+
+What the server may ask of the supervisor is ``AdminBackend``: its status document and
+the log sources of a service; ``on_down`` is called for ``POST /v1/down``.
 """
 
 from __future__ import annotations
@@ -18,75 +21,36 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from .backoff import BackoffState
-from .runtime import WorkloadError
+import config
 
-if TYPE_CHECKING:
-    from .agent import Supervisor
+from ..runtime import Runtime, WorkloadError
 
-__all__ = ["AdminServer", "build_status", "split_hostport"]
+__all__ = ["AdminServer", "AdminBackend"]
 
 log = logging.getLogger(__name__)
 
-_NO_BACKOFF = BackoffState()
 
+class AdminBackend(Protocol):
+    """What the admin API may ask of the supervisor."""
 
-def split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    def status(self) -> dict[str, Any]:
+        """The ``/v1/status`` document."""
+
+    def log_sources(self, service: str, instance: str | None = None) -> list[tuple[str, Runtime]]:
+        """(instance id, runtime) of the service's instances (or only ``instance``)."""
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def build_status(sup: Supervisor) -> dict[str, Any]:
-    """Services (ready/desired, problem) and their instances, for /v1/status and progress."""
-    now = sup.clock()
-    services = []
-    for name in sorted(sup._service_names()):
-        entry = sup.desired.get(name)
-        insts = sorted((i for i in sup.instances.values() if i.obs.service == name),
-                       key=lambda i: (i.obs.slot, i.obs.instance_id))
-        rows = []
-        for i in insts:
-            o = i.obs
-            node = sup.nodes.get(o.node)
-            first = next(iter(o.ports.values()), None)
-            state = "exited" if not o.is_running else i.health.describe()
-            if o.instance_id in sup.rolling.terminating:
-                state = "terminating"
-            rows.append({
-                "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
-                "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
-                "state": state, "ready": o.is_running and i.health.ready,
-                "registered": o.instance_id in sup.registered,
-                "restarts": sup.backoff.get((name, o.slot), _NO_BACKOFF).restarts,
-                "age": None if o.started_at is None else round(now - o.started_at, 1),
-                "exit_code": o.exit_code, "pid": o.pid})
-        rollout = sup.rolling.status(name) if entry else None
-        services.append({
-            "name": name, "desired": entry[0].replicas if entry else 0,
-            "revision": sup.doc_revision.get(name) if entry else None,
-            "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
-            # a failed, paused or reverted rollout is the service's problem too, so the
-            # status table shows it (what runs is not what was applied)
-            "problem": sup.problems.get(name) or (sup.rolling.attention(name) if entry else None),
-            "rollout": rollout})
-    return {"services": services, "nodes": [
-        {"name": n.name, "runtime": n.runtime, "address": n.address} for n in sup.nodes.values()],
-        "events": sup.events[-20:]}
-
-
 class AdminServer:
-    def __init__(self, supervisor: Supervisor, *, on_down: Callable[[], Any]) -> None:
-        self.sup = supervisor
+    def __init__(self, backend: AdminBackend, *, on_down: Callable[[], Any]) -> None:
+        self.backend = backend
         self.on_down = on_down
         self.down_requested = False
         self._runner: web.AppRunner | None = None
@@ -99,7 +63,7 @@ class AdminServer:
 
     async def start(self, listen: str) -> str:
         """Bind ``listen`` (loopback only) and return the bound "host:port"."""
-        host, port = split_hostport(listen)
+        host, port = config.split_hostport(listen, default_host="127.0.0.1")
         try:
             if not ipaddress.ip_address(host).is_loopback:
                 raise ValueError(f"the admin API listens on loopback only, not {host}")
@@ -125,7 +89,7 @@ class AdminServer:
             self._runner = None
 
     async def get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(build_status(self.sup))
+        return web.json_response(self.backend.status())
 
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True
@@ -143,22 +107,17 @@ class AdminServer:
         except ValueError:
             return _error(400, f"tail: expected an integer >= 0, got {tail_text!r}")
         wanted = request.query.get("instance")
-        insts = [i.obs for i in self.sup.instances.values() if i.obs.service == service
-                 and (wanted is None or i.obs.instance_id == wanted)]
-        if not insts:
+        sources = self.backend.log_sources(service, wanted)
+        if not sources:
             return _error(404, f"no instances of service {service!r}"
                           + (f" with id {wanted!r}" if wanted else ""))
-        insts.sort(key=lambda o: (o.slot, o.instance_id))
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)
-        prefix = len(insts) > 1
+        prefix = len(sources) > 1
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
 
-        async def pump(iid: str, node: str) -> None:
-            rt = self.sup.runtimes.get(node)
+        async def pump(iid: str, rt: Runtime) -> None:
             try:
-                if rt is None:
-                    return
                 buf = b""
                 stream: AsyncIterator[bytes] = rt.logs(iid, follow=follow, tail=tail)
                 async for chunk in stream:
@@ -176,7 +135,7 @@ class AdminServer:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(o.instance_id, o.node)) for o in insts]
+        tasks = [asyncio.create_task(pump(iid, rt)) for iid, rt in sources]
         open_streams = len(tasks)
         me = asyncio.current_task()
         if me is not None:

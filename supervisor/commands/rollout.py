@@ -1,10 +1,11 @@
 """``meshlet rollout status|history|pause|resume``, ``meshlet rollback`` and ``meshlet restart``.
 
 These commands talk to the catalog only (``--consul URL``, else ``$CONSUL_HTTP_ADDR``, else
-``mesh.catalog`` of ``-f FILE``, else http://127.0.0.1:8500), never to the supervisor: the
-supervisor reads what they write. The KV keys are those of ``supervisor.rollout_keys`` (the
-contract): the supervisor writes ``state`` and ``history``; these commands write ``control``
-(pause/resume), ``restart`` (restart, rollback) and, for a rollback, the service document.
+``mesh.catalog`` of ``-f FILE``, else the default catalog address), never to the
+supervisor: the supervisor reads what they write. The KV keys are ``config.rollout_key``'s
+(the contract, config/README.md): the supervisor writes ``state`` and ``history``; these
+commands write ``control`` (pause/resume), ``restart`` (restart, rollback) and, for a
+rollback, the service document.
 
 Flow of ``rollout status``::
 
@@ -57,15 +58,20 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from ._rollout_history import COMPLETE as ENTRY_COMPLETE, RolloutError, change_summary, rollback_target
-from ._rollout_types import COMPLETE, FAILED, PAUSED, REVERTING, RolloutState
+import config
+
+from ..core.revisions import new_restart_token, read_restart_token, target_revision
+from ..core.rollout_history import EntryStatus, RolloutError, change_summary, rollback_target
+from ..core.rollout_types import COMPLETE, FAILED, PAUSED, REVERTING, RolloutState
+from .admin_client import format_age
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "Progress", "assess", "history_table",
-           "change_summary", "masked", "rollback_entry", "rollback_document", "restart_token",
+           "change_summary", "masked", "rollback_entry", "rollback_document", "rollback_ops",
            "SECRET_NAME"]
 
 COMMANDS = ("rollout", "rollback", "restart")
-DEFAULT_CATALOG = "http://127.0.0.1:8500"
+DEFAULT_CATALOG = config.DEFAULT_CATALOG_URL
+ENTRY_COMPLETE = EntryStatus.COMPLETE
 WAIT = "30s"                     # blocking query wait; the HTTP timeout is longer
 SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION|(^|_)KEY($|_)"
                          r"|APIKEY|ACCESSKEY|SIGNATURE|CERT", re.I)
@@ -180,7 +186,6 @@ def masked(value: Any, parent: str = "") -> Any:
 
 
 def _age(seconds: float | None) -> str:
-    from .commands import format_age
     return format_age(seconds)
 
 
@@ -237,19 +242,12 @@ def _find(history: Sequence[Mapping[str, Any]], number: int) -> Mapping[str, Any
 
 # =============================================================== pure: writes
 
-def restart_token(now: float) -> str:
-    """A fresh, readable restart token: the UTC time of the request to the microsecond."""
-    seconds, micros = divmod(round(now * 1_000_000), 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
-
-
 def rollback_document(current: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
     """The service document a rollback to ``entry`` writes: the entry's spec with the
     current ``replicas`` (a rollback restores the template, not the scale, as ``kubectl
     rollout undo``), the current VIP when the spec has ports (None otherwise), ``format``
     and ``name`` as config writes them and the revision recomputed as ``meshlet apply``
     does. CliError when the entry's spec is unusable."""
-    import config
     number = entry.get("number")
     if not isinstance(entry.get("spec"), Mapping):
         raise CliError(f"revision {number} has no spec recorded in the history; cannot roll back to it")
@@ -271,21 +269,17 @@ def rollback_document(current: Mapping[str, Any], entry: Mapping[str, Any]) -> d
 def rollback_ops(service: str, doc: Mapping[str, Any], doc_index: int, token: str | None,
                  now: float, release_vip: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """One transaction: the document (CAS on its ModifyIndex), the restart key set to the
-    entry's token or deleted, and the VIP reservation given back when the spec lost its ports."""
-    from . import rollout_keys as keys
-    from discovery.consul import kv_op as _kv    # {"KV": {"Verb", "Key", "Index", "Value": base64}}
-    ops = [_kv("cas", f"meshlet/services/{service}", doc_index, _json(doc))]
-    if token:
-        ops.append(_kv("set", keys.restart_key(service), 0, _json({"token": token, "at": now})))
-    else:
-        ops.append(_kv("delete", keys.restart_key(service), 0))
+    entry's token or deleted, and the VIP reservation given back when the spec lost its
+    ports; built with apply's operations (``commands.apply``)."""
+    from .apply import document_op, restart_op, vip_release_op
+    ops = [document_op(service, doc, doc_index), restart_op(service, token or None, now)]
     if release_vip is not None:
-        ops.append(_kv("delete-cas", f"meshlet/vips/{release_vip[0]}", release_vip[1]))
+        ops.append(vip_release_op(*release_vip))
     return ops
 
 
 def _json(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return config.canonical_json(data).encode()
 
 
 # =============================================================== I/O
@@ -321,7 +315,6 @@ def add_subcommands(sub: Any) -> None:
 
 
 def _duration(text: str) -> float:
-    import config
     try:
         return float(config.parse_duration(text))
     except (ValueError, config.UnitError) as exc:
@@ -329,9 +322,8 @@ def _duration(text: str) -> float:
 
 
 def _catalog_url(args: argparse.Namespace) -> str:
-    from .apply import resolve_catalog_url
+    from ..core.apply_plan import resolve_catalog_url
     if not args.consul and not os.environ.get("CONSUL_HTTP_ADDR") and args.file:
-        import config
         try:
             mesh = config.load(args.file).mesh
         except config.ConfigError as exc:
@@ -339,7 +331,7 @@ def _catalog_url(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", 2) from None
         return resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
-    return resolve_catalog_url(args.consul, os.environ, "embedded", DEFAULT_CATALOG.split("//")[1])
+    return resolve_catalog_url(args.consul, os.environ, "embedded", config.MESH_DEFAULTS.catalog_listen)
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -384,14 +376,12 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 async def _document(client: Any, service: str) -> tuple[int, dict[str, Any], Any]:
     """(ModifyIndex, document, ServiceSpec) of ``service``; CliError 2 when it does not exist."""
-    import config
-
     from discovery.consul import kv_get
-    index, raw = await kv_get(client, f"meshlet/services/{service}")
+    index, raw = await kv_get(client, config.service_key(service))
     if raw is None:
         raise CliError(f"no service {service!r} in the catalog (apply it first: `meshlet apply`)", 2)
     try:
-        spec, _vip, _rev = config.parse_service_document(raw, source=f"meshlet/services/{service}")
+        spec, _vip, _rev = config.parse_service_document(raw, source=config.service_key(service))
     except config.ConfigError as exc:
         raise CliError("; ".join(str(i) for i in exc.issues)) from None
     return index, json.loads(raw), spec
@@ -418,15 +408,9 @@ def _history_list(key: str, data: Any) -> list[dict[str, Any]]:
     return data or []
 
 
-def _token(data: Any) -> str | None:
-    from .rollout_keys import restart_token
-    return restart_token(data)
-
-
 async def _history(client: Any, args: argparse.Namespace, out: TextIO) -> int:
-    from . import rollout_keys as keys
     await _document(client, args.service)
-    key = keys.history_key(args.service)
+    key = config.rollout_key(args.service, "history")
     history = _history_list(key, await _read_json(client, key))
     now = time.time()
     if args.revision is not None:
@@ -442,13 +426,12 @@ async def _history(client: Any, args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _control(client: Any, args: argparse.Namespace, out: TextIO, paused: bool) -> int:
-    from . import rollout_keys as keys
     from discovery.consul import kv_put
     await _document(client, args.service)
     reason = args.reason if paused else ""
-    await kv_put(client, keys.control_key(args.service),
+    await kv_put(client, config.rollout_key(args.service, "control"),
                  _json({"paused": paused, "reason": reason, "at": time.time()}))
-    state = await _read_json(client, keys.state_key(args.service))
+    state = await _read_json(client, config.rollout_key(args.service, "state"))
     phase = state.get("phase") if isinstance(state, dict) else None
     if paused:
         print(f"{args.service}: rollout paused ({reason})" + (
@@ -460,31 +443,29 @@ async def _control(client: Any, args: argparse.Namespace, out: TextIO, paused: b
 
 
 async def _restart(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from . import rollout_keys as keys
     from discovery.consul import kv_put
     _, _, spec = await _document(client, args.service)
     now = time.time()
-    token = restart_token(now)
-    await kv_put(client, keys.restart_key(args.service), _json({"token": token, "at": now}))
-    print(f"{args.service}: rolling restart requested (revision {keys.target_revision(spec, token)}, "
+    token = new_restart_token(now)
+    await kv_put(client, config.rollout_key(args.service, "restart"), _json({"token": token, "at": now}))
+    print(f"{args.service}: rolling restart requested (revision {target_revision(spec, token)}, "
           f"token {token})", file=out)
     return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
 
 
 async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from . import rollout_keys as keys
     from discovery.consul import kv_get
 
-    from .apply import TxnConflict, _txn
+    from .apply import TxnConflict, txn
     for attempt in (1, 2):
         index, doc, spec = await _document(client, args.service)
-        key = keys.history_key(args.service)
+        key = config.rollout_key(args.service, "history")
         history = _history_list(key, await _read_json(client, key))
         if not history:
             raise CliError(f"{args.service} has no rollout history yet; nothing to roll back to")
-        token = _token(await _read_json(client, keys.restart_key(args.service)))
+        token = read_restart_token(await _read_json(client, config.rollout_key(args.service, "restart")))
         try:
-            entry = rollback_entry(history, args.to, keys.target_revision(spec, token))
+            entry = rollback_entry(history, args.to, target_revision(spec, token))
         except RolloutError as exc:
             raise CliError(str(exc), 2) from None
         if entry is None:
@@ -494,11 +475,11 @@ async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: Tex
         new = rollback_document(doc, entry)
         release = None
         if doc.get("vip") and new["vip"] is None:
-            vip_index, owner = await kv_get(client, f"meshlet/vips/{doc['vip']}")
+            vip_index, owner = await kv_get(client, config.vip_key(doc["vip"]))
             if owner is not None and owner.decode("utf-8", "replace") == args.service:
                 release = (doc["vip"], vip_index)
         try:
-            await _txn(client, rollback_ops(args.service, new, index, entry.get("restart_token"),
+            await txn(client, rollback_ops(args.service, new, index, entry.get("restart_token"),
                                             time.time(), release))
             break
         except TxnConflict as exc:
@@ -514,12 +495,9 @@ async def follow(client: Any, service: str, timeout: float | None, out: TextIO, 
     """``rollout status``: three blocking queries (the document, the rollout keys, the
     service's health); ``assess`` after each answer that changed something; one line per
     new text. Catalog errors after the first answers are retried with back-off."""
-    from . import rollout_keys as keys
-    import config
-
     from discovery.consul import Backoff, instances_from_health, next_index
     deadline = None if timeout is None else time.monotonic() + timeout
-    doc_key, prefix = f"meshlet/services/{service}", f"{keys.ROLLOUT_PREFIX}{service}/"
+    doc_key, prefix = config.service_key(service), config.rollout_key(service)
     fetch = {
         "doc": lambda i: client.kv.get(doc_key, index=i, wait=WAIT),
         "rollout": lambda i: client.kv.get(prefix, index=i, recurse=True, wait=WAIT),
@@ -574,18 +552,18 @@ async def follow(client: Any, service: str, timeout: float | None, out: TextIO, 
             except config.ConfigError as exc:
                 raise CliError("; ".join(str(i) for i in exc.issues)) from None
             rollout = {e["Key"][len(prefix):]: e.get("Value") for e in data["rollout"] or ()}
-            token = _token(_parse(keys.restart_key(service), rollout.get("restart")))
-            history = _history_list(keys.history_key(service),
-                                    _parse(keys.history_key(service), rollout.get("history")))
+            token = read_restart_token(_parse(config.rollout_key(service, "restart"), rollout.get("restart")))
+            history_key = config.rollout_key(service, "history")
+            history = _history_list(history_key, _parse(history_key, rollout.get("history")))
             state = None
             try:
-                raw_state = _parse(keys.state_key(service), rollout.get("state"))
+                raw_state = _parse(config.rollout_key(service, "state"), rollout.get("state"))
                 state = RolloutState.from_dict(raw_state) if raw_state is not None else None
             except (CliError, RolloutError) as exc:
                 if str(exc) != bad_state:
                     print(f"meshlet rollout status: ignoring an unreadable state: {exc}", file=err)
                     bad_state = str(exc)
-            target = keys.target_revision(spec, token)
+            target = target_revision(spec, token)
             # The supervisor registers replicas of the document's target with the document's
             # revision in Meta (DNS serves that document's tags), others with their own.
             current = frozenset({target, doc_revision})

@@ -24,16 +24,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
-__all__ = ["RolloutError", "resolve_fenceposts", "record_revision", "mark_revision",
-           "rollback_target", "restart_revision", "change_summary", "ACTIVE", "COMPLETE", "FAILED", "SUPERSEDED"]
+__all__ = ["RolloutError", "EntryStatus", "resolve_fenceposts", "record_revision", "record",
+           "mark_revision", "rollback_target", "restart_revision", "change_summary", "is_history"]
 
-ACTIVE = "active"
-COMPLETE = "complete"
-FAILED = "failed"
-SUPERSEDED = "superseded"
-_STATUSES = (ACTIVE, COMPLETE, FAILED, SUPERSEDED)
+
+class EntryStatus(StrEnum):
+    """The status of a history entry (stored as its string value)."""
+    ACTIVE = "active"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+ACTIVE, COMPLETE, FAILED, SUPERSEDED = (EntryStatus.ACTIVE, EntryStatus.COMPLETE, EntryStatus.FAILED,
+                                        EntryStatus.SUPERSEDED)
+_STATUSES = tuple(EntryStatus)
 
 
 class RolloutError(ValueError):
@@ -89,6 +97,13 @@ def restart_revision(revision: str, token: str | None) -> str:
     return hashlib.sha256(f"{revision}:restart:{token}".encode()).hexdigest()[:12]
 
 
+def is_history(value: Any) -> bool:
+    """Does ``value`` (JSON read back from KV) have the shape of a history?"""
+    return isinstance(value, list) and all(
+        isinstance(e, dict) and isinstance(e.get("number"), int) and isinstance(e.get("revision"), str)
+        and e.get("status") in _STATUSES for e in value)
+
+
 def _check(history: Sequence[Mapping[str, Any]]) -> None:
     for i, e in enumerate(history):
         if not isinstance(e, Mapping) or not isinstance(e.get("number"), int) \
@@ -125,6 +140,26 @@ def record_revision(history: Sequence[Mapping[str, Any]], revision: str,
     keep.append({"number": number, "revision": revision, "created_at": now,
                  "status": ACTIVE, "spec": dict(spec_doc) if spec_doc is not None else None})
     return keep
+
+
+def record(history: Sequence[Mapping[str, Any]], revision: str, spec_doc: Mapping[str, Any] | None,
+           token: str | None, now: float, limit: int = 10) -> tuple[list[dict[str, Any]], str | None]:
+    """``record_revision`` as the supervisor records a revision it rolls to: the entry also
+    keeps its restart token and what it changed (``change_summary`` against the entry that
+    was last). Returns ``(history, problem)``: a history that cannot be read (corrupt in KV)
+    is replaced by a new one holding only this entry, and ``problem`` says why."""
+    problem = None
+    try:
+        out = record_revision(history, revision, spec_doc, now, limit)
+    except RolloutError as exc:
+        problem = f"{exc}; starting a new history"
+        history = []
+        out = record_revision([], revision, spec_doc, now, limit)
+    entry = out[-1]
+    entry["restart_token"] = token
+    if history and history[-1].get("revision") != revision:   # (re-recording the active one: as it was)
+        entry["change"] = change_summary(history[-1], entry)
+    return out, problem
 
 
 def mark_revision(history: Sequence[Mapping[str, Any]], revision: str,

@@ -3,10 +3,10 @@
 Vocabulary
     slot       a replica's position 0..replicas-1 within its service (stable across
                restarts and revisions; instance ids change, slots do not)
-    replica    what a runtime runs for a slot: ``Replica`` (plain data, from the agent)
+    replica    what a runtime runs for a slot: ``model.Replica`` (plain data, from the daemon)
     current    a replica of the revision the service should run (``is_current``: the one
-               place the revision is compared). The agent passes the *target* revision
-               (``rollout_keys.target_revision``: the spec without ``replicas``, changed by
+               place the revision is compared). The daemon passes the *target* revision
+               (``revisions.target_revision``: the spec without ``replicas``, changed by
                a rolling restart's token), so scaling keeps running replicas.
 
 Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
@@ -22,129 +22,48 @@ Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
 
 Catalog registrations follow: a kept running replica not registered -> ``Register``; a
 registration of the service with no kept running replica behind it -> ``Deregister``.
-Stop and Kill deregister first themselves (deregistered BEFORE stopped).
+Stop and Kill deregister first themselves (deregistered BEFORE stopped). A start the
+runtime refused holds its slot for a back-off (``Observed.holds``): a Start there becomes
+a ``Wait`` until the hold ends (``apply_holds``).
 
 A service in ``Observed.rolling`` has a rollout in progress, paused or failed: the rollout
-engine (``rollout.py``, driven by ``rolling.py``) owns which revisions run where, so
+engine (``rollout.py``, planned by ``rollout_plan.py``) owns which revisions run where, so
 reconcile neither stops a replica for its revision, slot or duplicate (no ``OUTDATED``,
 ``DUPLICATE``, ``SCALE_DOWN``), nor starts the target revision in a free slot. It still
 kills a replica whose liveness probe failed, restarts an exited replica of the target
 revision under the restart policy (the engine counts those restarts), and keeps the
 catalog in step with every running replica. Exited replicas of other revisions are the
-engine's to clean up. The agent leaves replicas being retired out of ``Observed``.
+engine's to clean up. Replicas being retired (``Replica.terminating``) are their
+retirement's: reconcile neither keeps nor restarts them, and they hold no slot.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Union
 
 import config
 
 from .backoff import BackoffState, decide
-from .place import Allocation, NodeInfo, Request, place
+from .model import (Action, Deregister, Kill, Observed, Register, Replica, Start, Stop, StopReason,
+                    Unplaceable, Wait, summary)
+from .placement import Allocation, Request, place
 
-__all__ = ["Replica", "Observed", "Start", "Stop", "Kill", "Register", "Deregister", "Wait",
-           "Unplaceable", "Action", "reconcile", "reconcile_service", "is_current", "summary", "allocations",
-           "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "PROBE_FAILED"]
+__all__ = ["reconcile", "reconcile_service", "is_current", "allocations", "summary", "apply_holds",
+           "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "STALE", "PROBE_FAILED", "HELD"]
 
-# Reasons a replica is stopped.
-ORPHAN = "service no longer desired"
-SCALE_DOWN = "scaled down"
-DUPLICATE = "duplicate of the slot's kept replica"
-OUTDATED = "revision replaced"
-EXITED = "exited; replaced by a new replica"
-STALE = "old exited replica of the slot"
-PROBE_FAILED = "liveness/startup probe failed"
+ORPHAN, SCALE_DOWN, DUPLICATE, OUTDATED, EXITED, STALE, PROBE_FAILED = tuple(StopReason)
+HELD = "the runtime refused the last start; trying again after a back-off"
 
 
-@dataclass(frozen=True, slots=True)
-class Replica:
-    instance_id: str
-    service: str
-    slot: int
-    revision: str
-    node: str
-    running: bool
-    ready: bool = False
-    alive: bool = True                 # False: a liveness/startup probe failed
-    started_at: float | None = None
-    finished_at: float | None = None   # for exited ones: when it exited (or was noticed)
-    exit_code: int | None = None
-    killed: bool = False               # meshlet killed it for a failed probe
-
-
-@dataclass(frozen=True, slots=True)
-class Observed:
-    replicas: tuple[Replica, ...] = ()
-    registered: Mapping[str, str] = field(default_factory=dict)   # instance id -> service
-    nodes: tuple[NodeInfo, ...] = ()
-    backoff: Mapping[tuple[str, int], BackoffState] = field(default_factory=dict)
-    rolling: frozenset[str] = frozenset()     # services whose revisions the rollout engine owns
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    service: str
-    slot: int
-    revision: str
-    node: str
-    backoff: BackoffState
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """Deregister, stop (grace period) and remove."""
-    instance_id: str
-    service: str
-    slot: int
-    node: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Kill:
-    """Deregister and stop, keeping the exited replica: its exit then goes through the
-    restart policy and back-off like any other exit."""
-    instance_id: str
-    service: str
-    slot: int
-    node: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Register:
-    instance_id: str
-    service: str
-
-
-@dataclass(frozen=True, slots=True)
-class Deregister:
-    instance_id: str
-    service: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Nothing to do for the slot before ``at``: look again then (a follow-up)."""
-    service: str
-    slot: int
-    at: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unplaceable:
-    service: str
-    slot: int
-    reason: str
-
-
-Action = Union[Start, Stop, Kill, Register, Deregister, Wait, Unplaceable]
+def apply_holds(actions: Sequence[Action], holds: Mapping[tuple[str, int], float],
+                now: float) -> list[Action]:
+    """``actions`` with every Start of a held slot (the runtime refused its last start, and
+    the back-off has not passed) turned into a Wait until the hold ends."""
+    out: list[Action] = []
+    for a in actions:
+        hold = holds.get((a.service, a.slot)) if isinstance(a, Start) else None
+        out.append(Wait(a.service, a.slot, hold, HELD) if hold is not None and now < hold else a)
+    return out
 
 
 def is_current(replica: Replica, revision: str) -> bool:
@@ -157,7 +76,8 @@ def _rank(r: Replica) -> tuple[bool, bool, float]:
 
 
 def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
-                 replicas: Sequence[Replica]) -> list[Allocation]:
+                replicas: Sequence[Replica]) -> list[Allocation]:
+    """What running replicas reserve (a retired one holds its room until it is gone)."""
     out = []
     for r in replicas:
         if r.running and r.service in desired:
@@ -168,8 +88,9 @@ def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
 
 def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]],
                       observed: Observed, now: float) -> list[Action]:
-    """The actions for service ``name`` (desired or not)."""
-    mine = [r for r in observed.replicas if r.service == name]
+    """The actions for service ``name`` (desired or not). Replicas being retired are left
+    alone (their retirement is under way) and hold no slot."""
+    mine = observed.of(name)
     actions: list[Action] = []
     kept: set[str] = set()
     handled: set[str] = set()
@@ -237,7 +158,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
             to_place.append(Request(spec, slot))
         if to_place:
             running_others = [r for r in observed.replicas
-                              if r.instance_id not in handled or r.service != name]
+                              if r.terminating or r.instance_id not in handled or r.service != name]
             result = place(to_place, observed.nodes, allocations(desired, running_others))
             for req, node in result.placed:
                 state = observed.backoff.get((name, req.slot), BackoffState())
@@ -245,12 +166,14 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                                      "new replica" if not by_slot.get(req.slot) else EXITED))
             for req, reason in result.failed:
                 actions.append(Unplaceable(name, req.slot, reason))
+    actions = apply_holds(actions, observed.holds, now)
     by_id = {r.instance_id: r for r in mine}
     for iid in sorted(kept):
         if iid not in observed.registered:
             actions.append(Register(iid, name))
+    retiring = {r.instance_id for r in observed.replicas if r.terminating}
     for iid, service in sorted(observed.registered.items()):
-        if service == name and iid not in kept and iid not in handled:
+        if service == name and iid not in kept and iid not in handled and iid not in retiring:
             r = by_id.get(iid)
             why = "no such replica" if r is None else ("exited" if not r.running else "not kept")
             actions.append(Deregister(iid, name, why))
@@ -313,7 +236,8 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
         _restart_exited(spec, revision, last, observed.backoff.get((name, slot), BackoffState()),
                         node_names, now, stop, actions, to_place)
     if to_place:
-        others = [r for r in observed.replicas if r.instance_id not in handled or r.service != name]
+        others = [r for r in observed.replicas
+                  if r.terminating or r.instance_id not in handled or r.service != name]
         result = place(to_place, observed.nodes, allocations(desired, others))
         for req, node in result.placed:
             actions.append(Start(name, req.slot, revision, node,
@@ -330,13 +254,4 @@ def reconcile(desired: Mapping[str, tuple[config.ServiceSpec, str]], observed: O
     out: list[Action] = []
     for name in sorted(names):
         out.extend(reconcile_service(name, desired, observed, now))
-    return out
-
-
-def summary(actions: Sequence[Action]) -> dict[str, int]:
-    """Structured log fields: counts per action type (``{"start": 2, "stop": 1}``)."""
-    out: dict[str, int] = {}
-    for a in actions:
-        key = type(a).__name__.lower()
-        out[key] = out.get(key, 0) + 1
     return out

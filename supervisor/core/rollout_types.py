@@ -1,36 +1,51 @@
-"""The data of the rollout engine (``supervisor.rollout``): what the supervisor observes,
-the resolved strategy, the stored state, and the actions. Plain frozen data."""
+"""The data of the rollout engine (``core.rollout``): what the supervisor observes, the
+resolved strategy, the stored state, and the actions. Plain frozen data.
+
+Three vocabularies, three types (each a ``StrEnum``, stored as its string): a rollout's
+``RolloutPhase``, a replica's ``ReplicaPhase`` as the engine sees it, and why a replica is
+retired (``RetireReason``). History entry statuses are ``rollout_history.EntryStatus``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Union
 
-from ._rollout_history import RolloutError, resolve_fenceposts
+from .rollout_history import RolloutError, resolve_fenceposts
 
-# Rollout phases.
-PROGRESSING = "progressing"
-PAUSED = "paused"
-COMPLETE = "complete"
-FAILED = "failed"
-REVERTING = "reverting"
-_PHASES = (PROGRESSING, PAUSED, COMPLETE, FAILED, REVERTING)
 
-# Replica phases (what the supervisor observes).
-STARTING = "starting"          # running, not ready yet
-READY = "ready"                # passing its readiness probe since ready_since
-AVAILABLE = "available"        # ready for >= min_ready (the supervisor may leave this to us)
-TERMINATING = "terminating"    # retired: deregistered, draining or stopping
-EXITED = "failed"              # exited and not being restarted
+class RolloutPhase(StrEnum):
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    REVERTING = "reverting"
+
+
+class ReplicaPhase(StrEnum):
+    """A replica as the engine sees it (``ObservedReplica.phase``)."""
+    STARTING = "starting"          # running, not ready yet (or exited and being restarted)
+    READY = "ready"                # passing its readiness probe since ready_since
+    AVAILABLE = "available"        # ready for >= min_ready (the supervisor may leave this to us)
+    TERMINATING = "terminating"    # retired: deregistered, draining or stopping
+    EXITED = "exited"              # exited and not being restarted
+
+
+class RetireReason(StrEnum):
+    REPLACED = "replaced by the new revision"
+    UNHEALTHY = "old replica not available; replaced first"
+    RECREATE = "recreate: old revision stops before the new one starts"
+    EXITED = "exited; cleaned up"
+    SURPLUS = "surplus replica of the new revision"
+
+
+PROGRESSING, PAUSED, COMPLETE, FAILED, REVERTING = tuple(RolloutPhase)
+STARTING, READY, AVAILABLE, TERMINATING, EXITED = tuple(ReplicaPhase)
+_PHASES = tuple(RolloutPhase)
 _ALIVE = (STARTING, READY, AVAILABLE)
-
-# Reasons a replica is retired.
-RETIRE_REPLACED = "replaced by the new revision"
-RETIRE_UNHEALTHY = "old replica not available; replaced first"
-RETIRE_RECREATE = "recreate: old revision stops before the new one starts"
-RETIRE_EXITED = "exited; cleaned up"
-RETIRE_SURPLUS = "surplus replica of the new revision"
+(RETIRE_REPLACED, RETIRE_UNHEALTHY, RETIRE_RECREATE, RETIRE_EXITED,
+ RETIRE_SURPLUS) = tuple(RetireReason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +53,26 @@ class ObservedReplica:
     instance_id: str
     slot: int
     revision: str
-    phase: str                          # STARTING | READY | AVAILABLE | TERMINATING | EXITED
+    phase: ReplicaPhase
     ready_since: float | None = None
     restarts: int = 0                   # restarts of this replica (runtime or supervisor)
     weight: int = 1                     # catalog Meta weight now
-    problem: str = ""                   # why it could not be started, if the runtime refused
     last_exit: int | None = None        # exit code of the slot's last crash of this revision (128+N: signal N)
 
 
 ObservedReplicas = Sequence[ObservedReplica]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRefusal:
+    """The runtime refused to start the target revision in a slot (image missing, engine
+    error): no replica exists there, so the engine learns of it from this instead.
+    ``attempts``: refused starts in this rollout; ``problem``: the runtime's last reason."""
+    attempts: int
+    problem: str
+
+
+SlotRefusals = Mapping[int, SlotRefusal]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +102,24 @@ class RolloutState:
     """What the supervisor stores per service under rollout (``to_dict``/``from_dict``)."""
     service: str
     revision: str                         # the target: what new replicas run
-    phase: str = PROGRESSING
+    phase: RolloutPhase = RolloutPhase.PROGRESSING
     started_at: float = 0.0
     last_progress_at: float = 0.0
     canary_step: int = 0                  # index into strategy.canary; len() = canary done
     step_ready_at: float | None = None    # when the canary step's replicas were all available
     revert_to: str | None = None          # last complete revision (auto-revert target)
     reverted_from: str | None = None      # while reverting: the revision that failed
-    paused_from: str | None = None        # phase to resume to
+    paused_from: RolloutPhase | None = None   # phase to resume to
     restart_token: str | None = None      # set for a rolling restart (``restart_revision``)
     reason: str = ""                      # why it is failed/paused/complete, for humans
     marks: tuple[int, int, int] | None = None   # progress high-water marks (see _progress)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f: (list(getattr(self, f)) if f == "marks" and self.marks is not None
-                    else getattr(self, f)) for f in self.__slots__}
+        out = {f: getattr(self, f) for f in self.__slots__}
+        out["phase"] = str(self.phase)
+        out["paused_from"] = None if self.paused_from is None else str(self.paused_from)
+        out["marks"] = None if self.marks is None else list(self.marks)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> RolloutState:
@@ -126,6 +155,11 @@ class RolloutState:
                     and all(isinstance(m, int) and not isinstance(m, bool) for m in marks)):
                 raise bad("marks", "three integers")
             known["marks"] = tuple(marks)
+        known["phase"] = RolloutPhase(known.get("phase", PROGRESSING))
+        if known.get("paused_from") is not None:
+            if known["paused_from"] not in _PHASES:
+                raise bad("paused_from", " | ".join(_PHASES))
+            known["paused_from"] = RolloutPhase(known["paused_from"])
         return cls(**known)
 
 
@@ -143,7 +177,7 @@ class StartReplica:
 class RetireReplica:
     """Deregister, wait drain_delay and in-flight requests, SIGTERM, grace, SIGKILL."""
     instance_id: str
-    reason: str
+    reason: RetireReason
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,10 @@ room for that resource). Among those:
 Each choice is added to the allocation before the next replica is placed, so two replicas
 placed in one call spread too. When nothing fits, the replica is reported in ``failed``
 with a reason naming what excluded each node.
+
+``place_beside(request, beside, nodes, existing)``: a replica that replaces another in its
+slot (a rollout's new revision) goes on the node its predecessor runs on, when that node
+is still one of ``nodes``; otherwise it is placed as a new one.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import dataclass, field
 
 import config
 
-__all__ = ["NodeInfo", "Allocation", "Request", "Placement", "place", "matches_constraint",
-           "can_run"]
+__all__ = ["NodeInfo", "Allocation", "Request", "Placement", "place", "place_beside",
+           "matches_constraint", "can_run"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +141,13 @@ def place(requests: Sequence[Request], nodes: Sequence[NodeInfo],
         count[(best.name, spec.name)] = count.get((best.name, spec.name), 0) + 1
         placed.append((req, best.name))
     return Placement(tuple(placed), tuple(failed))
+
+
+def place_beside(request: Request, beside: Sequence[str], nodes: Sequence[NodeInfo],
+                 existing: Iterable[Allocation]) -> Placement:
+    """``request`` on the first node of ``beside`` that is one of ``nodes``, else ``place``."""
+    known = {n.name for n in nodes}
+    for node in beside:
+        if node in known:
+            return Placement(placed=((request, node),))
+    return place([request], nodes, existing)

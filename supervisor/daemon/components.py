@@ -1,0 +1,237 @@
+"""meshlet's own components (catalog, DNS, proxy) run as child processes, the way a
+kubelet runs static pods, and what ``meshlet up`` decides before starting them.
+
+``Component``: one child, started with ``config.module_argv`` (``python -P -m ...``: a
+user's ``config.py`` or ``proxy.py`` in the working directory is never imported in their
+place). It prints one ``ready {json}`` line once bound; its stderr goes to
+``<data_dir>/logs/<name>.log``; it is started again (1 s doubling to 30 s) whenever it
+dies; it gets SIGTERM when ``meshlet up`` dies, even by SIGKILL (PR_SET_PDEATHSIG), so a
+killed ``up`` leaves no catalog/DNS/proxy holding the ports the next ``up`` needs. Its own
+session: a terminal's Ctrl-C reaches only ``up``, which stops workloads first
+(deregistering them in the catalog) and the catalog last.
+
+``component_argvs``: the DNS and proxy command lines for the mesh settings.
+``plan_resolver`` / ``dns_settings`` / ``loopback_nameservers``: the DNS listeners and
+recursors ``up`` runs (the resolver on port 53 that containers are given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, TextIO
+
+import config
+
+__all__ = ["Component", "ComponentFailed", "component_argvs", "plan_resolver", "dns_settings",
+           "loopback_nameservers", "DEFAULT_RESOLVER", "catalog_argv"]
+
+
+# Where the DNS server answers on port 53 for containers when mesh.dns.listen has no
+# port-53 entry (an address of 127.0.0.0/8 that nothing else uses by convention).
+DEFAULT_RESOLVER = "127.0.0.153"
+
+
+def plan_resolver(listen: tuple[str, ...], default: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """(resolver IP for the containers' resolv.conf, DNS listen addresses).
+
+    The first ``listen`` entry on port 53 is the resolver (an unspecified host answers on
+    loopback too: 127.0.0.1 / ::1); with none, ``default`` (an IP, or None: no resolver)
+    is added on port 53."""
+    for item in listen:
+        host, port = config.split_hostport(item)
+        if port != 53:
+            continue
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if ip.is_unspecified:
+            return ("::1" if ip.version == 6 else "127.0.0.1"), listen
+        return str(ip), listen
+    if default is None:
+        return None, listen
+    return default, (*listen, config.join_hostport(default, 53))
+
+
+def loopback_nameservers(resolv_conf: str, exclude: str | None = None) -> tuple[str, ...]:
+    """The ``nameserver`` lines of a resolv.conf that are on loopback, as HOST:53 (a local
+    caching resolver is a safe recursor; ``exclude``, our own resolver, would loop)."""
+    out: list[str] = []
+    for line in resolv_conf.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or parts[0] != "nameserver":
+            continue
+        try:
+            ip = ipaddress.ip_address(parts[1].split("%")[0])
+        except ValueError:
+            continue
+        if ip.is_loopback and str(ip) != exclude and config.join_hostport(str(ip), 53) not in out:
+            out.append(config.join_hostport(str(ip), 53))
+    return tuple(out)
+
+
+def _can_bind(ip: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(family, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((ip, port))
+            except OSError:
+                return False
+    return True
+
+
+def dns_settings(mesh: config.MeshSettings) -> tuple[str | None, config.MeshSettings, bool]:
+    """(resolver IP, ``mesh`` with the DNS listeners and recursors ``up`` runs, whether
+    the DEFAULT_RESOLVER listener was added). Reads /etc/resolv.conf; binds a test socket."""
+    default = None
+    if not any(config.split_hostport(item)[1] == 53 for item in mesh.dns.listen):
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and _can_bind(DEFAULT_RESOLVER, 53):
+            default = DEFAULT_RESOLVER
+    resolver, listen = plan_resolver(mesh.dns.listen, default)
+    recursors = mesh.dns.recursors
+    if not recursors:
+        try:
+            recursors = loopback_nameservers(Path("/etc/resolv.conf").read_text(), exclude=resolver)
+        except OSError:
+            recursors = ()
+    dns = dataclasses.replace(mesh.dns, listen=listen, recursors=recursors)
+    return resolver, dataclasses.replace(mesh, dns=dns), default is not None
+
+
+class ComponentFailed(Exception):
+    pass
+
+
+class Component:
+    """One meshlet component run as a child process and restarted when it dies."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, *, out: TextIO) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.out = out
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.restarts = 0
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def _spawn(self, timeout: float) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=err, preexec_fn=config.die_with_parent_preexec(),
+                # Its own session: a terminal's Ctrl-C (or `timeout`'s group signal) reaches
+                # only `up`, which stops workloads first (deregistering them in the
+                # catalog) and the catalog last. Sharing the group, the catalog died first
+                # and `up` restarted it while stopping.
+                start_new_session=True)
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except asyncio.TimeoutError:
+            await self._terminate()
+            raise ComponentFailed(f"{self.name} did not report ready within {timeout:g}s "
+                                  f"(see {self.log_path})") from None
+        text = line.decode("utf-8", "replace").strip()
+        if not text.startswith("ready "):
+            code = await self._terminate()
+            raise ComponentFailed(f"{self.name} exited with status {code} before it was ready "
+                                  f"(see {self.log_path})")
+        try:
+            self.ready = json.loads(text[6:])
+        except ValueError:
+            await self._terminate()
+            raise ComponentFailed(f"{self.name} printed an unreadable ready line {text!r}") from None
+        asyncio.get_running_loop().create_task(self._drain(self.proc))
+
+    @staticmethod
+    async def _drain(proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while await proc.stdout.read(65536):
+            pass
+
+    async def start(self, timeout: float = 30.0) -> dict[str, Any]:
+        await self._spawn(timeout)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"watch {self.name}")
+        return self.ready
+
+    async def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            print(f"meshlet up: {self.name} exited with status {code}; starting it again",
+                  file=self.out, flush=True)
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                try:
+                    await self._spawn(30.0)
+                    self.restarts += 1
+                    delay = 1.0
+                    break
+                except (ComponentFailed, OSError) as exc:
+                    print(f"meshlet up: {exc}", file=self.out, flush=True)
+
+    async def _terminate(self, grace: float = 10.0) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            try:
+                proc.terminate()
+                return await asyncio.wait_for(proc.wait(), grace)
+            except ProcessLookupError:
+                pass
+            except asyncio.TimeoutError:
+                proc.kill()
+        return await proc.wait()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._terminate()
+
+
+def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]:
+    """The DNS and proxy command lines for ``mesh`` against the catalog at ``url``."""
+    dns = config.module_argv("discovery.dns", "--consul", url, "--domain", mesh.domain,
+           "--mode", mesh.dns.mode, "--ttl", f"{mesh.dns.ttl:g}s",
+           "--negative-ttl", f"{mesh.dns.negative_ttl:g}s")
+    if not mesh.dns.only_passing:
+        dns.append("--include-warning")
+    for listen in mesh.dns.listen:
+        dns += ["--listen", listen]
+    for recursor in mesh.dns.recursors:
+        dns += ["--recursor", recursor]
+    proxy = config.module_argv("proxy", "--consul", url, "--domain", mesh.domain,
+                               "--admin", mesh.proxy.admin_listen, "--workers", str(mesh.proxy.workers))
+    for listen in mesh.proxy.listen:
+        proxy += ["--listen", listen]
+    return {"dns": dns, "proxy": proxy}
+
+
+
+
+def catalog_argv(listen: str, data_dir: Path) -> list[str]:
+    """The embedded catalog's command line."""
+    return config.module_argv("discovery.catalog", "--listen", listen, "--data-dir", str(data_dir))

@@ -1,0 +1,629 @@
+"""The Supervisor: observe (runtimes, catalog) -> decide (pure core) -> act, level-triggered.
+
+Flow::
+
+    KV meshlet/services/ --watch--+
+    KV meshlet/rollout/ ----------+
+    runtime events (exits) -------+--> enqueue(service) --> _sync(service):
+    probe state changes ----------+        rollouts.begin: a new desired revision starts a rollout
+    timer (resync, follow-ups) ---+        actions = reconcile_service(...)        (core, pure)
+                                           execute(actions)
+                                           plan = rollouts.step(...)                (core, pure)
+                                           execute(plan.actions); store the rollout
+
+Handlers only record what they saw and enqueue the service's name; one sync per service
+runs at a time and re-reads everything (a delete is a sync that finds no desired spec).
+The one exception is readiness: a probe flip is pushed to the instance's TTL check at once
+(a few ms) so DNS and the proxy drop or take the instance without waiting for a sync.
+``execute`` is the only place actions are carried out, whoever decided them; stopping a
+replica (``Stop``) and killing one (``Kill``) run in the background (``Replicas``), so no
+sync waits for a drain or a grace period.
+
+Start-up order (act on a full view): subscribe to runtime events, list every runtime and
+the catalog's registrations, read the desired specs, adopt what runs by identity
+(service, slot, revision, instance id from labels / state files), and only then run the
+first reconcile. A supervisor restarted after ``kill -9`` therefore restarts no healthy
+replica and starts no duplicate.
+
+Parts: ``Replicas`` (daemon/replicas.py) carries out what happens to one replica and asks
+back only through ``ReplicaHost`` (implemented here); ``Rollouts`` (daemon/rollouts.py)
+keeps the rollout bookkeeping and knows nothing of this class.
+
+Errors: runtime and catalog failures during a sync are logged and the sync is retried on
+the next resync tick; nothing here raises into the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import config
+from discovery.consul import connect, kv_delete, kv_put, watch_kv_prefix
+
+from ..core.backoff import BackoffState, delay_for
+from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
+                          Wait, summary)
+from ..core.placement import NodeInfo
+from ..core.reconcile import reconcile_service
+from ..core.revisions import template_revision
+from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
+from .replicas import Replicas, Tracked
+from .rollouts import Rollouts
+
+__all__ = ["Supervisor", "make_runtime", "FOLLOWUP_SLOT"]
+
+log = logging.getLogger("supervisor")
+
+# The TTL of every instance check. Status is pushed on every probe change and re-asserted
+# every TTL/2; a generous TTL only matters if the supervisor dies (the check then goes
+# critical after at most 30 s, while the workload may still be serving).
+CHECK_TTL = 30.0
+# Level-triggered safety net: re-list the runtimes and sync every service this often.
+RESYNC = 5.0
+FOLLOWUP_SLOT = -1          # the follow-up key (service, slot) of rollout steps
+
+
+def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
+    if node.runtime == "docker":
+        engine = node.engine or config.DEFAULT_DOCKER_ENGINE
+        # A local engine mounts the workloads' resolv.conf read-only from a file we write
+        # (an absolute host path); a remote one writes it itself.
+        local = engine.startswith("unix://")
+        return RUNTIMES["docker"](engine, node=node.name, address=node.address,
+                                  data_dir=(data_dir / "nodes" / node.name).resolve() if local else None)
+    return RUNTIMES["process"](data_dir / "nodes" / node.name, node=node.name, address=node.address)
+
+
+class Supervisor:
+    """Runs the desired services on ``nodes`` and keeps the catalog in step.
+
+    ``start()`` observes in full and adopts before the first reconcile; ``close(stop=True)``
+    deregisters and stops every workload, ``close(stop=False)`` leaves them running for the
+    next supervisor to adopt.
+
+    ``dns``: the resolver address (port 53) of meshlet's DNS; containers started on docker
+    nodes get a resolv.conf naming it, so ``<service>.service.<domain>`` resolves in them
+    without app changes. Processes keep the host's resolver (no per-process resolv.conf
+    without a mount namespace).
+
+    ``proxy_admins``: admin addresses ("host:port") of proxies whose ``/routes`` says which
+    retired replicas still carry requests; a replica being retired waits for those before
+    SIGTERM."""
+
+    def __init__(self, url: str, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
+                 runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
+                 check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None,
+                 proxy_admins: Sequence[str] = ()) -> None:
+        self.url = url
+        self.dns = dns
+        self.proxy_admins = tuple(proxy_admins)
+        self.nodes = {n.name: n for n in nodes}
+        self.data_dir = Path(data_dir)
+        self.runtimes: dict[str, Runtime] = dict(runtimes or {})
+        self.resync = resync
+        self.check_ttl = check_ttl
+        self.clock = clock
+        self.desired: dict[str, tuple[config.ServiceSpec, str]] = {}
+        self.doc_revision: dict[str, str] = {}       # service -> revision of the KV document
+        self.doc_raw: dict[str, bytes] = {}          # the documents as last read
+        self.backoff: dict[tuple[str, int], BackoffState] = {}
+        self.problems: dict[str, str] = {}           # service -> why a slot cannot run
+        self.start_errors: dict[tuple[str, int], str] = {}   # (service, slot) -> the runtime's last refusal
+        # (service, slot) -> when to try a start the runtime refused again (missing image,
+        # engine error): refusals back off like crashes instead of retrying every sync.
+        self.start_holds: dict[tuple[str, int], float] = {}
+        self.events: list[str] = []                  # recent events, for status
+        self.history: list[tuple[float, str, str]] = []   # (time, "started"/"killed"/..., instance)
+        self._dirty: set[str] = set()
+        self._syncing: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._followups: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        self._client: Any = None
+        self._session: aiohttp.ClientSession | None = None
+        self._kv_loaded = asyncio.Event()
+        self._closed = False
+        self._adopted = False   # no sync before the full view is observed and adopted
+        self.rollouts: Rollouts
+        self.replicas: Replicas
+
+    @property
+    def instances(self) -> dict[str, Tracked]:
+        return self.replicas.instances
+
+    @property
+    def registered(self) -> dict[str, str]:
+        return self.replicas.registered
+
+    def busy(self) -> bool:
+        """Is any sync running or queued?"""
+        return bool(self._syncing)
+
+    # --- ReplicaHost --------------------------------------------------------------------
+
+    def spec_for(self, service: str, revision: str) -> config.ServiceSpec | None:
+        return self.rollouts.spec_for(service, revision, self.desired)
+
+    def meta_revision(self, service: str, revision: str) -> str:
+        """Meta revision: the applied document's for replicas of its target revision (DNS
+        serves the document's tags for those), else the replica's own revision."""
+        if revision == self.rollouts.doc_target(service, self.desired):
+            return self.doc_revision.get(service, revision)
+        return revision
+
+    def changed(self, service: str) -> None:
+        self.enqueue(service)
+
+    def note(self, text: str) -> None:
+        kind, _, rest = text.partition(" ")
+        self.history.append((self.clock(), kind, rest.split(":")[0].split(" ")[0]))
+        del self.history[:-1000]
+        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+        del self.events[:-100]
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, timeout: float = 15.0) -> None:
+        self._client = connect(self.url, timeout=40.0)
+        self._session = aiohttp.ClientSession()
+        for node in self.nodes.values():
+            if node.name not in self.runtimes:
+                self.runtimes[node.name] = make_runtime(node, self.data_dir)
+        self.rollouts = Rollouts(self._client)
+        self.replicas = Replicas(self, runtimes=self.runtimes, nodes=self.nodes, catalog=self._client,
+                                 session=self._session, clock=self.clock, check_ttl=self.check_ttl,
+                                 dns=self.dns, proxy_admins=self.proxy_admins)
+        # Subscribe before the first list() so no exit falls between them.
+        for rt in self.runtimes.values():
+            self._tasks.append(asyncio.create_task(self._consume(rt), name=f"events {rt.node}"))
+        listed = await asyncio.gather(*(rt.list() for rt in self.runtimes.values()))
+        services = await self._client.agent.services()
+        checks = await self._client.agent.checks()
+        await self._load_backoff()
+        _, entries = await self._client.kv.get(config.ROLLOUT_PREFIX, recurse=True)
+        self.rollouts.load({e["Key"]: e.get("Value") or b"" for e in entries or ()}, self.clock())
+        self._tasks.append(asyncio.create_task(self._watch_desired(), name="watch desired"))
+        self._tasks.append(asyncio.create_task(self._watch_rollouts(), name="watch rollouts"))
+        await asyncio.wait_for(self._kv_loaded.wait(), timeout)
+        status = {cid: c.get("Status", "") for cid, c in (checks or {}).items()}
+        for observed in (o for group in listed for o in group):
+            t = self.replicas.adopt(observed, passing=observed.is_running
+                                    and status.get(f"service:{observed.instance_id}") == "passing")
+            if not observed.is_running:
+                # exited while no supervisor watched (or before it last stored): a crash of
+                # a rollout's target counts once (the stored counts name those counted)
+                self.rollouts.note_exit(self.replicas.fact(t))
+        self.replicas.registered.update(self.replicas.adopt_registrations(services))
+        log.info("adopted %d instances (%d running), %d registrations; %d services desired",
+                 len(self.instances), sum(t.obs.is_running for t in self.instances.values()),
+                 len(self.registered), len(self.desired))
+        self._tasks.append(asyncio.create_task(self._tick(), name="resync"))
+        self._adopted = True
+        for name in self._service_names():
+            self.enqueue(name)
+
+    async def close(self, *, stop: bool) -> None:
+        """Stop the loop; with ``stop`` deregister and stop every workload first."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for handle in self._followups.values():
+            handle.cancel()
+        syncs = list(self._syncing.values())
+        for task in syncs:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *syncs, return_exceptions=True)
+        if not hasattr(self, "replicas"):
+            await self._close_clients()
+            return
+        if stop:
+            await self.replicas.retire_all("meshlet is stopping")
+            await self._stop_leftovers()
+        await self.replicas.close()
+        for rt in self.runtimes.values():
+            try:
+                await rt.close()
+            except Exception:  # noqa: BLE001 - closing continues with the rest
+                log.warning("closing runtime %s failed", rt, exc_info=True)
+        await self._close_clients()
+
+    async def _stop_leftovers(self) -> None:
+        # A start cancelled above may have left an instance we never recorded: list every
+        # node once more and stop whatever meshlet still owns there.
+        for rt in self.runtimes.values():
+            try:
+                leftovers = await rt.list()
+            except WorkloadError as exc:
+                log.warning("cannot list node %s while stopping: %s", rt.node, exc)
+                continue
+            for o in leftovers:
+                await self.replicas.deregister(o.instance_id)
+                try:
+                    await rt.stop(o.instance_id, grace=0 if not o.is_running else 5.0)
+                    await rt.remove(o.instance_id)
+                except InstanceNotFound:
+                    pass
+                except WorkloadError as exc:
+                    log.warning("cannot stop %s: %s", o.instance_id, exc)
+        # Likewise a registration whose request was cut off: nothing of ours runs now.
+        try:
+            services = await self._client.agent.services()
+            for iid in self.replicas.adopt_registrations(services):
+                self.replicas.registered[iid] = services[iid].get("Service", "")
+                await self.replicas.deregister(iid)
+        except Exception as exc:  # noqa: BLE001 - the catalog may be gone already
+            log.warning("cannot clear registrations while stopping: %s", exc)
+
+    async def _close_clients(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
+
+    # --- observation ---------------------------------------------------------------------
+
+    async def _load_backoff(self) -> None:
+        _, entries = await self._client.kv.get(config.BACKOFF_PREFIX, recurse=True)
+        for e in entries or ():
+            key = config.split_backoff_key(e["Key"])
+            try:
+                if key is None:
+                    raise ValueError("not a service/slot key")
+                d = json.loads(e.get("Value") or b"{}")
+                self.backoff[key] = BackoffState(int(d["failures"]), int(d["restarts"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring unreadable back-off state %s", e.get("Key"))
+
+    async def _save_backoff(self, service: str, slot: int, state: BackoffState) -> None:
+        if self.backoff.get((service, slot)) == state:
+            return
+        self.backoff[(service, slot)] = state
+        try:
+            await kv_put(self._client, config.backoff_key(service, slot),
+                         json.dumps({"failures": state.failures, "restarts": state.restarts}))
+        except Exception as exc:  # noqa: BLE001 - only the restart count is at stake
+            log.warning("cannot store the back-off of %s slot %d: %s", service, slot, exc)
+
+    def _clear_holds(self, service: str) -> None:
+        for key in [k for k in self.start_holds if k[0] == service]:
+            del self.start_holds[key]
+
+    async def _forget_backoff(self, service: str) -> None:
+        self._clear_holds(service)
+        if not any(k[0] == service for k in self.backoff):
+            return
+        for key in [k for k in self.backoff if k[0] == service]:
+            del self.backoff[key]
+        try:
+            await kv_delete(self._client, config.backoff_key(service), recurse=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot delete the back-off of %s: %s", service, exc)
+
+    async def _watch_desired(self) -> None:
+        async for docs in watch_kv_prefix(self._client, config.SERVICES_PREFIX):
+            changed = self._apply_docs(docs)
+            if changed and self._kv_loaded.is_set():
+                # `meshlet rollback` writes the document and the restart key in one
+                # transaction: read the other half now, so no sync sees one without the
+                # other (which would start a rollout to a revision nobody asked for).
+                changed |= await self._reread(config.ROLLOUT_PREFIX,
+                                              lambda e: self.rollouts.on_control(e, self.clock()))
+            self._kv_loaded.set()
+            for name in sorted(changed):
+                self._clear_holds(name)   # a new spec (a fixed image, say) is tried at once
+                self.enqueue(name)
+
+    def _apply_docs(self, docs: Mapping[str, bytes]) -> set[str]:
+        desired: dict[str, tuple[config.ServiceSpec, str]] = {}
+        for key, raw in docs.items():
+            name = config.key_name(key, config.SERVICES_PREFIX)
+            if name is None:
+                continue
+            try:
+                spec, _vip, revision = config.parse_service_document(raw, source=key)
+            except (config.ConfigError, ValueError, TypeError, KeyError) as exc:
+                # Keep the last good spec of that service rather than stopping it.
+                if self.doc_raw.get(key) != raw:
+                    log.error("ignoring unreadable %s: %s", key, exc)
+                if name in self.desired:
+                    desired[name] = self.desired[name]
+                continue
+            desired[spec.name] = (spec, template_revision(spec))
+            self.doc_revision[spec.name] = revision
+        self.doc_raw = dict(docs)
+        changed = {n for n in set(desired) | set(self.desired) if desired.get(n) != self.desired.get(n)}
+        self.desired = desired
+        return changed
+
+    async def _reread(self, prefix: str, apply: Any) -> set[str]:
+        try:
+            _, entries = await self._client.kv.get(prefix, recurse=True)
+        except Exception as exc:  # noqa: BLE001 - the watch delivers it a moment later
+            log.warning("cannot read %s: %s", prefix, exc)
+            return set()
+        return set(apply({e["Key"]: e.get("Value") or b"" for e in entries or ()}))
+
+    async def _watch_rollouts(self) -> None:
+        # The CLI's pause/resume and restart keys act at once (state and history under the
+        # same prefix are ours: read once at start).
+        async for docs in watch_kv_prefix(self._client, config.ROLLOUT_PREFIX):
+            changed = self.rollouts.on_control(docs, self.clock())
+            if changed:
+                changed |= await self._reread(config.SERVICES_PREFIX, self._apply_docs)
+            for name in sorted(changed):
+                self.enqueue(name)
+
+    async def _consume(self, rt: Runtime) -> None:
+        # Exits arrive here at once; if the stream breaks, the resync tick's re-list still
+        # notices every exit (at most RESYNC late) while we subscribe again.
+        while True:
+            try:
+                async for event in rt.events():
+                    self._on_event(event)
+                return   # the runtime closed its stream: it is shutting down
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("runtime events of node %s failed; subscribing again", rt.node)
+                await asyncio.sleep(1.0)
+
+    def _on_event(self, event: RuntimeEvent) -> None:
+        if event.kind == "resync":
+            self._tasks.append(asyncio.create_task(self._relist()))
+            return
+        if event.observed is None:
+            return
+        t = self.replicas.exited(event.observed)
+        if t is None:
+            return
+        self.rollouts.note_exit(self.replicas.fact(t))
+        self.enqueue(t.obs.service)
+
+    async def _relist(self) -> None:
+        for rt in list(self.runtimes.values()):
+            try:
+                listed = await rt.list()
+            except WorkloadError as exc:
+                log.warning("cannot list node %s: %s", rt.node, exc)
+                continue
+            for o in listed:
+                if self.replicas.was_removed(o.instance_id):
+                    continue   # listed before we removed it
+                t = self.instances.get(o.instance_id)
+                if t is None:
+                    # Not started by us in this life and not seen at start: adopt it; the
+                    # sync decides whether it is wanted.
+                    self.replicas.adopt(o)
+                    self.enqueue(o.service)
+                elif t.obs.is_running and not o.is_running:
+                    self._on_event(RuntimeEvent("exit", o.instance_id, o, self.clock()))
+
+    async def _tick(self) -> None:
+        last_status = 0.0
+        while True:
+            await asyncio.sleep(self.resync)
+            try:
+                await self._relist()
+                # The catalog is the truth for registrations: one restarted without its
+                # state (or edited by hand) gets our instances registered again.
+                regs = self.replicas.adopt_registrations(await self._client.agent.services())
+                if regs != self.registered:
+                    log.info("catalog registrations changed behind our back: %d -> %d",
+                             len(self.registered), len(regs))
+                    self.registered.clear()
+                    self.registered.update(regs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                log.warning("resync: %s", exc)
+            for name in self._service_names():
+                self.enqueue(name)
+            if time.monotonic() - last_status >= self.check_ttl / 2 - self.resync:
+                last_status = time.monotonic()
+                self.replicas.push_all()
+
+    def _service_names(self) -> set[str]:
+        return (set(self.desired) | {t.obs.service for t in self.instances.values()}
+                | set(self.registered.values()))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def enqueue(self, service: str) -> None:
+        if self._closed or not self._adopted:
+            return
+        self._dirty.add(service)
+        if service not in self._syncing:
+            self._syncing[service] = asyncio.create_task(self._sync_loop(service), name=f"sync {service}")
+
+    async def _sync_loop(self, service: str) -> None:
+        try:
+            while service in self._dirty and not self._closed:
+                self._dirty.discard(service)
+                try:
+                    await self._sync(service)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - retried on the next tick
+                    log.exception("sync of %s failed; retrying on the next resync", service)
+        finally:
+            self._syncing.pop(service, None)
+
+    def observed(self) -> Observed:
+        return Observed(
+            replicas=self.replicas.facts(),
+            registered={k: v for k, v in self.registered.items() if k not in self.replicas.terminating},
+            nodes=tuple(NodeInfo(n.name, n.runtime or "process", n.address, n.capacity.cpu,
+                                 n.capacity.memory, dict(n.labels)) for n in self.nodes.values()),
+            backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
+            holds=dict(self.start_holds))
+
+    async def _sync(self, service: str) -> None:
+        now = self.clock()
+        begun = self.rollouts.begin(service, self.desired, self.replicas.facts(service), now)
+        if begun is not None:
+            if begun.started:
+                self.note(f"rollout {service}: to {begun.state.revision if begun.state else '?'}")
+            await self._store_rollout(service)
+        actions = reconcile_service(service, self.rollouts.effective(self.desired), self.observed(), now)
+        await self.execute(service, actions, now)
+        await self.replicas.refresh_meta(service)
+        if service not in self.desired and not self.replicas.of(service):
+            await self._forget_backoff(service)
+        await self._step_rollout(service, self.clock())
+
+    async def _step_rollout(self, service: str, now: float) -> None:
+        before = self.rollouts.states.get(service)
+        errors = {slot: text for (name, slot), text in self.start_errors.items() if name == service}
+        plan = self.rollouts.step(service, self.desired, self.observed(), errors, now)
+        if plan is None:
+            if before is not None:
+                await self._store_rollout(service)   # crash counts taken while paused or failed
+            return
+        if plan.reverted:
+            self._clear_holds(service)               # held for the failed revision's starts
+            self.problems.pop(service, None)
+        acted = plan.reverted or any(isinstance(a, SetWeight) for a in plan.actions)
+        acted |= await self.execute(service, plan.actions, now, rollout=True)
+        if before is not None and plan.state.phase != before.phase:
+            self.note(f"rollout {service}: {plan.state.phase}: {plan.state.reason}")
+        await self._store_rollout(service)
+        if plan.followup_at is not None:
+            self._follow_up(service, FOLLOWUP_SLOT, plan.followup_at - now)
+        if acted:
+            self.enqueue(service)    # level-triggered: look again with the new view
+
+    async def _store_rollout(self, service: str) -> None:
+        await self.rollouts.store(service, live=self.instances.keys())
+
+    # --- carrying out ---------------------------------------------------------------------------
+
+    async def execute(self, service: str, actions: Sequence[Action], now: float, *,
+                      rollout: bool = False) -> bool:
+        """Carry out ``actions`` (the pure core's, for ``service``); True when something
+        was started or a retirement began. ``rollout``: they come from a rollout step
+        (a refused start then counts against the new revision)."""
+        acting = [a for a in actions if not isinstance(a, Wait)]
+        if acting:
+            log.info("sync %s: %s", service, summary(acting))
+        acted = False
+        for a in actions:
+            if isinstance(a, Stop):
+                acted |= self.replicas.retire(a.instance_id, a.reason)
+            elif isinstance(a, Kill):
+                self.replicas.kill(a.instance_id, a.reason)
+        for a in actions:
+            if isinstance(a, Start):
+                started = await self._start(a)
+                if rollout:
+                    self.rollouts.note_start(service, a.slot, started)
+                acted |= started
+            elif isinstance(a, Register):
+                await self.replicas.register_id(a.instance_id)
+            elif isinstance(a, Deregister):
+                await self.replicas.deregister(a.instance_id)
+            elif isinstance(a, SetWeight):
+                await self.replicas.set_weight(a.instance_id, a.weight)
+            elif isinstance(a, Wait):
+                self._follow_up(a.service, a.slot, a.at - now)
+            elif isinstance(a, Unplaceable):
+                if self.problems.get(a.service) != f"slot {a.slot}: {a.reason}":
+                    log.warning("%s slot %d: %s", a.service, a.slot, a.reason)
+                self.problems[a.service] = f"slot {a.slot}: {a.reason}"
+        return acted
+
+    async def _start(self, a: Start) -> bool:
+        """Start one replica; a refusal is the service's problem and holds the slot back
+        like a crash (at least 1 s, doubling)."""
+        spec = self.spec_for(a.service, a.revision)
+        if spec is None:
+            return False
+        await self._save_backoff(a.service, a.slot, a.backoff)
+        try:
+            t = await self.replicas.start(spec, a.slot, a.revision, a.node, a.reason, weight=a.weight)
+        except WorkloadError as exc:
+            problem = f"slot {a.slot}: {exc}"
+            # Said once per new reason, not on every retry.
+            (log.debug if self.problems.get(a.service) == problem else log.error)(
+                "cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
+            self.problems[a.service] = problem
+            self.start_errors[(a.service, a.slot)] = str(exc)
+            # The hold is set before the back-off is stored (an await), so nothing sees the
+            # new failure count with the old hold.
+            st = BackoffState(a.backoff.failures + 1, a.backoff.restarts)
+            delay = max(delay_for(spec.restart.backoff, st.failures), 1.0)
+            self.start_holds[(a.service, a.slot)] = self.clock() + delay
+            self._follow_up(a.service, a.slot, delay)
+            await self._save_backoff(a.service, a.slot, st)
+            return False
+        self.start_holds.pop((a.service, a.slot), None)
+        self.problems.pop(a.service, None)
+        self.start_errors.pop((a.service, a.slot), None)
+        if not t.obs.is_running:   # exited before we looked
+            self.rollouts.note_exit(self.replicas.fact(t))
+        return True
+
+    def _follow_up(self, service: str, slot: int, delay: float) -> None:
+        key = (service, slot)
+        old = self._followups.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self._followups[key] = asyncio.get_running_loop().call_later(max(delay, 0.0), self.enqueue, service)
+
+    # --- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Services (ready/desired, problem, rollout) and their instances: the admin API's
+        ``/v1/status`` and ``meshlet up``'s progress lines."""
+        now = self.clock()
+        observed = self.observed()
+        services = []
+        for name in sorted(self._service_names()):
+            entry = self.desired.get(name)
+            tracked = sorted(self.replicas.of(name), key=lambda t: (t.obs.slot, t.obs.instance_id))
+            rows = []
+            for t in tracked:
+                o = t.obs
+                node = self.nodes.get(o.node)
+                first = next(iter(o.ports.values()), None)
+                state = "exited" if not o.is_running else t.health.describe()
+                if o.instance_id in self.replicas.terminating:
+                    state = "terminating"
+                rows.append({
+                    "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
+                    "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
+                    "state": state, "ready": o.is_running and t.health.ready,
+                    "registered": o.instance_id in self.registered,
+                    "restarts": self.backoff.get((name, o.slot), BackoffState()).restarts,
+                    "age": None if o.started_at is None else round(now - o.started_at, 1),
+                    "exit_code": o.exit_code, "pid": o.pid})
+            errors = {slot: text for (svc, slot), text in self.start_errors.items() if svc == name}
+            rollout = self.rollouts.status(name, self.desired, observed, errors, now) if entry else None
+            services.append({
+                "name": name, "desired": entry[0].replicas if entry else 0,
+                "revision": self.doc_revision.get(name) if entry else None,
+                "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
+                # a failed, paused or reverted rollout is the service's problem too, so the
+                # status table shows it (what runs is not what was applied)
+                "problem": self.problems.get(name) or (self.rollouts.attention(name, self.desired)
+                                                       if entry else None),
+                "rollout": rollout})
+        return {"services": services, "nodes": [
+            {"name": n.name, "runtime": n.runtime, "address": n.address} for n in self.nodes.values()],
+            "events": self.events[-20:]}
+
+    def log_sources(self, service: str, instance: str | None = None) -> list[tuple[str, Runtime]]:
+        """(instance id, its runtime) of the service's instances (or just ``instance``), by
+        slot: what ``GET /v1/logs/<service>`` streams."""
+        found = sorted((t.obs for t in self.replicas.of(service)
+                        if instance is None or t.obs.instance_id == instance), key=lambda o: (o.slot, o.instance_id))
+        return [(o.instance_id, self.runtimes[o.node]) for o in found if o.node in self.runtimes]

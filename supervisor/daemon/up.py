@@ -1,0 +1,267 @@
+"""``meshlet up -f FILE``: the whole mesh on this machine, until Ctrl-C.
+
+Order (and the reverse on the way down)::
+
+    catalog (embedded, unless mesh.catalog is a URL or one already answers at catalog_listen)
+    DNS     python -m discovery.dns --listen <mesh.dns.listen> --consul <url>
+    proxy   python -m proxy --listen <mesh.proxy.listen> --consul <url> --admin <admin_listen>
+    apply   FILE's services into the catalog (commands.apply)
+    supervisor + admin API on mesh.admin_listen; progress lines ("web: 2/2 ready")
+
+The components are child processes started like static pods (``components.py``): each
+prints a ``ready`` line, its stderr goes to ``<data_dir>/logs/<name>.log`` and it is
+started again (1 s doubling to 30 s) whenever it dies. They die with ``up`` (SIGTERM on
+the parent's death, even a ``kill -9``); workloads do not, and the next ``up`` adopts them
+(the catalog's data dir keeps their registrations). Ctrl-C / SIGTERM stops everything: workloads are deregistered and
+stopped, then proxy, DNS and catalog. With ``--keep`` the workloads keep running for the
+next ``meshlet up`` to adopt. A second Ctrl-C skips the graceful steps.
+
+Names inside containers (``<service>.service.<domain>`` without app changes): resolv.conf
+cannot name a port, so the DNS server also answers on port 53 of a loopback address, the
+*resolver*, and every container on a docker node gets a read-only resolv.conf naming it
+(host networking: the container shares the host's loopback). The resolver is the first
+``mesh.dns.listen`` entry on port 53 (0.0.0.0/:: count as 127.0.0.1); with none, and when
+running as root with 127.0.0.153:53 free, ``up`` adds ``127.0.0.153:53`` to the DNS
+listeners (``DEFAULT_RESOLVER``; config has no field of its own for it). Otherwise
+containers keep the engine's default resolver and ``up`` says so. Names outside the
+domain: ``mesh.dns.recursors``, or when that is empty the host's /etc/resolv.conf
+nameservers that are on loopback (a local caching resolver); without any, meshlet DNS
+refuses outside names. Processes use the host's resolver (no per-process resolv.conf
+without a mount namespace): point the host's /etc/resolv.conf at the resolver
+(``nameserver 127.0.0.153``) to give them the same names.
+
+Nodes: ``mesh.nodes``, or when empty one node "local" -- docker if an engine answers at
+the default socket, else process (``resolve_nodes``).
+
+``run_standalone`` (``meshlet supervisor --consul URL --data-dir DIR``) is the supervisor
+and its admin API alone against a running catalog: no components, no apply.
+
+Exit codes: 0 stopped cleanly, 1 a component could not start, 2 invalid FILE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import config
+
+from ..commands import apply
+from .admin import AdminServer
+from .components import Component, ComponentFailed, catalog_argv, component_argvs, dns_settings
+from .supervisor import Supervisor
+
+__all__ = ["docker_answers", "resolve_nodes", "up", "run_standalone", "progress_lines"]
+
+log = logging.getLogger(__name__)
+
+
+def docker_answers(engine: str = config.DEFAULT_DOCKER_ENGINE, timeout: float = 2.0) -> bool:
+    """Does a Docker engine answer at ``engine``? (blocking; run in a thread)"""
+    if engine.startswith("unix://") and not os.path.exists(engine[len("unix://"):]):
+        return False
+    try:
+        import docker
+        client = docker.DockerClient(base_url=engine, timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - anything but an answer means no engine
+        return False
+
+
+async def resolve_nodes(mesh: config.MeshSettings) -> list[config.NodeSpec]:
+    """``mesh.nodes``, or one node "local": docker if an engine answers, else process."""
+    if mesh.nodes:
+        return [n if n.runtime else dataclasses.replace(
+            n, runtime="docker" if n.engine else "process") for n in mesh.nodes]
+    if await asyncio.to_thread(docker_answers):
+        return [config.NodeSpec(name="local", runtime="docker", engine=config.DEFAULT_DOCKER_ENGINE)]
+    return [config.NodeSpec(name="local", runtime="process")]
+
+
+async def _answers(url: str) -> bool:
+    from discovery.consul import connect
+    client = connect(url, timeout=2.0)
+    try:
+        await client.status.leader()
+        return True
+    except Exception:  # noqa: BLE001 - anything but an answer means "no"
+        return False
+    finally:
+        await client.close()
+
+
+def progress_lines(sup: Supervisor) -> list[str]:
+    lines = []
+    for s in sup.status()["services"]:
+        if s["desired"] or s["instances"]:
+            line = f"{s['name']}: {s['ready']}/{s['desired']} ready"
+            rollout = s.get("rollout") or {}
+            if rollout.get("phase") in ("progressing", "reverting"):
+                line += f", rollout {rollout['phase']} to #{rollout.get('number')}: {rollout['progress']}"
+            if s.get("problem"):
+                line += f" ({s['problem']})"
+            lines.append(line)
+    return lines
+
+
+async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
+             err: TextIO = sys.stderr) -> int:
+    cfg = apply.load_or_report(path, "up", err)
+    if cfg is None:
+        return 2
+    mesh = cfg.mesh
+    data_dir = Path(mesh.data_dir)
+    log_dir = data_dir / "logs"
+    stop = asyncio.Event()
+    force = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    started: list[Component] = []
+    sup: Supervisor | None = None
+    admin: AdminServer | None = None
+    try:
+        url = apply.resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
+        if mesh.catalog != "embedded":
+            if not await _answers(url):
+                print(f"meshlet up: cannot reach the catalog at {url} (mesh.catalog)", file=err)
+                return 1
+        elif await _answers(url):
+            print(f"meshlet up: using the catalog already answering at {url}", file=out, flush=True)
+        else:
+            catalog = Component("catalog", catalog_argv(mesh.catalog_listen, data_dir / "catalog"),
+                                log_dir, out=err)
+            ready = await catalog.start()
+            started.append(catalog)
+            url = "http://" + (ready.get("http") or mesh.catalog_listen)
+            print(f"meshlet up: catalog at {url} (data in {data_dir / 'catalog'})", file=out, flush=True)
+        resolver, run_mesh, added = dns_settings(mesh)
+        proxy_admins: list[str] = []
+        for name, argv in component_argvs(run_mesh, url).items():
+            comp = Component(name, argv, log_dir, out=err)
+            try:
+                ready = await comp.start()
+            except ComponentFailed:
+                if name != "dns" or not added:
+                    raise
+                # The default resolver address was taken between our check and the bind.
+                resolver, run_mesh = None, dataclasses.replace(
+                    run_mesh, dns=dataclasses.replace(run_mesh.dns, listen=mesh.dns.listen))
+                comp = Component(name, component_argvs(run_mesh, url)["dns"], log_dir, out=err)
+                ready = await comp.start()
+            started.append(comp)
+            if name == "proxy" and isinstance(ready.get("admin"), str):
+                proxy_admins.append(ready["admin"])
+            print(f"meshlet up: {name} ready {json.dumps(ready)} (pid {comp.pid})", file=out, flush=True)
+        if resolver is not None:
+            print(f"meshlet up: containers resolve <service>.service.{mesh.domain} through "
+                  f"{resolver}:53", file=out, flush=True)
+            if not run_mesh.dns.recursors:
+                print(f"meshlet up: names outside .{mesh.domain} are refused there: no "
+                      "mesh.dns.recursors and no loopback nameserver in /etc/resolv.conf "
+                      "(set mesh.dns.recursors to forward them)", file=out, flush=True)
+        else:
+            print("meshlet up: no DNS listener on port 53 (add one to mesh.dns.listen, or run as "
+                  "root): containers keep the engine's resolver", file=out, flush=True)
+        changes = await apply.apply_to(url, cfg.services, mesh.vip_range, err=err)
+        if changes is None:
+            return 1
+        for change in changes:
+            for line in apply.format_change(change):
+                print(line, file=out, flush=True)
+        nodes = await resolve_nodes(mesh)
+        print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
+              file=out, flush=True)
+        sup = Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins)
+        await sup.start()
+        admin = AdminServer(sup, on_down=stop.set)
+        bound = await admin.start(mesh.admin_listen)
+        print(f"meshlet up: admin API at http://{bound}; press Ctrl-C to stop", file=out, flush=True)
+        last: list[str] = []
+        while not stop.is_set():
+            lines = progress_lines(sup)
+            if lines != last:
+                for line in lines:
+                    if line not in last:
+                        print(line, file=out, flush=True)
+                last = lines
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return 0
+    except (ComponentFailed, OSError, ValueError) as exc:
+        print(f"meshlet up: {exc}", file=err)
+        return 1
+    finally:
+        stop_workloads = not keep or (admin is not None and admin.down_requested)
+        if admin is not None:
+            await admin.close()
+        if sup is not None:
+            what = "stopping workloads" if stop_workloads else "leaving workloads running (--keep)"
+            print(f"meshlet up: {what}", file=out, flush=True)
+            closing = asyncio.ensure_future(sup.close(stop=stop_workloads))
+            done_or_forced = asyncio.ensure_future(force.wait())
+            await asyncio.wait([closing, done_or_forced], return_when=asyncio.FIRST_COMPLETED)
+            done_or_forced.cancel()
+            if not closing.done():
+                closing.cancel()
+        for comp in reversed(started):
+            await comp.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        print("meshlet up: stopped", file=out, flush=True)
+
+
+async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
+                         runtime: str | None = None, dns: str | None = None,
+                         proxy_admins: Sequence[str] = (), engine: str | None = None) -> int:
+    """The supervisor alone against a running catalog (the loop of `meshlet up` without
+    its components). SIGTERM leaves the workloads running for the next supervisor unless
+    ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them. ``engine``: the
+    local node is docker on that engine."""
+    if engine:
+        cfg_nodes = [config.NodeSpec(name="local", runtime="docker", engine=engine)]
+    elif runtime:
+        cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
+    else:
+        cfg_nodes = await resolve_nodes(config.MeshSettings())
+    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns, proxy_admins=proxy_admins)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await sup.start()
+    server = None
+    ready: dict[str, str] = {}
+    if admin:
+        server = AdminServer(sup, on_down=stop.set)
+        ready["admin"] = await server.start(admin)
+    print("ready " + json.dumps(ready), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        if server is not None:
+            await server.close()
+        await sup.close(stop=stop_on_exit or (server is not None and server.down_requested))
+    return 0
+
+
+
