@@ -13,6 +13,8 @@ import urllib.request
 
 import aiohttp
 import pytest
+
+from supervisor.daemon.replicas import draining_requests
 from _util import pid_alive
 
 
@@ -134,8 +136,14 @@ async def test_the_workers_admin_counts_every_workers_requests_and_in_flight(one
             with urllib.request.urlopen(f"http://{proxy.admin}/routes", timeout=5) as r:
                 return sum(e["active"] for e in json.load(r)["draining"] if e["port"] == backend.port)
         await px.async_wait_for(lambda: draining() == 8, timeout=5, what="8 in flight, listed as draining")
+        # the contract with the supervisor (config/README.md, "The proxy's /routes"): what it
+        # reads from this document before it stops a retired replica
+        with urllib.request.urlopen(f"http://{proxy.admin}/routes", timeout=5) as r:
+            assert draining_requests(json.load(r), name + "-0") == 8
         assert await asyncio.gather(*tasks) == [200] * 8
     assert draining() == 0
+    with urllib.request.urlopen(f"http://{proxy.admin}/routes", timeout=5) as r:
+        assert draining_requests(json.load(r), name + "-0") is None   # nothing left to wait for
 
 
 def _spread_requests(proxy, px, host: str, n: int) -> set[str]:

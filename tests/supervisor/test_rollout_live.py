@@ -428,6 +428,47 @@ async def test_a_retired_replica_is_signalled_only_after_its_requests_in_flight_
     assert {iid: (r["late"], r["in_flight"]) for iid, r in reports.items()} == {iid: (0, 0) for iid in old}
 
 
+async def _in_flight(admin: str, n: int) -> bool:
+    """The proxy has a request in flight on each of ``n`` endpoints of web."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{admin}/routes") as r:
+            doc = await r.json()
+    endpoints = [e for c in doc["services"]["web"]["clusters"] for e in c["endpoints"]]
+    return sum(1 for e in endpoints if e["active"] >= 1) >= n
+
+
+async def test_a_scaled_down_replica_drains_like_a_retired_one(mesh, proxy_admin):
+    """Scale-down stops replicas the one way a rollout does: out of the catalog, then
+    SIGTERM only once the proxy has no request in flight on it; none fails."""
+    port, admin = proxy_admin
+    drains = {"TERM_SERVE": "0.2"}
+    await mesh.apply(web_yaml(mesh, env=drains))
+    sup = await mesh.start(proxy_admins=[admin])
+    await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
+    await async_wait_for(lambda: _serving(port, REPLICAS), timeout=15)
+    by_slot = {o.slot: iid for iid, o in mesh.running("web").items()}
+
+    async def slow(session):
+        async with session.get(f"http://127.0.0.1:{port}/slow?1.5",
+                               headers={"Host": "web.service.meshlet"}) as r:
+            return r.status, (await r.text()).strip()
+
+    async with aiohttp.ClientSession() as session:
+        requests = [asyncio.create_task(slow(session)) for _ in range(9)]
+        await async_wait_for(lambda: _in_flight(admin, REPLICAS), timeout=5, what="slow requests at every replica")
+        await mesh.apply(web_yaml(mesh, env=drains).replace(f"replicas: {REPLICAS}", "replicas: 1"))
+        gone = {by_slot[1], by_slot[2]}
+        # the sync that retires them does not wait for their drain
+        await async_wait_for(lambda: gone <= sup.replicas.terminating, timeout=5)
+        answers = await asyncio.gather(*requests)
+        await async_wait_for(lambda: not (gone & set(sup.instances)), timeout=15)
+    assert all(status == 200 for status, _ in answers), answers
+    reports = {iid: json.loads((mesh.markers / f"term-{iid}").read_text()) for iid in gone}
+    assert all(r["slow"] >= 1 for r in reports.values()), reports      # they had requests in flight
+    assert {iid: (r["late"], r["in_flight"]) for iid, r in reports.items()} == {iid: (0, 0) for iid in gone}
+    assert set(mesh.running("web")) == {by_slot[0]}
+
+
 # --------------------------------------------------------------------------- kill -9 mid-rollout
 
 
