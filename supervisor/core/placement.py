@@ -15,8 +15,8 @@ placed in one call spread too. When nothing fits, the replica is reported in ``f
 with a reason naming what excluded each node.
 
 ``place_beside(request, beside, nodes, existing)``: a replica that replaces another in its
-slot (a rollout's new revision) goes on the node its predecessor runs on, when that node
-is still one of ``nodes``; otherwise it is placed as a new one.
+slot (a rollout's new revision) goes on the node its predecessor runs on when that node
+can take it; otherwise it is placed as a new one.
 """
 
 from __future__ import annotations
@@ -145,9 +145,15 @@ def place(requests: Sequence[Request], nodes: Sequence[NodeInfo],
 
 def place_beside(request: Request, beside: Sequence[str], nodes: Sequence[NodeInfo],
                  existing: Iterable[Allocation]) -> Placement:
-    """``request`` on the first node of ``beside`` that is one of ``nodes``, else ``place``."""
-    known = {n.name for n in nodes}
-    for node in beside:
-        if node in known:
-            return Placement(placed=((request, node),))
+    """``request`` on the first node of ``beside`` that can take it (runtime, constraints,
+    room: a surge replica needs room of its own beside its predecessor), else wherever
+    ``place`` puts it."""
+    existing = list(existing)
+    by_name = {n.name: n for n in nodes}
+    for name in beside:
+        node = by_name.get(name)
+        if node is not None:
+            result = place([request], [node], existing)
+            if result.placed:
+                return result
     return place([request], nodes, existing)
