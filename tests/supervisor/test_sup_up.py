@@ -135,6 +135,45 @@ def test_meshlet_up_serves_the_demo_through_proxy_and_dns(tmp_path):
         kill_leftovers(tmp_path / "state")
 
 
+def test_files_beside_the_config_never_replace_meshlets_modules(tmp_path):
+    """A user's config.py, proxy.py, discovery.py or supervisor.py in the directory
+    ``meshlet up`` runs from is never imported in place of meshlet's own modules: not by
+    the command, nor by the catalog, DNS (and its zone builder) and proxy (and its workers)
+    it starts."""
+    path, ports = demo_copy(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["mesh"]["proxy"]["workers"] = 2
+    path.write_text(yaml.safe_dump(doc))
+    marker = tmp_path / "imported"
+    for name in ("config", "proxy", "discovery", "supervisor", "uvloop"):
+        (tmp_path / f"{name}.py").write_text(
+            f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\nraise SystemExit('the user\\'s {name}.py')\n")
+    meshlet = Path(sys.executable).parent / "meshlet"
+    proc = subprocess.Popen([str(meshlet), "up", "-f", path.name], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            text=True)
+    lines = Lines(proc.stdout)
+    try:
+        lines.wait("web: 2/2 ready", timeout=60)
+
+        def through_proxy():
+            req = urllib.request.Request(f"http://127.0.0.1:{ports['proxy']}/", headers={"Host": "web.service.meshlet"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status == 200 and r.read().decode()
+        assert wait_for(through_proxy, timeout=15).startswith("hello from web-")
+
+        def resolves():
+            q = dns.message.make_query("web.service.meshlet", dns.rdatatype.A)
+            r = dns.query.udp(q, "127.0.0.1", port=ports["dns"], timeout=2)
+            return [a.address for rrset in r.answer for a in rrset]
+        assert wait_for(resolves, timeout=10)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not marker.exists(), marker.read_text()
+    finally:
+        stop_process(proc)
+        kill_leftovers(tmp_path / "state")
+
+
 def _pid_after(lines: Lines, prefix: str) -> int:
     line = next(s for s in lines.seen if s.startswith(prefix))
     return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
