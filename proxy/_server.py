@@ -143,9 +143,6 @@ class ProxyServer:
                         "port": ep.port, "active": ep.active})
         return out
 
-    def next_request_id(self) -> bytes:
-        return b"%s-%x" % (self.rid_prefix, next(self.rid_counter))
-
     # -- listeners -----------------------------------------------------------------------
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:

@@ -8,8 +8,13 @@
   return ``(proc, ready)`` where ``ready`` is the JSON object of its ``ready {...}`` line.
   The process's stderr goes to the test's captured stderr; its further stdout is drained.
 * ``stop_process(proc)``: SIGTERM, wait, SIGKILL as a last resort; returns the exit code.
-* ``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago (prefer passing port
-  0 to a server and reading its ready line; this is for restarts that must keep a port).
+* ``free_port()``: a port on 127.0.0.1 for a server the test starts and must know in advance
+  (a config file, a restart on the same port). Prefer port 0 and the ready line. It is
+  taken outside the kernel's ephemeral range (so no outgoing connection or port-0 bind can
+  take it meanwhile) and outside meshlet's replica range, free for TCP and UDP when
+  chosen, and never handed out twice in a session.
+* ``refusing_port()``: a port that refuses connections for the rest of the session: a socket
+  bound to it (not listening) is held open, so nothing else can take it.
 * ``CatalogProcess``: a running ``python -m discovery.catalog`` (what the ``catalog``
   fixture of tests/conftest.py yields).
 """
@@ -33,7 +38,8 @@ from typing import Any, Awaitable, Callable, Sequence
 REPO = Path(__file__).resolve().parent.parent
 
 __all__ = [
-    "wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "ServerStartError", "CatalogProcess",
+    "wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "refusing_port",
+    "ServerStartError", "CatalogProcess", "pid_alive", "kill_leftovers",
 ]
 
 
@@ -135,11 +141,50 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signa
     return proc.wait()
 
 
+_handed_out: set[int] = set()
+_held: list[socket.socket] = []
+# meshlet's supervisor assigns replica ports from here (supervisor.daemon.replicas.PORT_RANGE)
+_REPLICA_PORTS = range(20000, 30000)
+
+
+def _ephemeral() -> range:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return range(lo, hi + 1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (also: an endpoint that refuses connects)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port for a server this test starts (see the module)."""
+    import random
+    ephemeral = _ephemeral()
+    candidates = [p for p in range(10000, 65536) if p not in ephemeral and p not in _REPLICA_PORTS
+                  and p not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        if _bindable(host, port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port outside the ephemeral and replica ranges")
+
+
+def refusing_port(host: str = "127.0.0.1") -> int:
+    """A port that refuses connections until the test session ends (see the module)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    _held.append(s)
+    return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """A real Docker engine for the tests: private ``dockerd`` processes and locally built images.
 
-Use from any conftest under tests/ (tests/conftest.py puts tests/ on sys.path)::
+Use from any conftest under tests/ (pyproject.toml puts tests/ on pytest's import path)::
 
     from docker_env import docker_engines, docker_engine  # noqa: F401 (fixtures)
 
@@ -60,7 +60,6 @@ the image with the same content hash.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
@@ -76,6 +75,8 @@ from pathlib import Path
 
 import pytest
 
+from config import die_with_parent
+
 __all__ = ["DockerEngine", "EngineSet", "EngineUnavailable", "start_engine",
            "build_test_images", "ensure_packages", "static_busybox", "TEST_IMAGE",
            "docker_engines", "docker_engine"]
@@ -85,7 +86,6 @@ IMAGES_DIR = Path(__file__).resolve().parent / "images"
 REQUIRED_DEBS = ("docker.io", "busybox-static")
 _START_DEADLINE = 60.0
 _STOP_DEADLINE = 20.0
-_PR_SET_PDEATHSIG = 1
 # The storage driver that worked last (so the second engine does not retry overlay2).
 _working_driver: str | None = None
 
@@ -152,11 +152,6 @@ def _ping(sock_path: Path, timeout: float = 2.0) -> bool:
         return data.startswith(b"HTTP/1.") and b" 200 " in data[:16] and data.endswith(b"OK")
     except OSError:
         return False
-
-
-def _set_pdeathsig() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class DockerEngine:
@@ -308,7 +303,7 @@ def _start_once(name: str, root: Path, driver: str, deadline: float) -> DockerEn
         proc = subprocess.Popen(_dockerd_argv(name, root, driver), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
-                                preexec_fn=_set_pdeathsig if in_main else None)
+                                preexec_fn=die_with_parent if in_main else None)
     engine = DockerEngine(name, root, proc, driver)
     end = time.monotonic() + deadline
     while time.monotonic() < end:

@@ -12,6 +12,8 @@ import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 from _util import wait_for
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 Check = consul.Check
 
 

@@ -11,6 +11,8 @@ import pytest
 from _util import async_wait_for
 from catalog_helpers import blocked, wakeups
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 Check = consul.Check
 
 

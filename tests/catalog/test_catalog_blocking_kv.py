@@ -12,6 +12,8 @@ import requests
 from _util import async_wait_for
 from catalog_helpers import blocked, wakeups
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def _check(url: str, n: int):
     async def run() -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import threading
 
 import requests
 
 from _util import wait_for
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 
 def _writer(url: str, name: str, acked: list[tuple[str, str]], stop: threading.Event) -> None:

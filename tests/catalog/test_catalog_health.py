@@ -7,6 +7,8 @@ import pytest
 import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 Check = consul.Check
 
 

@@ -15,6 +15,8 @@ import requests
 from _util import ServerStartError, start_server, wait_for
 from catalog_helpers import blocked, shared_catalog  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 READ_PATHS = [
     "/v1/kv/missing", "/v1/kv/?recurse", "/v1/kv/?keys", "/v1/catalog/services", "/v1/catalog/nodes",
     "/v1/catalog/service/web", "/v1/catalog/node/meshlet", "/v1/health/service/web", "/v1/health/checks/web",

@@ -12,6 +12,8 @@ import pytest
 import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def test_put_get_roundtrip_binary_and_empty(catalog) -> None:
     c = catalog.client()

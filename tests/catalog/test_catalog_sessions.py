@@ -12,6 +12,8 @@ import requests
 from _util import async_wait_for, wait_for
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 Check = consul.Check
 
 

@@ -9,6 +9,8 @@ import pytest
 import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()

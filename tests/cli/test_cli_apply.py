@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import ipaddress
 import json
 import os
@@ -11,8 +13,10 @@ import textwrap
 from pathlib import Path
 
 import config
-from _util import free_port
+from _util import refusing_port
 from supervisor.core.revisions import target_revision
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,7 +166,7 @@ def test_invalid_file_exits_2_and_writes_nothing(catalog, tmp_path) -> None:
 
 
 def test_unreachable_catalog_exits_1_naming_the_url(tmp_path) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{refusing_port()}"
     f = write(tmp_path / "meshlet.yaml", WEB_API)
     result = meshlet("apply", "-f", str(f), "--consul", url)
     assert result.returncode == 1
@@ -173,7 +177,7 @@ def test_unreachable_catalog_exits_1_naming_the_url(tmp_path) -> None:
 def test_catalog_url_from_file_and_environment(catalog, tmp_path) -> None:
     f = write(tmp_path / "meshlet.yaml", WEB_API, mesh=f"mesh:\n  catalog_listen: {catalog.host}:{catalog.port}\n")
     assert lines(meshlet("apply", "-f", str(f)))[0].startswith("api: created")
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{refusing_port()}"
     result = meshlet("apply", "-f", str(f), env={"CONSUL_HTTP_ADDR": dead})
     assert result.returncode == 1 and f"http://{dead}" in result.stderr
     g = write(tmp_path / "other.yaml", WEB_API, mesh=f"mesh:\n  catalog_listen: {dead}\n")

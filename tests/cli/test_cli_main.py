@@ -8,7 +8,9 @@ from pathlib import Path
 
 import consul
 import pytest
-from _util import free_port, start_server, stop_process
+from _util import refusing_port, start_server, stop_process
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +47,7 @@ def test_supervisor_commands_are_wired(tmp_path) -> None:
     up = subprocess.run([sys.executable, "-m", "supervisor", "up", "-f", str(bad)],
                         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert up.returncode == 2 and "services.web.replicas" in up.stderr
-    admin = f"127.0.0.1:{free_port()}"
+    admin = f"127.0.0.1:{refusing_port()}"
     status = subprocess.run([sys.executable, "-m", "supervisor", "status", "--admin", admin],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert status.returncode == 1 and f"no supervisor answers at {admin}" in status.stderr

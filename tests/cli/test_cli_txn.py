@@ -10,6 +10,8 @@ import config
 from discovery.consul import connect
 from supervisor.commands.apply import CREATED, TxnConflict, apply_services, plan_apply, read_state, txn, txn_chunks
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def services(*names: str) -> dict[str, config.ServiceSpec]:
     text = "services:\n" + "".join(f"  {n}: {{command: [x], ports: [{{name: http}}]}}\n" for n in names)

@@ -28,6 +28,8 @@ from supervisor.core.rollout_history import RolloutError
 from supervisor.commands.rollout import (MASK, CliError, assess, change_summary, history_table, masked,
                                          rollback_document, rollback_entry)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 
 T, OLD, DOC = "a" * 12, "b" * 12, "c" * 12
@@ -521,6 +523,6 @@ def test_unreadable_keys_are_named_not_a_traceback(cat: Catalog) -> None:
 
 
 def test_an_unreachable_catalog_is_a_message_not_a_traceback(tmp_path) -> None:
-    from _util import free_port
-    r = meshlet("rollout", "status", "web", "--consul", f"http://127.0.0.1:{free_port()}")
+    from _util import refusing_port
+    r = meshlet("rollout", "status", "web", "--consul", f"http://127.0.0.1:{refusing_port()}")
     assert r.returncode == 1 and "cannot reach the catalog" in r.stderr and "Traceback" not in r.stderr

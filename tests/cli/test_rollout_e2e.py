@@ -4,6 +4,8 @@ revision and follow it with `rollout status`, `rollback` to the previous one, an
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import queue
@@ -16,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from _util import free_port, kill_leftovers, stop_process, wait_for
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "config" / "examples" / "apps" / "hello.py"

@@ -7,11 +7,13 @@ import json
 
 import consul
 import pytest
-from _util import async_wait_for, free_port
+from _util import async_wait_for, refusing_port
 
 import config
 from discovery.consul import LeaderLock, Mirror, MirrorError, connect
 from discovery.view import CRITICAL, PASSING, View
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 WEB = config.loads("services: {web: {command: [x], replicas: 2, ports: [{name: http}]}}", base_dir="/").services["web"]
 DB = config.loads("services: {db: {command: [x], ports: [{name: pg, port: 5432, protocol: tcp}]}}",
@@ -111,7 +113,7 @@ async def test_mirror_keeps_the_last_view_through_an_outage(catalog, client) -> 
 
 
 async def test_mirror_start_fails_clearly_when_nothing_answers() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{refusing_port()}"
     mirror = Mirror(url)
     with pytest.raises(MirrorError, match=f"catalog at {url} did not answer within 0.5s"):
         await mirror.start(timeout=0.5)

@@ -15,6 +15,8 @@ from discovery.consul import _Outage, connect, kv_cas, kv_delete, kv_get, kv_put
     watch_nodes, watch_service, watch_services
 from discovery.view import CRITICAL, PASSING
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 class Collector:
     """Runs a watch in a task and keeps every snapshot it yields."""

@@ -26,9 +26,12 @@ def test_example_loads_and_every_service_round_trips(name):
 
 
 def test_examples_directory_holds_only_loadable_configs():
-    """A new example that does not load is caught even if nobody lists it above."""
-    for path in sorted(EXAMPLES.glob("*.yaml")):
-        config.load(path)
+    """A new example that does not load is caught even if nobody lists it above (and a
+    directory that lost its examples, or a wrong path to it, is caught too)."""
+    paths = sorted(EXAMPLES.glob("*.yaml"))
+    assert {"demo.yaml", "demo-docker.yaml", "full.yaml"} <= {p.name for p in paths}, paths
+    for path in paths:
+        assert config.load(path).services, path
 
 
 def test_demo_runs_two_web_replicas_from_the_config_directory():

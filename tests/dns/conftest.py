@@ -15,10 +15,9 @@ import pytest
 
 from _util import start_server, stop_process
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).parent))
+from _dnstest import DnsProcess
 
-from _dnstest import DnsProcess  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import pytest
 from _dnstest import rdata_texts
 from _util import free_port, stop_process, wait_for
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
 

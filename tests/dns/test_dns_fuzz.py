@@ -15,6 +15,8 @@ import pytest
 from _dnstest import put_document, rdata_texts, register
 from _util import wait_for
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 SEED = 20261124
 
 

@@ -20,6 +20,8 @@ from discovery.dns._builder import _can_leave_idle, run_delay_ns
 from _dnstest import children, put_document, rdata_texts, register, set_status, srv_ports
 from _util import pid_alive, start_server, wait_for
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,6 @@ Everything is a real process or a real socket:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import select
@@ -31,35 +30,10 @@ from typing import Any
 import pytest
 
 import config
+from _util import async_wait_for, wait_for  # noqa: F401 (px.wait_for, px.async_wait_for)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
-async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-                         what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(interval)
 
 
 def read_ready(proc: subprocess.Popen, timeout: float, what: str) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from proxy._admin import start_admin
 from proxy._metrics import Metrics
 from proxy._routes import RouteTable, build_table
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 class State:
     def __init__(self) -> None:

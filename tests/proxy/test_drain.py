@@ -17,6 +17,8 @@ import pytest
 from supervisor.daemon.replicas import draining_requests
 from _util import pid_alive
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 @pytest.fixture
 def one(mesh_catalog, backends, px):

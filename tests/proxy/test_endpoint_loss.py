@@ -20,6 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 PORT = "command: [x]\nports: [{name: http, port: 0, protocol: http}]\n"
 NO_EJECTION = "outlier: {consecutive_5xx: 0, consecutive_gateway_failure: 0}"
 # The frozen instance holds a third (a half) of the concurrent requests, which all time out

@@ -9,6 +9,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 from proxy._framing import (_RAW_REQUESTS, _RAW_RESPONSES, _REQUESTS, HeadError, parse_request_head,
                             parse_response_head, remember_raw_request, remember_raw_response, request_head)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 @pytest.mark.parametrize("method, headers, remembered", [
     pytest.param(b"GET", [(b"Host", b"a.test")], True, id="get"),

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def _until_close(conn: socket.socket, head: bytes, rest: bytes) -> bytes:
     conn.sendall(b"HTTP/1.1 200 OK\r\n\r\nuntil close")

@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def _metric(proxy, name: str) -> float:
     text = urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5).read().decode()

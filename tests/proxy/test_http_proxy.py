@@ -9,6 +9,8 @@ import json
 import aiohttp
 import pytest
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 WEB_YAML = """command: [x]
 ports: [{name: http, port: 0, protocol: http}]
 routes:

@@ -10,6 +10,8 @@ import hashlib
 import aiohttp
 import pytest
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 SIZE = 256 * 1024 * 1024          # bytes per transfer
 BOUND_KIB = 200 * 1024            # the proxy's peak RSS must stay below 200 MiB
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import aiohttp
 import pytest
-from _util import free_port
+from _util import refusing_port
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 PORT = "ports: [{name: http, port: 0, protocol: http}]"
 
@@ -31,7 +35,7 @@ def mesh(mesh_catalog, tmp_path_factory, px):
     add("pertry", 2, "{retries: {attempts: 1, per_try_timeout: 0.3s}, timeouts: {request: 5s}}")
     add("down", 1, None)
     mesh_catalog.set_status(f"{names['down']}-0", "critical")
-    mesh_catalog.register(names["refused"], f"{names['refused']}-0", free_port())
+    mesh_catalog.register(names["refused"], f"{names['refused']}-0", refusing_port())
     add("pending", 1, "{max_pending: 1}")
     add("stall", 1, "{timeouts: {idle: 0.5s}}")
     proxy = px.Proxy(mesh_catalog.url, "--header-timeout", "0.5", "--idle-timeout", "0.5",
@@ -83,15 +87,22 @@ async def test_connection_refused_is_502(mesh):
     assert r.status == 502 and hosts["refused"].split(".")[0] in text and "refused" in text.lower()
 
 
-async def test_pending_limit_answers_503(mesh):
+async def test_pending_limit_answers_503(mesh, px):
     proxy, hosts, _ = mesh
     import asyncio
+    service = hosts["pending"].split(".")[0]
+
+    def in_flight() -> int:
+        with urllib.request.urlopen(f"http://{proxy.admin}/routes", timeout=5) as r:
+            clusters = json.load(r)["services"][service]["clusters"]
+        return sum(e["active"] for c in clusters for e in c["endpoints"])
+
     async with aiohttp.ClientSession() as s:
         async def slow() -> int:
             async with s.get(proxy.url("/slow?delay=1"), headers={"Host": hosts["pending"]}) as r:
                 return r.status
         first = asyncio.create_task(slow())
-        await asyncio.sleep(0.2)
+        await px.async_wait_for(lambda: in_flight() == 1, timeout=5, what="the first request in flight")
         async with s.get(proxy.url("/quick"), headers={"Host": hosts["pending"]}) as r:
             text = await r.text()
         assert r.status == 503 and "pending" in text

@@ -7,7 +7,9 @@ import socket
 import threading
 
 import pytest
-from _util import free_port
+from _util import refusing_port
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 TCP_SPEC = "command: [x]\nports: [{name: echo, port: 0, vip_port: 7000, protocol: tcp}]"
 HTTP_SPEC = "command: [x]\nports: [{name: http, port: 0, vip_port: 8081, protocol: http}]"
@@ -19,7 +21,7 @@ def vips(mesh_catalog, tmp_path_factory, px):
     tcp, http = px.unique("echo"), px.unique("vipweb")
     mesh_catalog.register(tcp, tcp + "-0", echo_a.port, port_name="echo")
     mesh_catalog.register(tcp, tcp + "-1", echo_b.port, port_name="echo")
-    mesh_catalog.register(tcp, tcp + "-2", free_port(), port_name="echo")  # refuses: retried elsewhere
+    mesh_catalog.register(tcp, tcp + "-2", refusing_port(), port_name="echo")  # refuses: retried elsewhere
     mesh_catalog.put_service(tcp, TCP_SPEC, vip="127.77.0.2")
     web = px.Backend(http + "-b0")
     mesh_catalog.register(http, http + "-0", web.port)

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from _util import async_wait_for
 from docker_env import TEST_IMAGE, static_busybox
 from supervisor.runtime import InstanceSpec, Runtime, RuntimeEvent
 
@@ -26,35 +25,12 @@ WWW = _ROOT / "tests" / "images" / "busybox" / "www"
 HTTP_APP = 'exec httpd -f -p 127.0.0.1:$PORT -h "$WWW"'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0,
-                   interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = await predicate()
-            if value:
-                return value
-        except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            last_exc = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last error: {last_exc!r})")
-        await asyncio.sleep(interval)
-
-
 async def http_get(port: int, path: str = "/", timeout: float = 10.0) -> str:
     async def get() -> str | None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
             async with s.get(f"http://127.0.0.1:{port}{path}") as r:
                 return await r.text() if r.status == 200 else None
-    return await wait_for(get, timeout, what=f"HTTP 200 from 127.0.0.1:{port}{path}")
+    return await async_wait_for(get, timeout, interval=0.05, what=f"HTTP 200 from 127.0.0.1:{port}{path}")
 
 
 async def next_exit(events: AsyncIterator[RuntimeEvent], instance_id: str,

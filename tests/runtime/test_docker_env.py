@@ -8,9 +8,12 @@ import socket
 
 import pytest
 
-from _runtime_kit import HTTP_APP, free_port, http_get
+from _util import free_port
+from _runtime_kit import HTTP_APP, http_get
 from docker_env import TEST_IMAGE, EngineSet, _mounts_under, _pids_naming
 from supervisor.runtime import DockerRuntime, InstanceSpec
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 
 def web(instance_id: str, node: str, port: int) -> InstanceSpec:

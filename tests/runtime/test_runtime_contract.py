@@ -14,7 +14,10 @@ import pytest
 from supervisor.runtime import (ExecTimeout, ImageNotFound, InstanceExists, InstanceNotFound,
                                 InstanceNotRunning, InvalidSpec, StartFailed)
 
-from _runtime_kit import Kit, free_port, http_get, next_exit, read_logs, wait_for
+from _util import async_wait_for, free_port
+from _runtime_kit import Kit, http_get, next_exit, read_logs
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 SLEEPER = "echo ready; exec sleep 1000"
 
@@ -27,7 +30,7 @@ async def wait_logged(kit: Kit, instance_id: str, text: str, timeout: float = 10
     async def logged() -> str | None:
         out = await read_logs(kit.runtime, instance_id)
         return out if text in out else None
-    return await wait_for(logged, timeout, what=f"{text!r} in the logs of {instance_id}")
+    return await async_wait_for(logged, timeout, what=f"{text!r} in the logs of {instance_id}")
 
 
 async def test_start_serves_http_on_assigned_ports_with_env(kit: Kit) -> None:
@@ -215,7 +218,7 @@ async def test_exec_returns_exit_code_and_output(kit: Kit) -> None:
         code, _ = await rt.exec(obs.instance_id, ["sh", "-c", f"kill -0 $(cat {pidfile})"],
                                 timeout=5)
         return code != 0
-    await wait_for(timed_out_exec_is_gone, what="the timed-out exec to be killed")
+    await async_wait_for(timed_out_exec_is_gone, timeout=10, what="the timed-out exec to be killed")
     code, _ = await rt.exec(obs.instance_id, ["/no/such/program"], timeout=10)
     assert code in (126, 127)
     with pytest.raises(InstanceNotFound):

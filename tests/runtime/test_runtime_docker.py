@@ -11,6 +11,8 @@ from _runtime_kit import next_exit, read_logs
 from docker_env import TEST_IMAGE, EngineSet
 from supervisor.runtime import DockerRuntime, EngineUnavailable, InstanceSpec
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 def busybox(instance_id: str, script: str, **kw) -> InstanceSpec:
     return InstanceSpec(instance_id=instance_id, service="job", slot=0, revision="r1",

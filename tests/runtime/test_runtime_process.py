@@ -3,6 +3,8 @@ was killed, and never mistaking a reused pid for its own."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import json
 import os
@@ -12,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from _runtime_kit import next_exit, wait_for
+from _util import async_wait_for
+from _runtime_kit import next_exit
 from docker_env import static_busybox
 from supervisor.runtime import InstanceSpec, ProcessRuntime
 from supervisor.runtime._proc import Record, read_starttime, write_record
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +112,7 @@ async def test_a_workload_that_exited_unreaped_is_exited_not_running(tmp_path: P
                      Record(spec=sleeper("gone"), pid=child.pid, starttime=starttime,
                             started_at=time.time() - 60))
         os.kill(child.pid, signal.SIGKILL)       # not waited for: a zombie until we reap it
-        await wait_for(lambda: _is_zombie(child.pid), what="the child to be a zombie")
+        await async_wait_for(lambda: _is_zombie(child.pid), timeout=10, what="the child to be a zombie")
         assert read_starttime(child.pid) is None
         rt = ProcessRuntime(tmp_path)
         try:
@@ -134,7 +139,7 @@ async def test_a_state_file_that_is_not_one_is_skipped(tmp_path: Path) -> None:
         obs = await rt.start(sleeper("real"))
         assert [o.instance_id for o in await rt.list()] == ["real"]
         await rt.stop(obs.instance_id, grace=0)
-        await wait_for(lambda: _exited(rt, "real"), what="the stopped instance to be exited")
+        await async_wait_for(lambda: _exited(rt, "real"), timeout=10, what="the stopped instance to be exited")
     finally:
         for o in await rt.list():
             await rt.remove(o.instance_id)

@@ -21,7 +21,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))
 
 from _util import async_wait_for, start_server, stop_process  # noqa: E402
 from conftest import Mesh  # noqa: E402

@@ -29,6 +29,8 @@ from test_rollout_live import (REPLICAS, Bounds, Load, _complete, _kv_json, _kv_
                                _revisions, _up, docker_supervisor, docker_yaml, engine,  # noqa: F401
                                proxy, web_status, web_yaml)
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 VENV_BIN = Path(sys.executable).parent
 DOCKER_PATH = "/cgi-bin/env"     # the test image's page that names the instance
 

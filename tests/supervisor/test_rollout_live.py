@@ -28,6 +28,8 @@ from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engi
 from discovery.consul import instances_from_health
 from supervisor.daemon.up import progress_lines
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 REPLICAS = 3
 READY = "{http: {path: /ready}, period: 0.1s, failure_threshold: 1}"

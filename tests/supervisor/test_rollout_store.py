@@ -20,6 +20,8 @@ from supervisor.daemon.rollouts import Rollouts
 from supervisor.core.rollout import COMPLETE
 from supervisor.commands.rollout import history_table
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 
 async def _entry(client, key: str) -> tuple[int, object] | None:

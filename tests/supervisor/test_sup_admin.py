@@ -8,6 +8,8 @@ import pytest
 from _util import async_wait_for
 from supervisor.daemon.admin import AdminServer
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 
 async def test_admin_api(mesh):
     await mesh.apply(mesh.service_yaml(replicas=2))

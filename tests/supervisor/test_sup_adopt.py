@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -11,6 +13,8 @@ from pathlib import Path
 
 from _util import async_wait_for, start_server, stop_process
 from _util import kill_leftovers, pid_alive
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 
 import aiohttp
 
 from _util import async_wait_for
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 
 async def get(port: int, path: str = "/") -> tuple[int, str]:

@@ -11,6 +11,8 @@ from _util import async_wait_for
 from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
 from supervisor.daemon.supervisor import Supervisor
 
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
 SERVICE = f"""\
 services:
   box:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import io
 import json
 import os
@@ -25,6 +27,8 @@ from _util import free_port, stop_process, wait_for
 from _util import kill_leftovers, pid_alive
 from docker_env import docker_engine, docker_engines  # noqa: F401 (fixtures)
 from supervisor.cli import main as meshlet_main
+
+pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "config" / "examples"
