@@ -27,7 +27,8 @@ replica and starts no duplicate.
 
 Parts: ``Replicas`` (daemon/replicas.py) carries out what happens to one replica and asks
 back only through ``ReplicaHost`` (implemented here); ``Rollouts`` (daemon/rollouts.py)
-keeps the rollout bookkeeping and knows nothing of this class.
+keeps the rollout bookkeeping and ``Slots`` (daemon/slots.py) the back-off per slot, and
+neither knows this class; ``status.py`` reads its state for ``/v1/status``.
 
 Errors: runtime and catalog failures during a sync are logged and the sync is retried on
 the next resync tick; nothing here raises into the loop.
@@ -36,7 +37,6 @@ the next resync tick; nothing here raises into the loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 
 import config
-from discovery.consul import connect, kv_delete, kv_put, watch_kv_prefix
+from discovery.consul import connect, watch_kv_prefix
 
 from ..core.backoff import BackoffState, delay_for
 from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
@@ -58,6 +58,8 @@ from ..core.revisions import template_revision
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
 from .replicas import Replicas, Tracked
 from .rollouts import Rollouts
+from .slots import Slots
+from .status import status_document
 
 __all__ = ["Supervisor", "make_runtime", "FOLLOWUP_SLOT"]
 
@@ -115,12 +117,10 @@ class Supervisor:
         self.desired: dict[str, tuple[config.ServiceSpec, str]] = {}
         self.doc_revision: dict[str, str] = {}       # service -> revision of the KV document
         self.doc_raw: dict[str, bytes] = {}          # the documents as last read
-        self.backoff: dict[tuple[str, int], BackoffState] = {}
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
-        self.start_errors: dict[tuple[str, int], str] = {}   # (service, slot) -> the runtime's last refusal
-        # (service, slot) -> when to try a start the runtime refused again (missing image,
-        # engine error): refusals back off like crashes instead of retrying every sync.
-        self.start_holds: dict[tuple[str, int], float] = {}
+        # back-off, start holds (a start the runtime refused is tried again after a back-off,
+        # like a crash, not on every sync) and the runtime's last refusal, per slot
+        self.slots = Slots(None)
         self.events: list[str] = []                  # recent events, for status
         self.history: list[tuple[float, str, str]] = []   # (time, "started"/"killed"/..., instance)
         self._dirty: set[str] = set()
@@ -142,6 +142,14 @@ class Supervisor:
     @property
     def registered(self) -> dict[str, str]:
         return self.replicas.registered
+
+    @property
+    def backoff(self) -> dict[tuple[str, int], BackoffState]:
+        return self.slots.backoff
+
+    @property
+    def start_holds(self) -> dict[tuple[str, int], float]:
+        return self.slots.holds
 
     def busy(self) -> bool:
         """Is any sync running or queued?"""
@@ -174,6 +182,7 @@ class Supervisor:
     async def start(self, timeout: float = 15.0) -> None:
         self._client = connect(self.url, timeout=40.0)
         self._session = aiohttp.ClientSession()
+        self.slots.kv = self._client
         for node in self.nodes.values():
             if node.name not in self.runtimes:
                 self.runtimes[node.name] = make_runtime(node, self.data_dir)
@@ -187,7 +196,7 @@ class Supervisor:
         listed = await asyncio.gather(*(rt.list() for rt in self.runtimes.values()))
         services = await self._client.agent.services()
         checks = await self._client.agent.checks()
-        await self._load_backoff()
+        await self.slots.load()
         _, entries = await self._client.kv.get(config.ROLLOUT_PREFIX, recurse=True)
         self.rollouts.load({e["Key"]: e.get("Value") or b"" for e in entries or ()}, self.clock())
         self._tasks.append(asyncio.create_task(self._watch_desired(), name="watch desired"))
@@ -207,7 +216,7 @@ class Supervisor:
                  len(self.registered), len(self.desired))
         self._tasks.append(asyncio.create_task(self._tick(), name="resync"))
         self._adopted = True
-        for name in self._service_names():
+        for name in self.service_names():
             self.enqueue(name)
 
     async def close(self, *, stop: bool) -> None:
@@ -272,43 +281,6 @@ class Supervisor:
 
     # --- observation ---------------------------------------------------------------------
 
-    async def _load_backoff(self) -> None:
-        _, entries = await self._client.kv.get(config.BACKOFF_PREFIX, recurse=True)
-        for e in entries or ():
-            key = config.split_backoff_key(e["Key"])
-            try:
-                if key is None:
-                    raise ValueError("not a service/slot key")
-                d = json.loads(e.get("Value") or b"{}")
-                self.backoff[key] = BackoffState(int(d["failures"]), int(d["restarts"]))
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring unreadable back-off state %s", e.get("Key"))
-
-    async def _save_backoff(self, service: str, slot: int, state: BackoffState) -> None:
-        if self.backoff.get((service, slot)) == state:
-            return
-        self.backoff[(service, slot)] = state
-        try:
-            await kv_put(self._client, config.backoff_key(service, slot),
-                         json.dumps({"failures": state.failures, "restarts": state.restarts}))
-        except Exception as exc:  # noqa: BLE001 - only the restart count is at stake
-            log.warning("cannot store the back-off of %s slot %d: %s", service, slot, exc)
-
-    def _clear_holds(self, service: str) -> None:
-        for key in [k for k in self.start_holds if k[0] == service]:
-            del self.start_holds[key]
-
-    async def _forget_backoff(self, service: str) -> None:
-        self._clear_holds(service)
-        if not any(k[0] == service for k in self.backoff):
-            return
-        for key in [k for k in self.backoff if k[0] == service]:
-            del self.backoff[key]
-        try:
-            await kv_delete(self._client, config.backoff_key(service), recurse=True)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("cannot delete the back-off of %s: %s", service, exc)
-
     async def _watch_desired(self) -> None:
         async for docs in watch_kv_prefix(self._client, config.SERVICES_PREFIX):
             changed = self._apply_docs(docs)
@@ -320,7 +292,7 @@ class Supervisor:
                                               lambda e: self.rollouts.on_control(e, self.clock()))
             self._kv_loaded.set()
             for name in sorted(changed):
-                self._clear_holds(name)   # a new spec (a fixed image, say) is tried at once
+                self.slots.clear_holds(name)   # a new spec (a fixed image, say) is tried at once
                 self.enqueue(name)
 
     def _apply_docs(self, docs: Mapping[str, bytes]) -> set[str]:
@@ -426,13 +398,13 @@ class Supervisor:
                 raise
             except Exception as exc:  # noqa: BLE001 - the next tick tries again
                 log.warning("resync: %s", exc)
-            for name in self._service_names():
+            for name in self.service_names():
                 self.enqueue(name)
             if time.monotonic() - last_status >= self.check_ttl / 2 - self.resync:
                 last_status = time.monotonic()
                 self.replicas.push_all()
 
-    def _service_names(self) -> set[str]:
+    def service_names(self) -> set[str]:
         return (set(self.desired) | {t.obs.service for t in self.instances.values()}
                 | set(self.registered.values()))
 
@@ -465,7 +437,7 @@ class Supervisor:
             nodes=tuple(NodeInfo(n.name, n.runtime or "process", n.address, n.capacity.cpu,
                                  n.capacity.memory, dict(n.labels)) for n in self.nodes.values()),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
-            holds=dict(self.start_holds))
+            holds=dict(self.slots.holds))
 
     async def _sync(self, service: str) -> None:
         now = self.clock()
@@ -478,19 +450,18 @@ class Supervisor:
         await self.execute(service, actions, now)
         await self.replicas.refresh_meta(service)
         if service not in self.desired and not self.replicas.of(service):
-            await self._forget_backoff(service)
+            await self.slots.forget(service)
         await self._step_rollout(service, self.clock())
 
     async def _step_rollout(self, service: str, now: float) -> None:
         before = self.rollouts.states.get(service)
-        errors = {slot: text for (name, slot), text in self.start_errors.items() if name == service}
-        plan = self.rollouts.step(service, self.desired, self.observed(), errors, now)
+        plan = self.rollouts.step(service, self.desired, self.observed(), self.slots.errors_of(service), now)
         if plan is None:
             if before is not None:
                 await self._store_rollout(service)   # crash counts taken while paused or failed
             return
         if plan.reverted:
-            self._clear_holds(service)               # held for the failed revision's starts
+            self.slots.clear_holds(service)               # held for the failed revision's starts
             self.problems.pop(service, None)
         acted = plan.reverted or any(isinstance(a, SetWeight) for a in plan.actions)
         acted |= await self.execute(service, plan.actions, now, rollout=True)
@@ -547,7 +518,7 @@ class Supervisor:
         spec = self.spec_for(a.service, a.revision)
         if spec is None:
             return False
-        await self._save_backoff(a.service, a.slot, a.backoff)
+        await self.slots.save(a.service, a.slot, a.backoff)
         try:
             t = await self.replicas.start(spec, a.slot, a.revision, a.node, a.reason, weight=a.weight)
         except WorkloadError as exc:
@@ -556,18 +527,18 @@ class Supervisor:
             (log.debug if self.problems.get(a.service) == problem else log.error)(
                 "cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
             self.problems[a.service] = problem
-            self.start_errors[(a.service, a.slot)] = str(exc)
+            self.slots.start_errors[(a.service, a.slot)] = str(exc)
             # The hold is set before the back-off is stored (an await), so nothing sees the
             # new failure count with the old hold.
             st = BackoffState(a.backoff.failures + 1, a.backoff.restarts)
             delay = max(delay_for(spec.restart.backoff, st.failures), 1.0)
-            self.start_holds[(a.service, a.slot)] = self.clock() + delay
+            self.slots.holds[(a.service, a.slot)] = self.clock() + delay
             self._follow_up(a.service, a.slot, delay)
-            await self._save_backoff(a.service, a.slot, st)
+            await self.slots.save(a.service, a.slot, st)
             return False
-        self.start_holds.pop((a.service, a.slot), None)
+        self.slots.holds.pop((a.service, a.slot), None)
         self.problems.pop(a.service, None)
-        self.start_errors.pop((a.service, a.slot), None)
+        self.slots.start_errors.pop((a.service, a.slot), None)
         if not t.obs.is_running:   # exited before we looked
             self.rollouts.note_exit(self.replicas.fact(t))
         return True
@@ -582,44 +553,8 @@ class Supervisor:
     # --- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Services (ready/desired, problem, rollout) and their instances: the admin API's
-        ``/v1/status`` and ``meshlet up``'s progress lines."""
-        now = self.clock()
-        observed = self.observed()
-        services = []
-        for name in sorted(self._service_names()):
-            entry = self.desired.get(name)
-            tracked = sorted(self.replicas.of(name), key=lambda t: (t.obs.slot, t.obs.instance_id))
-            rows = []
-            for t in tracked:
-                o = t.obs
-                node = self.nodes.get(o.node)
-                first = next(iter(o.ports.values()), None)
-                state = "exited" if not o.is_running else t.health.describe()
-                if o.instance_id in self.replicas.terminating:
-                    state = "terminating"
-                rows.append({
-                    "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
-                    "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
-                    "state": state, "ready": o.is_running and t.health.ready,
-                    "registered": o.instance_id in self.registered,
-                    "restarts": self.backoff.get((name, o.slot), BackoffState()).restarts,
-                    "age": None if o.started_at is None else round(now - o.started_at, 1),
-                    "exit_code": o.exit_code, "pid": o.pid})
-            errors = {slot: text for (svc, slot), text in self.start_errors.items() if svc == name}
-            rollout = self.rollouts.status(name, self.desired, observed, errors, now) if entry else None
-            services.append({
-                "name": name, "desired": entry[0].replicas if entry else 0,
-                "revision": self.doc_revision.get(name) if entry else None,
-                "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
-                # a failed, paused or reverted rollout is the service's problem too, so the
-                # status table shows it (what runs is not what was applied)
-                "problem": self.problems.get(name) or (self.rollouts.attention(name, self.desired)
-                                                       if entry else None),
-                "rollout": rollout})
-        return {"services": services, "nodes": [
-            {"name": n.name, "runtime": n.runtime, "address": n.address} for n in self.nodes.values()],
-            "events": self.events[-20:]}
+        """The admin API's ``/v1/status`` and ``meshlet up``'s progress lines (status.py)."""
+        return status_document(self, self.clock())
 
     def log_sources(self, service: str, instance: str | None = None) -> list[tuple[str, Runtime]]:
         """(instance id, its runtime) of the service's instances (or just ``instance``), by

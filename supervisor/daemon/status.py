@@ -1,0 +1,60 @@
+"""The status document: what ``GET /v1/status``, ``meshlet status`` and ``meshlet up``'s
+progress lines show. Read-only over the supervisor's state.
+
+    {"services": [{"name", "desired", "revision", "ready", "problem", "rollout",
+                   "instances": [{"id", "slot", "node", "revision", "address", "state",
+                                  "ready", "registered", "restarts", "age", "exit_code", "pid"}]}],
+     "nodes": [{"name", "runtime", "address"}], "events": [...the last 20...]}
+
+``rollout`` is null or ``Rollouts.status`` (phase, revision, number, progress, reason,
+reverted_from, summary, terminating); ``problem`` is why a slot cannot run, or a rollout
+that needs a human (failed, paused, reverted).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..core.backoff import BackoffState
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+__all__ = ["status_document"]
+
+
+def status_document(sup: Supervisor, now: float) -> dict[str, Any]:
+    observed = sup.observed()
+    services = []
+    for name in sorted(sup.service_names()):
+        entry = sup.desired.get(name)
+        tracked = sorted(sup.replicas.of(name), key=lambda t: (t.obs.slot, t.obs.instance_id))
+        rows = []
+        for t in tracked:
+            o = t.obs
+            node = sup.nodes.get(o.node)
+            first = next(iter(o.ports.values()), None)
+            state = "exited" if not o.is_running else t.health.describe()
+            if o.instance_id in sup.replicas.terminating:
+                state = "terminating"
+            rows.append({
+                "id": o.instance_id, "slot": o.slot, "node": o.node, "revision": o.revision,
+                "address": f"{node.address if node else o.address}" + (f":{first}" if first else ""),
+                "state": state, "ready": o.is_running and t.health.ready,
+                "registered": o.instance_id in sup.registered,
+                "restarts": sup.slots.backoff.get((name, o.slot), BackoffState()).restarts,
+                "age": None if o.started_at is None else round(now - o.started_at, 1),
+                "exit_code": o.exit_code, "pid": o.pid})
+        rollout = sup.rollouts.status(name, sup.desired, observed, sup.slots.errors_of(name), now) \
+            if entry else None
+        services.append({
+            "name": name, "desired": entry[0].replicas if entry else 0,
+            "revision": sup.doc_revision.get(name) if entry else None,
+            "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
+            # a failed, paused or reverted rollout is the service's problem too, so the
+            # status table shows it (what runs is not what was applied)
+            "problem": sup.problems.get(name) or (sup.rollouts.attention(name, sup.desired) if entry else None),
+            "rollout": rollout})
+    return {"services": services, "nodes": [
+        {"name": n.name, "runtime": n.runtime, "address": n.address} for n in sup.nodes.values()],
+        "events": sup.events[-20:]}
