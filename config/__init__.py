@@ -13,15 +13,15 @@ from ._document import (DOCUMENT_FORMAT, canonical_json, parse_service_document,
                         service_document, service_revision)
 from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
-from ._keys import (BACKOFF_PREFIX, ROLLOUT_KINDS, ROLLOUT_PREFIX, SERVICES_PREFIX, VIPS_PREFIX,
-                    backoff_key, key_name, rollout_key, service_key, split_backoff_key,
-                    split_rollout_key, vip_key)
-from ._load import load, loads
+from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, ROLLOUT_KINDS, ROLLOUT_PREFIX, SECRETS_PREFIX,
+                    SERVICES_PREFIX, VIPS_PREFIX, backoff_key, config_key, key_name, rollout_key, secret_key,
+                    service_key, split_backoff_key, split_rollout_key, split_version_key, vip_key)
+from ._load import load, loads, locate
 from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
                      ProxySettings, Resources, RestartPolicy, Retries, Routes, SecretMount,
-                     SecretSpec, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
+                     SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
                      VolumeSpec)
 from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
                        die_with_parent_preexec, module_argv, setup_logging)
@@ -30,7 +30,7 @@ from ._units import (UnitError, format_duration, parse_cpu, parse_duration,
 
 __all__ = [
     # loading
-    "load", "loads", "ConfigError", "ConfigIssue",
+    "load", "loads", "locate", "ConfigError", "ConfigIssue",
     # the KV service document
     "DOCUMENT_FORMAT", "service_document", "parse_service_document", "service_revision",
     "canonical_json",
@@ -42,12 +42,12 @@ __all__ = [
     "ServiceSpec", "Resources", "PortSpec", "Probes", "Probe", "HttpProbe", "TcpProbe",
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
-    "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec",
+    "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
     "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
     # KV keys (the catalog contract)
     "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-    "service_key", "vip_key", "backoff_key", "rollout_key", "key_name", "split_rollout_key",
-    "split_backoff_key",
+    "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key", "key_name",
+    "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key",
     # conventions every component shares
     "split_hostport", "join_hostport", "module_argv", "die_with_parent", "die_with_parent_preexec",
     "setup_logging", "LOG_FORMAT", "DEFAULT_DOCKER_ENGINE",

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ._convert import HOOKS, INVALID, Ctx, is_ok
 from ._tree import N, join
 from ._model import (Backoff, ConfigSpec, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
-                     Probes, Routes, SecretMount, SecretSpec, ServiceSpec, UpdateStrategy,
+                     Probes, Routes, SecretMount, SecretSpec, SecretsSettings, ServiceSpec, UpdateStrategy,
                      VolumeSpec)
 
 __all__ = ["DEFAULT_DOCKER_ENGINE"]
@@ -221,9 +221,18 @@ def _config(v: Values, n: N, cx: Ctx, path: str) -> Values:
 
 @hook(SecretSpec)
 def _secret(v: Values, n: N, cx: Ctx, path: str) -> Values:
-    _one_of(v, ("file", "env"), n, cx, path)
+    _one_of(v, ("file", "env", "external"), n, cx, path, is_set=lambda x: x is not None and x is not False)
     if isinstance(v["file"], str):
         v["file"] = cx.resolve(v["file"])
+    return v
+
+
+@hook(SecretsSettings)
+def _secrets_settings(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    if v["key_file"] is not None and v["key_env"] is not None:
+        cx.error(line_of(n, "key_env"), path, "give key_file or key_env, not both")
+    if isinstance(v["key_file"], str):
+        v["key_file"] = cx.resolve(v["key_file"])
     return v
 
 

@@ -212,6 +212,28 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Conv:
     return conv
 
 
+def file_mode(n: N, cx: Ctx, path: str) -> Any:
+    """Unix permission bits: YAML's octal ``0400`` (an int), or the text ``"0400"``/``"0o400"``."""
+    v = n.value
+    if n.kind == SCALAR and isinstance(v, str):
+        digits = v.strip().lower().removeprefix("0o")
+        if digits and all(c in "01234567" for c in digits):
+            v = int(digits, 8)
+    if n.kind == SCALAR and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o777:
+        return v
+    return cx.error(n.line, path, f"expected permission bits like 0400, got {describe_node(n)}")
+
+
+def set_by_apply(conv: Conv) -> Conv:
+    """A field ``meshlet apply`` fills in the stored document (a version): refused in a
+    file, read as ``conv`` from a document."""
+    def read(n: N, cx: Ctx, path: str) -> Any:
+        if cx.base_dir is not None and not n.is_null:
+            return cx.error(n.line, path, "set by meshlet apply in the stored document, not in a file")
+        return conv(n, cx, path)
+    return read
+
+
 def boolean(n: N, cx: Ctx, path: str) -> Any:
     if n.kind == SCALAR and isinstance(n.value, bool):
         return n.value

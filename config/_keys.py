@@ -9,19 +9,23 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
     meshlet/backoff/<service>/<slot>      a slot's restart back-off
     meshlet/rollout/<service>/<kind>      state | history | crashes   (the supervisor)
                                           control | restart           (the CLI)
+    meshlet/secrets/<name>/<version>      a secret's version, encrypted (supervisor.secrets)
+    meshlet/configs/<name>/<version>      a config's version (content, digest)
 """
 
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-           "service_key", "vip_key", "backoff_key", "rollout_key", "key_name", "split_rollout_key",
-           "split_backoff_key"]
+           "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key",
+           "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
 SERVICES_PREFIX = "meshlet/services/"
 VIPS_PREFIX = "meshlet/vips/"
 BACKOFF_PREFIX = "meshlet/backoff/"
 ROLLOUT_PREFIX = "meshlet/rollout/"
 ROLLOUT_KINDS = ("state", "history", "crashes", "control", "restart")
+SECRETS_PREFIX = "meshlet/secrets/"
+CONFIGS_PREFIX = "meshlet/configs/"
 
 
 def service_key(service: str) -> str:
@@ -67,3 +71,21 @@ def split_backoff_key(key: str) -> tuple[str, int] | None:
         return None
     service, sep, slot = key[len(BACKOFF_PREFIX):].rpartition("/")
     return (service, int(slot)) if sep and service and slot.isdigit() else None
+
+
+def secret_key(name: str, version: int | None = None) -> str:
+    """A secret's version; without ``version`` the prefix of all its versions."""
+    return f"{SECRETS_PREFIX}{name}/" + ("" if version is None else str(version))
+
+
+def config_key(name: str, version: int | None = None) -> str:
+    """A config's version; without ``version`` the prefix of all its versions."""
+    return f"{CONFIGS_PREFIX}{name}/" + ("" if version is None else str(version))
+
+
+def split_version_key(key: str, prefix: str) -> tuple[str, int] | None:
+    """``(name, version)`` of a key under ``SECRETS_PREFIX`` or ``CONFIGS_PREFIX``."""
+    if not key.startswith(prefix):
+        return None
+    name, sep, version = key[len(prefix):].rpartition("/")
+    return (name, int(version)) if sep and name and "/" not in name and version.isdigit() else None

@@ -15,7 +15,7 @@ from ._errors import ConfigError, ConfigIssue
 from ._model import MeshConfig, ServiceSpec
 from ._tree import MAP, N, from_yaml
 
-__all__ = ["load", "loads", "service_from_plain"]
+__all__ = ["load", "loads", "service_from_plain", "locate"]
 
 _TOP_NAMED = ("volumes", "configs", "secrets")
 
@@ -64,3 +64,16 @@ def service_from_plain(data: Any, source: str, path: str = "") -> ServiceSpec:
     """A ServiceSpec from plain data (parsed JSON); references are not checked."""
     return read_plain(ServiceSpec, data, source, path)
 
+
+
+def locate(path: str | os.PathLike[str], *keys: str | int) -> int | None:
+    """The line of the value at ``keys`` (``"secrets", "token", "file"``) in the YAML file
+    at ``path``: the deepest one found along them. None when the file cannot be read.
+    For messages about what a loaded file names (a secret file that is missing, ...)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            root = from_yaml(f.read(), lambda *_: None)
+    except (OSError, UnicodeDecodeError):
+        return None
+    from ._checks import line_of
+    return line_of(root, *keys) if root is not None else None

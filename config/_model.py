@@ -13,9 +13,9 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from ._convert import (DNS_LABEL, DNS_LABEL_HINT, boolean, choice, cpu, describe_node, duration, integer,
-                       listof, mapof, named_map, opt, percent_or_count, read_plain, req, size, struct,
-                       text, word, words)
+from ._convert import (DNS_LABEL, DNS_LABEL_HINT, boolean, choice, cpu, describe_node, duration, file_mode,
+                       integer, listof, mapof, named_map, opt, percent_or_count, read_plain, req, set_by_apply,
+                       size, struct, text, word, words)
 from ._frozen import FrozenDict
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "Resources", "PortSpec", "HttpProbe", "TcpProbe", "ExecProbe", "Probe", "Probes",
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount",
-    "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec",
+    "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
     "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
 ]
 
@@ -127,6 +127,17 @@ class NodeSpec:
 
 
 @model
+class SecretsSettings:
+    """Where the key-encryption key (KEK) of the mesh's secrets comes from. Neither set:
+    ``<data_dir>/secrets.key``, created (0600) by the first apply that stores a secret.
+    With a real Consul cluster every supervisor and ``meshlet apply`` need the same key:
+    name a file, or an environment variable holding it (base64 of 32 bytes)."""
+
+    key_file: str | None = opt(None, LOCAL_PATH)       # relative: to the config file's directory
+    key_env: str | None = opt(None, text(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name"))
+
+
+@model
 class MeshSettings:
     domain: str = opt("meshlet", text(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
                                       "a lowercase DNS domain like meshlet"))
@@ -138,6 +149,7 @@ class MeshSettings:
     dns: DnsSettings = opt(DnsSettings(), struct(DnsSettings))
     proxy: ProxySettings = opt(ProxySettings(), struct(ProxySettings))
     nodes: tuple[NodeSpec, ...] = opt((), listof(struct(NodeSpec)))  # (): one node "local"
+    secrets: SecretsSettings = opt(SecretsSettings(), struct(SecretsSettings))
 
 
 # The mesh defaults as one value: the command-line defaults of components run alone
@@ -315,7 +327,9 @@ class VolumeMount:
 @model
 class ConfigMount:
     name: str = req(OBJECT_REF)
-    target: str = req(ABS_PATH)
+    target: str = req(ABS_PATH)                        # docker: mounted read-only here
+    mode: int = opt(0o444, file_mode)                  # Docker Swarm's config default
+    version: int | None = opt(None, set_by_apply(integer(1)))   # the config's version this revision runs
 
 
 @model
@@ -323,6 +337,10 @@ class SecretMount:
     name: str = req(OBJECT_REF)
     target: str | None = opt(None, ABS_PATH)           # None in YAML: /run/secrets/<name> unless env
     env: str | None = opt(None, text(ENV_NAME, "an environment variable name"))
+    mode: int = opt(0o400, file_mode)                  # readable by its owner only
+    uid: int | None = opt(None, integer(0, 2**31 - 1))  # owner of the file; None: the supervisor's user
+    gid: int | None = opt(None, integer(0, 2**31 - 1))
+    version: int | None = opt(None, set_by_apply(integer(1)))   # the secret's version this revision runs
 
 
 @model
@@ -382,11 +400,14 @@ class ConfigSpec:
 
 @model
 class SecretSpec:
-    """Where `meshlet apply` reads the value; the value itself never enters the model."""
+    """Where `meshlet apply` reads the value; the value itself never enters the model.
+    ``external``: the secret lives only in the mesh (``meshlet secret set``), as Compose's
+    ``external: true``."""
 
     name: str = req(OBJECT_REF)
     file: str | None = opt(None, LOCAL_PATH)
     env: str | None = opt(None, text(ENV_NAME, "an environment variable name"))
+    external: bool = opt(False, boolean)
 
 
 @model

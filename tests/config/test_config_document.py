@@ -77,8 +77,11 @@ def test_to_dict_is_normalised_json(shop):
     assert d["probes"]["liveness"]["http"] == {"path": "/healthz", "port": "http",
                                                "headers": {"X-Probe": "1"}}
     assert d["probes"]["liveness"]["tcp"] is None
-    assert d["secrets"] == [{"name": "token", "target": "/run/secrets/token", "env": None},
-                            {"name": "pw", "target": None, "env": "DB_PASSWORD"}]
+    assert d["secrets"] == [
+        {"name": "token", "target": "/run/secrets/token", "env": None, "mode": 0o400, "uid": None, "gid": None,
+         "version": None},
+        {"name": "pw", "target": None, "env": "DB_PASSWORD", "mode": 0o400, "uid": None, "gid": None, "version": None}]
+    assert d["configs"] == [{"name": "site", "target": "/etc/site.conf", "mode": 0o444, "version": None}]
     assert d["ports"][1] == {"name": "db", "port": 5432, "vip_port": 5432, "protocol": "tcp"}
 
 

@@ -390,7 +390,7 @@ configs:
 secrets:
   token: {}
 """, [
-        'meshlet.yaml:3 secrets.token: expected exactly one of file or env',
+        'meshlet.yaml:3 secrets.token: expected exactly one of file, env or external',
     ], id='secret-neither'),
     pytest.param("""
 mesh:
