@@ -126,6 +126,8 @@ def test_no_import_cycles() -> None:
     pytest.param("supervisor.commands", ("supervisor.daemon", "supervisor.cli"),
                  "commands are clients, never the daemon", id="commands"),
     pytest.param("supervisor.daemon", ("supervisor.cli",), "the daemon is composed by the cli", id="daemon"),
+    pytest.param("supervisor.secrets", ("supervisor.daemon", "supervisor.commands", "supervisor.cli",
+                                        "supervisor.runtime", "discovery"), "secrets know only config", id="secrets"),
 ])
 def test_arrows(importer: str, forbidden: tuple[str, ...], why: str) -> None:
     bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _in(m, importer)
