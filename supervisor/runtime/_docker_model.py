@@ -46,7 +46,8 @@ def resolv_conf(dns: str) -> str:
             f"nameserver {dns}\n")
 
 
-def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None) -> dict[str, Any]:
+def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None,
+                  file_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for the SDK's low-level ``api.create_container``, with
     ``host_config`` as the keyword arguments of ``api.create_host_config`` (minus
     log_config).
@@ -62,6 +63,10 @@ def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None) -> di
       ``resolv_conf(dns)``), that file is bind-mounted read-only on /etc/resolv.conf;
       without it the engine writes "nameserver <dns>" itself (Docker accepts ``dns`` with
       host networking), which also works on a remote engine but stays writable.
+    - ``file_paths``: target in the container -> the host file (on a tmpfs) holding a
+      secret or config, bind-mounted read-only there. The values themselves never go into
+      the container's config (what ``docker inspect`` shows); secrets delivered as
+      variables (``spec.secret_env``) do, in ``Env``, as the user asked.
     """
     host: dict[str, Any] = {"network_mode": "host"}
     if spec.cpu is not None:
@@ -69,10 +74,15 @@ def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None) -> di
     if spec.memory is not None:
         host["mem_limit"] = spec.memory
         host["memswap_limit"] = spec.memory
+    binds: dict[str, dict[str, str]] = {}
     if spec.dns and resolv_conf_path:
-        host["binds"] = {resolv_conf_path: {"bind": "/etc/resolv.conf", "mode": "ro"}}
+        binds[resolv_conf_path] = {"bind": "/etc/resolv.conf", "mode": "ro"}
     elif spec.dns:
         host["dns"] = [spec.dns]
+    for target, source in (file_paths or {}).items():
+        binds[source] = {"bind": target, "mode": "ro"}
+    if binds:
+        host["binds"] = binds
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": spec.instance_id,

@@ -81,7 +81,8 @@ def write_record(path: Path, record: Record, *, exclusive: bool = False) -> None
     """Write atomically (temp file + rename). ``exclusive``: fail with FileExistsError if
     the file exists (link(2) does not overwrite), so two starts of one id cannot both win."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    # 0600: the spec holds the service's env, which may carry credentials of the user's
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
         f.write(record.to_json())
         f.flush()
         os.fsync(f.fileno())

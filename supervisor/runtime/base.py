@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from config import FrozenDict
 
 __all__ = [
-    "InstanceSpec", "Observed", "RuntimeEvent", "Runtime", "State",
+    "InstanceSpec", "DeliveredFile", "Observed", "RuntimeEvent", "Runtime", "State",
     "WorkloadError", "InvalidSpec", "InstanceExists", "InstanceNotFound", "InstanceNotRunning",
     "ImageNotFound", "StartFailed", "ExecTimeout", "EngineUnavailable",
     "validate_spec", "is_instance_id", "workload_env", "port_env_name", "exit_code_from_returncode",
@@ -63,6 +63,7 @@ EXEC_OUTPUT_LIMIT = 64 * 1024
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _PORT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")   # config's secret/config names
 # Labels under this prefix are meshlet's identity; a spec may not set them itself.
 RESERVED_LABEL_PREFIX = "meshlet."
 
@@ -72,8 +73,28 @@ def _frozen(mapping: Mapping[str, Any] | None) -> FrozenDict[str, Any]:
 
 
 @dataclass(frozen=True)
+class DeliveredFile:
+    """A secret or config the replica gets as a file: on a tmpfs of the runtime's, mounted
+    read-only at ``target`` in a container; a process finds it as
+    ``$MESHLET_SECRETS_DIR/<name>`` or ``$MESHLET_CONFIGS_DIR/<name>``. ``data`` is never
+    shown (repr) and never stored by a runtime anywhere but that tmpfs."""
+
+    kind: Literal["secret", "config"]
+    name: str
+    target: str | None
+    data: bytes = field(repr=False)
+    mode: int = 0o400
+    uid: int | None = None            # owner; None: the runtime's own user
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
 class InstanceSpec:
-    """What to run for one replica. Plain data; hashable (mappings are frozen)."""
+    """What to run for one replica. Plain data; hashable (mappings are frozen).
+
+    ``files`` and ``secret_env`` (secrets delivered as environment variables) are never
+    part of ``spec_to_dict``, labels or reprs: a runtime keeps them out of anything it
+    writes to disk or shows."""
 
     instance_id: str
     service: str
@@ -92,6 +113,8 @@ class InstanceSpec:
     stop_grace_period: float = 10.0
     dns: str | None = None                   # resolver address for the workload (port 53)
     labels: Mapping[str, str] = field(default_factory=FrozenDict)
+    files: tuple[DeliveredFile, ...] = field(default=(), repr=False)
+    secret_env: Mapping[str, str] = field(default_factory=FrozenDict, repr=False)
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from callers; store tuples and FrozenDicts.
@@ -99,7 +122,9 @@ class InstanceSpec:
             object.__setattr__(self, "command", tuple(self.command))
         if not isinstance(self.args, tuple):
             object.__setattr__(self, "args", tuple(self.args))
-        for name in ("env", "ports", "labels"):
+        if not isinstance(self.files, tuple):
+            object.__setattr__(self, "files", tuple(self.files))
+        for name in ("env", "ports", "labels", "secret_env"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
 
@@ -287,6 +312,22 @@ def validate_spec(spec: InstanceSpec, *, runtime: str) -> None:
             ipaddress.ip_address(spec.dns)
         except ValueError:
             problems.append(f"dns: expected an IP address, got {spec.dns!r}")
+    for key, value in spec.secret_env.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            problems.append(f"secret env {key!r}: not an environment variable name")
+        elif not isinstance(value, str) or "\0" in value:
+            problems.append(f"secret env {key}: expected text without NUL")
+    seen_files: set[tuple[str, str]] = set()
+    for f in spec.files:
+        if f.kind not in ("secret", "config") or not _FILE_NAME.fullmatch(f.name or ""):
+            problems.append(f"files {f.kind} {f.name!r}: expected a secret or config with a file name")
+        elif (f.kind, f.name) in seen_files:
+            problems.append(f"files {f.kind} {f.name}: given twice")
+        seen_files.add((f.kind, f.name))
+        if f.target is not None and not f.target.startswith("/"):
+            problems.append(f"files {f.kind} {f.name}: target {f.target!r} is not an absolute path")
+        if not isinstance(f.mode, int) or not 0 <= f.mode <= 0o777:
+            problems.append(f"files {f.kind} {f.name}: mode {f.mode!r} is not permission bits")
     for key in spec.labels:
         if key.startswith(RESERVED_LABEL_PREFIX):
             problems.append(f"labels {key}: the {RESERVED_LABEL_PREFIX}* prefix is meshlet's own")
@@ -295,7 +336,8 @@ def validate_spec(spec: InstanceSpec, *, runtime: str) -> None:
 
 
 def workload_env(spec: InstanceSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The workload's environment: ``base`` < ``spec.env`` < meshlet's own variables.
+    """The workload's environment: ``base`` < ``spec.env`` < secrets delivered as variables
+    (``spec.secret_env``) < meshlet's own variables.
 
     meshlet's variables win because the runtime assigned them: ``PORT`` (the first port),
     ``PORT_<NAME>`` for each port, and the instance identity ``MESHLET_INSTANCE``,
@@ -303,6 +345,7 @@ def workload_env(spec: InstanceSpec, base: Mapping[str, str] | None = None) -> d
     """
     env = dict(base or {})
     env.update(spec.env)
+    env.update(spec.secret_env)
     for i, (pname, port) in enumerate(spec.ports.items()):
         if i == 0:
             env["PORT"] = str(port)

@@ -38,6 +38,7 @@ from docker.types import LogConfig
 from docker.utils import parse_repository_tag
 
 from ._bridge import EventQueue, iterate_in_thread
+from ._files import FilesError, files_root, remove_files, write_files
 from ._docker_model import (LOG_OPTIONS, OWNER_LABEL, OWNER_VALUE, create_kwargs,
                             observed_from_attrs, observed_from_event, resolv_conf)
 from .base import (EXEC_OUTPUT_LIMIT, EngineUnavailable, ExecTimeout, ImageNotFound,
@@ -68,7 +69,11 @@ class DockerRuntime:
 
     ``data_dir``: a directory on the engine's host (so: for a local engine); the
     resolv.conf of workloads with ``dns`` is written there and mounted read-only. Without
-    it the engine generates the file (works with remote engines; writable inside)."""
+    it the engine generates the file (works with remote engines; writable inside).
+
+    Secrets and configs delivered as files (``spec.files``) are written to a tmpfs of
+    this host (``_files``) and bind-mounted read-only: so they need a local engine (a
+    ``data_dir``); on a remote engine such a start is refused, saying why."""
 
     name = "docker"
 
@@ -77,6 +82,7 @@ class DockerRuntime:
                  timeout: float = 60.0, max_workers: int = 4) -> None:
         self.engine = engine
         self._resolv_dir = Path(data_dir) / "resolv" if data_dir is not None else None
+        self._files_ident = str(Path(data_dir).resolve()) if data_dir is not None else None
         self.node = node
         self.address = address
         self._timeout = timeout
@@ -178,7 +184,31 @@ class DockerRuntime:
                 " (a container not created by meshlet has that name)"
             raise InstanceExists(f"instance {where} already exists{owner}")
         self._ensure_image(client, spec.image or "")
-        kwargs = create_kwargs(spec, self._resolv_conf(spec.dns) if spec.dns else None)
+        file_paths = self._write_files(spec)
+        try:
+            return self._create_and_start(client, spec, file_paths)
+        except BaseException:
+            remove_files(self._files_ident, spec.instance_id)   # nothing half-created
+            raise
+
+    def _write_files(self, spec: InstanceSpec) -> dict[str, str]:
+        """Target -> host path of the instance's secret and config files."""
+        if not spec.files:
+            return {}
+        where = f"{spec.instance_id} on node {self.node}"
+        if self._files_ident is None:
+            raise StartFailed(f"cannot start {where}: secrets and configs reach a container as files on the "
+                              f"engine's host, and node {self.node}'s engine ({self.engine}) is not on this host")
+        try:
+            written = write_files(files_root(self._files_ident), spec.instance_id, spec.files)
+        except FilesError as exc:
+            raise StartFailed(f"cannot start {where}: {exc}") from exc
+        return {f.target: str(path) for f, path in written.items() if f.target is not None}
+
+    def _create_and_start(self, client: docker.DockerClient, spec: InstanceSpec,
+                          file_paths: dict[str, str]) -> Observed:
+        where = f"{spec.instance_id} on node {self.node}"
+        kwargs = create_kwargs(spec, self._resolv_conf(spec.dns) if spec.dns else None, file_paths)
         api = client.api
         kwargs["host_config"] = api.create_host_config(
             **kwargs["host_config"],
@@ -290,6 +320,7 @@ class DockerRuntime:
 
     def _remove_sync(self, instance_id: str) -> None:
         container = self._owned(instance_id)
+        remove_files(self._files_ident, instance_id)
         if container is None:
             return
         try:

@@ -3,8 +3,16 @@ machines without a Docker engine.
 
 Layout under ``data_dir``::
 
-    instances/<instance_id>.json   identity: spec, pid, pid start time, exit (see _proc.py)
+    instances/<instance_id>.json   identity: spec, pid, pid start time, exit (see _proc.py);
+                                   0600 (the spec holds the service's env); never a secret
     logs/<instance_id>.log         stdout and stderr of the workload, in arrival order
+
+Secrets and configs (``spec.files``): a process has no mount namespace, so it finds them
+in two directories on a tmpfs (``_files``), ``$MESHLET_SECRETS_DIR/<name>`` (0700, files
+0400 unless the mount says otherwise) and ``$MESHLET_CONFIGS_DIR/<name>``; the targets are
+for containers. Secrets delivered as variables (``spec.secret_env``) are in the process's
+environment only (and so in ``/proc/<pid>/environ`` for its own user), never in the state
+file: an exec probe of a process adopted after a supervisor restart runs without them.
 
 Each instance runs in a new session (so its own process group, pgid == pid) with
 ``PORT``/``PORT_<NAME>``, the spec's env and a few inherited variables (``INHERITED_ENV``:
@@ -45,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._bridge import EventQueue
+from ._files import FilesError, files_root, remove_files, write_files
 from ._proc import Record, read_record, read_starttime, tail_offset, write_record
 from .base import (EXEC_OUTPUT_LIMIT, ExecTimeout, InstanceExists, InstanceNotFound,
                    InstanceNotRunning, InstanceSpec, InvalidSpec, Observed, RuntimeEvent,
@@ -152,6 +161,13 @@ class ProcessRuntime:
         argv = [*(spec.command or ()), *spec.args]
         log_path = self.log_path(spec.instance_id)
         env = workload_env(spec, self._base_env())
+        if spec.files:
+            try:
+                written = write_files(files_root(str(self.data_dir.resolve())), spec.instance_id, spec.files)
+            except FilesError as exc:
+                raise StartFailed(f"cannot start {where}: {exc}") from exc
+            for f, path in written.items():
+                env["MESHLET_SECRETS_DIR" if f.kind == "secret" else "MESHLET_CONFIGS_DIR"] = str(path.parent)
         # In a thread: fork+exec must not stall the loop (with a memory limit it is a
         # full fork of the supervisor, not vfork).
         spawning = asyncio.ensure_future(asyncio.to_thread(_spawn, argv, env, spec.workdir,
@@ -168,9 +184,11 @@ class ProcessRuntime:
                 self._kill_group(orphan.pid, signal.SIGKILL)
                 await asyncio.to_thread(orphan.wait)
             log_path.unlink(missing_ok=True)
+            self._remove_files(spec)
             raise
         except OSError as exc:
             log_path.unlink(missing_ok=True)
+            self._remove_files(spec)
             what = exc.filename if exc.filename is not None else argv[0]
             raise StartFailed(f"cannot start {where}: {what}: "
                               f"{exc.strerror or exc}") from exc
@@ -183,6 +201,7 @@ class ProcessRuntime:
             self._kill_group(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
             log_path.unlink(missing_ok=True)
+            self._remove_files(spec)
             if isinstance(exc, FileExistsError):
                 raise InstanceExists(f"instance {where} already exists") from exc
             if isinstance(exc, OSError):
@@ -384,6 +403,10 @@ class ProcessRuntime:
         self._live.pop(instance_id, None)
         self._state_path(instance_id).unlink(missing_ok=True)
         self.log_path(instance_id).unlink(missing_ok=True)
+        self._remove_files(live.record.spec)
+
+    def _remove_files(self, spec: InstanceSpec) -> None:
+        remove_files(str(self.data_dir.resolve()), spec.instance_id)
 
     # --- logs / exec ----------------------------------------------------------------------
 
