@@ -12,6 +12,8 @@ Every subcommand is declared here, once, and handed to the module that runs it::
     meshlet status | logs | down   commands.admin_client          ask the running supervisor
     meshlet rollout status|history|pause|resume, rollback, restart
                                    commands.rollout               rollouts, through the catalog
+    meshlet secret set|ls|rm|rotate-key
+                                   commands.secret                the mesh's secrets
     meshlet version
 
 ``catalog``, ``dns`` and ``proxy`` own their whole command line and are imported only when
@@ -32,7 +34,7 @@ from typing import Any, TextIO
 
 import config
 
-from .commands import admin_client, rollout
+from .commands import admin_client, rollout, secret
 
 __all__ = ["main", "build_parser"]
 
@@ -70,6 +72,10 @@ def _daemon_subcommands(sub: Any) -> None:
     sup.add_argument("--proxy-admin", action="append", default=[], metavar="HOST:PORT",
                      help="a proxy's admin API: retired replicas wait for its in-flight requests "
                           "before SIGTERM (repeatable)")
+    key = sup.add_mutually_exclusive_group()
+    key.add_argument("--secrets-key-file", metavar="PATH",
+                     help="the mesh's key-encryption key file (default: DATA_DIR/secrets.key)")
+    key.add_argument("--secrets-key-env", metavar="VAR", help="...or the variable holding it (base64)")
 
 
 def _apply_subcommand(sub: Any) -> None:
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _apply_subcommand(sub)
     admin_client.add_subcommands(sub)
     rollout.add_subcommands(sub)
+    secret.add_subcommands(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -146,13 +153,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, 
     if args.command == "supervisor":
         if args.engine and args.runtime not in (None, "docker"):
             parser.error(f"--engine is a Docker engine; it cannot go with --runtime {args.runtime}")
+        from pathlib import Path
+
         from .daemon.up import run_standalone
+        from .secrets import KeySource
+        key = KeySource(path=Path(args.secrets_key_file)) if args.secrets_key_file else \
+            KeySource(env=args.secrets_key_env) if args.secrets_key_env else None
         return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
-                                          args.runtime, args.dns, args.proxy_admin, args.engine))
+                                          args.runtime, args.dns, args.proxy_admin, args.engine, key))
     if args.command in admin_client.COMMANDS:
         return admin_client.run(args, out, err)
     if args.command in rollout.COMMANDS:
         return rollout.run(args, out, err)
+    if args.command == secret.COMMAND:
+        return secret.run(args, out, err)
     parser.print_help(err)
     return 2
 

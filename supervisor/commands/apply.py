@@ -9,6 +9,15 @@ Flow::
 The KV operations of a write are built here, once each (``document_op``, ``vip_claim_op``,
 ``vip_release_op``, ``restart_op``); ``meshlet rollback`` builds its transaction from them.
 
+Secrets and configs (``read_objects``, then ``supervisor.secrets.plan_objects``): their
+values are read from their sources (a missing file, an unset variable or an empty value is
+an error with the file's line, exit 2, nothing written), a changed value becomes a new
+version (a secret sealed with the mesh's key-encryption key), and every service spec names
+the version it runs, so a change rolls the services that use it. New versions are written
+before (or with) the documents that name them. Nothing prints a value: apply says
+"secret token: changed (version 2)", and its dry-run diff shows ``env`` values whose
+names look secret as changed, never what they are.
+
 Every document write is a CAS on the ModifyIndex read (0 for a create) and every VIP is
 reserved by creating ``meshlet/vips/<ip>`` with CAS 0, all in one transaction: two applies
 racing each other cannot half-apply or hand out one VIP twice; the loser re-reads and
@@ -28,6 +37,7 @@ import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -42,12 +52,15 @@ from discovery.consul import TxnRolledBack, connect, kv_op, kv_txn
 from ..core.apply_plan import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError, ApplyPlan, ServiceChange,
                                VipRangeExhausted, diff_fields, format_change, plan_apply, resolve_catalog_url)
 from ..core.revisions import read_restart_token
+from ..secrets import (CONFIG, SECRET, KeyFileError, Keyring, ObjectChange, PlanError, Versions, key_source,
+                       load_keyring, new_key, pin, plan_objects, read_versions)
 
 __all__ = [
     "ApplyError", "ApplyPlan", "ServiceChange", "TxnConflict", "VipRangeExhausted", "apply_services",
     "diff_fields", "format_change", "plan_apply", "read_state", "resolve_catalog_url", "run", "txn_chunks",
     "document_op", "vip_claim_op", "vip_release_op", "restart_op", "txn", "load_or_report", "apply_to",
-    "CREATED", "UPDATED", "UNCHANGED", "DELETED",
+    "CREATED", "UPDATED", "UNCHANGED", "DELETED", "Objects", "SourceError", "read_objects", "apply_all",
+    "Applied", "apply_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,11 +140,15 @@ class CatalogState:
     doc_index: dict[str, int]  # name -> ModifyIndex
     vips: dict[str, str]  # ip -> owner
     vip_index: dict[str, int]  # ip -> ModifyIndex
+    secrets: dict[str, Versions] = dataclasses.field(default_factory=dict)
+    configs: dict[str, Versions] = dataclasses.field(default_factory=dict)
 
 
 async def read_state(client: consul.aio.Consul) -> CatalogState:
     _, doc_entries = await client.kv.get(config.SERVICES_PREFIX, recurse=True)
     _, vip_entries = await client.kv.get(config.VIPS_PREFIX, recurse=True)
+    _, secret_entries = await client.kv.get(config.SECRETS_PREFIX, recurse=True)
+    _, config_entries = await client.kv.get(config.CONFIGS_PREFIX, recurse=True)
     docs, doc_index, vips, vip_index = {}, {}, {}, {}
     for e in doc_entries or ():
         name = config.key_name(e["Key"], config.SERVICES_PREFIX)
@@ -147,7 +164,8 @@ async def read_state(client: consul.aio.Consul) -> CatalogState:
         ip = e["Key"][len(config.VIPS_PREFIX):]
         vips[ip] = (e.get("Value") or b"").decode("utf-8", "replace")
         vip_index[ip] = int(e["ModifyIndex"])
-    return CatalogState(docs, doc_index, vips, vip_index)
+    return CatalogState(docs, doc_index, vips, vip_index, read_versions(secret_entries or (), SECRET),
+                        read_versions(config_entries or (), CONFIG))
 
 
 async def _with_tokens(client: consul.aio.Consul, changes: list[ServiceChange]) -> list[ServiceChange]:
@@ -176,18 +194,60 @@ async def txn(client: consul.aio.Consul, ops: list[dict[str, Any]]) -> None:
         raise TxnConflict(str(exc)) from None
 
 
-async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], vip_range: str, *,
-                         prune: bool = False, dry_run: bool = False,
-                         attempts: int = ATTEMPTS) -> list[ServiceChange]:
-    """Plan against the catalog and write the plan; returns what happened to each service."""
+@dataclass(frozen=True)
+class Objects:
+    """The secrets and configs an apply stores: values read from their sources (name ->
+    (bytes, source)), the names of external secrets, and the keyring to seal with."""
+    secrets: Mapping[str, tuple[bytes, str]] = dataclasses.field(default_factory=dict)
+    external: frozenset[str] = frozenset()
+    configs: Mapping[str, tuple[bytes, str]] = dataclasses.field(default_factory=dict)
+    keyring: Keyring | None = None
+
+    def __repr__(self) -> str:   # never the values
+        return (f"Objects(secrets={sorted(self.secrets)}, external={sorted(self.external)}, "
+                f"configs={sorted(self.configs)})")
+
+
+@dataclass(frozen=True)
+class Applied:
+    objects: list[ObjectChange]
+    services: list[ServiceChange]
+
+
+def _object_ops(*plans: Any) -> list[dict[str, Any]]:
+    ops = []
+    for p in plans:
+        ops += [kv_op("cas", key, 0, doc) for key, doc in p.writes]      # create-only: a version is never rewritten
+        ops += [kv_op("delete-cas", key, index) for key, index in p.deletes]
+    return ops
+
+
+async def apply_all(client: consul.aio.Consul, desired: Mapping[str, Any], vip_range: str, *,
+                    objects: Objects = Objects(), prune: bool = False, dry_run: bool = False,
+                    attempts: int = ATTEMPTS, clock: Any = time.time) -> Applied:
+    """Plan against the catalog and write the plan: secret and config versions, then the
+    service documents naming them. PlanError (a key that does not open the mesh's
+    secrets, an external secret that is not there) and ApplyError escape; nothing is
+    written after either."""
     done: dict[str, ServiceChange] = {}  # written by an earlier chunk of a split plan
     last = ""
     for attempt in range(attempts):
         state = await read_state(client)
-        plan = plan_apply(desired, state.docs, state.vips, vip_range, prune)
+        keyring = objects.keyring
+        if keyring is None and dry_run and objects.secrets and not any(state.secrets.values()):
+            keyring = Keyring.of([new_key()])     # nothing to compare with: every secret is new
+        secret_plan = plan_objects(SECRET, objects.secrets, objects.external, state.secrets, keyring, clock())
+        config_plan = plan_objects(CONFIG, objects.configs, (), state.configs, None, clock())
+        versions = {**secret_plan.versions, **config_plan.versions}
+        pinned = {name: pin(spec, versions) for name, spec in desired.items()}
+        plan = plan_apply(pinned, state.docs, state.vips, vip_range, prune)
+        object_changes = [*secret_plan.changes, *config_plan.changes]
         if dry_run:
-            return await _with_tokens(client, list(plan.changes))
+            return Applied(object_changes, await _with_tokens(client, list(plan.changes)))
         try:
+            ops = _object_ops(secret_plan, config_plan)
+            for i in range(0, len(ops), TXN_MAX_OPS):
+                await txn(client, ops[i:i + TXN_MAX_OPS])
             for chunk in txn_chunks(plan, state.doc_index, state.vip_index):
                 await txn(client, [op for _, ops in chunk for op in ops])
                 by_name = {c.name: c for c in plan.changes}
@@ -201,8 +261,88 @@ async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], 
         for name, change in done.items():  # what an earlier, conflicted attempt already wrote
             if name not in results or results[name].action == UNCHANGED:
                 results[name] = change
-        return await _with_tokens(client, [results[name] for name in sorted(results)])
+        return Applied(object_changes, await _with_tokens(client, [results[name] for name in sorted(results)]))
     raise ApplyError(f"the catalog kept changing under this apply ({attempts} attempts); last conflict: {last}")
+
+
+async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], vip_range: str, *,
+                         prune: bool = False, dry_run: bool = False,
+                         attempts: int = ATTEMPTS) -> list[ServiceChange]:
+    """``apply_all`` of services only; returns what happened to each service."""
+    return (await apply_all(client, desired, vip_range, prune=prune, dry_run=dry_run, attempts=attempts)).services
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class SourceError(Exception):
+    """Secrets or configs whose source cannot be read; ``problems`` are ``file:line path:
+    message`` lines, one per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def read_objects(cfg: config.MeshConfig, path: str | None, *, create_key: bool) -> Objects:
+    """Read every secret's and config's value from its source, and the keyring when there
+    are secrets. ``path``: the config file (for line numbers). SourceError names every
+    source that is missing, unset, empty or too large; KeyFileError a key that cannot be
+    had. ``create_key``: make the data dir's key file when it does not exist yet."""
+    from ..secrets import MAX_VALUE
+    problems: list[str] = []
+
+    def problem(kind: str, name: str, field: str, message: str) -> None:
+        line = config.locate(path, kind, name, field) if path else None
+        where = f"{path}:{line}" if path and line else (path or "<config>")
+        problems.append(f"{where} {kind}.{name}.{field}: {message}")
+
+    def check(kind: str, name: str, field: str, value: bytes, source: str) -> tuple[bytes, str] | None:
+        if not value:
+            problem(kind, name, field, f"{source} is empty")
+            return None
+        if len(value) > MAX_VALUE:
+            problem(kind, name, field, f"{source} holds {len(value)} bytes; a {kind[:-1]} may hold "
+                                       f"{MAX_VALUE // 1024} KiB")
+            return None
+        return value, field
+
+    def from_file(kind: str, name: str, file: str) -> tuple[bytes, str] | None:
+        try:
+            with open(file, "rb") as f:
+                return check(kind, name, "file", f.read(MAX_VALUE + 1), file)
+        except OSError as exc:
+            problem(kind, name, "file", f"{file}: {exc.strerror or exc}")
+            return None
+
+    secrets: dict[str, tuple[bytes, str]] = {}
+    external = set()
+    for name, s in cfg.secrets.items():
+        got = None
+        if s.external:
+            external.add(name)
+        elif s.file is not None:
+            got = from_file("secrets", name, s.file)
+        elif s.env is not None:
+            text = os.environ.get(s.env)
+            if text is None:
+                problem("secrets", name, "env", f"${s.env} is not set")
+            else:
+                got = check("secrets", name, "env", text.encode(), f"${s.env}")
+        if got is not None:
+            secrets[name] = got
+    configs: dict[str, tuple[bytes, str]] = {}
+    for name, c in cfg.configs.items():
+        got = from_file("configs", name, c.file) if c.file is not None else \
+            check("configs", name, "data", (c.data or "").encode(), "data")
+        if got is not None:
+            configs[name] = got
+    if problems:
+        raise SourceError(problems)
+    keyring = None
+    if secrets or external:
+        keyring = load_keyring(key_source(cfg.mesh), create=create_key and bool(secrets))
+    return Objects(secrets, frozenset(external), configs, keyring)
 
 
 def load_or_report(path: str, command: str, err: TextIO) -> config.MeshConfig | None:
@@ -220,34 +360,62 @@ def load_or_report(path: str, command: str, err: TextIO) -> config.MeshConfig | 
 
 async def run(path: str, *, url: str | None = None, dry_run: bool = False, prune: bool = False,
               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """``meshlet apply``: 0 done, 1 catalog trouble, 2 invalid file."""
+    """``meshlet apply``: 0 done, 1 catalog trouble, 2 invalid file (or secret sources)."""
     cfg = load_or_report(path, "apply", err)
     if cfg is None:
         return 2
     mesh = cfg.mesh
     url = resolve_catalog_url(url, os.environ, mesh.catalog, mesh.catalog_listen)
-    changes = await apply_to(url, cfg.services, mesh.vip_range, prune=prune, dry_run=dry_run, err=err)
-    if changes is None:
-        return 1
-    for change in changes:
-        for line in format_change(change, dry_run):
-            print(line, file=out)
+    code, applied = await apply_config(url, cfg, path, prune=prune, dry_run=dry_run, err=err)
+    if applied is None:
+        return code
+    print_applied(applied, out, dry_run)
     if dry_run:
         print("dry run: nothing written", file=out)
     return 0
 
 
+def print_applied(applied: Applied, out: TextIO, dry_run: bool = False) -> None:
+    for o in applied.objects:
+        print(o.line(dry_run), file=out)
+    for change in applied.services:
+        for line in format_change(change, dry_run):
+            print(line, file=out)
+
+
+async def apply_config(url: str, cfg: config.MeshConfig, path: str | None, *, prune: bool = False,
+                       dry_run: bool = False, err: TextIO = sys.stderr) -> tuple[int, Applied | None]:
+    """Read the config's secret and config sources and apply everything to the catalog at
+    ``url``. (0, Applied) or (exit code, None) after printing why to ``err``: 2 a source
+    or the key is missing, 1 the catalog or a key mismatch."""
+    try:
+        objects = read_objects(cfg, path, create_key=not dry_run)
+    except SourceError as exc:
+        for line in exc.problems:
+            print(line, file=err)
+        return 2, None
+    except KeyFileError as exc:
+        print(f"meshlet apply: {exc}", file=err)
+        return 2, None
+    applied = await apply_to(url, cfg.services, cfg.mesh.vip_range, prune=prune, dry_run=dry_run, err=err,
+                             objects=objects, full=True)
+    return (0, applied) if applied is not None else (1, None)
+
+
 async def apply_to(url: str, services: Mapping[str, Any], vip_range: str, *, prune: bool = False,
-                   dry_run: bool = False, err: TextIO = sys.stderr) -> list[ServiceChange] | None:
-    """Apply to the catalog at ``url``; errors are printed to ``err`` (None returned)."""
+                   dry_run: bool = False, err: TextIO = sys.stderr, objects: Objects = Objects(),
+                   full: bool = False) -> Any:
+    """Apply to the catalog at ``url``; errors are printed to ``err`` (None returned). The
+    service changes, or with ``full`` the Applied (secret and config changes too)."""
     try:
         client = connect(url, timeout=15.0)
     except ValueError as exc:
         print(f"meshlet apply: {exc}", file=err)
         return None
     try:
-        return await apply_services(client, services, vip_range, prune=prune, dry_run=dry_run)
-    except ApplyError as exc:
+        applied = await apply_all(client, services, vip_range, objects=objects, prune=prune, dry_run=dry_run)
+        return applied if full else applied.services
+    except (ApplyError, PlanError) as exc:
         print(f"meshlet apply: {exc}", file=err)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         print(f"meshlet apply: cannot reach the catalog at {url}: {exc or type(exc).__name__}", file=err)

@@ -52,7 +52,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -60,6 +59,7 @@ from typing import Any, TextIO
 
 import config
 
+from ..core.redact import MASK, SECRET_NAME, masked
 from ..core.revisions import new_restart_token, read_restart_token, target_revision
 from ..core.rollout_history import EntryStatus, RolloutError, change_summary, rollback_target
 from ..core.rollout_types import COMPLETE, FAILED, PAUSED, REVERTING, RolloutState
@@ -67,15 +67,12 @@ from .admin_client import format_age
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "Progress", "assess", "history_table",
            "change_summary", "masked", "rollback_entry", "rollback_document", "rollback_ops",
-           "SECRET_NAME"]
+           "SECRET_NAME", "MASK"]
 
 COMMANDS = ("rollout", "rollback", "restart")
 DEFAULT_CATALOG = config.DEFAULT_CATALOG_URL
 ENTRY_COMPLETE = EntryStatus.COMPLETE
 WAIT = "30s"                     # blocking query wait; the HTTP timeout is longer
-SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION|(^|_)KEY($|_)"
-                         r"|APIKEY|ACCESSKEY|SIGNATURE|CERT", re.I)
-MASK = "<masked>"
 
 
 class CliError(Exception):
@@ -172,18 +169,6 @@ def _settled(instances: Sequence[Any], current: frozenset[str], replicas: int) -
 
 
 # =============================================================== pure: history
-
-def masked(value: Any, parent: str = "") -> Any:
-    """``value`` with the values of secret-looking keys of ``env``/``headers`` mappings
-    replaced by ``<masked>`` (recursively; the input is not changed)."""
-    if isinstance(value, Mapping):
-        hide = parent in ("env", "headers")
-        return {k: (MASK if hide and SECRET_NAME.search(str(k)) and v is not None else masked(v, str(k)))
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [masked(v, parent) for v in value]
-    return value
-
 
 def _age(seconds: float | None) -> str:
     return format_age(seconds)

@@ -17,6 +17,7 @@ from typing import Any
 
 import config
 
+from .redact import is_secret_path
 from .revisions import target_revision
 
 __all__ = ["CREATED", "UPDATED", "UNCHANGED", "DELETED", "ApplyError", "VipRangeExhausted", "ServiceChange",
@@ -213,8 +214,13 @@ def diff_fields(old: Any, new: Any, limit: int = 20) -> list[str]:
         text = json.dumps(d[k], sort_keys=True)
         return text if len(text) <= 60 else text[:57] + "..."
 
+    def line(k: str) -> str:
+        if not is_secret_path(k):
+            return f"{k}: {show(a, k)} → {show(b, k)}"
+        return f"{k}: {'changed' if k in a and k in b else 'added' if k in b else 'removed'} (value not shown)"
+
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, a) != b.get(k, a))
-    lines = [f"{k}: {show(a, k)} → {show(b, k)}" for k in keys[:limit]]
+    lines = [line(k) for k in keys[:limit]]
     if len(keys) > limit:
         lines.append(f"... and {len(keys) - limit} more")
     return lines

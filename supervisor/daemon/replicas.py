@@ -49,6 +49,7 @@ import config
 from ..core.model import Replica
 from ..runtime import InstanceNotFound, InstanceSpec, Runtime, WorkloadError
 from ..runtime import Observed as RuntimeObserved
+from .deliveries import Deliveries
 from .probes import Health, ProbeScheduler, initial_health
 
 __all__ = ["Replicas", "ReplicaHost", "Tracked", "PORT_RANGE", "MIN_DRAIN", "IN_FLIGHT_LIMIT",
@@ -126,8 +127,9 @@ class Replicas:
     def __init__(self, host: ReplicaHost, *, runtimes: Mapping[str, Runtime],
                  nodes: Mapping[str, config.NodeSpec], catalog: Any, session: aiohttp.ClientSession,
                  clock: Any, check_ttl: float, dns: str | None = None,
-                 proxy_admins: Sequence[str] = ()) -> None:
+                 proxy_admins: Sequence[str] = (), deliveries: Deliveries | None = None) -> None:
         self.host = host
+        self.deliveries = deliveries
         self.runtimes = runtimes
         self.nodes = nodes
         self.catalog = catalog                      # py-consul's aio client
@@ -234,12 +236,17 @@ class Replicas:
 
     async def start(self, spec: config.ServiceSpec, slot: int, revision: str, node_name: str,
                     reason: str, *, weight: int = 1) -> Tracked:
-        """Start a replica of ``revision`` (its own ``spec``) in ``slot`` on ``node_name`` and
-        register it (check critical until its readiness passes) with Meta ``weight``.
-        Raises WorkloadError when the runtime refused (nothing was started)."""
+        """Start a replica of ``revision`` (its own ``spec``) in ``slot`` on ``node_name``,
+        with the secrets and configs its spec names (``deliveries``), and register it
+        (check critical until its readiness passes) with Meta ``weight``. Raises
+        WorkloadError when its secrets cannot be delivered or the runtime refused (nothing
+        was started)."""
         service = spec.name
         node = self.nodes[node_name]
         rt = self.runtimes[node_name]
+        files, secret_env = (), {}
+        if self.deliveries is not None and (spec.secrets or spec.configs):
+            files, secret_env = await self.deliveries.resolve(spec)
         ports = self._assign_ports(spec, node.address)
         iid = f"{service}-{slot}-{revision[:8]}-{secrets.token_hex(3)}"
         env = dict(spec.env)
@@ -249,7 +256,7 @@ class Replicas:
             image=spec.image, command=spec.command, args=spec.args, workdir=spec.workdir,
             env=env, ports=ports, cpu=spec.resources.cpu, memory=spec.resources.memory,
             stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period,
-            dns=self.dns if node.runtime == "docker" else None)
+            dns=self.dns if node.runtime == "docker" else None, files=files, secret_env=secret_env)
         self._ports_taken.update(ports.values())
         try:
             observed = await rt.start(ispec)

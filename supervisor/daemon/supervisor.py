@@ -56,6 +56,8 @@ from ..core.placement import NodeInfo
 from ..core.reconcile import reconcile_service
 from ..core.revisions import template_revision
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
+from ..secrets import KeySource
+from .deliveries import Deliveries
 from .replicas import Replicas, Tracked
 from .rollouts import Rollouts
 from .slots import Slots
@@ -99,14 +101,18 @@ class Supervisor:
 
     ``proxy_admins``: admin addresses ("host:port") of proxies whose ``/routes`` says which
     retired replicas still carry requests; a replica being retired waits for those before
-    SIGTERM."""
+    SIGTERM.
+
+    ``secrets_key``: where the key-encryption key of the mesh's secrets is (None: none;
+    a replica with secrets is then refused, saying so)."""
 
     def __init__(self, url: str, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
                  runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
                  check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None,
-                 proxy_admins: Sequence[str] = ()) -> None:
+                 proxy_admins: Sequence[str] = (), secrets_key: KeySource | None = None) -> None:
         self.url = url
         self.dns = dns
+        self.secrets_key = secrets_key
         self.proxy_admins = tuple(proxy_admins)
         self.nodes = {n.name: n for n in nodes}
         self.data_dir = Path(data_dir)
@@ -189,7 +195,8 @@ class Supervisor:
         self.rollouts = Rollouts(self._client)
         self.replicas = Replicas(self, runtimes=self.runtimes, nodes=self.nodes, catalog=self._client,
                                  session=self._session, clock=self.clock, check_ttl=self.check_ttl,
-                                 dns=self.dns, proxy_admins=self.proxy_admins)
+                                 dns=self.dns, proxy_admins=self.proxy_admins,
+                                 deliveries=Deliveries(self._client, self.secrets_key))
         # Subscribe before the first list() so no exit falls between them.
         for rt in self.runtimes.values():
             self._tasks.append(asyncio.create_task(self._consume(rt), name=f"events {rt.node}"))

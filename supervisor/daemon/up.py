@@ -55,6 +55,7 @@ from typing import TextIO
 import config
 
 from ..commands import apply
+from ..secrets import DEFAULT_NAME, KeySource, key_source
 from .admin import AdminServer
 from .components import Component, ComponentFailed, catalog_argv, component_argvs, dns_settings
 from .supervisor import Supervisor
@@ -180,16 +181,16 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         else:
             print("meshlet up: no DNS listener on port 53 (add one to mesh.dns.listen, or run as "
                   "root): containers keep the engine's resolver", file=out, flush=True)
-        changes = await apply.apply_to(url, cfg.services, mesh.vip_range, err=err)
-        if changes is None:
-            return 1
-        for change in changes:
-            for line in apply.format_change(change):
-                print(line, file=out, flush=True)
+        code, applied = await apply.apply_config(url, cfg, path, err=err)
+        if applied is None:
+            return code
+        apply.print_applied(applied, out)
+        out.flush()
         nodes = await resolve_nodes(mesh)
         print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
               file=out, flush=True)
-        sup = Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins)
+        sup = Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins,
+                         secrets_key=key_source(mesh))
         await sup.start()
         admin = AdminServer(sup, on_down=stop.set)
         bound = await admin.start(mesh.admin_listen)
@@ -232,18 +233,22 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
 
 async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
                          runtime: str | None = None, dns: str | None = None,
-                         proxy_admins: Sequence[str] = (), engine: str | None = None) -> int:
+                         proxy_admins: Sequence[str] = (), engine: str | None = None,
+                         secrets_key: KeySource | None = None) -> int:
     """The supervisor alone against a running catalog (the loop of `meshlet up` without
     its components). SIGTERM leaves the workloads running for the next supervisor unless
     ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them. ``engine``: the
-    local node is docker on that engine."""
+    local node is docker on that engine. ``secrets_key``: the mesh's key-encryption key
+    (default: ``<data_dir>/secrets.key``)."""
+    if secrets_key is None:
+        secrets_key = KeySource(path=Path(data_dir) / DEFAULT_NAME, default=True)
     if engine:
         cfg_nodes = [config.NodeSpec(name="local", runtime="docker", engine=engine)]
     elif runtime:
         cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
     else:
         cfg_nodes = await resolve_nodes(config.MeshSettings())
-    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns, proxy_admins=proxy_admins)
+    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns, proxy_admins=proxy_admins, secrets_key=secrets_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

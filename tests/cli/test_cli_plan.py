@@ -261,6 +261,27 @@ def test_diff_fields() -> None:
     new = {"replicas": 2, "env": {"A": "1", "B": "2"}, "ports": [{"name": "http", "port": 8080}]}
     assert diff_fields(old, new) == ['env.B: (absent) → "2"', "ports[0].port: 0 → 8080", "replicas: 1 → 2"]
     assert diff_fields(old, old) == []
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    pytest.param({"env": {"DB_PASSWORD": "a1"}}, {"env": {"DB_PASSWORD": "b2"}},
+                 ["env.DB_PASSWORD: changed (value not shown)"], id="changed"),
+    pytest.param({"env": {"A": "1"}}, {"env": {"A": "1", "API_TOKEN": "t0k"}},
+                 ["env.API_TOKEN: added (value not shown)"], id="added"),
+    pytest.param({"env": {"A": "1", "AUTH": "x"}}, {"env": {"A": "1"}}, ["env.AUTH: removed (value not shown)"],
+                 id="removed"),
+    pytest.param({"probes": {"http": {"headers": {"Authorization": "Bearer a"}}}},
+                 {"probes": {"http": {"headers": {"Authorization": "Bearer b"}}}},
+                 ["probes.http.headers.Authorization: changed (value not shown)"], id="probe-header"),
+    pytest.param({"env": {"GREETING": "hi"}}, {"env": {"GREETING": "ho"}}, ['env.GREETING: "hi" → "ho"'],
+                 id="plain-shown"),
+])
+def test_diff_fields_never_shows_a_secret_looking_value(old, new, expected) -> None:
+    """`meshlet apply --dry-run` says such a value changed, never what it was or became."""
+    lines = diff_fields(old, new)
+    assert lines == expected
+    for secret in ("a1", "b2", "t0k", "Bearer"):
+        assert all(secret not in line for line in lines if "GREETING" not in line)
     many = diff_fields({}, {f"k{i:02d}": i for i in range(25)}, limit=20)
     assert len(many) == 21 and many[-1] == "... and 5 more"
 

@@ -23,12 +23,13 @@ import pytest
 
 import config
 from _util import async_wait_for, kill_leftovers, start_server, stop_process
-from conftest import APPS
 from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
 from discovery.consul import instances_from_health
 from supervisor.daemon.up import progress_lines
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
+
+APPS = Path(__file__).resolve().parent / "apps"
 
 
 REPLICAS = 3
