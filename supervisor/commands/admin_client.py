@@ -39,6 +39,8 @@ def add_subcommands(sub: Any) -> None:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each instance")
     logs.add_argument("--instance", metavar="ID", help="only this instance")
+    logs.add_argument("--previous", action="store_true",
+                      help="the last lines of the replicas that exited (the newest exit of each slot)")
     logs.add_argument("--file", help="meshlet.yaml naming mesh.admin_listen")
     logs.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
 
@@ -99,6 +101,12 @@ def format_status(data: dict[str, Any]) -> list[str]:
             if rollout.get("terminating"):
                 line += f", {rollout['terminating']} terminating"
             out.append(line)
+        now = data.get("now")
+        for f in s.get("failing") or ():
+            code = "exited" if f.get("code") is None else f"exited with code {f['code']}"
+            ago = f", {format_age(now - f['at'])} ago" if isinstance(now, (int, float)) and f.get("at") else ""
+            out.append(f"  slot {f['slot']}: {code}{ago}" + (f": {f['line']}" if f.get("line") else "")
+                       + f"  (meshlet logs {s['name']} --previous)")
         rows = [("INSTANCE", "NODE", "ADDRESS", "STATE", "RESTARTS", "AGE", "REVISION")]
         for i in s.get("instances", []):
             state = i["state"] + (f" ({i['exit_code']})" if i.get("exit_code") is not None else "")
@@ -141,7 +149,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             print("meshlet down: stopping the workloads and the supervisor", file=out)
             return 0
         if args.command == "logs":
-            query = {"follow": "1" if args.follow else "0"}
+            query = {"follow": "1" if args.follow and not args.previous else "0"}
+            if args.previous:
+                query["previous"] = "1"
             if args.tail is not None:
                 query["tail"] = str(args.tail)
             if args.instance:
@@ -162,6 +172,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             message = exc.reason
         print(f"meshlet {args.command}: {message}", file=err)
         return 1
+    except BrokenPipeError:
+        raise            # our own output went away (`| head`): the CLI ends quietly
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         print(f"meshlet {args.command}: no supervisor answers at {admin} ({reason}); "

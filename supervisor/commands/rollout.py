@@ -104,14 +104,32 @@ def _revision_of(instance: Any) -> str | None:
     return meta.get("revision")
 
 
+def _is_ours(instance: Any) -> bool:
+    """A replica meshlet's supervisor registered (Meta node, slot, revision): other
+    registrations of the same name (another tool's, on a shared Consul) are not counted."""
+    meta = getattr(instance, "meta", None) or {}
+    return all(k in meta for k in ("node", "slot", "revision"))
+
+
+def _updated(instance: Any, target: str, current: frozenset[str]) -> bool:
+    """Runs ``target``: by Meta ``template`` (the replica's own revision) when the supervisor
+    registered it, else by Meta ``revision`` being one of ``current``. ``revision`` names the
+    applied document for replicas of its target (DNS serves that document's tags), so it
+    cannot tell an old replica from a new one while a restart token changes the target."""
+    meta = getattr(instance, "meta", None) or {}
+    if "template" in meta:
+        return meta["template"] == target
+    return meta.get("revision") in current
+
+
 def assess(service: str, target: str, replicas: int, state: RolloutState | None,
            history: Sequence[Mapping[str, Any]], instances: Sequence[Any],
            current: frozenset[str] | None = None, canary: Sequence[int] = ()) -> Progress:
     """Where the rollout of ``service`` to ``target`` stands, as ``rollout status`` prints it.
 
-    ``instances``: ``discovery.view.Instance`` of every catalog instance of the service;
-    an instance is *updated* when its Meta ``revision`` is in ``current`` (default: just
-    ``target``), *available* when updated and passing. ``state``: the supervisor's state,
+    ``instances``: ``discovery.view.Instance`` of every catalog instance of the service
+    (only meshlet's own count); an instance is *updated* when it runs ``target``
+    (``_updated``), *available* when updated and passing. ``state``: the supervisor's state,
     trusted only when its ``revision`` is ``target``. Without any state, a service whose
     ``replicas`` instances are all updated and passing, with nothing else registered, is
     complete (its first deployment needs no rollout), as is a last history entry for
@@ -119,11 +137,12 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
     state is at is named while progressing.
     """
     current = current or frozenset({target})
+    instances = [i for i in instances if _is_ours(i)]
     name = _label(history, target)
     if state is not None and state.revision != target and state.reverted_from == target:
         return Progress(1, f"rollout of {service} to {name} failed and was reverted to "
                            f"{_label(history, state.revision)}: {state.reason or 'no reason given'}")
-    new = [i for i in instances if _revision_of(i) in current]
+    new = [i for i in instances if _updated(i, target, current)]
     available = sum(1 for i in new if getattr(i, "is_passing", False))
     head = f"Waiting for rollout of {service} to finish: "
     # Done, as kubectl's rollout status: the revision is complete *and* as many updated
@@ -132,7 +151,7 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
     done = Progress(0, f"rollout of {service} to {name} complete") if available >= replicas else \
         Progress(None, f"{head}{available} of {replicas} updated replicas are available...")
     if state is None or state.revision != target:
-        if state is None and (_settled(instances, current, replicas) or (
+        if state is None and (_settled(instances, target, current, replicas) or (
                 history and history[-1].get("revision") == target
                 and history[-1].get("status") == ENTRY_COMPLETE)):
             return done
@@ -163,9 +182,9 @@ def assess(service: str, target: str, replicas: int, state: RolloutState | None,
                           f"waiting for the supervisor to confirm...")
 
 
-def _settled(instances: Sequence[Any], current: frozenset[str], replicas: int) -> bool:
+def _settled(instances: Sequence[Any], target: str, current: frozenset[str], replicas: int) -> bool:
     return len(instances) == replicas and all(
-        _revision_of(i) in current and getattr(i, "is_passing", False) for i in instances)
+        _updated(i, target, current) and getattr(i, "is_passing", False) for i in instances)
 
 
 # =============================================================== pure: history
@@ -351,6 +370,8 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "rollback": lambda: _rollback(client, args, out, err), "restart": lambda: _restart(client, args, out, err)}
     try:
         return await handlers[getattr(args, "rollout_command", None) or args.command]()
+    except BrokenPipeError:
+        raise                            # our reader left: cli.main ends quietly
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise CliError(f"cannot reach the catalog at {url}: {exc or type(exc).__name__}") from None
     except consul.ConsulException as exc:

@@ -77,6 +77,8 @@ class Observed:
     rolling: frozenset[str] = frozenset()     # services whose revisions the rollout engine owns
     # (service, slot) -> no start before this time: the runtime refused the last one
     holds: Mapping[tuple[str, int], float] = field(default_factory=dict)
+    # (service, slot, revision) -> the last line the newest exit of that revision there wrote
+    last_output: Mapping[tuple[str, int, str], str] = field(default_factory=dict)
 
     def of(self, service: str) -> list[Replica]:
         """The service's replicas that are not being retired."""

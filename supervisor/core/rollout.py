@@ -189,8 +189,9 @@ def _crash(state: RolloutState, v: _View, s: Strategy, refused: SlotRefusals, no
     if crashed is not None:
         what = ("exited and is not restarted" if crashed.phase not in _ALIVE
                 else f"restarted {crashed.restarts} times without becoming available")
-        if crashed.last_exit is not None:
-            what += f" (last exit: {describe_exit(crashed.last_exit)})"
+        if crashed.last_exit is not None or crashed.last_output:
+            code = describe_exit(crashed.last_exit) if crashed.last_exit is not None else "code unknown"
+            what += f" (last exit: {code}" + (f": {crashed.last_output}" if crashed.last_output else "") + ")"
         return f"{_name(state, crashed)} ({crashed.instance_id}) of revision {state.revision} {what}"
     taken = {r.slot for r in v.new}
     for slot, refusal in sorted(refused.items()):

@@ -203,7 +203,8 @@ def _restarts(r: Replica, spec: config.ServiceSpec, backoff: BackoffState, now: 
 
 
 def observe(state: RolloutState, replicas: Sequence[Replica], spec: config.ServiceSpec, counts: Counts,
-            backoff: Mapping[tuple[str, int], BackoffState], now: float) -> list[ObservedReplica]:
+            backoff: Mapping[tuple[str, int], BackoffState], now: float,
+            last_output: Mapping[tuple[str, int, str], str] | None = None) -> list[ObservedReplica]:
     """The engine's view of every replica of ``state.service`` (``replicas``: all of them,
     retired and exited ones included). One exited replica of the target stands for its
     slot (the newest), and only when nothing of the target runs there."""
@@ -235,11 +236,12 @@ def observe(state: RolloutState, replicas: Sequence[Replica], spec: config.Servi
             phase, ready_since = READY, r.ready_since if r.ready_since is not None else now
         else:
             phase = STARTING
-        last_exit = None
+        last_exit = output = None
         if r.revision == target:   # its own exit, or the slot's last crash before it
             last_exit = r.exit_code if not r.running else counts.last_exit.get(r.slot)
+            output = (last_output or {}).get((r.service, r.slot, target))
         out.append(ObservedReplica(r.instance_id, r.slot, r.revision, phase, ready_since, restarts,
-                                   r.weight, last_exit=last_exit))
+                                   r.weight, last_exit=last_exit, last_output=output))
     return out
 
 
@@ -275,8 +277,8 @@ def plan_step(service: str, state: RolloutState, history: Sequence[Mapping[str, 
     strategy = Strategy.from_spec(spec.replicas, spec.update)
     refused = {slot: SlotRefusal(n, start_errors.get(slot) or "the runtime refused to start it")
                for slot, n in counts.refused.items()}
-    result = rollout_step(state, observe(state, mine, spec, counts, observed.backoff, now), strategy,
-                          now, refused)
+    result = rollout_step(state, observe(state, mine, spec, counts, observed.backoff, now, observed.last_output),
+                          strategy, now, refused)
     new_state, hist = result.state, [dict(e) for e in history]
     actions: list[Action] = []
     reverted, failed, problem = False, None, None

@@ -58,6 +58,7 @@ class ObservedReplica:
     restarts: int = 0                   # restarts of this replica (runtime or supervisor)
     weight: int = 1                     # catalog Meta weight now
     last_exit: int | None = None        # exit code of the slot's last crash of this revision (128+N: signal N)
+    last_output: str | None = None      # the last line that crash wrote
 
 
 ObservedReplicas = Sequence[ObservedReplica]

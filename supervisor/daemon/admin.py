@@ -7,6 +7,9 @@
     GET  /v1/logs/<service>?follow=1&tail=N&instance=ID
                                          the instances' logs as text; with several instances
                                          each line is prefixed "<instance id> | "
+    GET  /v1/logs/<service>?previous=1[&instance=ID]
+                                         the last lines of the replicas that exited (the
+                                         newest exit of each slot, or of that instance)
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -42,6 +46,10 @@ class AdminBackend(Protocol):
 
     def log_sources(self, service: str, instance: str | None = None) -> list[tuple[str, Runtime]]:
         """(instance id, runtime) of the service's instances (or only ``instance``)."""
+
+    def previous_logs(self, service: str, instance: str | None = None) -> list[Any]:
+        """The kept exits (``LastExit``) of the service's slots, the newest of each slot
+        (or those of ``instance``)."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -91,6 +99,19 @@ class AdminServer:
     async def get_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.backend.status())
 
+    def _previous(self, service: str, instance: str | None) -> web.Response:
+        exits = self.backend.previous_logs(service, instance)
+        if not exits:
+            return _error(404, f"no exited replica of service {service!r}" + (f" with id {instance!r}" if instance else "")
+                          + " is kept (the supervisor keeps the last exits of each slot since it started)")
+        parts = []
+        for e in exits:
+            code = "exited" if e.code is None else f"exited with code {e.code}"
+            when = time.strftime("%H:%M:%S", time.localtime(e.at))
+            parts.append(f"==> {e.instance_id} (slot {e.slot}, revision {e.revision[:12]}, {code} at {when}) <==\n"
+                         + "".join(line + "\n" for line in e.lines))
+        return web.Response(text="\n".join(parts), content_type="text/plain", charset="utf-8")
+
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True
         asyncio.get_running_loop().call_soon(self.on_down)
@@ -107,6 +128,8 @@ class AdminServer:
         except ValueError:
             return _error(400, f"tail: expected an integer >= 0, got {tail_text!r}")
         wanted = request.query.get("instance")
+        if request.query.get("previous", "0") not in ("0", "", "false"):
+            return self._previous(service, wanted)
         sources = self.backend.log_sources(service, wanted)
         if not sources:
             return _error(404, f"no instances of service {service!r}"
@@ -147,10 +170,8 @@ class AdminServer:
                     open_streams -= 1
                     continue
                 await resp.write(item)
-        except (ConnectionResetError, asyncio.CancelledError):
-            for t in tasks:
-                t.cancel()
-            raise
+        except ConnectionResetError:
+            return resp      # the follower went away (Ctrl-C on `meshlet logs -f`): nothing to report
         finally:
             for t in tasks:
                 t.cancel()

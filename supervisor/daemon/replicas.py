@@ -38,6 +38,7 @@ import logging
 import random
 import secrets
 import socket
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,8 +53,8 @@ from ..runtime import Observed as RuntimeObserved
 from .deliveries import Deliveries
 from .probes import Health, ProbeScheduler, initial_health
 
-__all__ = ["Replicas", "ReplicaHost", "Tracked", "PORT_RANGE", "MIN_DRAIN", "IN_FLIGHT_LIMIT",
-           "port_is_free", "draining_requests"]
+__all__ = ["Replicas", "ReplicaHost", "Tracked", "LastExit", "PORT_RANGE", "MIN_DRAIN", "IN_FLIGHT_LIMIT",
+           "port_is_free", "draining_requests", "KEPT_EXITS", "LAST_LINES"]
 
 log = logging.getLogger("supervisor.replicas")
 
@@ -64,6 +65,31 @@ MIN_DRAIN = 0.5
 # The longest a retired replica waits for requests in flight on it (as the proxies report
 # them) before SIGTERM; its grace period follows.
 IN_FLIGHT_LIMIT = 30.0
+# What is kept of a replica that exited: its last output lines (at most LAST_BYTES), for
+# the last KEPT_EXITS exits of each slot (in memory: an app's output is not the catalog's).
+LAST_LINES = 20
+LAST_BYTES = 8192
+KEPT_EXITS = 3
+
+
+@dataclass(frozen=True)
+class LastExit:
+    """A replica that exited: its exit code and the last lines it wrote."""
+    instance_id: str
+    service: str
+    slot: int
+    revision: str
+    code: int | None
+    at: float
+    lines: tuple[str, ...]
+
+    @property
+    def last_line(self) -> str | None:
+        return next((line for line in reversed(self.lines) if line.strip()), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"instance": self.instance_id, "slot": self.slot, "revision": self.revision, "code": self.code,
+                "at": self.at, "lines": list(self.lines)}
 
 
 class ReplicaHost(Protocol):
@@ -149,8 +175,52 @@ class Replicas:
         self._removed: dict[str, None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_status: set[asyncio.Task[Any]] = set()
+        self.exits: dict[tuple[str, int], deque[LastExit]] = {}     # (service, slot) -> last exits
+        self._captures: dict[str, asyncio.Task[None]] = {}          # instance id -> reading its last lines
 
     # --- facts ------------------------------------------------------------------------------
+
+    def last_output(self) -> dict[tuple[str, int, str], str]:
+        """(service, slot, revision) -> the last line written by the newest exit of that
+        revision in that slot (for a rollout's failure reason)."""
+        out: dict[tuple[str, int, str], str] = {}
+        for (service, slot), kept in self.exits.items():
+            for e in kept:
+                if e.last_line is not None:
+                    out[(service, slot, e.revision)] = e.last_line
+        return out
+
+    def _capture(self, t: Tracked) -> None:
+        """Keep the last lines of a replica that exited, before it is removed (a retire
+        waits for this)."""
+        o = t.obs
+        if o.instance_id in self._captures:
+            return
+
+        async def read() -> None:
+            rt = self.runtimes.get(o.node)
+            data = b""
+            try:
+                if rt is not None:
+                    async for chunk in rt.logs(o.instance_id, tail=LAST_LINES):
+                        data = (data + chunk)[-LAST_BYTES:]
+            except (WorkloadError, OSError) as exc:
+                log.debug("cannot read the last lines of %s: %s", o.instance_id, exc)
+            lines = tuple(data.decode("utf-8", "replace").splitlines()[-LAST_LINES:])
+            kept = self.exits.setdefault((o.service, o.slot), deque(maxlen=KEPT_EXITS))
+            kept.append(LastExit(o.instance_id, o.service, o.slot, o.revision, o.exit_code,
+                                 o.finished_at or t.noticed_exit or self.clock(), lines))
+            self.host.changed(o.service)
+
+        self._captures[o.instance_id] = asyncio.create_task(read(), name=f"last lines {o.instance_id}")
+
+    async def _captured(self, iid: str) -> None:
+        task = self._captures.pop(iid, None)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 10.0)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - only the lines are at stake
+                pass
 
     def fact(self, t: Tracked) -> Replica:
         o = t.obs
@@ -182,6 +252,8 @@ class Replicas:
         t = Tracked(observed, noticed_exit=None if observed.is_running else now)
         self.instances[observed.instance_id] = t
         self._ports_taken.update(observed.ports.values())
+        if not observed.is_running:
+            self._capture(t)
         if observed.is_running:
             self._start_probes(t, adopted_ready=passing)
             if passing:
@@ -212,6 +284,7 @@ class Replicas:
         t.close_probes()
         t.health = dataclasses.replace(t.health, ready=False)
         log.info("%s exited (code %s)", observed.instance_id, observed.exit_code)
+        self._capture(t)
         self.push_status(t)
         return t
 
@@ -271,6 +344,7 @@ class Replicas:
             self.weights[iid] = weight
         if not observed.is_running:   # exited before we looked
             t.noticed_exit = self.clock()
+            self._capture(t)
         else:
             self._start_probes(t)
         await self.register(t)
@@ -320,8 +394,10 @@ class Replicas:
         spec = self.host.spec_for(o.service, o.revision)
         tags = list(spec.tags) if spec else []
         node = self.nodes.get(o.node)
-        meta = {"revision": self.host.meta_revision(o.service, o.revision), "node": o.node,
-                "slot": str(o.slot), "weight": str(self.weights.get(o.instance_id, 1))}
+        # revision: the applied document's for replicas of its target (DNS serves its tags
+        # for those); template: the replica's own revision (what rollout status counts)
+        meta = {"revision": self.host.meta_revision(o.service, o.revision), "template": o.revision,
+                "node": o.node, "slot": str(o.slot), "weight": str(self.weights.get(o.instance_id, 1))}
         meta.update({f"port_{name}": str(port) for name, port in o.ports.items()})
         first = next(iter(o.ports.values()), 0)
         status = self._status_of(t)
@@ -478,6 +554,7 @@ class Replicas:
         if rt is not None:
             try:
                 await rt.stop(iid, grace=spec.stop_grace_period if spec else 10.0)
+                await self._captured(iid)       # its last lines, before its log goes
                 await rt.remove(iid)
             except InstanceNotFound:
                 pass   # gone already: nothing left to stop
@@ -534,9 +611,9 @@ class Replicas:
 
     async def close(self) -> None:
         """Stop probing and cancel what runs in the background (workloads keep running)."""
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._captures.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._captures.values(), return_exceptions=True)
         for t in self.instances.values():
             t.close_probes()
         if self._pending_status:

@@ -8,7 +8,10 @@ progress lines show. Read-only over the supervisor's state.
 
 ``rollout`` is null or ``Rollouts.status`` (phase, revision, number, progress, reason,
 reverted_from, summary, terminating); ``problem`` is why a slot cannot run, or a rollout
-that needs a human (failed, paused, reverted).
+that needs a human (failed, paused, reverted). ``last_exits``: the last few exits of each
+slot, newest last (``{"instance", "slot", "revision", "code", "at", "lines"}``: the last
+lines the replica wrote); ``failing``: the slots with no ready replica now, each with its
+newest exit (``{"slot", "instance", "code", "at", "line"}``), what a user looks at first.
 """
 
 from __future__ import annotations
@@ -47,14 +50,22 @@ def status_document(sup: Supervisor, now: float) -> dict[str, Any]:
                 "exit_code": o.exit_code, "pid": o.pid})
         rollout = sup.rollouts.status(name, sup.desired, observed, sup.slots.errors_of(name), now) \
             if entry else None
+        exits = sorted((e for (svc, _), kept in sup.replicas.exits.items() if svc == name for e in kept),
+                       key=lambda e: (e.at, e.instance_id))
+        ready_slots = {r["slot"] for r in rows if r["ready"]}
+        newest = {e.slot: e for e in exits}
+        failing = [{"slot": slot, "instance": e.instance_id, "code": e.code, "at": e.at, "line": e.last_line}
+                   for slot, e in sorted(newest.items()) if slot not in ready_slots
+                   and (entry is None or slot < entry[0].replicas)]
         services.append({
             "name": name, "desired": entry[0].replicas if entry else 0,
             "revision": sup.doc_revision.get(name) if entry else None,
             "ready": sum(1 for r in rows if r["ready"]), "instances": rows,
             # a failed, paused or reverted rollout is the service's problem too, so the
             # status table shows it (what runs is not what was applied)
-            "problem": sup.problems.get(name) or (sup.rollouts.attention(name, sup.desired) if entry else None),
-            "rollout": rollout})
-    return {"services": services, "nodes": [
+            "problem": sup.problems.get(name) or (sup.rollouts.attention(name, sup.desired) if entry else None)
+            or sup.vip_problems.get(name),
+            "rollout": rollout, "last_exits": [e.to_json() for e in exits], "failing": failing})
+    return {"now": now, "services": services, "nodes": [
         {"name": n.name, "runtime": n.runtime, "address": n.address} for n in sup.nodes.values()],
         "events": sup.events[-20:]}

@@ -124,6 +124,7 @@ class Supervisor:
         self.doc_revision: dict[str, str] = {}       # service -> revision of the KV document
         self.doc_raw: dict[str, bytes] = {}          # the documents as last read
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
+        self.vip_problems: dict[str, str] = {}       # service -> its VIP that a proxy could not listen on
         # back-off, start holds (a start the runtime refused is tried again after a back-off,
         # like a crash, not on every sync) and the runtime's last refusal, per slot
         self.slots = Slots(None)
@@ -405,11 +406,31 @@ class Supervisor:
                 raise
             except Exception as exc:  # noqa: BLE001 - the next tick tries again
                 log.warning("resync: %s", exc)
+            await self._poll_proxies()
             for name in self.service_names():
                 self.enqueue(name)
             if time.monotonic() - last_status >= self.check_ttl / 2 - self.resync:
                 last_status = time.monotonic()
                 self.replicas.push_all()
+
+    async def _poll_proxies(self) -> None:
+        """Which VIPs the proxies this supervisor knows of could not listen on (a port
+        below 1024 without root, an address taken): a problem of the service, in status."""
+        problems: dict[str, str] = {}
+        for admin in self.proxy_admins:
+            try:
+                assert self._session is not None
+                async with self._session.get(f"http://{admin}/routes", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    doc = await r.json(content_type=None)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AssertionError):
+                continue
+            for f in (doc.get("vip_failures") or []) if isinstance(doc, dict) else []:
+                if isinstance(f, dict) and f.get("service"):
+                    why = f.get("error") or "cannot listen"
+                    if "ermission" in why:
+                        why += " (ports below 1024 need root: use a vip_port >= 1024, or run as root)"
+                    problems[f["service"]] = f"VIP {f.get('listen')} refuses connections: the proxy cannot listen there: {why}"
+        self.vip_problems = problems
 
     def service_names(self) -> set[str]:
         return (set(self.desired) | {t.obs.service for t in self.instances.values()}
@@ -444,7 +465,7 @@ class Supervisor:
             nodes=tuple(NodeInfo(n.name, n.runtime or "process", n.address, n.capacity.cpu,
                                  n.capacity.memory, dict(n.labels)) for n in self.nodes.values()),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
-            holds=dict(self.slots.holds))
+            holds=dict(self.slots.holds), last_output=self.replicas.last_output())
 
     async def _sync(self, service: str) -> None:
         now = self.clock()
@@ -562,6 +583,15 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """The admin API's ``/v1/status`` and ``meshlet up``'s progress lines (status.py)."""
         return status_document(self, self.clock())
+
+    def previous_logs(self, service: str, instance: str | None = None) -> list[Any]:
+        kept = [e for (svc, _), exits in sorted(self.replicas.exits.items()) if svc == service for e in exits]
+        if instance is not None:
+            return [e for e in kept if e.instance_id == instance]
+        newest: dict[int, Any] = {}
+        for e in kept:
+            newest[e.slot] = e
+        return [newest[slot] for slot in sorted(newest)]
 
     def log_sources(self, service: str, instance: str | None = None) -> list[tuple[str, Runtime]]:
         """(instance id, its runtime) of the service's instances (or just ``instance``), by

@@ -35,8 +35,22 @@ REPO = Path(__file__).resolve().parents[2]
 T, OLD, DOC = "a" * 12, "b" * 12, "c" * 12
 
 
-def inst(iid: str, revision: str, status: str = PASSING) -> Instance:
-    return Instance(iid, "web", "local", "127.0.0.1", 1, status, meta=MappingProxyType({"revision": revision}))
+def inst(iid: str, revision: str, status: str = PASSING, template: str | None = None) -> Instance:
+    """A replica as meshlet's supervisor registers it (Meta node, slot, revision[, template])."""
+    meta = {"revision": revision, "node": "local", "slot": "0"}
+    if template is not None:
+        meta["template"] = template
+    return Instance(iid, "web", "local", "127.0.0.1", 1, status, meta=MappingProxyType(meta))
+
+
+def ours(revision: str, slot: int) -> dict[str, str]:
+    """The Meta the supervisor registers a replica of ``revision`` in ``slot`` with."""
+    return {"revision": revision, "template": revision, "node": "local", "slot": str(slot)}
+
+
+def foreign(iid: str) -> Instance:
+    """Another tool's registration of the same name (a shared Consul)."""
+    return Instance(iid, "web", "other", "127.0.0.9", 1, PASSING, meta=MappingProxyType({}))
 
 
 def state(revision: str = T, phase: str = "progressing", **kw) -> RolloutState:
@@ -58,6 +72,13 @@ HISTORY = [{"number": 3, "revision": OLD, "status": "complete", "created_at": 0.
     pytest.param(state(), HISTORY, [inst("n1", T), inst("n2", T, CRITICAL), inst("o1", OLD), inst("o2", OLD)],
                  None, "Waiting for rollout of web to finish: 1 of 3 updated replicas are available...",
                  id="progressing"),
+    pytest.param(state(), HISTORY, [inst("n1", T), inst("n2", T), inst("n3", T), foreign("x1"), foreign("x2")],
+                 None, "Waiting for rollout of web to finish: 3 of 3 updated replicas are available, "
+                 "waiting for the supervisor to confirm...", id="another-tools-registrations-do-not-count"),
+    pytest.param(state(), HISTORY, [inst("o1", T, template=OLD), inst("o2", T, template=OLD),
+                                    inst("n1", T, template=T)],
+                 None, "Waiting for rollout of web to finish: 1 of 3 updated replicas are available...",
+                 id="restart-old-replicas-still-named-by-the-document"),
     pytest.param(state(), HISTORY, [inst(f"n{i}", T) for i in range(3)] + [inst("o1", OLD)], None,
                  "Waiting for rollout of web to finish: 1 old replica is pending termination...", id="old-left"),
     pytest.param(state(), HISTORY, [inst(f"n{i}", T) for i in range(3)], None,
@@ -284,7 +305,7 @@ class Catalog:
             self.c.agent.service.deregister(sid)
         for i in range(n):
             self.c.agent.service.register("web", service_id=f"web-{i}-{revision[:8]}", port=1000 + i,
-                                          meta={"revision": revision})
+                                          meta=ours(revision, i))
 
 
 @pytest.fixture
@@ -338,7 +359,7 @@ def test_status_waits_for_the_supervisor_to_catch_up_then_follows_to_complete(ca
     cat.record("complete")
     cat.state(old, "complete")
     for i in range(3):
-        cat.c.agent.service.register("web", service_id=f"web-{i}-old", port=1000 + i, meta={"revision": old})
+        cat.c.agent.service.register("web", service_id=f"web-{i}-old", port=1000 + i, meta=ours(old, i))
     cat.apply(V2)
     new = cat.target()
     proc = subprocess.Popen(meshlet_argv("rollout", "status", "web", "--consul", cat.url, "--timeout", "60s"),
@@ -356,10 +377,10 @@ def test_status_waits_for_the_supervisor_to_catch_up_then_follows_to_complete(ca
                                          f"{new} (its last rollout was to revision 1, complete)...")
         cat.state(new, "progressing")
         assert lines.get(timeout=30) == "Waiting for rollout of web to finish: 0 of 3 updated replicas are available..."
-        cat.c.agent.service.register("web", service_id="web-0-new", port=2000, meta={"revision": new})
+        cat.c.agent.service.register("web", service_id="web-0-new", port=2000, meta=ours(new, 0))
         assert lines.get(timeout=30) == "Waiting for rollout of web to finish: 1 of 3 updated replicas are available..."
         for i in (1, 2):
-            cat.c.agent.service.register("web", service_id=f"web-{i}-new", port=2000 + i, meta={"revision": new})
+            cat.c.agent.service.register("web", service_id=f"web-{i}-new", port=2000 + i, meta=ours(new, i))
         until("Waiting for rollout of web to finish: 3 old replicas are pending termination...")
         for i in range(3):
             cat.c.agent.service.deregister(f"web-{i}-old")

@@ -1,0 +1,85 @@
+"""What a user sees when a replica fails: the reason and the last lines it wrote, in
+`meshlet status` (text and JSON), `meshlet logs --previous` and a failed rollout's reason."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from _util import async_wait_for
+from supervisor.commands.admin_client import format_status
+from supervisor.daemon.admin import AdminServer
+
+pytestmark = pytest.mark.slow   # real processes, sockets (tests/conftest.py)
+
+APPS = Path(__file__).resolve().parent / "apps"
+MISSING = "/nonexistent/apps/nosuch.py"
+
+
+def yaml_of(command: list[str], replicas: int = 1) -> str:
+    return textwrap.dedent(f"""\
+        services:
+          web:
+            command: {command!r}
+            replicas: {replicas}
+            ports: [{{name: http}}]
+            update: {{drain_delay: 0s, progress_deadline: 20s}}
+            restart: {{backoff: {{initial: 0.2s, max: 1s}}}}
+            probes:
+              readiness: {{http: {{path: /ready}}, period: 0.1s}}
+        """).replace("'", '"')
+
+
+def failing(sup) -> list[dict]:
+    return next(s for s in sup.status()["services"] if s["name"] == "web")["failing"]
+
+
+def meshlet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "meshlet"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+async def test_a_command_that_cannot_start_shows_why_in_status_and_logs_previous(mesh):
+    await mesh.apply(yaml_of([sys.executable, MISSING]))
+    sup = await mesh.start()
+    await async_wait_for(lambda: failing(sup) and failing(sup)[0]["line"], timeout=20, what="a kept exit")
+    (f,) = failing(sup)
+    assert f["slot"] == 0 and f["code"] == 2
+    assert "can't open file" in f["line"] and MISSING in f["line"]
+    web = next(s for s in sup.status()["services"] if s["name"] == "web")
+    assert any(MISSING in line for e in web["last_exits"] for line in e["lines"])
+    text = "\n".join(format_status(sup.status()))
+    assert "slot 0: exited with code 2" in text and "can't open file" in text and "--previous" in text
+
+    admin = AdminServer(sup, on_down=lambda: None)
+    address = await admin.start("127.0.0.1:0")
+    try:
+        done = await asyncio.to_thread(meshlet, "logs", "web", "--previous", "--admin", address)
+        assert done.returncode == 0, done.stderr
+        head, _, body = done.stdout.partition("\n")
+        assert head.startswith("==> web-0-") and "exited with code 2" in head
+        assert "can't open file" in body
+        missing = await asyncio.to_thread(meshlet, "logs", "nope", "--previous", "--admin", address)
+        assert missing.returncode == 1 and "no exited replica of service 'nope'" in missing.stderr
+    finally:
+        await admin.close()
+
+
+async def test_a_rollout_that_crashes_fails_with_the_last_line_it_wrote(mesh):
+    good = [sys.executable, str(APPS / "flaky.py")]
+    await mesh.apply(yaml_of(good))
+    sup = await mesh.start()
+    await async_wait_for(lambda: "web" in sup.rollouts.states and sup.rollouts.states["web"].phase == "complete",
+                         timeout=20)
+    first = sup.rollouts.states["web"].revision
+    await mesh.apply(yaml_of([sys.executable, MISSING]))
+    await async_wait_for(lambda: sup.rollouts.states["web"].revision == first
+                         and sup.rollouts.states["web"].phase == "complete"
+                         and sup.rollouts.states["web"].reverted_from, timeout=30, what="the revert")
+    reason = sup.rollouts.states["web"].reason
+    assert "(last exit: code 2: " in reason and "can't open file" in reason and MISSING in reason, reason
