@@ -165,7 +165,8 @@ async def serve(args: argparse.Namespace) -> int:
         if args.admin is not None:   # (a worker's: internal, the parent serves the address)
             runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
                                                    metrics=metrics, is_ready=lambda: not server.draining,
-                                                   get_draining=server.draining_endpoints)
+                                                   get_draining=server.draining_endpoints,
+                                                   get_vip_failures=server.vip_failure_list)
             ready["admin"] = config.join_hostport(args.admin[0], admin_port)
     except OSError as exc:
         log.error("cannot listen: %s", exc)

@@ -55,7 +55,8 @@ async def _no_tracebacks(request: web.Request, handler: Any) -> web.StreamRespon
 
 
 def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
-             is_ready: Callable[[], bool], get_draining: Callable[[], list] | None = None) -> web.Application:
+             is_ready: Callable[[], bool], get_draining: Callable[[], list] | None = None,
+             get_vip_failures: Callable[[], list] | None = None) -> web.Application:
     if metrics.get_table is None:
         metrics.get_table = get_table
 
@@ -70,6 +71,7 @@ def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
         doc = table.to_json()
         doc["loaded"] = True
         doc["draining"] = get_draining() if get_draining is not None else []
+        doc["vip_failures"] = get_vip_failures() if get_vip_failures is not None else []
         return web.Response(text=json.dumps(doc, indent=1, sort_keys=False) + "\n",
                             content_type="application/json")
 
@@ -147,6 +149,8 @@ def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[]
             return web.json_response({"loaded": False}, status=503)
         doc = dict(docs[0])
         doc["draining"] = merge_draining(d.get("draining") or [] for d in docs)
+        failures = {f["listen"]: f for d in docs for f in d.get("vip_failures") or () if isinstance(f, dict)}
+        doc["vip_failures"] = [failures[k] for k in sorted(failures)]
         return web.Response(text=json.dumps(doc, indent=1, sort_keys=False) + "\n",
                             content_type="application/json")
 
@@ -190,8 +194,9 @@ async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRun
 
 async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTable | None], metrics: Metrics,
                       is_ready: Callable[[], bool],
-                      get_draining: Callable[[], list] | None = None) -> tuple[web.AppRunner, int]:
+                      get_draining: Callable[[], list] | None = None,
+                      get_vip_failures: Callable[[], list] | None = None) -> tuple[web.AppRunner, int]:
     """Serve the admin API on ``host:port`` (0: any free port). Returns the runner
     (``await runner.cleanup()`` stops it) and the bound port."""
     return await _serve(make_app(get_table=get_table, metrics=metrics, is_ready=is_ready,
-                                 get_draining=get_draining), host, port)
+                                 get_draining=get_draining, get_vip_failures=get_vip_failures), host, port)

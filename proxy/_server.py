@@ -37,6 +37,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+import config
+
 from ._http1 import ClientConnection
 from ._tcp import TcpConnection
 from ._upstream import Pool
@@ -141,6 +143,15 @@ class ProxyServer:
                 continue
             out.append({"service": service, "id": ep.id, "instance": ep.instance_id, "address": ep.address,
                         "port": ep.port, "active": ep.active})
+        return out
+
+    def vip_failure_list(self) -> list[dict[str, Any]]:
+        """VIP listeners that could not be bound (for /routes): their VIP refuses connections."""
+        table = self.table
+        out = []
+        for (vip, port), error in sorted(self.vip_failures.items()):
+            c = table.vip_listeners.get((vip, port)) if table is not None else None
+            out.append({"listen": config.join_hostport(vip, port), "service": c.name if c else None, "error": error})
         return out
 
     # -- listeners -----------------------------------------------------------------------

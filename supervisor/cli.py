@@ -14,6 +14,7 @@ Every subcommand is declared here, once, and handed to the module that runs it::
                                    commands.rollout               rollouts, through the catalog
     meshlet secret set|ls|rm|rotate-key
                                    commands.secret                the mesh's secrets
+    meshlet scale SERVICE N        commands.scale                 set a service's replicas
     meshlet version
 
 ``catalog``, ``dns`` and ``proxy`` own their whole command line and are imported only when
@@ -34,7 +35,7 @@ from typing import Any, TextIO
 
 import config
 
-from .commands import admin_client, rollout, secret
+from .commands import admin_client, rollout, scale, secret
 
 __all__ = ["main", "build_parser"]
 
@@ -85,6 +86,7 @@ def _apply_subcommand(sub: Any) -> None:
                        help="catalog URL (default: $CONSUL_HTTP_ADDR, else the file's mesh.catalog)")
     apply.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     apply.add_argument("--prune", action="store_true", help="delete services that are not in the file")
+    apply.add_argument("--force", action="store_true", help="with --prune: go on even if the file names no service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_client.add_subcommands(sub)
     rollout.add_subcommands(sub)
     secret.add_subcommands(sub)
+    scale.add_subcommands(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, 
     if args.command == "apply":
         from .commands import apply
         return asyncio.run(apply.run(args.file, url=args.consul, dry_run=args.dry_run, prune=args.prune,
-                                     out=out, err=err))
+                                     force=args.force, out=out, err=err))
     if args.command == "up":
         from .daemon.up import up
         try:
@@ -167,6 +170,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, 
         return rollout.run(args, out, err)
     if args.command == secret.COMMAND:
         return secret.run(args, out, err)
+    if args.command == scale.COMMAND:
+        return scale.run(args, out, err)
     parser.print_help(err)
     return 2
 
@@ -185,4 +190,15 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     if args.command == "supervisor" and "--log-level" not in args_list and "MESHLET_LOG_LEVEL" not in os.environ:
         level = "INFO"
     config.setup_logging(level)
-    return run(args, parser, out or sys.stdout, err or sys.stderr)
+    try:
+        code = run(args, parser, out or sys.stdout, err or sys.stderr)
+        (out or sys.stdout).flush()      # here, not at exit: a closed pipe is ours to handle
+        return code
+    except BrokenPipeError:
+        # the reader of our output went away (`meshlet status | head -2`): nothing to say,
+        # and nothing more to flush to it at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0

@@ -103,14 +103,15 @@ def _drain(stream: Any, lines: "queue.Queue[str | None]") -> None:
 
 
 def start_server(
-    argv: Sequence[str], timeout: float = 15.0, env: dict[str, str] | None = None, cwd: str | None = None
+    argv: Sequence[str], timeout: float = 15.0, env: dict[str, str] | None = None, cwd: str | None = None,
+    stderr: Any = None,
 ) -> tuple[subprocess.Popen, dict[str, str]]:
     """Start ``argv`` and wait for its ``ready {...}`` line; return ``(proc, ready)``.
 
     Raises ServerStartError (after killing the process) if it exits first, prints
     anything else first, or says nothing within ``timeout`` seconds.
     """
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=cwd)
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd)
     lines: "queue.Queue[str | None]" = queue.Queue()
     assert proc.stdout is not None
     threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True).start()

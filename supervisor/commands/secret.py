@@ -128,6 +128,8 @@ async def _run(args: argparse.Namespace, url: str, source: KeySource, out: TextI
                 "rm": lambda: _rm(client, args, out), "rotate-key": lambda: _rotate(client, source, out)}
     try:
         return await handlers[args.secret_command]()
+    except BrokenPipeError:
+        raise                            # our reader left: cli.main ends quietly
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise CliError(f"cannot reach the catalog at {url}: {exc or type(exc).__name__}") from None
     except consul.ConsulException as exc:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import config
 
 __all__ = ["Component", "ComponentFailed", "component_argvs", "plan_resolver", "dns_settings",
-           "loopback_nameservers", "DEFAULT_RESOLVER", "catalog_argv"]
+           "loopback_nameservers", "DEFAULT_RESOLVER", "catalog_argv", "preflight", "vip_notes", "log_tail", "docker_answers"]
 
 
 # Where the DNS server answers on port 53 for containers when mesh.dns.listen has no
@@ -111,6 +111,89 @@ class ComponentFailed(Exception):
     pass
 
 
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last ``lines`` lines of a component's log, indented, for a failure message."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "".join(f"\n    {line}" for line in tail)
+
+
+def _bind_problem(addr: str, udp: bool) -> str | None:
+    import errno
+    host, port = config.split_hostport(addr)
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for kind in ((socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)):
+        with socket.socket(family, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                hint = {errno.EADDRINUSE: "in use (another meshlet up? `meshlet down` stops it; or give another port)",
+                        errno.EACCES: "not allowed: ports below 1024 need root",
+                        errno.EADDRNOTAVAIL: "no such address on this host"}.get(exc.errno, exc.strerror or str(exc))
+                return hint
+    return None
+
+
+def docker_answers(engine: str = config.DEFAULT_DOCKER_ENGINE, timeout: float = 2.0) -> bool:
+    """Does a Docker engine answer at ``engine``? (blocking; run in a thread)"""
+    if engine.startswith("unix://") and not os.path.exists(engine[len("unix://"):]):
+        return False
+    try:
+        import docker
+        client = docker.DockerClient(base_url=engine, timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - anything but an answer means no engine
+        return False
+
+
+def preflight(mesh: config.MeshSettings, *, with_catalog: bool) -> list[str]:
+    """What would stop ``meshlet up`` once started, checked before it starts anything:
+    its listeners' addresses (free, allowed) and its nodes' Docker engines (answering).
+    One line per problem."""
+    problems = []
+    listeners = [("mesh.admin_listen", mesh.admin_listen, False), ("mesh.proxy.admin_listen", mesh.proxy.admin_listen, False)]
+    listeners += [("mesh.dns.listen", a, True) for a in mesh.dns.listen]
+    listeners += [("mesh.proxy.listen", a, False) for a in mesh.proxy.listen]
+    if with_catalog:
+        listeners.insert(0, ("mesh.catalog_listen", mesh.catalog_listen, False))
+    for what, addr, udp in listeners:
+        why = _bind_problem(addr, udp)
+        if why:
+            problems.append(f"{what} {addr}: {why}")
+    for node in mesh.nodes:
+        if (node.runtime or ("docker" if node.engine else "process")) == "docker":
+            engine = node.engine or config.DEFAULT_DOCKER_ENGINE
+            if not docker_answers(engine):
+                problems.append(f"node {node.name}: no Docker engine answers at {engine} (start dockerd, "
+                                "or give the node runtime: process)")
+    return problems
+
+
+def vip_notes(services: Any, euid: int, unprivileged_start: int) -> list[str]:
+    """Without root, what the proxy will not be able to listen on: the VIP ports below
+    ``unprivileged_start`` (net.ipv4.ip_unprivileged_port_start)."""
+    if euid == 0:
+        return []
+    low = sorted(f"{name} ({p.vip_port})" for name, spec in services.items() for p in spec.ports
+                 if p.vip_port is not None and p.vip_port < unprivileged_start)
+    if not low:
+        return []
+    return [f"not root: the proxy cannot listen on VIP ports below {unprivileged_start}: {', '.join(low)}; "
+            "those VIPs will refuse connections (use vip_port >= 1024, or run meshlet up as root)"]
+
+
 class Component:
     """One meshlet component run as a child process and restarted when it dies."""
 
@@ -151,7 +234,7 @@ class Component:
         if not text.startswith("ready "):
             code = await self._terminate()
             raise ComponentFailed(f"{self.name} exited with status {code} before it was ready "
-                                  f"(see {self.log_path})")
+                                  f"({self.log_path}):{log_tail(self.log_path)}")
         try:
             self.ready = json.loads(text[6:])
         except ValueError:
@@ -177,8 +260,8 @@ class Component:
             code = await self.proc.wait()
             if self._stopping:
                 return
-            print(f"meshlet up: {self.name} exited with status {code}; starting it again",
-                  file=self.out, flush=True)
+            print(f"meshlet up: {self.name} exited with status {code}; starting it again "
+                  f"({self.log_path}):{log_tail(self.log_path)}", file=self.out, flush=True)
             while not self._stopping:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

@@ -57,27 +57,13 @@ import config
 from ..commands import apply
 from ..secrets import DEFAULT_NAME, KeySource, key_source
 from .admin import AdminServer
-from .components import Component, ComponentFailed, catalog_argv, component_argvs, dns_settings
+from .components import (Component, ComponentFailed, catalog_argv, component_argvs, dns_settings, docker_answers,
+                         preflight, vip_notes)
 from .supervisor import Supervisor
 
 __all__ = ["docker_answers", "resolve_nodes", "up", "run_standalone", "progress_lines"]
 
 log = logging.getLogger(__name__)
-
-
-def docker_answers(engine: str = config.DEFAULT_DOCKER_ENGINE, timeout: float = 2.0) -> bool:
-    """Does a Docker engine answer at ``engine``? (blocking; run in a thread)"""
-    if engine.startswith("unix://") and not os.path.exists(engine[len("unix://"):]):
-        return False
-    try:
-        import docker
-        client = docker.DockerClient(base_url=engine, timeout=timeout)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - anything but an answer means no engine
-        return False
 
 
 async def resolve_nodes(mesh: config.MeshSettings) -> list[config.NodeSpec]:
@@ -88,6 +74,13 @@ async def resolve_nodes(mesh: config.MeshSettings) -> list[config.NodeSpec]:
     if await asyncio.to_thread(docker_answers):
         return [config.NodeSpec(name="local", runtime="docker", engine=config.DEFAULT_DOCKER_ENGINE)]
     return [config.NodeSpec(name="local", runtime="process")]
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
 
 
 async def _answers(url: str) -> bool:
@@ -140,13 +133,21 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
     admin: AdminServer | None = None
     try:
         url = apply.resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
-        if mesh.catalog != "embedded":
-            if not await _answers(url):
-                print(f"meshlet up: cannot reach the catalog at {url} (mesh.catalog)", file=err)
-                return 1
-        elif await _answers(url):
+        answering = await _answers(url)
+        if mesh.catalog != "embedded" and not answering:
+            print(f"meshlet up: cannot reach the catalog at {url} (mesh.catalog)", file=err)
+            return 1
+        # what would stop it once started, before anything starts: one line per problem
+        problems = await asyncio.to_thread(preflight, mesh, with_catalog=mesh.catalog == "embedded" and not answering)
+        for line in problems:
+            print(f"meshlet up: {line}", file=err)
+        if problems:
+            return 1
+        for line in vip_notes(cfg.services, os.geteuid(), _unprivileged_port_start()):
+            print(f"meshlet up: {line}", file=out, flush=True)
+        if answering and mesh.catalog == "embedded":
             print(f"meshlet up: using the catalog already answering at {url}", file=out, flush=True)
-        else:
+        elif mesh.catalog == "embedded":
             catalog = Component("catalog", catalog_argv(mesh.catalog_listen, data_dir / "catalog"),
                                 log_dir, out=err)
             ready = await catalog.start()

@@ -1,0 +1,119 @@
+"""``meshlet scale SERVICE N``: set a service's replicas in the catalog, as ``meshlet apply``
+writes a changed file (the same document, CAS on what was read), without the file.
+
+A change of ``replicas`` alone keeps the running replicas (their revision does not count
+replicas): slots are added or the highest ones retired. The next ``meshlet apply`` of a
+file with another number sets that number again, as with ``kubectl scale``.
+
+A fixed port needs a node per replica: N beyond the mesh's nodes (the file's with ``-f``,
+else the one local node) is refused as ``apply`` refuses it.
+
+Exit codes: 0 written (or already N); 1 the catalog; 2 usage (no such service, N < 0, a
+fixed port on more replicas than nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+import config
+
+from ..core.checks import check_mesh
+
+__all__ = ["COMMAND", "add_subcommands", "run"]
+
+COMMAND = "scale"
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of replicas >= 0, got {text!r}")
+    return n
+
+
+def add_subcommands(sub: Any) -> None:
+    p = sub.add_parser(COMMAND, help="set a service's number of replicas")
+    p.add_argument("service")
+    p.add_argument("replicas", type=_count)
+    p.add_argument("-f", "--file", help="meshlet.yaml naming mesh.catalog and mesh.nodes")
+    p.add_argument("--consul", metavar="URL", help="catalog URL (default: $CONSUL_HTTP_ADDR, else the file's)")
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    from ..core.apply_plan import resolve_catalog_url
+    mesh = config.MESH_DEFAULTS
+    if args.file:
+        try:
+            mesh = config.load(args.file).mesh
+        except config.ConfigError as exc:
+            for issue in exc.issues:
+                print(issue, file=err)
+            return 2
+    nodes_from = args.file or "the one local node; give -f FILE for the mesh's"
+    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog, mesh.catalog_listen)
+    return asyncio.run(_scale(url, args.service, args.replicas, out, err, mesh, nodes_from))
+
+
+async def _scale(url: str, service: str, replicas: int, out: TextIO, err: TextIO,
+                 mesh: config.MeshSettings = config.MESH_DEFAULTS, nodes_from: str = "") -> int:
+    import aiohttp
+    import consul
+
+    from discovery.consul import connect, kv_get
+
+    from .apply import TxnConflict, document_op, txn
+    client = connect(url, timeout=15.0)
+    try:
+        for attempt in (1, 2, 3):
+            index, raw = await kv_get(client, config.service_key(service))
+            if raw is None:
+                print(f"meshlet scale: no service {service!r} in the catalog (apply it first: `meshlet apply`)",
+                      file=err)
+                return 2
+            spec, vip, _ = config.parse_service_document(raw, source=config.service_key(service))
+            if spec.replicas == replicas:
+                print(f"{service}: already {replicas} replica{'s' if replicas != 1 else ''}", file=out)
+                return 0
+            scaled = dataclasses.replace(spec, replicas=replicas)
+            # what apply would refuse for this service (a fixed port needs a node per replica)
+            problems = [p for p in check_mesh(config.MeshConfig(mesh=mesh, services=config.FrozenDict({service: scaled})))
+                        if p.keys[:3] == ("services", service, "replicas")]
+            if problems:
+                for p in problems:
+                    print(f"meshlet scale: {service}: {p.message} (nodes: {nodes_from})", file=err)
+                return 2
+            new = config.service_document(scaled, vip)
+            try:
+                await txn(client, [document_op(service, json.loads(json.dumps(new)), index)])
+            except TxnConflict:
+                if attempt == 3:
+                    print(f"meshlet scale: {service} kept changing meanwhile; try again", file=err)
+                    return 1
+                continue
+            print(f"{service}: scaled (replicas {spec.replicas} → {replicas})", file=out)
+            return 0
+        return 1
+    except config.ConfigError as exc:
+        print(f"meshlet scale: {'; '.join(str(i) for i in exc.issues)}", file=err)
+        return 1
+    except BrokenPipeError:
+        raise                            # our reader left: cli.main ends quietly
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        print(f"meshlet scale: cannot reach the catalog at {url}: {exc or type(exc).__name__}", file=err)
+        return 1
+    except consul.ConsulException as exc:
+        print(f"meshlet scale: the catalog at {url} refused the request: {exc}", file=err)
+        return 1
+    finally:
+        await client.close()
