@@ -51,6 +51,7 @@ from discovery.consul import TxnRolledBack, connect, kv_op, kv_txn
 
 from ..core.apply_plan import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError, ApplyPlan, ServiceChange,
                                VipRangeExhausted, diff_fields, format_change, plan_apply, resolve_catalog_url)
+from ..core.checks import check_mesh
 from ..core.revisions import read_restart_token
 from ..secrets import (CONFIG, SECRET, KeyFileError, Keyring, ObjectChange, PlanError, Versions, key_source,
                        load_keyring, new_key, pin, plan_objects, read_versions)
@@ -346,23 +347,33 @@ def read_objects(cfg: config.MeshConfig, path: str | None, *, create_key: bool) 
 
 
 def load_or_report(path: str, command: str, err: TextIO) -> config.MeshConfig | None:
-    """FILE loaded and checked, or None after printing every problem in it (each with
-    file, line and field path) or why it could not be read: the caller exits 2."""
+    """FILE loaded and checked (the schema, then what only the whole mesh shows:
+    ``core.checks``), or None after printing every problem in it (each with file, line and
+    field path) or why it could not be read: the caller exits 2."""
     try:
-        return config.load(path)
+        cfg = config.load(path)
     except config.ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=err)
+        return None
     except OSError as exc:
         print(f"meshlet {command}: cannot read {path}: {exc.strerror or exc}", file=err)
-    return None
+        return None
+    problems = [(config.locate(path, *p.keys), p) for p in check_mesh(cfg)]
+    for line, p in sorted(problems, key=lambda lp: lp[0] or 0):
+        print(f"{path}:{line} {p.path}: {p.message}" if line else f"{path} {p.path}: {p.message}", file=err)
+    return None if problems else cfg
 
 
 async def run(path: str, *, url: str | None = None, dry_run: bool = False, prune: bool = False,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+              force: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """``meshlet apply``: 0 done, 1 catalog trouble, 2 invalid file (or secret sources)."""
     cfg = load_or_report(path, "apply", err)
     if cfg is None:
+        return 2
+    if prune and not cfg.services and not force:
+        print(f"meshlet apply: {path} defines no services, and --prune deletes every service the file does "
+              "not name: that is every service in the mesh. Add --force if that is what you want.", file=err)
         return 2
     mesh = cfg.mesh
     url = resolve_catalog_url(url, os.environ, mesh.catalog, mesh.catalog_listen)
@@ -417,6 +428,8 @@ async def apply_to(url: str, services: Mapping[str, Any], vip_range: str, *, pru
         return applied if full else applied.services
     except (ApplyError, PlanError) as exc:
         print(f"meshlet apply: {exc}", file=err)
+    except BrokenPipeError:
+        raise                            # our reader left: cli.main ends quietly
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         print(f"meshlet apply: cannot reach the catalog at {url}: {exc or type(exc).__name__}", file=err)
     except consul.ConsulException as exc:

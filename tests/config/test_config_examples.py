@@ -70,7 +70,8 @@ def test_full_example_sets_fields_and_resolves_paths():
     assert shop.args == ("--verbose", "--threads", "4")
     assert shop.secrets[1] == config.SecretMount(name="db-password", target=None, env="DB_PASSWORD")
     assert shop.update.canary[-1] == config.CanaryStep(weight=100, pause=0.0)
-    assert shop.ports[1].vip_port == 9102  # a fixed port is its own VIP port
+    assert shop.ports[1].vip_port == 9102
+    assert cfg.services["exporter"].ports[0].vip_port == 9100  # a fixed port is its own VIP port
     assert cfg.mesh.nodes[0].capacity == config.NodeCapacity(cpu=4.0, memory=8 * 2**30)
     assert cfg.mesh.nodes[1].capacity.cpu == 1.5
     assert cfg.volumes["scratch"] == config.VolumeSpec(name="scratch", type="tmpfs", size=64 * 2**20)
