@@ -168,8 +168,6 @@ class Tx:
         self._op_mark = 0
         self._op_topics: set[str] = set()
         self._op_kv: set[str] = set()
-        self.post_commit: list[Callable[[], None]] = []
-        self._op_post: list[Callable[[], None]] = []
 
     # -- op boundaries ------------------------------------------------------------------
     def _begin_op(self) -> None:
@@ -177,12 +175,10 @@ class Tx:
         self._op_mark = len(self._undo)
         self._op_topics = set()
         self._op_kv = set()
-        self._op_post = []
 
     def _end_op(self) -> None:
         self.topics |= self._op_topics
         self.kv_keys |= self._op_kv
-        self.post_commit.extend(self._op_post)
 
     def _rollback_to(self, mark: int) -> None:
         undo = self._undo
@@ -240,10 +236,6 @@ class Tx:
 
     def touch_kv(self, key: str) -> None:
         self._op_kv.add(key)
-
-    def after_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once this op's batch is durable (dropped if the op fails)."""
-        self._op_post.append(fn)
 
 
 class Store:
@@ -318,10 +310,6 @@ class Store:
         self._listeners.append(listener)
 
     # -- reads --------------------------------------------------------------------------
-    def get_index(self, name: str, default: int = 0) -> int:
-        row = self.indexes.rows.get(name)
-        return row["i"] if row is not None else default
-
     @property
     def is_settled(self) -> bool:
         return self._is_settled
@@ -416,16 +404,10 @@ class Store:
                     outcomes = [(fut, None, err) for fut, _, _ in outcomes]
                     tx.topics.clear()
                     tx.kv_keys.clear()
-                    tx.post_commit.clear()
                     tx.dirty.clear()
         finally:
             self._is_settled = True
             self._settled_event.set()
-        for fn in tx.post_commit:
-            try:
-                fn()
-            except Exception:
-                log.exception("post-commit action failed")
         if tx.dirty:
             commit = Commit(self.index, set(tx.dirty), tx.topics, tx.kv_keys)
             for listener in self._listeners:
