@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from aiohttp import web
-
 from ._catalog import catalog_deregister, catalog_register
 from ._decode import DecodeError, decode_struct, parse_bool
 from ._errors import BadRequest, CatalogError
 from ._filter import apply_filter
-from ._http import Req, Router, dumps, json_response
+from ._http import Answer, Req, Router, json_response
 from ._model import State, node_index_name, svc_index_name
 from ._render import (
     catalog_service_entries, check_json, health_entries, node_json, node_service_json,
@@ -67,15 +65,22 @@ def _passing(req: Req) -> bool:
         raise BadRequest("Invalid value for ?passing") from None
 
 
-async def _blocking_list(req: Req, topic: str, index_of: Callable[[], int], items: Callable[[], list[Any]]) -> web.StreamResponse:
-    if req.query.get("filter") is not None:
-        apply_filter([], req.query["filter"])  # a bad filter is a 400 before blocking
-    index, data = await req.block(lambda: (index_of(), items()), topics=(topic,))
-    return req.json(apply_filter(data, req.query.get("filter")), index)
+def _filtered(req: Req) -> Callable[[int, Any], Any]:
+    """The reply of a list endpoint with ``?filter=`` applied (a bad filter is a 400 at
+    once, before blocking)."""
+    text = req.query.get("filter")
+    pretty = req.pretty
+    if text is not None:
+        apply_filter([], text)
+    return lambda index, data: json_response(apply_filter(data, text), index=index, pretty=pretty)
+
+
+async def _blocking_list(req: Req, topic: str, index_of: Callable[[], int], items: Callable[[], list[Any]]) -> Answer:
+    return req.block(lambda: (index_of(), items()), _filtered(req), topics=(topic,))
 
 
 # -- catalog ---------------------------------------------------------------------------
-async def catalog_register_h(req: Req) -> web.StreamResponse:
+async def catalog_register_h(req: Req) -> Answer:
     try:
         d = decode_struct(await req.json_body(), CATALOG_REGISTER)
     except DecodeError as exc:
@@ -88,7 +93,7 @@ async def catalog_register_h(req: Req) -> web.StreamResponse:
     return req.json(True)
 
 
-async def catalog_deregister_h(req: Req) -> web.StreamResponse:
+async def catalog_deregister_h(req: Req) -> Answer:
     try:
         d = decode_struct(await req.json_body(), CATALOG_DEREGISTER)
     except DecodeError as exc:
@@ -101,11 +106,11 @@ async def catalog_deregister_h(req: Req) -> web.StreamResponse:
     return req.json(True)
 
 
-async def catalog_datacenters(req: Req) -> web.StreamResponse:
+async def catalog_datacenters(req: Req) -> Answer:
     return req.json([req.server.opts.datacenter], req.server.store.index)
 
 
-async def catalog_nodes(req: Req) -> web.StreamResponse:
+async def catalog_nodes(req: Req) -> Answer:
     st = req.server.state
     meta = _node_meta(req)
 
@@ -116,7 +121,7 @@ async def catalog_nodes(req: Req) -> web.StreamResponse:
     return await _blocking_list(req, "nodes", lambda: max(1, st.index_of("nodes", 1)), items)
 
 
-async def catalog_services(req: Req) -> web.StreamResponse:
+async def catalog_services(req: Req) -> Answer:
     st = req.server.state
     meta = _node_meta(req)
 
@@ -131,29 +136,21 @@ async def catalog_services(req: Req) -> web.StreamResponse:
                 names.setdefault(svc["Service"], set()).update(svc.get("Tags") or ())
         return index, {n: sorted(t) for n, t in sorted(names.items())}
 
-    index, data = await req.block(evaluate, topics=("service_names",) if not meta else ("services",))
-    return req.json(data, index)
+    return req.block(evaluate, topics=("service_names",) if not meta else ("services",))
 
 
-async def catalog_service(req: Req) -> web.StreamResponse:
+async def catalog_service(req: Req) -> Answer:
     name = req.tail
     if not name:
         raise BadRequest("Missing service name")
-    st, cache = req.server.state, req.server.render_cache
+    st = req.server.state
     tags, meta = _tags(req), _node_meta(req)
-    if "filter" in req.query:
-        apply_filter([], req.query["filter"])
-
-    def evaluate() -> tuple[int, Any]:
-        index = service_index(st, name)
-        items = cache.get(("cs", name, tags, meta), index, lambda: catalog_service_entries(st, name, tags, meta))
-        return index, items
-
-    index, items = await req.block(evaluate, topics=(svc_index_name(name),))
-    return req.json(apply_filter(items, req.query.get("filter")), index)
+    respond = _filtered(req)
+    return req.block(lambda: (service_index(st, name), catalog_service_entries(st, name, tags, meta)), respond,
+                     topics=(svc_index_name(name),))
 
 
-async def catalog_node(req: Req) -> web.StreamResponse:
+async def catalog_node(req: Req) -> Answer:
     node = req.tail
     if not node:
         raise BadRequest("Missing node name")
@@ -168,46 +165,36 @@ async def catalog_node(req: Req) -> web.StreamResponse:
             services[sid] = node_service_json(st.services.rows[(node, sid)])
         return node_index(st, node), {"Node": node_json(row), "Services": services}
 
-    index, data = await req.block(evaluate, topics=(node_index_name(node), "nodes"))
-    return req.json(data, index)
+    return req.block(evaluate, topics=(node_index_name(node), "nodes"))
 
 
 # -- health ----------------------------------------------------------------------------
-async def health_service(req: Req) -> web.StreamResponse:
+async def health_service(req: Req) -> Answer:
     name = req.tail
     if not name:
         raise BadRequest("Missing service name")
-    st, cache = req.server.state, req.server.render_cache
+    st = req.server.state
     tags, meta, passing = _tags(req), _node_meta(req), _passing(req)
     peer = req.query.get("peer", "")
-    filtered = "filter" in req.query
-    if filtered:
-        apply_filter([], req.query["filter"])
+    respond = _filtered(req)
 
     def evaluate() -> tuple[int, Any]:
         index = service_index(st, name)
         if peer:
-            return index, b"[]"  # no peerings here: nothing is imported from a peer
-        key = ("hs", name, tags, meta, passing)
-        if filtered or req.pretty:
-            return index, cache.get(key, index, lambda: health_entries(st, name, tags, passing, meta))
-        return index, cache.get(key + ("bytes",), index, lambda: dumps(health_entries(st, name, tags, passing, meta)))
+            return index, []  # no peerings here: nothing is imported from a peer
+        return index, health_entries(st, name, tags, passing, meta)
 
-    index, data = await req.block(evaluate, topics=(svc_index_name(name),))
-    if isinstance(data, bytes):
-        return json_response(None, index=index, body=data)
-    return req.json(apply_filter(data, req.query.get("filter")), index)
+    return req.block(evaluate, respond, topics=(svc_index_name(name),))
 
 
-async def health_connect(req: Req) -> web.StreamResponse:
+async def health_connect(req: Req) -> Answer:
     """No service mesh here: no connect-capable or ingress instances, ever."""
     st = req.server.state
     name = req.tail
-    index, _ = await req.block(lambda: (service_index(st, name), None), topics=(svc_index_name(name),))
-    return req.json([], index)
+    return req.block(lambda: (service_index(st, name), []), topics=(svc_index_name(name),))
 
 
-async def health_checks(req: Req) -> web.StreamResponse:
+async def health_checks(req: Req) -> Answer:
     name = req.tail
     if not name:
         raise BadRequest("Missing service name")
@@ -222,7 +209,7 @@ async def health_checks(req: Req) -> web.StreamResponse:
     return await _blocking_list(req, svc_index_name(name), lambda: service_index(st, name), items)
 
 
-async def health_state(req: Req) -> web.StreamResponse:
+async def health_state(req: Req) -> Answer:
     state = req.tail
     if state not in _STATES:
         raise BadRequest("Invalid check state")
@@ -235,7 +222,7 @@ async def health_state(req: Req) -> web.StreamResponse:
     return await _blocking_list(req, "checks", lambda: max(1, st.index_of("checks", 1)), items)
 
 
-async def health_node(req: Req) -> web.StreamResponse:
+async def health_node(req: Req) -> Answer:
     node = req.tail
     if not node:
         raise BadRequest("Missing node name")

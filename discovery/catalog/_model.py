@@ -8,7 +8,7 @@ Tables (key -> row; rows are Consul-shaped dicts, replaced whole on every change
     services  (node, service ID) -> NodeService {ID, Service, Tags, Port, ...} (+ "_internal")
     checks    (node, check ID) -> HealthCheck {CheckID, Status, Output, ...} (+ "_def": how to run it)
     sessions  session ID -> {ID, Name, Node, LockDelay, Behavior, TTL, NodeChecks, ...}
-    indexes   index name -> {i: last index}   (see _store: named indexes are wake-up topics)
+    indexes   index name -> {i: last index}   (memory only; see _store: named indexes are wake-up topics)
 
 Derived indexes (memory only, maintained by table observers so undo keeps them right):
 
@@ -80,7 +80,7 @@ class State:
         self.services: Table[tuple[str, str]] = Table("services", tuple_keys=True)
         self.checks: Table[tuple[str, str]] = Table("checks", tuple_keys=True)
         self.sessions: Table[str] = Table("sessions")
-        self.indexes: Table[str] = Table("indexes")
+        self.indexes: Table[str] = Table("indexes", persist=False)
 
         self.services_by_name: dict[str, set[tuple[str, str]]] = {}
         self.services_by_node: dict[str, set[str]] = {}
@@ -92,6 +92,9 @@ class State:
         # KV lock-delay: key -> monotonic time before which `acquire` fails (memory only,
         # like Consul's; a restart forgets it).
         self.lock_delays: dict[str, float] = {}
+        # Named indexes are memory only: one not bumped since start reads as this (the
+        # global index at start, set by the store when it loads).
+        self.index_floor = 0
 
         self.services.observers.append(self._observe_service)
         self.checks.observers.append(self._observe_check)
@@ -146,8 +149,9 @@ class State:
 
     # -- reads --------------------------------------------------------------------------
     def index_of(self, name: str, default: int = 0) -> int:
+        """A named index; one never bumped since start is the index at start (see _store)."""
         row = self.indexes.rows.get(name)
-        return row["i"] if row is not None else default
+        return row["i"] if row is not None else max(default, self.index_floor)
 
     def service_names(self) -> dict[str, list[str]]:
         """catalog/services: name -> sorted unique tags."""

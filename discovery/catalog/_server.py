@@ -16,13 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from ._http import Router, make_handler
+from ._http import Router, error_reply, make_handler
 from ._model import State
-from ._render import RenderCache
 from ._store import Store
 from ._watch import WatchHub
+from ._wire import HttpServer
 
 __all__ = ["Options", "CatalogServer"]
 
@@ -97,17 +95,19 @@ class CatalogServer:
         self.opts = opts
         self.state = State()
         self.store = Store(opts.data_dir, self.state.tables())
-        self.hub = WatchHub()
+        store = self.store
+        self.hub = WatchHub(version=lambda: store.version, settled=store.settled,
+                            is_settled=lambda: store.is_settled,
+                            on_error=lambda exc: error_reply(exc, store.index))
         self.store.set_notifier(self.hub.notify)
         adv = opts.advertise
         self.leader_addr = f"[{adv}]:8300" if ":" in adv else f"{adv}:8300"
-        self.render_cache = RenderCache()
         from ._checks import CheckRunner
         from ._sessions import SessionTimers
 
         self.checks = CheckRunner(self)
         self.sessions = SessionTimers(self)
-        self._runner: web.ServerRunner | None = None
+        self._http: HttpServer | None = None
         self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
 
@@ -124,29 +124,27 @@ class CatalogServer:
 
         await self.store.open()
         st, opts = self.state, self.opts
+        st.index_floor = self.store.index_floor
         await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
         for component in self._components:
             await component.start()
-        # handler_cancellation: a blocking query whose client went away stops waiting at
-        # once instead of holding its subscriptions for up to ten minutes. Writes are
-        # shielded (Store.write): a write that was received is applied either way.
-        http = web.Server(make_handler(self.build_router(), self), access_log=None, handler_cancellation=True)
-        self._runner = web.ServerRunner(http, handle_signals=False, shutdown_timeout=5.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True, backlog=1024)
-        await site.start()
-        addr = self._runner.addresses[0]
-        self.bound = (addr[0], addr[1])
-        log.info("catalog serving on %s:%d (node %s, index %d)", addr[0], addr[1], self.opts.node, self.store.index)
+        # A client that goes away cancels its handler and unparks its blocking query at
+        # once. Writes are shielded (Store.write): a write that was received is applied.
+        self._http = HttpServer(make_handler(self.build_router(), self), self.hub)
+        self.bound = await self._http.start(self.opts.host or None, self.opts.port)
+        log.info("catalog serving on %s:%d (node %s, index %d)", *self.bound, self.opts.node, self.store.index)
         return self.bound
 
     async def stop(self) -> None:
         errors: list[BaseException] = []
-        self.hub.close()
-        if self._runner is not None:
+        try:
+            await self.hub.close()
+        except Exception as exc:  # keep tearing down
+            errors.append(exc)
+        if self._http is not None:
             try:
-                await self._runner.cleanup()
-            except Exception as exc:  # keep tearing down
+                await self._http.stop()
+            except Exception as exc:
                 errors.append(exc)
         for component in reversed(self._components):
             try:

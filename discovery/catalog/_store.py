@@ -74,8 +74,10 @@ class Table(Generic[K]):
         tuple_keys: bool = False,
         dump: Callable[[Row], tuple[str, bytes | None]] = _dump_json,
         load: Callable[[str, bytes | None], Row] = _load_json,
+        persist: bool = True,
     ) -> None:
         self.name = name
+        self.persist = persist  # False: memory only (undo still applies), never written to SQLite
         self.rows: dict[K, Row] = {}
         self.sorted: list[K] | None = [] if sorted_keys else None
         self.tuple_keys = tuple_keys
@@ -246,8 +248,9 @@ class Store:
         self.tables: dict[str, Table] = {}
         for t in tables:
             self.tables[t.name] = t
-        self.indexes: Table[str] = self.tables.setdefault("indexes", Table("indexes"))
+        self.indexes: Table[str] = self.tables.setdefault("indexes", Table("indexes", persist=False))
         self.index = 0
+        self.index_floor = 0  # every named index is at least this (the index at start)
         self._pending: deque[tuple[Op, asyncio.Future]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._settled_event: asyncio.Event | None = None
@@ -258,6 +261,9 @@ class Store:
         self._listeners: list[Callable[[Commit], None]] = []
         self._notify: Callable[[set[str], set[str]], None] = lambda topics, keys: None
         self.closed = False
+        # Commits that changed something, since start: an answer computed at one version
+        # is right until the next (the hub memoises answers by it).
+        self.version = 0
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -275,15 +281,21 @@ class Store:
                     self.index = max(self.index, int(doc))
                 continue
             table = self.tables.get(tbl)
-            if table is None:
-                log.warning("ignoring %d-byte row of unknown table %r", len(doc), tbl)
+            if table is None or not table.persist:
+                if table is None:
+                    log.warning("ignoring %d-byte row of unknown table %r", len(doc), tbl)
                 continue
             grouped.setdefault(tbl, []).append((table.text_key(k), table.load(doc, blob)))
         for name, items in grouped.items():
             self.tables[name]._load_bulk(items)
-        # The index never goes backwards, even if the meta row lagged behind a table.
-        for row in self.indexes.rows.values():
-            self.index = max(self.index, int(row.get("i", 0)))
+            # The index never goes backwards, even if the meta row lagged behind a table.
+            for _, row in items:
+                self.index = max(self.index, int(row.get("ModifyIndex") or row.get("i") or 0))
+        # Named indexes live in memory only (persisting them cost three or four SQLite
+        # rows per write): after a restart every one starts at the global index, which is
+        # at least what it was, so no index goes backwards; a watcher that comes back
+        # with an older one gets one early answer, which Consul's clients expect.
+        self.index_floor = self.index
         self._writer = asyncio.create_task(self._run(), name="catalog-writer")
 
     async def close(self) -> None:
@@ -350,17 +362,28 @@ class Store:
             batch = []
             while self._pending and len(batch) < MAX_BATCH:
                 batch.append(self._pending.popleft())
+            woken: tuple[set[str], set[str]] | None = None
             try:
-                await self._apply(batch)
+                woken = await self._apply(batch)
             except Exception:  # never let the writer die: fail the batch, keep serving
                 log.exception("writer: unexpected failure applying a batch")
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(CatalogError("internal error while writing"))
+            if woken is not None:
+                # Acknowledge first: a writer's answer reaches its handler two loop turns
+                # after its future resolves (Store.write's shield, then the task), and
+                # only then do the watchers get theirs, so a write is never kept waiting
+                # behind a thousand answers. Nothing changes memory meanwhile: this is
+                # the only writer.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                self._notify(*woken)
             # Let readers held by settled() run before the next batch changes memory.
             await asyncio.sleep(0)
 
-    async def _apply(self, batch: list[tuple[Op, asyncio.Future]]) -> None:
+    async def _apply(self, batch: list[tuple[Op, asyncio.Future]]) -> tuple[set[str], set[str]] | None:
+        """Apply, commit, resolve the futures; return the (topics, KV keys) to wake."""
         assert self._settled_event is not None
         tx = Tx(self)
         outcomes: list[tuple[asyncio.Future, Any, BaseException | None]] = []
@@ -386,6 +409,8 @@ class Store:
             if tx.dirty:
                 upserts, deletes = [], []
                 for (tname, key), table in tx.dirty.items():
+                    if not table.persist:
+                        continue
                     row = table.rows.get(key)
                     ktext = table.key_text(key)
                     if row is None:
@@ -406,6 +431,8 @@ class Store:
                     tx.kv_keys.clear()
                     tx.dirty.clear()
         finally:
+            if tx.dirty:
+                self.version += 1
             self._is_settled = True
             self._settled_event.set()
         if tx.dirty:
@@ -422,8 +449,6 @@ class Store:
                 fut.set_result(result)
             else:
                 fut.set_exception(exc)
-        # Acks are scheduled before the wake-ups: a writer is not kept waiting behind a
-        # thousand watchers' answers. Both happen in this same synchronous step, so by
-        # the time any ack reaches its client every watcher has been woken.
         if tx.topics or tx.kv_keys:
-            self._notify(tx.topics, tx.kv_keys)
+            return tx.topics, tx.kv_keys
+        return None

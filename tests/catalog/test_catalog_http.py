@@ -149,3 +149,69 @@ def test_main_is_importable() -> None:
     from discovery.catalog import main
 
     assert main(["--listen", "bad"]) == 2
+
+
+def _read_answers(sock, n: int) -> list[tuple[int, bytes]]:
+    """Read ``n`` whole HTTP answers (Content-Length framed) from ``sock``."""
+    buf, out = b"", []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed early"
+            buf += chunk
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(buf) < length:
+            buf += sock.recv(65536)
+        out.append((int(head.split()[1]), buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order(catalog) -> None:
+    import socket
+
+    catalog.client().kv.put("p", "1")
+    with socket.create_connection((catalog.host, catalog.port), timeout=10) as s:
+        s.sendall(b"GET /v1/kv/p?raw HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"PUT /v1/kv/p HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n2"
+                  b"GET /v1/kv/p?raw HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /v1/kv/missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_answers(s, 4) == [(200, b"1"), (200, b"true"), (200, b"2"), (404, b"")]
+
+
+def test_client_gone_unparks_its_blocking_query(catalog) -> None:
+    import socket
+
+    index = catalog.client().kv.put("k", "v") and catalog.client().kv.get("k")[0]
+    socks = []
+    for _ in range(3):
+        s = socket.create_connection((catalog.host, catalog.port), timeout=10)
+        s.sendall(f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(s)
+    wait_for(lambda: blocked(catalog.url) == 3, what="3 blocked")
+    socks.pop().close()
+    wait_for(lambda: blocked(catalog.url) == 2, what="the closed one unparked")
+    catalog.client().kv.put("k", "w")
+    for s in socks:
+        assert _read_answers(s, 1)[0][0] == 200
+        s.close()
+    assert blocked(catalog.url) == 0
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"GARBAGE\r\n\r\n", id="not-http"),
+    pytest.param(b"GET /v1/kv/a HTTP/1.1\r\nContent-Length: nope\r\n\r\n", id="bad-length"),
+    pytest.param(b"GET /v1/kv/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", id="upgrade"),
+])
+def test_malformed_request_gets_400_and_the_server_keeps_serving(shared_catalog, raw: bytes) -> None:
+    import socket
+
+    with socket.create_connection((shared_catalog.host, shared_catalog.port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert requests.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200

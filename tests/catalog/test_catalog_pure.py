@@ -3,7 +3,6 @@ key validation, wait times and the wake-up structure."""
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from hypothesis import given
@@ -16,9 +15,9 @@ from discovery.catalog._decode import (
 from discovery.catalog._errors import BadRequest, CatalogError
 from discovery.catalog._filter import FilterError, apply_filter, compile_filter
 from discovery.catalog._kv import validate_key
-from discovery.catalog._render import RenderCache
 from discovery.catalog._schemas import SERVICE_DEFINITION
-from discovery.catalog._watch import WatchHub, wait_seconds
+from discovery.catalog._watch import Blocking, Subscriptions, WatchHub, wait_seconds
+from discovery.catalog._wire import Reply
 
 
 @pytest.mark.parametrize(
@@ -244,39 +243,41 @@ def test_filter_errors(expr: str) -> None:
         compile_filter(expr)
 
 
-async def test_watch_hub_wakes_exact_topics_keys_and_prefixes() -> None:
-    hub = WatchHub()
-    loop = asyncio.get_running_loop()
-    futs = {name: loop.create_future() for name in ("svc", "key", "prefix-a", "prefix-b", "root")}
-    hub.subscribe(futs["svc"], topics=["service.web"])
-    hub.subscribe(futs["key"], keys=["a/x"])
-    hub.subscribe(futs["prefix-a"], prefixes=["a/"])
-    hub.subscribe(futs["prefix-b"], prefixes=["b/"])
-    hub.subscribe(futs["root"], prefixes=[""])
-    assert hub.notify(["service.db"], ["a/y/z"]) == 2  # a/ and the root prefix
-    assert futs["prefix-a"].done() and futs["root"].done()
-    assert not futs["key"].done() and not futs["prefix-b"].done() and not futs["svc"].done()
-    assert hub.notify(["service.web"], ["a/x"]) == 2
-    assert futs["svc"].done() and futs["key"].done() and not futs["prefix-b"].done()
-    hub.unsubscribe(futs["prefix-b"], prefixes=["b/"])
-    assert hub.waiting() == 0
-    hub.close()
+def test_subscriptions_wake_exact_topics_keys_and_prefixes() -> None:
+    subs = Subscriptions()
+    svc, key, prefix_a, prefix_b, root, both = "svc", "key", "prefix-a", "prefix-b", "root", "both"
+    subs.add(svc, topics=["service.web"])
+    subs.add(key, keys=["a/x"])
+    subs.add(prefix_a, prefixes=["a/"])
+    subs.add(prefix_b, prefixes=["b/"])
+    subs.add(root, prefixes=[""])
+    subs.add(both, topics=["service.web", "nodes"])
+    assert sorted(subs.pop_woken(["service.db"], ["a/y/z"])) == [prefix_a, root]  # a/ and the root prefix
+    # a member under two woken names is returned once
+    assert sorted(subs.pop_woken(["service.web", "nodes"], ["a/x"])) == [both, key, svc]
+    subs.remove(prefix_b, prefixes=["b/"])
+    assert subs.count() == 0
 
 
-def test_render_cache_keys_on_index() -> None:
-    cache = RenderCache(size=2)
-    calls = []
+def test_answers_are_encoded_once_per_query_and_store_version() -> None:
+    version = [1]
+    hub = WatchHub(version=lambda: version[0])
+    evaluations = []
 
-    def render(v):
-        return lambda: calls.append(v) or v
+    def blocking(path: str, value: str) -> Blocking:
+        def evaluate():
+            evaluations.append(value)
+            return 7, value
+        return Blocking(evaluate, lambda index, data: Reply(200, data.encode(), "text/plain"), 0, 1.0, (path, ()))
 
-    assert cache.get("q", 1, render("a")) == "a"
-    assert cache.get("q", 1, render("b")) == "a"  # same index: cached
-    assert cache.get("q", 2, render("c")) == "c"  # index moved: rendered again
-    cache.get("r", 1, render("d"))
-    cache.get("s", 1, render("e"))  # evicts "q"
-    assert cache.get("q", 2, render("f")) == "f"
-    assert calls == ["a", "c", "d", "e", "f"]
+    first = hub.answer(blocking("/q", "a"))
+    assert first[0] == 7 and first[1].endswith(b"\r\n\r\na")
+    assert hub.answer(blocking("/q", "b")) is not None and hub.answer(blocking("/q", "b"))[1] is first[1]
+    assert evaluations == ["a"]  # same query, same version: the same bytes object
+    hub.answer(blocking("/r", "c"))
+    version[0] = 2
+    assert hub.answer(blocking("/q", "d"))[1].endswith(b"d")  # a commit: evaluated again
+    assert evaluations == ["a", "c", "d"] and hub.encodes == 3
 
 
 # -- write ops over in-memory tables (the store is never opened: no SQLite, no loop) --------
