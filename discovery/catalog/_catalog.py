@@ -334,7 +334,7 @@ def register_check(st: State, tx: Tx, node: str, c: dict[str, Any]) -> None:
     if sid:
         svc = st.services.get((node, sid))
         if svc is None or _is_internal(svc):
-            raise CatalogError(f'ServiceID "{sid}" does not exist')
+            raise NotFound(f'ServiceID "{sid}" does not exist')  # agent_endpoint.go: 404
     prev = st.checks.get((node, cid))
     if _is_internal(prev):
         raise BadRequest(f'Invalid check ID "{cid}": reserved by the catalog')

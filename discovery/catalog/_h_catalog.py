@@ -17,7 +17,7 @@ from ._filter import apply_filter
 from ._http import Answer, Req, Router, json_response
 from ._model import State, node_index_name, svc_index_name
 from ._render import (
-    catalog_service_entries, check_json, health_entries, node_json, node_service_json,
+    catalog_service_entries, catalog_service_json, check_json, health_entries, node_json, node_service_json,
 )
 from ._schemas import CATALOG_DEREGISTER, CATALOG_REGISTER
 
@@ -53,6 +53,12 @@ def _node_meta(req: Req) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(out))
 
 
+def _peer(req: Req) -> str:
+    """``?peer=``: there are no cluster peerings here, so every peer is unknown and its
+    imported services are none (Consul answers an empty list, index headers included)."""
+    return req.query.get("peer", "")
+
+
 def _passing(req: Req) -> bool:
     if "passing" not in req.query:
         return False
@@ -76,6 +82,8 @@ def _filtered(req: Req) -> Callable[[int, Any], Any]:
 
 
 async def _blocking_list(req: Req, topic: str, index_of: Callable[[], int], items: Callable[[], list[Any]]) -> Answer:
+    if _peer(req):
+        return req.block(lambda: (index_of(), []), _filtered(req), topics=(topic,))
     return req.block(lambda: (index_of(), items()), _filtered(req), topics=(topic,))
 
 
@@ -122,21 +130,33 @@ async def catalog_nodes(req: Req) -> Answer:
 
 
 async def catalog_services(req: Req) -> Answer:
+    """Names -> tags. With ``?filter=`` (or ``node-meta``) the instances are filtered
+    first (the filter sees ServiceNode fields, as for /v1/catalog/service) and the tags
+    are gathered from the matching instances only (catalog_endpoint.go ListServices,
+    servicesTagsByName)."""
     st = req.server.state
     meta = _node_meta(req)
+    text = req.query.get("filter")
+    peer = _peer(req)
+    if text is not None:
+        apply_filter([], text)  # a bad filter is a 400 before blocking
+    if peer:
+        return req.block(lambda: (max(1, st.index_of("service_names", 1)), {}), topics=("service_names",))
+    if not meta and text is None:
+        return req.block(lambda: (max(1, st.index_of("service_names", 1)), st.service_names()),
+                         topics=("service_names",))
 
     def evaluate() -> tuple[int, Any]:
-        index = max(1, st.index_of("service_names", 1))
-        if not meta:
-            return index, st.service_names()
+        index = max(1, st.index_of("services", 1), st.index_of("nodes", 1))
+        entries = [catalog_service_json(st.nodes.rows[node], svc)
+                   for (node, _), svc in sorted(st.services.rows.items()) if node in st.nodes.rows]
+        entries = [e for e in entries if all(e["NodeMeta"].get(k) == v for k, v in meta)]
         names: dict[str, set[str]] = {}
-        for (node, _), svc in st.services.rows.items():
-            node_row = st.nodes.rows.get(node) or {}
-            if all((node_row.get("Meta") or {}).get(k) == v for k, v in meta):
-                names.setdefault(svc["Service"], set()).update(svc.get("Tags") or ())
+        for e in apply_filter(entries, text):
+            names.setdefault(e["ServiceName"], set()).update(e["ServiceTags"])
         return index, {n: sorted(t) for n, t in sorted(names.items())}
 
-    return req.block(evaluate, topics=("service_names",) if not meta else ("services",))
+    return req.block(evaluate, topics=("services", "nodes"))
 
 
 async def catalog_service(req: Req) -> Answer:
@@ -144,8 +164,10 @@ async def catalog_service(req: Req) -> Answer:
     if not name:
         raise BadRequest("Missing service name")
     st = req.server.state
-    tags, meta = _tags(req), _node_meta(req)
+    tags, meta, peer = _tags(req), _node_meta(req), _peer(req)
     respond = _filtered(req)
+    if peer:
+        return req.block(lambda: (service_index(st, name), []), respond, topics=(svc_index_name(name),))
     return req.block(lambda: (service_index(st, name), catalog_service_entries(st, name, tags, meta)), respond,
                      topics=(svc_index_name(name),))
 
@@ -175,7 +197,7 @@ async def health_service(req: Req) -> Answer:
         raise BadRequest("Missing service name")
     st = req.server.state
     tags, meta, passing = _tags(req), _node_meta(req), _passing(req)
-    peer = req.query.get("peer", "")
+    peer = _peer(req)
     respond = _filtered(req)
 
     def evaluate() -> tuple[int, Any]:
@@ -231,8 +253,18 @@ async def health_node(req: Req) -> Answer:
                                 lambda: [check_json(c) for c in st.all_node_checks(node)])
 
 
+async def gateway_services(req: Req) -> Answer:
+    """No gateways are configured here (no config entries): an empty list, with the index."""
+    name = req.tail
+    if not name:
+        raise BadRequest("Missing gateway name")
+    st = req.server.state
+    return req.block(lambda: (service_index(st, name), []), topics=(svc_index_name(name),))
+
+
 def register(router: Router) -> None:
     add = router.add
+    add("/v1/catalog/gateway-services/", {"GET": gateway_services})
     add("/v1/catalog/register", {"PUT": catalog_register_h})
     add("/v1/catalog/deregister", {"PUT": catalog_deregister_h})
     add("/v1/catalog/datacenters", {"GET": catalog_datacenters}, check_dc=False)

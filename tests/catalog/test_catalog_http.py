@@ -21,11 +21,15 @@ READ_PATHS = [
     "/v1/health/state/any", "/v1/health/node/meshlet", "/v1/session/list", "/v1/session/info/x",
     "/v1/session/node/meshlet", "/v1/agent/services", "/v1/agent/checks", "/v1/status/leader",
     "/v1/status/peers", "/v1/catalog/datacenters", "/v1/agent/self", "/v1/agent/members", "/v1/agent/metrics",
-    "/v1/agent/service/nope", "/v1/health/connect/web",
+    "/v1/agent/service/nope", "/v1/health/connect/web", "/v1/health/ingress/web",
+    "/v1/catalog/gateway-services/gw", "/v1/health/service/web?peer=p", "/v1/catalog/service/web?peer=p",
+    "/v1/catalog/services?peer=p", "/v1/health/service/web?merge-central-config",
+    "/v1/catalog/services?filter=ServiceName%20%3D%3D%20%22web%22", "/v1/kv/missing?index=1&wait=1ms",
+    "/v1/catalog/node/nope", "/v1/session/info/nope?index=1&wait=1ms",
 ]
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-")) for p in READ_PATHS])
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-").replace("?", "-")) for p in READ_PATHS])
 def test_read_endpoints_carry_consul_headers(shared_catalog, path: str) -> None:
     r = requests.get(shared_catalog.url + path, timeout=5)
     assert r.status_code in (200, 404)
