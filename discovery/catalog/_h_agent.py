@@ -15,7 +15,7 @@ from ._catalog import (
     deregister_check, deregister_service, node_maintenance, register_check, register_service,
     service_maintenance, update_ttl_check,
 )
-from ._checkdef import CRITICAL, PASSING, WARNING
+from ._checkdef import CRITICAL, PASSING, WARNING, script_policy
 from ._decode import DecodeError, decode_struct, parse_bool
 from ._errors import BadRequest, NotFound
 from ._filter import apply_filter
@@ -129,6 +129,13 @@ async def agent_checks(req: Req) -> Answer:
     return req.json({c["CheckID"]: c for c in items}, req.server.store.index)
 
 
+def _remote_scripts(req: Req) -> str | None:
+    """Why a script check registered over HTTP is refused here, or None (Consul's
+    enable_script_checks; enable_local_script_checks alone only allows config files)."""
+    opts = req.server.opts
+    return script_policy("remote", opts.enable_script_checks, opts.enable_local_script_checks)
+
+
 def _replace_flag(req: Req) -> bool:
     if "replace-existing-checks" not in req.query:
         return False
@@ -144,8 +151,8 @@ def _replace_flag(req: Req) -> bool:
 async def service_register(req: Req) -> Answer:
     d = _decode(await req.json_body(), SERVICE_DEFINITION)
     replace = _replace_flag(req)
-    st, node = req.server.state, req.server.opts.node
-    await req.server.store.write(lambda tx: register_service(st, tx, node, d, replace))
+    st, node, refusal = req.server.state, req.server.opts.node, _remote_scripts(req)
+    await req.server.store.write(lambda tx: register_service(st, tx, node, d, replace, refusal))
     return Reply(200)
 
 
@@ -186,8 +193,8 @@ async def node_maint(req: Req) -> Answer:
 
 async def check_register(req: Req) -> Answer:
     c = _decode(await req.json_body(), CHECK_TYPE)
-    st, node = req.server.state, req.server.opts.node
-    await req.server.store.write(lambda tx: register_check(st, tx, node, c))
+    st, node, refusal = req.server.state, req.server.opts.node, _remote_scripts(req)
+    await req.server.store.write(lambda tx: register_check(st, tx, node, c, refusal))
     return Reply(200)
 
 

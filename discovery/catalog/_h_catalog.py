@@ -209,11 +209,41 @@ async def health_service(req: Req) -> Answer:
     return req.block(evaluate, respond, topics=(svc_index_name(name),))
 
 
+def connect_index(st: State, name: str) -> tuple[int, tuple[str, ...]]:
+    """The index of ``name``'s Connect endpoints and the topics that move it: the
+    destination's own, every proxy's, and ``services`` (a proxy registered or removed)."""
+    names = {st.services.rows[k]["Service"] for k in st.connect_by_dest.get(name, ())}
+    index = max([service_index(st, name)] + [service_index(st, n) for n in names] + [st.index_of("services", 1)])
+    return index, tuple(svc_index_name(n) for n in sorted(names | {name})) + ("services",)
+
+
 async def health_connect(req: Req) -> Answer:
-    """No service mesh here: no connect-capable or ingress instances, ever."""
-    st = req.server.state
+    """Connect-capable instances of a service: its sidecar proxies (and Connect-native
+    instances). No mesh runs behind them here; these are the registrations."""
     name = req.tail
-    return req.block(lambda: (service_index(st, name), []), topics=(svc_index_name(name),))
+    if not name:
+        raise BadRequest("Missing service name")
+    st = req.server.state
+    tags, meta, passing, peer = _tags(req), _node_meta(req), _passing(req), _peer(req)
+    respond = _filtered(req)
+    if req.request.path.startswith("/v1/health/ingress/") or peer:  # no ingress gateways, no peers
+        return req.block(lambda: (service_index(st, name), []), respond, topics=(svc_index_name(name),))
+    _, topics = connect_index(st, name)
+    return req.block(lambda: (connect_index(st, name)[0], health_entries(st, name, tags, passing, meta, connect=True)),
+                     respond, topics=topics)
+
+
+async def catalog_connect(req: Req) -> Answer:
+    name = req.tail
+    if not name:
+        raise BadRequest("Missing service name")
+    st = req.server.state
+    tags, meta, peer = _tags(req), _node_meta(req), _peer(req)
+    respond = _filtered(req)
+    _, topics = connect_index(st, name)
+    return req.block(lambda: (connect_index(st, name)[0],
+                              [] if peer else catalog_service_entries(st, name, tags, meta, connect=True)),
+                     respond, topics=topics)
 
 
 async def health_checks(req: Req) -> Answer:
@@ -265,6 +295,7 @@ async def gateway_services(req: Req) -> Answer:
 def register(router: Router) -> None:
     add = router.add
     add("/v1/catalog/gateway-services/", {"GET": gateway_services})
+    add("/v1/catalog/connect/", {"GET": catalog_connect})
     add("/v1/catalog/register", {"PUT": catalog_register_h})
     add("/v1/catalog/deregister", {"PUT": catalog_deregister_h})
     add("/v1/catalog/datacenters", {"GET": catalog_datacenters}, check_dc=False)

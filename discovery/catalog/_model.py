@@ -16,6 +16,7 @@ Derived indexes (memory only, maintained by table observers so undo keeps them r
     service_tags       name -> Counter(tag)          (catalog/services answers from it)
     checks_by_service  (node, service id) -> {check id}    checks_by_node  node -> {check id}
     kv_by_session      session -> {key}              sessions_by_node  node -> {id}
+    connect_by_dest    service name -> {(node, id)} of its proxies and Connect-native instances
 
 Named indexes: ``kvs`` (any KV write), ``nodes``, ``services`` (any service row),
 ``service_names`` (the name -> tags map changed), ``service.<name>``,
@@ -31,7 +32,7 @@ from typing import Any
 
 from ._store import Row, Table
 
-__all__ = ["State", "public", "svc_index_name", "node_index_name"]
+__all__ = ["State", "public", "svc_index_name", "node_index_name", "connect_destination"]
 
 
 def _kv_dump(row: Row) -> tuple[str, bytes | None]:
@@ -48,6 +49,15 @@ def _kv_load(doc: str, blob: bytes | None) -> Row:
 def public(row: Row) -> Row:
     """A row without its internal ("_"-prefixed) fields."""
     return {k: v for k, v in row.items() if k[0] != "_"}
+
+
+def connect_destination(svc: Row) -> str:
+    """The service a connect-proxy fronts, or a Connect-native service's own name, else ""."""
+    if svc.get("Kind") == "connect-proxy":
+        return (svc.get("Proxy") or {}).get("DestinationServiceName") or ""
+    if (svc.get("Connect") or {}).get("Native"):
+        return svc["Service"]
+    return ""
 
 
 def svc_index_name(name: str) -> str:
@@ -89,6 +99,9 @@ class State:
         self.checks_by_node: dict[str, set[str]] = {}
         self.kv_by_session: dict[str, set[str]] = {}
         self.sessions_by_node: dict[str, set[str]] = {}
+        # Connect: destination service name -> {(node, id)} of its connect-proxy instances
+        # and of its Connect-native instances (health/connect, catalog/connect).
+        self.connect_by_dest: dict[str, set[tuple[str, str]]] = {}
         # KV lock-delay: key -> monotonic time before which `acquire` fails (memory only,
         # like Consul's; a restart forgets it).
         self.lock_delays: dict[str, float] = {}
@@ -107,6 +120,10 @@ class State:
     # -- observers ----------------------------------------------------------------------
     def _observe_service(self, key: tuple[str, str], old: Row | None, new: Row | None) -> None:
         node, sid = key
+        if old is not None and (dest := connect_destination(old)):
+            _remove(self.connect_by_dest, dest, key)
+        if new is not None and (dest := connect_destination(new)):
+            _add(self.connect_by_dest, dest, key)
         if old is not None:
             name = old["Service"]
             _remove(self.services_by_name, name, key)

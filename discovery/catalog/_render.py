@@ -129,12 +129,13 @@ def _node_meta_matches(node: dict[str, Any], node_meta: tuple[tuple[str, str], .
 
 def health_entries(
     st: State, name: str, tags: tuple[str, ...] = (), passing: bool = False,
-    node_meta: tuple[tuple[str, str], ...] = (),
+    node_meta: tuple[tuple[str, str], ...] = (), connect: bool = False,
 ) -> list[dict[str, Any]]:
-    """/v1/health/service/<name>: Node, Service and Checks (node checks too) per instance."""
+    """/v1/health/service/<name>: Node, Service and Checks (node checks too) per instance.
+    ``connect``: the instances that serve ``name`` over Connect instead (health/connect)."""
     out = []
     nodes = st.nodes.rows
-    for node_name, sid in st.instances(name):
+    for node_name, sid in (sorted(st.connect_by_dest.get(name, ())) if connect else st.instances(name)):
         svc = st.services.rows[(node_name, sid)]
         if not _has_tags(svc, tags):
             continue
@@ -150,10 +151,11 @@ def health_entries(
 
 
 def catalog_service_entries(
-    st: State, name: str, tags: tuple[str, ...] = (), node_meta: tuple[tuple[str, str], ...] = ()
+    st: State, name: str, tags: tuple[str, ...] = (), node_meta: tuple[tuple[str, str], ...] = (),
+    connect: bool = False,
 ) -> list[dict[str, Any]]:
     out = []
-    for node_name, sid in st.instances(name):
+    for node_name, sid in (sorted(st.connect_by_dest.get(name, ())) if connect else st.instances(name)):
         svc = st.services.rows[(node_name, sid)]
         node = st.nodes.rows.get(node_name)
         if node is None or not _has_tags(svc, tags) or not _node_meta_matches(node, node_meta):

@@ -41,6 +41,15 @@ class Options:
     # Floor for HTTP/TCP check intervals (Consul clamps to 1s; py-consul's own tests
     # register 10ms/100ms checks and expect them to run).
     check_interval_min: float = 0.1
+    # Consul's enable_script_checks (script checks from the HTTP API and config files) and
+    # enable_local_script_checks (from config files only). Both off, as in Consul: a script
+    # check runs a command as this process's user.
+    enable_script_checks: bool = False
+    enable_local_script_checks: bool = False
+    # Consul-style JSON config files/directories: services, checks, the script flags,
+    # log_level. Read at start and again on reload (SIGHUP or PUT /v1/agent/reload).
+    config_paths: tuple[str, ...] = ()
+    log_level: str = "info"
 
     @property
     def advertise(self) -> str:

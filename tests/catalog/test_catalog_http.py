@@ -21,7 +21,7 @@ READ_PATHS = [
     "/v1/health/state/any", "/v1/health/node/meshlet", "/v1/session/list", "/v1/session/info/x",
     "/v1/session/node/meshlet", "/v1/agent/services", "/v1/agent/checks", "/v1/status/leader",
     "/v1/status/peers", "/v1/catalog/datacenters", "/v1/agent/self", "/v1/agent/members", "/v1/agent/metrics",
-    "/v1/agent/service/nope", "/v1/health/connect/web", "/v1/health/ingress/web",
+    "/v1/agent/service/nope", "/v1/health/connect/web", "/v1/health/ingress/web", "/v1/catalog/connect/web",
     "/v1/catalog/gateway-services/gw", "/v1/health/service/web?peer=p", "/v1/catalog/service/web?peer=p",
     "/v1/catalog/services?peer=p", "/v1/health/service/web?merge-central-config",
     "/v1/catalog/services?filter=ServiceName%20%3D%3D%20%22web%22", "/v1/kv/missing?index=1&wait=1ms",

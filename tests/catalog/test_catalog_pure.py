@@ -8,7 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from discovery.catalog._checkdef import apply_result, check_definition, http_status, truncate_output
+from discovery.catalog._checkdef import (
+    SCRIPTS_DISABLED, SCRIPTS_DISABLED_REMOTE, alias_status, apply_result, check_definition, http_status,
+    script_policy, script_result, truncate_output,
+)
+from discovery.catalog._connect import sidecar_definition
 from discovery.catalog._decode import (
     DecodeError, decode_struct, format_go_duration, parse_bool, parse_go_duration, parse_uint,
 )
@@ -192,13 +196,102 @@ def test_http_status_and_truncation() -> None:
         pytest.param({"TCP": "h:1"}, BadRequest, id="tcp-no-interval"),
         pytest.param({}, BadRequest, id="nothing"),
         pytest.param({"TTL": 1, "FailuresBeforeWarning": 3, "FailuresBeforeCritical": 1}, BadRequest, id="fbw-over-fbc"),
-        pytest.param({"ScriptArgs": ["true"], "Interval": 1}, CatalogError, id="script"),
-        pytest.param({"AliasService": "x"}, BadRequest, id="alias"),
+        pytest.param({"ScriptArgs": ["true"]}, BadRequest, id="script-no-interval"),
+        pytest.param({"AliasService": "x", "TTL": 1}, BadRequest, id="alias-with-ttl"),
+        pytest.param({"AliasService": "x", "Interval": 1, "TCP": "h:1"}, BadRequest, id="alias-with-interval"),
+        pytest.param({"DockerContainerID": "c", "ScriptArgs": ["x"], "Interval": 1}, BadRequest, id="docker"),
+        pytest.param({"GRPC": "h:1", "Interval": 1}, BadRequest, id="grpc"),
     ],
 )
 def test_check_definition_rejects(check: dict, error: type) -> None:
     with pytest.raises(error):
         check_definition(check)
+
+
+@pytest.mark.parametrize(
+    "source, remote_flag, local_flag, refused",
+    [
+        pytest.param("remote", False, False, SCRIPTS_DISABLED_REMOTE, id="remote-default"),
+        pytest.param("remote", False, True, SCRIPTS_DISABLED_REMOTE, id="remote-local-flag-only"),
+        pytest.param("remote", True, False, None, id="remote-enabled"),
+        pytest.param("local", False, False, SCRIPTS_DISABLED, id="local-default"),
+        pytest.param("local", False, True, None, id="local-flag"),
+        pytest.param("local", True, False, None, id="local-by-script-flag"),
+    ],
+)
+def test_script_policy(source: str, remote_flag: bool, local_flag: bool, refused: str | None) -> None:
+    assert script_policy(source, remote_flag, local_flag) == refused
+
+
+@pytest.mark.parametrize(
+    "returncode, tail, total, timed_out, expected",
+    [
+        pytest.param(0, b"ok", 2, False, ("passing", "ok"), id="exit-0"),
+        pytest.param(1, b"meh", 3, False, ("warning", "meh"), id="exit-1"),
+        pytest.param(2, b"bad", 3, False, ("critical", "bad"), id="exit-2"),
+        pytest.param(-9, b"", 0, False, ("critical", ""), id="killed-by-signal"),
+        pytest.param(-9, b"part", 4, True, ("critical", "Timed out (1.5s) running check\n\npart"), id="timeout"),
+        pytest.param(-9, b"", 0, True, ("critical", "Timed out (1.5s) running check"), id="timeout-silent"),
+        pytest.param(0, b"cdef", 6, False, ("passing", "Captured 4 of 6 bytes\n...\ncdef"), id="cut"),
+    ],
+)
+def test_script_result(returncode, tail: bytes, total: int, timed_out: bool, expected) -> None:
+    assert script_result(returncode, tail, total, 4, timed_out, 1_500_000_000) == expected
+
+
+def _chk(name: str, status: str, sid: str = "web", output: str = "") -> dict:
+    return {"Name": name, "Status": status, "ServiceID": sid, "Output": output}
+
+
+@pytest.mark.parametrize(
+    "checks, exists, expected",
+    [
+        pytest.param([], True, ("passing", "No checks found."), id="no-checks"),
+        pytest.param([], False, ("critical", "Service web could not be found on node n1"), id="no-service"),
+        pytest.param([_chk("a", "passing")], True, ("passing", "All checks passing."), id="passing"),
+        pytest.param([_chk("a", "warning", output="w"), _chk("b", "passing")], True,
+                     ("warning", 'Aliased check "a" failing: w'), id="warning-kept"),
+        pytest.param([_chk("a", "warning"), _chk("b", "critical", output="c"), _chk("z", "warning")], True,
+                     ("critical", 'Aliased check "b" failing: c'), id="critical-wins"),
+        pytest.param([_chk("maint", "critical", sid="")], True, ("critical", 'Aliased check "maint" failing: '),
+                     id="node-check-counts"),
+        pytest.param([_chk("other", "critical", sid="db")], True, ("passing", "No checks found."), id="other-service"),
+    ],
+)
+def test_alias_status(checks: list, exists: bool, expected: tuple) -> None:
+    assert alias_status(checks, exists, "web", "n1") == expected
+
+
+@pytest.mark.parametrize(
+    "parent, sidecar, used, current, expected",
+    [
+        pytest.param({"Name": "web", "Port": 80}, {}, [21000, 21002], None,
+                     {"ID": "web-1-sidecar-proxy", "Name": "web-sidecar-proxy", "Port": 21001,
+                      "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 80, "Address": ""}, id="defaults"),
+        pytest.param({"Name": "web", "Port": 80, "Address": "10.0.0.5"}, {"Port": 30000}, [], None,
+                     {"ID": "web-1-sidecar-proxy", "Name": "web-sidecar-proxy", "Port": 30000,
+                      "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 80, "Address": "10.0.0.5"},
+                     id="given-port-inherited-address"),
+        pytest.param({"Name": "web", "Port": 80}, {"Name": "edge", "Proxy": {"LocalServicePort": 8443}}, [21000], 21007,
+                     {"ID": "web-1-sidecar-proxy", "Name": "edge", "Port": 21007,
+                      "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 8443, "Address": ""},
+                     id="keeps-its-port"),
+    ],
+)
+def test_sidecar_definition(parent: dict, sidecar: dict, used: list, current, expected: dict) -> None:
+    d = sidecar_definition(parent, "web-1", sidecar, used, current)
+    got = {"ID": d["ID"], "Name": d["Name"], "Port": d["Port"], "Address": d["Address"],
+           "LocalServiceAddress": d["Proxy"]["LocalServiceAddress"], "LocalServicePort": d["Proxy"]["LocalServicePort"]}
+    assert got == expected
+    assert d["Kind"] == "connect-proxy" and d["Proxy"]["DestinationServiceID"] == "web-1"
+    if not sidecar.get("Check") and not sidecar.get("Checks"):
+        assert [c["Name"] for c in d["Checks"]] == ["Connect Sidecar Listening", "Connect Sidecar Aliasing web-1"]
+        assert d["Checks"][0]["TCP"].endswith(f":{d['Port']}")
+
+
+def test_sidecar_ports_run_out() -> None:
+    with pytest.raises(CatalogError, match=r"none left in the configured range \[21000, 21255\]"):
+        sidecar_definition({"Name": "w", "Port": 1}, "w", {}, range(21000, 21256), None)
 
 
 def test_check_definition_defaults() -> None:
