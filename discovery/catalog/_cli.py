@@ -74,6 +74,12 @@ async def _serve(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:  # SIGHUP: re-read the config files, as Consul does
+        task = loop.create_task(server.reload())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are logged by reload
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         host, port = await server.start()
     except Exception as exc:

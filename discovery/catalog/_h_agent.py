@@ -20,7 +20,8 @@ from ._decode import DecodeError, decode_struct, parse_bool
 from ._errors import BadRequest, NotFound
 from ._filter import apply_filter
 from ._http import Answer, Req, Router, json_response, text_reply
-from ._wire import Reply
+from ._monitor import monitor_level
+from ._wire import Reply, Streaming
 from ._render import agent_service_json, check_json
 from ._schemas import CHECK_TYPE, CHECK_UPDATE, SERVICE_DEFINITION
 from ._server import VERSION
@@ -132,8 +133,8 @@ async def agent_checks(req: Req) -> Answer:
 def _remote_scripts(req: Req) -> str | None:
     """Why a script check registered over HTTP is refused here, or None (Consul's
     enable_script_checks; enable_local_script_checks alone only allows config files)."""
-    opts = req.server.opts
-    return script_policy("remote", opts.enable_script_checks, opts.enable_local_script_checks)
+    server = req.server
+    return script_policy("remote", server.enable_script_checks, server.enable_local_script_checks)
 
 
 def _replace_flag(req: Req) -> bool:
@@ -303,8 +304,28 @@ async def agent_metrics(req: Req) -> Answer:
     return req.json(body, server.store.index)
 
 
+async def agent_reload(req: Req) -> Answer:
+    """Re-read the config files (services, checks, log_level); 500 with the reason, and
+    nothing changed, if one cannot be used."""
+    await req.server.reload()
+    return Reply(200)
+
+
+async def agent_monitor(req: Req) -> Answer:
+    name = req.query.get("loglevel") or "INFO"
+    level = monitor_level(name)
+    if level is None:
+        raise BadRequest(f"Unknown log level: {name}")
+    as_json = "logjson" in req.query
+    fanout = req.server.monitor
+    assert fanout is not None
+    return Streaming(lambda write: fanout.stream(level, as_json, write))
+
+
 def register(router: Router) -> None:
     add = router.add
+    add("/v1/agent/reload", {"PUT": agent_reload}, check_dc=False)
+    add("/v1/agent/monitor", {"GET": agent_monitor}, check_dc=False)
     add("/v1/agent/self", {"GET": agent_self}, check_dc=False)
     add("/v1/agent/members", {"GET": agent_members}, check_dc=False)
     add("/v1/agent/metrics", {"GET": agent_metrics}, check_dc=False)

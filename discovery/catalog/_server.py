@@ -16,7 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ._checkdef import script_policy
+from ._config import AgentConfig, ConfigError, apply_config, parse_config, read_config
+from ._errors import CatalogError
 from ._http import Router, error_reply, make_handler
+from ._monitor import LogFanout
 from ._model import State
 from ._store import Store
 from ._watch import WatchHub
@@ -68,6 +72,11 @@ class Options:
             return "127.0.0.1"
 
 
+def _level(name: str) -> int:
+    """A --log-level or log_level name as a logging level ("warn"/"warning" alike)."""
+    return {"trace": logging.DEBUG, "warn": logging.WARNING}.get(name, getattr(logging, name.upper(), logging.INFO))
+
+
 class TombstoneReaper:
     """Drops KV tombstones older than 15 minutes, checking every minute."""
 
@@ -117,6 +126,10 @@ class CatalogServer:
         self.checks = CheckRunner(self)
         self.sessions = SessionTimers(self)
         self._http: HttpServer | None = None
+        self.monitor: LogFanout | None = None
+        # Effective script flags: the command line or the config files read at start.
+        self.enable_script_checks = opts.enable_script_checks
+        self.enable_local_script_checks = opts.enable_local_script_checks
         self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
 
@@ -131,10 +144,17 @@ class CatalogServer:
     async def start(self) -> tuple[str, int]:
         from ._catalog import bootstrap_node
 
+        config = parse_config(read_config(self.opts.config_paths))  # a bad file: no start
+        self.enable_script_checks = self.opts.enable_script_checks or config.enable_script_checks
+        self.enable_local_script_checks = self.opts.enable_local_script_checks or config.enable_local_script_checks
+        self._config_flags = (config.enable_script_checks, config.enable_local_script_checks)
+        self.monitor = LogFanout(asyncio.get_running_loop(), _level(config.log_level or self.opts.log_level))
+        self.monitor.install()
         await self.store.open()
         st, opts = self.state, self.opts
         st.index_floor = self.store.index_floor
         await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
+        await self._apply_config(config)
         for component in self._components:
             await component.start()
         # A client that goes away cancels its handler and unparks its blocking query at
@@ -143,6 +163,26 @@ class CatalogServer:
         self.bound = await self._http.start(self.opts.host or None, self.opts.port)
         log.info("catalog serving on %s:%d (node %s, index %d)", *self.bound, self.opts.node, self.store.index)
         return self.bound
+
+    async def _apply_config(self, config: AgentConfig) -> None:
+        st, node = self.state, self.opts.node
+        refusal = script_policy("local", self.enable_script_checks, self.enable_local_script_checks)
+        await self.store.write(lambda tx: apply_config(st, tx, node, config, refusal))
+
+    async def reload(self) -> None:
+        """Re-read the config files (Consul's reload): their services and checks, and
+        log_level. Raises ConfigError (nothing applied) if a file cannot be used."""
+        log.info("Reloading configuration...")
+        try:
+            config = parse_config(read_config(self.opts.config_paths))
+            await self._apply_config(config)
+        except CatalogError as exc:
+            log.error("Failed to reload configs: %s", exc.reason)
+            raise ConfigError(f"Failed to reload configs: {exc.reason}") from None
+        if (config.enable_script_checks, config.enable_local_script_checks) != self._config_flags:
+            log.warning("enable_script_checks and enable_local_script_checks take effect at the next start")
+        if self.monitor is not None:
+            self.monitor.set_base_level(_level(config.log_level or self.opts.log_level))
 
     async def stop(self) -> None:
         errors: list[BaseException] = []
@@ -164,6 +204,8 @@ class CatalogServer:
             await self.store.close()
         except Exception as exc:
             errors.append(exc)
+        if self.monitor is not None:
+            self.monitor.uninstall()
         for exc in errors:
             log.error("error while stopping: %s", exc)
 

@@ -167,6 +167,7 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.waiter: "Waiter | None" = None
         self.keep_alive = True
+        self.streaming = False  # answering with a stream (monitor): it ends only when the client goes
         self._reading_paused = False
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -282,6 +283,7 @@ class Connection(asyncio.Protocol):
     async def _stream(self, streaming: Streaming) -> None:
         transport = self.transport
         assert transport is not None
+        self.streaming = True
         transport.write(b"HTTP/1.1 200 OK\r\nDate: %s\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
                         % (_Date.get(), streaming.content_type.encode()))
 
@@ -329,6 +331,9 @@ class HttpServer:
         connection (what was written is flushed first)."""
         if self._server is not None:
             self._server.close()
+        for conn in list(self.connections):  # streams never finish by themselves
+            if conn.streaming and conn.task is not None:
+                conn.task.cancel()
         deadline = asyncio.get_running_loop().time() + timeout
         while any(c.task is not None for c in self.connections):
             if asyncio.get_running_loop().time() >= deadline:
