@@ -117,7 +117,7 @@ class CatalogServer:
         self.hub = WatchHub(version=lambda: store.version, settled=store.settled,
                             is_settled=lambda: store.is_settled,
                             on_error=lambda exc: error_reply(exc, store.index))
-        self.store.set_notifier(self.hub.notify)
+        self.store.set_notifier(self.hub.notify, self.hub.prepare, self.hub.discard)
         adv = opts.advertise
         self.leader_addr = f"[{adv}]:8300" if ":" in adv else f"{adv}:8300"
         from ._checks import CheckRunner

@@ -21,7 +21,9 @@ Index
 Flow::
 
     submit(op) -> queue -> writer: apply a batch of ops in memory (undo on failure)
-               -> SQLite: one transaction, fsynced (thread) -> acks + watch wake-ups
+               -> SQLite: one transaction, fsynced (thread); meanwhile the loop encodes
+                  the answers of the watchers the batch will wake (sent only after)
+               -> acks -> watch wake-ups (the prepared bytes written to each watcher)
 
 Readers never see a write before it is durable: while a batch is applied and committed
 the store is "unsettled" and ``await settled()`` holds readers back; after the commit the
@@ -260,6 +262,8 @@ class Store:
         self._db: Database | None = None
         self._listeners: list[Callable[[Commit], None]] = []
         self._notify: Callable[[set[str], set[str]], None] = lambda topics, keys: None
+        self._prepare: Callable[[set[str], set[str], int], None] = lambda topics, keys, version: None
+        self._discard: Callable[[int], None] = lambda version: None
         self.closed = False
         # Commits that changed something, since start: an answer computed at one version
         # is right until the next (the hub memoises answers by it).
@@ -315,8 +319,17 @@ class Store:
             await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
 
-    def set_notifier(self, notify: Callable[[set[str], set[str]], None]) -> None:
+    def set_notifier(self, notify: Callable[[set[str], set[str]], None],
+                     prepare: Callable[[set[str], set[str], int], None] | None = None,
+                     discard: Callable[[int], None] | None = None) -> None:
+        """``notify(topics, kv_keys)`` after a commit is durable; ``prepare(topics,
+        kv_keys, version)`` while it is being made durable (answers may be computed, never
+        sent); ``discard(version)`` if that commit then fails."""
         self._notify = notify
+        if prepare is not None:
+            self._prepare = prepare
+        if discard is not None:
+            self._discard = discard
 
     def add_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
@@ -421,9 +434,16 @@ class Store:
                 loop = asyncio.get_running_loop()
                 assert self._db is not None
                 try:
-                    await loop.run_in_executor(self._executor, self._db.write, upserts, deletes, self.index)
+                    durable = loop.run_in_executor(self._executor, self._db.write, upserts, deletes, self.index)
+                    if tx.topics or tx.kv_keys:
+                        try:  # the watchers' answers are encoded while the thread fsyncs
+                            self._prepare(tx.topics, tx.kv_keys, self.version + 1)
+                        except Exception:
+                            log.exception("preparing the watchers' answers failed")
+                    await durable
                 except Exception as exc:
                     log.error("commit of %d ops failed, undoing them: %s", len(outcomes), exc)
+                    self._discard(self.version + 1)
                     tx._rollback_all()
                     err = CatalogError(f"failed to persist the write: {type(exc).__name__}")
                     outcomes = [(fut, None, err) for fut, _, _ in outcomes]

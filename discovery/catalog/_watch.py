@@ -163,6 +163,24 @@ class Subscriptions:
                         woken[id(m)] = m
         return list(woken.values())
 
+    def peek_woken(self, topics: Iterable[str], kv_keys: Iterable[str]) -> list[Any]:
+        """The members ``pop_woken`` would return, left in place."""
+        woken: dict[int, Any] = {}
+        for t in topics:
+            for m in self.topics.get(t, ()):
+                woken[id(m)] = m
+        if kv_keys:
+            lengths = sorted({len(p) for p in self.prefixes}) if self.prefixes else ()
+            for key in kv_keys:
+                for m in self.keys.get(key, ()):
+                    woken[id(m)] = m
+                for n in lengths:
+                    if n > len(key):
+                        break
+                    for m in self.prefixes.get(key[:n], ()):
+                        woken[id(m)] = m
+        return list(woken.values())
+
     def pop_all(self) -> list[Any]:
         everyone: dict[int, Any] = {}
         for table in (self.topics, self.keys, self.prefixes):
@@ -265,6 +283,36 @@ class WatchHub:
         """The client went away."""
         if w.conn.waiter is w:
             self._unpark(w)
+
+    # -- while a commit is being made durable ----------------------------------------------
+    def prepare(self, topics: Iterable[str], kv_keys: Iterable[str], version: int) -> None:
+        """Evaluate and encode, ahead of time, the answers of the queries this batch will
+        wake, memoised under ``version`` (the store's version once the batch is durable).
+        Runs on the loop while the writer thread fsyncs, so the fan-out after the commit is
+        only writes. Nothing prepared is sent before the commit: ``answer`` matches an
+        entry only once the store is at that version; ``discard`` drops them if the
+        commit fails."""
+        done: set[Hashable] = set()
+        for w in self.subs.peek_woken(topics, kv_keys):
+            q = w.q
+            if q.cache_key in done:
+                continue
+            done.add(q.cache_key)
+            try:
+                index, data = q.evaluate()
+                wire = q.respond(index, data).encode()
+            except Exception:  # evaluated again, for real, after the commit
+                continue
+            self.encodes += 1
+            self._answers[q.cache_key] = (version, index, wire)
+            self._answers.move_to_end(q.cache_key)
+        while len(self._answers) > ANSWER_CACHE_SIZE:
+            self._answers.popitem(last=False)
+
+    def discard(self, version: int) -> None:
+        """The batch prepared under ``version`` was not committed: forget its answers."""
+        for key in [k for k, memo in self._answers.items() if memo[0] == version]:
+            del self._answers[key]
 
     # -- after a commit ------------------------------------------------------------------
     def notify(self, topics: Iterable[str], kv_keys: Iterable[str]) -> int:

@@ -373,6 +373,31 @@ def test_answers_are_encoded_once_per_query_and_store_version() -> None:
     assert evaluations == ["a", "c", "d"] and hub.encodes == 3
 
 
+def test_prepared_answers_count_only_once_their_commit_is_durable() -> None:
+    version = [1]
+    hub = WatchHub(version=lambda: version[0])
+    state = {"value": "old"}
+    q = Blocking(lambda: (5, state["value"]), lambda index, data: Reply(200, data.encode()), 0, 1.0, ("/q", ()))
+
+    class Parked:  # stands for a parked waiter: only its query matters to prepare()
+        pass
+
+    w = Parked()
+    w.q = q  # type: ignore[attr-defined]
+    assert hub.answer(q)[1].endswith(b"old")
+    hub.subs.add(w, topics=["service.web"])
+    state["value"] = "new"  # the batch is applied in memory, not yet durable
+    hub.prepare(["service.web"], [], version[0] + 1)  # (nothing answers while a batch is unsettled)
+    hub.discard(version[0] + 1)  # the commit failed (and the batch is undone)
+    state["value"] = "old"
+    version[0] = 2  # a later commit reaches version 2: it must not find the discarded answer
+    assert hub.answer(q)[1].endswith(b"old")
+    state["value"] = "newer"
+    hub.prepare(["service.web"], [], version[0] + 1)
+    version[0] = 3  # durable
+    assert hub.answer(q)[1].endswith(b"newer") and hub.encodes == 4
+
+
 # -- write ops over in-memory tables (the store is never opened: no SQLite, no loop) --------
 from discovery.catalog._catalog import register_service, set_check_status  # noqa: E402
 from discovery.catalog._kv import TOMBSTONE_TTL, kv_delete, kv_set, reap_tombstones  # noqa: E402
