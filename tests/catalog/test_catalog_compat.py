@@ -68,3 +68,23 @@ def test_gateway_services_of_an_unknown_gateway_is_an_empty_list(catalog) -> Non
     assert r.status_code == 200 and r.json() == [] and int(r.headers["X-Consul-Index"]) >= 1
     r = requests.get(catalog.url + "/v1/catalog/gateway-services/", timeout=5)
     assert (r.status_code, r.text) == (400, "Missing gateway name")
+
+
+async def test_the_same_answers_through_consul_aio(catalog) -> None:
+    import consul.aio
+
+    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    try:
+        assert await c.agent.service.register("web", service_id="web-a", tags=["prod"], port=80,
+                                              connect={"SidecarService": {}})
+        assert await c.agent.service.register("web", service_id="web-b", tags=["staging"], port=81)
+        _, services = await c.catalog.services(filter_expr='"prod" in ServiceTags')
+        assert services == {"web": ["prod"], "web-sidecar-proxy": ["prod"]}  # the sidecar inherits the tags
+        assert (await c.health.service("web", peer="elsewhere"))[1] == []
+        assert await c.catalog.gateway_services("gw") == []
+        _, proxies = await c.health.connect("web")
+        assert [p["Service"]["ID"] for p in proxies] == ["web-a-sidecar-proxy"]
+        assert await c.agent.reload() is True
+        assert await c.agent.check.register("orphan", Check.ttl("10s"), service_id="nope") is False
+    finally:
+        await c.close()
