@@ -280,7 +280,9 @@ async def agent_metrics(req: Req) -> Answer:
     ``meshlet.catalog.watch_wakeups`` (wake-ups delivered since start) and
     ``meshlet.catalog.answers_encoded`` (blocking-read answers evaluated and encoded: one
     per query and commit, however many watchers share it) let tests and operators see
-    that a write woke exactly the watchers it should, and what it cost.
+    that a write woke exactly the watchers it should, and what it cost;
+    ``last_write_ms`` (the last batch, taken -> durable) and ``last_fanout_ms`` (durable
+    -> every watcher it woke written to) time the last commit.
     """
     server = req.server
     st = server.state
@@ -289,6 +291,8 @@ async def agent_metrics(req: Req) -> Answer:
         "meshlet.catalog.blocked_queries": server.hub.blocked,
         "meshlet.catalog.watch_wakeups": server.hub.wakeups,
         "meshlet.catalog.answers_encoded": server.hub.encodes,
+        "meshlet.catalog.last_write_ms": round(server.store.last_write_s * 1000, 3),
+        "meshlet.catalog.last_fanout_ms": round(server.store.last_fanout_s * 1000, 3),
         "meshlet.catalog.kv_entries": len(st.kv),
         "meshlet.catalog.services": len(st.services),
         "meshlet.catalog.checks": len(st.checks),

@@ -37,6 +37,7 @@ import asyncio
 import bisect
 import json
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -268,6 +269,10 @@ class Store:
         # Commits that changed something, since start: an answer computed at one version
         # is right until the next (the hub memoises answers by it).
         self.version = 0
+        # Timings of the last batch (metrics): taken -> durable, durable -> watchers answered.
+        self.last_write_s = 0.0
+        self.last_fanout_s = 0.0
+        self._durable_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -392,12 +397,14 @@ class Store:
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)
                 self._notify(*woken)
+                self.last_fanout_s = time.perf_counter() - self._durable_at
             # Let readers held by settled() run before the next batch changes memory.
             await asyncio.sleep(0)
 
     async def _apply(self, batch: list[tuple[Op, asyncio.Future]]) -> tuple[set[str], set[str]] | None:
         """Apply, commit, resolve the futures; return the (topics, KV keys) to wake."""
         assert self._settled_event is not None
+        taken = time.perf_counter()
         tx = Tx(self)
         outcomes: list[tuple[asyncio.Future, Any, BaseException | None]] = []
         self._is_settled = False
@@ -453,6 +460,8 @@ class Store:
         finally:
             if tx.dirty:
                 self.version += 1
+            self._durable_at = time.perf_counter()
+            self.last_write_s = self._durable_at - taken
             self._is_settled = True
             self._settled_event.set()
         if tx.dirty:

@@ -246,8 +246,8 @@ class WatchHub:
         loop = asyncio.get_running_loop()
         self._serve(Waiter(conn, q, loop.time() + q.wait), loop)
 
-    def _serve(self, w: Waiter, loop: asyncio.AbstractEventLoop) -> None:
-        index, wire = self.answer(w.q)
+    def _serve(self, w: Waiter, loop: asyncio.AbstractEventLoop, answered: tuple[int, bytes] | None = None) -> None:
+        index, wire = answered or self.answer(w.q)
         if index > w.q.min_index or w.q.min_index <= 0 or self.closed:
             w.conn.send(wire)
             return
@@ -322,10 +322,14 @@ class WatchHub:
         if not woken:
             return 0
         loop = asyncio.get_running_loop()
+        by_query: dict[Hashable, list[Waiter]] = {}
         for w in woken:
             self._unpark(w)
-        for w in woken:
-            self._serve(w, loop)
+            by_query.setdefault(w.q.cache_key, []).append(w)
+        for waiters in by_query.values():
+            answered = self.answer(waiters[0].q)  # once per query: the same bytes for all
+            for w in waiters:
+                self._serve(w, loop, answered)
         self.wakeups += len(woken)
         return len(woken)
 
