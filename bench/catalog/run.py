@@ -307,11 +307,21 @@ def _cell(rounds: list[dict[str, float]], keys: tuple[str, ...], fmt: str, unit:
 
 async def main_async(args: argparse.Namespace) -> tuple[str, list[dict[str, float]]]:
     rounds = []
-    for r in range(args.rounds):
-        rounds.append(await one_round(args))
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    if args.from_json:  # render rounds measured earlier (e.g. interleaved with a --before tree's)
+        for path in args.from_json:
+            rounds += json.loads(Path(path).read_text())["rounds"]
+    else:
+        for r in range(args.rounds):
+            rounds.append(await one_round(args))
+            rounds[-1]["load1"] = os.getloadavg()[0]
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     m = machine()
-    before = json.loads(Path(args.before).read_text()) if args.before else None
+    before = None
+    if args.before:
+        before = {"label": "", "rounds": []}
+        for path in args.before:
+            doc = json.loads(Path(path).read_text())
+            before["label"], before["rounds"] = doc["label"], before["rounds"] + doc["rounds"]
     lines = [
         SECTION,
         "",
@@ -322,10 +332,18 @@ async def main_async(args: argparse.Namespace) -> tuple[str, list[dict[str, floa
         "watchers run in a second process on the same cores. Every write is acknowledged only once durable "
         "(SQLite WAL, synchronous=FULL, group commit).",
         "",
-        f"Reproduce: `.venv/bin/python bench/catalog/run.py --write` ({args.rounds} rounds, each on a fresh "
+        f"Reproduce: `.venv/bin/python bench/catalog/run.py --write` ({len(rounds)} rounds, each on a fresh "
         "catalog; median [min–max] over rounds).",
         "",
     ]
+    def loads(rs: list[dict[str, float]]) -> str:
+        return ", ".join(format(r["load1"], ".2f") for r in rs if "load1" in r)
+
+    if loads(rounds):
+        text = f"1-minute load average after each round: {loads(rounds)}"
+        if before is not None and loads(before["rounds"]):
+            text += f" (before: {loads(before['rounds'])})"
+        lines += [text + ".", ""]
     if before is not None:
         lines += [f"| measure | before ({before['label']}) | after ({args.label}) |", "|---|---|---|"]
     else:
@@ -352,7 +370,8 @@ def main() -> int:
     p.add_argument("--no-server-timing", dest="server_timing", action="store_false",
                    help="do not read the catalog's own timing gauges (a catalog older than them has none)")
     p.add_argument("--json", metavar="FILE", help="save this run's figures (for a later --before)")
-    p.add_argument("--before", metavar="FILE", help="a run saved with --json, shown beside this one")
+    p.add_argument("--before", metavar="FILE", nargs="+", help="runs saved with --json, shown beside this one")
+    p.add_argument("--from-json", metavar="FILE", nargs="+", help="render runs saved with --json instead of measuring")
     p.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = p.parse_args()
     try:

@@ -190,6 +190,24 @@ async def catalog_node(req: Req) -> Answer:
     return req.block(evaluate, topics=(node_index_name(node), "nodes"))
 
 
+async def catalog_node_services(req: Req) -> Answer:
+    """The list form of catalog/node (CatalogNodeServiceList): ``{"Node": ..., "Services":
+    [...]}``; for an unknown node both are null, as the RPC leaves them."""
+    node = req.tail
+    if not node:
+        raise BadRequest("Missing node name")
+    st = req.server.state
+
+    def evaluate() -> tuple[int, Any]:
+        row = st.nodes.get(node)
+        if row is None or _peer(req):
+            return node_index(st, node), {"Node": None, "Services": None}
+        services = [node_service_json(st.services.rows[(node, sid)]) for sid in sorted(st.services_by_node.get(node, ()))]
+        return node_index(st, node), {"Node": node_json(row), "Services": services}
+
+    return req.block(evaluate, topics=(node_index_name(node), "nodes"))
+
+
 # -- health ----------------------------------------------------------------------------
 async def health_service(req: Req) -> Answer:
     name = req.tail
@@ -296,6 +314,7 @@ def register(router: Router) -> None:
     add = router.add
     add("/v1/catalog/gateway-services/", {"GET": gateway_services})
     add("/v1/catalog/connect/", {"GET": catalog_connect})
+    add("/v1/catalog/node-services/", {"GET": catalog_node_services})
     add("/v1/catalog/register", {"PUT": catalog_register_h})
     add("/v1/catalog/deregister", {"PUT": catalog_deregister_h})
     add("/v1/catalog/datacenters", {"GET": catalog_datacenters}, check_dc=False)

@@ -88,3 +88,16 @@ async def test_the_same_answers_through_consul_aio(catalog) -> None:
         assert await c.agent.check.register("orphan", Check.ttl("10s"), service_id="nope") is False
     finally:
         await c.close()
+
+
+def test_node_services_lists_a_nodes_services(catalog) -> None:
+    c = catalog.client()
+    c.agent.service.register("web", service_id="web-1", port=80, tags=["a"])
+    r = requests.get(catalog.url + "/v1/catalog/node-services/meshlet", params={"merge-central-config": ""}, timeout=5)
+    body = r.json()
+    assert r.status_code == 200 and int(r.headers["X-Consul-Index"]) >= 1
+    assert body["Node"]["Node"] == "meshlet"
+    assert {s["ID"]: (s["Port"], s["Tags"]) for s in body["Services"]} == {"consul": (8300, []), "web-1": (80, ["a"])}
+    r = requests.get(catalog.url + "/v1/catalog/node-services/nowhere", timeout=5)
+    assert (r.status_code, r.json()) == (200, {"Node": None, "Services": None})
+    assert int(r.headers["X-Consul-Index"]) >= 1
