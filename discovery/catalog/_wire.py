@@ -38,11 +38,10 @@ from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import httptools
 from multidict import MultiDict, MultiDictProxy
-from yarl import URL
 
 if TYPE_CHECKING:
     from ._watch import Waiter
@@ -146,10 +145,8 @@ class Request:
     @property
     def query(self) -> MultiDictProxy[str]:
         if self._query is None:
-            if self.raw_query:
-                self._query = URL.build(query_string=self.raw_query, encoded=True).query
-            else:
-                self._query = MultiDictProxy(MultiDict())
+            pairs = parse_qsl(self.raw_query, keep_blank_values=True) if self.raw_query else ()
+            self._query = MultiDictProxy(MultiDict(pairs))
         return self._query
 
 
