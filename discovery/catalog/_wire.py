@@ -217,6 +217,8 @@ class Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            return  # refused with 400 when the parser raises HttpParserUpgrade right after
         too_large = self._body_len > MAX_BODY
         body = b"".join(self._body) if not too_large else b""
         req = Request(self.parser.get_method().decode("latin-1"), self._url, self._headers, body, too_large,
