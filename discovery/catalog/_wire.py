@@ -23,8 +23,9 @@ Connection
     Reply, a ``Blocking`` (handed to the hub: answered now or parked) or a ``Streaming``
     (``/v1/agent/monitor``: chunked until the client goes away).
 
-Errors: a malformed request gets 400 and the connection is closed; a body over
-``MAX_BODY`` gets 413 and the connection is closed. A client going away cancels its
+Errors: a malformed request, or a request line and headers over ``MAX_HEAD``, gets 400
+and the connection is closed; a body over ``MAX_BODY`` gets 413 as soon as it passes the
+limit (the rest is not read) and the connection is closed. A client going away cancels its
 running handler (writes are shielded by the store, so a received write still happens)
 and takes its parked query out of the hub.
 """
@@ -52,6 +53,7 @@ log = logging.getLogger("discovery.catalog.http")
 
 MAX_BODY = 8 * 1024 * 1024  # above every endpoint's own limit (4 MiB JSON, 512 KiB KV value)
 MAX_QUEUED = 16  # pipelined requests held before the socket stops being read
+MAX_HEAD = 64 * 1024  # request line + headers; aiohttp's limits were 8 KiB per line and field
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -119,17 +121,15 @@ class Streaming:
 
 
 class Request:
-    __slots__ = ("method", "raw_path", "raw_query", "headers", "body", "too_large", "keep_alive", "_query", "_path")
+    __slots__ = ("method", "raw_path", "raw_query", "headers", "body", "keep_alive", "_query", "_path")
 
-    def __init__(self, method: str, url: bytes, headers: dict[str, str], body: bytes, too_large: bool,
-                 keep_alive: bool) -> None:
+    def __init__(self, method: str, url: bytes, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
         self.method = method
         path, _, query = url.partition(b"?")
         self.raw_path = path.decode("latin-1")
         self.raw_query = query.split(b"#", 1)[0].decode("latin-1")
         self.headers = headers
         self.body = body
-        self.too_large = too_large
         self.keep_alive = keep_alive
         self._query: MultiDictProxy[str] | None = None
         self._path: str | None = None
@@ -170,6 +170,7 @@ class Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_len = 0
+        self._head_len = 0
 
     # -- transport events ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -192,7 +193,10 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "Bad Request: protocol upgrade is not supported")
         except httptools.HttpParserError as exc:
-            self._fail(400, f"Bad Request: {exc}")
+            if self._body_len > MAX_BODY:
+                self._fail(413, f"Request body too large, max size: {MAX_BODY} bytes")
+            else:
+                self._fail(400, f"Bad Request: {exc}")
 
     # -- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -200,11 +204,19 @@ class Connection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_len = 0
+        self._head_len = 0
+
+    def _grow_head(self, n: int) -> None:
+        self._head_len += n
+        if self._head_len > MAX_HEAD:
+            raise httptools.HttpParserError(f"request head over {MAX_HEAD} bytes")
 
     def on_url(self, url: bytes) -> None:
+        self._grow_head(len(url))
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow_head(len(name) + len(value))
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -213,15 +225,14 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
-        if self._body_len <= MAX_BODY:
-            self._body.append(body)
+        if self._body_len > MAX_BODY:  # refused at once: the rest is never read
+            raise httptools.HttpParserError(f"body over {MAX_BODY} bytes")
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         if self.parser.should_upgrade():
             return  # refused with 400 when the parser raises HttpParserUpgrade right after
-        too_large = self._body_len > MAX_BODY
-        body = b"".join(self._body) if not too_large else b""
-        req = Request(self.parser.get_method().decode("latin-1"), self._url, self._headers, body, too_large,
+        req = Request(self.parser.get_method().decode("latin-1"), self._url, self._headers, b"".join(self._body),
                       self.parser.should_keep_alive())
         self.queue.append(req)
         if len(self.queue) > MAX_QUEUED and not self._reading_paused and self.transport is not None:
@@ -238,10 +249,6 @@ class Connection(asyncio.Protocol):
                 self._reading_paused = False
                 self.transport.resume_reading()
             self.keep_alive = req.keep_alive
-            if req.too_large:
-                self.keep_alive = False
-                self.send(Reply(413, f"Request body too large, max size: {MAX_BODY} bytes".encode(), "text/plain").encode())
-                return
             self.busy = True
             self.task = asyncio.get_running_loop().create_task(self._run(req))
 

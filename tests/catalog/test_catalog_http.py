@@ -219,3 +219,27 @@ def test_malformed_request_gets_400_and_the_server_keeps_serving(shared_catalog,
             data += chunk
     assert data.startswith(b"HTTP/1.1 400 ")
     assert requests.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("raw, status", [
+    pytest.param(b"GET /v1/kv/a?" + b"x" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="huge-url"),
+    pytest.param(b"GET /v1/kv/a HTTP/1.1\r\n" + b"X-Big: " + b"y" * 70_000 + b"\r\n\r\n", 400, id="huge-header"),
+    pytest.param(b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n" + b"z" * 9_000_000, 413,
+                 id="huge-body"),
+])
+def test_oversized_requests_are_refused_and_nothing_is_written(shared_catalog, raw: bytes, status: int) -> None:
+    import socket
+
+    with socket.create_connection((shared_catalog.host, shared_catalog.port), timeout=10) as s:
+        try:
+            s.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed before all of it was read: the answer is still there
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    assert data.startswith(f"HTTP/1.1 {status} ".encode()), data[:80]
+    assert requests.get(shared_catalog.url + "/v1/kv/a", timeout=5).status_code == 404  # nothing written
