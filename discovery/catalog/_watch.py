@@ -56,6 +56,7 @@ DEFAULT_WAIT = 300.0  # default_query_time
 MAX_WAIT = 600.0  # max_query_time
 JITTER_FRACTION = 16  # structs.JitterFraction
 ANSWER_CACHE_SIZE = 1024  # distinct queries whose last answer is kept
+ERROR_INDEX = 2**64  # an answer that failed: past any index a client can hold, so it is sent now
 
 
 def wait_seconds(wait: str | None, rand: Callable[[], float] = random.random) -> float:
@@ -147,37 +148,29 @@ class Subscriptions:
         """Remove and return (once each, in no particular order) the members woken by
         ``topics`` and by writes to ``kv_keys``. A member stays registered under its other
         names; the caller removes it there."""
-        woken: dict[int, Any] = {}
-        for t in topics:
-            for m in self.topics.pop(t, ()):
-                woken[id(m)] = m
-        if kv_keys:
-            lengths = sorted({len(p) for p in self.prefixes}) if self.prefixes else ()
-            for key in kv_keys:
-                for m in self.keys.pop(key, ()):
-                    woken[id(m)] = m
-                for n in lengths:
-                    if n > len(key):
-                        break
-                    for m in self.prefixes.pop(key[:n], ()):
-                        woken[id(m)] = m
-        return list(woken.values())
+        return self._woken(topics, kv_keys, take=True)
 
     def peek_woken(self, topics: Iterable[str], kv_keys: Iterable[str]) -> list[Any]:
         """The members ``pop_woken`` would return, left in place."""
+        return self._woken(topics, kv_keys, take=False)
+
+    def _woken(self, topics: Iterable[str], kv_keys: Iterable[str], take: bool) -> list[Any]:
+        def members(table: dict[str, set[Any]], name: str) -> Iterable[Any]:
+            return table.pop(name, ()) if take else table.get(name, ())
+
         woken: dict[int, Any] = {}
         for t in topics:
-            for m in self.topics.get(t, ()):
+            for m in members(self.topics, t):
                 woken[id(m)] = m
         if kv_keys:
             lengths = sorted({len(p) for p in self.prefixes}) if self.prefixes else ()
             for key in kv_keys:
-                for m in self.keys.get(key, ()):
+                for m in members(self.keys, key):
                     woken[id(m)] = m
                 for n in lengths:
                     if n > len(key):
                         break
-                    for m in self.prefixes.get(key[:n], ()):
+                    for m in members(self.prefixes, key[:n]):
                         woken[id(m)] = m
         return list(woken.values())
 
@@ -226,10 +219,10 @@ class WatchHub:
         try:
             index, data = q.evaluate()
             wire = q.respond(index, data).encode()
-        except Exception as exc:  # a reply, never a dropped connection
+        except Exception as exc:  # a reply, never a dropped connection; sent at once, never parked
             if self._on_error is None:
                 raise
-            return 0, self._on_error(exc).encode()
+            return ERROR_INDEX, self._on_error(exc).encode()
         self.encodes += 1
         self._answers[q.cache_key] = (version, index, wire)
         self._answers.move_to_end(q.cache_key)

@@ -481,3 +481,16 @@ def test_blocking_index_of_a_service(mem) -> None:
     assert service_index(st, "never-there") == gone
     _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "x", "ID": "x1"}))
     assert service_index(st, "web") == gone  # a new service elsewhere does not move it
+
+
+def test_a_failing_answer_is_an_error_reply_sent_at_once() -> None:
+    from discovery.catalog._watch import ERROR_INDEX
+
+    hub = WatchHub(on_error=lambda exc: Reply(500, f"failed: {exc}".encode()))
+
+    def evaluate():
+        raise RuntimeError("boom")
+
+    index, wire = hub.answer(Blocking(evaluate, lambda i, d: Reply(200), 5, 1.0, ("/q", ())))
+    assert index == ERROR_INDEX and index > 2**64 - 1  # past any index a client holds: never parked
+    assert wire.startswith(b"HTTP/1.1 500 ") and wire.endswith(b"failed: boom")
