@@ -136,3 +136,18 @@ def test_monitor_streams_log_lines(catalog, query: str, expect) -> None:
         wait_for(reload_and_read, timeout=15, interval=0.05, what="the reload's log line")
     head = received.split(b"\r\n\r\n", 1)[0]
     assert head.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in head
+
+
+def test_configured_sidecar_stays_across_reloads_and_goes_with_its_service(catalog_factory, tmp_path: Path) -> None:
+    conf = _write(tmp_path / "c.json", {"services": [{"name": "web", "port": 80, "connect": {"sidecar_service": {}}},
+                                                     {"name": "db", "port": 5432}]})
+    c = catalog_factory("--config-file", str(conf)).client()
+    assert set(c.agent.services()) == {"web", "web-sidecar-proxy", "db"}
+    port = c.agent.services()["web-sidecar-proxy"]["Port"]
+    assert c.agent.reload() is True
+    assert set(c.agent.services()) == {"web", "web-sidecar-proxy", "db"}
+    assert c.agent.services()["web-sidecar-proxy"]["Port"] == port
+    _write(conf, {"service": {"name": "db", "port": 5432}})
+    assert c.agent.reload() is True
+    assert set(c.agent.services()) == {"db"}
+    assert not [k for k, v in c.agent.checks().items() if v["ServiceID"].startswith("web")]
