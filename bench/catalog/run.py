@@ -15,7 +15,16 @@ HTTP on loopback:
    measure, from the moment the flip is acknowledged, the time until every watcher holds
    the new status (p50/p99 over the 20 flips), and each watcher's own delay (p50/p99 over
    20,000 observations). Watchers parse their answers in this process, so the numbers
-   include client-side work (1,000 JSON answers per flip) on the same 2 cores.
+   include client-side work (1,000 JSON answers per flip) on the same 2 cores;
+5. fan-out: the same with 1,000 lean watchers (raw keep-alive sockets that only find the
+   end of each answer, _lean.py), i.e. the time the catalog takes to tell every watcher;
+6. CPU per write: the catalog's CPU per TTL flip with nobody watching (1,000 flips in
+   sequence on one keep-alive connection, the 10,000 instances registered);
+7. the catalog's own timing of each flip of (5), from its metrics: batch taken ->
+   durable -> every woken watcher written to (no client-side reading in it).
+
+``--json FILE`` saves the medians; ``--before FILE`` puts a saved run beside this one in
+the table (run the old tree with ``--json``, the new one with ``--before``).
 
 Every write is durable before it is acknowledged (SQLite WAL, synchronous=FULL).
 """
@@ -42,6 +51,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 from _common import cpu_seconds, replace_section  # noqa: E402 - shared bench helpers
+from _lean import bench_lean_watchers, bench_write_cpu  # noqa: E402 - this directory
 
 SECTION = "## Catalog"
 
@@ -113,10 +123,13 @@ async def bench_kv(url: str, n: int, concurrency: int) -> dict[str, float]:
     return {"n": n, "rate": n / elapsed}
 
 
-async def blocked_queries(http: aiohttp.ClientSession, url: str) -> int:
+async def gauges(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with http.get(url + "/v1/agent/metrics") as r:
-        gauges = {g["Name"]: g["Value"] for g in (await r.json())["Gauges"]}
-    return gauges["meshlet.catalog.blocked_queries"]
+        return {g["Name"]: g["Value"] for g in (await r.json())["Gauges"]}
+
+
+async def blocked_queries(http: aiohttp.ClientSession, url: str) -> int:
+    return int((await gauges(http, url))["meshlet.catalog.blocked_queries"])
 
 
 async def bench_watchers(url: str, pid: int, n_watchers: int, flips: int) -> dict[str, float]:
@@ -224,6 +237,14 @@ async def one_round(args: argparse.Namespace) -> dict[str, float]:
         out["kv_rate"] = (await bench_kv(url, args.kv_writes, args.concurrency))["rate"]
         watch = await bench_watchers(url, proc.pid, args.watchers, args.flips)
         out.update({f"w_{k}": v for k, v in watch.items()})
+        host, port = url[len("http://"):].rsplit(":", 1)
+        wcpu = await bench_write_cpu(host, int(port), proc.pid, args.write_flips, cpu_seconds)
+        out.update(write_cpu_ms=wcpu["cpu_ms"], write_rate=wcpu["rate"])
+        async with aiohttp.ClientSession() as http:
+            lean = await bench_lean_watchers(host, int(port), proc.pid, args.watchers, args.flips,
+                                             lambda: blocked_queries(http, url), cpu_seconds,
+                                             (lambda: gauges(http, url)) if args.server_timing else None)
+        out.update({f"l_{k}": v for k, v in lean.items()})
         out["db_mib"] = sum(f.stat().st_size for f in Path(data_dir).iterdir()) / 2**20
     finally:
         proc.terminate()
@@ -232,21 +253,75 @@ async def one_round(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
-async def main_async(args: argparse.Namespace) -> str:
-    rounds = []
-    for r in range(args.rounds):
-        rounds.append(await one_round(args))
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-
-    def med(key: str, fmt: str = ",.0f") -> str:
-        values = [x[key] for x in rounds]
-        m = statistics.median(values)
-        if len(values) == 1:
-            return format(m, fmt)
-        return f"{format(m, fmt)} [{format(min(values), fmt)}–{format(max(values), fmt)}]"
-
-    m = machine()
+def _rows(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...], str, str]]:
+    """(label, keys, format, unit) of each table row; several keys are shown "a / b"."""
     n, w, f = args.instances, args.watchers, args.flips
+    return [
+        (f"registrations/s ({n:,} instances with a TTL check, {args.concurrency} concurrent clients)",
+         ("reg_rate",), ",.0f", " /s"),
+        ("registrations per catalog CPU-second", ("reg_per_cpu",), ",.0f", ""),
+        (f"KV writes/s ({args.kv_writes:,} PUTs of 200 bytes, {args.concurrency} concurrent clients)",
+         ("kv_rate",), ",.0f", " /s"),
+        ("RSS idle", ("rss_idle",), ".1f", " MiB"),
+        (f"RSS with {n:,} instances (+ as many checks)", ("rss_full",), ".1f", " MiB"),
+        ("data dir size at the end", ("db_mib",), ".1f", " MiB"),
+        (f"catalog CPU per TTL flip, nobody watching ({args.write_flips:,} flips in sequence)",
+         ("write_cpu_ms",), ".2f", " ms"),
+        ("TTL flips/s, one client in sequence (each acknowledged once fsynced)", ("write_rate",), ",.0f", " /s"),
+        (f"**fan-out**, {w:,} lean watchers on one service: flip sent -> every watcher told, p50 / p99 over "
+         f"{f} flips (includes the durable write)", ("l_sent_p50", "l_sent_p99"), ".1f", " ms"),
+        ("same, counted from the flip's acknowledgement, p50 / p99", ("l_ack_p50", "l_ack_p99"), ".1f", " ms"),
+        (f"same, per watcher from the flip sent, p50 / p99 over {w * f:,} observations",
+         ("l_each_p50", "l_each_p99"), ".1f", " ms"),
+        ("same, timed by the catalog itself: batch taken -> every watcher's answer written (its own gauges; "
+         "leaves out the watchers' process reading 1,000 sockets), p50 / p99", ("l_srv_total_p50", "l_srv_total_p99"),
+         ".1f", " ms"),
+        ("of which durable -> every watcher's answer written (the fan-out proper), p50 / p99",
+         ("l_srv_fanout_p50", "l_srv_fanout_p99"), ".1f", " ms"),
+        (f"catalog CPU per flip with {w:,} lean watchers ({w:,} answers sent, {w:,} new blocking queries)",
+         ("l_server_cpu_ms",), ".1f", " ms"),
+        (f"{w:,} py-consul aio watchers: flip sent -> every watcher has parsed the new status, p50 / p99 over "
+         f"{f} flips", ("w_all_p50", "w_all_p99"), ".0f", " ms"),
+        ("same, counted from the flip's acknowledgement, p50 / p99", ("w_ack_p50", "w_ack_p99"), ".0f", " ms"),
+        (f"same, per watcher from the flip sent, p50 / p99 over {w * f:,} observations",
+         ("w_each_p50", "w_each_p99"), ".0f", " ms"),
+        (f"CPU per flip: catalog ({w:,} py-consul answers sent, {w:,} new blocking queries)",
+         ("w_server_cpu_ms",), ".0f", " ms"),
+        (f"CPU per flip: watcher process (py-consul aio handling {w:,} answers)", ("w_client_cpu_ms",), ".0f", " ms"),
+    ]
+
+
+def _cell(rounds: list[dict[str, float]], keys: tuple[str, ...], fmt: str, unit: str) -> str:
+    parts = []
+    for key in keys:
+        values = [x[key] for x in rounds if key in x]
+        if not values:
+            return "not measured"
+        m = statistics.median(values)
+        text = format(m, fmt)
+        if len(values) > 1:
+            text += f" [{format(min(values), fmt)}–{format(max(values), fmt)}]"
+        parts.append(text)
+    return " / ".join(parts) + unit
+
+
+async def main_async(args: argparse.Namespace) -> tuple[str, list[dict[str, float]]]:
+    rounds = []
+    if args.from_json:  # render rounds measured earlier (e.g. interleaved with a --before tree's)
+        for path in args.from_json:
+            rounds += json.loads(Path(path).read_text())["rounds"]
+    else:
+        for r in range(args.rounds):
+            rounds.append(await one_round(args))
+            rounds[-1]["load1"] = os.getloadavg()[0]
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    m = machine()
+    before = None
+    if args.before:
+        before = {"label": "", "rounds": []}
+        for path in args.before:
+            doc = json.loads(Path(path).read_text())
+            before["label"], before["rounds"] = doc["label"], before["rounds"] + doc["rounds"]
     lines = [
         SECTION,
         "",
@@ -257,30 +332,29 @@ async def main_async(args: argparse.Namespace) -> str:
         "watchers run in a second process on the same cores. Every write is acknowledged only once durable "
         "(SQLite WAL, synchronous=FULL, group commit).",
         "",
-        f"Reproduce: `.venv/bin/python bench/catalog/run.py --write` ({args.rounds} rounds, each on a fresh "
+        f"Reproduce: `.venv/bin/python bench/catalog/run.py --write` ({len(rounds)} rounds, each on a fresh "
         "catalog; median [min–max] over rounds).",
         "",
-        "| measure | result |",
-        "|---|---|",
-        f"| registrations/s ({n:,} instances with a TTL check, {args.concurrency} concurrent clients) "
-        f"| {med('reg_rate')} /s |",
-        f"| registrations per catalog CPU-second | {med('reg_per_cpu')} |",
-        f"| KV writes/s ({args.kv_writes:,} PUTs of 200 bytes, {args.concurrency} concurrent clients) | {med('kv_rate')} /s |",
-        f"| RSS idle | {med('rss_idle', '.1f')} MiB |",
-        f"| RSS with {n:,} instances (+ as many checks) | {med('rss_full', '.1f')} MiB |",
-        f"| data dir size at the end | {med('db_mib', '.1f')} MiB |",
-        f"| {w:,} watchers on one service: TTL check flip sent -> every watcher has the new status, p50 over "
-        f"{f} flips (includes the durable write) | {med('w_all_p50', '.0f')} ms |",
-        f"| same, p99 over {f} flips | {med('w_all_p99', '.0f')} ms |",
-        f"| same, counted from the flip's acknowledgement, p50 / p99 | {med('w_ack_p50', '.0f')} / "
-        f"{med('w_ack_p99', '.0f')} ms |",
-        f"| same, per watcher from the flip sent, p50 / p99 over {w * f:,} observations | "
-        f"{med('w_each_p50', '.0f')} / {med('w_each_p99', '.0f')} ms |",
-        f"| CPU per flip: catalog ({w:,} answers sent, {w:,} new blocking queries) | {med('w_server_cpu_ms', '.0f')} ms |",
-        f"| CPU per flip: watcher process (py-consul aio handling {w:,} answers) | {med('w_client_cpu_ms', '.0f')} ms |",
-        "",
     ]
-    return "\n".join(lines)
+    def loads(rs: list[dict[str, float]]) -> str:
+        return ", ".join(format(r["load1"], ".2f") for r in rs if "load1" in r)
+
+    if loads(rounds):
+        text = f"1-minute load average after each round: {loads(rounds)}"
+        if before is not None and loads(before["rounds"]):
+            text += f" (before: {loads(before['rounds'])})"
+        lines += [text + ".", ""]
+    if before is not None:
+        lines += [f"| measure | before ({before['label']}) | after ({args.label}) |", "|---|---|---|"]
+    else:
+        lines += ["| measure | result |", "|---|---|"]
+    for label, keys, fmt, unit in _rows(args):
+        row = f"| {label} | "
+        if before is not None:
+            row += _cell(before["rounds"], keys, fmt, unit) + " | "
+        lines.append(row + _cell(rounds, keys, fmt, unit) + " |")
+    lines.append("")
+    return "\n".join(lines), rounds
 
 
 def main() -> int:
@@ -290,16 +364,25 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--watchers", type=int, default=1_000)
     p.add_argument("--flips", type=int, default=20)
+    p.add_argument("--write-flips", type=int, default=1_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--label", default="this tree", help="what this run measures, for the table heading")
+    p.add_argument("--no-server-timing", dest="server_timing", action="store_false",
+                   help="do not read the catalog's own timing gauges (a catalog older than them has none)")
+    p.add_argument("--json", metavar="FILE", help="save this run's figures (for a later --before)")
+    p.add_argument("--before", metavar="FILE", nargs="+", help="runs saved with --json, shown beside this one")
+    p.add_argument("--from-json", metavar="FILE", nargs="+", help="render runs saved with --json instead of measuring")
     p.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = p.parse_args()
     try:
         import uvloop
 
-        text = uvloop.run(main_async(args))
+        text, rounds = uvloop.run(main_async(args))
     except ImportError:
-        text = asyncio.run(main_async(args))
+        text, rounds = asyncio.run(main_async(args))
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"label": args.label, "rounds": rounds}, indent=1))
     if args.write:
         replace_section(SECTION, text)
     return 0

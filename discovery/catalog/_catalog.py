@@ -19,7 +19,8 @@ import re
 import uuid
 from typing import Any, Callable
 
-from ._checkdef import CRITICAL, PASSING, STATUSES, check_definition, definition_json, truncate_output
+from ._checkdef import CRITICAL, PASSING, STATUSES, check_definition, definition_json, has_script, truncate_output
+from ._connect import proxy_json, sidecar_definition, sidecar_id, split_sidecar
 from ._decode import format_go_duration
 from ._errors import BadRequest, CatalogError, NotFound
 from ._model import State, node_index_name, svc_index_name
@@ -182,7 +183,7 @@ def _weights(d: dict[str, Any]) -> dict[str, int]:
     return {"Passing": passing, "Warning": warning}
 
 
-def _service_row(d: dict[str, Any], sid: str, name: str) -> Row:
+def _service_row(d: dict[str, Any], sid: str, name: str, agent: bool = False) -> Row:
     addr = d.get("Address", "")
     if addr in ("0.0.0.0", "::", "[::]"):
         raise BadRequest("Invalid service address")
@@ -195,6 +196,12 @@ def _service_row(d: dict[str, Any], sid: str, name: str) -> Row:
     for f in ("Kind", "TaggedAddresses", "SocketPath", "Locality", "Proxy", "Connect"):
         if d.get(f):
             row[f] = d[f]
+    if agent:  # decoded ServiceDefinition: Connect holds only Native, Proxy shows Consul's defaults
+        row.pop("Connect", None)
+        if (d.get("Connect") or {}).get("Native"):
+            row["Connect"] = {"Native": True}
+        if d.get("Proxy"):
+            row["Proxy"] = proxy_json(d["Proxy"])
     row.update(Address=addr, Meta=meta, Port=d.get("Port", 0), Weights=_weights(d),
                EnableTagOverride=bool(d.get("EnableTagOverride")))
     return row
@@ -249,14 +256,38 @@ def bootstrap_node(st: State, tx: Tx, node: str, address: str, datacenter: str) 
 
 
 # -- agent: services ----------------------------------------------------------------------
-def register_service(st: State, tx: Tx, node: str, d: dict[str, Any], replace_checks: bool = False) -> None:
+def register_service(st: State, tx: Tx, node: str, d: dict[str, Any], replace_checks: bool = False,
+                     script_refusal: str | None = None, local: bool = False) -> None:
+    """Agent service registration. ``script_refusal``: why a script check may not be
+    registered from where this came (``_checkdef.script_policy``), None if it may;
+    ``local``: it comes from a config file (reload removes what the files no longer
+    name). A ``Connect.SidecarService`` registers ``<id>-sidecar-proxy`` too (_connect)."""
+    parent, sidecar = split_sidecar(d)
+    sid = _register_one(st, tx, node, parent, replace_checks, script_refusal, local)
+    if sidecar is not None:
+        key = (node, sidecar_id(sid))
+        current = st.services.get(key)
+        used = [st.services.rows[(node, other)].get("Port", 0) for other in st.services_by_node.get(node, ())
+                if (node, other) != key]
+        definition = sidecar_definition(parent, sid, sidecar, used, current["Port"] if current else None)
+        _register_one(st, tx, node, definition, replace_checks, script_refusal, local, sidecar_of=sid)
+
+
+def _register_one(st: State, tx: Tx, node: str, d: dict[str, Any], replace_checks: bool,
+                  script_refusal: str | None, local: bool, sidecar_of: str = "") -> str:
     name = d.get("Name", "")
     if not name:
         raise BadRequest("Missing service name")
     sid = d.get("ID") or name
-    row = _service_row(d, sid, name)
+    row = _service_row(d, sid, name, agent=True)
+    if local:
+        row["_local"] = True
+    if sidecar_of:
+        row["_sidecar_of"] = sidecar_of
     checks_in = [c for c in ([d.get("Check")] + list(d.get("Checks") or [])) if c]
     defs = [check_definition(c) for c in checks_in]
+    if script_refusal and has_script(defs):
+        raise CatalogError(script_refusal)
     existing = st.services.get((node, sid))
     if _is_internal(existing):
         raise BadRequest(f'Invalid service ID "{sid}": reserved by the catalog')
@@ -274,7 +305,10 @@ def register_service(st: State, tx: Tx, node: str, d: dict[str, Any], replace_ch
         prev = st.checks.get((node, cid))
         if _is_internal(prev):
             raise BadRequest(f'Invalid check ID "{cid}": reserved by the catalog')
-        _put_check(st, tx, _agent_check_row(node, cid, cname, c, dfn, prev, sid, name, row["Tags"]))
+        check_row = _agent_check_row(node, cid, cname, c, dfn, prev, sid, name, row["Tags"])
+        if local:
+            check_row["_local"] = True
+        _put_check(st, tx, check_row)
     for cid in sorted(st.checks_by_service.get((node, sid), set()) - wanted):
         old = st.checks.rows[(node, cid)]
         if replace_checks and not cid.startswith(SERVICE_MAINT_PREFIX):
@@ -282,6 +316,7 @@ def register_service(st: State, tx: Tx, node: str, d: dict[str, Any], replace_ch
         elif old["ServiceName"] != name or old["ServiceTags"] != row["Tags"]:
             _put_check(st, tx, {**_strip(old), "ServiceName": name, "ServiceTags": list(row["Tags"])})  # type: ignore[dict-item]
     names.done()
+    return sid
 
 
 def deregister_service(st: State, tx: Tx, node: str, sid: str) -> None:
@@ -289,6 +324,10 @@ def deregister_service(st: State, tx: Tx, node: str, sid: str) -> None:
     if svc is None or _is_internal(svc):
         raise unknown_service(sid)
     _remove_service(st, tx, node, sid)
+    # A sidecar registered through this service's SidecarService goes with it.
+    sidecar = st.services.get((node, sidecar_id(sid)))
+    if sidecar is not None and sidecar.get("_sidecar_of") == sid:
+        _remove_service(st, tx, node, sidecar_id(sid))
 
 
 def service_maintenance(st: State, tx: Tx, node: str, sid: str, enable: bool, reason: str) -> None:
@@ -323,7 +362,9 @@ def node_maintenance(st: State, tx: Tx, node: str, enable: bool, reason: str) ->
 
 
 # -- agent: checks ------------------------------------------------------------------------
-def register_check(st: State, tx: Tx, node: str, c: dict[str, Any]) -> None:
+def register_check(st: State, tx: Tx, node: str, c: dict[str, Any], script_refusal: str | None = None,
+                   local: bool = False) -> None:
+    """Agent check registration; ``script_refusal`` and ``local`` as for register_service."""
     name = c.get("Name", "")
     if not name:
         raise BadRequest("Missing check name")
@@ -334,12 +375,16 @@ def register_check(st: State, tx: Tx, node: str, c: dict[str, Any]) -> None:
     if sid:
         svc = st.services.get((node, sid))
         if svc is None or _is_internal(svc):
-            raise CatalogError(f'ServiceID "{sid}" does not exist')
+            raise NotFound(f'ServiceID "{sid}" does not exist')  # agent_endpoint.go: 404
     prev = st.checks.get((node, cid))
     if _is_internal(prev):
         raise BadRequest(f'Invalid check ID "{cid}": reserved by the catalog')
+    if script_refusal and has_script([dfn]):
+        raise CatalogError(script_refusal)
     row = _agent_check_row(node, cid, name, c, dfn, prev, sid, svc["Service"] if svc else "",
                            svc.get("Tags") if svc else None)
+    if local:
+        row["_local"] = True
     if prev is not None and prev.get("ServiceID") and prev["ServiceID"] != sid:
         _remove_check(st, tx, node, cid)  # moves to another service: both services' indexes move
         prev = None
@@ -363,8 +408,9 @@ def set_check_status(st: State, tx: Tx, key: tuple[str, str], status: str, outpu
     row = st.checks.get(key)
     if row is None or (expect_def is not None and row.get("_def") != expect_def):
         return False
-    limit = (row.get("_def") or {}).get("output_max") or 4096
-    output = truncate_output(output, limit)
+    dfn = row.get("_def") or {}
+    if dfn.get("kind") != "script":  # a script's output is already cut, Consul's way (_script)
+        output = truncate_output(output, dfn.get("output_max") or 4096)
     if row["Status"] == status and row["Output"] == output:
         return False
     return _put_check(st, tx, {**_strip(row), "Status": status, "Output": output})  # type: ignore[dict-item]

@@ -14,12 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from ._decode import format_go_duration
-from ._errors import BadRequest, CatalogError
+from ._errors import BadRequest
 
 __all__ = [
     "PASSING", "WARNING", "CRITICAL", "STATUSES",
     "check_definition", "definition_json", "apply_result", "http_status", "truncate_output",
-    "DEFAULT_TIMEOUT_NS", "OUTPUT_MAX",
+    "script_policy", "script_result", "alias_status", "has_script",
+    "DEFAULT_TIMEOUT_NS", "SCRIPT_TIMEOUT_NS", "OUTPUT_MAX", "SCRIPTS_DISABLED", "SCRIPTS_DISABLED_REMOTE",
 ]
 
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
@@ -27,22 +28,54 @@ STATUSES = (PASSING, WARNING, CRITICAL)
 DEFAULT_TIMEOUT_NS = 10_000_000_000  # HTTP and TCP checks: 10s
 OUTPUT_MAX = 4096  # OutputMaxSize default
 
+SCRIPT_TIMEOUT_NS = 30_000_000_000  # script checks: 30s (checks/check.go CheckMonitor)
+# agent.go addCheck: a check from a config file ("local") runs if either flag is on; one
+# from the HTTP API ("remote") only with enable_script_checks.
 SCRIPTS_DISABLED = (
-    "Scripts are disabled on this agent; to enable them set either 'enable_script_checks' "
-    "or 'enable_local_script_checks' to true"
+    "Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or "
+    "'enable_local_script_checks' to true"
 )
+SCRIPTS_DISABLED_REMOTE = (
+    "Scripts are disabled on this agent from remote calls; to enable, configure 'enable_script_checks' to true"
+)
+
+
+def script_policy(source: str, enable_script_checks: bool, enable_local_script_checks: bool) -> str | None:
+    """Why a script check from ``source`` ("local": a config file, "remote": the HTTP API)
+    is refused, or None if it may run."""
+    if source == "local":
+        return None if (enable_script_checks or enable_local_script_checks) else SCRIPTS_DISABLED
+    return None if enable_script_checks else SCRIPTS_DISABLED_REMOTE
+
+
+def script_result(returncode: int | None, tail: bytes, total: int, limit: int, timed_out: bool,
+                  timeout_ns: int) -> tuple[str, str]:
+    """Consul's CheckMonitor verdict: exit 0 passing, 1 warning, anything else (a signal,
+    a timeout) critical. ``tail`` is the last ``limit`` bytes of stdout+stderr out of
+    ``total`` written, shown as Consul's circular buffer shows it."""
+    output = tail.decode("utf-8", "replace")
+    if total > limit:
+        output = f"Captured {limit} of {total} bytes\n...\n{output}"
+    if timed_out:
+        msg = f"Timed out ({format_go_duration(timeout_ns)}) running check"
+        return CRITICAL, msg + ("\n\n" + output if output else "")
+    if returncode == 0:
+        return PASSING, output
+    if returncode == 1:
+        return WARNING, output
+    return CRITICAL, output
 
 
 def check_definition(c: dict[str, Any]) -> dict[str, Any]:
     """Validate a decoded check type; return its internal definition.
 
-    Raises BadRequest ``Invalid check: ...`` for what Consul rejects, CatalogError (500)
-    for script checks (disabled, as on a default Consul agent), BadRequest for kinds this
-    catalog does not run (gRPC, H2PING, UDP, OSService, Docker, alias).
+    Raises BadRequest ``Invalid check: ...`` for what Consul rejects and for kinds this
+    catalog does not run (gRPC, H2PING, UDP, OSService, Docker). Whether a script check
+    may run is the caller's question (``script_policy``).
     """
     interval = c.get("Interval", 0)
     ttl = c.get("TTL", 0)
-    is_script = bool(c.get("ScriptArgs") or c.get("Script"))
+    is_script = bool(c.get("ScriptArgs"))
     interval_kinds = [k for k in ("HTTP", "TCP", "UDP", "GRPC", "H2PING", "OSService") if c.get(k)]
     interval_check = is_script or bool(interval_kinds)
     is_alias = bool(c.get("AliasNode") or c.get("AliasService"))
@@ -64,13 +97,20 @@ def check_definition(c: dict[str, Any]) -> dict[str, Any]:
     status = c.get("Status", "")
     if status and status not in STATUSES:
         raise BadRequest("Status for checks must 'passing', 'warning', 'critical'")
-    if is_script:
-        raise CatalogError(SCRIPTS_DISABLED)
-    if is_alias or c.get("DockerContainerID") or any(k not in ("HTTP", "TCP") for k in interval_kinds):
-        kind = "alias" if is_alias else ("docker" if c.get("DockerContainerID") else interval_kinds[0].lower())
-        raise BadRequest(f"Invalid check: {kind} checks are not supported by this catalog (TTL, HTTP and TCP are)")
+    if c.get("DockerContainerID") or any(k not in ("HTTP", "TCP") for k in interval_kinds):
+        kind = "docker" if c.get("DockerContainerID") else interval_kinds[0].lower()
+        raise BadRequest(f"Invalid check: {kind} checks are not supported by this catalog "
+                         "(TTL, HTTP, TCP, script and alias are)")
     d: dict[str, Any] = {}
-    if ttl > 0:
+    if is_script:
+        d["kind"] = "script"
+        d["args"] = list(c["ScriptArgs"])
+    elif is_alias:
+        d["kind"] = "alias"
+        d["alias_service"] = c.get("AliasService", "")
+        if c.get("AliasNode"):
+            d["alias_node"] = c["AliasNode"]
+    elif ttl > 0:
         d["kind"] = "ttl"
         d["ttl"] = ttl
     elif c.get("HTTP"):
@@ -90,7 +130,7 @@ def check_definition(c: dict[str, Any]) -> dict[str, Any]:
         d["tcp"] = c["TCP"]
     if interval > 0:
         d["interval"] = interval
-        d["timeout"] = c.get("Timeout") or DEFAULT_TIMEOUT_NS
+        d["timeout"] = c.get("Timeout") or (SCRIPT_TIMEOUT_NS if is_script else DEFAULT_TIMEOUT_NS)
     elif c.get("Timeout"):
         d["timeout"] = c["Timeout"]
     if c.get("DeregisterCriticalServiceAfter", 0) > 0:
@@ -116,6 +156,12 @@ def definition_json(d: dict[str, Any]) -> dict[str, Any]:
             out["TLSSkipVerify"] = True
     if d.get("tcp"):
         out["TCP"] = d["tcp"]
+    if d.get("args"):
+        out["ScriptArgs"] = d["args"]
+    if d.get("kind") == "alias":
+        if d.get("alias_node"):
+            out["AliasNode"] = d["alias_node"]
+        out["AliasService"] = d.get("alias_service", "")
     for key, name in (("interval", "Interval"), ("timeout", "Timeout"), ("ttl", "TTL"),
                       ("deregister", "DeregisterCriticalServiceAfter")):
         if d.get(key):
@@ -159,3 +205,29 @@ def truncate_output(output: str, limit: int = OUTPUT_MAX) -> str:
         return output
     kept = data[:limit].decode("utf-8", "ignore")
     return f"{kept} ... (captured {limit} of {len(data)} bytes)"
+
+
+def has_script(defs: list[dict[str, Any]]) -> bool:
+    return any(d.get("kind") == "script" for d in defs)
+
+
+def alias_status(checks: list[dict[str, Any]], service_exists: bool, service_id: str, node: str) -> tuple[str, str]:
+    """Consul's CheckAlias.processChecks: the aliased service's checks and its node's
+    checks, worst first (critical ends the walk, a warning is kept unless a critical
+    follows). No check at all is passing; a service that does not exist is critical."""
+    health, msg, found = PASSING, "No checks found.", False
+    for chk in checks:
+        match = chk.get("ServiceID") == service_id
+        if chk.get("ServiceID") and not match:
+            continue
+        found = found or match
+        if chk["Status"] in (CRITICAL, WARNING):
+            health = chk["Status"]
+            msg = f'Aliased check "{chk["Name"]}" failing: {chk.get("Output", "")}'
+            if chk["Status"] == CRITICAL:
+                break
+        elif health == PASSING:
+            msg = "All checks passing."
+    if not found and not service_exists:
+        return CRITICAL, f"Service {service_id} could not be found on node {node}"
+    return health, msg

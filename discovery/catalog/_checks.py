@@ -1,4 +1,5 @@
-"""The check runner: HTTP and TCP probes, TTL expiry, DeregisterCriticalServiceAfter.
+"""The check runner: HTTP, TCP and script probes, alias checks, TTL expiry,
+DeregisterCriticalServiceAfter.
 
 The runner keeps no state of its own that matters: after every commit it reconciles its
 timers and probe tasks with the checks that changed (``on_commit``), and at start with
@@ -7,6 +8,11 @@ every check (so after a restart each TTL check gets its full TTL again).
 * HTTP: ``Method`` (GET) ``url`` with ``Header``/``Body``, a new connection each time
   (like Consul); 2xx passing, 429 warning, else critical; Timeout 10s by default.
 * TCP: connect -> passing (``TCP connect <addr>: Success``), else critical.
+* Script (only registered when enable_script_checks / enable_local_script_checks allow
+  it): the ``Args`` argv, no shell, killed with its process group at the timeout (30s by
+  default); exit 0 passing, 1 warning, else critical (_script).
+* Alias: mirrors the health of a service (and its node's checks), recomputed after every
+  commit that touches that node (_checkdef.alias_status).
 * Probes run every ``Interval``, at least ``check_interval_min`` (100ms) apart, the first
   one right away. SuccessBeforePassing/FailuresBefore* are applied (_checkdef.apply_result).
   A result that only changes the output is written at most every 5 minutes (Consul's
@@ -29,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ._catalog import reap_critical_service, set_check_status
-from ._checkdef import CRITICAL, PASSING, apply_result, http_status
+from ._checkdef import CRITICAL, OUTPUT_MAX, PASSING, SCRIPT_TIMEOUT_NS, alias_status, apply_result, http_status
 from ._errors import CatalogError
+from ._script import run_script
 from ._store import Commit, Tx
 
 if TYPE_CHECKING:
@@ -59,6 +66,7 @@ class CheckRunner:
         self._ttl: dict[Key, tuple[float, asyncio.TimerHandle, int]] = {}
         self._reap: dict[Key, tuple[float, asyncio.TimerHandle | None]] = {}
         self._output_written: dict[Key, float] = {}
+        self._aliases: dict[Key, tuple[str, str]] = {}  # alias check -> (node, service ID) it mirrors
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
 
@@ -95,9 +103,17 @@ class CheckRunner:
 
     # -- reconcile --------------------------------------------------------------------
     def on_commit(self, commit: Commit) -> None:
+        nodes: set[str] = set()
         for table, key in commit.dirty:
             if table == "checks":
                 self._reconcile(key)
+                nodes.add(key[0])
+            elif table == "services":
+                nodes.add(key[0])
+        if self._aliases:
+            for key, (node, _) in list(self._aliases.items()):
+                if node in nodes:
+                    self._update_alias(key)
 
     def _reconcile(self, key: Key) -> None:
         if self._stopping:
@@ -106,7 +122,7 @@ class CheckRunner:
         d = (row.get("_def") or {}) if row is not None else {}
         kind = d.get("kind")
         probe = self._probes.get(key)
-        if kind in ("http", "tcp"):
+        if kind in ("http", "tcp", "script"):
             if probe is None or probe[0] != d:
                 if probe is not None:
                     probe[1].cancel()
@@ -115,6 +131,13 @@ class CheckRunner:
         elif probe is not None:
             probe[1].cancel()
             del self._probes[key]
+        if kind == "alias":
+            target = (d.get("alias_node") or key[0], d.get("alias_service", ""))
+            if self._aliases.get(key) != target:
+                self._aliases[key] = target
+                self._update_alias(key)
+        else:
+            self._aliases.pop(key, None)
         armed = self._ttl.get(key)
         if kind == "ttl":
             if armed is None or armed[2] != d["ttl"]:
@@ -177,6 +200,20 @@ class CheckRunner:
 
         self._submit(expire)
 
+    # -- alias ------------------------------------------------------------------------
+    def _update_alias(self, key: Key) -> None:
+        """Mirror the aliased service's health (re-run after every commit touching its node)."""
+        node, sid = self._aliases[key]
+        st = self.state
+        checks = [c for c in st.all_node_checks(node) if not c.get("_internal") and c.get("ServiceID") in ("", sid)]
+        exists = not sid or (node, sid) in st.services
+        status, output = alias_status(checks, exists, sid, node)
+        row = st.checks.get(key)
+        if row is None or (row["Status"], row["Output"]) == (status, output):
+            return
+        d = row.get("_def")
+        self._submit(lambda tx: set_check_status(st, tx, key, status, output, expect_def=d))
+
     # -- DeregisterCriticalServiceAfter -----------------------------------------------
     def _reap_fire(self, key: Key) -> None:
         entry = self._reap.get(key)
@@ -207,7 +244,7 @@ class CheckRunner:
     async def _probe_loop(self, key: Key, d: dict[str, Any]) -> None:
         interval = max(d.get("interval", 0) / 1e9, self.floor)
         counters = (0, 0)
-        probe = self._probe_http if d["kind"] == "http" else self._probe_tcp
+        probe = {"http": self._probe_http, "tcp": self._probe_tcp, "script": self._probe_script}[d["kind"]]
         while True:
             status, output = await probe(d)
             counters, new = apply_result(counters, status, d.get("sbp", 0), d.get("fbw", 0), d.get("fbc", 0))
@@ -252,6 +289,9 @@ class CheckRunner:
             return CRITICAL, f'{method} "{url}": context deadline exceeded (Client.Timeout exceeded while awaiting headers)'
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return CRITICAL, f'{method} "{url}": {exc or type(exc).__name__}'
+
+    async def _probe_script(self, d: dict[str, Any]) -> tuple[str, str]:
+        return await run_script(d["args"], d.get("timeout", SCRIPT_TIMEOUT_NS), d.get("output_max") or OUTPUT_MAX)
 
     async def _probe_tcp(self, d: dict[str, Any]) -> tuple[str, str]:
         addr = d["tcp"]

@@ -46,6 +46,15 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--session-ttl-min", type=_seconds, default=10.0, metavar="DURATION",
                    help="shortest session TTL accepted (Consul's session_ttl_min); default 10s")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--enable-script-checks", action="store_true",
+                   help="run script checks (Args) registered over HTTP or in config files (off, as in Consul)")
+    p.add_argument("--enable-local-script-checks", action="store_true",
+                   help="run script checks defined in config files only (off, as in Consul)")
+    p.add_argument("--config-file", action="append", default=[], metavar="FILE",
+                   help="Consul-style JSON config (services, checks, script flags, log_level); repeatable; "
+                        "re-read on SIGHUP and PUT /v1/agent/reload")
+    p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                   help="every *.json file in DIR, in name order, as --config-file")
     a = p.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, a.log_level.upper()),
@@ -54,7 +63,9 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     host, port = a.listen
     return Options(host=host, port=port, data_dir=a.data_dir, node=a.node, datacenter=a.datacenter,
-                   session_ttl_min=a.session_ttl_min)
+                   session_ttl_min=a.session_ttl_min, enable_script_checks=a.enable_script_checks,
+                   enable_local_script_checks=a.enable_local_script_checks,
+                   config_paths=tuple(a.config_file) + tuple(a.config_dir), log_level=a.log_level)
 
 
 async def _serve(opts: Options) -> int:
@@ -63,6 +74,12 @@ async def _serve(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:  # SIGHUP: re-read the config files, as Consul does
+        task = loop.create_task(server.reload())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are logged by reload
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         host, port = await server.start()
     except Exception as exc:

@@ -46,6 +46,8 @@ class Database:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(_SCHEMA)
+        # Named indexes were stored up to 2026-12; they are memory-only now (see _store).
+        self.conn.execute("DELETE FROM rows WHERE tbl = 'indexes'")
 
     def load(self) -> Iterator[Row]:
         """Every row, in key order per table."""

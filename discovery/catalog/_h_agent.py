@@ -11,17 +11,17 @@ import json
 import time
 from typing import Any
 
-from aiohttp import web
-
 from ._catalog import (
     deregister_check, deregister_service, node_maintenance, register_check, register_service,
     service_maintenance, update_ttl_check,
 )
-from ._checkdef import CRITICAL, PASSING, WARNING
+from ._checkdef import CRITICAL, PASSING, WARNING, script_policy
 from ._decode import DecodeError, decode_struct, parse_bool
 from ._errors import BadRequest, NotFound
 from ._filter import apply_filter
-from ._http import Req, Router, json_response
+from ._http import Answer, Req, Router, json_response, text_reply
+from ._monitor import monitor_level
+from ._wire import Reply, Streaming
 from ._render import agent_service_json, check_json
 from ._schemas import CHECK_TYPE, CHECK_UPDATE, SERVICE_DEFINITION
 from ._model import VERSION
@@ -67,7 +67,7 @@ def member(req: Req, wan: bool = False) -> dict[str, Any]:
     }
 
 
-async def agent_self(req: Req) -> web.StreamResponse:
+async def agent_self(req: Req) -> Answer:
     server, opts = req.server, req.server.opts
     node = server.state.nodes.get(opts.node) or {}
     services, checks = _local_services(req), _local_checks(req)
@@ -100,19 +100,19 @@ async def agent_self(req: Req) -> web.StreamResponse:
     return req.json(body, server.store.index)
 
 
-async def agent_members(req: Req) -> web.StreamResponse:
+async def agent_members(req: Req) -> Answer:
     wan = req.query.get("wan", "") not in ("", "0", "false")
     return req.json([member(req, wan)], req.server.store.index)
 
 
-async def agent_services(req: Req) -> web.StreamResponse:
+async def agent_services(req: Req) -> Answer:
     dc = req.server.opts.datacenter
     items = [agent_service_json(r, dc) for r in _local_services(req)]
     items = apply_filter(items, req.query.get("filter"))
     return req.json({s["ID"]: s for s in items}, req.server.store.index)
 
 
-async def agent_service(req: Req) -> web.StreamResponse:
+async def agent_service(req: Req) -> Answer:
     sid = req.tail
     row = req.server.state.services.get((req.server.opts.node, sid))
     if row is None or row.get("_internal"):
@@ -125,9 +125,16 @@ async def agent_service(req: Req) -> web.StreamResponse:
     return resp
 
 
-async def agent_checks(req: Req) -> web.StreamResponse:
+async def agent_checks(req: Req) -> Answer:
     items = apply_filter([check_json(c) for c in _local_checks(req)], req.query.get("filter"))
     return req.json({c["CheckID"]: c for c in items}, req.server.store.index)
+
+
+def _remote_scripts(req: Req) -> str | None:
+    """Why a script check registered over HTTP is refused here, or None (Consul's
+    enable_script_checks; enable_local_script_checks alone only allows config files)."""
+    server = req.server
+    return script_policy("remote", server.enable_script_checks, server.enable_local_script_checks)
 
 
 def _replace_flag(req: Req) -> bool:
@@ -142,18 +149,18 @@ def _replace_flag(req: Req) -> bool:
         raise BadRequest(f'Invalid value for replace-existing-checks: "{value}"') from None
 
 
-async def service_register(req: Req) -> web.StreamResponse:
+async def service_register(req: Req) -> Answer:
     d = _decode(await req.json_body(), SERVICE_DEFINITION)
     replace = _replace_flag(req)
-    st, node = req.server.state, req.server.opts.node
-    await req.server.store.write(lambda tx: register_service(st, tx, node, d, replace))
-    return web.Response(status=200)
+    st, node, refusal = req.server.state, req.server.opts.node, _remote_scripts(req)
+    await req.server.store.write(lambda tx: register_service(st, tx, node, d, replace, refusal))
+    return Reply(200)
 
 
-async def service_deregister(req: Req) -> web.StreamResponse:
+async def service_deregister(req: Req) -> Answer:
     st, node, sid = req.server.state, req.server.opts.node, req.tail
     await req.server.store.write(lambda tx: deregister_service(st, tx, node, sid))
-    return web.Response(status=200)
+    return Reply(200)
 
 
 def _enable_param(req: Req) -> bool:
@@ -166,7 +173,7 @@ def _enable_param(req: Req) -> bool:
         raise BadRequest(f'Invalid value for enable: "{value}"') from None
 
 
-async def service_maint(req: Req) -> web.StreamResponse:
+async def service_maint(req: Req) -> Answer:
     sid = req.tail
     if not sid:
         raise BadRequest("Missing service ID")
@@ -174,45 +181,45 @@ async def service_maint(req: Req) -> web.StreamResponse:
     reason = req.query.get("reason", "")
     st, node = req.server.state, req.server.opts.node
     await req.server.store.write(lambda tx: service_maintenance(st, tx, node, sid, enable, reason))
-    return web.Response(status=200)
+    return Reply(200)
 
 
-async def node_maint(req: Req) -> web.StreamResponse:
+async def node_maint(req: Req) -> Answer:
     enable = _enable_param(req)
     reason = req.query.get("reason", "")
     st, node = req.server.state, req.server.opts.node
     await req.server.store.write(lambda tx: node_maintenance(st, tx, node, enable, reason))
-    return web.Response(status=200)
+    return Reply(200)
 
 
-async def check_register(req: Req) -> web.StreamResponse:
+async def check_register(req: Req) -> Answer:
     c = _decode(await req.json_body(), CHECK_TYPE)
-    st, node = req.server.state, req.server.opts.node
-    await req.server.store.write(lambda tx: register_check(st, tx, node, c))
-    return web.Response(status=200)
+    st, node, refusal = req.server.state, req.server.opts.node, _remote_scripts(req)
+    await req.server.store.write(lambda tx: register_check(st, tx, node, c, refusal))
+    return Reply(200)
 
 
-async def check_deregister(req: Req) -> web.StreamResponse:
+async def check_deregister(req: Req) -> Answer:
     st, node, cid = req.server.state, req.server.opts.node, req.tail
     await req.server.store.write(lambda tx: deregister_check(st, tx, node, cid))
-    return web.Response(status=200)
+    return Reply(200)
 
 
 def _ttl_handler(status: str):
-    async def handler(req: Req) -> web.StreamResponse:
+    async def handler(req: Req) -> Answer:
         return await _ttl_update(req, req.tail, status, req.query.get("note", ""))
 
     return handler
 
 
-async def _ttl_update(req: Req, cid: str, status: str, output: str) -> web.StreamResponse:
+async def _ttl_update(req: Req, cid: str, status: str, output: str) -> Answer:
     server = req.server
     st, node, reset = server.state, server.opts.node, server.checks.ttl_reset
     await server.store.write(lambda tx: update_ttl_check(st, tx, node, cid, status, output, reset))
-    return web.Response(status=200)
+    return Reply(200)
 
 
-async def check_update(req: Req) -> web.StreamResponse:
+async def check_update(req: Req) -> Answer:
     u = _decode(await req.json_body(), CHECK_UPDATE)
     return await _ttl_update(req, req.tail, u.get("Status", ""), u.get("Output", ""))
 
@@ -235,43 +242,47 @@ def _service_info(req: Req, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _health_reply(req: Req, status: str, body: Any, code: int | None = None) -> web.StreamResponse:
+def _health_reply(req: Req, status: str, body: Any, code: int | None = None) -> Answer:
     code = code or _HTTP_FOR_STATUS[status]
     if req.query.get("format") == "text":
-        return web.Response(status=code, text=status, content_type="text/plain")
+        return text_reply(code, status)
     return json_response(body, pretty=req.pretty, status=code)
 
 
-async def health_by_id(req: Req) -> web.StreamResponse:
+async def health_by_id(req: Req) -> Answer:
     sid = req.tail
     row = req.server.state.services.get((req.server.opts.node, sid))
     if row is None or row.get("_internal"):
         reason = f"ServiceId {sid} not found"
         if req.query.get("format") == "text":
-            return web.Response(status=404, text=reason, content_type="text/plain")
+            return text_reply(404, reason)
         return json_response({"AggregatedStatus": CRITICAL, "Service": None, "Checks": None}, status=404)
     info = _service_info(req, row)
     return _health_reply(req, info["AggregatedStatus"], info)
 
 
-async def health_by_name(req: Req) -> web.StreamResponse:
+async def health_by_name(req: Req) -> Answer:
     name = req.tail
     infos = [_service_info(req, r) for r in _local_services(req) if r["Service"] == name]
     if not infos:
         reason = f"ServiceName {name} Not Found"
         if req.query.get("format") == "text":
-            return web.Response(status=404, text=reason, content_type="text/plain")
+            return text_reply(404, reason)
         return json_response([], status=404)
     status = _aggregate([{"Status": i["AggregatedStatus"]} for i in infos])
     return _health_reply(req, status, infos)
 
 
-async def agent_metrics(req: Req) -> web.StreamResponse:
+async def agent_metrics(req: Req) -> Answer:
     """Consul's metrics JSON shape; our gauges describe the catalog itself.
 
-    ``meshlet.catalog.blocked_queries`` (blocking queries waiting now) and
-    ``meshlet.catalog.watch_wakeups`` (wake-ups delivered since start) let tests and
-    operators see that a write woke exactly the watchers it should.
+    ``meshlet.catalog.blocked_queries`` (blocking queries waiting now),
+    ``meshlet.catalog.watch_wakeups`` (wake-ups delivered since start) and
+    ``meshlet.catalog.answers_encoded`` (blocking-read answers evaluated and encoded: one
+    per query and commit, however many watchers share it) let tests and operators see
+    that a write woke exactly the watchers it should, and what it cost;
+    ``last_write_ms`` (the last batch, taken -> durable) and ``last_fanout_ms`` (durable
+    -> every watcher it woke written to) time the last commit.
     """
     server = req.server
     st = server.state
@@ -279,6 +290,9 @@ async def agent_metrics(req: Req) -> web.StreamResponse:
         "meshlet.catalog.index": server.store.index,
         "meshlet.catalog.blocked_queries": server.hub.blocked,
         "meshlet.catalog.watch_wakeups": server.hub.wakeups,
+        "meshlet.catalog.answers_encoded": server.hub.encodes,
+        "meshlet.catalog.last_write_ms": round(server.store.last_write_s * 1000, 3),
+        "meshlet.catalog.last_fanout_ms": round(server.store.last_fanout_s * 1000, 3),
         "meshlet.catalog.kv_entries": len(st.kv),
         "meshlet.catalog.services": len(st.services),
         "meshlet.catalog.checks": len(st.checks),
@@ -294,8 +308,28 @@ async def agent_metrics(req: Req) -> web.StreamResponse:
     return req.json(body, server.store.index)
 
 
+async def agent_reload(req: Req) -> Answer:
+    """Re-read the config files (services, checks, log_level); 500 with the reason, and
+    nothing changed, if one cannot be used."""
+    await req.server.reload()
+    return Reply(200)
+
+
+async def agent_monitor(req: Req) -> Answer:
+    name = req.query.get("loglevel") or "INFO"
+    level = monitor_level(name)
+    if level is None:
+        raise BadRequest(f"Unknown log level: {name}")
+    as_json = "logjson" in req.query
+    fanout = req.server.monitor
+    assert fanout is not None
+    return Streaming(lambda write: fanout.stream(level, as_json, write))
+
+
 def register(router: Router) -> None:
     add = router.add
+    add("/v1/agent/reload", {"PUT": agent_reload}, check_dc=False)
+    add("/v1/agent/monitor", {"GET": agent_monitor}, check_dc=False)
     add("/v1/agent/self", {"GET": agent_self}, check_dc=False)
     add("/v1/agent/members", {"GET": agent_members}, check_dc=False)
     add("/v1/agent/metrics", {"GET": agent_metrics}, check_dc=False)

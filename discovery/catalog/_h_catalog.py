@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from aiohttp import web
-
 from ._catalog import catalog_deregister, catalog_register
 from ._decode import DecodeError, decode_struct, parse_bool
 from ._errors import BadRequest, CatalogError
 from ._filter import apply_filter
-from ._http import Req, Router, dumps, json_response
+from ._http import Answer, Req, Router, json_response
 from ._model import State, node_index_name, svc_index_name
 from ._render import (
-    catalog_service_entries, check_json, health_entries, node_json, node_service_json,
+    catalog_service_entries, catalog_service_json, check_json, health_entries, node_json, node_service_json,
 )
 from ._schemas import CATALOG_DEREGISTER, CATALOG_REGISTER
 
@@ -55,6 +53,12 @@ def _node_meta(req: Req) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(out))
 
 
+def _peer(req: Req) -> str:
+    """``?peer=``: there are no cluster peerings here, so every peer is unknown and its
+    imported services are none (Consul answers an empty list, index headers included)."""
+    return req.query.get("peer", "")
+
+
 def _passing(req: Req) -> bool:
     if "passing" not in req.query:
         return False
@@ -67,15 +71,24 @@ def _passing(req: Req) -> bool:
         raise BadRequest("Invalid value for ?passing") from None
 
 
-async def _blocking_list(req: Req, topic: str, index_of: Callable[[], int], items: Callable[[], list[Any]]) -> web.StreamResponse:
-    if req.query.get("filter") is not None:
-        apply_filter([], req.query["filter"])  # a bad filter is a 400 before blocking
-    index, data = await req.block(lambda: (index_of(), items()), topics=(topic,))
-    return req.json(apply_filter(data, req.query.get("filter")), index)
+def _filtered(req: Req) -> Callable[[int, Any], Any]:
+    """The reply of a list endpoint with ``?filter=`` applied (a bad filter is a 400 at
+    once, before blocking)."""
+    text = req.query.get("filter")
+    pretty = req.pretty
+    if text is not None:
+        apply_filter([], text)
+    return lambda index, data: json_response(apply_filter(data, text), index=index, pretty=pretty)
+
+
+async def _blocking_list(req: Req, topic: str, index_of: Callable[[], int], items: Callable[[], list[Any]]) -> Answer:
+    if _peer(req):
+        return req.block(lambda: (index_of(), []), _filtered(req), topics=(topic,))
+    return req.block(lambda: (index_of(), items()), _filtered(req), topics=(topic,))
 
 
 # -- catalog ---------------------------------------------------------------------------
-async def catalog_register_h(req: Req) -> web.StreamResponse:
+async def catalog_register_h(req: Req) -> Answer:
     try:
         d = decode_struct(await req.json_body(), CATALOG_REGISTER)
     except DecodeError as exc:
@@ -88,7 +101,7 @@ async def catalog_register_h(req: Req) -> web.StreamResponse:
     return req.json(True)
 
 
-async def catalog_deregister_h(req: Req) -> web.StreamResponse:
+async def catalog_deregister_h(req: Req) -> Answer:
     try:
         d = decode_struct(await req.json_body(), CATALOG_DEREGISTER)
     except DecodeError as exc:
@@ -101,11 +114,11 @@ async def catalog_deregister_h(req: Req) -> web.StreamResponse:
     return req.json(True)
 
 
-async def catalog_datacenters(req: Req) -> web.StreamResponse:
+async def catalog_datacenters(req: Req) -> Answer:
     return req.json([req.server.opts.datacenter], req.server.store.index)
 
 
-async def catalog_nodes(req: Req) -> web.StreamResponse:
+async def catalog_nodes(req: Req) -> Answer:
     st = req.server.state
     meta = _node_meta(req)
 
@@ -116,44 +129,50 @@ async def catalog_nodes(req: Req) -> web.StreamResponse:
     return await _blocking_list(req, "nodes", lambda: max(1, st.index_of("nodes", 1)), items)
 
 
-async def catalog_services(req: Req) -> web.StreamResponse:
+async def catalog_services(req: Req) -> Answer:
+    """Names -> tags. With ``?filter=`` (or ``node-meta``) the instances are filtered
+    first (the filter sees ServiceNode fields, as for /v1/catalog/service) and the tags
+    are gathered from the matching instances only (catalog_endpoint.go ListServices,
+    servicesTagsByName)."""
     st = req.server.state
     meta = _node_meta(req)
+    text = req.query.get("filter")
+    peer = _peer(req)
+    if text is not None:
+        apply_filter([], text)  # a bad filter is a 400 before blocking
+    if peer:
+        return req.block(lambda: (max(1, st.index_of("service_names", 1)), {}), topics=("service_names",))
+    if not meta and text is None:
+        return req.block(lambda: (max(1, st.index_of("service_names", 1)), st.service_names()),
+                         topics=("service_names",))
 
     def evaluate() -> tuple[int, Any]:
-        index = max(1, st.index_of("service_names", 1))
-        if not meta:
-            return index, st.service_names()
+        index = max(1, st.index_of("services", 1), st.index_of("nodes", 1))
+        entries = [catalog_service_json(st.nodes.rows[node], svc)
+                   for (node, _), svc in sorted(st.services.rows.items()) if node in st.nodes.rows]
+        entries = [e for e in entries if all(e["NodeMeta"].get(k) == v for k, v in meta)]
         names: dict[str, set[str]] = {}
-        for (node, _), svc in st.services.rows.items():
-            node_row = st.nodes.rows.get(node) or {}
-            if all((node_row.get("Meta") or {}).get(k) == v for k, v in meta):
-                names.setdefault(svc["Service"], set()).update(svc.get("Tags") or ())
+        for e in apply_filter(entries, text):
+            names.setdefault(e["ServiceName"], set()).update(e["ServiceTags"])
         return index, {n: sorted(t) for n, t in sorted(names.items())}
 
-    index, data = await req.block(evaluate, topics=("service_names",) if not meta else ("services",))
-    return req.json(data, index)
+    return req.block(evaluate, topics=("services", "nodes"))
 
 
-async def catalog_service(req: Req) -> web.StreamResponse:
+async def catalog_service(req: Req) -> Answer:
     name = req.tail
     if not name:
         raise BadRequest("Missing service name")
-    st, cache = req.server.state, req.server.render_cache
-    tags, meta = _tags(req), _node_meta(req)
-    if "filter" in req.query:
-        apply_filter([], req.query["filter"])
-
-    def evaluate() -> tuple[int, Any]:
-        index = service_index(st, name)
-        items = cache.get(("cs", name, tags, meta), index, lambda: catalog_service_entries(st, name, tags, meta))
-        return index, items
-
-    index, items = await req.block(evaluate, topics=(svc_index_name(name),))
-    return req.json(apply_filter(items, req.query.get("filter")), index)
+    st = req.server.state
+    tags, meta, peer = _tags(req), _node_meta(req), _peer(req)
+    respond = _filtered(req)
+    if peer:
+        return req.block(lambda: (service_index(st, name), []), respond, topics=(svc_index_name(name),))
+    return req.block(lambda: (service_index(st, name), catalog_service_entries(st, name, tags, meta)), respond,
+                     topics=(svc_index_name(name),))
 
 
-async def catalog_node(req: Req) -> web.StreamResponse:
+async def catalog_node(req: Req) -> Answer:
     node = req.tail
     if not node:
         raise BadRequest("Missing node name")
@@ -168,46 +187,84 @@ async def catalog_node(req: Req) -> web.StreamResponse:
             services[sid] = node_service_json(st.services.rows[(node, sid)])
         return node_index(st, node), {"Node": node_json(row), "Services": services}
 
-    index, data = await req.block(evaluate, topics=(node_index_name(node), "nodes"))
-    return req.json(data, index)
+    return req.block(evaluate, topics=(node_index_name(node), "nodes"))
+
+
+async def catalog_node_services(req: Req) -> Answer:
+    """The list form of catalog/node (CatalogNodeServiceList): ``{"Node": ..., "Services":
+    [...]}``; for an unknown node both are null, as the RPC leaves them."""
+    node = req.tail
+    if not node:
+        raise BadRequest("Missing node name")
+    st = req.server.state
+
+    def evaluate() -> tuple[int, Any]:
+        row = st.nodes.get(node)
+        if row is None or _peer(req):
+            return node_index(st, node), {"Node": None, "Services": None}
+        services = [node_service_json(st.services.rows[(node, sid)]) for sid in sorted(st.services_by_node.get(node, ()))]
+        return node_index(st, node), {"Node": node_json(row), "Services": services}
+
+    return req.block(evaluate, topics=(node_index_name(node), "nodes"))
 
 
 # -- health ----------------------------------------------------------------------------
-async def health_service(req: Req) -> web.StreamResponse:
+async def health_service(req: Req) -> Answer:
     name = req.tail
     if not name:
         raise BadRequest("Missing service name")
-    st, cache = req.server.state, req.server.render_cache
+    st = req.server.state
     tags, meta, passing = _tags(req), _node_meta(req), _passing(req)
-    peer = req.query.get("peer", "")
-    filtered = "filter" in req.query
-    if filtered:
-        apply_filter([], req.query["filter"])
+    peer = _peer(req)
+    respond = _filtered(req)
 
     def evaluate() -> tuple[int, Any]:
         index = service_index(st, name)
         if peer:
-            return index, b"[]"  # no peerings here: nothing is imported from a peer
-        key = ("hs", name, tags, meta, passing)
-        if filtered or req.pretty:
-            return index, cache.get(key, index, lambda: health_entries(st, name, tags, passing, meta))
-        return index, cache.get(key + ("bytes",), index, lambda: dumps(health_entries(st, name, tags, passing, meta)))
+            return index, []  # no peerings here: nothing is imported from a peer
+        return index, health_entries(st, name, tags, passing, meta)
 
-    index, data = await req.block(evaluate, topics=(svc_index_name(name),))
-    if isinstance(data, bytes):
-        return json_response(None, index=index, body=data)
-    return req.json(apply_filter(data, req.query.get("filter")), index)
+    return req.block(evaluate, respond, topics=(svc_index_name(name),))
 
 
-async def health_connect(req: Req) -> web.StreamResponse:
-    """No service mesh here: no connect-capable or ingress instances, ever."""
-    st = req.server.state
+def connect_index(st: State, name: str) -> tuple[int, tuple[str, ...]]:
+    """The index of ``name``'s Connect endpoints and the topics that move it: the
+    destination's own, every proxy's, and ``services`` (a proxy registered or removed)."""
+    names = {st.services.rows[k]["Service"] for k in st.connect_by_dest.get(name, ())}
+    index = max([service_index(st, name)] + [service_index(st, n) for n in names] + [st.index_of("services", 1)])
+    return index, tuple(svc_index_name(n) for n in sorted(names | {name})) + ("services",)
+
+
+async def health_connect(req: Req) -> Answer:
+    """Connect-capable instances of a service: its sidecar proxies (and Connect-native
+    instances). No mesh runs behind them here; these are the registrations."""
     name = req.tail
-    index, _ = await req.block(lambda: (service_index(st, name), None), topics=(svc_index_name(name),))
-    return req.json([], index)
+    if not name:
+        raise BadRequest("Missing service name")
+    st = req.server.state
+    tags, meta, passing, peer = _tags(req), _node_meta(req), _passing(req), _peer(req)
+    respond = _filtered(req)
+    if req.request.path.startswith("/v1/health/ingress/") or peer:  # no ingress gateways, no peers
+        return req.block(lambda: (service_index(st, name), []), respond, topics=(svc_index_name(name),))
+    _, topics = connect_index(st, name)
+    return req.block(lambda: (connect_index(st, name)[0], health_entries(st, name, tags, passing, meta, connect=True)),
+                     respond, topics=topics)
 
 
-async def health_checks(req: Req) -> web.StreamResponse:
+async def catalog_connect(req: Req) -> Answer:
+    name = req.tail
+    if not name:
+        raise BadRequest("Missing service name")
+    st = req.server.state
+    tags, meta, peer = _tags(req), _node_meta(req), _peer(req)
+    respond = _filtered(req)
+    _, topics = connect_index(st, name)
+    return req.block(lambda: (connect_index(st, name)[0],
+                              [] if peer else catalog_service_entries(st, name, tags, meta, connect=True)),
+                     respond, topics=topics)
+
+
+async def health_checks(req: Req) -> Answer:
     name = req.tail
     if not name:
         raise BadRequest("Missing service name")
@@ -222,7 +279,7 @@ async def health_checks(req: Req) -> web.StreamResponse:
     return await _blocking_list(req, svc_index_name(name), lambda: service_index(st, name), items)
 
 
-async def health_state(req: Req) -> web.StreamResponse:
+async def health_state(req: Req) -> Answer:
     state = req.tail
     if state not in _STATES:
         raise BadRequest("Invalid check state")
@@ -235,7 +292,7 @@ async def health_state(req: Req) -> web.StreamResponse:
     return await _blocking_list(req, "checks", lambda: max(1, st.index_of("checks", 1)), items)
 
 
-async def health_node(req: Req) -> web.StreamResponse:
+async def health_node(req: Req) -> Answer:
     node = req.tail
     if not node:
         raise BadRequest("Missing node name")
@@ -244,8 +301,20 @@ async def health_node(req: Req) -> web.StreamResponse:
                                 lambda: [check_json(c) for c in st.all_node_checks(node)])
 
 
+async def gateway_services(req: Req) -> Answer:
+    """No gateways are configured here (no config entries): an empty list, with the index."""
+    name = req.tail
+    if not name:
+        raise BadRequest("Missing gateway name")
+    st = req.server.state
+    return req.block(lambda: (service_index(st, name), []), topics=(svc_index_name(name),))
+
+
 def register(router: Router) -> None:
     add = router.add
+    add("/v1/catalog/gateway-services/", {"GET": gateway_services})
+    add("/v1/catalog/connect/", {"GET": catalog_connect})
+    add("/v1/catalog/node-services/", {"GET": catalog_node_services})
     add("/v1/catalog/register", {"PUT": catalog_register_h})
     add("/v1/catalog/deregister", {"PUT": catalog_deregister_h})
     add("/v1/catalog/datacenters", {"GET": catalog_datacenters}, check_dc=False)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from ._decode import DecodeError, parse_uint
 from ._errors import BadRequest, CatalogError
-from ._http import Req, Router, conflicting, read_headers
+from ._http import Answer, Req, Router, conflicting, json_response, read_headers
+from ._wire import Reply
 from ._kv import MAX_VALUE_SIZE, entry_json, kv_delete, kv_get, kv_keys, kv_list, kv_set, validate_key
 
 __all__ = ["register"]
@@ -22,41 +21,49 @@ def _uint_param(req: Req, name: str) -> int | None:
         raise CatalogError(f"invalid {name}: {exc}") from None
 
 
-def _not_found(index: int) -> web.Response:
-    return web.Response(status=404, headers=read_headers(index))
+def _not_found(index: int) -> Reply:
+    return Reply(404, headers=read_headers(index))
 
 
-async def kv_get_handler(req: Req) -> web.StreamResponse:
+async def kv_get_handler(req: Req) -> Answer:
     key = req.tail
     if key and (reason := validate_key(key)):
         raise BadRequest(reason)
     st = req.server.state
     q = req.query
+    pretty = req.pretty
     if "keys" in q:
         sep = q.get("separator", "")
-        index, keys = await req.block(lambda: kv_keys(st, key, sep), prefixes=(key,))
-        if not keys and key:
-            return _not_found(index)
-        return req.json(keys, index)
+
+        def keys_reply(index: int, keys: list[str]) -> Reply:
+            return _not_found(index) if not keys and key else json_response(keys, index=index, pretty=pretty)
+
+        return req.block(lambda: kv_keys(st, key, sep), keys_reply, prefixes=(key,))
     if "recurse" in q:
-        index, rows = await req.block(lambda: kv_list(st, key), prefixes=(key,))
-        if not rows:
-            return _not_found(index)
-        return req.json([entry_json(r) for r in rows], index)
+        def list_reply(index: int, rows: list) -> Reply:
+            if not rows:
+                return _not_found(index)
+            return json_response([entry_json(r) for r in rows], index=index, pretty=pretty)
+
+        return req.block(lambda: kv_list(st, key), list_reply, prefixes=(key,))
     if not key:
         raise BadRequest("Missing key name")
-    index, row = await req.block(lambda: kv_get(st, key), keys=(key,))
-    if row is None:
-        return _not_found(index)
-    if "raw" in q:
-        headers = read_headers(index)
-        headers["X-Content-Type-Options"] = "nosniff"
-        headers["Content-Security-Policy"] = "sandbox"
-        return web.Response(body=row.get("Value") or b"", content_type="text/plain", headers=headers)
-    return req.json([entry_json(row)], index)
+    raw = "raw" in q
+
+    def get_reply(index: int, row: dict | None) -> Reply:
+        if row is None:
+            return _not_found(index)
+        if raw:
+            headers = read_headers(index)
+            headers["X-Content-Type-Options"] = "nosniff"
+            headers["Content-Security-Policy"] = "sandbox"
+            return Reply(200, row.get("Value") or b"", "text/plain", headers)
+        return json_response([entry_json(row)], index=index, pretty=pretty)
+
+    return req.block(lambda: kv_get(st, key), get_reply, keys=(key,))
 
 
-async def kv_put_handler(req: Req) -> web.StreamResponse:
+async def kv_put_handler(req: Req) -> Answer:
     key = req.tail
     if not key:
         raise BadRequest("Missing key name")
@@ -76,7 +83,7 @@ async def kv_put_handler(req: Req) -> web.StreamResponse:
     return req.json(bool(ok))
 
 
-async def kv_delete_handler(req: Req) -> web.StreamResponse:
+async def kv_delete_handler(req: Req) -> Answer:
     key = req.tail
     q = req.query
     recurse = "recurse" in q
@@ -91,11 +98,11 @@ async def kv_delete_handler(req: Req) -> web.StreamResponse:
     return req.json(bool(ok))
 
 
-async def status_leader(req: Req) -> web.StreamResponse:
+async def status_leader(req: Req) -> Answer:
     return req.json(req.server.leader_addr, req.server.store.index)
 
 
-async def status_peers(req: Req) -> web.StreamResponse:
+async def status_peers(req: Req) -> Answer:
     return req.json([req.server.leader_addr], req.server.store.index)
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
 from ._decode import DecodeError, decode_struct, norm_key
 from ._errors import BadRequest, Unauthorized
-from ._http import Req, Router, json_response
+from ._http import Answer, Req, Router, json_response
 from ._schemas import SESSION
 from ._sessions import LOCK_DELAY_SECONDS_BELOW, create_session, destroy_session, renew_session
 from ._txn import TxnAborted, parse_ops, run_txn
@@ -26,7 +24,7 @@ def _lock_delay_in_seconds(body: Any) -> bool:
     return False
 
 
-async def session_create(req: Req) -> web.StreamResponse:
+async def session_create(req: Req) -> Answer:
     body = await req.json_body(allow_empty=True)
     try:
         d = decode_struct(body, SESSION)
@@ -40,13 +38,13 @@ async def session_create(req: Req) -> web.StreamResponse:
     return req.json({"ID": sid})
 
 
-async def session_destroy(req: Req) -> web.StreamResponse:
+async def session_destroy(req: Req) -> Answer:
     st, sid = req.server.state, req.tail
     ok = await req.server.store.write(lambda tx: destroy_session(st, tx, sid))
     return req.json(ok)
 
 
-async def session_renew(req: Req) -> web.StreamResponse:
+async def session_renew(req: Req) -> Answer:
     server, sid = req.server, req.tail
 
     def renew(tx: Any) -> dict[str, Any]:
@@ -58,24 +56,23 @@ async def session_renew(req: Req) -> web.StreamResponse:
     return req.json([row], server.store.index)
 
 
-async def _session_read(req: Req, pick: Any) -> web.StreamResponse:
+async def _session_read(req: Req, pick: Any) -> Answer:
     st = req.server.state
-    index, rows = await req.block(lambda: (max(1, st.index_of("sessions", 1)), pick(st)), topics=("sessions",))
-    return req.json(rows, index)
+    return req.block(lambda: (max(1, st.index_of("sessions", 1)), pick(st)), topics=("sessions",))
 
 
-async def session_info(req: Req) -> web.StreamResponse:
+async def session_info(req: Req) -> Answer:
     sid = req.tail
     if not sid:
         raise BadRequest("Missing session")
     return await _session_read(req, lambda st: [st.sessions.rows[sid]] if sid in st.sessions else [])
 
 
-async def session_list(req: Req) -> web.StreamResponse:
+async def session_list(req: Req) -> Answer:
     return await _session_read(req, lambda st: [st.sessions.rows[s] for s in sorted(st.sessions.rows)])
 
 
-async def session_node(req: Req) -> web.StreamResponse:
+async def session_node(req: Req) -> Answer:
     node = req.tail
     if not node:
         raise BadRequest("Missing node name")
@@ -84,7 +81,7 @@ async def session_node(req: Req) -> web.StreamResponse:
     )
 
 
-async def txn(req: Req) -> web.StreamResponse:
+async def txn(req: Req) -> Answer:
     ops = parse_ops(await req.json_body())
     st = req.server.state
     try:
@@ -94,7 +91,7 @@ async def txn(req: Req) -> web.StreamResponse:
     return req.json({"Results": results or None, "Errors": None}, req.server.store.index)
 
 
-async def acl_disabled(req: Req) -> web.StreamResponse:
+async def acl_disabled(req: Req) -> Answer:
     raise Unauthorized("ACL support disabled")
 
 

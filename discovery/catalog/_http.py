@@ -5,8 +5,10 @@ Routing is Consul's table (agent/http_register.go): exact paths and prefixes end
 405 with ``Allow: OPTIONS,<methods>``; ``OPTIONS`` gets 200 with ``Allow``. Any other
 ``/v1/`` path is 404 ``Invalid URL path: not a recognized HTTP API endpoint``.
 
-Handlers raise CatalogError (status + plain-text reason) or DecodeError (400); anything
-else is logged with its traceback and answered 500 with a one-line reason, never a trace.
+Handlers answer a :class:`_wire.Reply`, a :class:`_watch.Blocking` (``req.block``: the
+hub answers it now or parks it) or a :class:`_wire.Streaming`. They raise CatalogError
+(status + plain-text reason) or DecodeError (400); anything else is logged with its
+traceback and answered 500 with a one-line reason, never a trace.
 """
 
 from __future__ import annotations
@@ -14,24 +16,29 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Union
 from urllib.parse import urlencode
 
-from aiohttp import web
 from multidict import MultiDictProxy
 
 from ._decode import DecodeError, parse_uint
 from ._errors import BadRequest, CatalogError, MethodNotAllowed, TooLarge
-from ._watch import block, parse_wait
+from ._watch import Blocking, parse_wait
+from ._wire import Reply, Request, Streaming
 
 if TYPE_CHECKING:
     from ._server import CatalogServer
 
-__all__ = ["Req", "Router", "dumps", "json_response", "read_headers", "make_handler"]
+__all__ = ["Req", "Router", "Reply", "Answer", "dumps", "json_response", "text_reply", "read_headers",
+           "make_handler", "error_reply"]
 
 log = logging.getLogger("discovery.catalog.http")
 
 INVALID_PATH = "Invalid URL path: not a recognized HTTP API endpoint\n"
+# Parameters that say how long to wait, not what to answer: not part of an answer's identity.
+_WAIT_PARAMS = frozenset(("index", "wait"))
+
+Answer = Union[Reply, Blocking, Streaming]
 
 
 def dumps(obj: Any, pretty: bool = False) -> bytes:
@@ -53,7 +60,7 @@ def read_headers(index: int) -> dict[str, str]:
 class Req:
     """One request as handlers see it."""
 
-    request: web.BaseRequest
+    request: Request
     server: "CatalogServer"
     tail: str  # the path after a prefix route ("" for exact routes)
 
@@ -72,17 +79,15 @@ class Req:
     def flag(self, name: str) -> bool:
         return name in self.request.query
 
+    def header(self, name: str, default: str = "") -> str:
+        return self.request.headers.get(name.lower(), default)
+
     async def body(self, limit: int, what: str = "Request body") -> bytes:
         """The request body, refusing more than ``limit`` bytes with 413."""
-        length = self.request.content_length
-        if length is not None and length > limit:
-            raise TooLarge(_too_large(length, limit))
-        data = bytearray()
-        async for chunk in self.request.content.iter_chunked(65536):
-            data += chunk
-            if len(data) > limit:
-                raise TooLarge(_too_large(len(data), limit))
-        return bytes(data)
+        data = self.request.body
+        if len(data) > limit:
+            raise TooLarge(_too_large(len(data), limit))
+        return data
 
     async def json_body(self, limit: int = 4 * 1024 * 1024, allow_empty: bool = False) -> Any:
         raw = await self.body(limit)
@@ -114,21 +119,30 @@ class Req:
                 raise BadRequest("Invalid index") from None
         return index, wait
 
-    async def block(
+    def block(
         self,
         evaluate: Callable[[], tuple[int, Any]],
+        respond: Callable[[int, Any], Reply] | None = None,
         *,
         topics: tuple[str, ...] = (),
         keys: tuple[str, ...] = (),
         prefixes: tuple[str, ...] = (),
-    ) -> tuple[int, Any]:
+    ) -> Blocking:
+        """A blocking read: ``evaluate() -> (index, data)``, answered by ``respond(index,
+        data)`` (JSON of data with the index headers by default) now or, if the client
+        holds ``?index=`` and the answer has not passed it, once a write to ``topics``,
+        ``keys`` or ``prefixes`` moves it (or the wait runs out)."""
         index, wait = self.blocking()
-        server = self.server
-        return await block(
-            server.store.settled, server.hub, evaluate, index, wait, topics=topics, keys=keys, prefixes=prefixes
-        )
+        request = self.request
+        query = request.query
+        identity = tuple(sorted((k, v) for k, v in query.items() if k not in _WAIT_PARAMS)) if query else ()
+        pretty = "pretty" in query
+        if respond is None:
+            def respond(idx: int, data: Any) -> Reply:
+                return json_response(data, index=idx, pretty=pretty)
+        return Blocking(evaluate, respond, index, wait, (request.path, identity), topics, keys, prefixes)
 
-    def json(self, obj: Any, index: int | None = None, status: int = 200) -> web.Response:
+    def json(self, obj: Any, index: int | None = None, status: int = 200) -> Reply:
         return json_response(obj, index=index, pretty=self.pretty, status=status)
 
 
@@ -140,14 +154,13 @@ def _too_large(size: int, limit: int) -> str:
 
 
 def json_response(obj: Any, index: int | None = None, pretty: bool = False, status: int = 200,
-                  body: bytes | None = None) -> web.Response:
-    headers = read_headers(index) if index is not None else {}
-    return web.Response(
-        body=body if body is not None else dumps(obj, pretty),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
+                  body: bytes | None = None) -> Reply:
+    return Reply(status, body if body is not None else dumps(obj, pretty), "application/json",
+                 read_headers(index) if index is not None else None)
+
+
+def text_reply(status: int, reason: str, headers: Mapping[str, str] | None = None) -> Reply:
+    return Reply(status, reason.encode(), "text/plain", dict(headers) if headers else None)
 
 
 def conflicting(query: Mapping[str, str], *flags: str) -> None:
@@ -157,7 +170,7 @@ def conflicting(query: Mapping[str, str], *flags: str) -> None:
         raise BadRequest(f"Conflicting flags: {encoded}\n")
 
 
-Handler = Callable[[Req], Awaitable[web.StreamResponse]]
+Handler = Callable[[Req], Awaitable[Answer]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,25 +204,32 @@ class Router:
         return None
 
 
-def _text(status: int, reason: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=reason, content_type="text/plain", headers=headers)
+def error_reply(exc: BaseException, index: int | None = None) -> Reply:
+    """The reply for an error raised by a handler (``index``: add the query metadata, as
+    reads carry it even when they fail; py-consul insists on X-Consul-Index for a 404)."""
+    if isinstance(exc, MethodNotAllowed):
+        return text_reply(exc.status, exc.reason, {"Allow": exc.allow})
+    if isinstance(exc, CatalogError):
+        return text_reply(exc.status, exc.reason, read_headers(index) if index is not None else None)
+    if isinstance(exc, DecodeError):
+        return text_reply(400, f"Request decode failed: {exc}")
+    log.error("request failed", exc_info=exc)
+    return text_reply(500, f"Internal error: {type(exc).__name__}")
 
 
-def make_handler(router: Router, server: "CatalogServer") -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """The one handler of the low-level aiohttp server: route, check method and dc, call,
-    map errors. (aiohttp's own router and Application add ~15% per request and nothing
-    we use.)"""
+def make_handler(router: Router, server: "CatalogServer") -> Callable[[Request], Awaitable[Answer]]:
+    """The one entry point of the HTTP server: route, check method and dc, call, map errors."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: Request) -> Answer:
         path = request.path
         found = router.resolve(path)
         if found is None:
-            return _text(404, INVALID_PATH)
+            return text_reply(404, INVALID_PATH)
         route, tail = found
         method = request.method
         try:
             if method == "OPTIONS":
-                return web.Response(status=200, headers={"Allow": ",".join(("OPTIONS", *route.methods))})
+                return Reply(200, headers={"Allow": ",".join(("OPTIONS", *route.methods))})
             handler = route.methods.get(method)
             if handler is None:
                 raise MethodNotAllowed(method, tuple(route.methods))
@@ -217,18 +237,10 @@ def make_handler(router: Router, server: "CatalogServer") -> Callable[[web.BaseR
             if route.check_dc and dc and dc != server.opts.datacenter:
                 raise CatalogError("No path to datacenter")
             return await handler(Req(request, server, tail))
-        except MethodNotAllowed as exc:
-            return _text(exc.status, exc.reason, {"Allow": exc.allow})
-        except CatalogError as exc:
-            # Reads carry the query metadata even when they fail (clients such as
-            # py-consul insist on X-Consul-Index for a 404).
-            return _text(exc.status, exc.reason, read_headers(server.store.index) if method == "GET" else None)
-        except DecodeError as exc:
-            return _text(400, f"Request decode failed: {exc}")
-        except (web.HTTPException, ConnectionResetError):
-            raise
+        except (CatalogError, DecodeError) as exc:
+            return error_reply(exc, server.store.index if method == "GET" else None)
         except Exception as exc:  # the client gets one line; the log gets the traceback
             log.exception("%s %s failed", method, path)
-            return _text(500, f"Internal error: {type(exc).__name__}")
+            return text_reply(500, f"Internal error: {type(exc).__name__}")
 
     return handle

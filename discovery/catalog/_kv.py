@@ -23,7 +23,7 @@ import time
 from typing import Any
 from urllib.parse import unquote
 
-from ._errors import BadRequest, CatalogError
+from ._errors import CatalogError
 from ._model import State
 from ._store import Row, Tx
 
@@ -243,8 +243,3 @@ def kv_keys(st: State, prefix: str, separator: str = "") -> tuple[int, list[str]
         out = list(keys)
     return _prefix_index(st, prefix, rows), out
 
-
-def check_put_params(cas: Any, acquire: Any, release: Any) -> None:
-    """At most one of cas/acquire/release (raises BadRequest otherwise)."""
-    if sum(x is not None for x in (cas, acquire, release)) > 1:
-        raise BadRequest("Conflicting flags")

@@ -8,7 +8,7 @@ Tables (key -> row; rows are Consul-shaped dicts, replaced whole on every change
     services  (node, service ID) -> NodeService {ID, Service, Tags, Port, ...} (+ "_internal")
     checks    (node, check ID) -> HealthCheck {CheckID, Status, Output, ...} (+ "_def": how to run it)
     sessions  session ID -> {ID, Name, Node, LockDelay, Behavior, TTL, NodeChecks, ...}
-    indexes   index name -> {i: last index}   (see _store: named indexes are wake-up topics)
+    indexes   index name -> {i: last index}   (memory only; see _store: named indexes are wake-up topics)
 
 Derived indexes (memory only, maintained by table observers so undo keeps them right):
 
@@ -16,6 +16,7 @@ Derived indexes (memory only, maintained by table observers so undo keeps them r
     service_tags       name -> Counter(tag)          (catalog/services answers from it)
     checks_by_service  (node, service id) -> {check id}    checks_by_node  node -> {check id}
     kv_by_session      session -> {key}              sessions_by_node  node -> {id}
+    connect_by_dest    service name -> {(node, id)} of its proxies and Connect-native instances
 
 Named indexes: ``kvs`` (any KV write), ``nodes``, ``services`` (any service row),
 ``service_names`` (the name -> tags map changed), ``service.<name>``,
@@ -31,7 +32,7 @@ from typing import Any
 
 from ._store import Row, Table
 
-__all__ = ["State", "public", "svc_index_name", "node_index_name"]
+__all__ = ["State", "public", "svc_index_name", "node_index_name", "connect_destination"]
 
 VERSION = "1.20.6"  # the Consul API level we answer as (agent/self Config.Version)
 
@@ -50,6 +51,15 @@ def _kv_load(doc: str, blob: bytes | None) -> Row:
 def public(row: Row) -> Row:
     """A row without its internal ("_"-prefixed) fields."""
     return {k: v for k, v in row.items() if k[0] != "_"}
+
+
+def connect_destination(svc: Row) -> str:
+    """The service a connect-proxy fronts, or a Connect-native service's own name, else ""."""
+    if svc.get("Kind") == "connect-proxy":
+        return (svc.get("Proxy") or {}).get("DestinationServiceName") or ""
+    if (svc.get("Connect") or {}).get("Native"):
+        return svc["Service"]
+    return ""
 
 
 def svc_index_name(name: str) -> str:
@@ -82,7 +92,7 @@ class State:
         self.services: Table[tuple[str, str]] = Table("services", tuple_keys=True)
         self.checks: Table[tuple[str, str]] = Table("checks", tuple_keys=True)
         self.sessions: Table[str] = Table("sessions")
-        self.indexes: Table[str] = Table("indexes")
+        self.indexes: Table[str] = Table("indexes", persist=False)
 
         self.services_by_name: dict[str, set[tuple[str, str]]] = {}
         self.services_by_node: dict[str, set[str]] = {}
@@ -91,9 +101,15 @@ class State:
         self.checks_by_node: dict[str, set[str]] = {}
         self.kv_by_session: dict[str, set[str]] = {}
         self.sessions_by_node: dict[str, set[str]] = {}
+        # Connect: destination service name -> {(node, id)} of its connect-proxy instances
+        # and of its Connect-native instances (health/connect, catalog/connect).
+        self.connect_by_dest: dict[str, set[tuple[str, str]]] = {}
         # KV lock-delay: key -> monotonic time before which `acquire` fails (memory only,
         # like Consul's; a restart forgets it).
         self.lock_delays: dict[str, float] = {}
+        # Named indexes are memory only: one not bumped since start reads as this (the
+        # global index at start, set by the store when it loads).
+        self.index_floor = 0
 
         self.services.observers.append(self._observe_service)
         self.checks.observers.append(self._observe_check)
@@ -106,6 +122,10 @@ class State:
     # -- observers ----------------------------------------------------------------------
     def _observe_service(self, key: tuple[str, str], old: Row | None, new: Row | None) -> None:
         node, sid = key
+        if old is not None and (dest := connect_destination(old)):
+            _remove(self.connect_by_dest, dest, key)
+        if new is not None and (dest := connect_destination(new)):
+            _add(self.connect_by_dest, dest, key)
         if old is not None:
             name = old["Service"]
             _remove(self.services_by_name, name, key)
@@ -148,8 +168,9 @@ class State:
 
     # -- reads --------------------------------------------------------------------------
     def index_of(self, name: str, default: int = 0) -> int:
+        """A named index; one never bumped since start is the index at start (see _store)."""
         row = self.indexes.rows.get(name)
-        return row["i"] if row is not None else default
+        return row["i"] if row is not None else max(default, self.index_floor)
 
     def service_names(self) -> dict[str, list[str]]:
         """catalog/services: name -> sorted unique tags."""

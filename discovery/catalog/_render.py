@@ -1,22 +1,20 @@
-"""Rows -> Consul's JSON shapes, plus a small cache of rendered bodies.
+"""Rows -> Consul's JSON shapes.
 
 Rows are already Consul-shaped (see _model); rendering picks the fields each endpoint
 shows, fills Consul's defaults (``Proxy``/``Connect`` objects, ``[]`` not null) and drops
-internal fields. Reads of hot endpoints (health/service with 1,000 watchers) go through
-``RenderCache``: a body is keyed by the query and the index it was rendered at, so every
-watcher woken by one change shares one rendering.
+internal fields. Rendered answers are memoised by the watch hub (one encoding per query
+and store version), so every watcher woken by one change shares one rendering.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 from ._model import State
 
 __all__ = [
     "node_json", "node_service_json", "agent_service_json", "check_json", "catalog_service_json",
-    "health_entries", "RenderCache",
+    "health_entries", "catalog_service_entries",
 ]
 
 _DEFAULT_PROXY = {"Mode": "", "MeshGateway": {}, "Expose": {}}
@@ -131,12 +129,13 @@ def _node_meta_matches(node: dict[str, Any], node_meta: tuple[tuple[str, str], .
 
 def health_entries(
     st: State, name: str, tags: tuple[str, ...] = (), passing: bool = False,
-    node_meta: tuple[tuple[str, str], ...] = (),
+    node_meta: tuple[tuple[str, str], ...] = (), connect: bool = False,
 ) -> list[dict[str, Any]]:
-    """/v1/health/service/<name>: Node, Service and Checks (node checks too) per instance."""
+    """/v1/health/service/<name>: Node, Service and Checks (node checks too) per instance.
+    ``connect``: the instances that serve ``name`` over Connect instead (health/connect)."""
     out = []
     nodes = st.nodes.rows
-    for node_name, sid in st.instances(name):
+    for node_name, sid in (sorted(st.connect_by_dest.get(name, ())) if connect else st.instances(name)):
         svc = st.services.rows[(node_name, sid)]
         if not _has_tags(svc, tags):
             continue
@@ -152,37 +151,14 @@ def health_entries(
 
 
 def catalog_service_entries(
-    st: State, name: str, tags: tuple[str, ...] = (), node_meta: tuple[tuple[str, str], ...] = ()
+    st: State, name: str, tags: tuple[str, ...] = (), node_meta: tuple[tuple[str, str], ...] = (),
+    connect: bool = False,
 ) -> list[dict[str, Any]]:
     out = []
-    for node_name, sid in st.instances(name):
+    for node_name, sid in (sorted(st.connect_by_dest.get(name, ())) if connect else st.instances(name)):
         svc = st.services.rows[(node_name, sid)]
         node = st.nodes.rows.get(node_name)
         if node is None or not _has_tags(svc, tags) or not _node_meta_matches(node, node_meta):
             continue
         out.append(catalog_service_json(node, svc))
     return out
-
-
-class RenderCache:
-    """Rendered bodies by (query, index); least recently used entries are dropped."""
-
-    def __init__(self, size: int = 512) -> None:
-        self.size = size
-        self._entries: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Any, index: int, render: Callable[[], Any]) -> Any:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] == index:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        value = render()
-        self._entries[key] = (index, value)
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        return value

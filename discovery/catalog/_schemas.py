@@ -14,7 +14,9 @@ from ._decode import (
 
 __all__ = [
     "CHECK_TYPE",
+    "PROXY",
     "SERVICE_DEFINITION",
+    "SIDECAR_SERVICE",
     "CATALOG_REGISTER",
     "CATALOG_DEREGISTER",
     "SESSION",
@@ -32,7 +34,6 @@ CHECK_TYPE = Schema("structs.CheckDefinition", (
     Field("Token", STR),
     Field("Status", STR),
     Field("ScriptArgs", STRLIST, aliases=("args",)),
-    Field("Script", STR),
     Field("HTTP", STR),
     Field("H2PING", STR),
     Field("H2PingUseTLS", BOOL),
@@ -67,8 +68,26 @@ CHECK_TYPE = Schema("structs.CheckDefinition", (
 _SERVICE_ADDRESS = Schema("structs.ServiceAddress", (Field("Address", STR), Field("Port", INT)))
 _WEIGHTS = Schema("structs.Weights", (Field("Passing", INT), Field("Warning", INT)))
 
-# structs.ServiceDefinition (agent/structs/service_definition.go)
-SERVICE_DEFINITION = Schema("structs.ServiceDefinition", (
+# structs.ConnectProxyConfig: the fields a sidecar's defaults are computed from are typed,
+# the rest (upstreams, config ...) are kept as sent.
+PROXY = Schema("structs.ConnectProxyConfig", (
+    Field("DestinationServiceName", STR),
+    Field("DestinationServiceID", STR),
+    Field("LocalServiceAddress", STR),
+    Field("LocalServicePort", INT),
+    Field("LocalServiceSocketPath", STR),
+    Field("Mode", STR),
+    Field("TransparentProxy", ANY),
+    Field("Config", ANY),
+    Field("Upstreams", ANY),
+    Field("MeshGateway", ANY),
+    Field("Expose", ANY),
+    Field("AccessLogs", ANY),
+    Field("EnvoyExtensions", ANY),
+    Field("MutualTLSMode", STR),
+))
+
+_SERVICE_FIELDS = (
     Field("Kind", STR),
     Field("ID", STR),
     Field("Name", STR),
@@ -83,12 +102,23 @@ SERVICE_DEFINITION = Schema("structs.ServiceDefinition", (
     Field("Weights", STRUCT, _WEIGHTS),
     Field("Token", STR),
     Field("EnableTagOverride", BOOL),
-    Field("Proxy", ANY),
-    Field("Connect", ANY),
+    Field("Proxy", STRUCT, PROXY),
     Field("Locality", ANY),
     Field("Namespace", STR),
     Field("Partition", STR),
+)
+
+# A sidecar_service is a ServiceDefinition without a sidecar of its own.
+SIDECAR_SERVICE = Schema("structs.ServiceDefinition", _SERVICE_FIELDS + (
+    Field("Connect", STRUCT, Schema("structs.ServiceConnect", (Field("Native", BOOL),))),
 ))
+_CONNECT = Schema("structs.ServiceConnect", (
+    Field("Native", BOOL),
+    Field("SidecarService", STRUCT, SIDECAR_SERVICE),
+))
+
+# structs.ServiceDefinition (agent/structs/service_definition.go)
+SERVICE_DEFINITION = Schema("structs.ServiceDefinition", _SERVICE_FIELDS + (Field("Connect", STRUCT, _CONNECT),))
 
 # structs.NodeService as sent to /v1/catalog/register ("Service" is the name).
 _NODE_SERVICE = Schema("structs.NodeService", (

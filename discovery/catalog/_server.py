@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from ._http import Router, make_handler
+from ._checkdef import script_policy
+from ._config import AgentConfig, ConfigError, apply_config, parse_config, read_config
+from ._errors import CatalogError
+from ._http import Router, error_reply, make_handler
+from ._monitor import LogFanout
 from ._model import State
-from ._render import RenderCache
 from ._store import Store
 from ._watch import WatchHub
+from ._wire import HttpServer
 
 __all__ = ["Options", "CatalogServer"]
 
@@ -42,6 +44,15 @@ class Options:
     # Floor for HTTP/TCP check intervals (Consul clamps to 1s; py-consul's own tests
     # register 10ms/100ms checks and expect them to run).
     check_interval_min: float = 0.1
+    # Consul's enable_script_checks (script checks from the HTTP API and config files) and
+    # enable_local_script_checks (from config files only). Both off, as in Consul: a script
+    # check runs a command as this process's user.
+    enable_script_checks: bool = False
+    enable_local_script_checks: bool = False
+    # Consul-style JSON config files/directories: services, checks, the script flags,
+    # log_level. Read at start and again on reload (SIGHUP or PUT /v1/agent/reload).
+    config_paths: tuple[str, ...] = ()
+    log_level: str = "info"
 
     @property
     def advertise(self) -> str:
@@ -58,6 +69,11 @@ class Options:
             return socket.gethostbyname(host)
         except OSError:
             return "127.0.0.1"
+
+
+def _level(name: str) -> int:
+    """A --log-level or log_level name as a logging level ("warn"/"warning" alike)."""
+    return {"trace": logging.DEBUG, "warn": logging.WARNING}.get(name, getattr(logging, name.upper(), logging.INFO))
 
 
 class TombstoneReaper:
@@ -96,17 +112,23 @@ class CatalogServer:
         self.opts = opts
         self.state = State()
         self.store = Store(opts.data_dir, self.state.tables())
-        self.hub = WatchHub()
-        self.store.set_notifier(self.hub.notify)
+        store = self.store
+        self.hub = WatchHub(version=lambda: store.version, settled=store.settled,
+                            is_settled=lambda: store.is_settled,
+                            on_error=lambda exc: error_reply(exc, store.index))
+        self.store.set_notifier(self.hub.notify, self.hub.prepare, self.hub.discard)
         adv = opts.advertise
         self.leader_addr = f"[{adv}]:8300" if ":" in adv else f"{adv}:8300"
-        self.render_cache = RenderCache()
         from ._checks import CheckRunner
         from ._sessions import SessionTimers
 
         self.checks = CheckRunner(self)
         self.sessions = SessionTimers(self)
-        self._runner: web.ServerRunner | None = None
+        self._http: HttpServer | None = None
+        self.monitor: LogFanout | None = None
+        # Effective script flags: the command line or the config files read at start.
+        self.enable_script_checks = opts.enable_script_checks
+        self.enable_local_script_checks = opts.enable_local_script_checks
         self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
 
@@ -121,31 +143,56 @@ class CatalogServer:
     async def start(self) -> tuple[str, int]:
         from ._catalog import bootstrap_node
 
+        config = parse_config(read_config(self.opts.config_paths))  # a bad file: no start
+        self.enable_script_checks = self.opts.enable_script_checks or config.enable_script_checks
+        self.enable_local_script_checks = self.opts.enable_local_script_checks or config.enable_local_script_checks
+        self._config_flags = (config.enable_script_checks, config.enable_local_script_checks)
+        self.monitor = LogFanout(asyncio.get_running_loop(), _level(config.log_level or self.opts.log_level))
+        self.monitor.install()
         await self.store.open()
         st, opts = self.state, self.opts
+        st.index_floor = self.store.index_floor
         await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
+        await self._apply_config(config)
         for component in self._components:
             await component.start()
-        # handler_cancellation: a blocking query whose client went away stops waiting at
-        # once instead of holding its subscriptions for up to ten minutes. Writes are
-        # shielded (Store.write): a write that was received is applied either way.
-        http = web.Server(make_handler(self.build_router(), self), access_log=None, handler_cancellation=True)
-        self._runner = web.ServerRunner(http, handle_signals=False, shutdown_timeout=5.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.opts.host or None, self.opts.port, reuse_address=True, backlog=1024)
-        await site.start()
-        addr = self._runner.addresses[0]
-        self.bound = (addr[0], addr[1])
-        log.info("catalog serving on %s:%d (node %s, index %d)", addr[0], addr[1], self.opts.node, self.store.index)
+        # A client that goes away cancels its handler and unparks its blocking query at
+        # once. Writes are shielded (Store.write): a write that was received is applied.
+        self._http = HttpServer(make_handler(self.build_router(), self), self.hub)
+        self.bound = await self._http.start(self.opts.host or None, self.opts.port)
+        log.info("catalog serving on %s:%d (node %s, index %d)", *self.bound, self.opts.node, self.store.index)
         return self.bound
+
+    async def _apply_config(self, config: AgentConfig) -> None:
+        st, node = self.state, self.opts.node
+        refusal = script_policy("local", self.enable_script_checks, self.enable_local_script_checks)
+        await self.store.write(lambda tx: apply_config(st, tx, node, config, refusal))
+
+    async def reload(self) -> None:
+        """Re-read the config files (Consul's reload): their services and checks, and
+        log_level. Raises ConfigError (nothing applied) if a file cannot be used."""
+        log.info("Reloading configuration...")
+        try:
+            config = parse_config(read_config(self.opts.config_paths))
+            await self._apply_config(config)
+        except CatalogError as exc:
+            log.error("Failed to reload configs: %s", exc.reason)
+            raise ConfigError(f"Failed to reload configs: {exc.reason}") from None
+        if (config.enable_script_checks, config.enable_local_script_checks) != self._config_flags:
+            log.warning("enable_script_checks and enable_local_script_checks take effect at the next start")
+        if self.monitor is not None:
+            self.monitor.set_base_level(_level(config.log_level or self.opts.log_level))
 
     async def stop(self) -> None:
         errors: list[BaseException] = []
-        self.hub.close()
-        if self._runner is not None:
+        try:
+            await self.hub.close()
+        except Exception as exc:  # keep tearing down
+            errors.append(exc)
+        if self._http is not None:
             try:
-                await self._runner.cleanup()
-            except Exception as exc:  # keep tearing down
+                await self._http.stop()
+            except Exception as exc:
                 errors.append(exc)
         for component in reversed(self._components):
             try:
@@ -156,6 +203,8 @@ class CatalogServer:
             await self.store.close()
         except Exception as exc:
             errors.append(exc)
+        if self.monitor is not None:
+            self.monitor.uninstall()
         for exc in errors:
             log.error("error while stopping: %s", exc)
 

@@ -21,7 +21,9 @@ Index
 Flow::
 
     submit(op) -> queue -> writer: apply a batch of ops in memory (undo on failure)
-               -> SQLite: one transaction, fsynced (thread) -> acks + watch wake-ups
+               -> SQLite: one transaction, fsynced (thread); meanwhile the loop encodes
+                  the answers of the watchers the batch will wake (sent only after)
+               -> acks -> watch wake-ups (the prepared bytes written to each watcher)
 
 Readers never see a write before it is durable: while a batch is applied and committed
 the store is "unsettled" and ``await settled()`` holds readers back; after the commit the
@@ -35,6 +37,7 @@ import asyncio
 import bisect
 import json
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,8 +77,10 @@ class Table(Generic[K]):
         tuple_keys: bool = False,
         dump: Callable[[Row], tuple[str, bytes | None]] = _dump_json,
         load: Callable[[str, bytes | None], Row] = _load_json,
+        persist: bool = True,
     ) -> None:
         self.name = name
+        self.persist = persist  # False: memory only (undo still applies), never written to SQLite
         self.rows: dict[K, Row] = {}
         self.sorted: list[K] | None = [] if sorted_keys else None
         self.tuple_keys = tuple_keys
@@ -168,8 +173,6 @@ class Tx:
         self._op_mark = 0
         self._op_topics: set[str] = set()
         self._op_kv: set[str] = set()
-        self.post_commit: list[Callable[[], None]] = []
-        self._op_post: list[Callable[[], None]] = []
 
     # -- op boundaries ------------------------------------------------------------------
     def _begin_op(self) -> None:
@@ -177,12 +180,10 @@ class Tx:
         self._op_mark = len(self._undo)
         self._op_topics = set()
         self._op_kv = set()
-        self._op_post = []
 
     def _end_op(self) -> None:
         self.topics |= self._op_topics
         self.kv_keys |= self._op_kv
-        self.post_commit.extend(self._op_post)
 
     def _rollback_to(self, mark: int) -> None:
         undo = self._undo
@@ -241,10 +242,6 @@ class Tx:
     def touch_kv(self, key: str) -> None:
         self._op_kv.add(key)
 
-    def after_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once this op's batch is durable (dropped if the op fails)."""
-        self._op_post.append(fn)
-
 
 class Store:
     """The tables, the global index and the single writer. See the module docstring."""
@@ -254,8 +251,9 @@ class Store:
         self.tables: dict[str, Table] = {}
         for t in tables:
             self.tables[t.name] = t
-        self.indexes: Table[str] = self.tables.setdefault("indexes", Table("indexes"))
+        self.indexes: Table[str] = self.tables.setdefault("indexes", Table("indexes", persist=False))
         self.index = 0
+        self.index_floor = 0  # every named index is at least this (the index at start)
         self._pending: deque[tuple[Op, asyncio.Future]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._settled_event: asyncio.Event | None = None
@@ -265,7 +263,16 @@ class Store:
         self._db: Database | None = None
         self._listeners: list[Callable[[Commit], None]] = []
         self._notify: Callable[[set[str], set[str]], None] = lambda topics, keys: None
+        self._prepare: Callable[[set[str], set[str], int], None] = lambda topics, keys, version: None
+        self._discard: Callable[[int], None] = lambda version: None
         self.closed = False
+        # Commits that changed something, since start: an answer computed at one version
+        # is right until the next (the hub memoises answers by it).
+        self.version = 0
+        # Timings of the last batch (metrics): taken -> durable, durable -> watchers answered.
+        self.last_write_s = 0.0
+        self.last_fanout_s = 0.0
+        self._durable_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -283,15 +290,21 @@ class Store:
                     self.index = max(self.index, int(doc))
                 continue
             table = self.tables.get(tbl)
-            if table is None:
-                log.warning("ignoring %d-byte row of unknown table %r", len(doc), tbl)
+            if table is None or not table.persist:
+                if table is None:
+                    log.warning("ignoring %d-byte row of unknown table %r", len(doc), tbl)
                 continue
             grouped.setdefault(tbl, []).append((table.text_key(k), table.load(doc, blob)))
         for name, items in grouped.items():
             self.tables[name]._load_bulk(items)
-        # The index never goes backwards, even if the meta row lagged behind a table.
-        for row in self.indexes.rows.values():
-            self.index = max(self.index, int(row.get("i", 0)))
+            # The index never goes backwards, even if the meta row lagged behind a table.
+            for _, row in items:
+                self.index = max(self.index, int(row.get("ModifyIndex") or row.get("i") or 0))
+        # Named indexes live in memory only (persisting them cost three or four SQLite
+        # rows per write): after a restart every one starts at the global index, which is
+        # at least what it was, so no index goes backwards; a watcher that comes back
+        # with an older one gets one early answer, which Consul's clients expect.
+        self.index_floor = self.index
         self._writer = asyncio.create_task(self._run(), name="catalog-writer")
 
     async def close(self) -> None:
@@ -311,17 +324,22 @@ class Store:
             await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
 
-    def set_notifier(self, notify: Callable[[set[str], set[str]], None]) -> None:
+    def set_notifier(self, notify: Callable[[set[str], set[str]], None],
+                     prepare: Callable[[set[str], set[str], int], None] | None = None,
+                     discard: Callable[[int], None] | None = None) -> None:
+        """``notify(topics, kv_keys)`` after a commit is durable; ``prepare(topics,
+        kv_keys, version)`` while it is being made durable (answers may be computed, never
+        sent); ``discard(version)`` if that commit then fails."""
         self._notify = notify
+        if prepare is not None:
+            self._prepare = prepare
+        if discard is not None:
+            self._discard = discard
 
     def add_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
 
     # -- reads --------------------------------------------------------------------------
-    def get_index(self, name: str, default: int = 0) -> int:
-        row = self.indexes.rows.get(name)
-        return row["i"] if row is not None else default
-
     @property
     def is_settled(self) -> bool:
         return self._is_settled
@@ -362,18 +380,31 @@ class Store:
             batch = []
             while self._pending and len(batch) < MAX_BATCH:
                 batch.append(self._pending.popleft())
+            woken: tuple[set[str], set[str]] | None = None
             try:
-                await self._apply(batch)
+                woken = await self._apply(batch)
             except Exception:  # never let the writer die: fail the batch, keep serving
                 log.exception("writer: unexpected failure applying a batch")
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(CatalogError("internal error while writing"))
+            if woken is not None:
+                # Acknowledge first: a writer's answer reaches its handler two loop turns
+                # after its future resolves (Store.write's shield, then the task), and
+                # only then do the watchers get theirs, so a write is never kept waiting
+                # behind a thousand answers. Nothing changes memory meanwhile: this is
+                # the only writer.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                self._notify(*woken)
+                self.last_fanout_s = time.perf_counter() - self._durable_at
             # Let readers held by settled() run before the next batch changes memory.
             await asyncio.sleep(0)
 
-    async def _apply(self, batch: list[tuple[Op, asyncio.Future]]) -> None:
+    async def _apply(self, batch: list[tuple[Op, asyncio.Future]]) -> tuple[set[str], set[str]] | None:
+        """Apply, commit, resolve the futures; return the (topics, KV keys) to wake."""
         assert self._settled_event is not None
+        taken = time.perf_counter()
         tx = Tx(self)
         outcomes: list[tuple[asyncio.Future, Any, BaseException | None]] = []
         self._is_settled = False
@@ -398,6 +429,8 @@ class Store:
             if tx.dirty:
                 upserts, deletes = [], []
                 for (tname, key), table in tx.dirty.items():
+                    if not table.persist:
+                        continue
                     row = table.rows.get(key)
                     ktext = table.key_text(key)
                     if row is None:
@@ -408,24 +441,29 @@ class Store:
                 loop = asyncio.get_running_loop()
                 assert self._db is not None
                 try:
-                    await loop.run_in_executor(self._executor, self._db.write, upserts, deletes, self.index)
+                    durable = loop.run_in_executor(self._executor, self._db.write, upserts, deletes, self.index)
+                    if tx.topics or tx.kv_keys:
+                        try:  # the watchers' answers are encoded while the thread fsyncs
+                            self._prepare(tx.topics, tx.kv_keys, self.version + 1)
+                        except Exception:
+                            log.exception("preparing the watchers' answers failed")
+                    await durable
                 except Exception as exc:
                     log.error("commit of %d ops failed, undoing them: %s", len(outcomes), exc)
+                    self._discard(self.version + 1)
                     tx._rollback_all()
                     err = CatalogError(f"failed to persist the write: {type(exc).__name__}")
                     outcomes = [(fut, None, err) for fut, _, _ in outcomes]
                     tx.topics.clear()
                     tx.kv_keys.clear()
-                    tx.post_commit.clear()
                     tx.dirty.clear()
         finally:
+            if tx.dirty:
+                self.version += 1
+            self._durable_at = time.perf_counter()
+            self.last_write_s = self._durable_at - taken
             self._is_settled = True
             self._settled_event.set()
-        for fn in tx.post_commit:
-            try:
-                fn()
-            except Exception:
-                log.exception("post-commit action failed")
         if tx.dirty:
             commit = Commit(self.index, set(tx.dirty), tx.topics, tx.kv_keys)
             for listener in self._listeners:
@@ -440,8 +478,6 @@ class Store:
                 fut.set_result(result)
             else:
                 fut.set_exception(exc)
-        # Acks are scheduled before the wake-ups: a writer is not kept waiting behind a
-        # thousand watchers' answers. Both happen in this same synchronous step, so by
-        # the time any ack reaches its client every watcher has been woken.
         if tx.topics or tx.kv_keys:
-            self._notify(tx.topics, tx.kv_keys)
+            return tx.topics, tx.kv_keys
+        return None

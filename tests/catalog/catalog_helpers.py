@@ -34,3 +34,7 @@ def blocked(url: str) -> int:
 
 def wakeups(url: str) -> int:
     return metrics(url)["meshlet.catalog.watch_wakeups"]
+
+
+def encoded(url: str) -> int:
+    return metrics(url)["meshlet.catalog.answers_encoded"]

@@ -172,10 +172,15 @@ def test_ttl_expiry_turns_critical(catalog) -> None:
     assert got["Output"] == "TTL expired"
 
 
-def test_check_register_for_unknown_service_fails(catalog) -> None:
+def test_check_register_for_unknown_service_is_404(catalog) -> None:
     c = catalog.client()
-    with pytest.raises(consul.ConsulException, match='ServiceID "foo1" does not exist'):
-        c.agent.check.register("foo", Check.ttl("100ms"), service_id="foo1")
+    # py-consul maps a 404 to False, as it does for Consul (agent_endpoint.go answers 404)
+    assert c.agent.check.register("foo", Check.ttl("100ms"), service_id="foo1") is False
+    r = put(catalog, "/v1/agent/check/register", {"Name": "foo", "TTL": "10s", "ServiceID": "foo1"})
+    assert (r.status_code, r.text) == (404, 'ServiceID "foo1" does not exist')
+    # an invalid check is still a 400 first, as in Consul (Validate runs before the lookup)
+    r = put(catalog, "/v1/agent/check/register", {"Name": "foo", "ServiceID": "foo1"})
+    assert (r.status_code, r.text) == (400, "Invalid check: TTL must be > 0 for TTL checks")
     assert c.agent.checks() == {}
 
 

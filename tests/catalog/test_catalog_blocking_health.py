@@ -9,7 +9,7 @@ import consul.aio
 import pytest
 
 from _util import async_wait_for
-from catalog_helpers import blocked, wakeups
+from catalog_helpers import blocked, encoded, wakeups
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
@@ -123,8 +123,12 @@ async def test_thousand_watchers_all_woken_by_one_check_change(catalog, aio) -> 
     index, _ = await c.health.service("hot")
     tasks = [asyncio.ensure_future(c.health.service("hot", index=index, wait="60s")) for _ in range(1000)]
     await async_wait_for(lambda: _blocked(catalog.url, 1000), timeout=30, interval=0.1, what="1000 watchers")
+    before = await asyncio.to_thread(encoded, catalog.url)
     await c.agent.check.ttl_fail("service:hot")
     results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     assert len(results) == 1000
+    # one answer, evaluated and encoded once, was sent to all of them (the watchers' next
+    # queries and the metrics reads may add a few more, never one per watcher)
+    assert await asyncio.to_thread(encoded, catalog.url) - before < 20
     assert {r[1][0]["Checks"][1]["Status"] for r in results} == {"critical"}
     assert len({r[0] for r in results}) == 1 and int(results[0][0]) > int(index)

@@ -156,3 +156,32 @@ def test_restart_keeps_services_checks_status_and_rearms_ttl(catalog) -> None:
     wait_for(lambda: _status(c, "service:web-1") == "critical", timeout=10, what="TTL expired after restart")
     assert c.agent.checks()["service:web-1"]["Output"] == "TTL expired"
     assert c.agent.checks()["service:web-2"]["Status"] == "warning"
+
+
+def test_service_with_several_checks_reports_each(catalog, http_server) -> None:
+    c = catalog.client()
+    port = http_server.server_address[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    tcp_port = listener.getsockname()[1]
+    try:
+        assert c.agent.service.register(
+            "multi", port=port, check=Check.ttl("30s"),
+            extra_checks=[Check.http(f"http://127.0.0.1:{port}/", "100ms"), Check.tcp("127.0.0.1", tcp_port, "100ms")])
+        checks = c.agent.checks()
+        assert {k: v["Type"] for k, v in checks.items()} == {
+            "service:multi:1": "ttl", "service:multi:2": "http", "service:multi:3": "tcp"}
+        assert checks["service:multi:1"]["Status"] == "critical"  # a TTL check starts critical
+        wait_for(lambda: _status(c, "service:multi:2") == "passing" and _status(c, "service:multi:3") == "passing",
+                 timeout=15, what="the HTTP and TCP checks ran")
+        assert _status(c, "service:multi:1") == "critical"
+        _, nodes = c.health.service("multi")
+        assert {ch["CheckID"]: ch["Status"] for ch in nodes[0]["Checks"]} == {
+            "serfHealth": "passing", "service:multi:1": "critical", "service:multi:2": "passing",
+            "service:multi:3": "passing"}
+        assert c.health.service("multi", passing=True)[1] == []
+        c.agent.check.ttl_pass("service:multi:1")
+        assert [n["Service"]["ID"] for n in c.health.service("multi", passing=True)[1]] == ["multi"]
+    finally:
+        listener.close()

@@ -23,11 +23,15 @@ READ_PATHS = [
     "/v1/health/state/any", "/v1/health/node/meshlet", "/v1/session/list", "/v1/session/info/x",
     "/v1/session/node/meshlet", "/v1/agent/services", "/v1/agent/checks", "/v1/status/leader",
     "/v1/status/peers", "/v1/catalog/datacenters", "/v1/agent/self", "/v1/agent/members", "/v1/agent/metrics",
-    "/v1/agent/service/nope", "/v1/health/connect/web",
+    "/v1/agent/service/nope", "/v1/health/connect/web", "/v1/health/ingress/web", "/v1/catalog/connect/web",
+    "/v1/catalog/gateway-services/gw", "/v1/health/service/web?peer=p", "/v1/catalog/service/web?peer=p",
+    "/v1/catalog/services?peer=p", "/v1/health/service/web?merge-central-config",
+    "/v1/catalog/services?filter=ServiceName%20%3D%3D%20%22web%22", "/v1/kv/missing?index=1&wait=1ms",
+    "/v1/catalog/node/nope", "/v1/session/info/nope?index=1&wait=1ms",
 ]
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-")) for p in READ_PATHS])
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-").replace("?", "-")) for p in READ_PATHS])
 def test_read_endpoints_carry_consul_headers(shared_catalog, path: str) -> None:
     r = requests.get(shared_catalog.url + path, timeout=5)
     assert r.status_code in (200, 404)
@@ -151,3 +155,93 @@ def test_main_is_importable() -> None:
     from discovery.catalog import main
 
     assert main(["--listen", "bad"]) == 2
+
+
+def _read_answers(sock, n: int) -> list[tuple[int, bytes]]:
+    """Read ``n`` whole HTTP answers (Content-Length framed) from ``sock``."""
+    buf, out = b"", []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed early"
+            buf += chunk
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(buf) < length:
+            buf += sock.recv(65536)
+        out.append((int(head.split()[1]), buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order(catalog) -> None:
+    import socket
+
+    catalog.client().kv.put("p", "1")
+    with socket.create_connection((catalog.host, catalog.port), timeout=10) as s:
+        s.sendall(b"GET /v1/kv/p?raw HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"PUT /v1/kv/p HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n2"
+                  b"GET /v1/kv/p?raw HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /v1/kv/missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_answers(s, 4) == [(200, b"1"), (200, b"true"), (200, b"2"), (404, b"")]
+
+
+def test_client_gone_unparks_its_blocking_query(catalog) -> None:
+    import socket
+
+    index = catalog.client().kv.put("k", "v") and catalog.client().kv.get("k")[0]
+    socks = []
+    for _ in range(3):
+        s = socket.create_connection((catalog.host, catalog.port), timeout=10)
+        s.sendall(f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(s)
+    wait_for(lambda: blocked(catalog.url) == 3, what="3 blocked")
+    socks.pop().close()
+    wait_for(lambda: blocked(catalog.url) == 2, what="the closed one unparked")
+    catalog.client().kv.put("k", "w")
+    for s in socks:
+        assert _read_answers(s, 1)[0][0] == 200
+        s.close()
+    assert blocked(catalog.url) == 0
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"GARBAGE\r\n\r\n", id="not-http"),
+    pytest.param(b"GET /v1/kv/a HTTP/1.1\r\nContent-Length: nope\r\n\r\n", id="bad-length"),
+    pytest.param(b"GET /v1/kv/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", id="upgrade"),
+])
+def test_malformed_request_gets_400_and_the_server_keeps_serving(shared_catalog, raw: bytes) -> None:
+    import socket
+
+    with socket.create_connection((shared_catalog.host, shared_catalog.port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert requests.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("raw, status", [
+    pytest.param(b"GET /v1/kv/a?" + b"x" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="huge-url"),
+    pytest.param(b"GET /v1/kv/a HTTP/1.1\r\n" + b"X-Big: " + b"y" * 70_000 + b"\r\n\r\n", 400, id="huge-header"),
+    pytest.param(b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n" + b"z" * 9_000_000, 413,
+                 id="huge-body"),
+])
+def test_oversized_requests_are_refused_and_nothing_is_written(shared_catalog, raw: bytes, status: int) -> None:
+    import socket
+
+    with socket.create_connection((shared_catalog.host, shared_catalog.port), timeout=10) as s:
+        try:
+            s.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed before all of it was read: the answer is still there
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    assert data.startswith(f"HTTP/1.1 {status} ".encode()), data[:80]
+    assert requests.get(shared_catalog.url + "/v1/kv/a", timeout=5).status_code == 404  # nothing written

@@ -3,22 +3,25 @@ key validation, wait times and the wake-up structure."""
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from discovery.catalog._checkdef import apply_result, check_definition, http_status, truncate_output
+from discovery.catalog._checkdef import (
+    SCRIPTS_DISABLED, SCRIPTS_DISABLED_REMOTE, alias_status, apply_result, check_definition, http_status,
+    script_policy, script_result, truncate_output,
+)
+from discovery.catalog._connect import sidecar_definition
 from discovery.catalog._decode import (
     DecodeError, decode_struct, format_go_duration, parse_bool, parse_go_duration, parse_uint,
 )
 from discovery.catalog._errors import BadRequest, CatalogError
 from discovery.catalog._filter import FilterError, apply_filter, compile_filter
 from discovery.catalog._kv import validate_key
-from discovery.catalog._render import RenderCache
 from discovery.catalog._schemas import SERVICE_DEFINITION
-from discovery.catalog._watch import WatchHub, wait_seconds
+from discovery.catalog._watch import Blocking, Subscriptions, WatchHub, wait_seconds
+from discovery.catalog._wire import Reply
 
 
 @pytest.mark.parametrize(
@@ -193,13 +196,102 @@ def test_http_status_and_truncation() -> None:
         pytest.param({"TCP": "h:1"}, BadRequest, id="tcp-no-interval"),
         pytest.param({}, BadRequest, id="nothing"),
         pytest.param({"TTL": 1, "FailuresBeforeWarning": 3, "FailuresBeforeCritical": 1}, BadRequest, id="fbw-over-fbc"),
-        pytest.param({"ScriptArgs": ["true"], "Interval": 1}, CatalogError, id="script"),
-        pytest.param({"AliasService": "x"}, BadRequest, id="alias"),
+        pytest.param({"ScriptArgs": ["true"]}, BadRequest, id="script-no-interval"),
+        pytest.param({"AliasService": "x", "TTL": 1}, BadRequest, id="alias-with-ttl"),
+        pytest.param({"AliasService": "x", "Interval": 1, "TCP": "h:1"}, BadRequest, id="alias-with-interval"),
+        pytest.param({"DockerContainerID": "c", "ScriptArgs": ["x"], "Interval": 1}, BadRequest, id="docker"),
+        pytest.param({"GRPC": "h:1", "Interval": 1}, BadRequest, id="grpc"),
     ],
 )
 def test_check_definition_rejects(check: dict, error: type) -> None:
     with pytest.raises(error):
         check_definition(check)
+
+
+@pytest.mark.parametrize(
+    "source, remote_flag, local_flag, refused",
+    [
+        pytest.param("remote", False, False, SCRIPTS_DISABLED_REMOTE, id="remote-default"),
+        pytest.param("remote", False, True, SCRIPTS_DISABLED_REMOTE, id="remote-local-flag-only"),
+        pytest.param("remote", True, False, None, id="remote-enabled"),
+        pytest.param("local", False, False, SCRIPTS_DISABLED, id="local-default"),
+        pytest.param("local", False, True, None, id="local-flag"),
+        pytest.param("local", True, False, None, id="local-by-script-flag"),
+    ],
+)
+def test_script_policy(source: str, remote_flag: bool, local_flag: bool, refused: str | None) -> None:
+    assert script_policy(source, remote_flag, local_flag) == refused
+
+
+@pytest.mark.parametrize(
+    "returncode, tail, total, timed_out, expected",
+    [
+        pytest.param(0, b"ok", 2, False, ("passing", "ok"), id="exit-0"),
+        pytest.param(1, b"meh", 3, False, ("warning", "meh"), id="exit-1"),
+        pytest.param(2, b"bad", 3, False, ("critical", "bad"), id="exit-2"),
+        pytest.param(-9, b"", 0, False, ("critical", ""), id="killed-by-signal"),
+        pytest.param(-9, b"part", 4, True, ("critical", "Timed out (1.5s) running check\n\npart"), id="timeout"),
+        pytest.param(-9, b"", 0, True, ("critical", "Timed out (1.5s) running check"), id="timeout-silent"),
+        pytest.param(0, b"cdef", 6, False, ("passing", "Captured 4 of 6 bytes\n...\ncdef"), id="cut"),
+    ],
+)
+def test_script_result(returncode, tail: bytes, total: int, timed_out: bool, expected) -> None:
+    assert script_result(returncode, tail, total, 4, timed_out, 1_500_000_000) == expected
+
+
+def _chk(name: str, status: str, sid: str = "web", output: str = "") -> dict:
+    return {"Name": name, "Status": status, "ServiceID": sid, "Output": output}
+
+
+@pytest.mark.parametrize(
+    "checks, exists, expected",
+    [
+        pytest.param([], True, ("passing", "No checks found."), id="no-checks"),
+        pytest.param([], False, ("critical", "Service web could not be found on node n1"), id="no-service"),
+        pytest.param([_chk("a", "passing")], True, ("passing", "All checks passing."), id="passing"),
+        pytest.param([_chk("a", "warning", output="w"), _chk("b", "passing")], True,
+                     ("warning", 'Aliased check "a" failing: w'), id="warning-kept"),
+        pytest.param([_chk("a", "warning"), _chk("b", "critical", output="c"), _chk("z", "warning")], True,
+                     ("critical", 'Aliased check "b" failing: c'), id="critical-wins"),
+        pytest.param([_chk("maint", "critical", sid="")], True, ("critical", 'Aliased check "maint" failing: '),
+                     id="node-check-counts"),
+        pytest.param([_chk("other", "critical", sid="db")], True, ("passing", "No checks found."), id="other-service"),
+    ],
+)
+def test_alias_status(checks: list, exists: bool, expected: tuple) -> None:
+    assert alias_status(checks, exists, "web", "n1") == expected
+
+
+@pytest.mark.parametrize(
+    "parent, sidecar, used, current, expected",
+    [
+        pytest.param({"Name": "web", "Port": 80}, {}, [21000, 21002], None,
+                     {"ID": "web-1-sidecar-proxy", "Name": "web-sidecar-proxy", "Port": 21001,
+                      "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 80, "Address": ""}, id="defaults"),
+        pytest.param({"Name": "web", "Port": 80, "Address": "10.0.0.5"}, {"Port": 30000}, [], None,
+                     {"ID": "web-1-sidecar-proxy", "Name": "web-sidecar-proxy", "Port": 30000,
+                      "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 80, "Address": "10.0.0.5"},
+                     id="given-port-inherited-address"),
+        pytest.param({"Name": "web", "Port": 80}, {"Name": "edge", "Proxy": {"LocalServicePort": 8443}}, [21000], 21007,
+                     {"ID": "web-1-sidecar-proxy", "Name": "edge", "Port": 21007,
+                      "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 8443, "Address": ""},
+                     id="keeps-its-port"),
+    ],
+)
+def test_sidecar_definition(parent: dict, sidecar: dict, used: list, current, expected: dict) -> None:
+    d = sidecar_definition(parent, "web-1", sidecar, used, current)
+    got = {"ID": d["ID"], "Name": d["Name"], "Port": d["Port"], "Address": d["Address"],
+           "LocalServiceAddress": d["Proxy"]["LocalServiceAddress"], "LocalServicePort": d["Proxy"]["LocalServicePort"]}
+    assert got == expected
+    assert d["Kind"] == "connect-proxy" and d["Proxy"]["DestinationServiceID"] == "web-1"
+    if not sidecar.get("Check") and not sidecar.get("Checks"):
+        assert [c["Name"] for c in d["Checks"]] == ["Connect Sidecar Listening", "Connect Sidecar Aliasing web-1"]
+        assert d["Checks"][0]["TCP"].endswith(f":{d['Port']}")
+
+
+def test_sidecar_ports_run_out() -> None:
+    with pytest.raises(CatalogError, match=r"none left in the configured range \[21000, 21255\]"):
+        sidecar_definition({"Name": "w", "Port": 1}, "w", {}, range(21000, 21256), None)
 
 
 def test_check_definition_defaults() -> None:
@@ -244,39 +336,66 @@ def test_filter_errors(expr: str) -> None:
         compile_filter(expr)
 
 
-async def test_watch_hub_wakes_exact_topics_keys_and_prefixes() -> None:
-    hub = WatchHub()
-    loop = asyncio.get_running_loop()
-    futs = {name: loop.create_future() for name in ("svc", "key", "prefix-a", "prefix-b", "root")}
-    hub.subscribe(futs["svc"], topics=["service.web"])
-    hub.subscribe(futs["key"], keys=["a/x"])
-    hub.subscribe(futs["prefix-a"], prefixes=["a/"])
-    hub.subscribe(futs["prefix-b"], prefixes=["b/"])
-    hub.subscribe(futs["root"], prefixes=[""])
-    assert hub.notify(["service.db"], ["a/y/z"]) == 2  # a/ and the root prefix
-    assert futs["prefix-a"].done() and futs["root"].done()
-    assert not futs["key"].done() and not futs["prefix-b"].done() and not futs["svc"].done()
-    assert hub.notify(["service.web"], ["a/x"]) == 2
-    assert futs["svc"].done() and futs["key"].done() and not futs["prefix-b"].done()
-    hub.unsubscribe(futs["prefix-b"], prefixes=["b/"])
-    assert hub.waiting() == 0
-    hub.close()
+def test_subscriptions_wake_exact_topics_keys_and_prefixes() -> None:
+    subs = Subscriptions()
+    svc, key, prefix_a, prefix_b, root, both = "svc", "key", "prefix-a", "prefix-b", "root", "both"
+    subs.add(svc, topics=["service.web"])
+    subs.add(key, keys=["a/x"])
+    subs.add(prefix_a, prefixes=["a/"])
+    subs.add(prefix_b, prefixes=["b/"])
+    subs.add(root, prefixes=[""])
+    subs.add(both, topics=["service.web", "nodes"])
+    assert sorted(subs.pop_woken(["service.db"], ["a/y/z"])) == [prefix_a, root]  # a/ and the root prefix
+    # a member under two woken names is returned once
+    assert sorted(subs.pop_woken(["service.web", "nodes"], ["a/x"])) == [both, key, svc]
+    subs.remove(prefix_b, prefixes=["b/"])
+    assert subs.count() == 0
 
 
-def test_render_cache_keys_on_index() -> None:
-    cache = RenderCache(size=2)
-    calls = []
+def test_answers_are_encoded_once_per_query_and_store_version() -> None:
+    version = [1]
+    hub = WatchHub(version=lambda: version[0])
+    evaluations = []
 
-    def render(v):
-        return lambda: calls.append(v) or v
+    def blocking(path: str, value: str) -> Blocking:
+        def evaluate():
+            evaluations.append(value)
+            return 7, value
+        return Blocking(evaluate, lambda index, data: Reply(200, data.encode(), "text/plain"), 0, 1.0, (path, ()))
 
-    assert cache.get("q", 1, render("a")) == "a"
-    assert cache.get("q", 1, render("b")) == "a"  # same index: cached
-    assert cache.get("q", 2, render("c")) == "c"  # index moved: rendered again
-    cache.get("r", 1, render("d"))
-    cache.get("s", 1, render("e"))  # evicts "q"
-    assert cache.get("q", 2, render("f")) == "f"
-    assert calls == ["a", "c", "d", "e", "f"]
+    first = hub.answer(blocking("/q", "a"))
+    assert first[0] == 7 and first[1].endswith(b"\r\n\r\na")
+    assert hub.answer(blocking("/q", "b")) is not None and hub.answer(blocking("/q", "b"))[1] is first[1]
+    assert evaluations == ["a"]  # same query, same version: the same bytes object
+    hub.answer(blocking("/r", "c"))
+    version[0] = 2
+    assert hub.answer(blocking("/q", "d"))[1].endswith(b"d")  # a commit: evaluated again
+    assert evaluations == ["a", "c", "d"] and hub.encodes == 3
+
+
+def test_prepared_answers_count_only_once_their_commit_is_durable() -> None:
+    version = [1]
+    hub = WatchHub(version=lambda: version[0])
+    state = {"value": "old"}
+    q = Blocking(lambda: (5, state["value"]), lambda index, data: Reply(200, data.encode()), 0, 1.0, ("/q", ()))
+
+    class Parked:  # stands for a parked waiter: only its query matters to prepare()
+        pass
+
+    w = Parked()
+    w.q = q  # type: ignore[attr-defined]
+    assert hub.answer(q)[1].endswith(b"old")
+    hub.subs.add(w, topics=["service.web"])
+    state["value"] = "new"  # the batch is applied in memory, not yet durable
+    hub.prepare(["service.web"], [], version[0] + 1)  # (nothing answers while a batch is unsettled)
+    hub.discard(version[0] + 1)  # the commit failed (and the batch is undone)
+    state["value"] = "old"
+    version[0] = 2  # a later commit reaches version 2: it must not find the discarded answer
+    assert hub.answer(q)[1].endswith(b"old")
+    state["value"] = "newer"
+    hub.prepare(["service.web"], [], version[0] + 1)
+    version[0] = 3  # durable
+    assert hub.answer(q)[1].endswith(b"newer") and hub.encodes == 4
 
 
 # -- write ops over in-memory tables (the store is never opened: no SQLite, no loop) --------
@@ -362,3 +481,16 @@ def test_blocking_index_of_a_service(mem) -> None:
     assert service_index(st, "never-there") == gone
     _op(store, lambda tx: register_service(st, tx, "n1", {"Name": "x", "ID": "x1"}))
     assert service_index(st, "web") == gone  # a new service elsewhere does not move it
+
+
+def test_a_failing_answer_is_an_error_reply_sent_at_once() -> None:
+    from discovery.catalog._watch import ERROR_INDEX
+
+    hub = WatchHub(on_error=lambda exc: Reply(500, f"failed: {exc}".encode()))
+
+    def evaluate():
+        raise RuntimeError("boom")
+
+    index, wire = hub.answer(Blocking(evaluate, lambda i, d: Reply(200), 5, 1.0, ("/q", ())))
+    assert index == ERROR_INDEX and index > 2**64 - 1  # past any index a client holds: never parked
+    assert wire.startswith(b"HTTP/1.1 500 ") and wire.endswith(b"failed: boom")
