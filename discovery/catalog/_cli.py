@@ -13,6 +13,8 @@ import logging
 import signal
 import sys
 
+import config
+
 from ._server import CatalogServer, Options
 
 __all__ = ["main", "parse_args"]
@@ -21,10 +23,10 @@ log = logging.getLogger("discovery.catalog")
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return config.split_hostport(text, default_host="127.0.0.1")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -56,11 +58,7 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
                    help="every *.json file in DIR, in name order, as --config-file")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, a.log_level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    config.setup_logging(a.log_level)
     host, port = a.listen
     return Options(host=host, port=port, data_dir=a.data_dir, node=a.node, datacenter=a.datacenter,
                    session_ttl_min=a.session_ttl_min, enable_script_checks=a.enable_script_checks,
@@ -86,8 +84,7 @@ async def _serve(opts: Options) -> int:
         log.error("catalog could not start: %s", exc)
         await server.stop()
         return 1
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    sys.stdout.write("ready " + json.dumps({"http": shown}) + "\n")
+    sys.stdout.write("ready " + json.dumps({"http": config.join_hostport(host, port)}) + "\n")
     sys.stdout.flush()
     await stop.wait()
     log.info("stopping")
