@@ -8,7 +8,7 @@ room for that resource). Among those:
 
 - spread (the default): fewest replicas of this service, then least allocated
   (Kubernetes LeastAllocated: mean free share of cpu and memory), then the name;
-- ``placement.spread: false``: bin packing, most allocated first (MostAllocated).
+- ``placement.strategy: binpack``: bin packing, most allocated first (MostAllocated).
 
 Each choice is added to the allocation before the next replica is placed, so two replicas
 placed in one call spread too. When nothing fits, the replica is reported in ``failed``
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import config
 
-__all__ = ["NodeInfo", "Allocation", "Request", "Placement", "place", "place_beside",
+__all__ = ["NodeInfo", "node_info", "Allocation", "Request", "Placement", "place", "place_beside",
            "matches_constraint", "can_run"]
 
 
@@ -38,6 +38,24 @@ class NodeInfo:
     cpu: float | None = None          # capacity; None: not bounded
     memory: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    reserved_cpu: float = 0.0         # kept for the host: never offered to replicas
+    reserved_memory: int = 0
+
+    @property
+    def room_cpu(self) -> float | None:
+        """What replicas may request in all: capacity minus the reserve (None: unbounded)."""
+        return None if self.cpu is None else self.cpu - self.reserved_cpu
+
+    @property
+    def room_memory(self) -> int | None:
+        return None if self.memory is None else self.memory - self.reserved_memory
+
+
+def node_info(spec: config.NodeSpec) -> NodeInfo:
+    """What placement knows of a configured node (its declared capacity and reserve)."""
+    return NodeInfo(spec.name, spec.runtime or "process", spec.address, spec.capacity.cpu,
+                    spec.capacity.memory, dict(spec.labels), spec.reserved.cpu or 0.0,
+                    spec.reserved.memory or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +122,8 @@ def place(requests: Sequence[Request], nodes: Sequence[NodeInfo],
     failed: list[tuple[Request, str]] = []
     for req in requests:
         spec = req.spec
-        cpu = spec.resources.cpu or 0.0
-        mem = spec.resources.memory or 0
+        cpu = spec.resources.requests.cpu or 0.0
+        mem = spec.resources.requests.memory or 0
         why: list[str] = []
         feasible: list[NodeInfo] = []
         for node in nodes:
@@ -114,11 +132,12 @@ def place(requests: Sequence[Request], nodes: Sequence[NodeInfo],
                 bad = [c for c in spec.placement.constraints if not matches_constraint(node, c)]
                 if bad:
                     reason = f"constraint {bad[0]!r}"
-            if reason is None and node.cpu is not None and used_cpu[node.name] + cpu > node.cpu + 1e-9:
-                reason = (f"cpu: {node.cpu - used_cpu[node.name]:g} of {node.cpu:g} free, "
+            room_cpu, room_mem = node.room_cpu, node.room_memory
+            if reason is None and room_cpu is not None and used_cpu[node.name] + cpu > room_cpu + 1e-9:
+                reason = (f"cpu: {room_cpu - used_cpu[node.name]:g} of {room_cpu:g} free, "
                           f"needs {cpu:g}")
-            if reason is None and node.memory is not None and used_mem[node.name] + mem > node.memory:
-                reason = (f"memory: {node.memory - used_mem[node.name]} of {node.memory} "
+            if reason is None and room_mem is not None and used_mem[node.name] + mem > room_mem:
+                reason = (f"memory: {room_mem - used_mem[node.name]} of {room_mem} "
                           f"bytes free, needs {mem}")
             if reason is None:
                 feasible.append(node)
@@ -130,9 +149,9 @@ def place(requests: Sequence[Request], nodes: Sequence[NodeInfo],
             continue
 
         def allocated(n: NodeInfo) -> float:
-            return (_share(used_cpu[n.name] + cpu, n.cpu) + _share(used_mem[n.name] + mem, n.memory)) / 2
+            return (_share(used_cpu[n.name] + cpu, n.room_cpu) + _share(used_mem[n.name] + mem, n.room_memory)) / 2
 
-        if spec.placement.spread:
+        if spec.placement.strategy == "spread":
             best = min(feasible, key=lambda n: (count.get((n.name, spec.name), 0), allocated(n), n.name))
         else:
             best = min(feasible, key=lambda n: (-allocated(n), n.name))

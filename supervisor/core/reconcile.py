@@ -77,12 +77,13 @@ def _rank(r: Replica) -> tuple[bool, bool, float]:
 
 def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
                 replicas: Sequence[Replica]) -> list[Allocation]:
-    """What running replicas reserve (a retired one holds its room until it is gone)."""
+    """What running replicas reserve: their requests (a retired one holds its room until
+    it is gone)."""
     out = []
     for r in replicas:
         if r.running and r.service in desired:
-            res = desired[r.service][0].resources
-            out.append(Allocation(r.node, r.service, res.cpu or 0.0, res.memory or 0))
+            req = desired[r.service][0].resources.requests
+            out.append(Allocation(r.node, r.service, req.cpu or 0.0, req.memory or 0))
     return out
 
 

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import config
-from supervisor.core.placement import Allocation, NodeInfo, Request, place
+from supervisor.core.model import Replica
+from supervisor.core.placement import Allocation, NodeInfo, Request, node_info, place
+from supervisor.core.reconcile import allocations
 
 
 def spec(name="web", cpu=None, memory=None, image=None, spread=True, constraints=()):
+    amounts = config.ResourceAmounts(cpu=cpu, memory=memory)
     return config.ServiceSpec(
         name=name, image=image, command=None if image else ("app",),
-        resources=config.Resources(cpu=cpu, memory=memory),
-        placement=config.Placement(spread=spread, constraints=tuple(constraints)))
+        resources=config.Resources(requests=amounts, limits=amounts),
+        placement=config.Placement(strategy="spread" if spread else "binpack", constraints=tuple(constraints)))
 
 
 A = NodeInfo("a", "process", cpu=2, memory=1000)
@@ -54,3 +59,18 @@ def test_label_constraint():
     s = spec(image="x", constraints=["node.labels.disk == ssd"])
     plain = NodeInfo("e", "docker")
     assert nodes_of(place([Request(s, 0)], [plain, D], [])) == ["d"]
+
+
+def test_a_nodes_reserve_is_never_offered():
+    node = node_info(config.NodeSpec(name="n", capacity=config.NodeCapacity(cpu=2, memory=1000),
+                                     reserved=config.ResourceAmounts(cpu=0.5, memory=100)))
+    assert nodes_of(place([Request(spec(cpu=1.5, memory=900), 0)], [node], [])) == ["n"]
+    (_, reason), = place([Request(spec(cpu=1.6), 0)], [node], []).failed
+    assert "cpu: 1.5 of 1.5 free, needs 1.6" in reason
+
+
+def test_running_replicas_take_their_requests_not_their_limits():
+    s = dataclasses.replace(spec(), resources=config.Resources(
+        requests=config.ResourceAmounts(cpu=0.5, memory=100), limits=config.ResourceAmounts(cpu=2, memory=900)))
+    running = Replica("web-0", "web", 0, "r1", "a", True)
+    assert allocations({"web": (s, "r1")}, [running]) == [Allocation("a", "web", 0.5, 100)]
