@@ -19,8 +19,9 @@ Several requests at once (a scale-up, a whole config in ``meshlet plan``):
 1. Largest first (first-fit-decreasing; a request's size is its cpu and memory as shares
    of the mean node room, summed); ties keep the given order, so one service's replicas
    go in slot order. Each choice counts for the next. ``placed`` is in this order.
-2. binpack only: the nodes the pass opened are emptied, least used first, when all their
-   replicas fit in the room of other nodes in use (``_evacuate``).
+2. binpack only, when every request was placed: the nodes the pass opened are emptied,
+   least used first, when all their replicas fit in the room of other nodes in use
+   (``_evacuate``; with a request pending, emptying a node would make room it was refused).
 3. binpack only, the packing search: the pass is run again with one more node *shape*
    (room, runtime, labels) held back, i.e. opened only after every other empty node, and
    kept when it fails no more requests and uses less capacity; until no shape helps or
