@@ -20,7 +20,7 @@ from ._load import load, loads, locate
 from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
-                     ProxySettings, Resources, RestartPolicy, Retries, Routes, SecretMount,
+                     ProxySettings, ResourceAmounts, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
                      VolumeSpec)
 from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
@@ -39,7 +39,7 @@ __all__ = [
     "UnitError",
     # the model
     "MeshConfig", "MeshSettings", "DnsSettings", "ProxySettings", "NodeSpec", "NodeCapacity",
-    "ServiceSpec", "Resources", "PortSpec", "Probes", "Probe", "HttpProbe", "TcpProbe",
+    "ServiceSpec", "Resources", "ResourceAmounts", "PortSpec", "Probes", "Probe", "HttpProbe", "TcpProbe",
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
     "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",

@@ -15,8 +15,8 @@ from typing import Any, Callable
 from ._convert import HOOKS, INVALID, Ctx, is_ok
 from ._tree import N, join
 from ._model import (Backoff, ConfigSpec, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
-                     Probes, Routes, SecretMount, SecretSpec, SecretsSettings, ServiceSpec, UpdateStrategy,
-                     VolumeSpec)
+                     Probes, ResourceAmounts, Resources, Routes, SecretMount, SecretSpec, SecretsSettings,
+                     ServiceSpec, UpdateStrategy, VolumeSpec)
 
 __all__ = ["DEFAULT_DOCKER_ENGINE"]
 
@@ -95,6 +95,46 @@ def _node(v: Values, n: N, cx: Ctx, path: str) -> Values:
     if v["runtime"] == "process" and v["engine"] is not None:
         v["engine"] = cx.error(line_of(n, "engine"), join(path, "engine"),
                                "engine is only for runtime docker")
+    if is_ok(v["capacity"], v["reserved"]):
+        declared, kept = v["capacity"], v["reserved"]
+        for res in ("cpu", "memory"):
+            reserved, capacity = getattr(kept, res), getattr(declared, res)
+            where = line_of(n, "reserved", res), join(path, f"reserved.{res}")
+            if reserved is None:
+                continue
+            if capacity is None:
+                # refused rather than ignored: capacity is not read from the engine yet
+                v["reserved"] = cx.error(*where, f"needs capacity.{res}: reserved is taken off the "
+                                                 f"declared capacity")
+            elif reserved >= capacity:
+                v["reserved"] = cx.error(*where, f"leaves nothing of capacity.{res} "
+                                                 f"({_amount(res, capacity)}) for replicas, got "
+                                                 f"{_amount(res, reserved)}")
+    return v
+
+
+def _amount(resource: str, value: float) -> str:
+    return f"{value:g}" if resource == "cpu" else f"{value} bytes"
+
+
+@hook(Resources)
+def _resources(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    """Per resource, an unset limit is the request and an unset request the limit (as in
+    Kubernetes); a request above its limit could never be honoured."""
+    requests, limits = v["requests"], v["limits"]
+    if not is_ok(requests, limits):
+        return v
+    filled_requests, filled_limits = {}, {}
+    for res in ("cpu", "memory"):
+        req, lim = getattr(requests, res), getattr(limits, res)
+        if req is not None and lim is not None and req > lim:
+            cx.error(line_of(n, "requests", res), join(path, f"requests.{res}"),
+                     f"must not be more than limits.{res} ({_amount(res, lim)}), got {_amount(res, req)}")
+            v["requests"] = INVALID
+        filled_requests[res] = req if req is not None else lim
+        filled_limits[res] = lim if lim is not None else req
+    if is_ok(v["requests"]):
+        v["requests"], v["limits"] = ResourceAmounts(**filled_requests), ResourceAmounts(**filled_limits)
     return v
 
 

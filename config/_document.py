@@ -1,9 +1,18 @@
 """The KV service document (``meshlet/services/<name>``): build, fingerprint, read back.
 
-Shape (format 1)::
+Shape (format 2)::
 
-    {"format": 1, "name": "web", "revision": "9f86d081884c", "vip": "127.10.0.2",
+    {"format": 2, "name": "web", "revision": "9f86d081884c", "vip": "127.10.0.2",
      "spec": ServiceSpec.to_dict()}
+
+Format 2 holds ``resources`` as ``{requests, limits}`` and ``placement`` with ``strategy``
+and ``spread_over``; format 1 held ``resources: {cpu, memory}`` and ``placement.spread``.
+Both are read (``_forms`` reads the older shapes), so documents stored before an upgrade
+still load; an older meshlet refuses format 2 by its number instead of by an unknown key.
+
+The revision of a spec that format 1 could hold (requests equal to limits, no
+``spread_over``) is computed over its format-1 shape (``_revision_view``), so upgrading
+meshlet changes no revision and restarts no replica.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ from ._load import service_from_plain
 from ._model import ServiceSpec
 from ._units import describe
 
-__all__ = ["DOCUMENT_FORMAT", "service_revision", "service_document", "parse_service_document",
-           "canonical_json"]
+__all__ = ["DOCUMENT_FORMAT", "READ_FORMATS", "service_revision", "service_document",
+           "parse_service_document", "canonical_json"]
 
-DOCUMENT_FORMAT = 1
+DOCUMENT_FORMAT = 2
+READ_FORMATS = (1, 2)
 _KEYS = ("format", "name", "revision", "vip", "spec")
 
 
@@ -31,9 +41,23 @@ def canonical_json(data: Any) -> str:
                       allow_nan=False)
 
 
+def _revision_view(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (``to_dict()``) in its format-1 shape where that shape can hold it. Two
+    specs never share a view: one in the format-2 shape has keys format 1 never had."""
+    view = dict(spec)
+    resources, placement = spec["resources"], spec["placement"]
+    if resources["requests"] == resources["limits"]:
+        view["resources"] = dict(resources["requests"])
+    if not placement["spread_over"]:
+        view["placement"] = {"spread": placement["strategy"] == "spread",
+                             "constraints": placement["constraints"]}
+    return view
+
+
 def service_revision(spec: ServiceSpec) -> str:
-    """First 12 hex digits of SHA-256 over the canonical JSON of ``spec.to_dict()``."""
-    return hashlib.sha256(canonical_json(spec.to_dict()).encode()).hexdigest()[:12]
+    """First 12 hex digits of SHA-256 over the canonical JSON of ``spec.to_dict()``
+    (in its format-1 shape when it has one: see the module docstring)."""
+    return hashlib.sha256(canonical_json(_revision_view(spec.to_dict())).encode()).hexdigest()[:12]
 
 
 def service_document(spec: ServiceSpec, vip: str | None) -> dict[str, Any]:
@@ -61,9 +85,9 @@ def parse_service_document(data: bytes | str,
     if not isinstance(doc, dict):
         raise fail(f"expected a JSON object, got {describe(doc)}")
     fmt = doc.get("format")
-    if fmt != DOCUMENT_FORMAT:
+    if fmt not in READ_FORMATS or isinstance(fmt, bool):
         raise fail(f"unsupported document format {describe(fmt)} "
-                   f"(this meshlet reads format {DOCUMENT_FORMAT})", "format")
+                   f"(this meshlet reads formats {' and '.join(map(str, READ_FORMATS))})", "format")
     issues: list[ConfigIssue] = []
     for key in doc:
         if key not in _KEYS:

@@ -16,10 +16,11 @@ from typing import Any
 from ._convert import (DNS_LABEL, DNS_LABEL_HINT, boolean, choice, cpu, describe_node, duration, file_mode,
                        integer, listof, mapof, named_map, opt, percent_or_count, read_plain, req, set_by_apply,
                        size, struct, text, word, words)
+from . import _forms as forms
 from ._frozen import FrozenDict
 
 __all__ = [
-    "DnsSettings", "ProxySettings", "NodeCapacity", "NodeSpec", "MeshSettings",
+    "DnsSettings", "ProxySettings", "NodeCapacity", "NodeSpec", "MeshSettings", "ResourceAmounts",
     "Resources", "PortSpec", "HttpProbe", "TcpProbe", "ExecProbe", "Probe", "Probes",
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount",
@@ -107,7 +108,17 @@ class ProxySettings:
 
 @model
 class NodeCapacity:
-    """What a node offers for placement; None: measured on the node when it joins."""
+    """What a node offers for placement; None: not bounded (the supervisor does not read
+    a node's CPUs and memory from its engine yet, so an undeclared resource is unlimited)."""
+
+    cpu: float | None = opt(None, cpu(positive=True))
+    memory: int | None = opt(None, size(positive=True))
+
+
+@model
+class ResourceAmounts:
+    """An amount of cpu and memory: a replica's requests or limits, a node's reserved
+    share; None: none given."""
 
     cpu: float | None = opt(None, cpu(positive=True))
     memory: int | None = opt(None, size(positive=True))
@@ -123,6 +134,9 @@ class NodeSpec:
     engine: str | None = opt(None, text(r"(unix|tcp|ssh|npipe)://\S+",
                                         "a Docker engine URL like unix:///var/run/docker.sock"))
     capacity: NodeCapacity = opt(NodeCapacity(), struct(NodeCapacity))
+    # kept back for the host itself (its OS, meshlet, Docker) and never offered to replicas:
+    # Nomad's client `reserved`, Kubernetes' system-reserved; needs the declared capacity
+    reserved: ResourceAmounts = opt(ResourceAmounts(), struct(ResourceAmounts))
     labels: FrozenDict[str, str] = opt(_EMPTY, mapof(LABEL_KEY, "a label name", word))
 
 
@@ -162,11 +176,14 @@ DEFAULT_CATALOG_URL = "http://" + MESH_DEFAULTS.catalog_listen
 
 @model
 class Resources:
-    """Limits enforced by the runtime and reserved by placement; None: no limit, reserves 0
-    (a Kubernetes BestEffort pod)."""
+    """Kubernetes' two amounts: ``requests`` is what placement reserves on a node (a
+    replica goes only where its requests fit), ``limits`` what the runtime enforces. Per
+    resource, an unset limit is the request and an unset request the limit (the loader
+    fills them in; Kubernetes does the same); neither: no limit, reserves 0 (a Kubernetes
+    BestEffort pod). The short form ``{cpu, memory}`` sets both (``_forms.resources``)."""
 
-    cpu: float | None = opt(None, cpu(positive=True))
-    memory: int | None = opt(None, size(positive=True))
+    requests: ResourceAmounts = opt(ResourceAmounts(), struct(ResourceAmounts))
+    limits: ResourceAmounts = opt(ResourceAmounts(), struct(ResourceAmounts))
 
 
 @model
@@ -310,7 +327,16 @@ class DnsOverride:
 
 @model
 class Placement:
-    spread: bool = opt(True, boolean)
+    """How the scheduler chooses among the nodes that can hold a replica (see
+    supervisor/core/placement.py). ``spread: true/false``, the older form of ``strategy``,
+    is read by ``_forms.placement``."""
+
+    # spread: fewest replicas of the service, then least allocated (Kubernetes' default);
+    # binpack: most allocated first (Nomad's default), leaving whole nodes free
+    strategy: str = opt("spread", choice("spread", "binpack"))
+    # node labels to spread the replicas over, softly, in order: fewest replicas of the
+    # service among the nodes with the same value first (Swarm's placement preferences)
+    spread_over: tuple[str, ...] = opt((), listof(text(LABEL_KEY, "a label name"), unique=True))
     # "node.name == a", "node.runtime != docker", "node.labels.disk == ssd"
     constraints: tuple[str, ...] = opt((), listof(text(
         r"(node\.(name|runtime|address)|node\.labels\.[A-Za-z0-9_./-]+)\s*(==|!=)\s*\S+",
@@ -351,7 +377,7 @@ class ServiceSpec:
     args: tuple[str, ...] = opt((), listof(word))
     workdir: str | None = opt(None, LOCAL_PATH)
     replicas: int = opt(1, integer(0))                 # Kubernetes default
-    resources: Resources = opt(Resources(), struct(Resources))
+    resources: Resources = opt(Resources(), forms.resources(Resources, ResourceAmounts))
     ports: tuple[PortSpec, ...] = opt((), listof(struct(PortSpec)))
     env: FrozenDict[str, str] = opt(_EMPTY, mapof(ENV_NAME, "an environment variable name", word))
     tags: tuple[str, ...] = opt((), listof(text(DNS_LABEL, DNS_LABEL_HINT), unique=True))
@@ -362,7 +388,7 @@ class ServiceSpec:
     update: UpdateStrategy = opt(UpdateStrategy(), struct(UpdateStrategy))
     routes: Routes = opt(Routes(), struct(Routes))
     dns: DnsOverride = opt(DnsOverride(), struct(DnsOverride))
-    placement: Placement = opt(Placement(), struct(Placement))
+    placement: Placement = opt(Placement(), forms.placement(Placement))
     volumes: tuple[VolumeMount, ...] = opt((), listof(struct(VolumeMount)))
     configs: tuple[ConfigMount, ...] = opt((), listof(struct(ConfigMount)))
     secrets: tuple[SecretMount, ...] = opt((), listof(struct(SecretMount)))

@@ -9,6 +9,7 @@ Every subcommand is declared here, once, and handed to the module that runs it::
     meshlet supervisor --consul URL --data-dir DIR
                                    daemon.up.run_standalone       the supervisor alone
     meshlet apply -f FILE          commands.apply                 store services in the catalog
+    meshlet plan -f FILE [--json]  commands.plan                  where apply would place replicas
     meshlet status | logs | down   commands.admin_client          ask the running supervisor
     meshlet rollout status|history|pause|resume, rollback, restart
                                    commands.rollout               rollouts, through the catalog
@@ -35,7 +36,7 @@ from typing import Any, TextIO
 
 import config
 
-from .commands import admin_client, rollout, scale, secret
+from .commands import admin_client, plan, rollout, scale, secret
 
 __all__ = ["main", "build_parser"]
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"run the {name} ({module}); see `meshlet {name} --help`", add_help=False)
     _daemon_subcommands(sub)
     _apply_subcommand(sub)
+    plan.add_subcommand(sub)
     admin_client.add_subcommands(sub)
     rollout.add_subcommands(sub)
     secret.add_subcommands(sub)
@@ -147,6 +149,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, 
         from .commands import apply
         return asyncio.run(apply.run(args.file, url=args.consul, dry_run=args.dry_run, prune=args.prune,
                                      force=args.force, out=out, err=err))
+    if args.command == plan.COMMAND:
+        return plan.run(args.file, args.json, out, err)
     if args.command == "up":
         from .daemon.up import up
         try:

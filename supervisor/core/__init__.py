@@ -7,7 +7,9 @@ test_rollout*.py).
     model.py            the facts decided over (Replica, Observed) and the actions the
                         daemon carries out (Start, Stop, Kill, Register, ..., Wait)
     reconcile.py        desired services vs what runs -> actions (restart, scale, replace)
-    placement.py        which node runs a new replica: fit, constraints, spread / bin packing
+    placement.py        which node runs a new replica: fit, constraints, spread / bin packing,
+                        whole-config packing, explain; placement_score.py ranks a node,
+                        placement_fleet.py holds one decision's working state
     backoff.py          restart policy and exponential back-off of one slot
     revisions.py        what revision a replica runs; rolling-restart tokens
     rollout.py          the rollout engine: one step of moving a service to a new revision

@@ -16,8 +16,12 @@ Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
 3. a current replica runs -> keep the best (ready, alive, newest), stop the rest
    (``DUPLICATE``/``OUTDATED``), forget exited ones; kill it if a probe says dead
 4. only an old revision runs -> stop it and start the current one (``OUTDATED``)
-5. only exited replicas -> restart policy and back-off decide: restart now (same node),
-   ``Wait`` until the back-off ends, or leave it exited (``never``/clean on-failure)
+5. only exited replicas -> restart policy and back-off decide: restart now, ``Wait`` until
+   the back-off ends, or leave it exited (``never``/clean on-failure). A restart is placed
+   anew with the node it failed on ranked below every equally good node
+   (``Request.failed_on``: Nomad's reschedule penalty), so a replica that keeps failing
+   on a bad node moves; after a clean exit no node is avoided. A service with volumes
+   restarts on its node: its data is there.
 6. nothing -> place a new replica (``place``) or report why it cannot (``Unplaceable``)
 
 Catalog registrations follow: a kept running replica not registered -> ``Register``; a
@@ -77,12 +81,13 @@ def _rank(r: Replica) -> tuple[bool, bool, float]:
 
 def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
                 replicas: Sequence[Replica]) -> list[Allocation]:
-    """What running replicas reserve (a retired one holds its room until it is gone)."""
+    """What running replicas reserve: their requests (a retired one holds its room until
+    it is gone)."""
     out = []
     for r in replicas:
         if r.running and r.service in desired:
-            res = desired[r.service][0].resources
-            out.append(Allocation(r.node, r.service, res.cpu or 0.0, res.memory or 0))
+            req = desired[r.service][0].resources.requests
+            out.append(Allocation(r.node, r.service, req.cpu or 0.0, req.memory or 0))
     return out
 
 
@@ -114,6 +119,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
             for r in by_slot[slot]:
                 stop(r, SCALE_DOWN)
         to_place: list[Request] = []
+        restarts: dict[int, tuple[BackoffState, str]] = {}
         for slot in range(spec.replicas):
             group = by_slot.get(slot, [])
             running = [r for r in group if r.running]
@@ -153,7 +159,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                     else:
                         to_place.append(Request(spec, slot))
                     continue
-                _restart_exited(spec, revision, last, state, node_names, now, stop, actions, to_place)
+                _restart_exited(spec, revision, last, state, node_names, now, stop, actions, to_place, restarts)
                 continue
             to_place.append(Request(spec, slot))
         if to_place:
@@ -161,9 +167,10 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                               if r.terminating or r.instance_id not in handled or r.service != name]
             result = place(to_place, observed.nodes, allocations(desired, running_others))
             for req, node in result.placed:
-                state = observed.backoff.get((name, req.slot), BackoffState())
-                actions.append(Start(name, req.slot, revision, node, state,
-                                     "new replica" if not by_slot.get(req.slot) else EXITED))
+                state, why = restarts.get(req.slot) or (
+                    observed.backoff.get((name, req.slot), BackoffState()),
+                    "new replica" if not by_slot.get(req.slot) else EXITED)
+                actions.append(Start(name, req.slot, revision, node, state, why))
             for req, reason in result.failed:
                 actions.append(Unplaceable(name, req.slot, reason))
     actions = apply_holds(actions, observed.holds, now)
@@ -182,10 +189,12 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
 
 def _restart_exited(spec: config.ServiceSpec, revision: str, last: Replica, state: BackoffState,
                     node_names: set[str], now: float, stop: Callable[[Replica, str], None],
-                    actions: list[Action], to_place: list[Request]) -> None:
+                    actions: list[Action], to_place: list[Request],
+                    restarts: dict[int, tuple[BackoffState, str]]) -> None:
     """``last``, the newest exited replica of its slot, per the restart policy: nothing
-    (policy says no), Wait (backing off), or stop it and Start again on its node (placed
-    anew when the node is gone)."""
+    (policy says no), Wait (backing off), or stop it and place it again, away from the
+    node it failed on when it failed (``restarts`` gets the slot's next back-off state and
+    reason for the Start); a service with volumes starts again on its node if it is there."""
     d = decide(spec.restart, state, exit_code=last.exit_code, started_at=last.started_at,
                finished_at=last.finished_at if last.finished_at is not None else now,
                failed=last.killed)
@@ -195,10 +204,12 @@ def _restart_exited(spec: config.ServiceSpec, revision: str, last: Replica, stat
         actions.append(Wait(last.service, last.slot, d.at, d.reason))
         return
     stop(last, EXITED)
-    if last.node in node_names:
+    if spec.volumes and last.node in node_names:
         actions.append(Start(last.service, last.slot, revision, last.node, d.state, d.reason))
-    else:
-        to_place.append(Request(spec, last.slot))
+        return
+    failed = last.killed or last.exit_code != 0      # an unknown code counts as a failure
+    to_place.append(Request(spec, last.slot, failed_on=last.node if failed else None))
+    restarts[last.slot] = (d.state, d.reason)
 
 
 def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], observed: Observed,
@@ -212,6 +223,7 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
     for r in mine:
         by_slot.setdefault(r.slot, []).append(r)
     to_place: list[Request] = []
+    restarts: dict[int, tuple[BackoffState, str]] = {}
     for slot in sorted(by_slot):
         group = by_slot[slot]
         for r in group:
@@ -234,14 +246,14 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
         for r in exited[:-1]:
             stop(r, STALE)
         _restart_exited(spec, revision, last, observed.backoff.get((name, slot), BackoffState()),
-                        node_names, now, stop, actions, to_place)
+                        node_names, now, stop, actions, to_place, restarts)
     if to_place:
         others = [r for r in observed.replicas
                   if r.terminating or r.instance_id not in handled or r.service != name]
         result = place(to_place, observed.nodes, allocations(desired, others))
         for req, node in result.placed:
-            actions.append(Start(name, req.slot, revision, node,
-                                 observed.backoff.get((name, req.slot), BackoffState()), EXITED))
+            state, why = restarts.get(req.slot) or (observed.backoff.get((name, req.slot), BackoffState()), EXITED)
+            actions.append(Start(name, req.slot, revision, node, state, why))
         for req, reason in result.failed:
             actions.append(Unplaceable(name, req.slot, reason))
 

@@ -327,7 +327,7 @@ class Replicas:
         ispec = InstanceSpec(
             instance_id=iid, service=service, slot=slot, revision=revision, node=node_name,
             image=spec.image, command=spec.command, args=spec.args, workdir=spec.workdir,
-            env=env, ports=ports, cpu=spec.resources.cpu, memory=spec.resources.memory,
+            env=env, ports=ports, cpu=spec.resources.limits.cpu, memory=spec.resources.limits.memory,
             stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period,
             dns=self.dns if node.runtime == "docker" else None, files=files, secret_env=secret_env)
         self._ports_taken.update(ports.values())

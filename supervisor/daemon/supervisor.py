@@ -52,7 +52,7 @@ from discovery.consul import connect, watch_kv_prefix
 from ..core.backoff import BackoffState, delay_for
 from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
                           Wait, summary)
-from ..core.placement import NodeInfo
+from ..core.placement import node_info
 from ..core.reconcile import reconcile_service
 from ..core.revisions import template_revision
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
@@ -462,8 +462,7 @@ class Supervisor:
         return Observed(
             replicas=self.replicas.facts(),
             registered={k: v for k, v in self.registered.items() if k not in self.replicas.terminating},
-            nodes=tuple(NodeInfo(n.name, n.runtime or "process", n.address, n.capacity.cpu,
-                                 n.capacity.memory, dict(n.labels)) for n in self.nodes.values()),
+            nodes=tuple(node_info(n) for n in self.nodes.values()),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
             holds=dict(self.slots.holds), last_output=self.replicas.last_output())
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import consul
 import requests
+import pytest
+
+pytestmark = pytest.mark.slow   # real processes, sockets (tests/conftest.py)
 
 Check = consul.Check
 

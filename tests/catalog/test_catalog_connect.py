@@ -12,6 +12,8 @@ import requests
 
 from _util import wait_for
 
+pytestmark = pytest.mark.slow   # real processes, sockets (tests/conftest.py)
+
 Check = consul.Check
 
 

@@ -14,6 +14,8 @@ import requests
 
 from _util import ServerStartError, start_server, wait_for
 
+pytestmark = pytest.mark.slow   # real processes, sockets (tests/conftest.py)
+
 Check = consul.Check
 
 

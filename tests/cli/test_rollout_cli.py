@@ -194,7 +194,7 @@ def test_rollback_document_keeps_name_vip_and_replicas_and_recomputes_the_revisi
     entry = {"number": 1, "revision": "x", "spec": spec_doc(V1)["spec"]}
     doc = rollback_document(current, entry)
     assert doc["spec"]["env"] == {"V": "1"} and doc["spec"]["replicas"] == 5
-    assert (doc["name"], doc["vip"], doc["format"]) == ("web", "127.10.0.2", 1)
+    assert (doc["name"], doc["vip"], doc["format"]) == ("web", "127.10.0.2", 2)
     spec, vip, revision = config.parse_service_document(json.dumps(doc))
     assert revision == config.service_revision(spec) and vip == "127.10.0.2"
     assert template_revision(spec) == template_revision(config.ServiceSpec.from_dict(entry["spec"]))

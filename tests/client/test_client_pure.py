@@ -88,7 +88,7 @@ def _spec(**over) -> dict:
     [
         pytest.param(b"{", "not valid JSON", id="not-json"),
         pytest.param(b"[]", "JSON object", id="not-object"),
-        pytest.param(_doc(format=2), "format 2", id="future-format"),
+        pytest.param(_doc(format=3), "format 3", id="future-format"),
         pytest.param(_doc(name="api"), "does not match", id="wrong-name"),
         pytest.param(_doc(spec=[1]), "spec", id="spec-not-object"),
         pytest.param(_doc(vip=5), "vip", id="vip-not-string"),

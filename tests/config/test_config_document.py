@@ -71,7 +71,11 @@ def shop() -> ServiceSpec:
 def test_to_dict_is_normalised_json(shop):
     d = shop.to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert d["resources"] == {"cpu": 0.5, "memory": 134217728}
+    # the short form {cpu, memory} is stored in the one canonical shape: requests = limits
+    assert d["resources"] == {"requests": {"cpu": 0.5, "memory": 134217728},
+                              "limits": {"cpu": 0.5, "memory": 134217728}}
+    assert d["placement"] == {"strategy": "binpack", "spread_over": [],
+                              "constraints": ["node.labels.disk == ssd"]}
     assert d["routes"]["timeouts"] == {"connect": 0.5, "request": 30.0, "idle": 120.0}
     assert d["update"]["max_surge"] == 1 and d["update"]["max_unavailable"] == 0
     assert d["probes"]["liveness"]["http"] == {"path": "/healthz", "port": "http",
@@ -227,7 +231,7 @@ def test_revision_changes_when_any_field_changes(shop):
 def test_service_document_shape(shop):
     doc = config.service_document(shop, "127.10.0.7")
     assert set(doc) == {"format", "name", "revision", "vip", "spec"}
-    assert doc["format"] == 1 and doc["name"] == "shop" and doc["vip"] == "127.10.0.7"
+    assert doc["format"] == 2 and doc["name"] == "shop" and doc["vip"] == "127.10.0.7"
     assert doc["revision"] == config.service_revision(shop)
     assert len(doc["revision"]) == 12 and int(doc["revision"], 16) >= 0
     assert doc["spec"] == shop.to_dict()
@@ -246,10 +250,12 @@ def _doc(shop, **changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    pytest.param({"format": 2}, "meshlet/services/shop format: unsupported document format 2 "
-                                "(this meshlet reads format 1)", id="future-format"),
+    pytest.param({"format": 3}, "meshlet/services/shop format: unsupported document format 3 "
+                                "(this meshlet reads formats 1 and 2)", id="future-format"),
     pytest.param({"format": ...}, "meshlet/services/shop format: unsupported document format "
-                                  "null (this meshlet reads format 1)", id="no-format"),
+                                  "null (this meshlet reads formats 1 and 2)", id="no-format"),
+    pytest.param({"format": True}, "meshlet/services/shop format: unsupported document format "
+                                   "true (this meshlet reads formats 1 and 2)", id="bool-format"),
     pytest.param({"name": "web"}, 'meshlet/services/shop name: "web" does not match spec.name '
                                   '"shop"', id="name-mismatch"),
     pytest.param({"vip": "10.0.0.300"}, 'meshlet/services/shop vip: expected an IPv4 address or '
@@ -263,6 +269,32 @@ def test_parse_service_document_rejects(shop, change, message):
     with pytest.raises(config.ConfigError) as err:
         config.parse_service_document(_doc(shop, **change), source="meshlet/services/shop")
     assert str(err.value) == message
+
+
+def test_a_format_1_document_reads_as_before_with_the_same_revision(shop):
+    """What an older meshlet stored (resources {cpu, memory}, placement.spread) still loads
+    after an upgrade, as the same spec with the same revision: nothing restarts."""
+    doc = config.service_document(shop, "127.10.0.7")
+    old = copy.deepcopy(doc)
+    old["format"] = 1
+    old["spec"]["resources"] = {"cpu": 0.5, "memory": 134217728}
+    old["spec"]["placement"] = {"spread": False, "constraints": ["node.labels.disk == ssd"]}
+    spec, vip, revision = config.parse_service_document(json.dumps(old))
+    assert spec == shop and revision == doc["revision"] == config.service_revision(spec)
+    # the revision of a service without resources or placement, computed before format 2
+    plain = config.loads("services: {web: {image: nginx:1.27, ports: [{name: http}]}}").services["web"]
+    assert config.service_revision(plain) == "495a218ce48c"
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param({"resources": {"requests": {"cpu": 0.5}, "limits": {"cpu": 1}}}, id="limit-above-request"),
+    pytest.param({"placement": {"strategy": "binpack", "spread_over": ["zone"]}}, id="spread-over"),
+])
+def test_specs_format_1_could_not_hold_have_revisions_of_their_own(shop, change):
+    d = shop.to_dict()
+    d.update(change)
+    other = ServiceSpec.from_dict(d)
+    assert other != shop and config.service_revision(other) != config.service_revision(shop)
 
 
 def test_parse_service_document_names_bad_spec_fields(shop):
@@ -341,6 +373,12 @@ def specs(draw) -> ServiceSpec:
     targets = iter(draw(st.lists(NAMES, unique=True, min_size=6, max_size=6)))
     use_image = draw(st.booleans())
     initial = draw(POSITIVE)
+    # normalised: per resource neither amount or both, the request at most the limit
+    cpu = maybe(st.tuples(POSITIVE, POSITIVE).map(sorted))
+    memory = maybe(st.tuples(st.integers(1, 2**40), st.integers(1, 2**40)).map(sorted))
+    resources = config.Resources(
+        requests=config.ResourceAmounts(cpu=cpu and cpu[0], memory=memory and memory[0]),
+        limits=config.ResourceAmounts(cpu=cpu and cpu[1], memory=memory and memory[1]))
     return ServiceSpec(
         name=draw(NAMES),
         image="img/" + draw(NAMES) if use_image else None,
@@ -348,7 +386,7 @@ def specs(draw) -> ServiceSpec:
         args=tuple(draw(st.lists(TEXT, max_size=3))),
         workdir=maybe(st.just("/w")),
         replicas=draw(st.integers(0, 50)),
-        resources=config.Resources(cpu=maybe(POSITIVE), memory=maybe(st.integers(1, 2**40))),
+        resources=resources,
         ports=ports,
         env=config.FrozenDict(draw(st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,6}", fullmatch=True)
                                                    .filter(lambda k: not k.startswith("PORT")), TEXT, max_size=3))),
@@ -379,7 +417,8 @@ def specs(draw) -> ServiceSpec:
                                    interval=draw(POSITIVE), max_ejection_time=draw(DURATIONS)),
             max_pending=draw(st.integers(0, 5000))),
         dns=config.DnsOverride(mode=maybe(st.sampled_from(["vip", "endpoints"])), ttl=maybe(DURATIONS)),
-        placement=config.Placement(spread=draw(st.booleans()),
+        placement=config.Placement(strategy=draw(st.sampled_from(["spread", "binpack"])),
+                                   spread_over=tuple(draw(st.lists(NAMES, unique=True, max_size=2))),
                                    constraints=tuple(draw(st.lists(NAMES.map(lambda n: f"node.labels.{n} == x"),
                                                                    unique=True, max_size=2)))),
         volumes=tuple(config.VolumeMount(name=draw(NAMES), target="/" + next(targets),

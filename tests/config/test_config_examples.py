@@ -53,7 +53,8 @@ def test_demo_docker_uses_the_demo_image_on_a_docker_node():
     cfg = config.load(EXAMPLES / "demo-docker.yaml")
     assert {s.image for s in cfg.services.values()} == {"meshlet-demo/httpd:latest"}
     assert cfg.mesh.nodes[0].runtime == "docker"
-    assert cfg.services["web"].resources == config.Resources(cpu=0.25, memory=32 * 2**20)
+    amounts = config.ResourceAmounts(cpu=0.25, memory=32 * 2**20)
+    assert cfg.services["web"].resources == config.Resources(requests=amounts, limits=amounts)
 
 
 def test_full_example_sets_fields_and_resolves_paths():

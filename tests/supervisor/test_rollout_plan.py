@@ -136,7 +136,8 @@ def test_a_corrupt_history_is_replaced_and_said() -> None:
 def test_place_beside(beside, cpu_b, expected) -> None:
     nodes = (NodeInfo("a", "process"), NodeInfo("b", "process", cpu=cpu_b))
     existing = [Allocation("b", "other", 0.75, 0)]
-    request = Request(dataclasses.replace(spec(), resources=config.Resources(cpu=0.5)), 0)
+    half = config.ResourceAmounts(cpu=0.5)
+    request = Request(dataclasses.replace(spec(), resources=config.Resources(requests=half, limits=half)), 0)
     result = place_beside(request, beside, nodes, existing)
     assert [node for _, node in result.placed] == [expected]
 

@@ -201,3 +201,40 @@ def test_at_most_one_running_replica_per_slot_and_no_extra_slots(replicas, web_n
     for name, (s, _) in desired.items():
         for slot in range(s.replicas):
             assert any(r.service == name and r.slot == slot for r in after)
+
+
+# --- where a restart goes ---------------------------------------------------------------------
+
+TWO = (NodeInfo("a", "process"), NodeInfo("b", "process"))
+
+
+def on(node, iid, slot, running=True, exit_code=None, **kw):
+    return Replica(iid, "web", slot, "r1", node, running, ready=running, started_at=1.0,
+                   finished_at=None if running else NOW - 1, exit_code=exit_code, **kw)
+
+
+WITH_VOLUME = config.ServiceSpec(name="web", command=("app",), replicas=2,
+                                 volumes=(config.VolumeMount(name="data", target="/data"),))
+
+
+@pytest.mark.parametrize("service, replicas, nodes, expected", [
+    pytest.param(spec(2), [on("a", "x", 0, False, 1), on("b", "y", 1)], TWO, "b",
+                 id="failed-node-avoided"),
+    pytest.param(spec(2), [on("a", "x", 0, False, None), on("b", "y", 1)], TWO, "b",
+                 id="unknown-exit-counts-as-failed"),
+    pytest.param(spec(2), [on("a", "x", 0, False, 0, killed=True), on("b", "y", 1)], TWO, "b",
+                 id="probe-kill-counts-as-failed"),
+    pytest.param(spec(2), [on("a", "x", 0, False, 0), on("b", "y", 1)], TWO, "a",
+                 id="clean-exit-placed-freely"),
+    pytest.param(spec(2), [on("a", "x", 0, False, 1), on("a", "y", 1)], (TWO[0],), "a",
+                 id="failed-node-when-it-is-the-only-one"),
+    pytest.param(WITH_VOLUME, [on("a", "x", 0, False, 1), on("b", "y", 1)], TWO, "a",
+                 id="volumes-restart-where-their-data-is"),
+    pytest.param(spec(2), [on("gone", "x", 0, False, 1), on("b", "y", 1)], TWO, "a",
+                 id="node-gone-placed-anew"),
+])
+def test_a_restart_is_placed_away_from_the_node_it_failed_on(service, replicas, nodes, expected):
+    actions = reconcile({"web": (service, "r1")}, Observed(tuple(replicas), {}, nodes), NOW)
+    start, = [a for a in actions if isinstance(a, Start)]
+    assert (start.slot, start.node) == (0, expected)
+    assert start.backoff.restarts == 1 and "restart #1" in start.reason
