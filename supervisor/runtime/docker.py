@@ -37,6 +37,8 @@ import requests.exceptions
 from docker.types import LogConfig
 from docker.utils import parse_repository_tag
 
+import config
+
 from ._bridge import EventQueue, iterate_in_thread
 from ._files import FilesError, files_root, remove_files, write_files
 from ._docker_model import (LOG_OPTIONS, OWNER_LABEL, OWNER_VALUE, create_kwargs,
@@ -50,7 +52,7 @@ __all__ = ["DockerRuntime"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+DEFAULT_ENGINE = config.DEFAULT_DOCKER_ENGINE
 # Reconnect delays of the event watcher: 0.1 s doubling to 5 s.
 _WATCH_BACKOFF = (0.1, 5.0)
 # After SIGKILL, how long to wait for the engine to report the exit.
