@@ -296,6 +296,15 @@ def _service(v: Values, n: N, cx: Ctx, path: str) -> Values:
                 cx.error(line_of(n, "env", key), join(path, f"env.{key}"),
                          "PORT and PORT_<NAME> are set by meshlet from ports")
     _check_mounts(v, n, cx, path)
+    if v["image"] is not None and is_ok(v["secrets"]):
+        for i, mount in enumerate(v["secrets"]):
+            if mount.env is not None:
+                # the engine keeps a container's variables in its config, which docker
+                # inspect prints to anyone who can reach the engine: only files are safe
+                cx.error(line_of(n, "secrets", i, "env"), join(path, f"secrets[{i}].env"),
+                         "a container's variables are shown by docker inspect, so a secret is "
+                         f"delivered to an image service as a file only: drop env and read "
+                         f"{mount.target or '/run/secrets/' + mount.name}")
     return v
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from .base import InstanceSpec, Observed, State, workload_env
+from .base import InstanceSpec, InvalidSpec, Observed, State, workload_env
 
 __all__ = ["OWNER_LABEL", "identity_labels", "create_kwargs", "observed_from_attrs",
            "parse_docker_time", "docker_state", "LOG_OPTIONS"]
@@ -65,9 +65,13 @@ def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None,
       host networking), which also works on a remote engine but stays writable.
     - ``file_paths``: target in the container -> the host file (on a tmpfs) holding a
       secret or config, bind-mounted read-only there. The values themselves never go into
-      the container's config (what ``docker inspect`` shows); secrets delivered as
-      variables (``spec.secret_env``) do, in ``Env``, as the user asked.
+      the container's config (what ``docker inspect`` shows). A secret as a variable
+      would be there in ``Env``: refused (InvalidSpec; config refuses ``env:`` on an image
+      service's secret first).
     """
+    if spec.secret_env:
+        raise InvalidSpec(spec.instance_id, ["secret_env: a container's variables are shown by docker "
+                                             "inspect; secrets are delivered to containers as files only"])
     host: dict[str, Any] = {"network_mode": "host"}
     if spec.cpu is not None:
         host["nano_cpus"] = int(round(spec.cpu * 1e9))

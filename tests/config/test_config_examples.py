@@ -69,7 +69,8 @@ def test_full_example_sets_fields_and_resolves_paths():
     assert shop.workdir == "/app"  # an image's workdir is inside the container: kept
     assert shop.env == {"GREETING": "hello", "RATIO": "1.10", "WORKERS": "4"}
     assert shop.args == ("--verbose", "--threads", "4")
-    assert shop.secrets[1] == config.SecretMount(name="db-password", target=None, env="DB_PASSWORD")
+    assert shop.secrets[1] == config.SecretMount(name="db-password", target="/run/secrets/db")
+    assert batch.secrets[0] == config.SecretMount(name="db-password", target=None, env="DB_PASSWORD")
     assert shop.update.canary[-1] == config.CanaryStep(weight=100, pause=0.0)
     assert shop.ports[1].vip_port == 9102
     assert cfg.services["exporter"].ports[0].vip_port == 9100  # a fixed port is its own VIP port

@@ -118,11 +118,26 @@ def test_secret_mount_target_defaults():
     web = one("""
 services:
   web:
-    image: x
+    command: [x]
     secrets: [{name: a}, {name: b, env: B}, {name: c, env: C, target: /c}]
 secrets: {a: {env: A}, b: {env: B}, c: {env: C}}
 """)
     assert [(s.target, s.env) for s in web.secrets] == [("/run/secrets/a", None), (None, "B"), ("/c", "C")]
+
+
+def test_an_image_service_gets_secrets_as_files_only():
+    """docker inspect shows a container's variables to anyone who can reach the engine."""
+    with pytest.raises(config.ConfigError) as info:
+        config.loads("""\
+services:
+  web:
+    image: x
+    secrets: [{name: a}, {name: b, env: B}]
+secrets: {a: {env: A}, b: {env: B}}
+""", filename="meshlet.yaml")
+    assert [str(i) for i in info.value.issues] == [
+        "meshlet.yaml:4 services.web.secrets[1].env: a container's variables are shown by docker inspect, so a "
+        "secret is delivered to an image service as a file only: drop env and read /run/secrets/b"]
 
 
 def test_anchors_and_merge_keys():

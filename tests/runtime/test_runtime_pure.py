@@ -146,6 +146,14 @@ def test_create_kwargs_command_semantics(command, args, expect) -> None:
     assert {k: kw[k] for k in ("entrypoint", "command") if k in kw} == expect
 
 
+def test_a_secret_variable_never_reaches_a_containers_config() -> None:
+    """docker inspect prints a container's Env: a secret as a variable is refused, and the
+    message carries no value."""
+    with pytest.raises(InvalidSpec) as info:
+        create_kwargs(spec(image="img:1", secret_env={"DB_PASSWORD": "pa55-w0rd"}))
+    assert "files only" in str(info.value) and "pa55-w0rd" not in str(info.value)
+
+
 def test_create_kwargs_limits_network_identity() -> None:
     s = spec(image="img:1", cpu=0.5, memory=64 * 2**20, dns="127.0.0.53", workdir="/srv",
              ports={"http": 8080}, labels={"team": "a"}, stop_signal="SIGINT")
