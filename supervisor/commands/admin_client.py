@@ -24,7 +24,7 @@ import config
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age"]
 
-COMMANDS = ("status", "logs", "down")
+COMMANDS = ("status", "logs", "explain", "down")
 DEFAULT_ADMIN = config.MESH_DEFAULTS.admin_listen
 
 
@@ -43,6 +43,13 @@ def add_subcommands(sub: Any) -> None:
                       help="the last lines of the replicas that exited (the newest exit of each slot)")
     logs.add_argument("--file", help="meshlet.yaml naming mesh.admin_listen")
     logs.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+
+    explain = sub.add_parser("explain", help="per replica of a service, every node with why it is filtered "
+                                              "out or its placement score")
+    explain.add_argument("service")
+    explain.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+    explain.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+    explain.add_argument("--json", action="store_true", help="print the raw JSON")
 
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
@@ -141,6 +148,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 print(json.dumps(data, indent=2), file=out)
             else:
                 for line in format_status(data):
+                    print(line, file=out)
+            return 0
+        if args.command == "explain":
+            with _request("GET", f"{base}/v1/explain/{urllib.parse.quote(args.service)}") as r:
+                data = json.load(r)
+            if args.json:
+                print(json.dumps(data, indent=2), file=out)
+            else:
+                from ..core.explain import format_explanation
+                for line in format_explanation(data):
                     print(line, file=out)
             return 0
         if args.command == "down":

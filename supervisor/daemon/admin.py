@@ -47,6 +47,9 @@ class AdminBackend(Protocol):
     def log_sources(self, service: str, instance: str | None = None) -> list[tuple[str, Runtime]]:
         """(instance id, runtime) of the service's instances (or only ``instance``)."""
 
+    def explain(self, service: str) -> dict[str, Any] | None:
+        """Per slot, every node with its filter reason or score (None: not desired)."""
+
     def previous_logs(self, service: str, instance: str | None = None) -> list[Any]:
         """The kept exits (``LastExit``) of the service's slots, the newest of each slot
         (or those of ``instance``)."""
@@ -66,6 +69,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/v1/status", self.get_status)
         app.router.add_get("/v1/logs/{service}", self.get_logs)
+        app.router.add_get("/v1/explain/{service}", self.get_explain)
         app.router.add_post("/v1/down", self.post_down)
         self.app = app
 
@@ -111,6 +115,13 @@ class AdminServer:
             parts.append(f"==> {e.instance_id} (slot {e.slot}, revision {e.revision[:12]}, {code} at {when}) <==\n"
                          + "".join(line + "\n" for line in e.lines))
         return web.Response(text="\n".join(parts), content_type="text/plain", charset="utf-8")
+
+    async def get_explain(self, request: web.Request) -> web.Response:
+        service = request.match_info["service"]
+        doc = self.backend.explain(service)
+        if doc is None:
+            return _error(404, f"no service {service!r} is desired (apply it first)")
+        return web.json_response(doc)
 
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True

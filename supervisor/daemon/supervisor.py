@@ -49,6 +49,7 @@ import aiohttp
 import config
 from discovery.consul import connect, watch_kv_prefix
 
+from ..core.explain import explain_service
 from ..core.backoff import BackoffState, delay_for
 from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
                           Wait, summary)
@@ -582,6 +583,11 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """The admin API's ``/v1/status`` and ``meshlet up``'s progress lines (status.py)."""
         return status_document(self, self.clock())
+
+    def explain(self, service: str) -> dict[str, Any] | None:
+        """``meshlet explain``: per slot, every node with its filter reason or score
+        (core.explain); None when the service is not desired."""
+        return explain_service(service, self.desired, self.observed())
 
     def previous_logs(self, service: str, instance: str | None = None) -> list[Any]:
         kept = [e for (svc, _), exits in sorted(self.replicas.exits.items()) if svc == service for e in exits]

@@ -83,3 +83,43 @@ async def test_a_rollout_that_crashes_fails_with_the_last_line_it_wrote(mesh):
                          and sup.rollouts.states["web"].reverted_from, timeout=30, what="the revert")
     reason = sup.rollouts.states["web"].reason
     assert "(last exit: code 2: " in reason and "can't open file" in reason and MISSING in reason, reason
+
+
+async def test_a_replica_no_node_can_hold_is_pending_and_explain_says_why(mesh):
+    """Two nodes of 1 and 2 CPUs; slot 0 asks for 1.5: only `big` holds it. `meshlet
+    explain` shows the other filtered out with the reason; a service asking for more than
+    any node has stays pending, and status and explain say why."""
+    import config
+    from supervisor.daemon.supervisor import Supervisor
+    text = yaml_of([sys.executable, str(APPS / "flaky.py")])
+    await mesh.apply(text.replace("replicas: 1", "replicas: 1\n    resources: {requests: {cpu: 1.5}}")
+                     + text.replace("web:", "huge:").replace("services:\n", "")
+                     .replace("replicas: 1", "replicas: 1\n    resources: {requests: {cpu: 8}}"))
+    nodes = [config.NodeSpec(name="small", runtime="process", capacity=config.NodeCapacity(cpu=1.0)),
+             config.NodeSpec(name="big", runtime="process", capacity=config.NodeCapacity(cpu=2.0))]
+    mesh.sup = sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=1.0)
+    await sup.start()
+    await async_wait_for(lambda: any(r["ready"] for s in sup.status()["services"] if s["name"] == "web"
+                                     for r in s["instances"]), timeout=30, what="web ready")
+    await async_wait_for(lambda: next((s["problem"] for s in sup.status()["services"] if s["name"] == "huge"), None),
+                         timeout=30, what="huge's pending reason")
+    huge = next(s for s in sup.status()["services"] if s["name"] == "huge")
+    assert huge["ready"] == 0 and "cpu" in huge["problem"], huge["problem"]
+
+    admin = AdminServer(sup, on_down=lambda: None)
+    address = await admin.start("127.0.0.1:0")
+    try:
+        done = await asyncio.to_thread(meshlet, "explain", "web", "--admin", address)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == "web: 1 replica"
+        assert lines[1].startswith("slot 0: big; placement now: big")
+        assert any(line.startswith("  * big: fit") for line in lines), lines
+        assert any(line.startswith("    small: filtered out:") and "cpu" in line for line in lines), lines
+        pending = await asyncio.to_thread(meshlet, "explain", "huge", "--admin", address)
+        assert pending.returncode == 0 and "slot 0: not running; pending: no node can hold it" in pending.stdout
+        assert pending.stdout.count("filtered out:") == 2, pending.stdout
+        missing = await asyncio.to_thread(meshlet, "explain", "nope", "--admin", address)
+        assert missing.returncode == 1 and "no service 'nope' is desired" in missing.stderr
+    finally:
+        await admin.close()
