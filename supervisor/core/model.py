@@ -31,7 +31,7 @@ from enum import StrEnum
 from typing import Union
 
 from .backoff import BackoffState
-from .placement import NodeInfo
+from .placement import Allocation, NodeInfo
 
 __all__ = ["Replica", "Observed", "StopReason", "Start", "Stop", "Kill", "Register", "Deregister",
            "SetWeight", "Wait", "Unplaceable", "Action", "summary"]
@@ -79,6 +79,8 @@ class Observed:
     holds: Mapping[tuple[str, int], float] = field(default_factory=dict)
     # (service, slot, revision) -> the last line the newest exit of that revision there wrote
     last_output: Mapping[tuple[str, int, str], str] = field(default_factory=dict)
+    # the room of starts decided and under way (not yet replicas): placement counts it
+    starting: tuple[Allocation, ...] = ()
 
     def of(self, service: str) -> list[Replica]:
         """The service's replicas that are not being retired."""

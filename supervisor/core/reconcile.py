@@ -80,10 +80,11 @@ def _rank(r: Replica) -> tuple[bool, bool, float]:
 
 
 def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
-                replicas: Sequence[Replica]) -> list[Allocation]:
+                replicas: Sequence[Replica], starting: Sequence[Allocation] = ()) -> list[Allocation]:
     """What running replicas reserve: their requests (a retired one holds its room until
-    it is gone)."""
-    out = []
+    it is gone), and ``starting``: the room of starts decided but not yet running
+    (``Observed.starting``), so that two services placed at once never share it."""
+    out = list(starting)
     for r in replicas:
         if r.running and r.service in desired:
             req = desired[r.service][0].resources.requests
@@ -165,7 +166,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
         if to_place:
             running_others = [r for r in observed.replicas
                               if r.terminating or r.instance_id not in handled or r.service != name]
-            result = place(to_place, observed.nodes, allocations(desired, running_others))
+            result = place(to_place, observed.nodes, allocations(desired, running_others, observed.starting))
             for req, node in result.placed:
                 state, why = restarts.get(req.slot) or (
                     observed.backoff.get((name, req.slot), BackoffState()),
@@ -250,7 +251,7 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
     if to_place:
         others = [r for r in observed.replicas
                   if r.terminating or r.instance_id not in handled or r.service != name]
-        result = place(to_place, observed.nodes, allocations(desired, others))
+        result = place(to_place, observed.nodes, allocations(desired, others, observed.starting))
         for req, node in result.placed:
             state, why = restarts.get(req.slot) or (observed.backoff.get((name, req.slot), BackoffState()), EXITED)
             actions.append(Start(name, req.slot, revision, node, state, why))

@@ -315,7 +315,7 @@ def _start(service: str, a: StartReplica, spec: config.ServiceSpec, mine: Sequen
     if hold is not None and now < hold:
         return Wait(service, a.slot, hold, HELD)
     beside = [r.node for r in mine if r.slot == a.slot]
-    result = place_beside(Request(spec, a.slot), beside, observed.nodes, allocations(effective, placed))
+    result = place_beside(Request(spec, a.slot), beside, observed.nodes, allocations(effective, placed, observed.starting))
     if not result.placed:
         return Unplaceable(service, a.slot, result.failed[0][1] if result.failed else "no node")
     node = result.placed[0][1]

@@ -53,7 +53,7 @@ from ..core.explain import explain_service
 from ..core.backoff import BackoffState, delay_for
 from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
                           Wait, summary)
-from ..core.placement import node_info
+from ..core.placement import Allocation, node_info
 from ..core.reconcile import reconcile_service
 from ..core.revisions import template_revision
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
@@ -125,6 +125,10 @@ class Supervisor:
         self.doc_revision: dict[str, str] = {}       # service -> revision of the KV document
         self.doc_raw: dict[str, bytes] = {}          # the documents as last read
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
+        self.unplaced: set[str] = set()              # services with a replica no node can hold now
+        # (service, slot, node) -> the room of a start decided and under way: concurrent
+        # syncs of other services place around it (else two could take one node's last room)
+        self._starting: dict[tuple[str, int, str], Allocation] = {}
         self.vip_problems: dict[str, str] = {}       # service -> its VIP that a proxy could not listen on
         # back-off, start holds (a start the runtime refused is tried again after a back-off,
         # like a crash, not on every sync) and the runtime's last refusal, per slot
@@ -176,7 +180,11 @@ class Supervisor:
         return revision
 
     def changed(self, service: str) -> None:
+        """A replica of ``service`` is gone: its room is free, so the services with a
+        replica no node could hold are placed again now, not at the next resync."""
         self.enqueue(service)
+        for waiting in list(self.unplaced):
+            self.enqueue(waiting)
 
     def note(self, text: str) -> None:
         kind, _, rest = text.partition(" ")
@@ -465,7 +473,8 @@ class Supervisor:
             registered={k: v for k, v in self.registered.items() if k not in self.replicas.terminating},
             nodes=tuple(node_info(n) for n in self.nodes.values()),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
-            holds=dict(self.slots.holds), last_output=self.replicas.last_output())
+            holds=dict(self.slots.holds), last_output=self.replicas.last_output(),
+            starting=tuple(self._starting.values()))
 
     async def _sync(self, service: str) -> None:
         now = self.clock()
@@ -475,6 +484,10 @@ class Supervisor:
                 self.note(f"rollout {service}: to {begun.state.revision if begun.state else '?'}")
             await self._store_rollout(service)
         actions = reconcile_service(service, self.rollouts.effective(self.desired), self.observed(), now)
+        if any(isinstance(a, Unplaceable) for a in actions):
+            self.unplaced.add(service)
+        else:
+            self.unplaced.discard(service)
         await self.execute(service, actions, now)
         await self.replicas.refresh_meta(service)
         if service not in self.desired and not self.replicas.of(service):
@@ -511,6 +524,23 @@ class Supervisor:
         """Carry out ``actions`` (the pure core's, for ``service``); True when something
         was started or a retirement began. ``rollout``: they come from a rollout step
         (a refused start then counts against the new revision)."""
+        # reserve the room of every start now, before the first await lets another
+        # service's sync decide on the same view
+        reserved = []
+        for a in actions:
+            spec = self.spec_for(a.service, a.revision) if isinstance(a, Start) else None
+            if isinstance(a, Start) and spec is not None:
+                key = (a.service, a.slot, a.node)
+                req = spec.resources.requests
+                self._starting[key] = Allocation(a.node, a.service, req.cpu or 0.0, req.memory or 0)
+                reserved.append(key)
+        try:
+            return await self._execute(service, actions, now, rollout=rollout)
+        finally:
+            for key in reserved:
+                self._starting.pop(key, None)
+
+    async def _execute(self, service: str, actions: Sequence[Action], now: float, *, rollout: bool) -> bool:
         acting = [a for a in actions if not isinstance(a, Wait)]
         if acting:
             log.info("sync %s: %s", service, summary(acting))
@@ -550,6 +580,7 @@ class Supervisor:
         try:
             t = await self.replicas.start(spec, a.slot, a.revision, a.node, a.reason, weight=a.weight)
         except WorkloadError as exc:
+            self._release(a, freed=True)
             problem = f"slot {a.slot}: {exc}"
             # Said once per new reason, not on every retry.
             (log.debug if self.problems.get(a.service) == problem else log.error)(
@@ -564,12 +595,21 @@ class Supervisor:
             self._follow_up(a.service, a.slot, delay)
             await self.slots.save(a.service, a.slot, st)
             return False
+        self._release(a, freed=False)        # a replica now: counted as one
         self.slots.holds.pop((a.service, a.slot), None)
         self.problems.pop(a.service, None)
         self.slots.start_errors.pop((a.service, a.slot), None)
         if not t.obs.is_running:   # exited before we looked
             self.rollouts.note_exit(self.replicas.fact(t))
         return True
+
+    def _release(self, a: Start, *, freed: bool) -> None:
+        """The room reserved for start ``a`` is a replica's now, or (``freed``: the start
+        failed) free again: then the services waiting for room look again."""
+        if self._starting.pop((a.service, a.slot, a.node), None) is not None and freed:
+            for waiting in list(self.unplaced):
+                if waiting != a.service:
+                    self.enqueue(waiting)
 
     def _follow_up(self, service: str, slot: int, delay: float) -> None:
         key = (service, slot)

@@ -48,3 +48,23 @@ def test_not_desired_is_none_and_the_text_marks_the_choice() -> None:
     assert lines[0] == "web: 2 replicas"
     assert lines[1] == "slot 0: not running; placement now: a"
     assert lines[2].startswith("  * a: fit") and lines[3] == "    b: filtered out: cpu: 1 of 1 free, needs 1.5"
+
+
+def test_room_of_a_start_under_way_is_not_given_twice() -> None:
+    """Two services synced at once: the first one's start, decided but not yet a replica,
+    holds its room, so the second one is pending rather than over-committing the node."""
+    from supervisor.core.model import Start, Unplaceable
+    from supervisor.core.placement import Allocation
+    from supervisor.core.reconcile import reconcile_service
+    one = config.loads("""
+mesh: {nodes: [{name: only, capacity: {cpu: 2}}]}
+services:
+  a: {command: [x], resources: {requests: {cpu: 1.5}}}
+  b: {command: [y], resources: {requests: {cpu: 1.5}}}
+""", base_dir="/")
+    desired = {n: (s, "r1") for n, s in one.services.items()}
+    nodes = tuple(node_info(n) for n in one.mesh.nodes)
+    free = reconcile_service("b", desired, Observed(nodes=nodes), now=0.0)
+    assert [type(a) for a in free] == [Start]
+    held = reconcile_service("b", desired, Observed(nodes=nodes, starting=(Allocation("only", "a", 1.5),)), now=0.0)
+    assert [type(a) for a in held] == [Unplaceable] and "cpu" in held[0].reason

@@ -123,3 +123,33 @@ async def test_a_replica_no_node_can_hold_is_pending_and_explain_says_why(mesh):
         assert missing.returncode == 1 and "no service 'nope' is desired" in missing.stderr
     finally:
         await admin.close()
+
+
+async def test_a_pending_replica_is_placed_as_soon_as_room_appears(mesh):
+    """One node of 2 CPUs, two services asking 1.5 each: the second waits, with the reason,
+    and starts when the first is scaled to 0, without waiting for a periodic resync."""
+    import config
+    from supervisor.daemon.supervisor import Supervisor
+    text = yaml_of([sys.executable, str(APPS / "flaky.py")]).replace(
+        "replicas: 1", "replicas: 1\n    resources: {requests: {cpu: 1.5}}")
+    second = text.replace("web:", "later:").replace("services:\n", "")
+    await mesh.apply(text + second)
+    nodes = [config.NodeSpec(name="only", runtime="process", capacity=config.NodeCapacity(cpu=2.0))]
+    mesh.sup = sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=600.0)   # no periodic help
+
+    def service(name: str) -> dict:
+        return next(s for s in sup.status()["services"] if s["name"] == name)
+    await sup.start()
+    await async_wait_for(lambda: service("web")["ready"] == 1 or service("later")["ready"] == 1, timeout=30)
+    first, waiting = ("web", "later") if service("web")["ready"] == 1 else ("later", "web")
+    await async_wait_for(lambda: service(waiting)["problem"], timeout=10, what="the pending reason")
+    assert "cpu" in service(waiting)["problem"]
+    await mesh.apply(_with_replicas(text + second, first, 0))
+    await async_wait_for(lambda: service(waiting)["ready"] == 1, timeout=30, what=f"{waiting} placed once room appeared")
+    assert service(waiting)["problem"] is None
+
+
+def _with_replicas(text: str, name: str, n: int) -> str:
+    """``text`` with service ``name``'s replicas set to ``n``."""
+    head, _, rest = text.partition(f"  {name}:\n")
+    return head + f"  {name}:\n" + rest.replace("replicas: 1", f"replicas: {n}", 1)
