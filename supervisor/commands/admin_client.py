@@ -18,13 +18,14 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import config
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age"]
 
-COMMANDS = ("status", "logs", "explain", "down")
+COMMANDS = ("status", "logs", "explain", "node", "down")
 DEFAULT_ADMIN = config.MESH_DEFAULTS.admin_listen
 
 
@@ -51,6 +52,13 @@ def add_subcommands(sub: Any) -> None:
     explain.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
     explain.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    node = sub.add_parser("node", help="the nodes")
+    node_sub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    node_ls = node_sub.add_parser("ls", help="each node with its capacity, reserve and what replicas requested there")
+    node_ls.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+    node_ls.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+    node_ls.add_argument("--json", action="store_true", help="print the nodes' JSON")
+
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     down.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
@@ -72,6 +80,24 @@ def _admin_address(args: argparse.Namespace, err: TextIO) -> str | None:
             print(f"meshlet: cannot read {args.file}: {exc.strerror or exc}", file=err)
             return None
     return DEFAULT_ADMIN
+
+
+def _share(used: float, room: float | None, memory: bool) -> str:
+    def show(x: float) -> str:
+        return f"{x / 2**20:g}Mi" if memory else f"{x:g}"
+    return f"{show(used)} of {show(room)}" if room is not None else f"{show(used)} (unbounded)"
+
+
+def format_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``meshlet node ls``: NODE RUNTIME ADDRESS REPLICAS CPU MEMORY (requested of what
+    the node offers, capacity less its reserve)."""
+    rows = [("NODE", "RUNTIME", "ADDRESS", "REPLICAS", "CPU REQUESTED", "MEMORY REQUESTED")]
+    for n in nodes:
+        a, room = n["allocated"], n["room"]
+        rows.append((n["name"], n["runtime"], n["address"], str(a["replicas"]),
+                     _share(a["cpu"], room["cpu"], False), _share(a["memory"], room["memory"], True)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def format_age(seconds: float | None) -> str:
@@ -148,6 +174,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 print(json.dumps(data, indent=2), file=out)
             else:
                 for line in format_status(data):
+                    print(line, file=out)
+            return 0
+        if args.command == "node":
+            with _request("GET", base + "/v1/status") as r:
+                nodes = json.load(r)["nodes"]
+            if args.json:
+                print(json.dumps(nodes, indent=2), file=out)
+            else:
+                for line in format_nodes(nodes):
                     print(line, file=out)
             return 0
         if args.command == "explain":

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..core.backoff import BackoffState
+from ..core.reconcile import allocations
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -66,6 +67,21 @@ def status_document(sup: Supervisor, now: float) -> dict[str, Any]:
             "problem": sup.problems.get(name) or (sup.rollouts.attention(name, sup.desired) if entry else None)
             or sup.vip_problems.get(name),
             "rollout": rollout, "last_exits": [e.to_json() for e in exits], "failing": failing})
-    return {"now": now, "services": services, "nodes": [
-        {"name": n.name, "runtime": n.runtime, "address": n.address} for n in sup.nodes.values()],
-        "events": sup.events[-20:]}
+    return {"now": now, "services": services, "nodes": _nodes(sup, observed), "events": sup.events[-20:]}
+
+
+def _nodes(sup: Supervisor, observed: Any) -> list[dict[str, Any]]:
+    """Per node: what it offers (capacity less ``reserved``; null: unbounded) and what the
+    running replicas have requested there (placement's view: ``meshlet node ls``)."""
+    held = allocations(sup.rollouts.effective(sup.desired), observed.replicas, observed.starting)
+    out = []
+    for info in observed.nodes:
+        here = [a for a in held if a.node == info.name]
+        out.append({"name": info.name, "runtime": info.runtime, "address": info.address,
+                    "labels": dict(info.labels),
+                    "capacity": {"cpu": info.cpu, "memory": info.memory},
+                    "reserved": {"cpu": info.reserved_cpu, "memory": info.reserved_memory},
+                    "room": {"cpu": info.room_cpu, "memory": info.room_memory},
+                    "allocated": {"cpu": round(sum(a.cpu for a in here), 6), "memory": sum(a.memory for a in here),
+                                  "replicas": len(here)}})
+    return out

@@ -121,6 +121,12 @@ async def test_a_replica_no_node_can_hold_is_pending_and_explain_says_why(mesh):
         assert pending.stdout.count("filtered out:") == 2, pending.stdout
         missing = await asyncio.to_thread(meshlet, "explain", "nope", "--admin", address)
         assert missing.returncode == 1 and "no service 'nope' is desired" in missing.stderr
+        nodes = await asyncio.to_thread(meshlet, "node", "ls", "--admin", address)
+        assert nodes.returncode == 0, nodes.stderr
+        assert [line.split() for line in nodes.stdout.splitlines()] == [
+            ["NODE", "RUNTIME", "ADDRESS", "REPLICAS", "CPU", "REQUESTED", "MEMORY", "REQUESTED"],
+            ["small", "process", "127.0.0.1", "0", "0", "of", "1", "0Mi", "(unbounded)"],
+            ["big", "process", "127.0.0.1", "1", "1.5", "of", "2", "0Mi", "(unbounded)"]]
     finally:
         await admin.close()
 
