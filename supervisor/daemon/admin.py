@@ -1,6 +1,7 @@
 """The supervisor's admin API: JSON over HTTP on a loopback address (``mesh.admin_listen``).
 
-    GET  /v1/status                      services, ready/desired, instances (build_status); per
+    GET  /v1/status                      services, ready/desired, instances (status.py); nodes
+                                         with capacity, reserve, room and allocated; per
                                          service "rollout": null or {phase, revision (target),
                                          number (in the history), progress ("2/3 updated, 1 old"),
                                          reason, reverted_from, summary (one line), terminating}
@@ -10,6 +11,8 @@
     GET  /v1/logs/<service>?previous=1[&instance=ID]
                                          the last lines of the replicas that exited (the
                                          newest exit of each slot, or of that instance)
+    GET  /v1/explain/<service>           per slot, every node filtered out (why) or scored,
+                                         and what placement would pick now (core.explain)
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
