@@ -167,20 +167,30 @@ def test_up_refuses_to_start_half_way_and_says_why_in_one_line_each(tmp_path) ->
 
 
 def test_a_component_that_dies_before_ready_says_why(tmp_path) -> None:
-    import asyncio
-    from supervisor.daemon.components import Component, ComponentFailed
+    """Run in a process of its own, as `meshlet up` runs it: in the test process, an
+    earlier test's un-waited Popen may reap a recycled pid and make asyncio report 255."""
+    script = textwrap.dedent(f"""\
+        import asyncio, sys
+        from supervisor.daemon.components import Component, ComponentFailed
 
-    async def go() -> str:
-        comp = Component("dns", [sys.executable, "-c",
-                                 "import sys; print('listen 127.0.0.1:53: Address already in use', file=sys.stderr);"
-                                 " sys.exit(1)"], tmp_path, out=sys.stderr)
-        with pytest.raises(ComponentFailed) as info:
-            await comp.start(timeout=30)
-        return str(info.value)
+        async def go():
+            comp = Component("dns", [sys.executable, "-c",
+                                     "import sys; print('listen 127.0.0.1:53: Address already in use',"
+                                     " file=sys.stderr); sys.exit(1)"], __import__("pathlib").Path({str(tmp_path)!r}),
+                             out=sys.stderr)
+            try:
+                await comp.start(timeout=30)
+            except ComponentFailed as exc:
+                print(exc)
+                return
+            print("started?")
 
-    message = asyncio.run(go())
-    assert "dns exited with status 1 before it was ready" in message
-    assert "Address already in use" in message              # the reason, not only the log's path
+        asyncio.run(go())
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "dns exited with status 1 before it was ready" in done.stdout, done.stdout
+    assert "Address already in use" in done.stdout              # the reason, not only the log's path
 
 
 def test_an_interrupted_log_follower_leaves_no_traceback(catalog, tmp_path) -> None:
