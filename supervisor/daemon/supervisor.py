@@ -580,7 +580,7 @@ class Supervisor:
         try:
             t = await self.replicas.start(spec, a.slot, a.revision, a.node, a.reason, weight=a.weight)
         except WorkloadError as exc:
-            self._release(a, freed=True)
+            self._release(a)
             problem = f"slot {a.slot}: {exc}"
             # Said once per new reason, not on every retry.
             (log.debug if self.problems.get(a.service) == problem else log.error)(
@@ -595,7 +595,7 @@ class Supervisor:
             self._follow_up(a.service, a.slot, delay)
             await self.slots.save(a.service, a.slot, st)
             return False
-        self._release(a, freed=False)        # a replica now: counted as one
+        self._release(a)                     # a replica now: counted as one
         self.slots.holds.pop((a.service, a.slot), None)
         self.problems.pop(a.service, None)
         self.slots.start_errors.pop((a.service, a.slot), None)
@@ -603,10 +603,12 @@ class Supervisor:
             self.rollouts.note_exit(self.replicas.fact(t))
         return True
 
-    def _release(self, a: Start, *, freed: bool) -> None:
-        """The room reserved for start ``a`` is a replica's now, or (``freed``: the start
-        failed) free again: then the services waiting for room look again."""
-        if self._starting.pop((a.service, a.slot, a.node), None) is not None and freed:
+    def _release(self, a: Start) -> None:
+        """The room reserved for start ``a`` is a replica's now, or free again (the start
+        failed). Either way the services waiting for room look again: while
+        the new replica registered, it and its reservation both counted, which may have
+        left another service pending for room that is there."""
+        if self._starting.pop((a.service, a.slot, a.node), None) is not None:
             for waiting in list(self.unplaced):
                 if waiting != a.service:
                     self.enqueue(waiting)
