@@ -167,33 +167,18 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 2
     base = f"http://{admin}"
     try:
-        if args.command == "status":
-            with _request("GET", base + "/v1/status") as r:
-                data = json.load(r)
-            if args.json:
-                print(json.dumps(data, indent=2), file=out)
-            else:
-                for line in format_status(data):
-                    print(line, file=out)
-            return 0
-        if args.command == "node":
-            with _request("GET", base + "/v1/status") as r:
-                nodes = json.load(r)["nodes"]
-            if args.json:
-                print(json.dumps(nodes, indent=2), file=out)
-            else:
-                for line in format_nodes(nodes):
-                    print(line, file=out)
-            return 0
-        if args.command == "explain":
-            with _request("GET", f"{base}/v1/explain/{urllib.parse.quote(args.service)}") as r:
-                data = json.load(r)
-            if args.json:
-                print(json.dumps(data, indent=2), file=out)
-            else:
-                from ..core.explain import format_explanation
-                for line in format_explanation(data):
-                    print(line, file=out)
+        if args.command in ("status", "node", "explain"):
+            from ..core.explain import format_explanation
+            path, pick, lines = {
+                "status": ("/v1/status", lambda d: d, format_status),
+                "node": ("/v1/status", lambda d: d["nodes"], format_nodes),
+                "explain": (f"/v1/explain/{urllib.parse.quote(getattr(args, 'service', ''))}", lambda d: d,
+                            format_explanation),
+            }[args.command]
+            with _request("GET", base + path) as r:
+                data = pick(json.load(r))
+            for line in [json.dumps(data, indent=2)] if args.json else lines(data):
+                print(line, file=out)
             return 0
         if args.command == "down":
             with _request("POST", base + "/v1/down") as r:
