@@ -46,6 +46,8 @@ class StopReason(StrEnum):
     EXITED = "exited; replaced by a new replica"
     STALE = "old exited replica of the slot"
     PROBE_FAILED = "liveness/startup probe failed"
+    NODE_RETURNED = "its node was lost and came back: the slot was replaced meanwhile"
+    DRAINED = "its node is draining: moved to another node"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class Replica:
     ready_since: float | None = None   # when readiness last turned passing
     weight: int = 1                    # its catalog Meta weight
     terminating: bool = False          # being retired (deregistered, draining, stopping)
+    stale: bool = False                # it ran on a node while the node was lost: replaced
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +86,17 @@ class Observed:
     starting: tuple[Allocation, ...] = ()
 
     def of(self, service: str) -> list[Replica]:
-        """The service's replicas that are not being retired."""
-        return [r for r in self.replicas if r.service == service and not r.terminating]
+        """The service's replicas that are not being retired and not on a lost node."""
+        lost = self.lost_nodes()
+        return [r for r in self.replicas if r.service == service and not r.terminating
+                and r.node not in lost]
+
+    def lost_nodes(self) -> frozenset[str]:
+        """Nodes unreachable past the grace period: what ran there counts as gone."""
+        return frozenset(n.name for n in self.nodes if n.lost)
+
+    def draining_nodes(self) -> frozenset[str]:
+        return frozenset(n.name for n in self.nodes if n.draining and not n.lost)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,11 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     reserved_cpu: float = 0.0         # kept for the host: never offered to replicas
     reserved_memory: int = 0
+    # why the node takes no new replica now ("cordoned", "draining", "unreachable since
+    # 12:00:01"); None: it does. Its replicas are not touched for it (see ``lost``).
+    unavailable: str | None = None
+    lost: bool = False                # unreachable past the grace period: its replicas are gone
+    draining: bool = False            # its replicas move elsewhere, one surge at a time
 
     @property
     def room_cpu(self) -> float | None:
@@ -95,11 +100,15 @@ class NodeInfo:
         return None if self.memory is None else self.memory - self.reserved_memory
 
 
-def node_info(spec: config.NodeSpec) -> NodeInfo:
-    """What placement knows of a configured node (its declared capacity and reserve)."""
-    return NodeInfo(spec.name, spec.runtime or "process", spec.address, spec.capacity.cpu,
-                    spec.capacity.memory, dict(spec.labels), spec.reserved.cpu or 0.0,
-                    spec.reserved.memory or 0)
+def node_info(spec: config.NodeSpec, *, cpu: float | None = None, memory: int | None = None,
+              unavailable: str | None = None, lost: bool = False, draining: bool = False) -> NodeInfo:
+    """What placement knows of a configured node: its declared capacity, else ``cpu`` and
+    ``memory`` as its engine reports them (None: unbounded), its reserve, and its state."""
+    return NodeInfo(spec.name, spec.runtime or "process", spec.address,
+                    spec.capacity.cpu if spec.capacity.cpu is not None else cpu,
+                    spec.capacity.memory if spec.capacity.memory is not None else memory,
+                    dict(spec.labels), spec.reserved.cpu or 0.0, spec.reserved.memory or 0,
+                    unavailable, lost, draining)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +192,10 @@ def matches_constraint(node: NodeInfo, constraint: str) -> bool:
 
 
 def _why_static(spec: config.ServiceSpec, node: NodeInfo) -> str | None:
-    """Why ``node`` can never run ``spec``, whatever it holds: its runtime, a constraint."""
+    """Why ``node`` can never run ``spec``, whatever it holds: it takes no new replica
+    (cordoned, draining, down), its runtime, a constraint."""
+    if node.unavailable is not None:
+        return node.unavailable
     reason = can_run(spec, node)
     if reason is None:
         bad = next((c for c in spec.placement.constraints if not matches_constraint(node, c)), None)

@@ -53,9 +53,11 @@ from .model import (Action, Deregister, Kill, Observed, Register, Replica, Start
 from .placement import Allocation, Request, place
 
 __all__ = ["reconcile", "reconcile_service", "is_current", "allocations", "summary", "apply_holds",
-           "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "STALE", "PROBE_FAILED", "HELD"]
+           "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "STALE", "PROBE_FAILED", "HELD",
+           "NODE_RETURNED", "DRAINED", "MOVING"]
 
-ORPHAN, SCALE_DOWN, DUPLICATE, OUTDATED, EXITED, STALE, PROBE_FAILED = tuple(StopReason)
+ORPHAN, SCALE_DOWN, DUPLICATE, OUTDATED, EXITED, STALE, PROBE_FAILED, NODE_RETURNED, DRAINED = tuple(StopReason)
+MOVING = "its node is draining: starting its replacement elsewhere"
 HELD = "the runtime refused the last start; trying again after a back-off"
 
 
@@ -75,8 +77,9 @@ def is_current(replica: Replica, revision: str) -> bool:
     return replica.revision == revision
 
 
-def _rank(r: Replica) -> tuple[bool, bool, float]:
-    return (r.ready, r.alive, r.started_at or 0.0)
+def _rank(r: Replica) -> tuple[bool, bool, bool, float]:
+    # a replica that came back with its lost node never wins over its replacement
+    return (not r.stale, r.ready, r.alive, r.started_at or 0.0)
 
 
 def allocations(desired: Mapping[str, tuple[config.ServiceSpec, str]],
@@ -121,6 +124,9 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                 stop(r, SCALE_DOWN)
         to_place: list[Request] = []
         restarts: dict[int, tuple[BackoffState, str]] = {}
+        draining = observed.draining_nodes()
+        moves: list[tuple[int, Replica]] = []     # (slot, replica on a draining node)
+        in_flight = 0                             # moves whose replacement is starting
         for slot in range(spec.replicas):
             group = by_slot.get(slot, [])
             running = [r for r in group if r.running]
@@ -130,9 +136,19 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
             current = [r for r in running if is_current(r, revision)]
             if current:
                 keep = max(current, key=_rank)
+                moving = None
+                if keep.node in draining:
+                    keep, moving = _drain_pair(keep, current, draining)
+                    if moving is not None:
+                        # its replacement is not ready yet: both stay, the old one serves
+                        kept.add(moving.instance_id)
+                        handled.add(moving.instance_id)
+                        in_flight += 1
+                    elif keep.node in draining and keep.alive:
+                        moves.append((slot, keep))
                 for r in running:
-                    if r is not keep:
-                        stop(r, DUPLICATE if is_current(r, revision) else OUTDATED)
+                    if r is not keep and r is not moving:
+                        stop(r, _why_extra(r, keep, revision, draining))
                 for r in exited:
                     stop(r, STALE)
                 if keep.alive:
@@ -163,6 +179,13 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                 _restart_exited(spec, revision, last, state, node_names, now, stop, actions, to_place, restarts)
                 continue
             to_place.append(Request(spec, slot))
+        if moves and not to_place:
+            # a drain moves replicas like a rolling update: max_surge at a time (at least one),
+            # each replacement started before its predecessor stops
+            room = max(1, _surge(spec)) - in_flight
+            for slot, _old in moves[:max(0, room)]:
+                to_place.append(Request(spec, slot))
+                restarts[slot] = (observed.backoff.get((name, slot), BackoffState()), MOVING)
         if to_place:
             running_others = [r for r in observed.replicas
                               if r.terminating or r.instance_id not in handled or r.service != name]
@@ -173,6 +196,8 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                     "new replica" if not by_slot.get(req.slot) else EXITED)
                 actions.append(Start(name, req.slot, revision, node, state, why))
             for req, reason in result.failed:
+                if restarts.get(req.slot, (None, ""))[1] == MOVING:
+                    reason = f"cannot leave draining node: {reason}"
                 actions.append(Unplaceable(name, req.slot, reason))
     actions = apply_holds(actions, observed.holds, now)
     by_id = {r.instance_id: r for r in mine}
@@ -180,12 +205,46 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
         if iid not in observed.registered:
             actions.append(Register(iid, name))
     retiring = {r.instance_id for r in observed.replicas if r.terminating}
+    lost = observed.lost_nodes()
+    on_lost = {r.instance_id for r in observed.replicas if r.node in lost}
     for iid, service in sorted(observed.registered.items()):
         if service == name and iid not in kept and iid not in handled and iid not in retiring:
             r = by_id.get(iid)
-            why = "no such replica" if r is None else ("exited" if not r.running else "not kept")
+            why = ("its node is lost" if iid in on_lost else "no such replica" if r is None
+                   else "exited" if not r.running else "not kept")
             actions.append(Deregister(iid, name, why))
     return actions
+
+
+def _drain_pair(keep: Replica, current: Sequence[Replica],
+                draining: frozenset[str]) -> tuple[Replica, Replica | None]:
+    """The slot's kept replica runs on a draining node: (the replica to keep, the
+    replacement starting elsewhere that must stay too). A ready replacement is kept and
+    the old one goes (DRAINED); one not ready yet stays beside the old one, which serves."""
+    off = [r for r in current if r.node not in draining and r.alive]
+    if not off:
+        return keep, None
+    new = max(off, key=_rank)
+    return (new, None) if new.ready else (keep, new)
+
+
+def _why_extra(r: Replica, keep: Replica, revision: str, draining: frozenset[str]) -> str:
+    """Why a running replica beside the slot's kept one is stopped."""
+    if not is_current(r, revision):
+        return OUTDATED
+    if r.stale:
+        return NODE_RETURNED
+    if r.node in draining and keep.node not in draining:
+        return DRAINED
+    return DUPLICATE
+
+
+def _surge(spec: config.ServiceSpec) -> int:
+    """The rolling update's max_surge as a number of replicas (a percentage rounds up)."""
+    surge = spec.update.max_surge
+    if isinstance(surge, str) and surge.endswith("%"):
+        return -(-spec.replicas * int(float(surge[:-1])) // 100)
+    return int(surge or 0)
 
 
 def _restart_exited(spec: config.ServiceSpec, revision: str, last: Replica, state: BackoffState,
