@@ -100,13 +100,10 @@ def _node(v: Values, n: N, cx: Ctx, path: str) -> Values:
         for res in ("cpu", "memory"):
             reserved, capacity = getattr(kept, res), getattr(declared, res)
             where = line_of(n, "reserved", res), join(path, f"reserved.{res}")
-            if reserved is None:
+            # without a declared capacity, reserved comes off what the engine reports
+            if reserved is None or capacity is None:
                 continue
-            if capacity is None:
-                # refused rather than ignored: capacity is not read from the engine yet
-                v["reserved"] = cx.error(*where, f"needs capacity.{res}: reserved is taken off the "
-                                                 f"declared capacity")
-            elif reserved >= capacity:
+            if reserved >= capacity:
                 v["reserved"] = cx.error(*where, f"leaves nothing of capacity.{res} "
                                                  f"({_amount(res, capacity)}) for replicas, got "
                                                  f"{_amount(res, reserved)}")

@@ -108,8 +108,9 @@ class ProxySettings:
 
 @model
 class NodeCapacity:
-    """What a node offers for placement; None: not bounded (the supervisor does not read
-    a node's CPUs and memory from its engine yet, so an undeclared resource is unlimited)."""
+    """What a node offers for placement; None: what its engine reports (Docker's NCPU and
+    MemTotal; the host's CPUs and memory for the process runtime). ``meshlet plan``, which
+    asks no engine, counts an undeclared resource as unbounded."""
 
     cpu: float | None = opt(None, cpu(positive=True))
     memory: int | None = opt(None, size(positive=True))
@@ -135,7 +136,8 @@ class NodeSpec:
                                         "a Docker engine URL like unix:///var/run/docker.sock"))
     capacity: NodeCapacity = opt(NodeCapacity(), struct(NodeCapacity))
     # kept back for the host itself (its OS, meshlet, Docker) and never offered to replicas:
-    # Nomad's client `reserved`, Kubernetes' system-reserved; needs the declared capacity
+    # Nomad's client `reserved`, Kubernetes' system-reserved; taken off the declared
+    # capacity, or off what the engine reports
     reserved: ResourceAmounts = opt(ResourceAmounts(), struct(ResourceAmounts))
     labels: FrozenDict[str, str] = opt(_EMPTY, mapof(LABEL_KEY, "a label name", word))
 
@@ -164,6 +166,8 @@ class MeshSettings:
     proxy: ProxySettings = opt(ProxySettings(), struct(ProxySettings))
     nodes: tuple[NodeSpec, ...] = opt((), listof(struct(NodeSpec)))  # (): one node "local"
     secrets: SecretsSettings = opt(SecretsSettings(), struct(SecretsSettings))
+    # how long a node's engine may not answer before its replicas are placed elsewhere
+    node_grace: float = opt(30.0, duration(positive=True))
 
 
 # The mesh defaults as one value: the command-line defaults of components run alone

@@ -10,7 +10,10 @@ Every subcommand is declared here, once, and handed to the module that runs it::
                                    daemon.up.run_standalone       the supervisor alone
     meshlet apply -f FILE          commands.apply                 store services in the catalog
     meshlet plan -f FILE [--json]  commands.plan                  where apply would place replicas
-    meshlet status | logs | down   commands.admin_client          ask the running supervisor
+    meshlet node run --catalog URL --address IP
+                                   daemon.node_side.run_node      a fleet host's DNS and proxy
+    meshlet status | logs | down | explain | node ls|cordon|uncordon|drain
+                                   commands.admin_client          ask the running supervisor
     meshlet rollout status|history|pause|resume, rollback, restart
                                    commands.rollout               rollouts, through the catalog
     meshlet secret set|ls|rm|rotate-key
@@ -168,6 +171,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, 
             KeySource(env=args.secrets_key_env) if args.secrets_key_env else None
         return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
                                           args.runtime, args.dns, args.proxy_admin, args.engine, key))
+    if args.command == "node" and args.node_command == "run":
+        from .daemon.node_side import run_node
+        try:
+            return asyncio.run(run_node(args.catalog, name=args.name, address=args.address, path=args.file,
+                                        data_dir=args.data_dir, proxy_admin=args.proxy_admin, out=out, err=err))
+        except KeyboardInterrupt:
+            return 130
     if args.command in admin_client.COMMANDS:
         return admin_client.run(args, out, err)
     if args.command in rollout.COMMANDS:

@@ -58,6 +58,29 @@ def add_subcommands(sub: Any) -> None:
     node_ls.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     node_ls.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
     node_ls.add_argument("--json", action="store_true", help="print the nodes' JSON")
+    run = node_sub.add_parser("run", help="this host's node side of a fleet: DNS and proxy for its apps, "
+                                          "pointed at the shared catalog, until Ctrl-C")
+    run.add_argument("--catalog", required=True, metavar="URL", help="the shared catalog (http://HOST:8500)")
+    run.add_argument("--address", required=True, metavar="IP",
+                     help="this host's address in the fleet (mesh.nodes[].address); its proxy's admin API "
+                          "listens there for the supervisor")
+    run.add_argument("--name", help="the node's name in mesh.nodes (default: the host name)")
+    run.add_argument("-f", "--file", help="meshlet.yaml whose mesh settings (domain, dns, proxy) to use")
+    run.add_argument("--data-dir", default=".meshlet-node", help="where the components' logs go")
+    run.add_argument("--proxy-admin", metavar="HOST:PORT",
+                     help="the proxy's admin API (default: --address with mesh.proxy.admin_listen's port)")
+    for action, text in (("cordon", "place no new replica on NODE"),
+                         ("uncordon", "let NODE take replicas again (ends a drain)"),
+                         ("drain", "cordon NODE and move its replicas elsewhere, each replacement ready "
+                                   "before its predecessor stops; waits until NODE runs none")):
+        p = node_sub.add_parser(action, help=text)
+        p.add_argument("name", metavar="NODE")
+        p.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+        p.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+        if action == "drain":
+            p.add_argument("--no-wait", action="store_true", help="return once the drain is stored")
+            p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                           help="give up waiting after this long (default 600; the drain goes on)")
 
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
@@ -91,13 +114,24 @@ def _share(used: float, room: float | None, memory: bool) -> str:
 def format_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[str]:
     """``meshlet node ls``: NODE RUNTIME ADDRESS REPLICAS CPU MEMORY (requested of what
     the node offers, capacity less its reserve)."""
-    rows = [("NODE", "RUNTIME", "ADDRESS", "REPLICAS", "CPU REQUESTED", "MEMORY REQUESTED")]
+    rows = [("NODE", "STATE", "RUNTIME", "ADDRESS", "REPLICAS", "CPU REQUESTED", "MEMORY REQUESTED")]
     for n in nodes:
         a, room = n["allocated"], n["room"]
-        rows.append((n["name"], n["runtime"], n["address"], str(a["replicas"]),
+        rows.append((n["name"], node_state(n), n["runtime"], n["address"], str(a["replicas"]),
                      _share(a["cpu"], room["cpu"], False), _share(a["memory"], room["memory"], True)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def node_state(n: Mapping[str, Any]) -> str:
+    """ready | unreachable | lost, with ",draining" or ",cordoned" (kubectl's
+    "Ready,SchedulingDisabled")."""
+    state = str(n.get("state") or "ready")
+    if n.get("draining"):
+        state += ",draining"
+    elif n.get("cordoned"):
+        state += ",cordoned"
+    return state
 
 
 def format_age(seconds: float | None) -> str:
@@ -159,6 +193,46 @@ def _request(method: str, url: str, timeout: float | None = 10.0) -> Any:
     return urllib.request.urlopen(req, timeout=timeout)
 
 
+def _on_node(data: Mapping[str, Any], node: str) -> tuple[list[str], list[str]]:
+    """(replicas still running on ``node``, problems of services that cannot leave it)."""
+    here, stuck = [], []
+    for s in data.get("services", []):
+        mine = [i["id"] for i in s.get("instances", []) if i.get("node") == node
+                and i.get("state") not in ("exited", "terminating")]
+        here += mine
+        if mine and s.get("problem"):
+            stuck.append(f"{s['name']}: {s['problem']}")
+    return here, stuck
+
+
+def _node_action(base: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``meshlet node cordon|uncordon|drain NODE``; a drain waits until NODE runs nothing."""
+    import time
+    with _request("POST", f"{base}/v1/nodes/{urllib.parse.quote(args.name)}/{args.node_command}") as r:
+        state = json.load(r)
+    print(f"node {args.name}: {node_state(state)}", file=out, flush=True)
+    if args.node_command != "drain" or args.no_wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    shown: tuple[int, tuple[str, ...]] | None = None
+    while True:
+        with _request("GET", base + "/v1/status") as r:
+            here, stuck = _on_node(json.load(r), args.name)
+        if not here:
+            print(f"node {args.name}: drained", file=out, flush=True)
+            return 0
+        if (len(here), tuple(stuck)) != shown:
+            shown = (len(here), tuple(stuck))
+            print(f"node {args.name}: {len(here)} replica(s) still there", file=out, flush=True)
+            for line in stuck:
+                print(f"  {line}", file=out, flush=True)
+        if time.monotonic() >= deadline:
+            print(f"meshlet node drain: {len(here)} replica(s) still on {args.name} after {args.timeout:g}s "
+                  "(the drain goes on; see meshlet status)", file=err)
+            return 1
+        time.sleep(0.5)
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -167,6 +241,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 2
     base = f"http://{admin}"
     try:
+        if args.command == "node" and args.node_command != "ls":
+            return _node_action(base, args, out, err)
         if args.command in ("status", "node", "explain"):
             from ..core.explain import format_explanation
             path, pick, lines = {

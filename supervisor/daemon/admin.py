@@ -13,6 +13,11 @@
                                          newest exit of each slot, or of that instance)
     GET  /v1/explain/<service>           per slot, every node filtered out (why) or scored,
                                          and what placement would pick now (core.explain)
+    POST /v1/nodes/<node>/cordon         no new replica on the node (stored in the catalog)
+    POST /v1/nodes/<node>/drain          cordon, and move its replicas off as a rolling update
+                                         would: each replacement ready before its predecessor
+                                         stops, max_surge at a time
+    POST /v1/nodes/<node>/uncordon       undo both; answers the node's new state
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
@@ -57,6 +62,10 @@ class AdminBackend(Protocol):
         """The kept exits (``LastExit``) of the service's slots, the newest of each slot
         (or those of ``instance``)."""
 
+    async def set_node(self, name: str, *, cordon: bool | None = None,
+                       drain: bool | None = None) -> dict[str, Any]:
+        """Cordon, drain or uncordon a node; its new state. KeyError: no such node."""
+
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
@@ -73,6 +82,7 @@ class AdminServer:
         app.router.add_get("/v1/status", self.get_status)
         app.router.add_get("/v1/logs/{service}", self.get_logs)
         app.router.add_get("/v1/explain/{service}", self.get_explain)
+        app.router.add_post("/v1/nodes/{node}/{action}", self.post_node)
         app.router.add_post("/v1/down", self.post_down)
         self.app = app
 
@@ -125,6 +135,20 @@ class AdminServer:
         if doc is None:
             return _error(404, f"no service {service!r} is desired (apply it first)")
         return web.json_response(doc)
+
+    async def post_node(self, request: web.Request) -> web.Response:
+        name, action = request.match_info["node"], request.match_info["action"]
+        change = {"cordon": {"cordon": True}, "uncordon": {"cordon": False, "drain": False},
+                  "drain": {"drain": True}}.get(action)
+        if change is None:
+            return _error(404, f"no node action {action!r} (cordon, drain or uncordon)")
+        try:
+            state = await self.backend.set_node(name, **change)
+        except KeyError:
+            return _error(404, f"no node {name!r} (see meshlet node ls)")
+        except Exception as exc:  # noqa: BLE001 - the catalog refused: say so, change nothing
+            return _error(503, f"cannot store the state of node {name!r} in the catalog: {exc}")
+        return web.json_response({"node": name, **state})
 
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import random
 import secrets
@@ -116,6 +117,7 @@ class Tracked:
     health: Health = field(default_factory=Health)
     prober: ProbeScheduler | None = None
     killed: bool = False
+    stale: bool = False                 # it ran on its node while the node was lost
     ready_since: float | None = None    # when readiness last turned passing
     noticed_exit: float | None = None
     pushing: bool = False              # a status push is in flight (pushes are serialised)
@@ -128,11 +130,16 @@ class Tracked:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """False when ``port`` is taken on ``host``, an address of this machine. An address
+    that is not this machine's (a node on another host) cannot be tried by binding: its
+    ports are the supervisor's own bookkeeping (``Replicas._assign_ports``), as Nomad's
+    scheduler keeps them, and a port something else holds there fails the replica, whose
+    restart draws another."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
-        except OSError:
-            return False
+        except OSError as exc:
+            return exc.errno == errno.EADDRNOTAVAIL
     return True
 
 
@@ -169,7 +176,9 @@ class Replicas:
         self.registered_rev: dict[str, str] = {}    # instance id -> Meta revision registered
         self.weights: dict[str, int] = {}           # instance id -> Meta weight (1 when absent)
         self.terminating: set[str] = set()          # being retired
-        self._ports_taken: set[int] = set()
+        # node -> the ports its replicas hold or a start under way took (a port is chosen
+        # for the host the replica runs on, never by what is free on the supervisor's)
+        self._ports_taken: dict[str, set[int]] = {}
         # Instances removed here: a re-list that began before the removal must not adopt
         # them again (insertion-ordered, the last 1000 kept).
         self._removed: dict[str, None] = {}
@@ -232,11 +241,20 @@ class Replicas:
                        exit_code=o.exit_code, killed=t.killed,
                        serving=running and t.health.ready and not t.killed and t.pushed == "passing",
                        ready_since=t.ready_since, weight=self.weights.get(iid, 1),
-                       terminating=iid in self.terminating)
+                       terminating=iid in self.terminating, stale=t.stale)
 
     def facts(self, service: str | None = None) -> tuple[Replica, ...]:
         return tuple(self.fact(t) for t in self.instances.values()
                      if service is None or t.obs.service == service)
+
+    def mark_stale(self, node: str) -> int:
+        """``node`` is lost: what ran there is replaced, and stopped if it comes back."""
+        marked = 0
+        for t in self.instances.values():
+            if t.obs.node == node and not t.stale:
+                t.stale = True
+                marked += 1
+        return marked
 
     def of(self, service: str) -> list[Tracked]:
         return [t for t in self.instances.values() if t.obs.service == service]
@@ -251,7 +269,7 @@ class Replicas:
         now = self.clock()
         t = Tracked(observed, noticed_exit=None if observed.is_running else now)
         self.instances[observed.instance_id] = t
-        self._ports_taken.update(observed.ports.values())
+        self._ports_taken.setdefault(observed.node, set()).update(observed.ports.values())
         if not observed.is_running:
             self._capture(t)
         if observed.is_running:
@@ -290,7 +308,8 @@ class Replicas:
 
     # --- starting ------------------------------------------------------------------------------
 
-    def _assign_ports(self, spec: config.ServiceSpec, host: str) -> dict[str, int]:
+    def _assign_ports(self, spec: config.ServiceSpec, node: str, host: str) -> dict[str, int]:
+        taken = self._ports_taken.get(node, set())
         ports: dict[str, int] = {}
         lo, hi = PORT_RANGE
         for p in spec.ports:
@@ -300,7 +319,7 @@ class Replicas:
             start = random.randint(lo, hi)
             for i in range(hi - lo + 1):
                 cand = lo + (start - lo + i) % (hi - lo + 1)
-                if cand not in self._ports_taken and cand not in ports.values() and port_is_free(host, cand):
+                if cand not in taken and cand not in ports.values() and port_is_free(host, cand):
                     ports[p.name] = cand
                     break
             else:
@@ -320,7 +339,7 @@ class Replicas:
         files, secret_env = (), {}
         if self.deliveries is not None and (spec.secrets or spec.configs):
             files, secret_env = await self.deliveries.resolve(spec)
-        ports = self._assign_ports(spec, node.address)
+        ports = self._assign_ports(spec, node_name, node.address)
         iid = f"{service}-{slot}-{revision[:8]}-{secrets.token_hex(3)}"
         env = dict(spec.env)
         env.setdefault("HOST", node.address)
@@ -330,11 +349,11 @@ class Replicas:
             env=env, ports=ports, cpu=spec.resources.limits.cpu, memory=spec.resources.limits.memory,
             stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period,
             dns=self.dns if node.runtime == "docker" else None, files=files, secret_env=secret_env)
-        self._ports_taken.update(ports.values())
+        self._ports_taken.setdefault(node_name, set()).update(ports.values())
         try:
             observed = await rt.start(ispec)
         except BaseException:
-            self._ports_taken.difference_update(ports.values())
+            self._ports_taken[node_name].difference_update(ports.values())
             raise
         log.info("started %s (%s slot %d on %s, ports %s): %s", iid, service, slot, node_name, ports, reason)
         self.host.note(f"started {iid}: {reason}")
@@ -565,7 +584,7 @@ class Replicas:
         self._removed[iid] = None
         if len(self._removed) > 1000:
             del self._removed[next(iter(self._removed))]
-        self._ports_taken.difference_update(t.obs.ports.values())
+        self._ports_taken.get(t.obs.node, set()).difference_update(t.obs.ports.values())
         if t.obs.is_running:
             self.host.note(f"stopped {iid}: {reason}")
             log.info("stopped %s: %s", iid, reason)

@@ -4,7 +4,10 @@ progress lines show. Read-only over the supervisor's state.
     {"services": [{"name", "desired", "revision", "ready", "problem", "rollout",
                    "instances": [{"id", "slot", "node", "revision", "address", "state",
                                   "ready", "registered", "restarts", "age", "exit_code", "pid"}]}],
-     "nodes": [{"name", "runtime", "address"}], "events": [...the last 20...]}
+     "nodes": [{"name", "runtime", "address", "state" (ready | unreachable | lost), "since",
+                "error", "cordoned", "draining", "labels", "capacity", "reserved", "room",
+                "allocated"}],
+     "events": [...the last 20...]}
 
 ``rollout`` is null or ``Rollouts.status`` (phase, revision, number, progress, reason,
 reverted_from, summary, terminating); ``problem`` is why a slot cannot run, or a rollout
@@ -78,7 +81,7 @@ def _nodes(sup: Supervisor, observed: Any) -> list[dict[str, Any]]:
     for info in observed.nodes:
         here = [a for a in held if a.node == info.name]
         out.append({"name": info.name, "runtime": info.runtime, "address": info.address,
-                    "labels": dict(info.labels),
+                    **sup.monitor.state(info.name), "labels": dict(info.labels),
                     "capacity": {"cpu": info.cpu, "memory": info.memory},
                     "reserved": {"cpu": info.reserved_cpu, "memory": info.reserved_memory},
                     "room": {"cpu": info.room_cpu, "memory": info.room_memory},

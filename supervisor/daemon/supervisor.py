@@ -53,12 +53,14 @@ from ..core.explain import explain_service
 from ..core.backoff import BackoffState, delay_for
 from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
                           Wait, summary)
-from ..core.placement import Allocation, node_info
+from ..core.nodes import DEFAULT_GRACE, NodeControl, NodeHealth
+from ..core.placement import Allocation
 from ..core.reconcile import reconcile_service
 from ..core.revisions import template_revision
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
 from ..secrets import KeySource
 from .deliveries import Deliveries
+from .nodes import PROBE_EVERY, NodeMonitor
 from .replicas import Replicas, Tracked
 from .rollouts import Rollouts
 from .slots import Slots
@@ -110,8 +112,10 @@ class Supervisor:
     def __init__(self, url: str, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
                  runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
                  check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None,
-                 proxy_admins: Sequence[str] = (), secrets_key: KeySource | None = None) -> None:
+                 proxy_admins: Sequence[str] = (), secrets_key: KeySource | None = None,
+                 node_grace: float = DEFAULT_GRACE, node_probe: float = PROBE_EVERY) -> None:
         self.url = url
+        self.node_grace, self.node_probe = node_grace, node_probe
         self.dns = dns
         self.secrets_key = secrets_key
         self.proxy_admins = tuple(proxy_admins)
@@ -146,6 +150,7 @@ class Supervisor:
         self._adopted = False   # no sync before the full view is observed and adopted
         self.rollouts: Rollouts
         self.replicas: Replicas
+        self.monitor: NodeMonitor
 
     @property
     def instances(self) -> dict[str, Tracked]:
@@ -207,10 +212,15 @@ class Supervisor:
                                  session=self._session, clock=self.clock, check_ttl=self.check_ttl,
                                  dns=self.dns, proxy_admins=self.proxy_admins,
                                  deliveries=Deliveries(self._client, self.secrets_key))
+        self.monitor = NodeMonitor(self.nodes, self.runtimes, self._client, grace=self.node_grace,
+                                   on_change=self._node_changed, on_control=self._node_control,
+                                   on_sides=self._sides_changed, clock=self.clock, every=self.node_probe)
         # Subscribe before the first list() so no exit falls between them.
         for rt in self.runtimes.values():
             self._tasks.append(asyncio.create_task(self._consume(rt), name=f"events {rt.node}"))
-        listed = await asyncio.gather(*(rt.list() for rt in self.runtimes.values()))
+        await self.monitor.load()
+        await self.monitor.check_all()
+        listed = await asyncio.gather(*(self._list_or_nothing(rt) for rt in self.runtimes.values()))
         services = await self._client.agent.services()
         checks = await self._client.agent.checks()
         await self.slots.load()
@@ -232,6 +242,7 @@ class Supervisor:
                  len(self.instances), sum(t.obs.is_running for t in self.instances.values()),
                  len(self.registered), len(self.desired))
         self._tasks.append(asyncio.create_task(self._tick(), name="resync"))
+        self.monitor.start()
         self._adopted = True
         for name in self.service_names():
             self.enqueue(name)
@@ -249,6 +260,8 @@ class Supervisor:
         for task in syncs:
             task.cancel()
         await asyncio.gather(*self._tasks, *syncs, return_exceptions=True)
+        if hasattr(self, "monitor"):
+            await self.monitor.close()
         if not hasattr(self, "replicas"):
             await self._close_clients()
             return
@@ -422,11 +435,63 @@ class Supervisor:
                 last_status = time.monotonic()
                 self.replicas.push_all()
 
+    async def _list_or_nothing(self, rt: Runtime) -> list[Any]:
+        """A node's instances at start; an engine that does not answer lists nothing now
+        (its node is unreachable; what it runs is adopted when it answers again)."""
+        try:
+            return await rt.list()
+        except WorkloadError as exc:
+            log.warning("cannot list node %s at start: %s", rt.node, exc)
+            return []
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def _node_changed(self, name: str, before: NodeHealth, after: NodeHealth) -> None:
+        if after.lost:
+            marked = self.replicas.mark_stale(name)
+            self.note(f"node {name} lost: not answering for {self.node_grace:g}s; its {marked} "
+                      "replica(s) are placed elsewhere")
+        elif not after.reachable:
+            self.note(f"node {name} unreachable: {after.error}; it takes no new replica")
+        else:
+            self.note(f"node {name} is back" + (": what still runs there of a replaced slot is stopped"
+                                                 if before.lost else ""))
+            # what it runs now (an engine restarted meanwhile may have stopped it all)
+            self._tasks.append(asyncio.create_task(self._relist()))
+        for service in self.service_names():
+            self.enqueue(service)
+
+    def _node_control(self, name: str) -> None:
+        c = self.monitor.control[name]
+        self.note(f"node {name} " + ("draining" if c.draining else "cordoned" if c.cordoned else "uncordoned"))
+        for service in self.service_names():
+            self.enqueue(service)
+
+    def _sides_changed(self) -> None:
+        self.replicas.proxy_admins = self.all_proxy_admins()
+
+    def all_proxy_admins(self) -> tuple[str, ...]:
+        """The proxies a retired replica waits on: this host's and every node side's."""
+        return tuple(dict.fromkeys((*self.proxy_admins, *self.monitor.proxy_admins())))
+
+    async def set_node(self, name: str, *, cordon: bool | None = None, drain: bool | None = None) -> dict[str, Any]:
+        """Cordon, drain or uncordon ``name`` (stored in the catalog); its new state.
+        KeyError for an unknown node."""
+        if name not in self.nodes:
+            raise KeyError(name)
+        c = self.monitor.control[name]
+        if drain is not None:
+            c = NodeControl(cordoned=drain or (c.cordoned if cordon is None else cordon), draining=drain)
+        elif cordon is not None:
+            c = NodeControl(cordoned=cordon, draining=c.draining and cordon)
+        await self.monitor.set_control(name, c)
+        return self.monitor.state(name)
+
     async def _poll_proxies(self) -> None:
         """Which VIPs the proxies this supervisor knows of could not listen on (a port
         below 1024 without root, an address taken): a problem of the service, in status."""
         problems: dict[str, str] = {}
-        for admin in self.proxy_admins:
+        for admin in self.all_proxy_admins():
             try:
                 assert self._session is not None
                 async with self._session.get(f"http://{admin}/routes", timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -471,7 +536,7 @@ class Supervisor:
         return Observed(
             replicas=self.replicas.facts(),
             registered={k: v for k, v in self.registered.items() if k not in self.replicas.terminating},
-            nodes=tuple(node_info(n) for n in self.nodes.values()),
+            nodes=self.monitor.infos(),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
             holds=dict(self.slots.holds), last_output=self.replicas.last_output(),
             starting=tuple(self._starting.values()))

@@ -191,7 +191,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
               file=out, flush=True)
         sup = Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins,
-                         secrets_key=key_source(mesh))
+                         secrets_key=key_source(mesh), node_grace=mesh.node_grace)
         await sup.start()
         admin = AdminServer(sup, on_down=stop.set)
         bound = await admin.start(mesh.admin_listen)

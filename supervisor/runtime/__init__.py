@@ -9,7 +9,7 @@ class implementing it; see base.py for the interface, the data types and the err
 
 from __future__ import annotations
 
-from .base import (DeliveredFile, EngineUnavailable, ExecTimeout, ImageNotFound, InstanceExists,
+from .base import (Capacity, DeliveredFile, EngineUnavailable, ExecTimeout, ImageNotFound, InstanceExists,
                    InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec, Observed,
                    Runtime, RuntimeEvent, StartFailed, WorkloadError, validate_spec,
                    workload_env)
@@ -17,7 +17,7 @@ from .docker import DockerRuntime
 from .process import ProcessRuntime
 
 __all__ = [
-    "RUNTIMES", "Runtime", "DockerRuntime", "ProcessRuntime",
+    "RUNTIMES", "Runtime", "DockerRuntime", "ProcessRuntime", "Capacity",
     "InstanceSpec", "DeliveredFile", "Observed", "RuntimeEvent", "validate_spec", "workload_env",
     "WorkloadError", "InvalidSpec", "InstanceExists", "InstanceNotFound",
     "InstanceNotRunning", "ImageNotFound", "StartFailed", "ExecTimeout", "EngineUnavailable",

@@ -48,7 +48,7 @@ __all__ = [
     "InstanceSpec", "DeliveredFile", "Observed", "RuntimeEvent", "Runtime", "State",
     "WorkloadError", "InvalidSpec", "InstanceExists", "InstanceNotFound", "InstanceNotRunning",
     "ImageNotFound", "StartFailed", "ExecTimeout", "EngineUnavailable",
-    "validate_spec", "is_instance_id", "workload_env", "port_env_name", "exit_code_from_returncode",
+    "Capacity", "validate_spec", "is_instance_id", "workload_env", "port_env_name", "exit_code_from_returncode",
     "signal_number", "spec_to_dict", "spec_from_dict", "EXEC_OUTPUT_LIMIT",
 ]
 
@@ -196,6 +196,20 @@ class Runtime(Protocol):
                    timeout: float) -> tuple[int, bytes]: ...
 
     async def close(self) -> None: ...
+
+    async def health(self, *, timeout: float) -> Capacity:
+        """What the node offers, asked of its engine within ``timeout`` seconds; raises
+        ``EngineUnavailable`` (saying why) when the engine does not answer or its event
+        stream is broken: the node's health check."""
+        ...
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a node's engine reports: CPUs and memory in bytes (None: not reported)."""
+
+    cpu: float | None = None
+    memory: int | None = None
 
 
 # --- errors -------------------------------------------------------------------------------

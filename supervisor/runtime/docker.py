@@ -43,7 +43,7 @@ from ._bridge import EventQueue, iterate_in_thread
 from ._files import FilesError, files_root, remove_files, write_files
 from ._docker_model import (LOG_OPTIONS, OWNER_LABEL, OWNER_VALUE, create_kwargs,
                             observed_from_attrs, observed_from_event, resolv_conf)
-from .base import (EXEC_OUTPUT_LIMIT, EngineUnavailable, ExecTimeout, ImageNotFound,
+from .base import (EXEC_OUTPUT_LIMIT, Capacity, EngineUnavailable, ExecTimeout, ImageNotFound,
                    InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec,
                    Observed, RuntimeEvent, StartFailed, WorkloadError, validate_spec)
 
@@ -91,6 +91,8 @@ class DockerRuntime:
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"docker-{node}")
         self._client: docker.DockerClient | None = None
         self._stream_api: docker.APIClient | None = None
+        self._probe_api: docker.APIClient | None = None
+        self._events_ok = threading.Event()    # the event stream is connected
         self._client_lock = threading.Lock()
         self._since = time.time()
         self._events = EventQueue(f"docker runtime {node}")
@@ -374,6 +376,7 @@ class DockerRuntime:
                     break
                 if reconnect:
                     self._emit(RuntimeEvent("resync", at=time.time()))
+                self._events_ok.set()
                 delay = _WATCH_BACKOFF[0]
                 for event in stream:
                     key = (event.get("id", ""), event.get("timeNano", 0))
@@ -386,6 +389,7 @@ class DockerRuntime:
                 if not self._closing.is_set():
                     log.warning("docker events of node %s: stream failed", self.node,
                                 exc_info=True)
+            self._events_ok.clear()
             if self._closing.wait(delay):
                 break
             reconnect = True
@@ -499,6 +503,42 @@ class DockerRuntime:
         except (OSError, docker.errors.APIError, requests.exceptions.RequestException):
             pass
 
+    # --- health -------------------------------------------------------------------------
+
+    async def health(self, *, timeout: float) -> Capacity:
+        """The engine's CPUs and memory (``GET /info``) within ``timeout``, on a client of
+        its own (the pool's threads may all be waiting on a dead engine). Raises
+        EngineUnavailable when the engine does not answer or its event stream is down."""
+        self._ensure_watcher()
+        loop = asyncio.get_running_loop()
+        try:
+            info = await asyncio.wait_for(loop.run_in_executor(None, self._info_sync, timeout), timeout)
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(f"no answer in {timeout:g}s") from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+            raise EngineUnavailable(_explain(exc)) from exc
+        if not self._events_ok.is_set() and not await loop.run_in_executor(None, self._events_ok.wait, timeout):
+            raise EngineUnavailable("its event stream is down")
+        ncpu, mem = info.get("NCPU"), info.get("MemTotal")
+        return Capacity(float(ncpu) if isinstance(ncpu, int) and ncpu > 0 else None,
+                        mem if isinstance(mem, int) and mem > 0 else None)
+
+    def _info_sync(self, timeout: float) -> dict[str, Any]:
+        with self._client_lock:
+            if self._probe_api is None:
+                self._probe_api = docker.APIClient(base_url=self.engine, version="auto" if self._client is None
+                                                   else self._client.api.api_version, timeout=timeout)
+            api = self._probe_api
+        try:
+            return api.info()
+        except Exception:
+            # a fresh connection next time: an engine that came back may be a new process
+            with self._client_lock:
+                if self._probe_api is api:
+                    self._probe_api = None
+            api.close()
+            raise
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -513,7 +553,7 @@ class DockerRuntime:
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.join, 5.0)
         self._events.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for client in (self._client, self._stream_api):
+        for client in (self._client, self._stream_api, self._probe_api):
             if client is not None:
                 client.close()
 

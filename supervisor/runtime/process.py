@@ -55,7 +55,7 @@ from pathlib import Path
 from ._bridge import EventQueue
 from ._files import FilesError, files_root, remove_files, write_files
 from ._proc import Record, read_record, read_starttime, tail_offset, write_record
-from .base import (EXEC_OUTPUT_LIMIT, ExecTimeout, InstanceExists, InstanceNotFound,
+from .base import (EXEC_OUTPUT_LIMIT, Capacity, ExecTimeout, InstanceExists, InstanceNotFound,
                    InstanceNotRunning, InstanceSpec, InvalidSpec, Observed, RuntimeEvent,
                    StartFailed, WorkloadError, exit_code_from_returncode, signal_number,
                    is_instance_id, validate_spec, workload_env)
@@ -486,6 +486,11 @@ class ProcessRuntime:
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    async def health(self, *, timeout: float) -> Capacity:
+        """This host's CPUs (those this process may run on) and memory: the process
+        runtime is this host, so it answers while the supervisor does."""
+        return host_capacity()
+
     async def close(self) -> None:
         """Stop watching; the processes keep running for a later runtime to adopt."""
         if self._closed:
@@ -497,3 +502,20 @@ class ProcessRuntime:
                 _detached.append(live.proc)
         self._live.clear()
         self._events.close()
+
+
+def host_capacity() -> Capacity:
+    """The CPUs this process may use and the host's memory (/proc/meminfo MemTotal)."""
+    try:
+        cpu: float | None = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cpu = float(os.cpu_count() or 0) or None
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return Capacity(cpu, memory)

@@ -131,13 +131,6 @@ services:
 mesh:
   nodes:
     - name: a
-      reserved: {memory: 1Gi}
-""", "m.yaml:5 mesh.nodes[0].reserved.memory: needs capacity.memory: reserved is taken off the "
-     "declared capacity", id="reserved-without-capacity"),
-    pytest.param("""
-mesh:
-  nodes:
-    - name: a
       capacity: {cpu: 2}
       reserved: {cpu: 2}
 """, "m.yaml:6 mesh.nodes[0].reserved.cpu: leaves nothing of capacity.cpu (2) for replicas, got 2",

@@ -123,10 +123,13 @@ async def test_a_replica_no_node_can_hold_is_pending_and_explain_says_why(mesh):
         assert missing.returncode == 1 and "no service 'nope' is desired" in missing.stderr
         nodes = await asyncio.to_thread(meshlet, "node", "ls", "--admin", address)
         assert nodes.returncode == 0, nodes.stderr
+        # memory is not declared: the process runtime offers the host's
+        from supervisor.runtime.process import host_capacity
+        host_mem = f"{host_capacity().memory / 2**20:g}Mi"
         assert [line.split() for line in nodes.stdout.splitlines()] == [
-            ["NODE", "RUNTIME", "ADDRESS", "REPLICAS", "CPU", "REQUESTED", "MEMORY", "REQUESTED"],
-            ["small", "process", "127.0.0.1", "0", "0", "of", "1", "0Mi", "(unbounded)"],
-            ["big", "process", "127.0.0.1", "1", "1.5", "of", "2", "0Mi", "(unbounded)"]]
+            ["NODE", "STATE", "RUNTIME", "ADDRESS", "REPLICAS", "CPU", "REQUESTED", "MEMORY", "REQUESTED"],
+            ["small", "ready", "process", "127.0.0.1", "0", "0", "of", "1", "0Mi", "of", host_mem],
+            ["big", "ready", "process", "127.0.0.1", "1", "1.5", "of", "2", "0Mi", "of", host_mem]]
     finally:
         await admin.close()
 
