@@ -3,11 +3,12 @@
 #   bash scripts/test.sh [pytest args...]
 # Debian packages: docker.io (the real engine the tests start with --bridge=none
 # --iptables=false --ip-masq=false), busybox-static (the FROM-scratch test image),
-# bind9-dnsutils (dig) and dnsmasq (a second DNS server for forwarding tests).
+# bind9-dnsutils (dig), dnsmasq (a second DNS server for forwarding tests), iproute2 and
+# util-linux (ip netns and nsenter: the fleet tests' hosts are network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base)
+debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -158,8 +158,10 @@ class DockerEngine:
     """A running private dockerd. ``url`` is what DockerRuntime and the SDK take."""
 
     def __init__(self, name: str, root: Path, proc: subprocess.Popen[bytes],
-                 storage_driver: str) -> None:
+                 storage_driver: str, netns: str | None = None, tcp: str | None = None) -> None:
         self.name = name
+        self.netns = netns          # the network namespace it runs in (a test host), if any
+        self.tcp_url = f"tcp://{tcp}" if tcp else None   # also listening there, inside netns
         self.root = root
         self.proc = proc
         self.storage_driver = storage_driver
@@ -198,7 +200,8 @@ class DockerEngine:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc = _start_once(self.name, self.root, self.storage_driver, deadline).proc
+        self.proc = _start_once(self.name, self.root, self.storage_driver, deadline,
+                                netns=self.netns, tcp=self.tcp_url[6:] if self.tcp_url else None).proc
 
     def stop(self, deadline: float = _STOP_DEADLINE) -> None:
         """Kill its containers (dockerd would give each its own stop timeout, 10 s by
@@ -273,10 +276,15 @@ def _cleanup_root(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _dockerd_argv(name: str, root: Path, driver: str) -> list[str]:
+def _dockerd_argv(name: str, root: Path, driver: str, netns: str | None = None,
+                  tcp: str | None = None) -> list[str]:
     ns = f"meshlet-test-{name}"
+    # in a test host's namespace: nsenter, not `ip netns exec`, which remounts /sys and
+    # hides the cgroup mounts dockerd needs (DESIGN.md, test environment)
+    enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+    listen = ["-H", f"tcp://{tcp}"] if tcp else []
     return [
-        shutil.which("dockerd") or "/usr/sbin/dockerd",
+        *enter, shutil.which("dockerd") or "/usr/sbin/dockerd", *listen,
         "--data-root", str(root / "data"),
         "--exec-root", str(root / "exec"),
         "--pidfile", str(root / "docker.pid"),
@@ -291,7 +299,8 @@ def _dockerd_argv(name: str, root: Path, driver: str) -> list[str]:
     ]
 
 
-def _start_once(name: str, root: Path, driver: str, deadline: float) -> DockerEngine:
+def _start_once(name: str, root: Path, driver: str, deadline: float, *, netns: str | None = None,
+                tcp: str | None = None) -> DockerEngine:
     root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
     env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -300,11 +309,11 @@ def _start_once(name: str, root: Path, driver: str, deadline: float) -> DockerEn
         # PDEATHSIG fires when the *thread* that forked exits: only tie dockerd to the main
         # thread, never to a pool thread that may end long before the session.
         in_main = threading.current_thread() is threading.main_thread()
-        proc = subprocess.Popen(_dockerd_argv(name, root, driver), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(_dockerd_argv(name, root, driver, netns, tcp), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
                                 preexec_fn=die_with_parent if in_main else None)
-    engine = DockerEngine(name, root, proc, driver)
+    engine = DockerEngine(name, root, proc, driver, netns, tcp)
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -332,8 +341,11 @@ def _driver_works(engine: DockerEngine) -> bool:
 
 
 def start_engine(name: str = "node1", root: Path | None = None, *,
-                 deadline: float = _START_DEADLINE) -> DockerEngine:
-    """Start a private dockerd called ``name`` and build the test images on it."""
+                 deadline: float = _START_DEADLINE, netns: str | None = None,
+                 tcp: str | None = None) -> DockerEngine:
+    """Start a private dockerd called ``name`` and build the test images on it; with
+    ``netns``, inside that network namespace (a test host), also listening on ``tcp``
+    (HOST:PORT, an address of that namespace)."""
     global _working_driver
     ensure_packages()
     forced = os.environ.get("MESHLET_TEST_DOCKER_STORAGE")
@@ -344,7 +356,7 @@ def start_engine(name: str = "node1", root: Path | None = None, *,
         # Short paths: unix socket paths are limited to 107 bytes.
         base = Path(tempfile.mkdtemp(prefix=f"mlt-{name}-", dir=root or "/tmp"))
         try:
-            engine = _start_once(name, base, driver, deadline)
+            engine = _start_once(name, base, driver, deadline, netns=netns, tcp=tcp)
         except EngineUnavailable as exc:
             errors.append(str(exc))
             _cleanup_root(base)

@@ -197,8 +197,8 @@ def _on_node(data: Mapping[str, Any], node: str) -> tuple[list[str], list[str]]:
     """(replicas still running on ``node``, problems of services that cannot leave it)."""
     here, stuck = [], []
     for s in data.get("services", []):
-        mine = [i["id"] for i in s.get("instances", []) if i.get("node") == node
-                and i.get("state") not in ("exited", "terminating")]
+        # a replica being retired still finishes its requests: drained means gone
+        mine = [i["id"] for i in s.get("instances", []) if i.get("node") == node and i.get("state") != "exited"]
         here += mine
         if mine and s.get("problem"):
             stuck.append(f"{s['name']}: {s['problem']}")
