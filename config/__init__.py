@@ -23,6 +23,7 @@ from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
                      ProxySettings, ResourceAmounts, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
+                     EngineTls,
                      VolumeSpec)
 from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
                        die_with_parent_preexec, module_argv, setup_logging)
@@ -43,7 +44,7 @@ __all__ = [
     "ServiceSpec", "Resources", "ResourceAmounts", "PortSpec", "Probes", "Probe", "HttpProbe", "TcpProbe",
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
-    "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
+    "VolumeMount", "EngineTls", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
     "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
     # KV keys (the catalog contract)
     "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ._convert import HOOKS, INVALID, Ctx, is_ok
 from ._tree import N, join
-from ._model import (Backoff, ConfigSpec, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
+from ._model import (Backoff, ConfigSpec, EngineTls, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
                      Probes, ResourceAmounts, Resources, Routes, SecretMount, SecretSpec, SecretsSettings,
                      ServiceSpec, UpdateStrategy, VolumeSpec)
 
@@ -95,6 +95,9 @@ def _node(v: Values, n: N, cx: Ctx, path: str) -> Values:
     if v["runtime"] == "process" and v["engine"] is not None:
         v["engine"] = cx.error(line_of(n, "engine"), join(path, "engine"),
                                "engine is only for runtime docker")
+    if v["tls"] is not None and is_ok(v["tls"], v["engine"]) and not str(v["engine"] or "").startswith("tcp://"):
+        v["tls"] = cx.error(line_of(n, "tls"), join(path, "tls"),
+                            "tls is for an engine at tcp://HOST:PORT (unix:// and ssh:// need none)")
     if is_ok(v["capacity"], v["reserved"]):
         declared, kept = v["capacity"], v["reserved"]
         for res in ("cpu", "memory"):
@@ -112,6 +115,14 @@ def _node(v: Values, n: N, cx: Ctx, path: str) -> Values:
 
 def _amount(resource: str, value: float) -> str:
     return f"{value:g}" if resource == "cpu" else f"{value} bytes"
+
+
+@hook(EngineTls)
+def _engine_tls(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    for key in ("ca_file", "cert_file", "key_file"):
+        if isinstance(v[key], str):
+            v[key] = cx.resolve(v[key])
+    return v
 
 
 @hook(Resources)

@@ -23,7 +23,7 @@ __all__ = [
     "DnsSettings", "ProxySettings", "NodeCapacity", "NodeSpec", "MeshSettings", "ResourceAmounts",
     "Resources", "PortSpec", "HttpProbe", "TcpProbe", "ExecProbe", "Probe", "Probes",
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
-    "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount",
+    "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount", "EngineTls",
     "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
     "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
 ]
@@ -126,6 +126,16 @@ class ResourceAmounts:
 
 
 @model
+class EngineTls:
+    """A ``tcp://`` engine's TLS (Docker's ``--tlsverify``): the CA that signed the
+    engine's certificate, and the client certificate and key it accepts."""
+
+    ca_file: str = req(LOCAL_PATH)         # relative: to the config file's directory
+    cert_file: str = req(LOCAL_PATH)
+    key_file: str = req(LOCAL_PATH)
+
+
+@model
 class NodeSpec:
     name: str = req(text(DNS_LABEL, DNS_LABEL_HINT))
     # None in YAML: docker when `engine` is given, else process (resolved by the loader)
@@ -134,6 +144,7 @@ class NodeSpec:
     # docker only; default unix:///var/run/docker.sock (Docker's own default)
     engine: str | None = opt(None, text(r"(unix|tcp|ssh|npipe)://\S+",
                                         "a Docker engine URL like unix:///var/run/docker.sock"))
+    tls: EngineTls | None = opt(None, struct(EngineTls))    # tcp:// engines only
     capacity: NodeCapacity = opt(NodeCapacity(), struct(NodeCapacity))
     # kept back for the host itself (its OS, meshlet, Docker) and never offered to replicas:
     # Nomad's client `reserved`, Kubernetes' system-reserved; taken off the declared

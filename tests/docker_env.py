@@ -162,6 +162,7 @@ class DockerEngine:
         self.name = name
         self.netns = netns          # the network namespace it runs in (a test host), if any
         self.tcp_url = f"tcp://{tcp}" if tcp else None   # also listening there, inside netns
+        self.tls: Path | None = None    # the certificates of its --tlsverify listener
         self.root = root
         self.proc = proc
         self.storage_driver = storage_driver
@@ -200,8 +201,8 @@ class DockerEngine:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc = _start_once(self.name, self.root, self.storage_driver, deadline,
-                                netns=self.netns, tcp=self.tcp_url[6:] if self.tcp_url else None).proc
+        self.proc = _start_once(self.name, self.root, self.storage_driver, deadline, netns=self.netns,
+                                tcp=self.tcp_url[6:] if self.tcp_url else None, tls=self.tls).proc
 
     def stop(self, deadline: float = _STOP_DEADLINE) -> None:
         """Kill its containers (dockerd would give each its own stop timeout, 10 s by
@@ -277,12 +278,15 @@ def _cleanup_root(root: Path) -> None:
 
 
 def _dockerd_argv(name: str, root: Path, driver: str, netns: str | None = None,
-                  tcp: str | None = None) -> list[str]:
+                  tcp: str | None = None, tls: Path | None = None) -> list[str]:
     ns = f"meshlet-test-{name}"
     # in a test host's namespace: nsenter, not `ip netns exec`, which remounts /sys and
     # hides the cgroup mounts dockerd needs (DESIGN.md, test environment)
     enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
     listen = ["-H", f"tcp://{tcp}"] if tcp else []
+    if tls is not None:   # --tlsverify: only clients with a certificate of this CA get in
+        listen += ["--tlsverify", f"--tlscacert={tls / 'ca.pem'}", f"--tlscert={tls / 'server-cert.pem'}",
+                   f"--tlskey={tls / 'server-key.pem'}"]
     return [
         *enter, shutil.which("dockerd") or "/usr/sbin/dockerd", *listen,
         "--data-root", str(root / "data"),
@@ -300,7 +304,7 @@ def _dockerd_argv(name: str, root: Path, driver: str, netns: str | None = None,
 
 
 def _start_once(name: str, root: Path, driver: str, deadline: float, *, netns: str | None = None,
-                tcp: str | None = None) -> DockerEngine:
+                tcp: str | None = None, tls: Path | None = None) -> DockerEngine:
     root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
     env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -309,11 +313,12 @@ def _start_once(name: str, root: Path, driver: str, deadline: float, *, netns: s
         # PDEATHSIG fires when the *thread* that forked exits: only tie dockerd to the main
         # thread, never to a pool thread that may end long before the session.
         in_main = threading.current_thread() is threading.main_thread()
-        proc = subprocess.Popen(_dockerd_argv(name, root, driver, netns, tcp), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(_dockerd_argv(name, root, driver, netns, tcp, tls), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
                                 preexec_fn=die_with_parent if in_main else None)
     engine = DockerEngine(name, root, proc, driver, netns, tcp)
+    engine.tls = tls
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -342,10 +347,11 @@ def _driver_works(engine: DockerEngine) -> bool:
 
 def start_engine(name: str = "node1", root: Path | None = None, *,
                  deadline: float = _START_DEADLINE, netns: str | None = None,
-                 tcp: str | None = None) -> DockerEngine:
+                 tcp: str | None = None, tls: Path | None = None) -> DockerEngine:
     """Start a private dockerd called ``name`` and build the test images on it; with
     ``netns``, inside that network namespace (a test host), also listening on ``tcp``
-    (HOST:PORT, an address of that namespace)."""
+    (HOST:PORT, an address of that namespace), with ``tls`` (a directory holding ca.pem,
+    server-cert.pem, server-key.pem) requiring client certificates there."""
     global _working_driver
     ensure_packages()
     forced = os.environ.get("MESHLET_TEST_DOCKER_STORAGE")
@@ -356,7 +362,7 @@ def start_engine(name: str = "node1", root: Path | None = None, *,
         # Short paths: unix socket paths are limited to 107 bytes.
         base = Path(tempfile.mkdtemp(prefix=f"mlt-{name}-", dir=root or "/tmp"))
         try:
-            engine = _start_once(name, base, driver, deadline, netns=netns, tcp=tcp)
+            engine = _start_once(name, base, driver, deadline, netns=netns, tcp=tcp, tls=tls)
         except EngineUnavailable as exc:
             errors.append(str(exc))
             _cleanup_root(base)

@@ -28,8 +28,12 @@ from typing import Any, TextIO
 
 import config
 
+from ..runtime import WorkloadError
+from ..runtime.docker import engine_tls, open_client
+
 __all__ = ["Component", "ComponentFailed", "component_argvs", "plan_resolver", "dns_settings",
-           "loopback_nameservers", "DEFAULT_RESOLVER", "catalog_argv", "preflight", "vip_notes", "log_tail", "docker_answers"]
+           "loopback_nameservers", "DEFAULT_RESOLVER", "catalog_argv", "preflight", "vip_notes", "log_tail", "docker_answers",
+           "engine_notes"]
 
 
 # Where the DNS server answers on port 53 for containers when mesh.dns.listen has no
@@ -143,13 +147,12 @@ def _bind_problem(addr: str, udp: bool) -> str | None:
     return None
 
 
-def docker_answers(engine: str = config.DEFAULT_DOCKER_ENGINE, timeout: float = 2.0) -> bool:
+def docker_answers(engine: str = config.DEFAULT_DOCKER_ENGINE, timeout: float = 2.0, tls: Any = None) -> bool:
     """Does a Docker engine answer at ``engine``? (blocking; run in a thread)"""
     if engine.startswith("unix://") and not os.path.exists(engine[len("unix://"):]):
         return False
     try:
-        import docker
-        client = docker.DockerClient(base_url=engine, timeout=timeout)
+        client = open_client(engine, timeout=timeout, tls=tls)
         try:
             return bool(client.ping())
         finally:
@@ -173,12 +176,29 @@ def preflight(mesh: config.MeshSettings, *, with_catalog: bool) -> list[str]:
         if why:
             problems.append(f"{what} {addr}: {why}")
     for node in mesh.nodes:
-        if (node.runtime or ("docker" if node.engine else "process")) == "docker":
-            engine = node.engine or config.DEFAULT_DOCKER_ENGINE
-            if not docker_answers(engine):
-                problems.append(f"node {node.name}: no Docker engine answers at {engine} (start dockerd, "
-                                "or give the node runtime: process)")
+        if (node.runtime or ("docker" if node.engine else "process")) != "docker":
+            continue
+        engine = node.engine or config.DEFAULT_DOCKER_ENGINE
+        try:
+            tls = engine_tls(node.tls.ca_file, node.tls.cert_file, node.tls.key_file) if node.tls else None
+        except WorkloadError as exc:
+            problems.append(f"node {node.name}: {exc}")
+            continue
+        # One engine of a fleet may be down when the control plane starts: its node is
+        # unreachable (status says so) and its replicas go elsewhere after the grace.
+        # With a single node nothing could run: that is a mistake to stop at.
+        if len(mesh.nodes) == 1 and not docker_answers(engine, tls=tls):
+            problems.append(f"node {node.name}: no Docker engine answers at {engine} (start dockerd, "
+                            "or give the node runtime: process)")
     return problems
+
+
+def engine_notes(mesh: config.MeshSettings) -> list[str]:
+    """Nodes whose engine is reached over TCP without TLS: anyone on that network can run
+    containers as root there (Docker's own warning)."""
+    return [f"node {n.name}: engine {n.engine} without tls: anyone who reaches that address controls "
+            "the engine (give the node tls: {ca_file, cert_file, key_file} and run dockerd with --tlsverify)"
+            for n in mesh.nodes if (n.engine or "").startswith("tcp://") and n.tls is None]
 
 
 def vip_notes(services: Any, euid: int, unprivileged_start: int) -> list[str]:

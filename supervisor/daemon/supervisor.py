@@ -57,6 +57,7 @@ from ..core.nodes import DEFAULT_GRACE, NodeControl, NodeHealth
 from ..core.placement import Allocation
 from ..core.reconcile import reconcile_service
 from ..core.revisions import template_revision
+from ..runtime.docker import engine_tls
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
 from ..secrets import KeySource
 from .deliveries import Deliveries
@@ -85,8 +86,9 @@ def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
         # A local engine mounts the workloads' resolv.conf read-only from a file we write
         # (an absolute host path); a remote one writes it itself.
         local = engine.startswith("unix://")
+        tls = engine_tls(node.tls.ca_file, node.tls.cert_file, node.tls.key_file) if node.tls else None
         return RUNTIMES["docker"](engine, node=node.name, address=node.address,
-                                  data_dir=(data_dir / "nodes" / node.name).resolve() if local else None)
+                                  data_dir=(data_dir / "nodes" / node.name).resolve() if local else None, tls=tls)
     return RUNTIMES["process"](data_dir / "nodes" / node.name, node=node.name, address=node.address)
 
 

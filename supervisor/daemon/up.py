@@ -58,6 +58,7 @@ from ..commands import apply
 from ..secrets import DEFAULT_NAME, KeySource, key_source
 from .admin import AdminServer
 from .components import (Component, ComponentFailed, catalog_argv, component_argvs, dns_settings, docker_answers,
+                         engine_notes,
                          preflight, vip_notes)
 from .supervisor import Supervisor
 
@@ -143,7 +144,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
             print(f"meshlet up: {line}", file=err)
         if problems:
             return 1
-        for line in vip_notes(cfg.services, os.geteuid(), _unprivileged_port_start()):
+        for line in engine_notes(mesh) + vip_notes(cfg.services, os.geteuid(), _unprivileged_port_start()):
             print(f"meshlet up: {line}", file=out, flush=True)
         if answering and mesh.catalog == "embedded":
             print(f"meshlet up: using the catalog already answering at {url}", file=out, flush=True)

@@ -47,7 +47,7 @@ from .base import (EXEC_OUTPUT_LIMIT, Capacity, EngineUnavailable, ExecTimeout, 
                    InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec,
                    Observed, RuntimeEvent, StartFailed, WorkloadError, validate_spec)
 
-__all__ = ["DockerRuntime"]
+__all__ = ["DockerRuntime", "engine_tls", "open_api", "open_client"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +63,48 @@ def _explain(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc)
     return str(exc) or type(exc).__name__
+
+
+def open_api(engine: str, *, timeout: float | None, tls: Any = None, version: str | None = None) -> Any:
+    """An SDK ``APIClient`` for ``engine`` that ignores requests' environment: with it,
+    REQUESTS_CA_BUNDLE (set system-wide on many machines) replaces the engine's CA and
+    every TLS engine fails verification, and HTTP(S)_PROXY sends engine calls through a
+    web proxy. ``version`` None: the engine's own, asked (as the SDK's "auto" does, but
+    after the environment is switched off)."""
+    api = docker.APIClient(base_url=engine, version=version or docker.constants.MINIMUM_DOCKER_API_VERSION,
+                           timeout=timeout, tls=tls or False)
+    api.trust_env = False
+    if version is None:
+        try:
+            api._version = api._retrieve_server_version()   # the SDK's own "auto" step
+        except BaseException:
+            api.close()
+            raise
+    return api
+
+
+def open_client(engine: str, *, timeout: float | None, tls: Any = None) -> docker.DockerClient:
+    """``open_api`` as the SDK's high-level client."""
+    client = docker.DockerClient.__new__(docker.DockerClient)
+    client.api = open_api(engine, timeout=timeout, tls=tls)
+    return client
+
+
+def engine_tls(ca_file: str, cert_file: str, key_file: str) -> Any:
+    """The SDK's TLS settings for a ``tcp://`` engine run with ``--tlsverify``: the
+    engine's certificate checked against ``ca_file``, ours sent. Raises
+    EngineUnavailable naming the file that is missing or unreadable."""
+    import docker.tls
+    for what, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise EngineUnavailable(f"engine tls.{what} {path}: {exc.strerror or exc}") from None
+    try:
+        return docker.tls.TLSConfig(client_cert=(cert_file, key_file), ca_cert=ca_file, verify=True)
+    except docker.errors.TLSParameterError as exc:
+        raise EngineUnavailable(f"engine tls: {exc}") from None
 
 
 class DockerRuntime:
@@ -81,8 +123,9 @@ class DockerRuntime:
 
     def __init__(self, engine: str = DEFAULT_ENGINE, *, node: str = "local",
                  address: str = "127.0.0.1", data_dir: str | os.PathLike[str] | None = None,
-                 timeout: float = 60.0, max_workers: int = 4) -> None:
+                 timeout: float = 60.0, max_workers: int = 4, tls: Any = None) -> None:
         self.engine = engine
+        self._tls = tls      # engine_tls(...) for a tcp:// engine with --tlsverify
         self._resolv_dir = Path(data_dir) / "resolv" if data_dir is not None else None
         self._files_ident = str(Path(data_dir).resolve()) if data_dir is not None else None
         self.node = node
@@ -112,8 +155,7 @@ class DockerRuntime:
         with self._client_lock:
             if self._client is None:
                 try:
-                    self._client = docker.DockerClient(base_url=self.engine, version="auto",
-                                                       timeout=int(self._timeout))
+                    self._client = open_client(self.engine, timeout=int(self._timeout), tls=self._tls)
                 except docker.errors.DockerException as exc:
                     raise EngineUnavailable(
                         f"docker engine {self.engine} of node {self.node} does not answer: "
@@ -129,9 +171,8 @@ class DockerRuntime:
             client = self._docker()
         with self._client_lock:
             if self._stream_api is None:
-                self._stream_api = docker.APIClient(base_url=self.engine,
-                                                    version=client.api.api_version,
-                                                    timeout=None)
+                self._stream_api = open_api(self.engine, version=client.api.api_version, timeout=None,
+                                            tls=self._tls)
             return self._stream_api
 
     def _ensure_watcher(self) -> None:
@@ -526,8 +567,8 @@ class DockerRuntime:
     def _info_sync(self, timeout: float) -> dict[str, Any]:
         with self._client_lock:
             if self._probe_api is None:
-                self._probe_api = docker.APIClient(base_url=self.engine, version="auto" if self._client is None
-                                                   else self._client.api.api_version, timeout=timeout)
+                self._probe_api = open_api(self.engine, timeout=timeout, tls=self._tls,
+                                           version=None if self._client is None else self._client.api.api_version)
             api = self._probe_api
         try:
             return api.info()

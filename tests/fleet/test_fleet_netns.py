@@ -27,7 +27,7 @@ import pytest
 
 from _util import wait_for
 from docker_env import TEST_IMAGE, start_engine
-from fleet_env import NetFleet
+from fleet_env import NetFleet, engine_certs
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ GRACE = 4.0
 HTTPD = "exec httpd -f -p $HOST:$PORT -h /www"
 
 
-def fleet_yaml(net: NetFleet, data: Path) -> str:
+def fleet_yaml(net: NetFleet, data: Path, certs: Path) -> str:
     a, b, ctl = net.addresses["a"], net.addresses["b"], net.addresses["ctl"]
     return textwrap.dedent(f"""\
         mesh:
@@ -45,7 +45,11 @@ def fleet_yaml(net: NetFleet, data: Path) -> str:
           node_grace: {GRACE:g}s
           nodes:
             - {{name: a, runtime: docker, address: {a}, engine: "tcp://{a}:2375", labels: {{zone: za}}}}
-            - {{name: b, runtime: docker, address: {b}, engine: "tcp://{b}:2375", labels: {{zone: zb}}}}
+            - name: b
+              address: {b}
+              engine: "tcp://{b}:2376"
+              tls: {{ca_file: {certs}/ca.pem, cert_file: {certs}/client-cert.pem, key_file: {certs}/client-key.pem}}
+              labels: {{zone: zb}}
         services:
           web:
             image: {TEST_IMAGE}
@@ -76,6 +80,7 @@ class Fleet:
     def __init__(self, net: NetFleet, tmp: Path) -> None:
         self.net, self.tmp = net, tmp
         self.engines: dict = {}
+        self.certs = tmp / "certs"
 
     def meshlet(self, *args: str, timeout: float = 60.0):
         return self.net.call("ctl", [MESHLET, *args], timeout=timeout)
@@ -107,10 +112,12 @@ def fleet(tmp_path_factory):
     net = NetFleet(["ctl", "a", "b"])
     f = Fleet(net, tmp)
     try:
-        for host in ("a", "b"):
-            f.engines[host] = start_engine(f"fl{host}", netns=net.netns[host], tcp=f"{net.addresses[host]}:2375")
+        # a: plain TCP; b: --tlsverify, the supervisor's client certificate in the config
+        f.certs = engine_certs(tmp / "certs", net.addresses["b"])
+        f.engines["a"] = start_engine("fla", netns=net.netns["a"], tcp=f"{net.addresses['a']}:2375")
+        f.engines["b"] = start_engine("flb", netns=net.netns["b"], tcp=f"{net.addresses['b']}:2376", tls=f.certs)
         path = tmp / "fleet.yaml"
-        path.write_text(fleet_yaml(net, tmp / "ctl"))
+        path.write_text(fleet_yaml(net, tmp / "ctl", f.certs))
         net.run("ctl", [MESHLET, "up", "-f", str(path)], log=tmp / "ctl.log")
         wait_for(lambda: f.meshlet("status").returncode == 0, timeout=90, interval=0.5,
                  what="the supervisor on the control host")
@@ -147,6 +154,36 @@ def test_replicas_spread_within_the_engines_capacity_and_a_too_big_one_waits(fle
     ls = fleet.meshlet("node", "ls")
     assert ls.returncode == 0 and [line.split()[:2] for line in ls.stdout.splitlines()[1:]] == [
         ["a", "ready"], ["b", "ready"]], ls.stdout
+
+
+ENGINE_HEALTH = """
+import asyncio, sys
+from supervisor.runtime import EngineUnavailable
+from supervisor.runtime.docker import DockerRuntime, engine_tls
+url, certs, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+tls = engine_tls(f"{certs}/{ca}", f"{certs}/client-cert.pem", f"{certs}/client-key.pem") if ca else None
+async def main():
+    rt = DockerRuntime(url, node="b", tls=tls)
+    try:
+        print("answers", await rt.health(timeout=5))
+    except EngineUnavailable as exc:
+        print("refused", exc)
+    finally:
+        await rt.close()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("ca, expected", [("ca.pem", "answers"), ("other-ca.pem", "refused"), ("", "refused")])
+def test_an_engine_behind_tls_answers_only_with_the_right_certificates(fleet, ca, expected):
+    """From the control host: the right CA and client certificate reach b's engine; a CA
+    that did not sign the engine's certificate, or no TLS at all, does not."""
+    done = fleet.net.call("ctl", [sys.executable, "-c", ENGINE_HEALTH, f"tcp://{fleet.net.addresses['b']}:2376",
+                                  str(fleet.certs), ca])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(expected), done.stdout
+    if ca == "other-ca.pem":
+        assert "certificate verify failed" in done.stdout, done.stdout
 
 
 def test_an_app_on_one_host_reaches_a_service_on_another_by_name_and_vip(fleet):
