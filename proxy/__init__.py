@@ -97,7 +97,7 @@ def _upstream_tls(value: str) -> config.UpstreamTls:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _workers(value: str) -> int | str:
+def _worker_count(value: str) -> int | str:
     if value == "auto":
         return value
     return _positive(int)(value)
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="admin listener: /metrics, /routes, /ready (with --workers: of all workers)")
     # Run alone the proxy is one process unless asked (mesh.proxy.workers, which `meshlet
     # up` passes, defaults to auto).
-    p.add_argument("--workers", type=_workers, default=1,
+    p.add_argument("--workers", type=_worker_count, default=1,
                    help="processes sharing the listeners, or auto: one per CPU [%(default)s]")
     p.add_argument("--domain", default=config.MESH_DEFAULTS.domain,
                    help="DNS domain of <service>.service.<domain> [%(default)s]")

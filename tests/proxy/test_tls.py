@@ -459,3 +459,39 @@ def test_upstream_server_name_is_checked(mesh_catalog, start_proxy, px, tmp_path
     finally:
         mesh_catalog.deregister(f"{svc}-0")
         backend.close()
+
+
+# --------------------------------------------------------------------------- workers: auto
+
+def test_workers_auto_is_one_per_core_sharing_tls_and_the_admin_sums_them(mesh_catalog, start_proxy, px, pki):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cores = len(os.sched_getaffinity(0))
+    name = px.unique("tlsworkers")
+    b = px.Backend(name + "-b0")
+    mesh_catalog.register(name, name + "-0", b.port)
+    try:
+        proxy = start_proxy("--workers", "auto", "--listen", tls_listener(*pki["www"]))
+        assert proxy.admin and proxy.ready["https"] == [proxy.ready["http"][1]]
+        assert admin_get(proxy, "/ready") == (200, f"ready ({cores} of {cores} workers)\n")
+        addr, host, n = proxy.ready["https"][0], f"{name}.service.meshlet", 30
+        prefixes = set()
+        for i in range(n):   # a new TLS connection each: the kernel spreads them over the workers
+            c = TlsClient(addr, "www.a.test", pki["ca_file"])
+            status, body = c.get(f"/w{i}", host)
+            c.close()
+            assert status == 200
+            info = json.loads(body)
+            headers = {k.lower(): v for k, v in info["headers"]}
+            assert headers["x-forwarded-proto"] == "https"
+            prefixes.add(headers["x-request-id"].split("-")[0])
+        assert len(prefixes) == cores, prefixes if cores > 1 else None   # every worker served some
+        text = admin_get(proxy, "/metrics")[1]
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("meshlet_proxy_requests_total", (("code", "200"), ("service", name)))] == n
+        doc = json.loads(admin_get(proxy, "/tls")[1])
+        assert doc["workers"] == cores and doc["listeners"][0]["listen"] == addr
+    finally:
+        mesh_catalog.deregister(name + "-0")
+        b.stop()
