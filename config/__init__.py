@@ -17,11 +17,11 @@ from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, NODE_SIDES_PREFIX, NODES_PRE
                     ROLLOUT_PREFIX, SECRETS_PREFIX,
                     SERVICES_PREFIX, VIPS_PREFIX, backoff_key, config_key, key_name, node_key, rollout_key, secret_key,
                     service_key, split_backoff_key, split_rollout_key, split_version_key, vip_key)
-from ._load import load, loads, locate
+from ._load import load, loads, locate, proxy_listener, proxy_listener_arg, upstream_tls, upstream_tls_arg
 from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
-                     ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
-                     NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
-                     ProxySettings, ResourceAmounts, Resources, RestartPolicy, Retries, Routes, SecretMount,
+                     ExecProbe, HashOn, HttpProbe, ListenerTls, MeshConfig, MeshSettings, NodeCapacity,
+                     NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes, ProxyListener,
+                     ProxySettings, ResourceAmounts, TlsCertificate, UpstreamTls, resolve_workers, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
                      EngineTls,
                      VolumeSpec)
@@ -33,6 +33,8 @@ from ._units import (UnitError, format_duration, parse_cpu, parse_duration,
 __all__ = [
     # loading
     "load", "loads", "locate", "ConfigError", "ConfigIssue",
+    # the proxy's command-line options (mesh.proxy items) and its worker count
+    "proxy_listener", "upstream_tls", "proxy_listener_arg", "upstream_tls_arg", "resolve_workers",
     # the KV service document
     "DOCUMENT_FORMAT", "service_document", "parse_service_document", "service_revision",
     "canonical_json",
@@ -40,7 +42,8 @@ __all__ = [
     "parse_duration", "parse_size", "parse_cpu", "parse_percent_or_count", "format_duration",
     "UnitError",
     # the model
-    "MeshConfig", "MeshSettings", "DnsSettings", "ProxySettings", "NodeSpec", "NodeCapacity",
+    "MeshConfig", "MeshSettings", "DnsSettings", "ProxySettings", "ProxyListener", "ListenerTls",
+    "TlsCertificate", "UpstreamTls", "NodeSpec", "NodeCapacity",
     "ServiceSpec", "Resources", "ResourceAmounts", "PortSpec", "Probes", "Probe", "HttpProbe", "TcpProbe",
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",

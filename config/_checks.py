@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from ._convert import HOOKS, INVALID, Ctx, is_ok
 from ._tree import N, join
-from ._model import (Backoff, ConfigSpec, EngineTls, HashOn, MeshSettings, NodeSpec, PortSpec, Probe,
-                     Probes, ResourceAmounts, Resources, Routes, SecretMount, SecretSpec, SecretsSettings,
-                     ServiceSpec, UpdateStrategy, VolumeSpec)
+from ._model import (Backoff, ConfigSpec, EngineTls, HashOn, ListenerTls, MeshSettings, NodeSpec, PortSpec,
+                     Probe, Probes, ProxySettings, ResourceAmounts, Resources, Routes, SecretMount, SecretSpec,
+                     SecretsSettings, ServiceSpec, TlsCertificate, UpdateStrategy, UpstreamTls, VolumeSpec)
 
 __all__ = ["DEFAULT_DOCKER_ENGINE"]
 
@@ -281,6 +281,63 @@ def _secrets_settings(v: Values, n: N, cx: Ctx, path: str) -> Values:
         cx.error(line_of(n, "key_env"), path, "give key_file or key_env, not both")
     if isinstance(v["key_file"], str):
         v["key_file"] = cx.resolve(v["key_file"])
+    return v
+
+
+# --- the proxy's TLS files ------------------------------------------------------------------
+
+def _resolve_files(v: Values, cx: Ctx, *names: str) -> Values:
+    for name in names:
+        if isinstance(v[name], str):
+            v[name] = cx.resolve(v[name])
+    return v
+
+
+@hook(ListenerTls)
+def _listener_tls(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    return _resolve_files(v, cx, "cert_file", "key_file")
+
+
+@hook(TlsCertificate)
+def _tls_certificate(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    return _resolve_files(v, cx, "cert_file", "key_file")
+
+
+@hook(UpstreamTls)
+def _upstream_tls(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    return _resolve_files(v, cx, "ca_file")
+
+
+@hook(ProxySettings)
+def _proxy(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    """One listener per address, one upstream_tls entry per service, and within a TLS
+    listener one certificate per host name (which one would SNI pick?)."""
+    for field, key, what in (("listen", "address", "address"), ("upstream_tls", "service", "service")):
+        if not is_ok(v[field]):
+            continue
+        first: dict[str, int] = {}
+        for i, item in enumerate(v[field]):
+            value = getattr(item, key)
+            if value.endswith(":0"):
+                continue   # port 0: any free port, each listener its own
+            if value in first:
+                cx.error(line_of(n, field, i), join(path, f"{field}[{i}].{key}"),
+                         f'{what} "{value}" is listed twice (also {field}[{first[value]}])')
+                v[field] = INVALID
+                break
+            first[value] = i
+    if is_ok(v["listen"]):
+        for i, listener in enumerate(v["listen"]):
+            if listener.tls is None:
+                continue
+            seen: dict[str, int] = {}
+            for j, cert in enumerate(listener.tls.certificates):
+                for host in cert.hosts:
+                    if host in seen and seen[host] != j:
+                        cx.error(line_of(n, "listen", i), join(path, f"listen[{i}].tls.certificates[{j}].hosts"),
+                                 f'host "{host}" is also in certificates[{seen[host]}]: give each host one certificate')
+                        v["listen"] = INVALID
+                    seen.setdefault(host, j)
     return v
 
 

@@ -358,7 +358,14 @@ def raise_issues(cx: Ctx) -> None:
 def read_plain(cls: type, data: Any, source: str, path: str = "") -> Any:
     """An instance of the model class ``cls`` from plain data (parsed JSON), checked as
     a file would be (the cross-field checks are registered in HOOKS when config loads)."""
-    cx = Ctx(source, None)
-    result = struct(cls)(from_plain(data), cx, path)
+    return read_part(struct(cls), data, source, path)
+
+
+def read_part(conv: Conv, data: Any, source: str, path: str = "", base_dir: str | None = None) -> Any:
+    """One part of the model read with its converter ``conv`` from plain data (a
+    command-line option's value); ``base_dir``: where relative paths are resolved
+    (None: kept as written). Raises ConfigError naming every problem."""
+    cx = Ctx(source, base_dir)
+    result = conv(from_plain(data), cx, path)
     raise_issues(cx)
     return result

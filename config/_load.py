@@ -10,12 +10,13 @@ import os
 from typing import Any
 
 from . import _checks  # noqa: F401  (registers the cross-field hooks)
-from ._convert import INVALID, Ctx, describe_node, raise_issues, read_plain, struct
+from ._convert import INVALID, Ctx, describe_node, raise_issues, read_part, read_plain, struct
 from ._errors import ConfigError, ConfigIssue
-from ._model import MeshConfig, ServiceSpec
+from ._model import LISTENER, MeshConfig, ProxyListener, ServiceSpec, UpstreamTls
 from ._tree import MAP, N, from_yaml
 
-__all__ = ["load", "loads", "service_from_plain", "locate"]
+__all__ = ["load", "loads", "service_from_plain", "locate", "proxy_listener", "upstream_tls",
+           "proxy_listener_arg", "upstream_tls_arg"]
 
 _TOP_NAMED = ("volumes", "configs", "secrets")
 
@@ -64,6 +65,44 @@ def service_from_plain(data: Any, source: str, path: str = "") -> ServiceSpec:
     """A ServiceSpec from plain data (parsed JSON); references are not checked."""
     return read_plain(ServiceSpec, data, source, path)
 
+
+# --- the proxy's command-line options, written as in meshlet.yaml ------------------------
+
+def _flow(text: str, source: str) -> Any:
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(source, None, "", f"invalid YAML/JSON {text!r}: {exc}")]) from None
+
+
+def proxy_listener(text: str, source: str = "--listen", base_dir: str | None = None) -> ProxyListener:
+    """A ``--listen`` value: ``HOST:PORT``, or one ``mesh.proxy.listen`` item as a YAML
+    or JSON mapping (``{address: 127.0.0.1:8443, tls: {cert_file: c.pem, key_file: k.pem}}``).
+    Relative paths: against ``base_dir`` (default: the current directory). ConfigError."""
+    data = _flow(text, source) if text.lstrip().startswith("{") else text
+    return read_part(LISTENER, data, source, base_dir=base_dir if base_dir is not None else os.getcwd())
+
+
+def upstream_tls(text: str, source: str = "--upstream-tls", base_dir: str | None = None) -> UpstreamTls:
+    """An ``--upstream-tls`` value: one ``mesh.proxy.upstream_tls`` item as a YAML or JSON
+    mapping (``{service: api, ca_file: ca.pem}``). ConfigError."""
+    return read_part(struct(UpstreamTls), _flow(text, source), source,
+                     base_dir=base_dir if base_dir is not None else os.getcwd())
+
+
+def proxy_listener_arg(listener: ProxyListener) -> str:
+    """The ``--listen`` value that reads back as ``listener`` (its address alone when plain)."""
+    import json
+    from ._model import to_plain
+    return listener.address if listener.tls is None else json.dumps(to_plain(listener), separators=(",", ":"))
+
+
+def upstream_tls_arg(item: UpstreamTls) -> str:
+    """The ``--upstream-tls`` value that reads back as ``item``."""
+    import json
+    from ._model import to_plain
+    return json.dumps(to_plain(item), separators=(",", ":"))
 
 
 def locate(path: str | os.PathLike[str], *keys: str | int) -> int | None:

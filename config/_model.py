@@ -9,18 +9,20 @@ immutable and hashable; lists are tuples and mappings are ``FrozenDict``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
 
-from ._convert import (DNS_LABEL, DNS_LABEL_HINT, boolean, choice, cpu, describe_node, duration, file_mode,
+from ._convert import (DNS_LABEL, DNS_LABEL_HINT, INVALID, boolean, choice, cpu, describe_node, duration, file_mode,
                        integer, listof, mapof, named_map, opt, percent_or_count, read_plain, req, set_by_apply,
                        size, struct, text, word, words)
 from . import _forms as forms
 from ._frozen import FrozenDict
 
 __all__ = [
-    "DnsSettings", "ProxySettings", "NodeCapacity", "NodeSpec", "MeshSettings", "ResourceAmounts",
+    "DnsSettings", "ProxySettings", "ProxyListener", "ListenerTls", "TlsCertificate", "UpstreamTls",
+    "resolve_workers", "NodeCapacity", "NodeSpec", "MeshSettings", "ResourceAmounts",
     "Resources", "PortSpec", "HttpProbe", "TcpProbe", "ExecProbe", "Probe", "Probes",
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount", "EngineTls",
@@ -100,10 +102,88 @@ class DnsSettings:
 
 
 @model
+class TlsCertificate:
+    """A certificate for the clients that ask (SNI) for one of ``hosts`` (written like
+    ``routes.hosts``: exact names, or ``*.example.test`` for any name under it)."""
+
+    hosts: tuple[str, ...] = req(listof(HOSTNAME, unique=True))
+    cert_file: str = req(LOCAL_PATH)      # PEM: the certificate, then its chain; relative: to the config file
+    key_file: str = req(LOCAL_PATH)       # PEM: its private key, not encrypted
+
+
+@model
+class ListenerTls:
+    """TLS termination on a proxy listener (TLS 1.2 and 1.3 only). ``cert_file`` and
+    ``key_file`` are the default certificate: for a client that asks for no name, or for a
+    name that no entry of ``certificates`` lists. Files are re-read when they change."""
+
+    cert_file: str = req(LOCAL_PATH)
+    key_file: str = req(LOCAL_PATH)
+    certificates: tuple[TlsCertificate, ...] = opt((), listof(struct(TlsCertificate)))
+
+
+@model
+class ProxyListener:
+    """An entry listener of the proxy: ``"HOST:PORT"``, or ``{address: HOST:PORT, tls: {...}}``."""
+
+    address: str = req(HOSTPORT)
+    tls: ListenerTls | None = opt(None, struct(ListenerTls))
+
+
+_LISTENER = struct(ProxyListener)
+
+
+def LISTENER(n: Any, cx: Any, path: str) -> Any:
+    """A proxy listener: its address alone (plain HTTP), or the mapping."""
+    if isinstance(n.value, str):
+        address = HOSTPORT(n, cx, path)
+        return address if address is INVALID else ProxyListener(address=address)
+    return _LISTENER(n, cx, path)
+
+
+@model
+class UpstreamTls:
+    """TLS from the proxy to a service's instances, verified against ``ca_file`` (PEM, one
+    or more CA certificates). The instance's certificate must name ``server_name``
+    (default: ``<service>.service.<domain>``), which is also sent as SNI."""
+
+    service: str = req(text(DNS_LABEL, DNS_LABEL_HINT))
+    ca_file: str = req(LOCAL_PATH)
+    server_name: str | None = opt(None, HOSTNAME)
+
+
+def WORKERS(n: Any, cx: Any, path: str) -> Any:
+    """``auto`` (one per CPU this process may run on) or a count, 1 to 64."""
+    if n.value == "auto":
+        return "auto"
+    if isinstance(n.value, str):
+        return cx.error(n.line, path, f"expected auto or an integer from 1 to 64, got {describe_node(n)}")
+    return _WORKER_COUNT(n, cx, path)
+
+
+_WORKER_COUNT = integer(1, 64)
+
+
+@model
 class ProxySettings:
-    listen: tuple[str, ...] = opt(("127.0.0.1:8080",), listof(HOSTPORT, unique=True))
+    listen: tuple[ProxyListener, ...] = opt((ProxyListener(address="127.0.0.1:8080"),), listof(LISTENER))
     admin_listen: str = opt("127.0.0.1:9901", HOSTPORT)
-    workers: int = opt(1, integer(1, 64))
+    # auto: one per core (resolve_workers); `meshlet proxy` run alone defaults to 1
+    workers: int | str = opt("auto", WORKERS)
+    upstream_tls: tuple[UpstreamTls, ...] = opt((), listof(struct(UpstreamTls)))
+
+
+def resolve_workers(value: int | str) -> int:
+    """The number of proxy worker processes for ``mesh.proxy.workers`` / ``--workers``:
+    ``auto`` is one per CPU this process may run on (its affinity mask, so a container's
+    or ``taskset``'s limit counts; os.cpu_count() where there is none), at most 64."""
+    if value != "auto":
+        return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 64))
 
 
 @model

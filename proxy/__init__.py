@@ -1,12 +1,20 @@
 """meshlet's data plane: an HTTP/1.1 and TCP proxy routing to the ready instances in the catalog.
 
-``meshlet proxy --consul URL --listen 127.0.0.1:8080 [--workers N] [--admin 127.0.0.1:9901]``
+``meshlet proxy --consul URL --listen 127.0.0.1:8080 [--workers N|auto] [--admin 127.0.0.1:9901]``
 (or ``python -m proxy``). Once every listener is bound it prints one line,
-``ready {"http": ["127.0.0.1:8080"], "admin": "127.0.0.1:9901"}``, and logs everything else
-to stderr. SIGTERM/SIGINT drain (``--drain-timeout``) and exit 0.
+``ready {"http": ["127.0.0.1:8080"], "admin": "127.0.0.1:9901"}`` (with TLS listeners also
+``"https": [...]``, those of ``http`` that terminate TLS), and logs everything else to
+stderr. SIGTERM/SIGINT drain (``--drain-timeout``) and exit 0. A TLS file that cannot be
+used at start: one error line naming it and what is wrong, exit 1.
+
+TLS (``_tls``): ``--listen '{address: HOST:PORT, tls: {cert_file, key_file, certificates:
+[{hosts, cert_file, key_file}]}}'`` terminates TLS 1.2/1.3, the certificate chosen by SNI;
+``--upstream-tls '{service, ca_file, server_name}'`` speaks TLS to that service's
+instances, verified. The files are re-read when they change (every second); a bad file
+then is logged and shown in ``/tls`` and ``/metrics``, and the certificates in force stay.
 
 Layout: ``_framing`` (pure message-head rules and their memo), ``_http1`` (client
-connections), ``_exchange`` (one request: attempts, retries, time-outs) with ``_relay``
+connections), ``_tls`` (certificates and their reload), ``_exchange`` (one request: attempts, retries, time-outs) with ``_relay``
 (its response side) and ``_decisions`` (its pure rules), ``_upstream`` (upstream
 connections and pools), ``_tcp`` (TCP VIPs), ``_server`` (listeners, table, sweep,
 drain), ``_workers`` (``--workers N``); routing and balancing: ``_routes``, ``_balance``,
@@ -75,18 +83,46 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _listener(value: str) -> config.ProxyListener:
+    try:
+        return config.proxy_listener(value)
+    except config.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _upstream_tls(value: str) -> config.UpstreamTls:
+    try:
+        return config.upstream_tls(value)
+    except config.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _worker_count(value: str) -> int | str:
+    if value == "auto":
+        return value
+    return _positive(int)(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshlet proxy", description="HTTP/1.1 and TCP proxy to the ready "
                                 "instances of the services in the catalog.")
     p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
                    metavar="URL", help="catalog (Consul HTTP API) URL [%(default)s]")
     p.add_argument("--token", default=os.environ.get("CONSUL_HTTP_TOKEN"), help=argparse.SUPPRESS)
-    p.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
-                   help=f"entry listener, routing by Host and path (repeatable) [{_PROXY.listen[0]}]")
+    p.add_argument("--listen", action="append", type=_listener, metavar="HOST:PORT|{...}",
+                   help="entry listener, routing by Host and path (repeatable): HOST:PORT, or a "
+                        "mesh.proxy.listen item as YAML/JSON, e.g. '{address: 127.0.0.1:8443, tls: "
+                        "{cert_file: c.pem, key_file: k.pem}}' (relative paths: to the current directory) "
+                        f"[{_PROXY.listen[0].address}]")
+    p.add_argument("--upstream-tls", action="append", type=_upstream_tls, default=[], metavar="{...}",
+                   help="TLS to a service's instances (repeatable): a mesh.proxy.upstream_tls item, "
+                        "e.g. '{service: api, ca_file: ca.pem, server_name: api.internal}'")
     p.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                    help="admin listener: /metrics, /routes, /ready (with --workers: of all workers)")
-    p.add_argument("--workers", type=_positive(int), default=_PROXY.workers,
-                   help="processes sharing the listeners [%(default)s]")
+    # Run alone the proxy is one process unless asked (mesh.proxy.workers, which `meshlet
+    # up` passes, defaults to auto).
+    p.add_argument("--workers", type=_worker_count, default=1,
+                   help="processes sharing the listeners, or auto: one per CPU [%(default)s]")
     p.add_argument("--domain", default=config.MESH_DEFAULTS.domain,
                    help="DNS domain of <service>.service.<domain> [%(default)s]")
     p.add_argument("--drain-timeout", type=_positive(float), default=10.0,
@@ -105,8 +141,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.listen:
-        args.listen = [config.split_hostport(a) for a in _PROXY.listen]
+        args.listen = list(_PROXY.listen)
+    addresses = [listener.address for listener in args.listen if not listener.address.endswith(":0")]
+    if len(set(addresses)) != len(addresses):   # (port 0: any free port, each its own)
+        p.error(f"--listen: an address is given twice: {', '.join(addresses)}")
+    services = [u.service for u in args.upstream_tls]
+    if len(set(services)) != len(services):
+        p.error(f"--upstream-tls: a service is given twice: {', '.join(services)}")
+    args.workers = config.resolve_workers(args.workers)
     return args
+
+
+def load_tls(args: argparse.Namespace, metrics: Any = None) -> tuple[list[Any], dict[str, Any]]:
+    """The TLS side of each ``--listen`` (None for plain HTTP) and the upstream TLS by
+    service, their files loaded and checked; TlsFileError names the first file that
+    cannot be used."""
+    from ._tls import TlsListener, UpstreamTls
+
+    listeners = [TlsListener(item.address, item.tls, metrics) if item.tls is not None else None
+                 for item in args.listen]
+    upstreams = {}
+    for item in args.upstream_tls:
+        upstreams[item.service] = u = UpstreamTls(item, args.domain, metrics)
+        u.publish(item.service)
+    return listeners, upstreams
 
 
 def _raise_nofile() -> None:
@@ -132,10 +190,18 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    from ._tls import TlsFileError
+
     metrics = Metrics()
+    try:
+        tls_listeners, upstream_tls = load_tls(args, metrics)
+    except TlsFileError as exc:
+        log.error("TLS: %s", exc)
+        return 1
     limits = Limits(max_connections=args.max_connections, header_timeout=args.header_timeout,
                     client_idle_timeout=args.idle_timeout)
     server = ProxyServer(metrics, limits, reuse_port=args.workers > 1, access_log=args.access_log)
+    server.upstream_tls = upstream_tls
 
     def on_change(view: Any) -> None:
         try:
@@ -157,16 +223,23 @@ async def serve(args: argparse.Namespace) -> int:
 
     runner = None
     bound: list[str] = []
+    https: list[str] = []
     try:
-        for host, port in args.listen:
-            bound.append(config.join_hostport(*await server.listen(host, port)))
+        for listener, tls in zip(args.listen, tls_listeners):
+            host, port = config.split_hostport(listener.address)
+            bound.append(config.join_hostport(*await server.listen(host, port, tls)))
+            if tls is not None:
+                https.append(bound[-1])
         await server.vips_settled()
-        ready: dict[str, Any] = {"http": bound}
+        ready: dict[str, Any] = {"http": bound}   # every entry listener, in --listen order
+        if https:
+            ready["https"] = https                # those of them that terminate TLS
         if args.admin is not None:   # (a worker's: internal, the parent serves the address)
             runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
                                                    metrics=metrics, is_ready=lambda: not server.draining,
                                                    get_draining=server.draining_endpoints,
-                                                   get_vip_failures=server.vip_failure_list)
+                                                   get_vip_failures=server.vip_failure_list,
+                                                   get_tls=server.tls_status)
             ready["admin"] = config.join_hostport(args.admin[0], admin_port)
     except OSError as exc:
         log.error("cannot listen: %s", exc)

@@ -1,4 +1,4 @@
-"""The proxy's admin listener (control plane, aiohttp): ``/metrics``, ``/routes``, ``/ready``.
+"""The proxy's admin listener (control plane, aiohttp): ``/metrics``, ``/routes``, ``/ready``, ``/tls``.
 
 - ``GET /metrics``: Prometheus text format 0.0.4 (see :mod:`proxy._metrics`).
 - ``GET /routes``: the live route table as JSON (``RouteTable.to_json()``), or
@@ -8,13 +8,19 @@
   rollout can wait for its retired replica to be absent here before SIGTERM.
 - ``GET /ready``: 200 ``ready`` once the first table is loaded and the proxy is not
   draining (``is_ready()``), else 503 with the reason.
+- ``GET /tls``: the TLS listeners and upstream TLS, ``{"listeners": [{"listen", "default":
+  {"cert_file", "subject", "names", "not_after"}, "certificates": [...], "files",
+  "loaded_at", "error", "error_at"}], "upstreams": [{"service", "ca_file", "server_name",
+  ...}]}``; ``error`` is the last reload's failure while the files stay unusable (the
+  certificates loaded before still serve), else null.
 - ``GET /snapshot``: this process's metrics as JSON (``Metrics.snapshot``), for the
   ``--workers`` parent.
 
 With ``--workers N`` the parent serves the admin address (``start_workers_admin``) and each
 worker an internal one on 127.0.0.1 (a free port, in its ready line): ``/metrics`` adds the
 workers' snapshots (counters, histograms and gauges summed), ``/routes`` is a worker's
-table with every worker's draining endpoints (``active`` summed), ``/ready`` is 200 while
+table with every worker's draining endpoints (``active`` summed), ``/tls`` a worker's with
+the errors of any worker (each reloads on its own), ``/ready`` is 200 while
 the parent is not draining and a worker is ready. A worker that does not answer (it is
 restarting) is left out; none answering is a 503.
 
@@ -38,7 +44,7 @@ from ._metrics import CONTENT_TYPE, Metrics
 if TYPE_CHECKING:  # pragma: no cover
     from ._routes import RouteTable
 
-__all__ = ["start_admin", "make_app", "start_workers_admin", "make_workers_app", "merge_draining"]
+__all__ = ["start_admin", "make_app", "start_workers_admin", "make_workers_app", "merge_draining", "merge_tls"]
 
 log = logging.getLogger("meshlet.proxy.admin")
 
@@ -56,7 +62,8 @@ async def _no_tracebacks(request: web.Request, handler: Any) -> web.StreamRespon
 
 def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
              is_ready: Callable[[], bool], get_draining: Callable[[], list] | None = None,
-             get_vip_failures: Callable[[], list] | None = None) -> web.Application:
+             get_vip_failures: Callable[[], list] | None = None,
+             get_tls: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     if metrics.get_table is None:
         metrics.get_table = get_table
 
@@ -85,8 +92,13 @@ def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
     async def snapshot_handler(request: web.Request) -> web.Response:
         return web.json_response(metrics.snapshot(get_table()))
 
+    async def tls_handler(request: web.Request) -> web.Response:
+        doc = get_tls() if get_tls is not None else {"listeners": [], "upstreams": []}
+        return web.Response(text=json.dumps(doc, indent=1) + "\n", content_type="application/json")
+
     app = web.Application(middlewares=[_no_tracebacks])
     app.router.add_get("/snapshot", snapshot_handler)
+    app.router.add_get("/tls", tls_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/routes", routes_handler)
     app.router.add_get("/ready", ready_handler)
@@ -154,6 +166,12 @@ def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[]
         return web.Response(text=json.dumps(doc, indent=1, sort_keys=False) + "\n",
                             content_type="application/json")
 
+    async def tls_handler(request: web.Request) -> web.Response:
+        docs = [doc for status, doc in await ask_all("/tls") if status == 200 and isinstance(doc, dict)]
+        if not docs:
+            return web.json_response({"listeners": [], "upstreams": []}, status=503)
+        return web.Response(text=json.dumps(merge_tls(docs), indent=1) + "\n", content_type="application/json")
+
     async def ready_handler(request: web.Request) -> web.Response:
         if is_draining():
             return web.Response(status=503, text="not ready: draining\n")
@@ -170,7 +188,26 @@ def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[]
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/routes", routes_handler)
     app.router.add_get("/ready", ready_handler)
+    app.router.add_get("/tls", tls_handler)
     return app
+
+
+def merge_tls(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' ``/tls`` as one: the first worker's, each entry with an ``error`` if
+    any worker has one (a worker that could not reload still serves the old certificate)."""
+    out = json.loads(json.dumps(docs[0]))
+    for kind, key in (("listeners", "listen"), ("upstreams", "service")):
+        errors = {}
+        for doc in docs:
+            for entry in doc.get(kind) or ():
+                if isinstance(entry, dict) and entry.get("error"):
+                    errors.setdefault(entry.get(key), entry)
+        for entry in out.get(kind) or ():
+            bad = errors.get(entry.get(key))
+            if bad is not None and not entry.get("error"):
+                entry["error"], entry["error_at"] = bad["error"], bad.get("error_at")
+    out["workers"] = len(docs)
+    return out
 
 
 async def start_workers_admin(host: str, port: int, *, peers: Callable[[], list[str]],
@@ -195,8 +232,10 @@ async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRun
 async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTable | None], metrics: Metrics,
                       is_ready: Callable[[], bool],
                       get_draining: Callable[[], list] | None = None,
-                      get_vip_failures: Callable[[], list] | None = None) -> tuple[web.AppRunner, int]:
+                      get_vip_failures: Callable[[], list] | None = None,
+                      get_tls: Callable[[], dict[str, Any]] | None = None) -> tuple[web.AppRunner, int]:
     """Serve the admin API on ``host:port`` (0: any free port). Returns the runner
     (``await runner.cleanup()`` stops it) and the bound port."""
     return await _serve(make_app(get_table=get_table, metrics=metrics, is_ready=is_ready,
-                                 get_draining=get_draining, get_vip_failures=get_vip_failures), host, port)
+                                 get_draining=get_draining, get_vip_failures=get_vip_failures,
+                                 get_tls=get_tls), host, port)

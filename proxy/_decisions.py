@@ -3,6 +3,7 @@ sent as heads, which key a hashing balancer gets. No sockets, no clock: tested d
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from ._framing import CHUNKED, CRLF, LENGTH, NONE, UNTIL_CLOSE, RequestHead, status_line
@@ -68,7 +69,7 @@ def upstream_parts(head: RequestHead) -> tuple[bytes, bytes]:
     if head.host_header:
         pre += (b"host: ", head.host_header, CRLF)
     pre += head.fields
-    post = [b"x-forwarded-proto: http\r\n"]
+    post: list[bytes] = []   # (X-Forwarded-Proto comes with the connection's X-Forwarded-For)
     if head.host_header:
         post += (b"x-forwarded-host: ", head.host_header, CRLF)
     if head.framing == LENGTH:
@@ -131,6 +132,10 @@ def hash_key(hash_on: tuple[str, Any], head: RequestHead, peer: bytes) -> bytes 
 
 
 def os_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
     return type(exc).__name__

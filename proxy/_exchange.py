@@ -153,7 +153,8 @@ class Exchange(Relay, Hedging):
         """The request head for the upstream. Its fixed field lines are built once per head
         and kept on the (memoised) head, shared by the copies of it made for other targets
         (see _framing's head memo); per request the request line (the route may strip a
-        prefix from the target), X-Forwarded-For and X-Request-Id are added, in one join."""
+        prefix from the target), X-Forwarded-For with X-Forwarded-Proto (per connection:
+        http or https) and X-Request-Id are added, in one join."""
         head = self.head
         fields = head.up_fields
         if fields is None:
@@ -163,8 +164,7 @@ class Exchange(Relay, Hedging):
         route = self.route
         if route is not None and route.strip_prefix:
             target = strip_prefix(target, route.prefix)
-        xff = self.client.xff_line if head.xff is None else (
-            b"x-forwarded-for: " + head.xff + b", " + self.client.peer_ip + CRLF)
+        xff = self.client.xff_line if head.xff is None else b"x-forwarded-for: " + head.xff + self.client.xff_tail
         if head.request_id is None:
             server = self.server
             rid = b"x-request-id: %s-%x\r\n" % (server.rid_prefix, next(server.rid_counter))

@@ -47,6 +47,8 @@ PAUSE_UPSTREAM = 2   # the upstream's write buffer is full
 PAUSE_CONNECT = 4    # request body beyond the replay buffer, no upstream connection yet
 PAUSE_UPGRADE = 8    # an Upgrade request waits for the upstream's answer
 INF = float("inf")
+PROTO_HTTP = b"x-forwarded-proto: http\r\n"
+PROTO_HTTPS = b"x-forwarded-proto: https\r\n"
 
 
 class _Rejection:
@@ -83,11 +85,12 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = ("server", "vip", "loop", "transport", "peer_ip", "parser", "url", "headers", "trailers",
                  "in_head", "head_len", "reading", "active", "queue", "out", "pause_flags", "write_paused",
                  "deadline", "last_io", "draining", "closed", "tunnel", "upgrade_rest", "dead", "eof", "feeding", "flushes", "xff_line", "last",
-                 "hold")
+                 "hold", "xff_tail", "proto_line")
 
-    def __init__(self, server: ProxyServer, vip: tuple[str, int] | None = None) -> None:
+    def __init__(self, server: ProxyServer, vip: tuple[str, int] | None = None, https: bool = False) -> None:
         self.server = server
         self.vip = vip
+        self.proto_line = PROTO_HTTPS if https else PROTO_HTTP  # (a TLS listener's connections: https)
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer_ip = b""
@@ -113,7 +116,8 @@ class ClientConnection(asyncio.Protocol):
         self.eof = False                  # the client half-closed its side of a tunnel
         self.feeding = False              # inside parser.feed_data (upstream writes are gathered)
         self.flushes = 0                  # writes so far (an exchange knows if its head left)
-        self.xff_line = b""               # "x-forwarded-for: <peer>" for requests without one
+        self.xff_line = b""               # "x-forwarded-for: <peer>" + proto_line, for requests without one
+        self.xff_tail = b""               # ", <peer>" + proto_line, after a request's own X-Forwarded-For
         self.last: Any = None             # the exchange whose head was parsed last
         self.hold = False                 # a small response is gathered whole before it leaves
 
@@ -131,7 +135,10 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = peer[0].encode("ascii")
-        self.xff_line = b"x-forwarded-for: " + self.peer_ip + CRLF
+        # X-Forwarded-Proto rides with X-Forwarded-For (per connection) rather than with
+        # the memoised head's fixed lines, which requests on plain and TLS listeners share.
+        self.xff_tail = b", " + self.peer_ip + CRLF + self.proto_line
+        self.xff_line = b"x-forwarded-for: " + self.peer_ip + CRLF + self.proto_line
         self.last_io = now = self.loop.time()
         self.deadline = now + server.header_timeout
 

@@ -82,6 +82,10 @@ class Metrics:
         self.ejections: dict[str, int] = {}
         self.upstream_connections = Gauge()
         self.active_requests = Gauge()
+        # TLS files (proxy._tls): reloads by (kind, name, result), and 1 while the files on
+        # disk cannot be loaded (the certificates loaded before still serve)
+        self.tls_reloads: dict[tuple[str, str, str], int] = {}
+        self.tls_files_invalid: dict[tuple[str, str], int] = {}
         self.get_table: Callable[[], RouteTable | None] | None = None
         self.ejected: dict[str, int] | None = None   # set by add(): the workers' ejections
 
@@ -118,7 +122,9 @@ class Metrics:
                 "retries": self.retries, "ejections": self.ejections,
                 "ejected": table.ejected_by_service() if table is not None else {},
                 "upstream_connections": self.upstream_connections.value,
-                "active_requests": self.active_requests.value}
+                "active_requests": self.active_requests.value,
+                "tls_reloads": [[*k, n] for k, n in self.tls_reloads.items()],
+                "tls_files_invalid": [[*k, n] for k, n in self.tls_files_invalid.items()]}
 
     def add(self, snap: dict[str, Any]) -> None:
         """Add another process's ``snapshot()``: counters, histograms and the two gauges
@@ -147,6 +153,11 @@ class Metrics:
         self.ejected = ejected
         self.upstream_connections.value += snap["upstream_connections"]
         self.active_requests.value += snap["active_requests"]
+        for kind, name, result, n in snap.get("tls_reloads", ()):
+            key = (kind, name, result)
+            self.tls_reloads[key] = self.tls_reloads.get(key, 0) + n
+        for kind, name, n in snap.get("tls_files_invalid", ()):   # invalid in any worker
+            self.tls_files_invalid[(kind, name)] = max(self.tls_files_invalid.get((kind, name), 0), n)
 
     # -- scrape ---------------------------------------------------------------------
 
@@ -198,5 +209,15 @@ class Metrics:
         add("# HELP meshlet_proxy_active_requests Requests in flight.")
         add("# TYPE meshlet_proxy_active_requests gauge")
         add(f"meshlet_proxy_active_requests {self.active_requests.value}")
+        if self.tls_files_invalid or self.tls_reloads:
+            add("# HELP meshlet_proxy_tls_reloads_total Reloads of TLS files after they changed, by result.")
+            add("# TYPE meshlet_proxy_tls_reloads_total counter")
+            for (kind, name, result), n in sorted(self.tls_reloads.items()):
+                add(f'meshlet_proxy_tls_reloads_total{{kind="{kind}",name="{_escape(name)}",result="{result}"}} {n}')
+            add("# HELP meshlet_proxy_tls_files_invalid 1 while TLS files on disk cannot be loaded "
+                "(the ones loaded before still serve).")
+            add("# TYPE meshlet_proxy_tls_files_invalid gauge")
+            for (kind, name), n in sorted(self.tls_files_invalid.items()):
+                add(f'meshlet_proxy_tls_files_invalid{{kind="{kind}",name="{_escape(name)}"}} {n}')
         add("")
         return "\n".join(out).encode()

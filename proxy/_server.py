@@ -15,7 +15,8 @@ table
 sweep
     Every ``TICK`` seconds one callback compares each connection's ``deadline`` with the
     clock and calls ``on_deadline`` on those due: header read, keep-alive idle, connect,
-    per-try, overall and streaming-idle time-outs all ride on it. A per-request
+    per-try, overall and streaming-idle time-outs all ride on it (and, every second,
+    the check of the TLS files: proxy._tls). A per-request
     ``call_later`` handle costs ~1.1 µs to arm and cancel on uvloop (two per request would
     be ~15 % of the request budget at 60k req/s); a float store costs nothing. Time-outs
     therefore fire up to ``TICK`` late.
@@ -41,11 +42,13 @@ import config
 
 from ._http1 import ClientConnection
 from ._tcp import TcpConnection
+from ._tls import RELOAD_EVERY
 from ._upstream import Pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._metrics import Metrics
     from ._routes import RouteTable
+    from ._tls import TlsListener, UpstreamTls
 
 __all__ = ["ProxyServer", "Limits", "TICK"]
 
@@ -53,6 +56,7 @@ log = logging.getLogger("meshlet.proxy")
 
 TICK = 0.05  # seconds between deadline sweeps
 UPSTREAM_IDLE_MAX = 30.0  # upstream keep-alive connections idle longer than this are closed
+TLS_CHECK_TICKS = max(1, round(RELOAD_EVERY / TICK))  # sweeps between checks of the TLS files
 
 
 class Limits:
@@ -104,6 +108,8 @@ class ProxyServer:
         self._vip_retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._ticks = 0
+        self.tls_listeners: list[TlsListener] = []
+        self.upstream_tls: dict[str, UpstreamTls] = {}   # service -> its upstream TLS
 
     # -- table -----------------------------------------------------------------------
 
@@ -130,7 +136,8 @@ class ProxyServer:
                 pool.retire()
             pool = Pool(ep.address, ep.port, max_idle=self.upstream_max_idle,
                         idle_timeout=min(cluster.settings.timeouts.idle, UPSTREAM_IDLE_MAX),
-                        gauge=self.metrics.upstream_connections, loop=self.loop)
+                        gauge=self.metrics.upstream_connections, loop=self.loop,
+                        tls=self.upstream_tls.get(cluster.name) if self.upstream_tls else None)
             self.pools[ep.id] = pool
         return pool
 
@@ -156,11 +163,22 @@ class ProxyServer:
 
     # -- listeners -----------------------------------------------------------------------
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=4096,
-                                               reuse_port=self.reuse_port or None)
+    async def listen(self, host: str, port: int, tls: TlsListener | None = None) -> tuple[str, int]:
+        """Bind an entry listener; with ``tls``, TLS is terminated on it (the handshake
+        must end within the request head time-out). Plain HTTP sent to a TLS listener
+        fails the handshake (OpenSSL: "http request") and the connection is closed."""
+        if tls is None:
+            server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=4096,
+                                                   reuse_port=self.reuse_port or None)
+        else:
+            server = await self.loop.create_server(lambda: ClientConnection(self, None, True), host, port,
+                                                   backlog=4096, reuse_port=self.reuse_port or None,
+                                                   ssl=tls.context, ssl_handshake_timeout=self.header_timeout)
         self.entry_servers.append(server)
         sock = server.sockets[0].getsockname()
+        if tls is not None:
+            tls.publish(config.join_hostport(sock[0], sock[1]))
+            self.tls_listeners.append(tls)
         return sock[0], sock[1]
 
     def reconcile_vips(self) -> None:
@@ -235,7 +253,24 @@ class ProxyServer:
         if self._ticks % 20 == 0:
             for ep_id, pool in list(self.pools.items()):
                 pool.expire(now)
+        if self._ticks % TLS_CHECK_TICKS == 0 and (self.tls_listeners or self.upstream_tls):
+            self.check_tls()
         self._tick = self.loop.call_later(TICK, self._sweep)
+
+    # -- TLS ----------------------------------------------------------------------------
+
+    def check_tls(self) -> None:
+        """Reload TLS files that changed (see proxy._tls); never raises."""
+        for item in (*self.tls_listeners, *self.upstream_tls.values()):
+            try:
+                item.check()
+            except Exception:  # noqa: BLE001 - a bug here must not stop the sweep
+                log.exception("TLS check of %s %s failed", item.kind, item.name)
+
+    def tls_status(self) -> dict[str, Any]:
+        """For the admin API's /tls."""
+        return {"listeners": [t.status() for t in self.tls_listeners],
+                "upstreams": [u.status() for u in self.upstream_tls.values()]}
 
     # -- drain --------------------------------------------------------------------------
 

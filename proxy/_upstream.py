@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from ._decisions import os_error
 from ._framing import _RAW_RESPONSES, HEAD_END, remember_raw_response
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -285,10 +287,10 @@ class Pool:
     """Idle keep-alive connections to one endpoint; see the module docstring."""
 
     __slots__ = ("address", "port", "idle", "max_idle", "idle_timeout", "retired", "opened", "gauge", "loop",
-                 "connecting")
+                 "connecting", "tls", "tls_logged")
 
     def __init__(self, address: str, port: int, *, max_idle: int = 1024, idle_timeout: float = 30.0,
-                 gauge: Any = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 gauge: Any = None, loop: asyncio.AbstractEventLoop | None = None, tls: Any = None) -> None:
         self.address = address
         self.port = port
         self.idle: list[UpstreamConnection] = []
@@ -299,6 +301,8 @@ class Pool:
         self.connecting = 0
         self.gauge = gauge if gauge is not None else _Gauge()
         self.loop = loop or asyncio.get_running_loop()
+        self.tls = tls                  # proxy._tls.UpstreamTls: connect with TLS, verified
+        self.tls_logged = 0.0           # when a TLS failure was last logged (at most every 10 s)
 
     def __repr__(self) -> str:
         return f"<Pool {self.address}:{self.port} open={self.opened} idle={len(self.idle)}>"
@@ -347,11 +351,25 @@ class Pool:
         """Open a new connection; ``done(task)`` runs when it finishes (any outcome).
         A task per new connection is fine: pooled reuse, the fast path, needs none."""
         self.connecting += 1
-        task = self.loop.create_task(self.loop.create_connection(lambda: UpstreamConnection(self),
-                                                                 self.address, self.port))
+        tls = self.tls
+        if tls is None:
+            opening = self.loop.create_connection(lambda: UpstreamConnection(self), self.address, self.port)
+        else:  # (the connect time-out, armed by the exchange, covers the handshake too)
+            opening = self.loop.create_connection(lambda: UpstreamConnection(self), self.address, self.port,
+                                                  ssl=tls.context, server_hostname=tls.server_name)
+        task = self.loop.create_task(opening)
         task.add_done_callback(self._connected)
         task.add_done_callback(done)
         return task
 
     def _connected(self, task: asyncio.Task) -> None:
         self.connecting -= 1
+        if self.tls is not None and not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, ssl.SSLError):
+                now = self.loop.time()
+                if now - self.tls_logged >= 10.0 or not self.tls_logged:
+                    self.tls_logged = now
+                    log.error("TLS to %s:%d (service %s, server name %s, CA file %s) failed: %s",
+                              self.address, self.port, self.tls.name, self.tls.server_name,
+                              self.tls.settings.ca_file, os_error(exc))

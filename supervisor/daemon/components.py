@@ -168,7 +168,7 @@ def preflight(mesh: config.MeshSettings, *, with_catalog: bool) -> list[str]:
     problems = []
     listeners = [("mesh.admin_listen", mesh.admin_listen, False), ("mesh.proxy.admin_listen", mesh.proxy.admin_listen, False)]
     listeners += [("mesh.dns.listen", a, True) for a in mesh.dns.listen]
-    listeners += [("mesh.proxy.listen", a, False) for a in mesh.proxy.listen]
+    listeners += [("mesh.proxy.listen", listener.address, False) for listener in mesh.proxy.listen]
     if with_catalog:
         listeners.insert(0, ("mesh.catalog_listen", mesh.catalog_listen, False))
     for what, addr, udp in listeners:
@@ -326,10 +326,13 @@ def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]
         dns += ["--listen", listen]
     for recursor in mesh.dns.recursors:
         dns += ["--recursor", recursor]
+    # workers "auto" is resolved by the proxy (config.resolve_workers): on the host it runs on
     proxy = config.module_argv("proxy", "--consul", url, "--domain", mesh.domain,
                                "--admin", mesh.proxy.admin_listen, "--workers", str(mesh.proxy.workers))
-    for listen in mesh.proxy.listen:
-        proxy += ["--listen", listen]
+    for listener in mesh.proxy.listen:
+        proxy += ["--listen", config.proxy_listener_arg(listener)]
+    for item in mesh.proxy.upstream_tls:
+        proxy += ["--upstream-tls", config.upstream_tls_arg(item)]
     return {"dns": dns, "proxy": proxy}
 
 

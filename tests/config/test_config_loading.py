@@ -24,8 +24,8 @@ def test_empty_file_gives_the_defaults(tmp_path):
     assert mesh.vip_range == "127.10.0.0/16" and mesh.admin_listen == "127.0.0.1:9900"
     assert mesh.dns == config.DnsSettings(listen=("127.0.0.1:8600",), mode="vip", ttl=0.0,
                                           negative_ttl=5.0, only_passing=True, recursors=())
-    assert mesh.proxy == config.ProxySettings(listen=("127.0.0.1:8080",),
-                                              admin_listen="127.0.0.1:9901", workers=1)
+    assert mesh.proxy == config.ProxySettings(listen=(config.ProxyListener(address="127.0.0.1:8080"),),
+                                              admin_listen="127.0.0.1:9901", workers="auto", upstream_tls=())
     assert mesh.nodes == ()
 
 

@@ -14,6 +14,8 @@ import urllib.request
 import aiohttp
 import pytest
 
+import config
+
 from supervisor.daemon.replicas import draining_requests
 from _util import pid_alive
 
@@ -202,12 +204,13 @@ def test_worker_command_lines():
     from proxy._workers import worker_argv
     args = parse_args(["--consul", "http://c:8500", "--listen", "127.0.0.1:0", "--workers", "3",
                        "--admin", "127.0.0.1:9901", "--access-log"])
-    w0 = worker_argv(args, 0, [("127.0.0.1", 8080)])
-    w1 = worker_argv(args, 1, [("127.0.0.1", 8080)])
+    held = [config.ProxyListener(address="127.0.0.1:8080")]
+    w0 = worker_argv(args, 0, held)
+    w1 = worker_argv(args, 1, held)
     assert w0[1:4] == ["-P", "-m", "proxy"]   # -P: the working directory is not on its import path
     assert "--listen" in w0 and w0[w0.index("--listen") + 1] == "127.0.0.1:8080"  # the port the parent holds
     assert w0[w0.index("--worker-index") + 1] == "0" and w1[w1.index("--worker-index") + 1] == "1"
     # each worker has an internal admin listener; the parent serves --admin from them
     assert w0[w0.index("--admin") + 1] == w1[w1.index("--admin") + 1] == "127.0.0.1:0"
     assert "--access-log" in w1 and w1[w1.index("--workers") + 1] == "3"
-    assert parse_args(w0[4:]).listen == [("127.0.0.1", 8080)]
+    assert parse_args(w0[4:]).listen == held
