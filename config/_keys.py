@@ -11,6 +11,7 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
                                           control | restart           (the CLI)
     meshlet/secrets/<name>/<version>      a secret's version, encrypted (supervisor.secrets)
     meshlet/configs/<name>/<version>      a config's version (content, digest)
+    meshlet/leader                        the supervisors' leader lock (a session holds it)
     meshlet/nodes/<node>                  an operator's cordon / drain of a node (the CLI)
     meshlet/node-sides/<host>             a host's `meshlet node` (its proxy's admin address)
 """
@@ -18,7 +19,7 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "node_key", "service_key", "vip_key", "backoff_key", "rollout_key",
+           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "node_key", "service_key", "vip_key", "backoff_key", "rollout_key",
            "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
 SERVICES_PREFIX = "meshlet/services/"
@@ -29,6 +30,7 @@ ROLLOUT_KINDS = ("state", "history", "crashes", "control", "restart")
 SECRETS_PREFIX = "meshlet/secrets/"
 CONFIGS_PREFIX = "meshlet/configs/"
 NODES_PREFIX = "meshlet/nodes/"
+LEADER_KEY = "meshlet/leader"
 NODE_SIDES_PREFIX = "meshlet/node-sides/"
 
 

@@ -334,10 +334,17 @@ class LeaderLock:
 
     def __init__(self, client: consul.aio.Consul, key: str, *, ttl: str = "15s",
                  name: str = "meshlet-leader", value: bytes = b"", lock_delay: str = "15s",
-                 wait: str = "30s") -> None:
+                 wait: str = "30s", renew_every: float | None = None, lose_after: float | None = None) -> None:
         self.client, self.key, self.name, self.value, self.wait = client, key, name, value, wait
         self.ttl = parse_seconds(ttl)  # the catalog enforces its bounds (Consul: 10s..24h)
         self.lock_delay = parse_seconds(lock_delay)
+        # Fencing: a holder cut off from the catalog must stop acting before another can
+        # take the key. Consul may invalidate an unrenewed session any time after its TTL
+        # (and a new holder then waits lock_delay), so giving up after ``lose_after`` < TTL
+        # without a successful renewal keeps two holders from ever acting at once.
+        self.renew_every = renew_every if renew_every is not None else self.ttl / 2
+        self.lose_after = lose_after if lose_after is not None else self.ttl
+        self.renewed_at = 0.0     # time.monotonic() when the last renewal (or creation) was sent
         self.lost = asyncio.Event()
         self.session: str | None = None
         self._held = False
@@ -355,7 +362,9 @@ class LeaderLock:
         while True:
             try:
                 if self.session is None:
+                    sent = time.monotonic()
                     self.session = await self._create_session()
+                    self.renewed_at = sent
                     self._tasks.append(asyncio.create_task(self._renew(self.session)))
                 if await self.client.kv.put(self.key, self.value, acquire=self.session):
                     self._held = True
@@ -394,24 +403,30 @@ class LeaderLock:
                 raise
             raise _Rejected(exc) from exc
 
+    def fresh(self) -> bool:
+        """Held, and renewed recently enough to act on (see ``lose_after``)."""
+        return self.held and time.monotonic() - self.renewed_at < self.lose_after
+
     async def _renew(self, session: str) -> None:
-        renewed, delay = time.monotonic(), self.ttl / 2
+        delay = self.renew_every
         while True:
             await asyncio.sleep(delay)
+            sent = time.monotonic()
             try:
-                await self.client.session.renew(session)
+                await asyncio.wait_for(self.client.session.renew(session),
+                                       max(0.5, self.lose_after - (sent - self.renewed_at)))
             except consul.NotFound:
                 self._lose(session, "the session no longer exists")
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - retry every second until the TTL is spent
-                if time.monotonic() - renewed > self.ttl:
-                    self._lose(session, f"cannot renew the session: {exc}")
+            except Exception as exc:  # noqa: BLE001 - retry until lose_after is spent
+                if time.monotonic() - self.renewed_at > self.lose_after:
+                    self._lose(session, f"cannot renew the session: {exc or type(exc).__name__}")
                     return
-                delay = 1.0
+                delay = min(1.0, self.renew_every)
                 continue
-            renewed, delay = time.monotonic(), self.ttl / 2
+            self.renewed_at, delay = sent, self.renew_every
 
     async def _monitor(self, session: str) -> None:
         index = 0

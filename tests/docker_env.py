@@ -285,8 +285,8 @@ def _dockerd_argv(name: str, root: Path, driver: str, netns: str | None = None,
     enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
     listen = ["-H", f"tcp://{tcp}"] if tcp else []
     if tls is not None:   # --tlsverify: only clients with a certificate of this CA get in
-        listen += ["--tlsverify", f"--tlscacert={tls / 'ca.pem'}", f"--tlscert={tls / 'server-cert.pem'}",
-                   f"--tlskey={tls / 'server-key.pem'}"]
+        listen += ["--tlsverify", f"--tlscacert={tls / 'ca.pem'}", f"--tlscert={tls / 'server.pem'}",
+                   f"--tlskey={tls / 'server.key'}"]
     return [
         *enter, shutil.which("dockerd") or "/usr/sbin/dockerd", *listen,
         "--data-root", str(root / "data"),
@@ -351,7 +351,7 @@ def start_engine(name: str = "node1", root: Path | None = None, *,
     """Start a private dockerd called ``name`` and build the test images on it; with
     ``netns``, inside that network namespace (a test host), also listening on ``tcp``
     (HOST:PORT, an address of that namespace), with ``tls`` (a directory holding ca.pem,
-    server-cert.pem, server-key.pem) requiring client certificates there."""
+    server.pem, server.key: ``fleet_env.engine_certs``) requiring client certificates there."""
     global _working_driver
     ensure_packages()
     forced = os.environ.get("MESHLET_TEST_DOCKER_STORAGE")

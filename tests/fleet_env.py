@@ -139,53 +139,14 @@ class NetFleet:
 
 
 def engine_certs(dest: Path, server_ip: str) -> Path:
-    """A throwaway CA, a server certificate for ``server_ip`` and a client certificate, as
-    dockerd's --tlsverify and a client want them: ca.pem, server-{cert,key}.pem,
-    client-{cert,key}.pem in ``dest``; also other-ca.pem, a CA that signed neither."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+    """A throwaway CA (ca.pem), the engine's certificate for ``server_ip`` (server.pem,
+    server.key) and the supervisor's (client.pem, client.key), as dockerd's --tlsverify
+    and its client want them, in ``dest``; also other-ca.pem, a CA that signed neither."""
+    from _certs import Authority
     dest.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key, path: Path) -> None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        path.chmod(0o600)
-
-    def ca(cn: str):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        return key, cert
-
-    ca_key, ca_cert = ca("meshlet test engine CA")
-    (dest / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _, other = ca("another CA")
-    (dest / "other-ca.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
-    for who, usage, san in (("server", ExtendedKeyUsageOID.SERVER_AUTH,
-                             [x509.IPAddress(ipaddress.ip_address(server_ip))]),
-                            ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("meshlet-supervisor")])):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(san), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        (dest / f"{who}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        write_key(key, dest / f"{who}-key.pem")
+    ca = Authority("meshlet test engine CA")
+    ca.write(dest, "ca")
+    Authority("another CA").write(dest, "other-ca")
+    ca.issue(dest, "server", [], ips=[server_ip])
+    ca.issue(dest, "client", ["meshlet-supervisor"])
     return dest

@@ -340,4 +340,7 @@ def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]
 
 def catalog_argv(listen: str, data_dir: Path) -> list[str]:
     """The embedded catalog's command line."""
-    return config.module_argv("discovery.catalog", "--listen", listen, "--data-dir", str(data_dir))
+    # sessions down to 1 s (Consul's session_ttl_min; its default is 10 s): the
+    # supervisors' leader lock uses 5 s, so a standby takes over in about 11 s
+    return config.module_argv("discovery.catalog", "--listen", listen, "--data-dir", str(data_dir),
+                              "--session-ttl-min", "1s")

@@ -40,7 +40,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,12 @@ class Supervisor:
                  runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
                  check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None,
                  proxy_admins: Sequence[str] = (), secrets_key: KeySource | None = None,
-                 node_grace: float = DEFAULT_GRACE, node_probe: float = PROBE_EVERY) -> None:
+                 node_grace: float = DEFAULT_GRACE, node_probe: float = PROBE_EVERY,
+                 fence: Callable[[], bool] | None = None) -> None:
         self.url = url
+        # the leader lock's freshness (daemon/leader.py); None: this supervisor is alone
+        self.fence = fence
+        self.fenced = asyncio.Event()
         self.node_grace, self.node_probe = node_grace, node_probe
         self.dns = dns
         self.secrets_key = secrets_key
@@ -416,6 +420,8 @@ class Supervisor:
         last_status = 0.0
         while True:
             await asyncio.sleep(self.resync)
+            if not self.may_act():
+                continue
             try:
                 await self._relist()
                 # The catalog is the truth for registrations: one restarted without its
@@ -544,6 +550,8 @@ class Supervisor:
             starting=tuple(self._starting.values()))
 
     async def _sync(self, service: str) -> None:
+        if not self.may_act():
+            return
         now = self.clock()
         begun = self.rollouts.begin(service, self.desired, self.replicas.facts(service), now)
         if begun is not None:
@@ -582,7 +590,19 @@ class Supervisor:
             self.enqueue(service)    # level-triggered: look again with the new view
 
     async def _store_rollout(self, service: str) -> None:
-        await self.rollouts.store(service, live=self.instances.keys())
+        if self.may_act():
+            await self.rollouts.store(service, live=self.instances.keys())
+
+    def may_act(self) -> bool:
+        """False once the leader lock is stale (``fence``): ``fenced`` is set and every
+        action, write and sync stops until this supervisor is closed."""
+        if self.fence is None or self.fenced.is_set():
+            return not self.fenced.is_set()
+        if self.fence():
+            return True
+        log.warning("the leader lock is no longer fresh: this supervisor stops acting")
+        self.fenced.set()
+        return False
 
     # --- carrying out ---------------------------------------------------------------------------
 
@@ -590,7 +610,10 @@ class Supervisor:
                       rollout: bool = False) -> bool:
         """Carry out ``actions`` (the pure core's, for ``service``); True when something
         was started or a retirement began. ``rollout``: they come from a rollout step
-        (a refused start then counts against the new revision)."""
+        (a refused start then counts against the new revision). Nothing is done once the
+        leader lock is no longer fresh (``fence``): another supervisor may lead by now."""
+        if not self.may_act():
+            return False
         # reserve the room of every start now, before the first await lets another
         # service's sync decide on the same view
         reserved = []

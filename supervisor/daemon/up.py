@@ -48,9 +48,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import config
 
@@ -60,6 +60,7 @@ from .admin import AdminServer
 from .components import (Component, ComponentFailed, catalog_argv, component_argvs, dns_settings, docker_answers,
                          engine_notes,
                          preflight, vip_notes)
+from .leader import lead
 from .supervisor import Supervisor
 
 __all__ = ["docker_answers", "resolve_nodes", "up", "run_standalone", "progress_lines"]
@@ -130,8 +131,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     started: list[Component] = []
-    sup: Supervisor | None = None
-    admin: AdminServer | None = None
+    leading: asyncio.Future[None] | None = None
     try:
         url = apply.resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
         answering = await _answers(url)
@@ -191,41 +191,54 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         nodes = await resolve_nodes(mesh)
         print("meshlet up: nodes " + ", ".join(f"{n.name} ({n.runtime})" for n in nodes),
               file=out, flush=True)
-        sup = Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins,
-                         secrets_key=key_source(mesh), node_grace=mesh.node_grace)
-        await sup.start()
-        admin = AdminServer(sup, on_down=stop.set)
-        bound = await admin.start(mesh.admin_listen)
-        print(f"meshlet up: admin API at http://{bound}; press Ctrl-C to stop", file=out, flush=True)
+        held: dict[str, Any] = {"sup": None, "admin": None, "down": False}
+
+        def make(fence: Callable[[], bool]) -> Supervisor:
+            return Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins,
+                              secrets_key=key_source(mesh), node_grace=mesh.node_grace, fence=fence)
+
+        async def on_lead(sup: Supervisor) -> None:
+            admin = AdminServer(sup, on_down=stop.set)
+            bound = await admin.start(mesh.admin_listen)
+            held.update(sup=sup, admin=admin)
+            print(f"meshlet up: admin API at http://{bound}; press Ctrl-C to stop", file=out, flush=True)
+
+        async def on_step_down(sup: Supervisor) -> None:
+            admin = held["admin"]
+            if admin is not None:
+                held["down"] = held["down"] or admin.down_requested
+                await admin.close()
+            held.update(sup=None, admin=None)
+            if stop.is_set():
+                what = "stopping workloads" if not keep or held["down"] else "leaving workloads running (--keep)"
+                print(f"meshlet up: {what}", file=out, flush=True)
+
+        leading = asyncio.ensure_future(lead(url, make, stop, on_lead=on_lead, on_step_down=on_step_down,
+                                             stop_workloads=lambda: not keep or held["down"], out=out,
+                                             admin=mesh.admin_listen))
         last: list[str] = []
-        while not stop.is_set():
-            lines = progress_lines(sup)
+        while not leading.done():
+            lines = progress_lines(held["sup"]) if held["sup"] is not None else []
             if lines != last:
                 for line in lines:
                     if line not in last:
                         print(line, file=out, flush=True)
                 last = lines
-            try:
-                await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await asyncio.wait([leading], timeout=0.5)
+        leading.result()
         return 0
     except (ComponentFailed, OSError, ValueError) as exc:
         print(f"meshlet up: {exc}", file=err)
         return 1
     finally:
-        stop_workloads = not keep or (admin is not None and admin.down_requested)
-        if admin is not None:
-            await admin.close()
-        if sup is not None:
-            what = "stopping workloads" if stop_workloads else "leaving workloads running (--keep)"
-            print(f"meshlet up: {what}", file=out, flush=True)
-            closing = asyncio.ensure_future(sup.close(stop=stop_workloads))
+        if leading is not None and not leading.done():
+            stop.set()
             done_or_forced = asyncio.ensure_future(force.wait())
-            await asyncio.wait([closing, done_or_forced], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([leading, done_or_forced], return_when=asyncio.FIRST_COMPLETED)
             done_or_forced.cancel()
-            if not closing.done():
-                closing.cancel()
+            if not leading.done():
+                leading.cancel()
+                await asyncio.gather(leading, return_exceptions=True)
         for comp in reversed(started):
             await comp.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -250,24 +263,34 @@ async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exi
         cfg_nodes = [config.NodeSpec(name="local", runtime=runtime)]
     else:
         cfg_nodes = await resolve_nodes(config.MeshSettings())
-    sup = Supervisor(url, cfg_nodes, data_dir, dns=dns, proxy_admins=proxy_admins, secrets_key=secrets_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await sup.start()
-    server = None
-    ready: dict[str, str] = {}
-    if admin:
-        server = AdminServer(sup, on_down=stop.set)
-        ready["admin"] = await server.start(admin)
-    print("ready " + json.dumps(ready), flush=True)
-    try:
-        await stop.wait()
-    finally:
+    server: AdminServer | None = None
+    down = False
+
+    def make(fence: Callable[[], bool]) -> Supervisor:
+        return Supervisor(url, cfg_nodes, data_dir, dns=dns, proxy_admins=proxy_admins, secrets_key=secrets_key,
+                          fence=fence)
+
+    async def on_lead(sup: Supervisor) -> None:
+        nonlocal server
+        ready: dict[str, str] = {}
+        if admin:
+            server = AdminServer(sup, on_down=stop.set)
+            ready["admin"] = await server.start(admin)
+        print("ready " + json.dumps(ready), flush=True)
+
+    async def on_step_down(sup: Supervisor) -> None:
+        nonlocal server, down
         if server is not None:
+            down = down or server.down_requested
             await server.close()
-        await sup.close(stop=stop_on_exit or (server is not None and server.down_requested))
+            server = None
+
+    await lead(url, make, stop, on_lead=on_lead, on_step_down=on_step_down,
+               stop_workloads=lambda: stop_on_exit or down, out=sys.stderr, admin=admin)
     return 0
 
 

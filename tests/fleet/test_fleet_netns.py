@@ -48,7 +48,7 @@ def fleet_yaml(net: NetFleet, data: Path, certs: Path) -> str:
             - name: b
               address: {b}
               engine: "tcp://{b}:2376"
-              tls: {{ca_file: {certs}/ca.pem, cert_file: {certs}/client-cert.pem, key_file: {certs}/client-key.pem}}
+              tls: {{ca_file: {certs}/ca.pem, cert_file: {certs}/client.pem, key_file: {certs}/client.key}}
               labels: {{zone: zb}}
         services:
           web:
@@ -161,7 +161,7 @@ import asyncio, sys
 from supervisor.runtime import EngineUnavailable
 from supervisor.runtime.docker import DockerRuntime, engine_tls
 url, certs, ca = sys.argv[1], sys.argv[2], sys.argv[3]
-tls = engine_tls(f"{certs}/{ca}", f"{certs}/client-cert.pem", f"{certs}/client-key.pem") if ca else None
+tls = engine_tls(f"{certs}/{ca}", f"{certs}/client.pem", f"{certs}/client.key") if ca else None
 async def main():
     rt = DockerRuntime(url, node="b", tls=tls)
     try:
