@@ -15,14 +15,15 @@ from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
 from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, ROLLOUT_KINDS, ROLLOUT_PREFIX, SECRETS_PREFIX,
                     SERVICES_PREFIX, VIPS_PREFIX, backoff_key, config_key, key_name, rollout_key, secret_key,
-                    service_key, split_backoff_key, split_rollout_key, split_version_key, vip_key)
+                    service_key, split_backoff_key, split_rollout_key, split_version_key, vip_key,
+                    VOLUMES_PREFIX, volume_key)
 from ._load import load, loads, locate
 from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
                      ProxySettings, ResourceAmounts, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
-                     VolumeSpec)
+                     VolumeSpec, volume_env_name)
 from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
                        die_with_parent_preexec, module_argv, setup_logging)
 from ._units import (UnitError, format_duration, parse_cpu, parse_duration,
@@ -43,9 +44,9 @@ __all__ = [
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
     "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
-    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
+    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES", "volume_env_name",
     # KV keys (the catalog contract)
-    "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
+    "SERVICES_PREFIX", "VIPS_PREFIX", "VOLUMES_PREFIX", "volume_key", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
     "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key", "key_name",
     "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key",
     # conventions every component shares

@@ -11,12 +11,14 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
                                           control | restart           (the CLI)
     meshlet/secrets/<name>/<version>      a secret's version, encrypted (supervisor.secrets)
     meshlet/configs/<name>/<version>      a config's version (content, digest)
+    meshlet/volumes/<kind>/<name>         where a node-local volume lives (the supervisor):
+                                          named/<engine volume name> or host/<volume name>
 """
 
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-           "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key",
+           "SECRETS_PREFIX", "CONFIGS_PREFIX", "VOLUMES_PREFIX", "volume_key", "service_key", "vip_key", "backoff_key", "rollout_key",
            "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
 SERVICES_PREFIX = "meshlet/services/"
@@ -26,6 +28,7 @@ ROLLOUT_PREFIX = "meshlet/rollout/"
 ROLLOUT_KINDS = ("state", "history", "crashes", "control", "restart")
 SECRETS_PREFIX = "meshlet/secrets/"
 CONFIGS_PREFIX = "meshlet/configs/"
+VOLUMES_PREFIX = "meshlet/volumes/"
 
 
 def service_key(service: str) -> str:
@@ -89,3 +92,9 @@ def split_version_key(key: str, prefix: str) -> tuple[str, int] | None:
         return None
     name, sep, version = key[len(prefix):].rpartition("/")
     return (name, int(version)) if sep and name and "/" not in name and version.isdigit() else None
+
+
+def volume_key(home: str) -> str:
+    """The record of a node-local volume's home; ``home``: ``named/<engine volume name>``
+    or ``host/<volume name>`` (supervisor.core.volumes.home_key)."""
+    return VOLUMES_PREFIX + home
