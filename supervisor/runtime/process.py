@@ -203,8 +203,9 @@ class ProcessRuntime:
                 raise StartFailed(f"cannot start {where}: tmpfs volume {v.name}: {exc}") from exc
             if v.kind == "host" and not path.is_dir():
                 if path.exists() or not v.create:
-                    why = "is not a directory" if path.exists() else "does not exist (create it, or set create: true)"
-                    raise StartFailed(f"cannot start {where}: host volume {v.name}: {path} {why} on node {self.node}")
+                    why = "is not a directory" if path.exists() else \
+                        f"does not exist on node {self.node} (create it, or set create: true on the volume)"
+                    raise StartFailed(f"cannot start {where}: host volume {v.name}: {path} {why}")
             try:
                 if v.kind == "named" and not path.exists():
                     self._volume_meta.mkdir(parents=True, exist_ok=True)
