@@ -436,8 +436,14 @@ def print_applied(applied: Applied, out: TextIO, dry_run: bool = False) -> None:
 async def apply_config(url: str, cfg: config.MeshConfig, path: str | None, *, prune: bool = False,
                        dry_run: bool = False, err: TextIO = sys.stderr) -> tuple[int, Applied | None]:
     """Read the config's secret and config sources and apply everything to the catalog at
-    ``url``. (0, Applied) or (exit code, None) after printing why to ``err``: 2 a source
-    or the key is missing, 1 the catalog or a key mismatch."""
+    ``url``. (0, Applied) or (exit code, None) after printing why to ``err``: 2 a source,
+    a host directory or the key is missing, or the volumes contradict the mesh's; 1 the
+    catalog or a key mismatch."""
+    missing = check_volume_sources(cfg, path)
+    if missing:
+        for line in missing:
+            print(line, file=err)
+        return 2, None
     try:
         objects = read_objects(cfg, path, create_key=not dry_run)
     except SourceError as exc:
