@@ -10,7 +10,8 @@ Every subcommand is declared here, once, and handed to the module that runs it::
                                    daemon.up.run_standalone       the supervisor alone
     meshlet apply -f FILE          commands.apply                 store services in the catalog
     meshlet plan -f FILE [--json]  commands.plan                  where apply would place replicas
-    meshlet status | logs | down   commands.admin_client          ask the running supervisor
+    meshlet status | logs | explain | node | volume | down
+                                   commands.admin_client          ask the running supervisor
     meshlet rollout status|history|pause|resume, rollback, restart
                                    commands.rollout               rollouts, through the catalog
     meshlet secret set|ls|rm|rotate-key
