@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -122,20 +121,6 @@ class VolumeHomes:
 
 
 # --------------------------------------------------------------------------- volume ls / rm
-
-def _size(path: str) -> int | None:
-    total = 0
-    try:
-        for root, _dirs, files in os.walk(path):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(root, name)).st_size
-                except OSError:
-                    pass
-    except OSError:
-        return None
-    return total
-
 
 async def list_volumes(runtimes: Mapping[str, Runtime], homes: VolumeHomes,
                        users_of: Callable[[str], list[str]]) -> list[dict[str, Any]]:
