@@ -14,9 +14,9 @@ from ._document import (DOCUMENT_FORMAT, canonical_json, parse_service_document,
 from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
 from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, LEADER_KEY, NODE_SIDES_PREFIX, NODES_PREFIX, ROLLOUT_KINDS,
-                    ROLLOUT_PREFIX, SECRETS_PREFIX,
-                    SERVICES_PREFIX, VIPS_PREFIX, backoff_key, config_key, key_name, node_key, rollout_key, secret_key,
-                    service_key, split_backoff_key, split_rollout_key, split_version_key, vip_key)
+                    ROLLOUT_PREFIX, SECRETS_PREFIX, SERVICES_PREFIX, VIPS_PREFIX, VOLUMES_PREFIX, backoff_key,
+                    config_key, key_name, node_key, rollout_key, secret_key, service_key, split_backoff_key,
+                    split_rollout_key, split_version_key, vip_key, volume_key)
 from ._load import load, loads, locate, proxy_listener, proxy_listener_arg, upstream_tls, upstream_tls_arg
 from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, ListenerTls, MeshConfig, MeshSettings, NodeCapacity,
@@ -24,7 +24,7 @@ from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff,
                      ProxySettings, ResourceAmounts, TlsCertificate, UpstreamTls, resolve_workers, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
                      EngineTls,
-                     VolumeSpec)
+                     VolumeSpec, volume_env_name)
 from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
                        die_with_parent_preexec, module_argv, setup_logging)
 from ._units import (UnitError, format_duration, parse_cpu, parse_duration,
@@ -48,9 +48,9 @@ __all__ = [
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
     "VolumeMount", "EngineTls", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
-    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
+    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES", "volume_env_name",
     # KV keys (the catalog contract)
-    "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
+    "SERVICES_PREFIX", "VIPS_PREFIX", "VOLUMES_PREFIX", "volume_key", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
     "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "node_key",
     "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key", "key_name",
     "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from typing import Any, Callable
 
 from ._convert import HOOKS, INVALID, Ctx, is_ok
@@ -245,6 +246,11 @@ def _secret_mount(v: Values, n: N, cx: Ctx, path: str) -> Values:
     return v
 
 
+# What Docker's ``local`` driver accepts (its ``validOpts``; ``size`` only on xfs with
+# project quota): anything else the engine refuses at create, so it is refused here first.
+LOCAL_DRIVER_OPTS = ("type", "device", "o", "size")
+
+
 @hook(VolumeSpec)
 def _volume(v: Values, n: N, cx: Ctx, path: str) -> Values:
     kind = v["type"]
@@ -254,6 +260,31 @@ def _volume(v: Values, n: N, cx: Ctx, path: str) -> Values:
         cx.error(line_of(n, "source"), join(path, "source"), "a tmpfs volume has no source")
     if kind != "tmpfs" and v["size"] is not None and is_ok(kind):
         cx.error(line_of(n, "size"), join(path, "size"), "size is only for tmpfs volumes")
+    if is_ok(kind):
+        for key, empty in (("driver", None), ("driver_opts", {}), ("per_replica", False)):
+            if kind != "named" and v[key] != empty and v[key] is not INVALID:
+                cx.error(line_of(n, key), join(path, key), f"{key} is only for named volumes (type {kind} "
+                                                           "has no engine volume)")
+        if kind != "host" and v["create"]:
+            cx.error(line_of(n, "create"), join(path, "create"), "create is only for host volumes")
+    if kind == "named":
+        if v["driver"] is None:
+            v["driver"] = "local"
+        if isinstance(v["source"], str):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v["source"]):
+                v["source"] = cx.error(line_of(n, "source"), join(path, "source"),
+                                       'expected an engine volume name of letters, digits, "_", "." and "-", '
+                                       f'got "{v["source"]}"')
+            elif v["per_replica"] is True:
+                cx.error(line_of(n, "source"), join(path, "source"),
+                         "a per_replica volume has no source: each slot gets its own engine volume, "
+                         "<service>-<volume>-<slot>")
+        if v["driver"] == "local" and is_ok(v["driver_opts"]):
+            for key in v["driver_opts"]:
+                if key not in LOCAL_DRIVER_OPTS:
+                    cx.error(line_of(n, "driver_opts", key), join(path, f"driver_opts.{key}"),
+                             f'the local driver takes only {", ".join(LOCAL_DRIVER_OPTS)} (Docker refuses '
+                             f'"{key}"); a plugin\'s options need its driver')
     if kind == "host" and isinstance(v["source"], str):
         v["source"] = cx.resolve(v["source"])
     return v

@@ -14,12 +14,15 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
     meshlet/leader                        the supervisors' leader lock (a session holds it)
     meshlet/nodes/<node>                  an operator's cordon / drain of a node (the CLI)
     meshlet/node-sides/<host>             a host's `meshlet node` (its proxy's admin address)
+    meshlet/volumes/<kind>/<name>         where a node-local volume lives (the supervisor):
+                                          named/<engine volume name> or host/<volume name>
 """
 
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "node_key", "service_key", "vip_key", "backoff_key", "rollout_key",
+           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "node_key",
+           "VOLUMES_PREFIX", "volume_key", "service_key", "vip_key", "backoff_key", "rollout_key",
            "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
 SERVICES_PREFIX = "meshlet/services/"
@@ -29,6 +32,7 @@ ROLLOUT_PREFIX = "meshlet/rollout/"
 ROLLOUT_KINDS = ("state", "history", "crashes", "control", "restart")
 SECRETS_PREFIX = "meshlet/secrets/"
 CONFIGS_PREFIX = "meshlet/configs/"
+VOLUMES_PREFIX = "meshlet/volumes/"
 NODES_PREFIX = "meshlet/nodes/"
 LEADER_KEY = "meshlet/leader"
 NODE_SIDES_PREFIX = "meshlet/node-sides/"
@@ -99,3 +103,9 @@ def split_version_key(key: str, prefix: str) -> tuple[str, int] | None:
         return None
     name, sep, version = key[len(prefix):].rpartition("/")
     return (name, int(version)) if sep and name and "/" not in name and version.isdigit() else None
+
+
+def volume_key(home: str) -> str:
+    """The record of a node-local volume's home; ``home``: ``named/<engine volume name>``
+    or ``host/<volume name>`` (supervisor.core.volumes.home_key)."""
+    return VOLUMES_PREFIX + home

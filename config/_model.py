@@ -27,7 +27,7 @@ __all__ = [
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount", "EngineTls",
     "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
-    "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
+    "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES", "volume_env_name",
 ]
 
 _EMPTY: FrozenDict[str, str] = FrozenDict()
@@ -438,11 +438,44 @@ class Placement:
         'a constraint like "node.labels.disk == ssd"'), unique=True))
 
 
+def volume_env_name(volume: str) -> str:
+    """Where a replica finds a volume: ``$MESHLET_VOLUME_<NAME>``, the volume's name
+    upper-cased with ``-`` and ``.`` as ``_`` (``shop-data`` -> ``MESHLET_VOLUME_SHOP_DATA``)."""
+    return "MESHLET_VOLUME_" + volume.upper().replace("-", "_").replace(".", "_")
+
+
+# A volume driver: "local" or a plugin reference like "rexray/ebs:latest".
+VOLUME_DRIVER = text(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}", 'a volume driver like local or vieux/sshfs:latest')
+# Docker's volume-name alphabet (an engine volume's name; also a process node's directory).
+ENGINE_VOLUME = text(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", 'an engine volume name of letters, digits, "_", "." and "-"')
+
+
+@model
+class VolumeSpec:
+    """A top-level volume (config/README.md, "Volumes"). Kinds: ``host`` a directory of
+    the node; ``named`` an engine volume (``driver``/``driver_opts`` passed to the engine
+    unchanged; ``per_replica``: one per slot of each service, ``<service>-<name>-<slot>``);
+    ``tmpfs`` memory-backed scratch of ``size`` that lives as long as its replica."""
+
+    name: str = req(OBJECT_REF)
+    type: str = opt("named", choice("host", "tmpfs", "named"))   # Compose's default kind
+    # host: a directory of the node; named: the engine volume's name (None: the volume's name)
+    source: str | None = opt(None, LOCAL_PATH)
+    size: int | None = opt(None, size(positive=True))  # tmpfs only
+    driver: str | None = opt(None, VOLUME_DRIVER)      # named only; None in YAML: local
+    driver_opts: FrozenDict[str, str] = opt(_EMPTY, mapof(r"[A-Za-z0-9_.-]+", "a driver option name", word))
+    per_replica: bool = opt(False, boolean)            # named only
+    create: bool = opt(False, boolean)                 # host only: make the directory if missing
+
+
 @model
 class VolumeMount:
     name: str = req(OBJECT_REF)
     target: str = req(ABS_PATH)
     read_only: bool = opt(False, boolean)
+    # the volume's definition this revision runs with (``meshlet apply`` copies it from the
+    # top-level ``volumes:``, so a changed definition rolls the services that mount it)
+    volume: VolumeSpec | None = opt(None, set_by_apply(struct(VolumeSpec)))
 
 
 @model
@@ -503,14 +536,6 @@ class ServiceSpec:
 
 
 # --- top level ----------------------------------------------------------------------------
-
-@model
-class VolumeSpec:
-    name: str = req(OBJECT_REF)
-    type: str = opt("named", choice("host", "tmpfs", "named"))   # Compose's default kind
-    source: str | None = opt(None, LOCAL_PATH)         # host: a directory; named: engine volume
-    size: int | None = opt(None, size(positive=True))  # tmpfs only
-
 
 @model
 class ConfigSpec:

@@ -1,4 +1,4 @@
-"""``meshlet status``, ``logs`` and ``down``: clients of the running supervisor's admin API
+"""``meshlet status``, ``logs``, ``explain``, ``node ls``, ``volume ls|rm`` and ``down``: clients of the running supervisor's admin API
 (daemon/admin.py) at ``--admin HOST:PORT``, else ``$MESHLET_ADMIN``, else
 ``mesh.admin_listen`` of ``-f FILE`` (``--file`` for logs, where ``-f`` is ``--follow``),
 else the default ``mesh.admin_listen``.
@@ -23,9 +23,9 @@ from typing import Any, TextIO
 
 import config
 
-__all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age"]
+__all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age", "format_volumes", "format_size"]
 
-COMMANDS = ("status", "logs", "explain", "node", "down")
+COMMANDS = ("status", "logs", "explain", "node", "volume", "down")
 DEFAULT_ADMIN = config.MESH_DEFAULTS.admin_listen
 
 
@@ -82,6 +82,16 @@ def add_subcommands(sub: Any) -> None:
             p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                            help="give up waiting after this long (default 600; the drain goes on)")
 
+    volume = sub.add_parser("volume", help="the volumes meshlet keeps (the only way to delete one)")
+    volume_sub = volume.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
+    volume_ls = volume_sub.add_parser("ls", help="each volume: kind, driver, node, size used, the replicas using it")
+    volume_rm = volume_sub.add_parser("rm", help="delete a volume and its data (refused while a replica uses it)")
+    volume_rm.add_argument("name", help="the volume as `meshlet volume ls` names it")
+    for p in (volume_ls, volume_rm):
+        p.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+        p.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+    volume_ls.add_argument("--json", action="store_true", help="print the volumes' JSON")
+
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     down.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
@@ -132,6 +142,27 @@ def node_state(n: Mapping[str, Any]) -> str:
     elif n.get("cordoned"):
         state += ",cordoned"
     return state
+
+
+def format_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+def format_volumes(volumes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``meshlet volume ls``: NAME KIND DRIVER NODE SIZE USED BY."""
+    rows = [("NAME", "KIND", "DRIVER", "NODE", "SIZE", "USED BY")]
+    for v in volumes:
+        rows.append((v["name"], v["kind"], v.get("driver") or "-", v["node"], format_size(v.get("size")),
+                     ", ".join(v.get("users") or ()) or ("- (" + v["missing"] + ")" if v.get("missing") else "-")))
+    if len(rows) == 1:
+        return ["no volumes"]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def format_age(seconds: float | None) -> str:
@@ -189,7 +220,7 @@ def format_status(data: dict[str, Any]) -> list[str]:
 
 
 def _request(method: str, url: str, timeout: float | None = 10.0) -> Any:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=b"" if method in ("POST", "DELETE") else None)
     return urllib.request.urlopen(req, timeout=timeout)
 
 
@@ -255,6 +286,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 data = pick(json.load(r))
             for line in [json.dumps(data, indent=2)] if args.json else lines(data):
                 print(line, file=out)
+            return 0
+        if args.command == "volume" and args.volume_command == "ls":
+            with _request("GET", base + "/v1/volumes", timeout=60.0) as r:
+                volumes = json.load(r)["volumes"]
+            for line in [json.dumps(volumes, indent=2)] if args.json else format_volumes(volumes):
+                print(line, file=out)
+            return 0
+        if args.command == "volume":
+            with _request("DELETE", f"{base}/v1/volumes/{urllib.parse.quote(args.name, safe='')}", timeout=60.0) as r:
+                done = json.load(r)
+            where = f" on {', '.join(done['nodes'])}" if done.get("nodes") else ""
+            print(f"meshlet volume rm: deleted {done['removed']}{where}" + (f" ({done['note']})" if done.get("note") else ""),
+                  file=out)
             return 0
         if args.command == "down":
             with _request("POST", base + "/v1/down") as r:

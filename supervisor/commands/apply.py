@@ -53,6 +53,7 @@ from ..core.apply_plan import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError,
                                VipRangeExhausted, diff_fields, format_change, plan_apply, resolve_catalog_url)
 from ..core.checks import check_mesh
 from ..core.revisions import read_restart_token
+from ..core.volumes import conflicts, with_definitions
 from ..secrets import (CONFIG, SECRET, KeyFileError, Keyring, ObjectChange, PlanError, Versions, key_source,
                        load_keyring, new_key, pin, plan_objects, read_versions)
 
@@ -61,7 +62,7 @@ __all__ = [
     "diff_fields", "format_change", "plan_apply", "read_state", "resolve_catalog_url", "run", "txn_chunks",
     "document_op", "vip_claim_op", "vip_release_op", "restart_op", "txn", "load_or_report", "apply_to",
     "CREATED", "UPDATED", "UNCHANGED", "DELETED", "Objects", "SourceError", "read_objects", "apply_all",
-    "Applied", "apply_config",
+    "Applied", "apply_config", "VolumeConflict", "check_volume_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,15 @@ ATTEMPTS = 8  # re-read and re-plan after a CAS conflict at most this often
 
 class TxnConflict(ApplyError):
     """A CAS in the transaction failed: someone else changed the state we planned on."""
+
+
+class VolumeConflict(ApplyError):
+    """The file's volumes contradict those of services already in the mesh; ``problems``:
+    (volume name, why)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"volume {v}: {why}" for v, why in problems))
+        self.problems = problems
 
 
 def document_op(service: str, doc: Mapping[str, Any] | None, index: int) -> dict[str, Any]:
@@ -241,6 +251,9 @@ async def apply_all(client: consul.aio.Consul, desired: Mapping[str, Any], vip_r
         config_plan = plan_objects(CONFIG, objects.configs, (), state.configs, None, clock())
         versions = {**secret_plan.versions, **config_plan.versions}
         pinned = {name: pin(spec, versions) for name, spec in desired.items()}
+        clash = conflicts(pinned, _stored_specs(state.docs))
+        if clash:
+            raise VolumeConflict(clash)
         plan = plan_apply(pinned, state.docs, state.vips, vip_range, prune)
         object_changes = [*secret_plan.changes, *config_plan.changes]
         if dry_run:
@@ -264,6 +277,16 @@ async def apply_all(client: consul.aio.Consul, desired: Mapping[str, Any], vip_r
                 results[name] = change
         return Applied(object_changes, await _with_tokens(client, [results[name] for name in sorted(results)]))
     raise ApplyError(f"the catalog kept changing under this apply ({attempts} attempts); last conflict: {last}")
+
+
+def _stored_specs(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, config.ServiceSpec]:
+    out = {}
+    for name, doc in docs.items():
+        try:
+            out[name] = config.parse_service_document(json.dumps(doc), source=name)[0]
+        except (config.ConfigError, ValueError, TypeError):
+            continue            # unreadable: rewritten or left as it is; it names no volume we can read
+    return out
 
 
 async def apply_services(client: consul.aio.Consul, desired: Mapping[str, Any], vip_range: str, *,
@@ -346,6 +369,22 @@ def read_objects(cfg: config.MeshConfig, path: str | None, *, create_key: bool) 
     return Objects(secrets, frozenset(external), configs, keyring)
 
 
+def check_volume_sources(cfg: config.MeshConfig, path: str | None) -> list[str]:
+    """Host volumes whose directory is missing (and not ``create: true``) or is no directory,
+    on this machine, as ``file:line path: message`` lines. A node checks again at start (on
+    a fleet its directory is the node's, not this machine's)."""
+    problems = []
+    for name, vol in cfg.volumes.items():
+        if vol.type != "host" or vol.create or vol.source is None or os.path.isdir(vol.source):
+            continue
+        line = config.locate(path, "volumes", name, "source") if path else None
+        where = f"{path}:{line}" if path and line else (path or "<config>")
+        why = "is not a directory" if os.path.exists(vol.source) else \
+            "does not exist (create it, or set create: true on the volume)"
+        problems.append(f"{where} volumes.{name}.source: {vol.source} {why}")
+    return problems
+
+
 def load_or_report(path: str, command: str, err: TextIO) -> config.MeshConfig | None:
     """FILE loaded and checked (the schema, then what only the whole mesh shows:
     ``core.checks``), or None after printing every problem in it (each with file, line and
@@ -397,8 +436,14 @@ def print_applied(applied: Applied, out: TextIO, dry_run: bool = False) -> None:
 async def apply_config(url: str, cfg: config.MeshConfig, path: str | None, *, prune: bool = False,
                        dry_run: bool = False, err: TextIO = sys.stderr) -> tuple[int, Applied | None]:
     """Read the config's secret and config sources and apply everything to the catalog at
-    ``url``. (0, Applied) or (exit code, None) after printing why to ``err``: 2 a source
-    or the key is missing, 1 the catalog or a key mismatch."""
+    ``url``. (0, Applied) or (exit code, None) after printing why to ``err``: 2 a source,
+    a host directory or the key is missing, or the volumes contradict the mesh's; 1 the
+    catalog or a key mismatch."""
+    missing = check_volume_sources(cfg, path)
+    if missing:
+        for line in missing:
+            print(line, file=err)
+        return 2, None
     try:
         objects = read_objects(cfg, path, create_key=not dry_run)
     except SourceError as exc:
@@ -408,14 +453,22 @@ async def apply_config(url: str, cfg: config.MeshConfig, path: str | None, *, pr
     except KeyFileError as exc:
         print(f"meshlet apply: {exc}", file=err)
         return 2, None
-    applied = await apply_to(url, cfg.services, cfg.mesh.vip_range, prune=prune, dry_run=dry_run, err=err,
-                             objects=objects, full=True)
+    services = {name: with_definitions(spec, cfg.volumes) for name, spec in cfg.services.items()}
+    try:
+        applied = await apply_to(url, services, cfg.mesh.vip_range, prune=prune, dry_run=dry_run, err=err,
+                                 objects=objects, full=True, raise_conflicts=True)
+    except VolumeConflict as exc:
+        for volume, why in exc.problems:
+            line = config.locate(path, "volumes", volume, "per_replica") if path else None
+            where = f"{path}:{line}" if path and line else (path or "<config>")
+            print(f"{where} volumes.{volume}: {why}", file=err)
+        return 2, None
     return (0, applied) if applied is not None else (1, None)
 
 
 async def apply_to(url: str, services: Mapping[str, Any], vip_range: str, *, prune: bool = False,
                    dry_run: bool = False, err: TextIO = sys.stderr, objects: Objects = Objects(),
-                   full: bool = False) -> Any:
+                   full: bool = False, raise_conflicts: bool = False) -> Any:
     """Apply to the catalog at ``url``; errors are printed to ``err`` (None returned). The
     service changes, or with ``full`` the Applied (secret and config changes too)."""
     try:
@@ -426,6 +479,10 @@ async def apply_to(url: str, services: Mapping[str, Any], vip_range: str, *, pru
     try:
         applied = await apply_all(client, services, vip_range, objects=objects, prune=prune, dry_run=dry_run)
         return applied if full else applied.services
+    except VolumeConflict as exc:
+        if raise_conflicts:
+            raise
+        print(f"meshlet apply: {exc}", file=err)
     except (ApplyError, PlanError) as exc:
         print(f"meshlet apply: {exc}", file=err)
     except BrokenPipeError:

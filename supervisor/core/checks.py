@@ -11,6 +11,10 @@ need the whole mesh and the rules of placement:
   of meshlet's own listeners (catalog, DNS, proxy, admin) takes on this host.
 - routes: two services claiming one host and path prefix (the proxy could give the route
   to only one of them).
+- volumes: what a process replica (no mount namespace) cannot be given: read_only, a
+  tmpfs size, a volume driver or driver options; two mounts of one service whose
+  ``$MESHLET_VOLUME_<NAME>`` would be the same; two volumes naming one engine volume with
+  different definitions.
 
 Each ``Problem`` names the path of the field it is about (for ``config.locate``, which
 finds its line) and says what is wrong and what to do.
@@ -106,7 +110,49 @@ def check_mesh(cfg: config.MeshConfig) -> list[Problem]:
                                         f"the fixed port {port}, and no spare node can run {name}: set "
                                         "update.max_surge: 0 (stop first) or strategy: recreate"))
     problems += _route_conflicts(cfg)
+    problems += _volume_problems(cfg)
     return problems
+
+
+def _volume_problems(cfg: config.MeshConfig) -> list[Problem]:
+    out: list[Problem] = []
+    for name, spec in cfg.services.items():
+        seen: dict[str, str] = {}
+        for i, m in enumerate(spec.volumes):
+            vol = cfg.volumes.get(m.name)
+            var = config.volume_env_name(m.name)
+            if var in seen:
+                out.append(Problem(("services", name, "volumes", i, "name"),
+                                   f"volumes {m.name} and {seen[var]} would both be ${var}: rename one"))
+            seen.setdefault(var, m.name)
+            if vol is None or spec.command is None:
+                continue
+            # a process replica gets a directory: no mount, so nothing could enforce these
+            if m.read_only:
+                out.append(Problem(("services", name, "volumes", i, "read_only"),
+                                   "a process replica has no mount namespace, so read_only cannot be enforced: "
+                                   "drop it, or run the service from an image"))
+            if vol.type == "tmpfs" and vol.size is not None:
+                out.append(Problem(("volumes", m.name, "size"),
+                                   f"services.{name} runs as a process, whose tmpfs volume is a directory on the "
+                                   "host's shared tmpfs (/dev/shm), where a size cannot be enforced: drop size, or "
+                                   "run the service from an image"))
+            if vol.type == "named" and ((vol.driver or "local") != "local" or vol.driver_opts):
+                out.append(Problem(("volumes", m.name, "driver_opts" if vol.driver_opts else "driver"),
+                                   f"services.{name} runs as a process, and only a Docker engine mounts a volume "
+                                   "driver or driver_opts (a process node keeps local named volumes as "
+                                   "directories): run the service from an image"))
+    engine: dict[str, config.VolumeSpec] = {}
+    for name, vol in cfg.volumes.items():
+        if vol.type != "named" or vol.per_replica:
+            continue
+        key = vol.source or vol.name
+        other = engine.get(key)
+        if other is not None and (other.driver, other.driver_opts) != (vol.driver, vol.driver_opts):
+            out.append(Problem(("volumes", name), f"names engine volume {key} like volumes.{other.name}, with "
+                                                  "another driver or driver_opts: one volume cannot be both"))
+        engine.setdefault(key, vol)
+    return out
 
 
 def _route_conflicts(cfg: config.MeshConfig) -> list[Problem]:

@@ -13,8 +13,8 @@ from typing import Any
 import config
 
 from .model import Observed
-from .placement import Request, explain
-from .reconcile import allocations
+from .placement import explain
+from .reconcile import allocations, pinned_request
 
 __all__ = ["explain_service", "format_explanation"]
 
@@ -38,7 +38,7 @@ def explain_service(service: str, desired: Mapping[str, tuple[config.ServiceSpec
         newest = exited[-1] if exited else None
         failed_on = newest.node if newest is not None and (newest.killed or newest.exit_code != 0) \
             and not any(r.running for r in mine) else None
-        e = explain(Request(spec, slot, failed_on=failed_on), observed.nodes, allocations(desired, others, observed.starting))
+        e = explain(pinned_request(spec, slot, observed.volume_homes, failed_on), observed.nodes, allocations(desired, others, observed.starting))
         slots.append({
             "slot": slot,
             "running_on": sorted({r.node for r in mine if r.running}),

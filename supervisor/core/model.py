@@ -5,8 +5,9 @@ Inputs
                   being retired or not), as facts: built by the daemon from the runtime's
                   report, the probes and the catalog's acknowledgements.
     ``Observed``  everything a decision about one service may look at: replicas, catalog
-                  registrations, nodes, restart back-off per slot, start holds, and the
-                  services whose revisions the rollout engine owns.
+                  registrations, nodes, restart back-off per slot, start holds, the
+                  services whose revisions the rollout engine owns, and where node-local
+                  volumes live.
 
 Actions (the daemon carries them out in ``daemon/supervisor.py``, and nothing else)
     ``Start``       start a replica of a revision in a slot on a node (register it at once,
@@ -84,6 +85,8 @@ class Observed:
     last_output: Mapping[tuple[str, int, str], str] = field(default_factory=dict)
     # the room of starts decided and under way (not yet replicas): placement counts it
     starting: tuple[Allocation, ...] = ()
+    # where node-local volumes live (``volumes.home_key`` -> node): their replicas are pinned
+    volume_homes: Mapping[str, str] = field(default_factory=dict)
 
     def of(self, service: str) -> list[Replica]:
         """The service's replicas that are not being retired and not on a lost node."""

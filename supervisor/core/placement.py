@@ -47,10 +47,17 @@ it was filtered out or its score, best first: what ``place`` would decide, shown
 ``place_beside(request, beside, nodes, existing)``: a replica that replaces another in its
 slot (a rollout's new revision) goes on the node its predecessor runs on when that node
 can take it; otherwise it is placed as a new one.
+
+Pinned requests (``Request.pinned_to``: the node its volumes live on, ``core.volumes``)
+go on that node or nowhere: every other node is filtered out with ``pinned_by`` as the
+reason, and a pinned node that is gone leaves the replica pending (never started elsewhere
+on an empty volume). A node whose runtime cannot mount the service's volumes (a process
+node and a volume driver) is filtered like a runtime mismatch (``can_run``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +66,7 @@ import config
 
 from .placement_fleet import EPSILON, Fleet, requests_of
 from .placement_score import BINPACK, Score, binpack_fit, free_share
+from .volumes import runtime_reason
 
 __all__ = ["NodeInfo", "node_info", "Allocation", "Request", "Placement", "NodeVerdict", "Explanation",
            "place", "place_beside", "explain", "matches_constraint", "can_run"]
@@ -129,6 +137,8 @@ class Request:
     spec: config.ServiceSpec
     slot: int
     failed_on: str | None = None
+    pinned_to: str | None = None      # the only node it may go on ("": none can hold it)
+    pinned_by: str = ""               # why (its volume lives there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +185,7 @@ def can_run(spec: config.ServiceSpec, node: NodeInfo) -> str | None:
         return "docker node, service has no image"
     if node.runtime == "process" and not spec.command:
         return "process node, service has no command"
-    return None
+    return runtime_reason(spec, node.runtime)
 
 
 def matches_constraint(node: NodeInfo, constraint: str) -> bool:
@@ -311,9 +321,36 @@ def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request,
                 heapq.heappush(heap, (fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
 
 
+def _place_pinned(requests: Sequence[Request], nodes: Sequence[NodeInfo],
+                  existing: list[Allocation]) -> Placement:
+    """Pinned requests on their node (or failed, saying why), then the others around them."""
+    by_name = {n.name: n for n in nodes}
+    placed: list[tuple[Request, str]] = []
+    failed: list[tuple[Request, str]] = []
+    for req in requests:
+        if req.pinned_to is None:
+            continue
+        node = by_name.get(req.pinned_to)
+        if node is None:
+            gone = f", and node {req.pinned_to} is not in the fleet: waiting for it" if req.pinned_to else ""
+            failed.append((req, f"{req.pinned_by}{gone}"))
+            continue
+        one = place([dataclasses.replace(req, pinned_to=None)], [node], existing)
+        if one.placed:
+            placed.append((req, node.name))
+            cpu, mem = requests_of(req.spec)
+            existing.append(Allocation(node.name, req.spec.name, cpu, mem))
+        else:
+            failed.append((req, f"{req.pinned_by}, which cannot hold it: {one.failed[0][1]}"))
+    rest = place([r for r in requests if r.pinned_to is None], nodes, existing)
+    return Placement(tuple(placed) + rest.placed, tuple(failed) + rest.failed)
+
+
 def place(requests: Sequence[Request], nodes: Sequence[NodeInfo],
           existing: Iterable[Allocation]) -> Placement:
     existing = list(existing)
+    if any(r.pinned_to is not None for r in requests):
+        return _place_pinned(requests, nodes, existing)
     result, fleet = _greedy(requests, nodes, existing, frozenset())
     if len(requests) < 2 or not any(r.spec.placement.strategy == BINPACK for r in requests):
         return result
@@ -431,7 +468,12 @@ def explain(request: Request, nodes: Sequence[NodeInfo], existing: Iterable[Allo
     fleet = _fleet(nodes, existing, [request])
     fleet.pending = [[request.spec, 1]]
     failed_on = fleet.index.get(request.failed_on) if request.failed_on is not None else None
-    return Explanation(request, tuple(_verdicts(fleet, request.spec, failed_on)))
+    verdicts = _verdicts(fleet, request.spec, failed_on)
+    if request.pinned_to is not None:
+        pinned = [v for v in verdicts if v.node == request.pinned_to]
+        verdicts = pinned + [NodeVerdict(v.node, reason=request.pinned_by) for v in verdicts
+                             if v.node != request.pinned_to]
+    return Explanation(request, tuple(verdicts))
 
 
 def place_beside(request: Request, beside: Sequence[str], nodes: Sequence[NodeInfo],

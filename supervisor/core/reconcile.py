@@ -24,6 +24,12 @@ Per service and slot, in this order (one ordered pass, like ``syncDeployment``):
    restarts on its node: its data is there.
 6. nothing -> place a new replica (``place``) or report why it cannot (``Unplaceable``)
 
+Volumes (``volumes.py``): every replica placed is pinned to the node its node-local
+volumes live on (``pinned_request``). A service with a per-replica volume has one writer
+per slot: a slot whose previous replica is still being retired gets a ``Wait`` (not a
+start beside it), and an old revision's replica is stopped first and replaced once it is
+gone (``ONE_WRITER``).
+
 Catalog registrations follow: a kept running replica not registered -> ``Register``; a
 registration of the service with no kept running replica behind it -> ``Deregister``.
 Stop and Kill deregister first themselves (deregistered BEFORE stopped). A start the
@@ -51,14 +57,26 @@ from .backoff import BackoffState, decide
 from .model import (Action, Deregister, Kill, Observed, Register, Replica, Start, Stop, StopReason,
                     Unplaceable, Wait, summary)
 from .placement import Allocation, Request, place
+from .volumes import one_writer, pin
 
 __all__ = ["reconcile", "reconcile_service", "is_current", "allocations", "summary", "apply_holds",
-           "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "STALE", "PROBE_FAILED", "HELD",
-           "NODE_RETURNED", "DRAINED", "MOVING"]
+           "pinned_request", "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "STALE",
+           "PROBE_FAILED", "HELD", "ONE_WRITER", "NODE_RETURNED", "DRAINED", "MOVING"]
 
 ORPHAN, SCALE_DOWN, DUPLICATE, OUTDATED, EXITED, STALE, PROBE_FAILED, NODE_RETURNED, DRAINED = tuple(StopReason)
 MOVING = "its node is draining: starting its replacement elsewhere"
 HELD = "the runtime refused the last start; trying again after a back-off"
+ONE_WRITER = "waiting for the slot's previous replica to stop: it holds the slot's per-replica volume"
+# A slot waiting for its previous replica looks again this often at the latest (the
+# retirement's end enqueues the service at once; this is the safety net).
+_ONE_WRITER_RECHECK = 1.0
+
+
+def pinned_request(spec: config.ServiceSpec, slot: int, homes: Mapping[str, str],
+                   failed_on: str | None = None) -> Request:
+    """The placement request of a replica of ``slot``, pinned where its volumes live."""
+    node, why = pin(spec, slot, homes)
+    return Request(spec, slot, failed_on=failed_on, pinned_to=node, pinned_by=why)
 
 
 def apply_holds(actions: Sequence[Action], holds: Mapping[tuple[str, int], float],
@@ -116,9 +134,13 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
     else:
         spec, revision = desired[name]
         node_names = {n.name for n in observed.nodes}
+        homes = observed.volume_homes
         by_slot: dict[int, list[Replica]] = {}
         for r in mine:
             by_slot.setdefault(r.slot, []).append(r)
+        # one writer per slot: a slot whose replica is being retired starts nothing yet
+        stopping = {r.slot for r in observed.replicas if r.service == name and r.terminating} \
+            if one_writer(spec) else set()
         for slot in sorted(s for s in by_slot if s >= spec.replicas):
             for r in by_slot[slot]:
                 stop(r, SCALE_DOWN)
@@ -162,8 +184,14 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                     stop(r, OUTDATED)
                 for r in exited:
                     stop(r, STALE)
+                if one_writer(spec):      # replaced once it is gone, never beside it
+                    actions.append(Wait(name, slot, now + _ONE_WRITER_RECHECK, ONE_WRITER))
+                    continue
                 node = max(running, key=_rank).node
                 actions.append(Start(name, slot, revision, node, BackoffState(), OUTDATED))
+                continue
+            if slot in stopping:
+                actions.append(Wait(name, slot, now + _ONE_WRITER_RECHECK, ONE_WRITER))
                 continue
             if exited:
                 last = exited[-1]
@@ -174,17 +202,18 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                     if last.node in node_names:
                         actions.append(Start(name, slot, revision, last.node, BackoffState(), OUTDATED))
                     else:
-                        to_place.append(Request(spec, slot))
+                        to_place.append(pinned_request(spec, slot, homes))
                     continue
-                _restart_exited(spec, revision, last, state, node_names, now, stop, actions, to_place, restarts)
+                _restart_exited(spec, revision, last, state, node_names, now, stop, actions, to_place, restarts,
+                                homes)
                 continue
-            to_place.append(Request(spec, slot))
+            to_place.append(pinned_request(spec, slot, homes))
         if moves and not to_place:
             # a drain moves replicas like a rolling update: max_surge at a time (at least one),
             # each replacement started before its predecessor stops
             room = max(1, _surge(spec)) - in_flight
             for slot, _old in moves[:max(0, room)]:
-                to_place.append(Request(spec, slot))
+                to_place.append(pinned_request(spec, slot, homes))
                 restarts[slot] = (observed.backoff.get((name, slot), BackoffState()), MOVING)
         if to_place:
             running_others = [r for r in observed.replicas
@@ -250,7 +279,7 @@ def _surge(spec: config.ServiceSpec) -> int:
 def _restart_exited(spec: config.ServiceSpec, revision: str, last: Replica, state: BackoffState,
                     node_names: set[str], now: float, stop: Callable[[Replica, str], None],
                     actions: list[Action], to_place: list[Request],
-                    restarts: dict[int, tuple[BackoffState, str]]) -> None:
+                    restarts: dict[int, tuple[BackoffState, str]], homes: Mapping[str, str]) -> None:
     """``last``, the newest exited replica of its slot, per the restart policy: nothing
     (policy says no), Wait (backing off), or stop it and place it again, away from the
     node it failed on when it failed (``restarts`` gets the slot's next back-off state and
@@ -268,7 +297,7 @@ def _restart_exited(spec: config.ServiceSpec, revision: str, last: Replica, stat
         actions.append(Start(last.service, last.slot, revision, last.node, d.state, d.reason))
         return
     failed = last.killed or last.exit_code != 0      # an unknown code counts as a failure
-    to_place.append(Request(spec, last.slot, failed_on=last.node if failed else None))
+    to_place.append(pinned_request(spec, last.slot, homes, failed_on=last.node if failed else None))
     restarts[last.slot] = (d.state, d.reason)
 
 
@@ -306,7 +335,7 @@ def _rolling(name: str, desired: Mapping[str, tuple[config.ServiceSpec, str]], o
         for r in exited[:-1]:
             stop(r, STALE)
         _restart_exited(spec, revision, last, observed.backoff.get((name, slot), BackoffState()),
-                        node_names, now, stop, actions, to_place, restarts)
+                        node_names, now, stop, actions, to_place, restarts, observed.volume_homes)
     if to_place:
         others = [r for r in observed.replicas
                   if r.terminating or r.instance_id not in handled or r.service != name]

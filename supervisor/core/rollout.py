@@ -35,6 +35,12 @@ applies returns):
 9. canary: a step whose replicas are all available waits its pause, then the next step
 
 Recreate: retire every old replica, wait until they are gone, start all new ones.
+
+One writer per slot (``Strategy.one_writer``: the service mounts a per-replica volume):
+surge is 0, so a replica is retired first (step 7) and its slot's replacement starts only
+once nothing of another revision runs or stops in that slot (step 6), one slot at a time
+within max_unavailable, highest slot first as a StatefulSet rolls. The slots that keep
+running serve meanwhile, so with 2+ replicas no request is dropped.
 Complete means every one of ``replicas`` new replicas available (stricter than Kubernetes,
 which accepts replicas - maxUnavailable): ``meshlet rollout status`` exits 0 only then.
 
@@ -269,8 +275,12 @@ def _fail(state: RolloutState, s: Strategy, why: str, now: float) -> StepResult:
     return StepResult((failed,), replace(state, phase=FAILED, reason=f"{why}; stopped ({tail})"))
 
 
-def _slots_free(v: _View, replicas: int) -> list[int]:
+def _slots_free(v: _View, replicas: int, one_writer: bool = False) -> list[int]:
+    """Slots a new replica may start in: none of the target runs there, and with
+    ``one_writer`` nothing of another revision runs or stops there either."""
     taken = {r.slot for r in v.new}
+    if one_writer:
+        taken |= {r.slot for r in v.old} | {r.slot for r in v.terminating}
     return [i for i in range(replicas) if i not in taken]
 
 
@@ -322,7 +332,9 @@ def _rolling(state: RolloutState, v: _View, s: Strategy, now: float) -> tuple[li
         n = min(max_total - v.total, cap - len(v.new))
         why = (f"canary {stage[0]}%: {cap} of {R} new" if stage
                else f"rolling: up to {max_total} replicas ({R} + surge {s.surge})")
-        return [StartReplica(slot, state.revision, w_new, why) for slot in _slots_free(v, R)[:n]], state
+        free = _slots_free(v, R, s.one_writer)
+        if free:
+            return [StartReplica(slot, state.revision, w_new, why) for slot in free[:n]], state
     # 7. scale down old
     min_available = R - s.unavailable
     new_unavailable = len(v.new) - len(v.new_available)
@@ -369,9 +381,8 @@ def _recreate(state: RolloutState, v: _View, s: Strategy, now: float) -> tuple[l
         return [RetireReplica(r.instance_id, RETIRE_EXITED) for r in v.exited_old], state
     if any(r.revision != state.revision for r in v.terminating):
         return [], state
-    if len(v.new) < s.replicas:
-        return [StartReplica(slot, state.revision, 1, "recreate: old replicas are gone")
-                for slot in _slots_free(v, s.replicas)], state
+    if len(v.new) < s.replicas and (free := _slots_free(v, s.replicas, s.one_writer)):
+        return [StartReplica(slot, state.revision, 1, "recreate: old replicas are gone") for slot in free], state
     surplus = _surplus_new(v, s.replicas, now, s)
     return [RetireReplica(r.instance_id, RETIRE_SURPLUS) for r in surplus], state
 

@@ -35,10 +35,11 @@ import config
 
 from .backoff import BackoffState, decide
 from .model import Action, Observed, Replica, SetWeight, Start, Stop, Unplaceable, Wait
-from .placement import Request, place_beside
-from .reconcile import HELD, allocations
+from .placement import place_beside
+from .reconcile import HELD, allocations, pinned_request
 from .rollout import pause, rollout_step, start_rollout
 from .rollout_history import EntryStatus, mark_revision, record
+from .volumes import one_writer
 from .rollout_types import (COMPLETE, EXITED, FAILED, PAUSED, PROGRESSING, READY, REVERTING, STARTING,
                             TERMINATING, MarkComplete, MarkFailed, ObservedReplica, RetireReplica,
                             Revert, RolloutState, SetWeight as EngineSetWeight, SlotRefusal,
@@ -274,7 +275,7 @@ def plan_step(service: str, state: RolloutState, history: Sequence[Mapping[str, 
     if state.phase not in (PROGRESSING, REVERTING):
         return None
     mine = [r for r in observed.replicas if r.service == service]
-    strategy = Strategy.from_spec(spec.replicas, spec.update)
+    strategy = Strategy.from_spec(spec.replicas, spec.update, one_writer=one_writer(spec))
     refused = {slot: SlotRefusal(n, start_errors.get(slot) or "the runtime refused to start it")
                for slot, n in counts.refused.items()}
     result = rollout_step(state, observe(state, mine, spec, counts, observed.backoff, now, observed.last_output),
@@ -315,7 +316,7 @@ def _start(service: str, a: StartReplica, spec: config.ServiceSpec, mine: Sequen
     if hold is not None and now < hold:
         return Wait(service, a.slot, hold, HELD)
     beside = [r.node for r in mine if r.slot == a.slot]
-    result = place_beside(Request(spec, a.slot), beside, observed.nodes, allocations(effective, placed, observed.starting))
+    result = place_beside(pinned_request(spec, a.slot, observed.volume_homes), beside, observed.nodes, allocations(effective, placed, observed.starting))
     if not result.placed:
         return Unplaceable(service, a.slot, result.failed[0][1] if result.failed else "no node")
     node = result.placed[0][1]

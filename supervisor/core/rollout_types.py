@@ -88,14 +88,22 @@ class Strategy:
     auto_revert: bool = True
     canary: tuple[tuple[int, float], ...] = ()    # (weight percent, pause seconds) per step
     crash_restarts: int = 2                       # restarts of a new replica that fail it
+    # one writer per slot (a per-replica volume): no surge, and a slot's new replica starts
+    # only once nothing of another revision runs or stops there (StatefulSet order)
+    one_writer: bool = False
 
     @classmethod
-    def from_spec(cls, replicas: int, update: Any, crash_restarts: int = 2) -> Strategy:
-        """From ``config.UpdateStrategy`` (``spec.update``) and ``spec.replicas``."""
-        surge, unavailable = resolve_fenceposts(replicas, update.max_surge, update.max_unavailable)
+    def from_spec(cls, replicas: int, update: Any, crash_restarts: int = 2, *,
+                  one_writer: bool = False) -> Strategy:
+        """From ``config.UpdateStrategy`` (``spec.update``) and ``spec.replicas``. With
+        ``one_writer`` the surge is 0 whatever max_surge says (a surge replica would share
+        its slot's volume), and so at least one replica may be unavailable."""
+        surge, unavailable = resolve_fenceposts(replicas, 0 if one_writer else update.max_surge,
+                                                update.max_unavailable)
         return cls(replicas, surge, unavailable, update.strategy, float(update.min_ready),
                    float(update.progress_deadline), bool(update.auto_revert),
-                   tuple((int(c.weight), float(c.pause)) for c in update.canary), crash_restarts)
+                   tuple((int(c.weight), float(c.pause)) for c in update.canary), crash_restarts,
+                   one_writer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,12 @@
                                          would: each replacement ready before its predecessor
                                          stops, max_surge at a time
     POST /v1/nodes/<node>/uncordon       undo both; answers the node's new state
+    GET  /v1/volumes                     every volume meshlet keeps: [{name, kind (named,
+                                         per-replica, host), volume, driver, node, size
+                                         (bytes used; null: unknown), users (instance ids),
+                                         created_at}] (`meshlet volume ls`)
+    DELETE /v1/volumes/<name>            delete a volume and its data; 409 while a replica
+                                         mounts it, 404 when none is known (`meshlet volume rm`)
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
@@ -39,7 +45,7 @@ from aiohttp import web
 
 import config
 
-from ..runtime import Runtime, WorkloadError
+from ..runtime import Runtime, VolumeInUse, WorkloadError
 
 __all__ = ["AdminServer", "AdminBackend"]
 
@@ -66,6 +72,12 @@ class AdminBackend(Protocol):
                        drain: bool | None = None) -> dict[str, Any]:
         """Cordon, drain or uncordon a node; its new state. KeyError: no such node."""
 
+    async def list_volumes(self) -> list[dict[str, Any]]:
+        """Every volume meshlet keeps (``GET /v1/volumes``)."""
+
+    async def remove_volume(self, name: str) -> dict[str, Any]:
+        """Delete a volume; VolumeInUse while mounted, WorkloadError when unknown."""
+
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
@@ -83,6 +95,8 @@ class AdminServer:
         app.router.add_get("/v1/logs/{service}", self.get_logs)
         app.router.add_get("/v1/explain/{service}", self.get_explain)
         app.router.add_post("/v1/nodes/{node}/{action}", self.post_node)
+        app.router.add_get("/v1/volumes", self.get_volumes)
+        app.router.add_delete("/v1/volumes/{name}", self.delete_volume)
         app.router.add_post("/v1/down", self.post_down)
         self.app = app
 
@@ -149,6 +163,17 @@ class AdminServer:
         except Exception as exc:  # noqa: BLE001 - the catalog refused: say so, change nothing
             return _error(503, f"cannot store the state of node {name!r} in the catalog: {exc}")
         return web.json_response({"node": name, **state})
+
+    async def get_volumes(self, request: web.Request) -> web.Response:
+        return web.json_response({"volumes": await self.backend.list_volumes()})
+
+    async def delete_volume(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(await self.backend.remove_volume(request.match_info["name"]))
+        except VolumeInUse as exc:
+            return _error(409, str(exc))
+        except WorkloadError as exc:
+            return _error(404, str(exc))
 
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True

@@ -53,6 +53,7 @@ from ..runtime import InstanceNotFound, InstanceSpec, Runtime, WorkloadError
 from ..runtime import Observed as RuntimeObserved
 from .deliveries import Deliveries
 from .probes import Health, ProbeScheduler, initial_health
+from .volumes import VolumeHomes, attachments
 
 __all__ = ["Replicas", "ReplicaHost", "Tracked", "LastExit", "PORT_RANGE", "MIN_DRAIN", "IN_FLIGHT_LIMIT",
            "port_is_free", "draining_requests", "KEPT_EXITS", "LAST_LINES"]
@@ -160,9 +161,11 @@ class Replicas:
     def __init__(self, host: ReplicaHost, *, runtimes: Mapping[str, Runtime],
                  nodes: Mapping[str, config.NodeSpec], catalog: Any, session: aiohttp.ClientSession,
                  clock: Any, check_ttl: float, dns: str | None = None,
-                 proxy_admins: Sequence[str] = (), deliveries: Deliveries | None = None) -> None:
+                 proxy_admins: Sequence[str] = (), deliveries: Deliveries | None = None,
+                 volumes: VolumeHomes | None = None) -> None:
         self.host = host
         self.deliveries = deliveries
+        self.volumes = volumes
         self.runtimes = runtimes
         self.nodes = nodes
         self.catalog = catalog                      # py-consul's aio client
@@ -329,16 +332,17 @@ class Replicas:
     async def start(self, spec: config.ServiceSpec, slot: int, revision: str, node_name: str,
                     reason: str, *, weight: int = 1) -> Tracked:
         """Start a replica of ``revision`` (its own ``spec``) in ``slot`` on ``node_name``,
-        with the secrets and configs its spec names (``deliveries``), and register it
-        (check critical until its readiness passes) with Meta ``weight``. Raises
-        WorkloadError when its secrets cannot be delivered or the runtime refused (nothing
-        was started)."""
+        with the secrets and configs its spec names (``deliveries``) and its volumes (their
+        homes recorded first: ``volumes``), and register it (check critical until its
+        readiness passes) with Meta ``weight``. Raises WorkloadError when its secrets cannot
+        be delivered, a volume lives elsewhere or the runtime refused (nothing was started)."""
         service = spec.name
         node = self.nodes[node_name]
         rt = self.runtimes[node_name]
         files, secret_env = (), {}
         if self.deliveries is not None and (spec.secrets or spec.configs):
             files, secret_env = await self.deliveries.resolve(spec)
+        mounts = attachments(spec, slot)
         ports = self._assign_ports(spec, node_name, node.address)
         iid = f"{service}-{slot}-{revision[:8]}-{secrets.token_hex(3)}"
         env = dict(spec.env)
@@ -348,12 +352,16 @@ class Replicas:
             image=spec.image, command=spec.command, args=spec.args, workdir=spec.workdir,
             env=env, ports=ports, cpu=spec.resources.limits.cpu, memory=spec.resources.limits.memory,
             stop_signal=spec.stop_signal, stop_grace_period=spec.stop_grace_period,
-            dns=self.dns if node.runtime == "docker" else None, files=files, secret_env=secret_env)
+            dns=self.dns if node.runtime == "docker" else None, files=files, secret_env=secret_env,
+            volumes=mounts)
+        claimed = await self.volumes.claim(spec, slot, node_name) if self.volumes is not None else []
         self._ports_taken.setdefault(node_name, set()).update(ports.values())
         try:
             observed = await rt.start(ispec)
         except BaseException:
             self._ports_taken[node_name].difference_update(ports.values())
+            if claimed and self.volumes is not None:
+                await self.volumes.release(claimed)     # nothing was made there
             raise
         log.info("started %s (%s slot %d on %s, ports %s): %s", iid, service, slot, node_name, ports, reason)
         self.host.note(f"started {iid}: {reason}")

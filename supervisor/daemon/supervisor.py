@@ -66,6 +66,7 @@ from .replicas import Replicas, Tracked
 from .rollouts import Rollouts
 from .slots import Slots
 from .status import status_document
+from .volumes import VolumeHomes, list_volumes, remove_volume, users_index
 
 __all__ = ["Supervisor", "make_runtime", "FOLLOWUP_SLOT"]
 
@@ -214,10 +215,11 @@ class Supervisor:
             if node.name not in self.runtimes:
                 self.runtimes[node.name] = make_runtime(node, self.data_dir)
         self.rollouts = Rollouts(self._client)
+        self.volumes = VolumeHomes(self._client, self.clock)
         self.replicas = Replicas(self, runtimes=self.runtimes, nodes=self.nodes, catalog=self._client,
                                  session=self._session, clock=self.clock, check_ttl=self.check_ttl,
                                  dns=self.dns, proxy_admins=self.proxy_admins,
-                                 deliveries=Deliveries(self._client, self.secrets_key))
+                                 deliveries=Deliveries(self._client, self.secrets_key), volumes=self.volumes)
         self.monitor = NodeMonitor(self.nodes, self.runtimes, self._client, grace=self.node_grace,
                                    on_change=self._node_changed, on_control=self._node_control,
                                    on_sides=self._sides_changed, clock=self.clock, every=self.node_probe)
@@ -230,6 +232,7 @@ class Supervisor:
         services = await self._client.agent.services()
         checks = await self._client.agent.checks()
         await self.slots.load()
+        await self.volumes.load()
         _, entries = await self._client.kv.get(config.ROLLOUT_PREFIX, recurse=True)
         self.rollouts.load({e["Key"]: e.get("Value") or b"" for e in entries or ()}, self.clock())
         self._tasks.append(asyncio.create_task(self._watch_desired(), name="watch desired"))
@@ -547,7 +550,7 @@ class Supervisor:
             nodes=self.monitor.infos(),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
             holds=dict(self.slots.holds), last_output=self.replicas.last_output(),
-            starting=tuple(self._starting.values()))
+            starting=tuple(self._starting.values()), volume_homes=self.volumes.nodes())
 
     async def _sync(self, service: str) -> None:
         if not self.may_act():
@@ -720,6 +723,21 @@ class Supervisor:
         """``meshlet explain``: per slot, every node with its filter reason or score
         (core.explain); None when the service is not desired."""
         return explain_service(service, self.desired, self.observed())
+
+    def _volume_users(self) -> dict[str, list[str]]:
+        return users_index((t.obs.instance_id, self.spec_for(t.obs.service, t.obs.revision), t.obs.slot)
+                           for t in self.instances.values())
+
+    async def list_volumes(self) -> list[dict[str, Any]]:
+        """``meshlet volume ls``: every volume meshlet keeps, where, its size and users."""
+        users = self._volume_users()
+        return await list_volumes(self.runtimes, self.volumes, lambda name: users.get(name, []))
+
+    async def remove_volume(self, name: str) -> dict[str, Any]:
+        """``meshlet volume rm``: the only way a volume is deleted; VolumeInUse while a
+        replica (running or exited) mounts it."""
+        users = self._volume_users()
+        return await remove_volume(name, self.runtimes, self.volumes, lambda n: users.get(n, []))
 
     def previous_logs(self, service: str, instance: str | None = None) -> list[Any]:
         kept = [e for (svc, _), exits in sorted(self.replicas.exits.items()) if svc == service for e in exits]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .base import (Capacity, DeliveredFile, EngineUnavailable, ExecTimeout, ImageNotFound, InstanceExists,
                    InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec, Observed,
-                   Runtime, RuntimeEvent, StartFailed, WorkloadError, validate_spec,
-                   workload_env)
+                   Runtime, RuntimeEvent, StartFailed, VolumeAttachment, VolumeInfo, VolumeInUse,
+                   WorkloadError, validate_spec, workload_env)
 from .docker import DockerRuntime
 from .process import ProcessRuntime
 
@@ -21,6 +21,7 @@ __all__ = [
     "InstanceSpec", "DeliveredFile", "Observed", "RuntimeEvent", "validate_spec", "workload_env",
     "WorkloadError", "InvalidSpec", "InstanceExists", "InstanceNotFound",
     "InstanceNotRunning", "ImageNotFound", "StartFailed", "ExecTimeout", "EngineUnavailable",
+    "VolumeAttachment", "VolumeInfo", "VolumeInUse",
 ]
 
 RUNTIMES: dict[str, type] = {

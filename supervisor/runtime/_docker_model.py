@@ -17,10 +17,12 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from .base import InstanceSpec, InvalidSpec, Observed, State, workload_env
+from docker.types import Mount
+
+from .base import InstanceSpec, InvalidSpec, Observed, State, VolumeAttachment, workload_env
 
 __all__ = ["OWNER_LABEL", "identity_labels", "create_kwargs", "observed_from_attrs",
-           "parse_docker_time", "docker_state", "LOG_OPTIONS"]
+           "parse_docker_time", "docker_state", "LOG_OPTIONS", "mounts", "volume_labels"]
 
 OWNER_LABEL = "meshlet.owner"
 OWNER_VALUE = "meshlet"
@@ -38,6 +40,29 @@ def identity_labels(spec: InstanceSpec) -> dict[str, str]:
         "meshlet.node": spec.node,
         "meshlet.ports": json.dumps(dict(spec.ports), separators=(",", ":")),
     }
+
+
+def mounts(volumes: tuple[VolumeAttachment, ...]) -> list[Mount]:
+    """The engine's Mounts of an instance's volumes: bind (host), volume (named, created
+    beforehand with its driver: ``DockerRuntime._ensure_volume``), tmpfs (with its size,
+    which the kernel enforces: writes past it fail with ENOSPC)."""
+    out = []
+    for v in volumes:
+        if v.kind == "tmpfs":
+            out.append(Mount(v.target, None, type="tmpfs", read_only=v.read_only, tmpfs_size=v.size))
+        else:
+            out.append(Mount(v.target, v.source, type="bind" if v.kind == "host" else "volume",
+                             read_only=v.read_only))
+    return out
+
+
+def volume_labels(v: VolumeAttachment, spec: InstanceSpec) -> dict[str, str]:
+    """Labels of an engine volume meshlet creates: meshlet's own (``volume ls``/``rm`` list
+    only these), the mesh's volume name, and for a per-replica one its service and slot."""
+    labels = {OWNER_LABEL: OWNER_VALUE, "meshlet.volume": v.name, "meshlet.node": spec.node}
+    if v.per_replica:
+        labels.update({"meshlet.service": spec.service, "meshlet.slot": str(spec.slot)})
+    return labels
 
 
 def resolv_conf(dns: str) -> str:
@@ -63,6 +88,7 @@ def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None,
       ``resolv_conf(dns)``), that file is bind-mounted read-only on /etc/resolv.conf;
       without it the engine writes "nameserver <dns>" itself (Docker accepts ``dns`` with
       host networking), which also works on a remote engine but stays writable.
+    - ``volumes``: Mounts (``mounts``); named volumes must exist by then.
     - ``file_paths``: target in the container -> the host file (on a tmpfs) holding a
       secret or config, bind-mounted read-only there. The values themselves never go into
       the container's config (what ``docker inspect`` shows). A secret as a variable
@@ -87,6 +113,8 @@ def create_kwargs(spec: InstanceSpec, resolv_conf_path: str | None = None,
         binds[source] = {"bind": target, "mode": "ro"}
     if binds:
         host["binds"] = binds
+    if spec.volumes:
+        host["mounts"] = mounts(spec.volumes)
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": spec.instance_id,

@@ -27,6 +27,7 @@ Errors (everything a runtime raises on purpose is a ``WorkloadError``)::
     ├── ImageNotFound        image missing on the node and the pull failed
     ├── StartFailed          the engine/OS refused to start it: nothing left half-created
     ├── ExecTimeout          exec() did not finish in time (also a TimeoutError)
+    ├── VolumeInUse          remove_volume() of a volume an instance mounts
     └── EngineUnavailable    the node's engine does not answer
 
 Everything here is pure: validation, the workload environment, exit-code conventions and
@@ -42,14 +43,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from config import FrozenDict
+from config import FrozenDict, volume_env_name
 
 __all__ = [
-    "InstanceSpec", "DeliveredFile", "Observed", "RuntimeEvent", "Runtime", "State",
+    "InstanceSpec", "DeliveredFile", "VolumeAttachment", "VolumeInfo", "VolumeInUse", "Observed", "RuntimeEvent", "Runtime", "State",
     "WorkloadError", "InvalidSpec", "InstanceExists", "InstanceNotFound", "InstanceNotRunning",
     "ImageNotFound", "StartFailed", "ExecTimeout", "EngineUnavailable",
     "Capacity", "validate_spec", "is_instance_id", "workload_env", "port_env_name", "exit_code_from_returncode",
-    "signal_number", "spec_to_dict", "spec_from_dict", "EXEC_OUTPUT_LIMIT",
+    "signal_number", "spec_to_dict", "spec_from_dict", "EXEC_OUTPUT_LIMIT", "VOLUME_KINDS",
 ]
 
 State = Literal["starting", "running", "exited"]
@@ -88,6 +89,63 @@ class DeliveredFile:
     gid: int | None = None
 
 
+VOLUME_KINDS = ("host", "named", "tmpfs")
+_ENGINE_VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class VolumeAttachment:
+    """A volume an instance mounts at ``target``, resolved by the supervisor: ``source`` is
+    a host directory (``host``) or the engine volume's name (``named``; a per-replica one's
+    ``<service>-<volume>-<slot>``); a ``tmpfs`` has none and lives as long as the instance.
+
+    docker: a bind, volume or tmpfs mount (``size`` enforced by the tmpfs); a named volume
+    is created with ``driver``/``driver_opts`` on first use, and one that exists with
+    another driver or options is refused, not reused. process: a directory, found through
+    ``$MESHLET_VOLUME_<NAME>`` (``name``: the mesh's volume name): the host directory, a
+    directory per named volume under the data dir, a directory on a tmpfs per instance;
+    no driver, no size, no read-only (nothing could enforce them: refused)."""
+
+    name: str
+    kind: Literal["host", "named", "tmpfs"]
+    target: str
+    source: str | None = None
+    read_only: bool = False
+    driver: str = "local"
+    driver_opts: Mapping[str, str] = field(default_factory=FrozenDict)
+    size: int | None = None               # tmpfs: bytes
+    create: bool = False                  # host: make the directory when missing
+    per_replica: bool = False             # named: belongs to (service, slot) of the instance
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "driver_opts", _frozen(self.driver_opts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "target": self.target, "source": self.source,
+                "read_only": self.read_only, "driver": self.driver, "driver_opts": dict(self.driver_opts),
+                "size": self.size, "create": self.create, "per_replica": self.per_replica}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "VolumeAttachment":
+        return cls(**{k: data[k] for k in ("name", "kind", "target", "source", "read_only", "driver",
+                                            "driver_opts", "size", "create", "per_replica") if k in data})
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume a runtime holds for meshlet (``volumes()``): a named volume's engine volume
+    or directory. ``size``: bytes used (None: the driver cannot tell); ``users``: the
+    instances that mount it (running or exited)."""
+
+    name: str
+    node: str
+    driver: str
+    size: int | None
+    users: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=FrozenDict)
+    created_at: str | None = None
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
     """What to run for one replica. Plain data; hashable (mappings are frozen).
@@ -115,11 +173,14 @@ class InstanceSpec:
     labels: Mapping[str, str] = field(default_factory=FrozenDict)
     files: tuple[DeliveredFile, ...] = field(default=(), repr=False)
     secret_env: Mapping[str, str] = field(default_factory=FrozenDict, repr=False)
+    volumes: tuple[VolumeAttachment, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from callers; store tuples and FrozenDicts.
         if self.command is not None and not isinstance(self.command, tuple):
             object.__setattr__(self, "command", tuple(self.command))
+        if not isinstance(self.volumes, tuple):
+            object.__setattr__(self, "volumes", tuple(self.volumes))
         if not isinstance(self.args, tuple):
             object.__setattr__(self, "args", tuple(self.args))
         if not isinstance(self.files, tuple):
@@ -252,6 +313,10 @@ class EngineUnavailable(WorkloadError, ConnectionError):
     pass
 
 
+class VolumeInUse(WorkloadError):
+    """``remove_volume`` of a volume an instance still mounts."""
+
+
 # --- pure helpers -------------------------------------------------------------------------
 
 def signal_number(name: str) -> int:
@@ -342,6 +407,7 @@ def validate_spec(spec: InstanceSpec, *, runtime: str) -> None:
             problems.append(f"files {f.kind} {f.name}: target {f.target!r} is not an absolute path")
         if not isinstance(f.mode, int) or not 0 <= f.mode <= 0o777:
             problems.append(f"files {f.kind} {f.name}: mode {f.mode!r} is not permission bits")
+    problems += _volume_problems(spec, runtime)
     for key in spec.labels:
         if key.startswith(RESERVED_LABEL_PREFIX):
             problems.append(f"labels {key}: the {RESERVED_LABEL_PREFIX}* prefix is meshlet's own")
@@ -349,13 +415,50 @@ def validate_spec(spec: InstanceSpec, *, runtime: str) -> None:
         raise InvalidSpec(str(spec.instance_id), problems)
 
 
+def _volume_problems(spec: InstanceSpec, runtime: str) -> list[str]:
+    problems: list[str] = []
+    names: set[str] = set()
+    targets: set[str] = set()
+    for v in spec.volumes:
+        what = f"volumes {v.name}"
+        if v.kind not in VOLUME_KINDS:
+            problems.append(f"{what}: kind {v.kind!r} is not one of {', '.join(VOLUME_KINDS)}")
+            continue
+        if volume_env_name(v.name) in names:
+            problems.append(f"{what}: given twice (or another volume has its variable {volume_env_name(v.name)})")
+        names.add(volume_env_name(v.name))
+        if not v.target.startswith("/") or v.target in targets:
+            problems.append(f"{what}: target {v.target!r} is not an absolute path, or is used twice")
+        targets.add(v.target)
+        if v.kind == "host" and not (v.source or "").startswith("/"):
+            problems.append(f"{what}: a host volume needs an absolute source directory, got {v.source!r}")
+        if v.kind == "named" and not _ENGINE_VOLUME.fullmatch(v.source or ""):
+            problems.append(f"{what}: expected an engine volume name, got {v.source!r}")
+        if v.size is not None and (v.kind != "tmpfs" or not isinstance(v.size, int) or v.size <= 0):
+            problems.append(f"{what}: size is for tmpfs volumes, in bytes > 0")
+        if runtime == "process":
+            # no mount namespace: nothing could enforce these, and ignoring them would lie
+            if v.read_only:
+                problems.append(f"{what}: read_only cannot be enforced for a process (no mount namespace); "
+                                "run the service from an image")
+            if v.size is not None:
+                problems.append(f"{what}: a process's tmpfs volume is a directory on the host's shared tmpfs, "
+                                "where size cannot be enforced; run the service from an image")
+            if v.kind == "named" and (v.driver != "local" or v.driver_opts):
+                problems.append(f"{what}: driver {v.driver} with options {dict(v.driver_opts)} needs a Docker "
+                                "engine; a process node holds local named volumes as directories only")
+    return problems
+
+
 def workload_env(spec: InstanceSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The workload's environment: ``base`` < ``spec.env`` < secrets delivered as variables
     (``spec.secret_env``) < meshlet's own variables.
 
     meshlet's variables win because the runtime assigned them: ``PORT`` (the first port),
-    ``PORT_<NAME>`` for each port, and the instance identity ``MESHLET_INSTANCE``,
-    ``MESHLET_SERVICE``, ``MESHLET_SLOT``, ``MESHLET_REVISION``, ``MESHLET_NODE``.
+    ``PORT_<NAME>`` for each port, the instance identity ``MESHLET_INSTANCE``,
+    ``MESHLET_SERVICE``, ``MESHLET_SLOT``, ``MESHLET_REVISION``, ``MESHLET_NODE``, and
+    ``MESHLET_VOLUME_<NAME>`` for each volume: its target (a process runtime replaces it
+    with the directory it gives the volume).
     """
     env = dict(base or {})
     env.update(spec.env)
@@ -371,6 +474,8 @@ def workload_env(spec: InstanceSpec, base: Mapping[str, str] | None = None) -> d
         "MESHLET_REVISION": spec.revision,
         "MESHLET_NODE": spec.node,
     })
+    for v in spec.volumes:
+        env[volume_env_name(v.name)] = v.target
     return env
 
 
@@ -387,7 +492,7 @@ _SPEC_FIELDS = ("instance_id", "service", "slot", "revision", "node", "image", "
 
 def spec_to_dict(spec: InstanceSpec) -> dict[str, Any]:
     """JSON-ready form (mapping order kept: the first port is PORT)."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"volumes": [v.to_dict() for v in spec.volumes]}
     for name in _SPEC_FIELDS:
         value = getattr(spec, name)
         if isinstance(value, Mapping):
@@ -406,4 +511,5 @@ def spec_from_dict(data: Mapping[str, Any]) -> InstanceSpec:
         kwargs["command"] = tuple(kwargs["command"])
     if "args" in kwargs:
         kwargs["args"] = tuple(kwargs["args"])
+    kwargs["volumes"] = tuple(VolumeAttachment.from_dict(v) for v in data.get("volumes") or ())
     return InstanceSpec(**kwargs)

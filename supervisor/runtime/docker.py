@@ -42,10 +42,11 @@ import config
 from ._bridge import EventQueue, iterate_in_thread
 from ._files import FilesError, files_root, remove_files, write_files
 from ._docker_model import (LOG_OPTIONS, OWNER_LABEL, OWNER_VALUE, create_kwargs,
-                            observed_from_attrs, observed_from_event, resolv_conf)
+                            observed_from_attrs, observed_from_event, resolv_conf, volume_labels)
 from .base import (EXEC_OUTPUT_LIMIT, Capacity, EngineUnavailable, ExecTimeout, ImageNotFound,
                    InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec, InvalidSpec,
-                   Observed, RuntimeEvent, StartFailed, WorkloadError, validate_spec)
+                   Observed, RuntimeEvent, StartFailed, VolumeAttachment, VolumeInfo, VolumeInUse,
+                   WorkloadError, validate_spec)
 
 __all__ = ["DockerRuntime", "engine_tls", "open_api", "open_client"]
 
@@ -229,12 +230,143 @@ class DockerRuntime:
                 " (a container not created by meshlet has that name)"
             raise InstanceExists(f"instance {where} already exists{owner}")
         self._ensure_image(client, spec.image or "")
-        file_paths = self._write_files(spec)
+        created = self._prepare_volumes(client, spec)
         try:
-            return self._create_and_start(client, spec, file_paths)
+            file_paths = self._write_files(spec)
+            try:
+                return self._create_and_start(client, spec, file_paths)
+            except BaseException:
+                remove_files(self._files_ident, spec.instance_id)   # nothing half-created
+                raise
         except BaseException:
-            remove_files(self._files_ident, spec.instance_id)   # nothing half-created
+            for volume in created:      # made for this start, never used: nothing half-created
+                try:
+                    volume.remove()
+                except docker.errors.APIError:
+                    log.warning("could not remove volume %s after a failed start", volume.name, exc_info=True)
             raise
+
+    # --- volumes ----------------------------------------------------------------------------
+
+    def _prepare_volumes(self, client: docker.DockerClient, spec: InstanceSpec) -> builtins.list[Any]:
+        """Host directories checked (made with ``create``), named volumes made on first use;
+        the engine volumes created here (removed again if the start fails)."""
+        created = []
+        try:
+            for v in spec.volumes:
+                if v.kind == "host":
+                    self._check_host_dir(spec, v)
+                elif v.kind == "named":
+                    volume = self._ensure_volume(client, spec, v)
+                    if volume is not None:
+                        created.append(volume)
+        except BaseException:
+            for volume in created:
+                try:
+                    volume.remove()
+                except docker.errors.APIError:
+                    pass
+            raise
+        return created
+
+    def _check_host_dir(self, spec: InstanceSpec, v: VolumeAttachment) -> None:
+        where = f"{spec.instance_id} on node {self.node}"
+        path = Path(v.source or "")
+        if self._files_ident is None:
+            if v.create:
+                raise StartFailed(f"cannot start {where}: host volume {v.name} has create: true, and node "
+                                  f"{self.node}'s engine ({self.engine}) is not on this host to make {path}")
+            return      # the engine says whether it exists
+        if path.is_dir():
+            return
+        if path.exists():
+            raise StartFailed(f"cannot start {where}: host volume {v.name}: {path} is not a directory")
+        if not v.create:
+            raise StartFailed(f"cannot start {where}: host volume {v.name}: {path} does not exist on node "
+                              f"{self.node} (create it, or set create: true on the volume)")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartFailed(f"cannot start {where}: host volume {v.name}: cannot create {path}: "
+                              f"{exc.strerror or exc}") from exc
+
+    def _ensure_volume(self, client: docker.DockerClient, spec: InstanceSpec, v: VolumeAttachment) -> Any | None:
+        """The engine volume of ``v``, created when missing (returned then, else None). One
+        that exists with another driver or options is refused: reusing it would silently
+        run on different storage than the spec says."""
+        where = f"{spec.instance_id} on node {self.node}"
+        name = v.source or v.name
+        try:
+            existing = client.volumes.get(name)
+        except docker.errors.NotFound:
+            existing = None
+        except docker.errors.APIError as exc:
+            raise StartFailed(f"cannot start {where}: volume {name}: {_explain(exc)}") from exc
+        if existing is not None:
+            driver = existing.attrs.get("Driver") or "local"
+            options = existing.attrs.get("Options") or {}
+            if driver != v.driver or dict(options) != dict(v.driver_opts):
+                raise StartFailed(
+                    f"cannot start {where}: volume {name} exists with driver {driver} and options "
+                    f"{dict(options)}, the spec asks for driver {v.driver} and options {dict(v.driver_opts)}; "
+                    f"meshlet never changes or deletes a volume's data by itself (`meshlet volume rm {name}` "
+                    "to start over)")
+            return None
+        try:
+            return client.volumes.create(name=name, driver=v.driver, driver_opts=dict(v.driver_opts),
+                                         labels=volume_labels(v, spec))
+        except docker.errors.APIError as exc:
+            raise StartFailed(f"cannot start {where}: the engine refused to create volume {name} "
+                              f"(driver {v.driver}): {_explain(exc)}") from exc
+
+    async def volumes(self) -> builtins.list[VolumeInfo]:
+        """meshlet's engine volumes on this node (labelled ``meshlet.owner``), with their
+        size (the engine's disk-usage data; None when the driver cannot tell) and users."""
+        return await self._run(self._volumes_sync)
+
+    def _volumes_sync(self) -> builtins.list[VolumeInfo]:
+        client = self._docker()
+        found = client.volumes.list(filters={"label": [f"{OWNER_LABEL}={OWNER_VALUE}", f"meshlet.node={self.node}"]})
+        if not found:
+            return []
+        sizes = {}
+        for d in client.df().get("Volumes") or ():
+            size = (d.get("UsageData") or {}).get("Size", -1)
+            sizes[d.get("Name")] = size if isinstance(size, int) and size >= 0 else None
+        out = []
+        for volume in found:
+            users = client.containers.list(all=True, filters={"volume": volume.name}, ignore_removed=True)
+            out.append(VolumeInfo(volume.name, self.node, volume.attrs.get("Driver") or "local",
+                                  sizes.get(volume.name), tuple(sorted(c.name for c in users)),
+                                  dict(volume.attrs.get("Labels") or {}), volume.attrs.get("CreatedAt")))
+        return out
+
+    async def remove_volume(self, name: str) -> None:
+        """Delete meshlet's engine volume ``name`` and its data; VolumeInUse while any
+        container (running or exited) mounts it. A volume meshlet did not create is left
+        alone (InvalidSpec)."""
+        await self._run(self._remove_volume_sync, name)
+
+    def _remove_volume_sync(self, name: str) -> None:
+        client = self._docker()
+        try:
+            volume = client.volumes.get(name)
+        except docker.errors.NotFound:
+            raise InstanceNotFound(f"no volume {name} on node {self.node}") from None
+        labels = volume.attrs.get("Labels") or {}
+        if labels.get(OWNER_LABEL) != OWNER_VALUE or labels.get("meshlet.node") != self.node:
+            raise InvalidSpec(name, [f"volume {name} on node {self.node} was not created by meshlet; "
+                                     "remove it with docker volume rm"])
+        users = client.containers.list(all=True, filters={"volume": name}, ignore_removed=True)
+        if users:
+            raise VolumeInUse(f"volume {name} on node {self.node} is in use by "
+                              f"{', '.join(sorted(c.name for c in users))}")
+        try:
+            volume.remove()
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise VolumeInUse(f"volume {name} on node {self.node} is in use: {_explain(exc)}") from exc
+            raise WorkloadError(f"cannot remove volume {name} on node {self.node}: {_explain(exc)}") from exc
 
     def _write_files(self, spec: InstanceSpec) -> dict[str, str]:
         """Target -> host path of the instance's secret and config files."""

@@ -14,6 +14,15 @@ for containers. Secrets delivered as variables (``spec.secret_env``) are in the 
 environment only (and so in ``/proc/<pid>/environ`` for its own user), never in the state
 file: an exec probe of a process adopted after a supervisor restart runs without them.
 
+Volumes (``spec.volumes``): no mount namespace either, so each volume is a directory
+whose path is in ``$MESHLET_VOLUME_<NAME>``: a host volume's own directory (made with
+``create``), ``<data_dir>/volumes/<engine name>/`` for a named one (a per-replica one's
+name is ``<service>-<volume>-<slot>``; its labels in ``<data_dir>/volumes.meta/``), and
+for a tmpfs a directory of the instance on the runtime's tmpfs (``_files``), removed with
+the instance. Read-only, a tmpfs size and volume drivers cannot be enforced without
+mounts and are refused (``validate_spec``). Named volumes are never removed but by
+``remove_volume``, which refuses while an instance (running or exited) mounts one.
+
 Each instance runs in a new session (so its own process group, pgid == pid) with
 ``PORT``/``PORT_<NAME>``, the spec's env and a few inherited variables (``INHERITED_ENV``:
 never the supervisor's whole environment, which may hold credentials). stop() signals the
@@ -42,23 +51,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._bridge import EventQueue
 from ._files import FilesError, files_root, remove_files, write_files
 from ._proc import Record, read_record, read_starttime, tail_offset, write_record
 from .base import (EXEC_OUTPUT_LIMIT, Capacity, ExecTimeout, InstanceExists, InstanceNotFound,
                    InstanceNotRunning, InstanceSpec, InvalidSpec, Observed, RuntimeEvent,
-                   StartFailed, WorkloadError, exit_code_from_returncode, signal_number,
-                   is_instance_id, validate_spec, workload_env)
+                   StartFailed, VolumeInfo, VolumeInUse, WorkloadError, exit_code_from_returncode,
+                   signal_number, is_instance_id, validate_spec, workload_env)
+from config import volume_env_name
 
 __all__ = ["ProcessRuntime", "INHERITED_ENV"]
 
@@ -77,6 +90,22 @@ _FOLLOW_INTERVAL = 0.1
 # of the supervisor inside one process, as in tests). Kept referenced so Popen does not
 # warn, and reaped as they exit so they do not linger as zombies.
 _detached: list[subprocess.Popen[bytes]] = []
+
+
+def _files_root(data_dir: Path) -> Path:
+    return files_root(str(data_dir.resolve()))
+
+
+def _du(path: Path) -> int:
+    """Bytes the files below ``path`` take (their sizes; links not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _reap_detached() -> None:
@@ -128,6 +157,8 @@ class ProcessRuntime:
         self.data_dir = Path(data_dir)
         self._state_dir = self.data_dir / "instances"
         self._log_dir = self.data_dir / "logs"
+        self._volume_dir = self.data_dir / "volumes"
+        self._volume_meta = self.data_dir / "volumes.meta"
         self._live: dict[str, _Live] = {}
         self._events = EventQueue(f"process runtime {node}")
         self._closed = False
@@ -145,6 +176,88 @@ class ProcessRuntime:
     def _base_env() -> dict[str, str]:
         return {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
 
+    # --- volumes ----------------------------------------------------------------------------
+
+    def _volume_path(self, spec: InstanceSpec, v: Any) -> Path:
+        if v.kind == "host":
+            return Path(v.source)
+        if v.kind == "named":
+            return self._volume_dir / v.source
+        return _files_root(self.data_dir) / spec.instance_id / "volumes" / v.name
+
+    def _env(self, spec: InstanceSpec) -> dict[str, str]:
+        """The workload's environment, each volume's variable naming its directory."""
+        env = workload_env(spec, self._base_env())
+        for v in spec.volumes:
+            env[volume_env_name(v.name)] = str(self._volume_path(spec, v))
+        return env
+
+    def _prepare_volumes(self, spec: InstanceSpec) -> None:
+        """Every volume's directory, made where meshlet owns it (named, tmpfs) or asked to
+        (host with ``create``); StartFailed naming the volume otherwise."""
+        where = f"{spec.instance_id} on node {self.node}"
+        for v in spec.volumes:
+            try:
+                path = self._volume_path(spec, v)
+            except FilesError as exc:
+                raise StartFailed(f"cannot start {where}: tmpfs volume {v.name}: {exc}") from exc
+            if v.kind == "host" and not path.is_dir():
+                if path.exists() or not v.create:
+                    why = "is not a directory" if path.exists() else \
+                        f"does not exist on node {self.node} (create it, or set create: true on the volume)"
+                    raise StartFailed(f"cannot start {where}: host volume {v.name}: {path} {why}")
+            try:
+                if v.kind == "named" and not path.exists():
+                    self._volume_meta.mkdir(parents=True, exist_ok=True)
+                    labels = {"meshlet.volume": v.name, "meshlet.node": spec.node}
+                    if v.per_replica:
+                        labels.update({"meshlet.service": spec.service, "meshlet.slot": str(spec.slot)})
+                    (self._volume_meta / f"{v.source}.json").write_text(json.dumps(
+                        {"labels": labels, "created_at": time.time()}))
+                path.mkdir(mode=0o700 if v.kind == "tmpfs" else 0o755, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StartFailed(f"cannot start {where}: volume {v.name}: cannot create {path}: "
+                                  f"{exc.strerror or exc}") from exc
+
+    def _volume_users(self, name: str) -> list[str]:
+        users = []
+        if self._state_dir.is_dir():
+            for path in sorted(self._state_dir.glob("*.json")):
+                live = self._live.get(path.stem) or self._adopt(path)
+                if live is not None and not live.removed and any(
+                        v.kind == "named" and v.source == name for v in live.record.spec.volumes):
+                    users.append(live.record.spec.instance_id)
+        return users
+
+    async def volumes(self) -> list[VolumeInfo]:
+        """The named volumes (directories) under the data dir, with bytes used and users."""
+        if not self._volume_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(p for p in self._volume_dir.iterdir() if p.is_dir()):
+            size = await asyncio.to_thread(_du, path)
+            try:
+                meta = json.loads((self._volume_meta / f"{path.name}.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            created = meta.get("created_at")
+            out.append(VolumeInfo(path.name, self.node, "local", size, tuple(self._volume_users(path.name)),
+                                  meta.get("labels") or {},
+                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)) if created else None))
+        return out
+
+    async def remove_volume(self, name: str) -> None:
+        """Delete the named volume ``name`` (its directory); VolumeInUse while an instance
+        (running or exited) mounts it."""
+        path = self._volume_dir / name
+        if not is_instance_id(name) or not path.is_dir():
+            raise InstanceNotFound(f"no volume {name} on node {self.node}")
+        users = self._volume_users(name)
+        if users:
+            raise VolumeInUse(f"volume {name} on node {self.node} is in use by {', '.join(users)}")
+        await asyncio.to_thread(shutil.rmtree, path)
+        (self._volume_meta / f"{name}.json").unlink(missing_ok=True)
+
     # --- start ----------------------------------------------------------------------------
 
     async def start(self, spec: InstanceSpec) -> Observed:
@@ -160,7 +273,8 @@ class ProcessRuntime:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         argv = [*(spec.command or ()), *spec.args]
         log_path = self.log_path(spec.instance_id)
-        env = workload_env(spec, self._base_env())
+        self._prepare_volumes(spec)
+        env = self._env(spec)
         if spec.files:
             try:
                 written = write_files(files_root(str(self.data_dir.resolve())), spec.instance_id, spec.files)
@@ -458,7 +572,7 @@ class ProcessRuntime:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd=spec.workdir,
-                env=workload_env(spec, self._base_env()), start_new_session=True)
+                env=self._env(spec), start_new_session=True)
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             return code, f"exec {argv[0]}: {exc.strerror or exc}\n".encode()

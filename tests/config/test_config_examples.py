@@ -123,10 +123,12 @@ def test_full_example_uses_every_field():
     # meshlet apply fills in the versions; a file may not (and full.yaml can show only one
     # of key_file / key_env)
     expected -= {".services.*.secrets.version", ".services.*.configs.version", ".mesh.secrets.key_env"}
+    # ... and each mount's volume definition (copied from the top-level volumes)
+    expected = {p for p in expected if not p.startswith(".services.*.volumes.volume")}
     # each probe kind (http/tcp/exec) and its fields need to appear under one of the probes
     probe = re.compile(r"(\.probes)\.(liveness|readiness|startup)\.")
     expected = {probe.sub(r"\1.*.", p) for p in expected}
-    free_keys = re.compile(r"\.(labels|env|headers)\.[^.]+$")  # mappings with keys of the user's
+    free_keys = re.compile(r"\.(labels|env|headers|driver_opts)\.[^.]+$")  # mappings with keys of the user's
     written = {probe.sub(r"\1.*.", p) for p in written if not free_keys.search(p)}
     assert sorted(expected - written) == []
     assert sorted(written - expected) == []

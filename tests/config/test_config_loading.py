@@ -34,7 +34,8 @@ def test_whole_config_to_dict_is_json():
     d = cfg.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d["services"]["web"] == cfg.services["web"].to_dict()
-    assert d["volumes"] == {"v": {"name": "v", "type": "tmpfs", "source": None, "size": None}}
+    assert d["volumes"] == {"v": {"name": "v", "type": "tmpfs", "source": None, "size": None, "driver": None,
+                                  "driver_opts": {}, "per_replica": False, "create": False}}
 
 
 def test_command_paths_are_the_config_files(tmp_path):
