@@ -89,6 +89,17 @@ async def mesh(catalog, tmp_path: Path) -> AsyncIterator[Mesh]:
         await m.close()
 
 
+@pytest.fixture
+async def short_session_mesh(catalog_factory, tmp_path: Path) -> AsyncIterator[Mesh]:
+    """A Mesh on a catalog that accepts sessions from 1 s, as `meshlet up` starts it (the
+    supervisors' leader lock uses a 5 s TTL)."""
+    m = Mesh(catalog_factory("--session-ttl-min", "1s"), tmp_path)
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
 def kill9(pid: int) -> None:
     os.kill(pid, 9)
 

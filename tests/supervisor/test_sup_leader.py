@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from _util import async_wait_for, kill_leftovers, pid_alive, start_server, stop_process, wait_for
-from conftest import Mesh
 
 pytestmark = pytest.mark.slow
 
@@ -103,16 +102,13 @@ class Load:
 
 
 @pytest.fixture
-async def ha(catalog_factory, tmp_path):
-    cat = catalog_factory("--session-ttl-min", "1s")    # as `meshlet up` starts it
-    mesh = Mesh(cat, tmp_path)
+async def ha(short_session_mesh, tmp_path):
     procs: list[subprocess.Popen] = []
     try:
-        yield mesh, cat, procs
+        yield short_session_mesh, short_session_mesh.catalog, procs
     finally:
         for p in procs:
             stop_process(p)
-        await mesh.close()
         kill_leftovers(tmp_path / "sup")
 
 
