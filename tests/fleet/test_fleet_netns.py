@@ -73,6 +73,16 @@ def fleet_yaml(net: NetFleet, data: Path, certs: Path) -> str:
             image: {TEST_IMAGE}
             replicas: 1
             resources: {{cpu: 64}}
+          store:
+            image: {TEST_IMAGE}
+            args: [/bin/sh, -c, 'exec httpd -f -p $HOST:$PORT -h /www']
+            replicas: 1
+            resources: {{cpu: 100m, memory: 16Mi}}
+            ports: [{{name: http}}]
+            volumes: [{{name: data, target: /data}}]
+            placement: {{constraints: ["node.labels.zone == za"]}}
+        volumes:
+          data: {{per_replica: true}}
         """)
 
 
@@ -210,6 +220,9 @@ def test_a_lost_host_is_replaced_and_its_return_leaves_no_duplicate(fleet):
     wait_for(lambda: fleet.ready_nodes("web") == ["a", "b"], timeout=90, interval=0.5)
     before = {i["slot"]: i["id"] for i in fleet.service("web")["instances"]}
     (on_a,) = fleet.containers("a", "web")
+    wait_for(lambda: fleet.ready_nodes("store") == ["a"], timeout=60, interval=0.5, what="store on a")
+    (store,) = fleet.containers("a", "store")
+    assert store.exec_run(["sh", "-c", "echo kept > /data/mark"])[0] == 0
     cut = time.monotonic()
     fleet.net.link("a", False)
     try:
@@ -219,6 +232,9 @@ def test_a_lost_host_is_replaced_and_its_return_leaves_no_duplicate(fleet):
         moved = time.monotonic() - cut
         api = fleet.service("api")
         assert api["ready"] == 0 and "node lost" in (api["problem"] or ""), api   # constrained to a: waits
+        # its data lives on a: pending with the reason, never started empty elsewhere
+        wait_for(lambda: "store-data-0" in (fleet.service("store")["problem"] or ""), timeout=30, interval=0.3)
+        assert "node lost" in fleet.service("store")["problem"] and fleet.containers("b", "store") == []
         # the replica on a never stopped: a partition, not a crash
         on_a.reload()
         assert on_a.status == "running"
@@ -234,6 +250,10 @@ def test_a_lost_host_is_replaced_and_its_return_leaves_no_duplicate(fleet):
     assert sorted(slots) == [0, 1], web["instances"]
     assert on_a.name in before.values()
     wait_for(lambda: fleet.ready_nodes("api") == ["a"], timeout=60, interval=0.5, what="api back on a")
+    # the store's replica rode out the partition on a and still has its data
+    wait_for(lambda: fleet.ready_nodes("store") == ["a"], timeout=60, interval=0.5, what="store back on a")
+    (back,) = fleet.containers("a", "store")
+    assert back.id == store.id and back.exec_run(["cat", "/data/mark"]) == (0, b"kept\n")
 
 
 LOAD = r"""
