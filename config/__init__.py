@@ -13,7 +13,7 @@ from ._document import (DOCUMENT_FORMAT, canonical_json, parse_service_document,
                         service_document, service_revision)
 from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
-from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, LEADER_KEY, NODE_SIDES_PREFIX, NODES_PREFIX, ROLLOUT_KINDS,
+from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, LEADER_KEY, REBALANCE_KEY, NODE_SIDES_PREFIX, NODES_PREFIX, ROLLOUT_KINDS,
                     ROLLOUT_PREFIX, SECRETS_PREFIX, SERVICES_PREFIX, VIPS_PREFIX, VOLUMES_PREFIX, backoff_key,
                     config_key, key_name, node_key, rollout_key, secret_key, service_key, split_backoff_key,
                     split_rollout_key, split_version_key, vip_key, volume_key)
@@ -51,7 +51,7 @@ __all__ = [
     "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES", "volume_env_name",
     # KV keys (the catalog contract)
     "SERVICES_PREFIX", "VIPS_PREFIX", "VOLUMES_PREFIX", "volume_key", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-    "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "node_key",
+    "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "REBALANCE_KEY", "node_key",
     "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key", "key_name",
     "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key",
     # conventions every component shares

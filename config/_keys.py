@@ -12,6 +12,7 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
     meshlet/secrets/<name>/<version>      a secret's version, encrypted (supervisor.secrets)
     meshlet/configs/<name>/<version>      a config's version (content, digest)
     meshlet/leader                        the supervisors' leader lock (a session holds it)
+    meshlet/rebalance                     the moves `meshlet rebalance` started, until done
     meshlet/nodes/<node>                  an operator's cordon / drain of a node (the CLI)
     meshlet/node-sides/<host>             a host's `meshlet node` (its proxy's admin address)
     meshlet/volumes/<kind>/<name>         where a node-local volume lives (the supervisor):
@@ -21,7 +22,7 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "node_key",
+           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "REBALANCE_KEY", "node_key",
            "VOLUMES_PREFIX", "volume_key", "service_key", "vip_key", "backoff_key", "rollout_key",
            "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
@@ -35,6 +36,7 @@ CONFIGS_PREFIX = "meshlet/configs/"
 VOLUMES_PREFIX = "meshlet/volumes/"
 NODES_PREFIX = "meshlet/nodes/"
 LEADER_KEY = "meshlet/leader"
+REBALANCE_KEY = "meshlet/rebalance"
 NODE_SIDES_PREFIX = "meshlet/node-sides/"
 
 

@@ -25,7 +25,7 @@ import config
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age", "format_volumes", "format_size"]
 
-COMMANDS = ("status", "logs", "explain", "node", "volume", "down")
+COMMANDS = ("status", "logs", "explain", "node", "volume", "rebalance", "down")
 DEFAULT_ADMIN = config.MESH_DEFAULTS.admin_listen
 
 
@@ -91,6 +91,15 @@ def add_subcommands(sub: Any) -> None:
         p.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
         p.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
     volume_ls.add_argument("--json", action="store_true", help="print the volumes' JSON")
+
+    rebalance = sub.add_parser("rebalance", help="move replicas where placement would put them now (spread "
+                                                  "onto new nodes, pack binpack services); waits until done")
+    rebalance.add_argument("--dry-run", action="store_true", help="only show the moves")
+    rebalance.add_argument("--no-wait", action="store_true", help="return once the moves are started")
+    rebalance.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                           help="give up waiting after this long (default 600; the moves go on)")
+    rebalance.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
+    rebalance.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
 
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
@@ -264,6 +273,42 @@ def _node_action(base: str, args: argparse.Namespace, out: TextIO, err: TextIO) 
         time.sleep(0.5)
 
 
+def _rebalance(base: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``meshlet rebalance``: the planned moves, then (unless --dry-run/--no-wait) wait
+    until none is in progress; moves given up are printed with why."""
+    import time
+    query = "?dry_run=1" if args.dry_run else ""
+    with _request("POST", f"{base}/v1/rebalance{query}") as r:
+        doc = json.load(r)
+    planned = doc.get("planned") or []
+    if not planned:
+        print("nothing to move: every replica is where placement would put it now", file=out)
+        return 0
+    for line in planned:
+        print(("would move " if args.dry_run else "moving ") + line, file=out, flush=True)
+    if args.dry_run or args.no_wait:
+        return 0
+    dropped_before = set(doc.get("dropped") or [])
+    given_up = False
+    deadline = time.monotonic() + args.timeout
+    while True:
+        with _request("GET", f"{base}/v1/rebalance") as r:
+            doc = json.load(r)
+        for line in doc.get("dropped") or []:
+            if line not in dropped_before:
+                dropped_before.add(line)
+                given_up = True
+                print(f"not moved: {line}", file=err, flush=True)
+        if not doc.get("moves"):
+            print("rebalanced", file=out, flush=True)
+            return 1 if given_up else 0
+        if time.monotonic() >= deadline:
+            print(f"meshlet rebalance: {len(doc['moves'])} move(s) still in progress after {args.timeout:g}s "
+                  "(they go on; see meshlet status)", file=err)
+            return 1
+        time.sleep(0.5)
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -272,6 +317,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 2
     base = f"http://{admin}"
     try:
+        if args.command == "rebalance":
+            return _rebalance(base, args, out, err)
         if args.command == "node" and args.node_command != "ls":
             return _node_action(base, args, out, err)
         if args.command in ("status", "node", "explain"):

@@ -49,6 +49,7 @@ class StopReason(StrEnum):
     PROBE_FAILED = "liveness/startup probe failed"
     NODE_RETURNED = "its node was lost and came back: the slot was replaced meanwhile"
     DRAINED = "its node is draining: moved to another node"
+    REBALANCED = "meshlet rebalance moved it to another node"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,8 @@ class Observed:
     starting: tuple[Allocation, ...] = ()
     # where node-local volumes live (``volumes.home_key`` -> node): their replicas are pinned
     volume_homes: Mapping[str, str] = field(default_factory=dict)
+    # (service, slot) -> the node ``meshlet rebalance`` moves the slot's replica to
+    moves: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
     def of(self, service: str) -> list[Replica]:
         """The service's replicas that are not being retired and not on a lost node."""

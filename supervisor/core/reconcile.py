@@ -61,10 +61,11 @@ from .volumes import one_writer, pin
 
 __all__ = ["reconcile", "reconcile_service", "is_current", "allocations", "summary", "apply_holds",
            "pinned_request", "ORPHAN", "SCALE_DOWN", "DUPLICATE", "OUTDATED", "EXITED", "STALE",
-           "PROBE_FAILED", "HELD", "ONE_WRITER", "NODE_RETURNED", "DRAINED", "MOVING"]
+           "PROBE_FAILED", "HELD", "ONE_WRITER", "NODE_RETURNED", "DRAINED", "REBALANCED", "MOVING"]
 
-ORPHAN, SCALE_DOWN, DUPLICATE, OUTDATED, EXITED, STALE, PROBE_FAILED, NODE_RETURNED, DRAINED = tuple(StopReason)
-MOVING = "its node is draining: starting its replacement elsewhere"
+ORPHAN, SCALE_DOWN, DUPLICATE, OUTDATED, EXITED, STALE, PROBE_FAILED, NODE_RETURNED, DRAINED, REBALANCED = \
+    tuple(StopReason)
+MOVING = "moving off its node (drain or rebalance): its replacement starts first"
 HELD = "the runtime refused the last start; trying again after a back-off"
 ONE_WRITER = "waiting for the slot's previous replica to stop: it holds the slot's per-replica volume"
 # A slot waiting for its previous replica looks again this often at the latest (the
@@ -159,18 +160,19 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
             if current:
                 keep = max(current, key=_rank)
                 moving = None
-                if keep.node in draining:
-                    keep, moving = _drain_pair(keep, current, draining)
+                leaves = _leaving(draining, observed.moves.get((name, slot)))
+                if leaves(keep):
+                    keep, moving = _drain_pair(keep, current, leaves)
                     if moving is not None:
                         # its replacement is not ready yet: both stay, the old one serves
                         kept.add(moving.instance_id)
                         handled.add(moving.instance_id)
                         in_flight += 1
-                    elif keep.node in draining and keep.alive:
+                    elif leaves(keep) and keep.alive:
                         moves.append((slot, keep))
                 for r in running:
                     if r is not keep and r is not moving:
-                        stop(r, _why_extra(r, keep, revision, draining))
+                        stop(r, _why_extra(r, keep, revision, leaves, draining))
                 for r in exited:
                     stop(r, STALE)
                 if keep.alive:
@@ -208,12 +210,21 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                                 homes)
                 continue
             to_place.append(pinned_request(spec, slot, homes))
-        if moves and not to_place:
-            # a drain moves replicas like a rolling update: max_surge at a time (at least one),
-            # each replacement started before its predecessor stops
+        if moves and not to_place and one_writer(spec):
+            # one writer per slot: the old replica stops first (one slot at a time) and its
+            # slot is placed anew once it is gone
+            if not stopping:
+                slot, old = moves[0]
+                stop(old, DRAINED if old.node in draining else REBALANCED)
+        elif moves and not to_place:
+            # a drain or a rebalance moves replicas like a rolling update: max_surge at a
+            # time (at least one), each replacement started before its predecessor stops
             room = max(1, _surge(spec)) - in_flight
-            for slot, _old in moves[:max(0, room)]:
-                to_place.append(pinned_request(spec, slot, homes))
+            for slot, old in moves[:max(0, room)]:
+                target = observed.moves.get((name, slot))
+                to_place.append(Request(spec, slot, pinned_to=target, pinned_by=f"meshlet rebalance moves it to {target}")
+                                if target is not None and old.node not in draining
+                                else pinned_request(spec, slot, homes))
                 restarts[slot] = (observed.backoff.get((name, slot), BackoffState()), MOVING)
         if to_place:
             running_others = [r for r in observed.replicas
@@ -226,7 +237,7 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                 actions.append(Start(name, req.slot, revision, node, state, why))
             for req, reason in result.failed:
                 if restarts.get(req.slot, (None, ""))[1] == MOVING:
-                    reason = f"cannot leave draining node: {reason}"
+                    reason = f"cannot move off its node: {reason}"
                 actions.append(Unplaceable(name, req.slot, reason))
     actions = apply_holds(actions, observed.holds, now)
     by_id = {r.instance_id: r for r in mine}
@@ -245,26 +256,36 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
     return actions
 
 
+def _leaving(draining: frozenset[str], move_to: str | None) -> Callable[[Replica], bool]:
+    """Must a replica of the slot leave its node: the node drains, or ``meshlet rebalance``
+    moves the slot to ``move_to``?"""
+    def leaves(r: Replica) -> bool:
+        return r.node in draining or (move_to is not None and r.node != move_to)
+    return leaves
+
+
 def _drain_pair(keep: Replica, current: Sequence[Replica],
-                draining: frozenset[str]) -> tuple[Replica, Replica | None]:
-    """The slot's kept replica runs on a draining node: (the replica to keep, the
-    replacement starting elsewhere that must stay too). A ready replacement is kept and
-    the old one goes (DRAINED); one not ready yet stays beside the old one, which serves."""
-    off = [r for r in current if r.node not in draining and r.alive]
-    if not off:
+                leaves: Callable[[Replica], bool]) -> tuple[Replica, Replica | None]:
+    """The slot's kept replica must leave its node: (the replica to keep, the replacement
+    starting where it goes that must stay too). A ready replacement is kept and the old
+    one goes (DRAINED / REBALANCED); one not ready yet stays beside the old one, which
+    serves."""
+    arrived = [r for r in current if not leaves(r) and r.alive]
+    if not arrived:
         return keep, None
-    new = max(off, key=_rank)
+    new = max(arrived, key=_rank)
     return (new, None) if new.ready else (keep, new)
 
 
-def _why_extra(r: Replica, keep: Replica, revision: str, draining: frozenset[str]) -> str:
+def _why_extra(r: Replica, keep: Replica, revision: str, leaves: Callable[[Replica], bool],
+               draining: frozenset[str]) -> str:
     """Why a running replica beside the slot's kept one is stopped."""
     if not is_current(r, revision):
         return OUTDATED
     if r.stale:
         return NODE_RETURNED
-    if r.node in draining and keep.node not in draining:
-        return DRAINED
+    if leaves(r) and not leaves(keep):
+        return DRAINED if r.node in draining else REBALANCED
     return DUPLICATE
 
 

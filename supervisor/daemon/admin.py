@@ -24,6 +24,9 @@
                                          created_at}] (`meshlet volume ls`)
     DELETE /v1/volumes/<name>            delete a volume and its data; 409 while a replica
                                          mounts it, 404 when none is known (`meshlet volume rm`)
+    POST /v1/rebalance[?dry_run=1]       move replicas where placement would put them now
+                                         ({"planned": [...], "moves": [...in progress],
+                                         "dropped": [...given up, why]}); GET: the moves in progress
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
@@ -68,6 +71,9 @@ class AdminBackend(Protocol):
         """The kept exits (``LastExit``) of the service's slots, the newest of each slot
         (or those of ``instance``)."""
 
+    async def rebalance(self, *, dry_run: bool) -> dict[str, Any]:
+        """Plan (and unless ``dry_run`` start) the moves of ``meshlet rebalance``."""
+
     async def set_node(self, name: str, *, cordon: bool | None = None,
                        drain: bool | None = None) -> dict[str, Any]:
         """Cordon, drain or uncordon a node; its new state. KeyError: no such node."""
@@ -97,6 +103,8 @@ class AdminServer:
         app.router.add_post("/v1/nodes/{node}/{action}", self.post_node)
         app.router.add_get("/v1/volumes", self.get_volumes)
         app.router.add_delete("/v1/volumes/{name}", self.delete_volume)
+        app.router.add_post("/v1/rebalance", self.post_rebalance)
+        app.router.add_get("/v1/rebalance", self.get_rebalance)
         app.router.add_post("/v1/down", self.post_down)
         self.app = app
 
@@ -174,6 +182,16 @@ class AdminServer:
             return _error(409, str(exc))
         except WorkloadError as exc:
             return _error(404, str(exc))
+
+    async def post_rebalance(self, request: web.Request) -> web.Response:
+        dry = request.query.get("dry_run", "0") not in ("0", "", "false")
+        try:
+            return web.json_response(await self.backend.rebalance(dry_run=dry))
+        except Exception as exc:  # noqa: BLE001 - the catalog refused to store the moves
+            return _error(503, f"cannot start the rebalance: {exc}")
+
+    async def get_rebalance(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.backend.rebalance(dry_run=True))
 
     async def post_down(self, request: web.Request) -> web.Response:
         self.down_requested = True

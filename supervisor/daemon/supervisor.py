@@ -62,6 +62,7 @@ from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, Workloa
 from ..secrets import KeySource
 from .deliveries import Deliveries
 from .nodes import PROBE_EVERY, NodeMonitor
+from .rebalance import Rebalancer
 from .replicas import Replicas, Tracked
 from .rollouts import Rollouts
 from .slots import Slots
@@ -158,6 +159,7 @@ class Supervisor:
         self.rollouts: Rollouts
         self.replicas: Replicas
         self.monitor: NodeMonitor
+        self.rebalancer: Rebalancer
 
     @property
     def instances(self) -> dict[str, Tracked]:
@@ -228,6 +230,8 @@ class Supervisor:
             self._tasks.append(asyncio.create_task(self._consume(rt), name=f"events {rt.node}"))
         await self.monitor.load()
         await self.monitor.check_all()
+        self.rebalancer = Rebalancer(self._client)
+        await self.rebalancer.load()
         listed = await asyncio.gather(*(self._list_or_nothing(rt) for rt in self.runtimes.values()))
         services = await self._client.agent.services()
         checks = await self._client.agent.checks()
@@ -498,6 +502,17 @@ class Supervisor:
         await self.monitor.set_control(name, c)
         return self.monitor.state(name)
 
+    async def rebalance(self, *, dry_run: bool) -> dict[str, Any]:
+        """``meshlet rebalance``: the moves placement would make now; started unless
+        ``dry_run`` (each replacement ready before its predecessor stops)."""
+        moves = self.rebalancer.plan(self.rollouts.effective(self.desired), self.observed())
+        if not dry_run and moves and self.may_act():
+            await self.rebalancer.start(moves)
+            self.note(f"rebalance: {len(moves)} move(s): " + "; ".join(m.describe() for m in moves))
+            for service in {m.service for m in moves}:
+                self.enqueue(service)
+        return {"planned": [m.describe() for m in moves], **self.rebalancer.to_json()}
+
     async def _poll_proxies(self) -> None:
         """Which VIPs the proxies this supervisor knows of could not listen on (a port
         below 1024 without root, an address taken): a problem of the service, in status."""
@@ -550,7 +565,8 @@ class Supervisor:
             nodes=self.monitor.infos(),
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
             holds=dict(self.slots.holds), last_output=self.replicas.last_output(),
-            starting=tuple(self._starting.values()), volume_homes=self.volumes.nodes())
+            starting=tuple(self._starting.values()), volume_homes=self.volumes.nodes(),
+            moves=self.rebalancer.targets())
 
     async def _sync(self, service: str) -> None:
         if not self.may_act():
@@ -567,6 +583,9 @@ class Supervisor:
         else:
             self.unplaced.discard(service)
         await self.execute(service, actions, now)
+        if self.rebalancer.moves and self.may_act():
+            for line in await self.rebalancer.settle(service, self.desired, self.observed(), actions):
+                self.note(line)
         await self.replicas.refresh_meta(service)
         if service not in self.desired and not self.replicas.of(service):
             await self.slots.forget(service)

@@ -302,3 +302,21 @@ def test_a_drain_under_load_through_the_proxy_fails_no_request(fleet):
     assert fleet.ready_nodes("web") == [target] * 3
     done = fleet.meshlet("node", "uncordon", source)
     assert done.returncode == 0 and fleet.node(source)["cordoned"] is False
+    # nothing moves back by itself; meshlet rebalance spreads again, under load, failing nothing
+    assert fleet.ready_nodes("web") == [target] * 3
+    planned = fleet.meshlet("rebalance", "--dry-run")
+    assert planned.returncode == 0 and planned.stdout.splitlines() == [
+        f"would move web slot 0: {target} -> {source}"], planned.stdout
+    stop.unlink()
+    load = fleet.net.run("ctl", [sys.executable, str(script), f"http://{vip}:8081/", str(stop), str(result)],
+                         log=fleet.tmp / "load2.log")
+    try:
+        moved = fleet.meshlet("rebalance", "--timeout", "120", timeout=150)
+        assert moved.returncode == 0 and "rebalanced" in moved.stdout, moved.stdout + moved.stderr
+        assert sorted(fleet.ready_nodes("web")) == sorted([target, target, source])
+    finally:
+        stop.touch()
+        load.wait(30)
+    counts = json.loads(result.read_text())
+    assert counts["failed"] == 0 and counts["ok"] > 20, counts
+    assert fleet.meshlet("rebalance", "--dry-run").stdout.startswith("nothing to move")

@@ -105,7 +105,7 @@ def test_drain_with_nowhere_to_go_says_why_and_keeps_serving():
           NodeInfo("b", "docker"))   # a docker node cannot run a command
     acts = reconcile({"web": (spec(1), "r1")},
                      Observed(replicas=(rep("x", 0, "a"),), registered={"x": "web"}, nodes=ns), NOW)
-    assert kinds(acts) == ["unplaceable 0: cannot leave draining node: no node fits "
+    assert kinds(acts) == ["unplaceable 0: cannot move off its node: no node fits "
                            "(a: draining; b: docker node, service has no image)"]
 
 
