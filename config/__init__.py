@@ -17,7 +17,7 @@ from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, ROLLOUT_KINDS, ROLLOUT_PREFI
                     SERVICES_PREFIX, VIPS_PREFIX, backoff_key, config_key, key_name, rollout_key, secret_key,
                     service_key, split_backoff_key, split_rollout_key, split_version_key, vip_key)
 from ._load import load, loads, locate
-from ._model import (DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
+from ._model import (CATALOG_TOKEN_FILE, DEFAULT_CATALOG_URL, CatalogSettings, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep, ConfigMount, ConfigSpec, DnsOverride, DnsSettings,
                      ExecProbe, HashOn, HttpProbe, MeshConfig, MeshSettings, NodeCapacity,
                      NodeSpec, Outlier, PathRoute, Placement, PortSpec, Probe, Probes,
                      ProxySettings, ResourceAmounts, Resources, RestartPolicy, Retries, Routes, SecretMount,
@@ -43,7 +43,8 @@ __all__ = [
     "ExecProbe", "RestartPolicy", "Backoff", "UpdateStrategy", "CanaryStep", "Routes",
     "PathRoute", "HashOn", "Retries", "Timeouts", "Outlier", "DnsOverride", "Placement",
     "VolumeMount", "ConfigMount", "SecretMount", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
-    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES",
+    "FrozenDict", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES", "CatalogSettings",
+    "CATALOG_TOKEN_FILE",
     # KV keys (the catalog contract)
     "SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
     "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key", "key_name",

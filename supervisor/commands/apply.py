@@ -376,7 +376,7 @@ async def run(path: str, *, url: str | None = None, dry_run: bool = False, prune
               "not name: that is every service in the mesh. Add --force if that is what you want.", file=err)
         return 2
     mesh = cfg.mesh
-    url = resolve_catalog_url(url, os.environ, mesh.catalog, mesh.catalog_listen)
+    url = resolve_catalog_url(url, os.environ, mesh.catalog.url, mesh.catalog_listen)
     code, applied = await apply_config(url, cfg, path, prune=prune, dry_run=dry_run, err=err)
     if applied is None:
         return code

@@ -334,7 +334,7 @@ def _catalog_url(args: argparse.Namespace) -> str:
             raise CliError("; ".join(str(i) for i in exc.issues), 2) from None
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", 2) from None
-        return resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
+        return resolve_catalog_url(None, {}, mesh.catalog.url, mesh.catalog_listen)
     return resolve_catalog_url(args.consul, os.environ, "embedded", config.MESH_DEFAULTS.catalog_listen)
 
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 print(issue, file=err)
             return 2
     nodes_from = args.file or "the one local node; give -f FILE for the mesh's"
-    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog, mesh.catalog_listen)
+    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog.url, mesh.catalog_listen)
     return asyncio.run(_scale(url, args.service, args.replicas, out, err, mesh, nodes_from))
 
 

@@ -87,7 +87,7 @@ def _where(args: argparse.Namespace) -> tuple[str, KeySource]:
             mesh = config.load(args.file).mesh
         except config.ConfigError as exc:
             raise CliError("; ".join(str(i) for i in exc.issues), 2) from None
-    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog, mesh.catalog_listen)
+    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog.url, mesh.catalog_listen)
     if args.key_file:
         source = KeySource(path=Path(args.key_file))
     elif args.key_env:

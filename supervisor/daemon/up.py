@@ -132,22 +132,22 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
     sup: Supervisor | None = None
     admin: AdminServer | None = None
     try:
-        url = apply.resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
+        url = apply.resolve_catalog_url(None, {}, mesh.catalog.url, mesh.catalog_listen)
         answering = await _answers(url)
-        if mesh.catalog != "embedded" and not answering:
+        if not mesh.catalog.embedded and not answering:
             print(f"meshlet up: cannot reach the catalog at {url} (mesh.catalog)", file=err)
             return 1
         # what would stop it once started, before anything starts: one line per problem
-        problems = await asyncio.to_thread(preflight, mesh, with_catalog=mesh.catalog == "embedded" and not answering)
+        problems = await asyncio.to_thread(preflight, mesh, with_catalog=mesh.catalog.embedded and not answering)
         for line in problems:
             print(f"meshlet up: {line}", file=err)
         if problems:
             return 1
         for line in vip_notes(cfg.services, os.geteuid(), _unprivileged_port_start()):
             print(f"meshlet up: {line}", file=out, flush=True)
-        if answering and mesh.catalog == "embedded":
+        if answering and mesh.catalog.embedded:
             print(f"meshlet up: using the catalog already answering at {url}", file=out, flush=True)
-        elif mesh.catalog == "embedded":
+        elif mesh.catalog.embedded:
             catalog = Component("catalog", catalog_argv(mesh.catalog_listen, data_dir / "catalog"),
                                 log_dir, out=err)
             ready = await catalog.start()
