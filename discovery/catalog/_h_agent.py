@@ -79,7 +79,7 @@ async def agent_self(req: Req) -> Answer:
             "BuildDate": "2026-01-01T00:00:00Z",
         },
         "DebugConfig": {
-            "Datacenter": opts.datacenter, "NodeName": opts.node, "ServerMode": True, "ACLsEnabled": False,
+            "Datacenter": opts.datacenter, "NodeName": opts.node, "ServerMode": True, "ACLsEnabled": True,
             "DataDir": opts.data_dir, "SessionTTLMin": f"{opts.session_ttl_min}s", "KVMaxValueSize": 512 * 1024,
         },
         "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
@@ -88,7 +88,7 @@ async def agent_self(req: Req) -> Answer:
             "agent": {"check_monitors": "0", "check_ttls": str(sum(c.get("Type") == "ttl" for c in checks)),
                       "checks": str(len(checks)), "services": str(len(services))},
             "build": {"version": VERSION, "revision": "meshlet", "prerelease": ""},
-            "consul": {"acl": "disabled", "bootstrap": "true", "known_datacenters": "1", "leader": "true",
+            "consul": {"acl": "enabled", "bootstrap": "true", "known_datacenters": "1", "leader": "true",
                        "leader_addr": server.leader_addr, "server": "true"},
             "raft": {"state": "Leader", "num_peers": "0", "applied_index": index, "commit_index": index,
                      "last_log_index": index, "protocol_version": "3"},

@@ -35,8 +35,9 @@ __all__ = ["Req", "Router", "Reply", "Answer", "dumps", "json_response", "text_r
 log = logging.getLogger("discovery.catalog.http")
 
 INVALID_PATH = "Invalid URL path: not a recognized HTTP API endpoint\n"
-# Parameters that say how long to wait, not what to answer: not part of an answer's identity.
-_WAIT_PARAMS = frozenset(("index", "wait"))
+# Parameters that say how long to wait (or who asks), not what to answer: not part of an
+# answer's identity, so watchers naming their token in ?token= still share one answer.
+_WAIT_PARAMS = frozenset(("index", "wait", "token"))
 
 Answer = Union[Reply, Blocking, Streaming]
 
@@ -166,7 +167,7 @@ def text_reply(status: int, reason: str, headers: Mapping[str, str] | None = Non
 def conflicting(query: Mapping[str, str], *flags: str) -> None:
     """Consul's ``conflictingFlags``: at most one of ``flags`` may be given."""
     if sum(f in query for f in flags) > 1:
-        encoded = urlencode(sorted(query.items()))
+        encoded = urlencode(sorted((k, v) for k, v in query.items() if k != "token"))  # never echo a token
         raise BadRequest(f"Conflicting flags: {encoded}\n")
 
 
@@ -233,6 +234,7 @@ def make_handler(router: Router, server: "CatalogServer") -> Callable[[Request],
             handler = route.methods.get(method)
             if handler is None:
                 raise MethodNotAllowed(method, tuple(route.methods))
+            server.gate.check(request, path)
             dc = request.query.get("dc")
             if route.check_dc and dc and dc != server.opts.datacenter:
                 raise CatalogError("No path to datacenter")
