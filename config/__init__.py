@@ -23,7 +23,8 @@ from ._model import (CATALOG_TOKEN_FILE, DEFAULT_CATALOG_URL, CatalogSettings, M
                      ProxySettings, ResourceAmounts, Resources, RestartPolicy, Retries, Routes, SecretMount,
                      SecretSpec, SecretsSettings, ServiceSpec, TcpProbe, Timeouts, UpdateStrategy, VolumeMount,
                      VolumeSpec)
-from ._process import (DEFAULT_DOCKER_ENGINE, LOG_FORMAT, die_with_parent,
+from ._process import (CA_ENV, CERT_ENV, DEFAULT_DOCKER_ENGINE, KEY_ENV, LOG_FORMAT, TOKEN_ENV, TOKEN_FILE_ENV,
+                       add_catalog_arguments, die_with_parent,
                        die_with_parent_preexec, module_argv, setup_logging)
 from ._units import (UnitError, format_duration, parse_cpu, parse_duration,
                      parse_percent_or_count, parse_size)
@@ -51,5 +52,6 @@ __all__ = [
     "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key",
     # conventions every component shares
     "split_hostport", "join_hostport", "module_argv", "die_with_parent", "die_with_parent_preexec",
-    "setup_logging", "LOG_FORMAT", "DEFAULT_DOCKER_ENGINE",
+    "setup_logging", "LOG_FORMAT", "DEFAULT_DOCKER_ENGINE", "add_catalog_arguments", "TOKEN_ENV",
+    "TOKEN_FILE_ENV", "CA_ENV", "CERT_ENV", "KEY_ENV",
 ]

@@ -24,8 +24,8 @@ Flow::
 CatalogAccess
     How to reach a catalog: its URL, the ACL token (never in a repr, a log line or an error
     text) and the TLS files. ``access_for_mesh`` builds it from ``mesh.catalog`` and the
-    environment (meshlet's commands and ``meshlet up``), ``add_catalog_arguments`` /
-    ``access_from_args`` from a component's command line and the environment (DNS, proxy,
+    environment (meshlet's commands and ``meshlet up``), ``access_from_args`` from a
+    component's command line (``config.add_catalog_arguments``) and the environment (DNS, proxy,
     ``meshlet supervisor``). ``catalog_problem`` turns a failure into one line saying what
     to fix.
 
@@ -63,7 +63,7 @@ from discovery.view import Instance, Node, ServiceView, View, worst_status
 
 __all__ = [
     "DEFAULT_URL", "CatalogAccess", "CatalogAccessError", "access_for_mesh", "access_from_args",
-    "add_catalog_arguments", "catalog_problem", "Backoff", "LeaderLock", "Mirror", "MirrorError", "connect", "instances_from_health",
+    "catalog_problem", "TOKEN_ENV", "TOKEN_FILE_ENV", "Backoff", "LeaderLock", "Mirror", "MirrorError", "connect", "instances_from_health",
     "TxnRolledBack", "kv_cas", "kv_delete", "kv_get", "kv_op", "kv_put", "kv_txn", "next_index", "read_service_document", "watch_kv_prefix",
     "watch_nodes", "watch_service", "watch_services",
 ]
@@ -91,8 +91,8 @@ def split_url(url: str) -> tuple[str, str, int]:
 
 
 # The variables Consul's own CLI reads; a child process gets its token through the first.
-TOKEN_ENV, TOKEN_FILE_ENV = "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"
-CA_ENV, CERT_ENV, KEY_ENV = "CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY"
+TOKEN_ENV, TOKEN_FILE_ENV = config.TOKEN_ENV, config.TOKEN_FILE_ENV
+CA_ENV, CERT_ENV, KEY_ENV = config.CA_ENV, config.CERT_ENV, config.KEY_ENV
 
 
 class CatalogAccessError(ValueError):
@@ -166,52 +166,43 @@ def _env_token(env: Mapping[str, str]) -> tuple[str, str] | None:
 
 def access_for_mesh(url: str, mesh: config.MeshSettings, env: Mapping[str, str]) -> CatalogAccess:
     """How meshlet's commands reach the catalog at ``url`` (already chosen: --consul,
-    $CONSUL_HTTP_ADDR or mesh.catalog). The token: $CONSUL_HTTP_TOKEN, else
-    $CONSUL_HTTP_TOKEN_FILE, else mesh.catalog.token / token_file, else the embedded
-    catalog's management token file (if it exists: ``meshlet up`` makes it). TLS files:
-    $CONSUL_CACERT / $CONSUL_CLIENT_CERT / $CONSUL_CLIENT_KEY, else mesh.catalog's.
-    Raises CatalogAccessError."""
+    $CONSUL_HTTP_ADDR or mesh.catalog). The token, first found of:
+
+    1. mesh.catalog.token / token_file (given explicitly: as Nomad's consul block, the
+       configuration wins over the environment);
+    2. the embedded catalog's management token file, when ``url`` is the embedded catalog
+       of ``mesh`` and the file exists (``meshlet up`` makes it): a token in the shell for
+       some other Consul is not sent to it;
+    3. $CONSUL_HTTP_TOKEN, else $CONSUL_HTTP_TOKEN_FILE.
+
+    TLS files: mesh.catalog's, else $CONSUL_CACERT / $CONSUL_CLIENT_CERT / $CONSUL_CLIENT_KEY.
+    Raises CatalogAccessError naming the setting that cannot be used."""
     cat = mesh.catalog
-    found = _env_token(env)
-    if found is None and cat.token is not None:
+    found: tuple[str | None, str] | None = None
+    if cat.token is not None:
         found = cat.token, "mesh.catalog.token"
-    if found is None and mesh.catalog_token_file is not None:
+    elif cat.token_file is not None:
+        found = read_token_file(cat.token_file, "mesh.catalog.token_file"), \
+            f"mesh.catalog.token_file ({cat.token_file})"
+    elif cat.embedded and url.rstrip("/") == f"http://{mesh.catalog_listen}" \
+            and mesh.catalog_token_file is not None and os.path.exists(mesh.catalog_token_file):
         path = mesh.catalog_token_file
-        if cat.token_file is not None:
-            found = read_token_file(path, "mesh.catalog.token_file"), f"mesh.catalog.token_file ({path})"
-        elif os.path.exists(path):
-            found = read_token_file(path, "the embedded catalog's token file"), \
-                f"the embedded catalog's token file ({path})"
-        else:
-            found = None, f"no token (the embedded catalog's token file {path} does not exist yet: " \
-                          "`meshlet up` makes it)"
+        found = read_token_file(path, "the embedded catalog's token file"), f"the embedded catalog's token file ({path})"
+    if found is None:
+        found = _env_token(env)
+    if found is None and cat.embedded and mesh.catalog_token_file is not None:
+        found = None, (f"no token (the embedded catalog's token file {mesh.catalog_token_file} does not exist "
+                       "yet: `meshlet up` makes it)")
     token, source = found if found is not None else (None, "no token")
     try:
-        return CatalogAccess(url, token, env.get(CA_ENV) or cat.ca_file, env.get(CERT_ENV) or cat.cert_file,
-                             env.get(KEY_ENV) or cat.key_file, source)
+        return CatalogAccess(url, token, cat.ca_file or env.get(CA_ENV), cat.cert_file or env.get(CERT_ENV),
+                             cat.key_file or env.get(KEY_ENV), source)
     except CatalogAccessError as exc:
         raise CatalogAccessError(f"mesh.catalog: {exc}") from None
 
 
-def add_catalog_arguments(p: argparse.ArgumentParser, *, default_url: str | None = config.DEFAULT_CATALOG_URL,
-                          url_required: bool = False) -> None:
-    """``--consul URL``, ``--token-file``, ``--ca-file``, ``--cert-file``, ``--key-file``
-    for a component run alone; the token itself is never an argument (argv is public:
-    /proc/<pid>/cmdline): $CONSUL_HTTP_TOKEN or a file."""
-    if url_required:
-        p.add_argument("--consul", required=True, metavar="URL", help="the catalog (Consul HTTP API) URL")
-    else:
-        p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or default_url, metavar="URL",
-                       help=f"catalog (Consul HTTP API) URL (default $CONSUL_HTTP_ADDR or {default_url})")
-    p.add_argument("--token-file", metavar="FILE",
-                   help=f"file holding the catalog's ACL token (default ${TOKEN_ENV}, else ${TOKEN_FILE_ENV})")
-    p.add_argument("--ca-file", metavar="FILE", help=f"CA certificate of an https catalog (default ${CA_ENV})")
-    p.add_argument("--cert-file", metavar="FILE", help=f"client certificate for an https catalog (default ${CERT_ENV})")
-    p.add_argument("--key-file", metavar="FILE", help=f"its private key (default ${KEY_ENV})")
-
-
 def access_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> CatalogAccess:
-    """The CatalogAccess of ``add_catalog_arguments``' options and the environment (the
+    """The CatalogAccess of ``config.add_catalog_arguments``' options and the environment (the
     options win). Raises CatalogAccessError."""
     if args.token_file:
         found: tuple[str, str] | None = (read_token_file(args.token_file, "--token-file"),

@@ -78,9 +78,7 @@ def _positive(kind: type) -> Any:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshlet proxy", description="HTTP/1.1 and TCP proxy to the ready "
                                 "instances of the services in the catalog.")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
-                   metavar="URL", help="catalog (Consul HTTP API) URL [%(default)s]")
-    p.add_argument("--token", default=os.environ.get("CONSUL_HTTP_TOKEN"), help=argparse.SUPPRESS)
+    config.add_catalog_arguments(p, default_url=config.DEFAULT_CATALOG_URL)
     p.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
                    help=f"entry listener, routing by Host and path (repeatable) [{_PROXY.listen[0]}]")
     p.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
@@ -120,7 +118,7 @@ def _raise_nofile() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     """One proxy process (the only one, or one worker): load, bind, ready, drain."""
-    from discovery.consul import Mirror, MirrorError
+    from discovery.consul import CatalogAccessError, Mirror, MirrorError, access_from_args
 
     from ._admin import start_admin
     from ._metrics import Metrics
@@ -146,7 +144,12 @@ async def serve(args: argparse.Namespace) -> int:
             return
         server.set_table(table)
 
-    mirror = Mirror(args.consul, token=args.token, on_change=on_change)
+    try:
+        access = access_from_args(args, os.environ)
+    except CatalogAccessError as exc:
+        log.error("%s", exc)
+        return 2
+    mirror = Mirror(access, on_change=on_change)
     try:
         view = await mirror.start(timeout=args.catalog_timeout)
     except MirrorError as exc:

@@ -20,6 +20,11 @@
   management token: the one place tests get it is here (``.token``, ``.headers``,
   ``.http`` for raw requests, ``.client()``/``.aio()`` for py-consul, ``.access`` for
   meshlet's client, ``.env()`` for a child process).
+* ``TEST_TOKEN``, ``cli_env()``: every catalog a test starts through ``CatalogProcess``
+  finds this session's one token in its token file (as if an earlier start had made it),
+  so a ``meshlet`` command run by a test reaches any of them with ``env=cli_env()`` (the
+  environment without CONSUL_HTTP_*, plus CONSUL_HTTP_TOKEN). Catalogs that ``meshlet up``
+  starts make their own token, as in real use.
 """
 
 from __future__ import annotations
@@ -42,8 +47,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 __all__ = [
     "wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "refusing_port",
-    "ServerStartError", "CatalogProcess", "pid_alive", "kill_leftovers",
+    "ServerStartError", "CatalogProcess", "pid_alive", "kill_leftovers", "TEST_TOKEN", "cli_env",
 ]
+
+TEST_TOKEN = str(__import__("uuid").uuid4())
+
+
+def cli_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default os.environ) without CONSUL_HTTP_*, with this session's catalog
+    token in CONSUL_HTTP_TOKEN: the environment of a ``meshlet`` command a test runs."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("CONSUL_HTTP")}
+    env["CONSUL_HTTP_TOKEN"] = TEST_TOKEN
+    return env
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str | None = None) -> Any:
@@ -304,6 +319,12 @@ class CatalogProcess:
         ]
 
     def start(self, port: int = 0) -> "CatalogProcess":
+        path = self.token_file
+        if not path.exists():                 # this session's token, as an earlier start would have left it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(TEST_TOKEN + "\n")
         self.proc, ready = start_server(self.argv(port), cwd=str(REPO))
         self.scheme = "https" if "https" in ready else "http"
         host, _, bound = ready[self.scheme].rpartition(":")

@@ -3,13 +3,15 @@
 ``python -m discovery.dns._builder FD`` is started by ``_watch.CatalogProcess`` with one
 end of a socketpair as FD. Over it, framed pickles (``frame``, ``read_frame``):
 
-parent -> child, once: ``{"url", "settings", "timeout", "log_level"}`` (over the socket, not
-    in the arguments: nothing of the configuration shows in the process list).
+parent -> child, once: ``{"access", "settings", "timeout", "log_level"}`` (over the socket,
+    not in the arguments: nothing of the configuration, the catalog token least of all,
+    shows in the process list).
 child -> parent: ``("zone", index, soa, services, names, changed)``: the first (and after a
     restart, again the first) carries every name with ``changed`` None; each later one
     only the names that changed (value None: the name is gone) and ``changed``, those
     names with the record types that changed (``_engine.Changed``); ``("error", text)``
-    when the first View cannot be had.
+    when the first View cannot be had; ``("catalog", state)`` when the catalog becomes
+    unreachable or reachable again (``Mirror.catalog_state()``).
 
 The child exits when the parent's end closes (the parent stopped or died): its socket
 becomes readable with EOF. SIGINT is ignored, so a Ctrl-C to the process group reaches
@@ -207,7 +209,7 @@ class _Builder:
         self.sent = True
         self.priority.after_change()
 
-    async def run(self, url: str, timeout: float) -> None:
+    async def run(self, access: Any, timeout: float) -> None:
         from discovery.consul import Mirror, MirrorError
 
         loop = asyncio.get_running_loop()
@@ -219,7 +221,10 @@ class _Builder:
             if started:
                 self.publish(view)
 
-        mirror = Mirror(url, on_change=changed)
+        def reachability(_reachable: bool) -> None:
+            self.send(("catalog", mirror.catalog_state()))
+
+        mirror = Mirror(access, on_change=changed, on_reachability=reachability)
         try:
             try:
                 await mirror.start(timeout)
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     builder = _Builder(sock, config["settings"])
     try:
-        uvloop.run(builder.run(config["url"], config["timeout"]))
+        uvloop.run(builder.run(config["access"], config["timeout"]))
     except (BrokenPipeError, ConnectionResetError):
         pass                                          # the parent went away mid-send
     return 0

@@ -71,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer <service>.service.<domain> over UDP and TCP from the catalog.")
     p.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
                    help=f"address to answer on, UDP and TCP (repeatable; default {_DNS.listen[0]}; port 0 = any)")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
-                   metavar="URL", help=f"catalog URL (default $CONSUL_HTTP_ADDR or {config.DEFAULT_CATALOG_URL})")
+    config.add_catalog_arguments(p, default_url=config.DEFAULT_CATALOG_URL)
     p.add_argument("--domain", default=config.MESH_DEFAULTS.domain,
                    help=f"DNS domain (default {config.MESH_DEFAULTS.domain})")
     p.add_argument("--mode", choices=MODES, default=_DNS.mode,
@@ -118,9 +117,15 @@ def _ns_addresses(listens: list[tuple[str, int]]) -> tuple[str, ...]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from discovery.consul import MirrorError  # imported late: only the server needs it
+    from discovery.consul import CatalogAccessError, MirrorError, access_from_args  # only the server needs it
 
     from ._watch import CatalogProcess
+
+    try:
+        access = access_from_args(args, os.environ)
+    except CatalogAccessError as exc:
+        log.error("%s", exc)
+        return 2
 
     listens = args.listen or [config.split_hostport(a) for a in _DNS.listen]
     settings = Settings(domain=args.domain, mode=args.mode, ttl=args.ttl, negative_ttl=args.negative_ttl,
@@ -132,7 +137,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    mirror = CatalogProcess(args.consul, engine, args.log_level)
+    mirror = CatalogProcess(access, engine, args.log_level)
     try:
         start = asyncio.ensure_future(mirror.start(args.start_timeout))
         stopping = asyncio.ensure_future(stop.wait())

@@ -12,21 +12,33 @@ import consul
 import pytest
 import requests
 
-from _util import REPO, CatalogProcess, ServerStartError, start_server, stop_process
+from _util import REPO, TEST_TOKEN, CatalogProcess, ServerStartError, start_server, stop_process
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 ANONYMOUS = "Permission denied: token with AccessorID '00000000-0000-0000-0000-000000000002' lacks permission"
 
 
-def test_first_start_makes_a_private_token_and_keeps_it(catalog) -> None:
-    path = catalog.data_dir / "management-token"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    token = catalog.token
-    assert len(token) == 36                                  # a UUID, like Consul's SecretIDs
-    catalog.restart()
-    assert catalog.token == token
-    assert catalog.client().kv.put("k", "v") is True
+def test_first_start_makes_a_private_token_and_keeps_it(tmp_path) -> None:
+    data = tmp_path / "fresh"
+    argv = [sys.executable, "-m", "discovery.catalog", "--listen", "127.0.0.1:0", "--data-dir", str(data)]
+    proc, ready = start_server(argv, cwd=str(REPO))
+    try:
+        path = data / "management-token"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        token = path.read_text().strip()
+        assert len(token) == 36 and token != TEST_TOKEN      # a UUID, like Consul's SecretIDs
+        r = requests.put(f"http://{ready['http']}/v1/kv/k", data="v", headers={"X-Consul-Token": token}, timeout=5)
+        assert r.status_code == 200
+    finally:
+        assert stop_process(proc) == 0
+    proc, ready = start_server(argv, cwd=str(REPO))
+    try:
+        assert path.read_text().strip() == token
+        r = requests.get(f"http://{ready['http']}/v1/kv/k?raw", headers={"X-Consul-Token": token}, timeout=5)
+        assert (r.status_code, r.text) == (200, "v")
+    finally:
+        assert stop_process(proc) == 0
 
 
 @pytest.mark.parametrize("call, permission", [

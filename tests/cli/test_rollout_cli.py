@@ -250,7 +250,9 @@ def meshlet_argv(*args: str) -> list[str]:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    from _util import cli_env
+
+    return cli_env()
 
 
 def meshlet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
