@@ -184,13 +184,14 @@ def access_for_mesh(url: str, mesh: config.MeshSettings, env: Mapping[str, str])
     elif cat.token_file is not None:
         found = read_token_file(cat.token_file, "mesh.catalog.token_file"), \
             f"mesh.catalog.token_file ({cat.token_file})"
-    elif cat.embedded and url.rstrip("/") == f"http://{mesh.catalog_listen}" \
-            and mesh.catalog_token_file is not None and os.path.exists(mesh.catalog_token_file):
+    embedded = cat.embedded and url.rstrip("/") == f"http://{mesh.catalog_listen}" \
+        and mesh.catalog_token_file is not None
+    if found is None and embedded and os.path.exists(mesh.catalog_token_file or ""):
         path = mesh.catalog_token_file
         found = read_token_file(path, "the embedded catalog's token file"), f"the embedded catalog's token file ({path})"
     if found is None:
         found = _env_token(env)
-    if found is None and cat.embedded and mesh.catalog_token_file is not None:
+    if found is None and embedded:
         found = None, (f"no token (the embedded catalog's token file {mesh.catalog_token_file} does not exist "
                        "yet: `meshlet up` makes it)")
     token, source = found if found is not None else (None, "no token")
@@ -314,11 +315,11 @@ def _certificate_error(exc: BaseException) -> str | None:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            return cur.verify_message or str(cur)
         if isinstance(cur, aiohttp.ClientConnectorCertificateError):
             inner = cur.certificate_error
             return getattr(inner, "verify_message", None) or str(inner)
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return getattr(cur, "verify_message", None) or str(cur)
         if isinstance(cur, ssl.SSLError):
             return cur.reason or str(cur)
         cur = cur.__cause__ or cur.__context__
