@@ -150,6 +150,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     mirror = Mirror(access, on_change=on_change)
+    metrics.catalog_up = lambda: mirror.catalog_reachable
     try:
         view = await mirror.start(timeout=args.catalog_timeout)
     except MirrorError as exc:
@@ -169,7 +170,8 @@ async def serve(args: argparse.Namespace) -> int:
             runner, admin_port = await start_admin(args.admin[0], args.admin[1], get_table=lambda: server.table,
                                                    metrics=metrics, is_ready=lambda: not server.draining,
                                                    get_draining=server.draining_endpoints,
-                                                   get_vip_failures=server.vip_failure_list)
+                                                   get_vip_failures=server.vip_failure_list,
+                                                   get_catalog=mirror.catalog_state)
             ready["admin"] = config.join_hostport(args.admin[0], admin_port)
     except OSError as exc:
         log.error("cannot listen: %s", exc)

@@ -84,6 +84,10 @@ class Metrics:
         self.active_requests = Gauge()
         self.get_table: Callable[[], RouteTable | None] | None = None
         self.ejected: dict[str, int] | None = None   # set by add(): the workers' ejections
+        # Is the catalog answering the route watches (read on scrape)? While not, the
+        # routes are the last known ones. add() keeps the workers' lowest.
+        self.catalog_up: Callable[[], bool] | None = None
+        self.catalog_up_value: int | None = None
 
     # -- hot path -------------------------------------------------------------------
 
@@ -118,7 +122,13 @@ class Metrics:
                 "retries": self.retries, "ejections": self.ejections,
                 "ejected": table.ejected_by_service() if table is not None else {},
                 "upstream_connections": self.upstream_connections.value,
-                "active_requests": self.active_requests.value}
+                "active_requests": self.active_requests.value,
+                "catalog_up": self._catalog_up()}
+
+    def _catalog_up(self) -> int | None:
+        if self.catalog_up_value is not None:
+            return self.catalog_up_value
+        return None if self.catalog_up is None else int(bool(self.catalog_up()))
 
     def add(self, snap: dict[str, Any]) -> None:
         """Add another process's ``snapshot()``: counters, histograms and the two gauges
@@ -147,6 +157,9 @@ class Metrics:
         self.ejected = ejected
         self.upstream_connections.value += snap["upstream_connections"]
         self.active_requests.value += snap["active_requests"]
+        if snap.get("catalog_up") is not None:
+            mine = self.catalog_up_value
+            self.catalog_up_value = snap["catalog_up"] if mine is None else min(mine, snap["catalog_up"])
 
     # -- scrape ---------------------------------------------------------------------
 
@@ -198,5 +211,11 @@ class Metrics:
         add("# HELP meshlet_proxy_active_requests Requests in flight.")
         add("# TYPE meshlet_proxy_active_requests gauge")
         add(f"meshlet_proxy_active_requests {self.active_requests.value}")
+        up = self._catalog_up()
+        if up is not None:
+            add("# HELP meshlet_proxy_catalog_up Whether the catalog answers the route watches (0: routing from "
+                "the last known state).")
+            add("# TYPE meshlet_proxy_catalog_up gauge")
+            add(f"meshlet_proxy_catalog_up {up}")
         add("")
         return "\n".join(out).encode()

@@ -11,7 +11,8 @@ child -> parent: ``("zone", index, soa, services, names, changed)``: the first (
     only the names that changed (value None: the name is gone) and ``changed``, those
     names with the record types that changed (``_engine.Changed``); ``("error", text)``
     when the first View cannot be had; ``("catalog", state)`` when the catalog becomes
-    unreachable or reachable again (``Mirror.catalog_state()``).
+    unreachable or reachable again (``Mirror.catalog_state()``); ``("built", seconds)``
+    after each zone: how long building it took (for ``/metrics``).
 
 The child exits when the parent's end closes (the parent stopped or died): its socket
 becomes readable with EOF. SIGINT is ignored, so a Ctrl-C to the process group reaches
@@ -36,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from types import MappingProxyType
 from typing import Any, Iterable
 
@@ -200,12 +202,15 @@ class _Builder:
     def publish(self, view: Any) -> None:
         """Build the zone of ``view`` on the last one and send it: whole the first time,
         then only the names that changed."""
+        started = time.perf_counter()
         update = self.engine.prepare(view, self.engine.zone)
+        took = time.perf_counter() - started
         if update is None:
             return                            # logged; the parent keeps the last zone
         zone = self.engine.zone = update.zone
         changed = update.changed if self.sent else None
         self.send(("zone", zone.index, zone.soa, zone.services, names_payload(zone.names, changed), changed))
+        self.send(("built", took))
         self.sent = True
         self.priority.after_change()
 

@@ -21,7 +21,7 @@ import pickle
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from config import module_argv
 
@@ -50,6 +50,7 @@ class CatalogProcess:
         # What the child last said about the catalog (Mirror.catalog_state): the zone is
         # served from the last known state while ``reachable`` is false.
         self.catalog: dict[str, Any] = {"reachable": True}
+        self.on_built: Callable[[float], None] | None = None   # seconds each zone build took
         self._names: dict[str, Any] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -131,6 +132,10 @@ class CatalogProcess:
                     if msg[0] == "catalog":
                         self.catalog = msg[1]
                         continue
+                    if msg[0] == "built":
+                        if self.on_built is not None:
+                            self.on_built(msg[1])
+                        continue
                     self._apply(msg)
                     delay = _RESTART_FIRST
             except Exception as exc:  # noqa: BLE001 - EOF, a broken frame or a bug in applying it: start over
@@ -180,7 +185,7 @@ class CatalogProcess:
 async def _read(reader: asyncio.StreamReader) -> tuple[Any, ...]:
     size = frame_size(await reader.readexactly(HEAD_SIZE))
     msg = pickle.loads(await reader.readexactly(size))
-    if not isinstance(msg, tuple) or not msg or msg[0] not in ("zone", "error", "catalog"):
+    if not isinstance(msg, tuple) or not msg or msg[0] not in ("zone", "error", "catalog", "built"):
         raise ValueError("unexpected message from the DNS zone builder")
     return msg
 
