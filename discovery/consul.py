@@ -473,6 +473,9 @@ async def _watch(fetch: Callable[[int], Awaitable[tuple[Any, Any]]], transform: 
         except Exception as exc:  # noqa: BLE001 - any failure of the catalog: retry, keep last good
             outage.failed(key, exc)
             await asyncio.sleep(backoff.next())
+            # Ask without blocking first: a catalog that came back with nothing new would
+            # otherwise hold the query for its whole wait before we know it is back.
+            index = 0
             continue
         outage.ok(key)
         backoff.reset()
