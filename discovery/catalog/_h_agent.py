@@ -285,6 +285,8 @@ async def agent_metrics(req: Req) -> Answer:
     -> every watcher it woke written to) time the last commit.
     """
     server = req.server
+    if req.query.get("format") == "prometheus":     # as Consul's /v1/agent/metrics?format=prometheus
+        return prometheus_metrics_reply(server)
     st = server.state
     gauges = {
         "meshlet.catalog.index": server.store.index,
@@ -326,8 +328,19 @@ async def agent_monitor(req: Req) -> Answer:
     return Streaming(lambda write: fanout.stream(level, as_json, write))
 
 
+def prometheus_metrics_reply(server) -> Reply:  # type: ignore[no-untyped-def]
+    from ._prom import CONTENT_TYPE, render
+
+    return Reply(200, render(server), CONTENT_TYPE)
+
+
+async def prometheus_metrics(req: Req) -> Answer:
+    return prometheus_metrics_reply(req.server)
+
+
 def register(router: Router) -> None:
     add = router.add
+    add("/metrics", {"GET": prometheus_metrics}, check_dc=False)
     add("/v1/agent/reload", {"PUT": agent_reload}, check_dc=False)
     add("/v1/agent/monitor", {"GET": agent_monitor}, check_dc=False)
     add("/v1/agent/self", {"GET": agent_self}, check_dc=False)

@@ -27,6 +27,7 @@ from ._config import AgentConfig, ConfigError, apply_config, parse_config, read_
 from ._errors import CatalogError
 from ._http import Router, error_reply, make_handler
 from ._monitor import LogFanout
+from ._prom import Stats
 from ._model import State
 from ._store import Store
 from ._watch import WatchHub
@@ -174,6 +175,8 @@ class CatalogServer:
         self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
         self.gate: Gate | None = None
+        self.stats = Stats()
+        self.store.on_written = self.stats.wrote
 
     def build_router(self) -> Router:
         from . import _h_agent, _h_catalog, _h_kv, _h_session
