@@ -6,7 +6,6 @@ import pytest
 
 import ipaddress
 import json
-import os
 import subprocess
 import sys
 import textwrap

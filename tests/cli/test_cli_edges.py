@@ -6,7 +6,6 @@ proxy cannot listen on."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

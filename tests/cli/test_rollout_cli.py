@@ -8,7 +8,6 @@ with the supervisor's side (rollout state and history in KV) written by the test
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys

@@ -13,7 +13,6 @@ Helpers and fixtures are test_rollout_live.py's (imported, not copied).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from pathlib import Path
