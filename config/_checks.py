@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 from ._convert import HOOKS, INVALID, Ctx, is_ok
 from ._tree import N, join
-from ._model import (Backoff, ConfigSpec, EngineTls, HashOn, ListenerTls, MeshSettings, NodeSpec, PortSpec,
-                     Probe, Probes, ProxySettings, ResourceAmounts, Resources, Routes, SecretMount, SecretSpec,
-                     SecretsSettings, ServiceSpec, TlsCertificate, UpdateStrategy, UpstreamTls, VolumeSpec)
+from ._model import (Backoff, CatalogSettings, ConfigSpec, EngineTls, HashOn, ListenerTls, MeshSettings, NodeSpec,
+                     PortSpec, Probe, Probes, ProxySettings, ResourceAmounts, Resources, Routes, SecretMount,
+                     SecretSpec, SecretsSettings, ServiceSpec, TlsCertificate, UpdateStrategy, UpstreamTls,
+                     VolumeSpec)
 
 __all__ = ["DEFAULT_DOCKER_ENGINE"]
 
@@ -84,6 +85,32 @@ def _mesh(v: Values, n: N, cx: Ctx, path: str) -> Values:
                          f'node name "{node.name}" is used twice (also nodes[{first[node.name]}])')
                 v["nodes"] = INVALID
             first.setdefault(node.name, i)
+    return v
+
+
+@hook(CatalogSettings)
+def _catalog(v: Values, n: N, cx: Ctx, path: str) -> Values:
+    for key in ("token_file", "ca_file", "cert_file", "key_file"):
+        if isinstance(v[key], str):
+            v[key] = cx.resolve(v[key])
+    if v["token"] is not None and v["token_file"] is not None:
+        cx.error(line_of(n, "token_file"), path, "give token or token_file, not both")
+    if (v["cert_file"] is None) != (v["key_file"] is None):
+        given, missing = ("cert_file", "key_file") if v["key_file"] is None else ("key_file", "cert_file")
+        cx.error(line_of(n, given), join(path, given), f"needs {missing} too (a client certificate is both)")
+    url = v["url"]
+    if not isinstance(url, str):
+        return v
+    tls = [k for k in ("ca_file", "cert_file", "key_file") if v[k] is not None]
+    if url == "embedded":
+        if tls:
+            cx.error(line_of(n, tls[0]), join(path, tls[0]),
+                     "the embedded catalog serves plain HTTP on catalog_listen; TLS options need url: https://...")
+        if v["token"] is not None:
+            cx.error(line_of(n, "token"), join(path, "token"),
+                     "the embedded catalog makes its own management token; token_file may name where it keeps it")
+    elif tls and not url.startswith("https://"):
+        cx.error(line_of(n, tls[0]), join(path, tls[0]), f"needs an https:// url (url is {url})")
     return v
 
 

@@ -1,4 +1,4 @@
-"""Older and shorter forms of two model parts, read into the one canonical shape.
+"""Older and shorter forms of some model parts, read into the one canonical shape.
 
 A converter here looks at a mapping before the dataclass's own ``struct`` converter does:
 
@@ -9,6 +9,9 @@ A converter here looks at a mapping before the dataclass's own ``struct`` conver
 ``placement``
     ``spread: true`` / ``spread: false`` (the older form of ``strategy``) mean
     ``strategy: spread`` / ``strategy: binpack``; giving both is an error.
+``mesh.catalog``
+    ``catalog: embedded`` or ``catalog: http://...`` (the only form before tokens and TLS)
+    means ``catalog: {url: ...}``.
 
 Either way the model holds, and ``to_dict()`` writes, only the canonical shape, so KV
 documents written before these fields existed still read, and a service's revision does
@@ -21,9 +24,9 @@ import dataclasses
 from typing import Any
 
 from ._convert import INVALID, Conv, Ctx, boolean, struct, unknown_key
-from ._tree import MAP, N, join
+from ._tree import MAP, SCALAR, Entry, N, join
 
-__all__ = ["resources", "placement"]
+__all__ = ["resources", "placement", "catalog"]
 
 _SHORT = ("cpu", "memory")
 _FULL = ("requests", "limits")
@@ -85,6 +88,19 @@ def placement(cls: type) -> Conv:
         if spread is None:
             return value
         return dataclasses.replace(value, strategy="spread" if spread else "binpack")
+
+    conv.struct_cls = cls  # type: ignore[attr-defined]
+    return conv
+
+
+def catalog(cls: type) -> Conv:
+    """``CatalogSettings`` from a URL (or ``embedded``) alone, or the mapping."""
+    inner = struct(cls)
+
+    def conv(n: N, cx: Ctx, path: str) -> Any:
+        if n.kind == SCALAR and not n.is_null:
+            return inner(N(MAP, {"url": Entry(n.line, n)}, n.line), cx, path)
+        return inner(n, cx, path)
 
     conv.struct_cls = cls  # type: ignore[attr-defined]
     return conv

@@ -27,7 +27,8 @@ __all__ = [
     "Backoff", "RestartPolicy", "CanaryStep", "UpdateStrategy", "PathRoute", "HashOn",
     "Retries", "Timeouts", "Outlier", "Routes", "DnsOverride", "Placement", "VolumeMount", "EngineTls",
     "ConfigMount", "SecretMount", "ServiceSpec", "VolumeSpec", "ConfigSpec", "SecretSpec", "SecretsSettings",
-    "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "RUNTIME_NAMES", "volume_env_name",
+    "CatalogSettings", "MeshConfig", "to_plain", "MESH_DEFAULTS", "DEFAULT_CATALOG_URL", "CATALOG_TOKEN_FILE",
+    "RUNTIME_NAMES", "volume_env_name",
 ]
 
 _EMPTY: FrozenDict[str, str] = FrozenDict()
@@ -244,11 +245,41 @@ class SecretsSettings:
     key_env: str | None = opt(None, text(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name"))
 
 
+def SECRET_TEXT(n: Any, cx: Any, path: str) -> Any:
+    """A secret string (a token): an error never repeats the value, whatever it is."""
+    if not isinstance(n.value, str) or n.kind != "scalar" or not n.value.strip():
+        return cx.error(n.line, path, "expected the token as a non-empty string (the value is not shown)")
+    return n.value.strip()
+
+
+@model
+class CatalogSettings:
+    """How every meshlet component reaches the catalog (Nomad's ``consul`` block). ``url``
+    is ``embedded`` (the catalog ``meshlet up`` runs on ``catalog_listen``) or a Consul URL.
+    The ACL token: ``token``, or ``token_file`` (a file holding it; with ``embedded``, where
+    the embedded catalog keeps its management token, default
+    ``<data_dir>/catalog/management-token``). ``ca_file`` (the CA that signed the catalog's
+    certificate), ``cert_file`` and ``key_file`` (a client certificate) need an https URL.
+    Short form: ``catalog: embedded`` or ``catalog: https://...`` (``_forms.catalog``).
+    The token never shows in a repr, an error message or ``to_plain``."""
+
+    url: str = opt("embedded", text(r"embedded|https?://\S+", "embedded or a Consul URL like http://127.0.0.1:8500"))
+    token: str | None = dataclasses.field(default=None, repr=False, metadata={"conv": SECRET_TEXT, "secret": True})
+    token_file: str | None = opt(None, LOCAL_PATH)     # relative: to the config file's directory
+    ca_file: str | None = opt(None, LOCAL_PATH)
+    cert_file: str | None = opt(None, LOCAL_PATH)
+    key_file: str | None = opt(None, LOCAL_PATH)
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+
 @model
 class MeshSettings:
     domain: str = opt("meshlet", text(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
                                       "a lowercase DNS domain like meshlet"))
-    catalog: str = opt("embedded", text(r"embedded|https?://\S+", "embedded or a Consul URL like http://127.0.0.1:8500"))
+    catalog: CatalogSettings = opt(CatalogSettings(), forms.catalog(CatalogSettings))
     catalog_listen: str = opt("127.0.0.1:8500", HOSTPORT)
     data_dir: str = opt(".meshlet", LOCAL_PATH)        # relative: to the config file's directory
     vip_range: str = opt("127.10.0.0/16", text(None, "a network like 127.10.0.0/16"))
@@ -260,6 +291,25 @@ class MeshSettings:
     # how long a node's engine may not answer before its replicas are placed elsewhere
     node_grace: float = opt(30.0, duration(positive=True))
 
+    @property
+    def catalog_data_dir(self) -> str:
+        """Where ``meshlet up`` keeps the embedded catalog's state."""
+        return os.path.join(self.data_dir, "catalog")
+
+    @property
+    def catalog_token_file(self) -> str | None:
+        """The file holding the catalog's token: ``catalog.token_file``, else for the
+        embedded catalog its management token file; None: a literal token or none."""
+        if self.catalog.token_file is not None:
+            return self.catalog.token_file
+        if self.catalog.embedded:
+            return os.path.join(self.catalog_data_dir, CATALOG_TOKEN_FILE)
+        return None
+
+
+# The file in the embedded catalog's data dir holding its management token (0600), made
+# at its first start: what meshlet's own components and commands send (discovery.catalog).
+CATALOG_TOKEN_FILE = "management-token"
 
 # The mesh defaults as one value: the command-line defaults of components run alone
 # (``meshlet dns``, ``meshlet proxy``) are these, not copies.
@@ -572,7 +622,8 @@ class MeshConfig:
 def to_plain(obj: Any) -> Any:
     """A model object as plain JSON-ready data (dicts, lists, str, int, float, bool, None)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("secret")}
     if isinstance(obj, (tuple, list)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):

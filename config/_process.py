@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
 
-__all__ = ["module_argv", "die_with_parent", "die_with_parent_preexec", "setup_logging",
+__all__ = ["add_catalog_arguments", "TOKEN_ENV", "TOKEN_FILE_ENV", "CA_ENV", "CERT_ENV", "KEY_ENV", "module_argv", "die_with_parent", "die_with_parent_preexec", "setup_logging",
            "LOG_FORMAT", "DEFAULT_DOCKER_ENGINE"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -69,3 +70,25 @@ def setup_logging(level: str | int = "INFO") -> None:
     if isinstance(level, str):
         level = level.upper()
     logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
+
+
+# The variables Consul's own CLI reads (and meshlet's components with it).
+TOKEN_ENV, TOKEN_FILE_ENV = "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"
+CA_ENV, CERT_ENV, KEY_ENV = "CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY"
+
+
+def add_catalog_arguments(p: argparse.ArgumentParser, *, default_url: str = "http://127.0.0.1:8500",
+                          url_required: bool = False) -> None:
+    """``--consul URL``, ``--token-file``, ``--ca-file``, ``--cert-file``, ``--key-file``
+    for a component run alone; the token itself is never an argument (argv is public:
+    /proc/<pid>/cmdline): $CONSUL_HTTP_TOKEN or a file."""
+    if url_required:
+        p.add_argument("--consul", required=True, metavar="URL", help="the catalog (Consul HTTP API) URL")
+    else:
+        p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or default_url, metavar="URL",
+                       help=f"catalog (Consul HTTP API) URL (default $CONSUL_HTTP_ADDR or {default_url})")
+    p.add_argument("--token-file", metavar="FILE",
+                   help=f"file holding the catalog's ACL token (default ${TOKEN_ENV}, else ${TOKEN_FILE_ENV})")
+    p.add_argument("--ca-file", metavar="FILE", help=f"CA certificate of an https catalog (default ${CA_ENV})")
+    p.add_argument("--cert-file", metavar="FILE", help=f"client certificate for an https catalog (default ${CERT_ENV})")
+    p.add_argument("--key-file", metavar="FILE", help=f"its private key (default ${KEY_ENV})")

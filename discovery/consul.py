@@ -21,6 +21,14 @@ Flow::
 
     catalog --blocking queries--> watch_* --snapshots--> Mirror --View--> on_change / changes()
 
+CatalogAccess
+    How to reach a catalog: its URL, the ACL token (never in a repr, a log line or an error
+    text) and the TLS files. ``access_for_mesh`` builds it from ``mesh.catalog`` and the
+    environment (meshlet's commands and ``meshlet up``), ``access_from_args`` from a
+    component's command line (``config.add_catalog_arguments``) and the environment (DNS, proxy,
+    ``meshlet supervisor``). ``catalog_problem`` turns a failure into one line saying what
+    to fix.
+
 Error handling: watches and the Mirror retry forever with exponential backoff and jitter
 (50 ms doubling to 5 s) and log once per outage. ``Mirror.start`` raises :class:`MirrorError`
 when no complete first View arrives in time. KV helpers and LeaderLock propagate
@@ -29,17 +37,22 @@ when no complete first View arrives in time. KV helpers and LeaderLock propagate
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import consul
 import consul.aio
 from consul.callback import CB
@@ -49,7 +62,8 @@ import config
 from discovery.view import Instance, Node, ServiceView, View, worst_status
 
 __all__ = [
-    "DEFAULT_URL", "Backoff", "LeaderLock", "Mirror", "MirrorError", "connect", "instances_from_health",
+    "DEFAULT_URL", "CatalogAccess", "CatalogAccessError", "access_for_mesh", "access_from_args",
+    "catalog_problem", "TOKEN_ENV", "TOKEN_FILE_ENV", "Backoff", "LeaderLock", "Mirror", "MirrorError", "connect", "instances_from_health",
     "TxnRolledBack", "kv_cas", "kv_delete", "kv_get", "kv_op", "kv_put", "kv_txn", "next_index", "read_service_document", "watch_kv_prefix",
     "watch_nodes", "watch_service", "watch_services",
 ]
@@ -76,15 +90,240 @@ def split_url(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, port
 
 
-def connect(url: str = DEFAULT_URL, token: str | None = None, *, timeout: float | None = None,
-            connections_limit: int | None = None) -> consul.aio.Consul:
-    """py-consul's aio client for ``url``; must run inside a loop. ``timeout`` bounds each
-    request (seconds; blocking queries need more than their ``wait``)."""
-    scheme, host, port = split_url(url)
+# The variables Consul's own CLI reads; a child process gets its token through the first.
+TOKEN_ENV, TOKEN_FILE_ENV = config.TOKEN_ENV, config.TOKEN_FILE_ENV
+CA_ENV, CERT_ENV, KEY_ENV = config.CA_ENV, config.CERT_ENV, config.KEY_ENV
+
+
+class CatalogAccessError(ValueError):
+    """The catalog settings cannot be used (a token file missing, TLS files without https);
+    the text names the setting and never holds the token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogAccess:
+    """Where the catalog is and how to talk to it. ``token_source`` says where the token
+    came from ("$CONSUL_HTTP_TOKEN", "mesh.catalog.token_file (/path)", "no token"), for
+    messages; the token itself never shows in a repr."""
+
+    url: str = DEFAULT_URL
+    token: str | None = dataclasses.field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    token_source: str = "no token"
+
+    def __post_init__(self) -> None:
+        scheme = split_url(self.url)[0]       # ValueError on a bad URL
+        tls = [f for f in ("ca_file", "cert_file", "key_file") if getattr(self, f)]
+        if tls and scheme != "https":
+            raise CatalogAccessError(f"{tls[0].replace('_', ' ')} {getattr(self, tls[0])} needs an https:// "
+                                     f"catalog URL, not {self.url}")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise CatalogAccessError("a client certificate needs both a cert file and a key file")
+
+    def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` with this token in CONSUL_HTTP_TOKEN (and no other token variable): how
+        a child process started with ``--consul URL`` gets the token, never in its argv."""
+        env = {k: v for k, v in base.items() if k not in (TOKEN_ENV, TOKEN_FILE_ENV)}
+        if self.token:
+            env[TOKEN_ENV] = self.token
+        return env
+
+    def child_args(self) -> list[str]:
+        """``--consul URL`` and the TLS files for a child's command line (no token)."""
+        args = ["--consul", self.url]
+        for flag, value in (("--ca-file", self.ca_file), ("--cert-file", self.cert_file),
+                            ("--key-file", self.key_file)):
+            if value:
+                args += [flag, value]
+        return args
+
+
+def read_token_file(path: str, what: str) -> str:
+    """The token in ``path`` (surrounding white space dropped). CatalogAccessError naming
+    ``what`` (the setting) when it is missing, unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise CatalogAccessError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CatalogAccessError(f"{what}: {path} is not a text file") from None
+    if not token:
+        raise CatalogAccessError(f"{what}: {path} is empty")
+    return token
+
+
+def _env_token(env: Mapping[str, str]) -> tuple[str, str] | None:
+    if env.get(TOKEN_ENV):
+        return env[TOKEN_ENV], f"${TOKEN_ENV}"
+    if env.get(TOKEN_FILE_ENV):
+        path = env[TOKEN_FILE_ENV]
+        return read_token_file(path, f"${TOKEN_FILE_ENV}"), f"${TOKEN_FILE_ENV} ({path})"
+    return None
+
+
+def access_for_mesh(url: str, mesh: config.MeshSettings, env: Mapping[str, str]) -> CatalogAccess:
+    """How meshlet's commands reach the catalog at ``url`` (already chosen: --consul,
+    $CONSUL_HTTP_ADDR or mesh.catalog). The token, first found of:
+
+    1. mesh.catalog.token / token_file (given explicitly: as Nomad's consul block, the
+       configuration wins over the environment);
+    2. the embedded catalog's management token file, when ``url`` is the embedded catalog
+       of ``mesh`` and the file exists (``meshlet up`` makes it): a token in the shell for
+       some other Consul is not sent to it;
+    3. $CONSUL_HTTP_TOKEN, else $CONSUL_HTTP_TOKEN_FILE.
+
+    TLS files: mesh.catalog's, else $CONSUL_CACERT / $CONSUL_CLIENT_CERT / $CONSUL_CLIENT_KEY.
+    Raises CatalogAccessError naming the setting that cannot be used."""
+    cat = mesh.catalog
+    found: tuple[str | None, str] | None = None
+    if cat.token is not None:
+        found = cat.token, "mesh.catalog.token"
+    elif cat.token_file is not None:
+        found = read_token_file(cat.token_file, "mesh.catalog.token_file"), \
+            f"mesh.catalog.token_file ({cat.token_file})"
+    embedded = cat.embedded and url.rstrip("/") == f"http://{mesh.catalog_listen}" \
+        and mesh.catalog_token_file is not None
+    if found is None and embedded and os.path.exists(mesh.catalog_token_file or ""):
+        path = mesh.catalog_token_file
+        found = read_token_file(path, "the embedded catalog's token file"), f"the embedded catalog's token file ({path})"
+    if found is None:
+        found = _env_token(env)
+    if found is None and embedded:
+        found = None, (f"no token (the embedded catalog's token file {mesh.catalog_token_file} does not exist "
+                       "yet: `meshlet up` makes it)")
+    token, source = found if found is not None else (None, "no token")
+    try:
+        return CatalogAccess(url, token, cat.ca_file or env.get(CA_ENV), cat.cert_file or env.get(CERT_ENV),
+                             cat.key_file or env.get(KEY_ENV), source)
+    except CatalogAccessError as exc:
+        raise CatalogAccessError(f"mesh.catalog: {exc}") from None
+
+
+def access_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> CatalogAccess:
+    """The CatalogAccess of ``config.add_catalog_arguments``' options and the environment (the
+    options win). Raises CatalogAccessError."""
+    if args.token_file:
+        found: tuple[str, str] | None = (read_token_file(args.token_file, "--token-file"),
+                                         f"--token-file ({args.token_file})")
+    else:
+        found = _env_token(env)
+    token, source = found if found is not None else (None, "no token")
+    try:
+        return CatalogAccess(args.consul, token, args.ca_file or env.get(CA_ENV),
+                             args.cert_file or env.get(CERT_ENV), args.key_file or env.get(KEY_ENV), source)
+    except ValueError as exc:
+        raise CatalogAccessError(str(exc)) from None
+
+
+def _ssl_context(access: CatalogAccess) -> ssl.SSLContext:
+    """The system's CAs plus ``ca_file``, and the client certificate; CatalogAccessError
+    naming the file that cannot be used."""
+    ctx = ssl.create_default_context()
+    try:
+        if access.ca_file:
+            ctx.load_verify_locations(access.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CatalogAccessError(f"CA file {access.ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        if access.cert_file:
+            ctx.load_cert_chain(access.cert_file, access.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CatalogAccessError(f"client certificate {access.cert_file} / key {access.key_file}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
+
+
+def connect(target: str | CatalogAccess = DEFAULT_URL, token: str | None = None, *,
+            timeout: float | None = None, connections_limit: int | None = None) -> consul.aio.Consul:
+    """py-consul's aio client for ``target`` (a URL, or a CatalogAccess with its token and
+    TLS files); must run inside a loop. ``timeout`` bounds each request (seconds; blocking
+    queries need more than their ``wait``). ValueError (CatalogAccessError) when the URL or
+    a TLS file cannot be used."""
+    access = target if isinstance(target, CatalogAccess) else CatalogAccess(target, token)
+    scheme, host, port = split_url(access.url)
     if ":" in host:  # IPv6 literal: py-consul formats "scheme://host:port" itself
         host = f"[{host}]"
-    return consul.aio.Consul(host=host, port=port, scheme=scheme, token=token,
-                             connections_timeout=timeout, connections_limit=connections_limit)
+    tls: dict[str, Any] = {}
+    if scheme == "https":
+        _ssl_context(access)                  # a file that cannot be used is named here, not at the first request
+        tls = {"verify": access.ca_file or True,
+               "cert": (access.cert_file, access.key_file) if access.cert_file else None}
+    client = _Consul(host=host, port=port, scheme=scheme, token=access.token,
+                     connections_timeout=timeout, connections_limit=connections_limit, **tls)
+    # py-consul lets $CONSUL_HTTP_TOKEN override the token given: the caller already chose.
+    client.token = client.http.token = access.token
+    return client
+
+
+class _TokenHTTPClient(consul.aio.HTTPClient):
+    """py-consul's aio HTTP client sending the token on every request: py-consul leaves
+    it out of some (``txn.put``, ``agent.self``, ``agent.members``), which a catalog with
+    ACLs (a real Consul, the embedded one) then refuses."""
+
+    token: str | None = None
+
+    def _with_token(self, headers: dict[str, str] | None) -> dict[str, str] | None:
+        if not self.token or (headers and any(k.lower() == "x-consul-token" for k in headers)):
+            return headers
+        return {**(headers or {}), "X-Consul-Token": self.token}
+
+    def get(self, callback, path, params=None, headers=None, **kwargs):  # type: ignore[no-untyped-def]
+        return super().get(callback, path, params, self._with_token(headers), **kwargs)
+
+    def put(self, callback, path, params=None, data="", headers=None, **kwargs):  # type: ignore[no-untyped-def]
+        return super().put(callback, path, params, data, self._with_token(headers), **kwargs)
+
+    def delete(self, callback, path, params=None, data="", headers=None, **kwargs):  # type: ignore[no-untyped-def]
+        return super().delete(callback, path, params, data, self._with_token(headers), **kwargs)
+
+    def post(self, callback, path, params=None, data="", headers=None, **kwargs):  # type: ignore[no-untyped-def]
+        return super().post(callback, path, params, data, self._with_token(headers), **kwargs)
+
+
+class _Consul(consul.aio.Consul):
+    def http_connect(self, host: str, port: int, scheme, verify: bool | str = True, cert=None):  # type: ignore[no-untyped-def]
+        return _TokenHTTPClient(host, port, scheme, loop=self.loop, connections_limit=self.connections_limit,
+                                connections_timeout=self.connections_timeout, verify=verify, cert=cert)
+
+
+def catalog_problem(exc: BaseException, access: CatalogAccess) -> str:
+    """One line saying why talking to the catalog failed and what to fix; never the token."""
+    where = access.url
+    if isinstance(exc, consul.ACLPermissionDenied):
+        reason = str(exc).strip() or "403"
+        hint = ("send the catalog's token: mesh.catalog.token_file, or $CONSUL_HTTP_TOKEN / --token-file "
+                "(the embedded catalog keeps its management token in <data_dir>/catalog/"
+                f"{config.CATALOG_TOKEN_FILE})")
+        return f"the catalog at {where} refused the token ({access.token_source}): 403 {reason}; {hint}"
+    cert_error = _certificate_error(exc)
+    if cert_error is not None:
+        ca = f"CA file {access.ca_file}" if access.ca_file else "the system's CAs (no CA file given)"
+        return (f"cannot verify the TLS certificate of the catalog at {where} with {ca}: {cert_error}; "
+                "set mesh.catalog.ca_file (or $CONSUL_CACERT / --ca-file) to the CA that signed it")
+    if isinstance(exc, consul.ConsulException):
+        return f"the catalog at {where} refused the request: {exc}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"the catalog at {where} did not answer in time"
+    return f"cannot reach the catalog at {where}: {exc or type(exc).__name__}"
+
+
+def _certificate_error(exc: BaseException) -> str | None:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, aiohttp.ClientConnectorCertificateError):
+            inner = cur.certificate_error
+            return getattr(inner, "verify_message", None) or str(inner)
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return getattr(cur, "verify_message", None) or str(cur)
+        if isinstance(cur, ssl.SSLError):
+            return cur.reason or str(cur)
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def parse_seconds(value: str | float | int) -> float:
@@ -171,17 +410,34 @@ def read_service_document(name: str, raw: bytes | None) -> tuple[config.ServiceS
 
 
 class _Outage:
-    """Logs a catalog outage once when it starts and once when it ends (shared by watches)."""
+    """Logs a catalog outage once when it starts and once when it ends (shared by watches),
+    and keeps what the data plane reports about it: ``reachable``, ``since`` (wall-clock
+    time the outage began), ``last_error``. ``on_change(reachable)`` runs on each turn."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, on_change: Callable[[bool], None] | None = None) -> None:
         self.what, self.failing, self.last_error, self.errors = what, set[object](), "", 0
+        self.since: float | None = None
+        self.on_change = on_change
+        self.refused: BaseException | None = None   # the last 403: a token problem, not an outage
+        self.on_refused: Callable[[], None] | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return not self.failing
 
     def failed(self, key: object, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.errors += 1
+        if isinstance(exc, consul.ACLPermissionDenied):
+            self.refused = exc
+            if self.on_refused is not None:
+                self.on_refused()
         if not self.failing:
             log.warning("%s: catalog unreachable or failing (%s); keeping the last known state, retrying",
                         self.what, self.last_error)
+            self.since = time.time()
+            self.failing.add(key)
+            self._changed(False)
         self.failing.add(key)
 
     def ok(self, key: object) -> None:
@@ -190,6 +446,16 @@ class _Outage:
             self.failing.discard(key)
             if not self.failing:
                 log.warning("%s: catalog reachable again", self.what)
+                self.since = None
+                self.refused = None
+                self._changed(True)
+
+    def _changed(self, reachable: bool) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(reachable)
+            except Exception:  # noqa: BLE001 - a reporting bug must not stop the watches
+                log.exception("catalog reachability callback failed")
 
 
 async def _watch(fetch: Callable[[int], Awaitable[tuple[Any, Any]]], transform: Callable[[Any], Any],
@@ -207,6 +473,9 @@ async def _watch(fetch: Callable[[int], Awaitable[tuple[Any, Any]]], transform: 
         except Exception as exc:  # noqa: BLE001 - any failure of the catalog: retry, keep last good
             outage.failed(key, exc)
             await asyncio.sleep(backoff.next())
+            # Ask without blocking first: a catalog that came back with nothing new would
+            # otherwise hold the query for its whole wait before we know it is back.
+            index = 0
             continue
         outage.ok(key)
         backoff.reset()
@@ -496,12 +765,14 @@ class Mirror:
     keeps its last good one. A service with a document but no instances is still listed.
     """
 
-    def __init__(self, url: str, *, token: str | None = None, wait: str = "30s",
-                 kv_prefix: str = config.SERVICES_PREFIX, on_change: Callable[[View], None] | None = None) -> None:
-        self.url, self.token, self.wait, self.kv_prefix, self.on_change = url, token, wait, kv_prefix, on_change
+    def __init__(self, url: str | CatalogAccess, *, token: str | None = None, wait: str = "30s",
+                 kv_prefix: str = config.SERVICES_PREFIX, on_change: Callable[[View], None] | None = None,
+                 on_reachability: Callable[[bool], None] | None = None) -> None:
+        self.access = url if isinstance(url, CatalogAccess) else CatalogAccess(url, token)
+        self.url, self.wait, self.kv_prefix, self.on_change = self.access.url, wait, kv_prefix, on_change
         self._view = View()
         self._client: consul.aio.Consul | None = None
-        self._outage = _Outage(f"catalog mirror of {url}")
+        self._outage = _Outage(f"catalog mirror of {self.url}", on_reachability)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # "services", "kv", "nodes", "health:<name>"
         self._listed: dict[str, tuple[str, ...]] = {}
         self._instances: dict[str, tuple[Instance, ...]] = {}
@@ -522,23 +793,53 @@ class Mirror:
     def view(self) -> View:
         return self._view
 
+    def catalog_state(self) -> dict[str, Any]:
+        """What the data plane reports about the catalog (its /ready, its metrics):
+        ``reachable``; while not, ``unreachable_since`` (Unix time) and ``last_error``.
+        The View keeps serving meanwhile: the last known state."""
+        out: dict[str, Any] = {"url": self.url, "reachable": self._outage.reachable}
+        if not self._outage.reachable:
+            out["unreachable_since"] = self._outage.since
+            out["last_error"] = self._outage.last_error
+        return out
+
+    @property
+    def catalog_reachable(self) -> bool:
+        return self._outage.reachable
+
     async def start(self, timeout: float = 10.0) -> View:
+        """The first complete View. MirrorError when none arrives within ``timeout``, and
+        at once when the catalog refuses the token (403: retrying will not help)."""
         if self._client is not None:
             raise RuntimeError("Mirror.start() called twice")
         wait_s = parse_seconds(self.wait)
         # Each request may block for wait + wait/16 (server jitter); bound it to notice dead
         # connections. One connection per watch: lift aiohttp's default limit of 100.
-        self._client = connect(self.url, self.token, timeout=wait_s * 17 / 16 + 10, connections_limit=1 << 16)
+        try:
+            self._client = connect(self.access, timeout=wait_s * 17 / 16 + 10, connections_limit=1 << 16)
+        except ValueError as exc:
+            raise MirrorError(f"catalog at {self.url}: {exc}") from None
         self._spawn("services", self._run_services())
         self._spawn("kv", self._run_kv())
         self._spawn("nodes", self._run_nodes())
+        refused = asyncio.Event()
+        self._outage.on_refused = refused.set
+        waits = [asyncio.ensure_future(self._complete.wait()), asyncio.ensure_future(refused.wait())]
         try:
-            await asyncio.wait_for(self._complete.wait(), timeout)
-        except asyncio.TimeoutError:
-            detail = self._outage.last_error or "no answer"
-            await self.close()
-            raise MirrorError(f"catalog at {self.url} did not answer within {timeout:g}s ({detail})") from None
-        return self._view
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            self._outage.on_refused = None
+        if self._complete.is_set():
+            return self._view
+        if self._outage.refused is not None:
+            problem = catalog_problem(self._outage.refused, self.access)
+        else:
+            problem = (f"catalog at {self.url} did not answer within {timeout:g}s "
+                       f"({self._outage.last_error or 'no answer'})")
+        await self.close()
+        raise MirrorError(problem)
 
     def changes(self) -> AsyncIterator[View]:
         """Every View newer than the current one at the time of this call (a slow consumer

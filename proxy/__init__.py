@@ -106,9 +106,7 @@ def _worker_count(value: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshlet proxy", description="HTTP/1.1 and TCP proxy to the ready "
                                 "instances of the services in the catalog.")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
-                   metavar="URL", help="catalog (Consul HTTP API) URL [%(default)s]")
-    p.add_argument("--token", default=os.environ.get("CONSUL_HTTP_TOKEN"), help=argparse.SUPPRESS)
+    config.add_catalog_arguments(p, default_url=config.DEFAULT_CATALOG_URL)
     p.add_argument("--listen", action="append", type=_listener, metavar="HOST:PORT|{...}",
                    help="entry listener, routing by Host and path (repeatable): HOST:PORT, or a "
                         "mesh.proxy.listen item as YAML/JSON, e.g. '{address: 127.0.0.1:8443, tls: "
@@ -178,7 +176,7 @@ def _raise_nofile() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     """One proxy process (the only one, or one worker): load, bind, ready, drain."""
-    from discovery.consul import Mirror, MirrorError
+    from discovery.consul import CatalogAccessError, Mirror, MirrorError, access_from_args
 
     from ._admin import start_admin
     from ._metrics import Metrics
@@ -212,7 +210,13 @@ async def serve(args: argparse.Namespace) -> int:
             return
         server.set_table(table)
 
-    mirror = Mirror(args.consul, token=args.token, on_change=on_change)
+    try:
+        access = access_from_args(args, os.environ)
+    except CatalogAccessError as exc:
+        log.error("%s", exc)
+        return 2
+    mirror = Mirror(access, on_change=on_change)
+    metrics.catalog_up = lambda: mirror.catalog_reachable
     try:
         view = await mirror.start(timeout=args.catalog_timeout)
     except MirrorError as exc:
@@ -239,7 +243,7 @@ async def serve(args: argparse.Namespace) -> int:
                                                    metrics=metrics, is_ready=lambda: not server.draining,
                                                    get_draining=server.draining_endpoints,
                                                    get_vip_failures=server.vip_failure_list,
-                                                   get_tls=server.tls_status)
+                                                   get_tls=server.tls_status, get_catalog=mirror.catalog_state)
             ready["admin"] = config.join_hostport(args.admin[0], admin_port)
     except OSError as exc:
         log.error("cannot listen: %s", exc)

@@ -7,7 +7,10 @@
   flight on them, ``[{"service", "id", "instance", "address", "port", "active"}]``: a
   rollout can wait for its retired replica to be absent here before SIGTERM.
 - ``GET /ready``: 200 ``ready`` once the first table is loaded and the proxy is not
-  draining (``is_ready()``), else 503 with the reason.
+  draining (``is_ready()``), else 503 with the reason. While the catalog does not answer
+  the proxy stays ready (it routes from the last known table) and the line says so;
+  ``?format=json`` (or ``Accept: application/json``) answers ``{"ready", "reason",
+  "catalog": {"url", "reachable", "unreachable_since", "last_error"}}``.
 - ``GET /tls``: the TLS listeners and upstream TLS, ``{"listeners": [{"listen", "default":
   {"cert_file", "subject", "names", "not_after"}, "certificates": [...], "files",
   "loaded_at", "error", "error_at"}], "upstreams": [{"service", "ca_file", "server_name",
@@ -60,10 +63,29 @@ async def _no_tracebacks(request: web.Request, handler: Any) -> web.StreamRespon
         return web.Response(status=500, text="internal error\n")
 
 
+def _wants_json(request: web.Request) -> bool:
+    return request.query.get("format") == "json" or "application/json" in request.headers.get("Accept", "")
+
+
+def _ready_answer(request: web.Request, ready: bool, reason: str, catalog: dict[str, Any] | None,
+                  **extra: Any) -> web.Response:
+    status = 200 if ready else 503
+    if _wants_json(request):
+        doc: dict[str, Any] = {"ready": ready, "reason": reason, **extra}
+        if catalog is not None:
+            doc["catalog"] = catalog
+        return web.json_response(doc, status=status)
+    text = reason if not ready else "ready" + (f" ({extra['detail']})" if extra.get("detail") else "")
+    if catalog is not None and not catalog.get("reachable", True):
+        text += "; catalog unreachable, routing from the last known state"
+    return web.Response(status=status, text=text + "\n")
+
+
 def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
              is_ready: Callable[[], bool], get_draining: Callable[[], list] | None = None,
              get_vip_failures: Callable[[], list] | None = None,
-             get_tls: Callable[[], dict[str, Any]] | None = None) -> web.Application:
+             get_tls: Callable[[], dict[str, Any]] | None = None,
+             get_catalog: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     if metrics.get_table is None:
         metrics.get_table = get_table
 
@@ -83,11 +105,12 @@ def make_app(*, get_table: Callable[[], RouteTable | None], metrics: Metrics,
                             content_type="application/json")
 
     async def ready_handler(request: web.Request) -> web.Response:
+        catalog = get_catalog() if get_catalog is not None else None
         if get_table() is None:
-            return web.Response(status=503, text="not ready: no route table loaded yet\n")
+            return _ready_answer(request, False, "not ready: no route table loaded yet", catalog)
         if not is_ready():
-            return web.Response(status=503, text="not ready: draining\n")
-        return web.Response(text="ready\n")
+            return _ready_answer(request, False, "not ready: draining", catalog)
+        return _ready_answer(request, True, "ready", catalog)
 
     async def snapshot_handler(request: web.Request) -> web.Response:
         return web.json_response(metrics.snapshot(get_table()))
@@ -174,13 +197,17 @@ def make_workers_app(*, peers: Callable[[], list[str]], is_draining: Callable[[]
 
     async def ready_handler(request: web.Request) -> web.Response:
         if is_draining():
-            return web.Response(status=503, text="not ready: draining\n")
-        answers = await ask_all("/ready")
+            return _ready_answer(request, False, "not ready: draining", None)
+        answers = [(s, d) for s, d in await ask_all("/ready?format=json") if isinstance(d, dict)]
         ready = sum(1 for status, _ in answers if status == 200)
+        catalogs = [d["catalog"] for _, d in answers if isinstance(d.get("catalog"), dict)]
+        # the workers' catalog view: unreachable if any worker's watches fail
+        catalog = next((c for c in catalogs if not c.get("reachable", True)), catalogs[0] if catalogs else None)
         if not ready:
-            why = answers[0][1].strip() if answers else "no worker answered"
-            return web.Response(status=503, text=f"{why}\n")
-        return web.Response(text=f"ready ({ready} of {workers} workers)\n")
+            why = answers[0][1].get("reason", "not ready") if answers else "no worker answered"
+            return _ready_answer(request, False, why, catalog)
+        return _ready_answer(request, True, "ready", catalog, detail=f"{ready} of {workers} workers",
+                             workers_ready=ready, workers=workers)
 
     app = web.Application(middlewares=[_no_tracebacks])
     app.on_startup.append(on_startup)
@@ -233,9 +260,10 @@ async def start_admin(host: str, port: int, *, get_table: Callable[[], RouteTabl
                       is_ready: Callable[[], bool],
                       get_draining: Callable[[], list] | None = None,
                       get_vip_failures: Callable[[], list] | None = None,
-                      get_tls: Callable[[], dict[str, Any]] | None = None) -> tuple[web.AppRunner, int]:
+                      get_tls: Callable[[], dict[str, Any]] | None = None,
+                      get_catalog: Callable[[], dict[str, Any]] | None = None) -> tuple[web.AppRunner, int]:
     """Serve the admin API on ``host:port`` (0: any free port). Returns the runner
     (``await runner.cleanup()`` stops it) and the bound port."""
     return await _serve(make_app(get_table=get_table, metrics=metrics, is_ready=is_ready,
                                  get_draining=get_draining, get_vip_failures=get_vip_failures,
-                                 get_tls=get_tls), host, port)
+                                 get_tls=get_tls, get_catalog=get_catalog), host, port)

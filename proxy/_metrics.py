@@ -88,6 +88,10 @@ class Metrics:
         self.tls_files_invalid: dict[tuple[str, str], int] = {}
         self.get_table: Callable[[], RouteTable | None] | None = None
         self.ejected: dict[str, int] | None = None   # set by add(): the workers' ejections
+        # Is the catalog answering the route watches (read on scrape)? While not, the
+        # routes are the last known ones. add() keeps the workers' lowest.
+        self.catalog_up: Callable[[], bool] | None = None
+        self.catalog_up_value: int | None = None
 
     # -- hot path -------------------------------------------------------------------
 
@@ -124,7 +128,13 @@ class Metrics:
                 "upstream_connections": self.upstream_connections.value,
                 "active_requests": self.active_requests.value,
                 "tls_reloads": [[*k, n] for k, n in self.tls_reloads.items()],
-                "tls_files_invalid": [[*k, n] for k, n in self.tls_files_invalid.items()]}
+                "tls_files_invalid": [[*k, n] for k, n in self.tls_files_invalid.items()],
+                "catalog_up": self._catalog_up()}
+
+    def _catalog_up(self) -> int | None:
+        if self.catalog_up_value is not None:
+            return self.catalog_up_value
+        return None if self.catalog_up is None else int(bool(self.catalog_up()))
 
     def add(self, snap: dict[str, Any]) -> None:
         """Add another process's ``snapshot()``: counters, histograms and the two gauges
@@ -158,6 +168,9 @@ class Metrics:
             self.tls_reloads[key] = self.tls_reloads.get(key, 0) + n
         for kind, name, n in snap.get("tls_files_invalid", ()):   # invalid in any worker
             self.tls_files_invalid[(kind, name)] = max(self.tls_files_invalid.get((kind, name), 0), n)
+        if snap.get("catalog_up") is not None:
+            mine = self.catalog_up_value
+            self.catalog_up_value = snap["catalog_up"] if mine is None else min(mine, snap["catalog_up"])
 
     # -- scrape ---------------------------------------------------------------------
 
@@ -219,5 +232,11 @@ class Metrics:
             add("# TYPE meshlet_proxy_tls_files_invalid gauge")
             for (kind, name), n in sorted(self.tls_files_invalid.items()):
                 add(f'meshlet_proxy_tls_files_invalid{{kind="{kind}",name="{_escape(name)}"}} {n}')
+        up = self._catalog_up()
+        if up is not None:
+            add("# HELP meshlet_proxy_catalog_up Whether the catalog answers the route watches (0: routing from "
+                "the last known state).")
+            add("# TYPE meshlet_proxy_catalog_up gauge")
+            add(f"meshlet_proxy_catalog_up {up}")
         add("")
         return "\n".join(out).encode()

@@ -50,6 +50,12 @@ def worker_argv(args: argparse.Namespace, index: int, listens: list[config.Proxy
         argv += ["--admin", "127.0.0.1:0"]   # internal: the parent serves args.admin
     if args.access_log:
         argv.append("--access-log")
+    # the catalog's TLS files and token file; a token from $CONSUL_HTTP_TOKEN reaches the
+    # workers in the environment they inherit, never in their argv
+    for flag, value in (("--token-file", args.token_file), ("--ca-file", args.ca_file),
+                        ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
+        if value:
+            argv += [flag, value]
     return argv
 
 

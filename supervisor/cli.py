@@ -63,7 +63,7 @@ def _daemon_subcommands(sub: Any) -> None:
 
     sup = sub.add_parser("supervisor", help="run the supervisor alone against a running catalog "
                                             "(no catalog, DNS or proxy of its own; no apply)")
-    sup.add_argument("--consul", required=True, metavar="URL", help="the catalog")
+    config.add_catalog_arguments(sup, url_required=True)
     sup.add_argument("--data-dir", required=True, help="state of the nodes' runtimes")
     sup.add_argument("--admin", metavar="HOST:PORT", help="serve the admin API here (loopback)")
     sup.add_argument("--stop-on-exit", action="store_true",
@@ -169,7 +169,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO, 
         from .secrets import KeySource
         key = KeySource(path=Path(args.secrets_key_file)) if args.secrets_key_file else \
             KeySource(env=args.secrets_key_env) if args.secrets_key_env else None
-        return asyncio.run(run_standalone(args.consul, args.data_dir, args.admin, args.stop_on_exit,
+        from discovery.consul import CatalogAccessError, access_from_args
+        try:
+            access = access_from_args(args, os.environ)
+        except CatalogAccessError as exc:
+            parser.error(str(exc))
+        return asyncio.run(run_standalone(access, args.data_dir, args.admin, args.stop_on_exit,
                                           args.runtime, args.dns, args.proxy_admin, args.engine, key))
     if args.command == "node" and args.node_command == "run":
         from .daemon.node_side import run_node

@@ -16,7 +16,15 @@
 * ``refusing_port()``: a port that refuses connections for the rest of the session: a socket
   bound to it (not listening) is held open, so nothing else can take it.
 * ``CatalogProcess``: a running ``python -m discovery.catalog`` (what the ``catalog``
-  fixture of tests/conftest.py yields).
+  fixture of tests/conftest.py yields). The catalog refuses requests without its
+  management token: the one place tests get it is here (``.token``, ``.headers``,
+  ``.http`` for raw requests, ``.client()``/``.aio()`` for py-consul, ``.access`` for
+  meshlet's client, ``.env()`` for a child process).
+* ``TEST_TOKEN``, ``cli_env()``: every catalog a test starts through ``CatalogProcess``
+  finds this session's one token in its token file (as if an earlier start had made it),
+  so a ``meshlet`` command run by a test reaches any of them with ``env=cli_env()`` (the
+  environment without CONSUL_HTTP_*, plus CONSUL_HTTP_TOKEN). Catalogs that ``meshlet up``
+  starts make their own token, as in real use.
 """
 
 from __future__ import annotations
@@ -39,8 +47,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 __all__ = [
     "wait_for", "async_wait_for", "start_server", "stop_process", "free_port", "refusing_port",
-    "ServerStartError", "CatalogProcess", "pid_alive", "kill_leftovers",
+    "ServerStartError", "CatalogProcess", "pid_alive", "kill_leftovers", "TEST_TOKEN", "cli_env",
 ]
+
+TEST_TOKEN = str(__import__("uuid").uuid4())
+
+
+def cli_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default os.environ) without CONSUL_HTTP_*, with this session's catalog
+    token in CONSUL_HTTP_TOKEN: the environment of a ``meshlet`` command a test runs."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("CONSUL_HTTP")}
+    env["CONSUL_HTTP_TOKEN"] = TEST_TOKEN
+    return env
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str | None = None) -> Any:
@@ -197,19 +215,92 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+class TokenHTTP:
+    """``requests``' get/put/post/delete/request with a catalog's token header added (a
+    header given explicitly wins; ``headers={"X-Consul-Token": None}`` sends none)."""
+
+    def __init__(self, headers: Callable[[], dict[str, str]], verify: Any = True) -> None:
+        self._headers = headers
+        self._verify = verify
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        import requests
+
+        headers = {**self._headers(), **(kwargs.pop("headers", None) or {})}
+        kwargs.setdefault("verify", self._verify() if callable(self._verify) else self._verify)
+        return requests.request(method, url, headers={k: v for k, v in headers.items() if v is not None}, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        return self.request("GET", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> Any:
+        return self.request("PUT", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        return self.request("POST", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", url, **kwargs)
+
+
 class CatalogProcess:
     """A running ``python -m discovery.catalog``: what the ``catalog`` fixture of tests/conftest.py yields."""
+
+    TOKEN_FILE = "management-token"    # config.CATALOG_TOKEN_FILE
 
     def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.extra_args = tuple(extra_args)
         self.host = "127.0.0.1"
         self.port = 0
+        self.scheme = "http"
         self.proc: subprocess.Popen | None = None
+        self.ca_file: str | None = None      # set by a test that starts it with TLS
+        self.http = TokenHTTP(lambda: self.headers, verify=self._verify)
+
+    def _verify(self) -> Any:
+        return self.ca_file or True
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def token_file(self) -> Path:
+        """The management token's file (the catalog makes it at its first start)."""
+        args = list(self.extra_args)
+        if "--token-file" in args:
+            return Path(args[args.index("--token-file") + 1])
+        return self.data_dir / self.TOKEN_FILE
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self.token}
+
+    @property
+    def access(self) -> Any:
+        """meshlet's ``discovery.consul.CatalogAccess`` for this catalog."""
+        from discovery.consul import CatalogAccess
+
+        return CatalogAccess(self.url, self.token, ca_file=self.ca_file, token_source="the test catalog's token")
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default os.environ) with this catalog's token in CONSUL_HTTP_TOKEN."""
+        env = dict(os.environ if base is None else base)
+        env["CONSUL_HTTP_TOKEN"] = self.token
+        return env
+
+    def aio(self, **kwargs: Any) -> Any:
+        """py-consul's aio client with the token, as meshlet builds it (``discovery.consul.
+        connect``: the token on every request, also those py-consul sends without one).
+        Build it inside a running loop."""
+        from discovery.consul import connect
+
+        return connect(self.access, **kwargs)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -228,8 +319,15 @@ class CatalogProcess:
         ]
 
     def start(self, port: int = 0) -> "CatalogProcess":
+        path = self.token_file
+        if not path.exists():                 # this session's token, as an earlier start would have left it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(TEST_TOKEN + "\n")
         self.proc, ready = start_server(self.argv(port), cwd=str(REPO))
-        host, _, bound = ready["http"].rpartition(":")
+        self.scheme = "https" if "https" in ready else "http"
+        host, _, bound = ready[self.scheme].rpartition(":")
         self.host, self.port = host, int(bound)
         return self
 
@@ -257,9 +355,20 @@ class CatalogProcess:
         return self.start(0)
 
     def client(self, **kwargs: Any) -> Any:
+        """py-consul's sync client with the token (``token=None`` in kwargs: without one)."""
         import consul
 
-        return consul.Consul(host=self.host, port=self.port, **kwargs)
+        kwargs.setdefault("token", self.token)
+        kwargs.setdefault("scheme", self.scheme)
+        if self.ca_file:
+            kwargs.setdefault("verify", self.ca_file)
+        client = consul.Consul(host=self.host, port=self.port, **kwargs)
+        client.token = kwargs["token"]       # py-consul lets $CONSUL_HTTP_TOKEN override it
+        if client.token:
+            # py-consul sends no token on a few calls (agent.self, agent.members,
+            # agent.service_definition); a real Consul with ACLs refuses those too.
+            client.http.session.headers["X-Consul-Token"] = client.token
+        return client
 
 
 def kill_leftovers(data_dir: "str | os.PathLike[str]") -> None:

@@ -1,7 +1,7 @@
 """``python -m discovery.catalog``: run the embedded catalog until SIGTERM/SIGINT.
 
-Prints ``ready {"http": "host:port"}`` on stdout once the listener is bound; logs go to
-stderr. Exit status: 0 after a clean stop, 1 if it could not start, 2 on bad arguments.
+Prints ``ready {"http": "host:port"}`` (``{"https": ...}`` with TLS) on stdout once the
+listener is bound; logs go to stderr. Exit status: 0 after a clean stop, 1 if it could not start, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -57,13 +57,26 @@ def parse_args(argv: list[str] | None) -> Options:
                         "re-read on SIGHUP and PUT /v1/agent/reload")
     p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
                    help="every *.json file in DIR, in name order, as --config-file")
+    p.add_argument("--token-file", metavar="FILE",
+                   help=f"the management token's file, made (0600) at the first start; every request but "
+                        f"/v1/status/* must send the token (default DATA_DIR/{config.CATALOG_TOKEN_FILE})")
+    p.add_argument("--tls-cert-file", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key-file", metavar="FILE", help="...and this private key (PEM)")
+    p.add_argument("--tls-client-ca-file", metavar="FILE",
+                   help="require client certificates signed by this CA (Consul's verify_incoming)")
     a = p.parse_args(argv)
+    if bool(a.tls_cert_file) != bool(a.tls_key_file):
+        p.error("--tls-cert-file and --tls-key-file go together")
+    if a.tls_client_ca_file and not a.tls_cert_file:
+        p.error("--tls-client-ca-file needs --tls-cert-file and --tls-key-file (client certificates need HTTPS)")
     config.setup_logging(a.log_level)
     host, port = a.listen
     return Options(host=host, port=port, data_dir=a.data_dir, node=a.node, datacenter=a.datacenter,
                    session_ttl_min=a.session_ttl_min, enable_script_checks=a.enable_script_checks,
                    enable_local_script_checks=a.enable_local_script_checks,
-                   config_paths=tuple(a.config_file) + tuple(a.config_dir), log_level=a.log_level)
+                   config_paths=tuple(a.config_file) + tuple(a.config_dir), log_level=a.log_level,
+                   token_file=a.token_file, tls_cert_file=a.tls_cert_file, tls_key_file=a.tls_key_file,
+                   tls_client_ca_file=a.tls_client_ca_file)
 
 
 async def _serve(opts: Options) -> int:
@@ -84,7 +97,7 @@ async def _serve(opts: Options) -> int:
         log.error("catalog could not start: %s", exc)
         await server.stop()
         return 1
-    sys.stdout.write("ready " + json.dumps({"http": config.join_hostport(host, port)}) + "\n")
+    sys.stdout.write("ready " + json.dumps({opts.scheme: config.join_hostport(host, port)}) + "\n")
     sys.stdout.flush()
     await stop.wait()
     log.info("stopping")

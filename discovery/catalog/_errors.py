@@ -2,7 +2,7 @@
 
     CatalogError            -> 500, reason as plain text (Consul's RPC/state errors)
     ├── BadRequest          -> 400 (decode and validation errors)
-    ├── Unauthorized        -> 401 (ACL endpoints: "ACL support disabled")
+    ├── Forbidden           -> 403 (no token or not the management token: _auth)
     ├── NotFound            -> 404
     ├── MethodNotAllowed    -> 405 with an Allow header
     └── TooLarge            -> 413
@@ -13,7 +13,7 @@ tokens); it names the field or parameter that was wrong.
 
 from __future__ import annotations
 
-__all__ = ["CatalogError", "BadRequest", "Unauthorized", "NotFound", "MethodNotAllowed", "TooLarge"]
+__all__ = ["CatalogError", "BadRequest", "Forbidden", "NotFound", "MethodNotAllowed", "TooLarge"]
 
 
 class CatalogError(Exception):
@@ -30,8 +30,8 @@ class BadRequest(CatalogError):
     status = 400
 
 
-class Unauthorized(CatalogError):
-    status = 401
+class Forbidden(CatalogError):
+    status = 403
 
 
 class NotFound(CatalogError):

@@ -79,7 +79,7 @@ async def agent_self(req: Req) -> Answer:
             "BuildDate": "2026-01-01T00:00:00Z",
         },
         "DebugConfig": {
-            "Datacenter": opts.datacenter, "NodeName": opts.node, "ServerMode": True, "ACLsEnabled": False,
+            "Datacenter": opts.datacenter, "NodeName": opts.node, "ServerMode": True, "ACLsEnabled": True,
             "DataDir": opts.data_dir, "SessionTTLMin": f"{opts.session_ttl_min}s", "KVMaxValueSize": 512 * 1024,
         },
         "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
@@ -88,7 +88,7 @@ async def agent_self(req: Req) -> Answer:
             "agent": {"check_monitors": "0", "check_ttls": str(sum(c.get("Type") == "ttl" for c in checks)),
                       "checks": str(len(checks)), "services": str(len(services))},
             "build": {"version": VERSION, "revision": "meshlet", "prerelease": ""},
-            "consul": {"acl": "disabled", "bootstrap": "true", "known_datacenters": "1", "leader": "true",
+            "consul": {"acl": "enabled", "bootstrap": "true", "known_datacenters": "1", "leader": "true",
                        "leader_addr": server.leader_addr, "server": "true"},
             "raft": {"state": "Leader", "num_peers": "0", "applied_index": index, "commit_index": index,
                      "last_log_index": index, "protocol_version": "3"},
@@ -285,6 +285,8 @@ async def agent_metrics(req: Req) -> Answer:
     -> every watcher it woke written to) time the last commit.
     """
     server = req.server
+    if req.query.get("format") == "prometheus":     # as Consul's /v1/agent/metrics?format=prometheus
+        return prometheus_metrics_reply(server)
     st = server.state
     gauges = {
         "meshlet.catalog.index": server.store.index,
@@ -326,8 +328,19 @@ async def agent_monitor(req: Req) -> Answer:
     return Streaming(lambda write: fanout.stream(level, as_json, write))
 
 
+def prometheus_metrics_reply(server) -> Reply:  # type: ignore[no-untyped-def]
+    from ._prom import CONTENT_TYPE, render
+
+    return Reply(200, render(server), CONTENT_TYPE)
+
+
+async def prometheus_metrics(req: Req) -> Answer:
+    return prometheus_metrics_reply(req.server)
+
+
 def register(router: Router) -> None:
     add = router.add
+    add("/metrics", {"GET": prometheus_metrics}, check_dc=False)
     add("/v1/agent/reload", {"PUT": agent_reload}, check_dc=False)
     add("/v1/agent/monitor", {"GET": agent_monitor}, check_dc=False)
     add("/v1/agent/self", {"GET": agent_self}, check_dc=False)

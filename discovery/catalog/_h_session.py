@@ -1,11 +1,13 @@
-"""``/v1/session/*``, ``/v1/txn`` and the (disabled) ``/v1/acl/*`` handlers."""
+"""``/v1/session/*``, ``/v1/txn`` and ``/v1/acl/token/self``."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from ._auth import request_token
 from ._decode import DecodeError, decode_struct, norm_key
-from ._errors import BadRequest, Unauthorized
+from ._errors import BadRequest
 from ._http import Answer, Req, Router, json_response
 from ._schemas import SESSION
 from ._sessions import LOCK_DELAY_SECONDS_BELOW, create_session, destroy_session, renew_session
@@ -91,8 +93,16 @@ async def txn(req: Req) -> Answer:
     return req.json({"Results": results or None, "Errors": None}, req.server.store.index)
 
 
-async def acl_disabled(req: Req) -> Answer:
-    raise Unauthorized("ACL support disabled")
+async def acl_token_self(req: Req) -> Answer:
+    """The one token there is (only the management token gets this far), as Consul
+    describes its initial management token."""
+    token = request_token(req.request)
+    return req.json({
+        "AccessorID": str(uuid.uuid5(uuid.NAMESPACE_URL, "meshlet-catalog-token:" + token)),
+        "SecretID": token, "Description": "Initial Management Token",
+        "Policies": [{"ID": "00000000-0000-0000-0000-000000000001", "Name": "global-management"}],
+        "Local": False, "CreateIndex": 1, "ModifyIndex": 1,
+    })
 
 
 def register(router: Router) -> None:
@@ -104,6 +114,5 @@ def register(router: Router) -> None:
     add("/v1/session/list", {"GET": session_list})
     add("/v1/session/node/", {"GET": session_node})
     add("/v1/txn", {"PUT": txn})
-    acl = {m: acl_disabled for m in ("GET", "PUT", "POST", "DELETE")}
-    add("/v1/acl/", acl, check_dc=False)
-    add("/v1/agent/token/", acl, check_dc=False)
+    # ACLs are on (one management token, _auth); managing tokens and policies is not served.
+    add("/v1/acl/token/self", {"GET": acl_token_self}, check_dc=False)

@@ -35,8 +35,10 @@ __all__ = ["Req", "Router", "Reply", "Answer", "dumps", "json_response", "text_r
 log = logging.getLogger("discovery.catalog.http")
 
 INVALID_PATH = "Invalid URL path: not a recognized HTTP API endpoint\n"
-# Parameters that say how long to wait, not what to answer: not part of an answer's identity.
-_WAIT_PARAMS = frozenset(("index", "wait"))
+_METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS", "PATCH"))
+# Parameters that say how long to wait (or who asks), not what to answer: not part of an
+# answer's identity, so watchers naming their token in ?token= still share one answer.
+_WAIT_PARAMS = frozenset(("index", "wait", "token"))
 
 Answer = Union[Reply, Blocking, Streaming]
 
@@ -166,7 +168,7 @@ def text_reply(status: int, reason: str, headers: Mapping[str, str] | None = Non
 def conflicting(query: Mapping[str, str], *flags: str) -> None:
     """Consul's ``conflictingFlags``: at most one of ``flags`` may be given."""
     if sum(f in query for f in flags) > 1:
-        encoded = urlencode(sorted(query.items()))
+        encoded = urlencode(sorted((k, v) for k, v in query.items() if k != "token"))  # never echo a token
         raise BadRequest(f"Conflicting flags: {encoded}\n")
 
 
@@ -177,6 +179,7 @@ Handler = Callable[[Req], Awaitable[Answer]]
 class Route:
     methods: Mapping[str, Handler]
     check_dc: bool = True
+    pattern: str = ""           # the path or prefix it was added under (the metrics label)
 
 
 class Router:
@@ -187,7 +190,7 @@ class Router:
         self.prefixes: list[tuple[str, Route]] = []
 
     def add(self, path: str, methods: Mapping[str, Handler], *, check_dc: bool = True) -> None:
-        route = Route(dict(methods), check_dc)
+        route = Route(dict(methods), check_dc, path)
         if path.endswith("/"):
             self.prefixes.append((path, route))
             self.prefixes.sort(key=lambda item: -len(item[0]))
@@ -220,12 +223,19 @@ def error_reply(exc: BaseException, index: int | None = None) -> Reply:
 def make_handler(router: Router, server: "CatalogServer") -> Callable[[Request], Awaitable[Answer]]:
     """The one entry point of the HTTP server: route, check method and dc, call, map errors."""
 
+    count = server.stats.request
+
     async def handle(request: Request) -> Answer:
-        path = request.path
-        found = router.resolve(path)
+        found = router.resolve(request.path)
         if found is None:
+            count("other", request.method if request.method in _METHODS else "other", 404)
             return text_reply(404, INVALID_PATH)
-        route, tail = found
+        answer = await _handle(request, *found)
+        count(found[0].pattern, request.method, answer.status if isinstance(answer, Reply) else 200)
+        return answer
+
+    async def _handle(request: Request, route: Route, tail: str) -> Answer:
+        path = request.path
         method = request.method
         try:
             if method == "OPTIONS":
@@ -233,6 +243,7 @@ def make_handler(router: Router, server: "CatalogServer") -> Callable[[Request],
             handler = route.methods.get(method)
             if handler is None:
                 raise MethodNotAllowed(method, tuple(route.methods))
+            server.gate.check(request, path)
             dc = request.query.get("dc")
             if route.check_dc and dc and dc != server.opts.datacenter:
                 raise CatalogError("No path to datacenter")

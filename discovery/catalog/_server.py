@@ -1,7 +1,8 @@
 """The catalog process: store + watch hub + timers + HTTP API, started and stopped in order.
 
-Start: open SQLite and load state -> bootstrap the local node -> arm check and session
-timers -> bind the HTTP listener. Stop (reverse): stop accepting, wake blocked queries so
+Start: open SQLite and load state -> read (first time: make) the management token ->
+bootstrap the local node -> arm check and session timers -> bind the HTTP listener
+(HTTPS with ``tls_cert_file``/``tls_key_file``). Stop (reverse): stop accepting, wake blocked queries so
 they answer at once, stop timers and probes, let the writer finish queued writes, close
 the database. Every step of stop runs even if an earlier one failed.
 """
@@ -11,22 +12,28 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from config import CATALOG_TOKEN_FILE
+
+from ._auth import Gate, load_or_create
 from ._checkdef import script_policy
 from ._config import AgentConfig, ConfigError, apply_config, parse_config, read_config
 from ._errors import CatalogError
 from ._http import Router, error_reply, make_handler
 from ._monitor import LogFanout
+from ._prom import Stats
 from ._model import State
 from ._store import Store
 from ._watch import WatchHub
 from ._wire import HttpServer
 
-__all__ = ["Options", "CatalogServer"]
+__all__ = ["Options", "CatalogServer", "server_tls_context"]
 
 log = logging.getLogger("discovery.catalog")
 
@@ -53,6 +60,21 @@ class Options:
     # log_level. Read at start and again on reload (SIGHUP or PUT /v1/agent/reload).
     config_paths: tuple[str, ...] = ()
     log_level: str = "info"
+    # The management token's file (_auth); None: <data_dir>/management-token.
+    token_file: str | None = None
+    # HTTPS instead of HTTP (Consul's tls.https cert_file/key_file); with a client CA,
+    # clients must present a certificate it signed (Consul's verify_incoming).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+
+    @property
+    def management_token_file(self) -> str:
+        return self.token_file or os.path.join(self.data_dir, CATALOG_TOKEN_FILE)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
 
     @property
     def advertise(self) -> str:
@@ -74,6 +96,27 @@ class Options:
 def _level(name: str) -> int:
     """A --log-level or log_level name as a logging level ("warn"/"warning" alike)."""
     return {"trace": logging.DEBUG, "warn": logging.WARNING}.get(name, getattr(logging, name.upper(), logging.INFO))
+
+
+def server_tls_context(opts: Options) -> ssl.SSLContext | None:
+    """The listener's TLS context, or None for plain HTTP. ConfigError naming the file
+    that cannot be used."""
+    if not opts.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(opts.tls_cert_file, opts.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS certificate {opts.tls_cert_file} / key {opts.tls_key_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if opts.tls_client_ca_file:
+        try:
+            ctx.load_verify_locations(opts.tls_client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS client CA {opts.tls_client_ca_file}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 class TombstoneReaper:
@@ -131,6 +174,9 @@ class CatalogServer:
         self.enable_local_script_checks = opts.enable_local_script_checks
         self._components: list[Any] = [self.sessions, self.checks, TombstoneReaper(self)]
         self.bound: tuple[str, int] | None = None
+        self.gate: Gate | None = None
+        self.stats = Stats()
+        self.store.on_written = self.stats.wrote
 
     def build_router(self) -> Router:
         from . import _h_agent, _h_catalog, _h_kv, _h_session
@@ -144,12 +190,14 @@ class CatalogServer:
         from ._catalog import bootstrap_node
 
         config = parse_config(read_config(self.opts.config_paths))  # a bad file: no start
+        tls = server_tls_context(self.opts)
         self.enable_script_checks = self.opts.enable_script_checks or config.enable_script_checks
         self.enable_local_script_checks = self.opts.enable_local_script_checks or config.enable_local_script_checks
         self._config_flags = (config.enable_script_checks, config.enable_local_script_checks)
         self.monitor = LogFanout(asyncio.get_running_loop(), _level(config.log_level or self.opts.log_level))
         self.monitor.install()
         await self.store.open()
+        self.gate = Gate(load_or_create(self.opts.management_token_file))  # no token: no start
         st, opts = self.state, self.opts
         st.index_floor = self.store.index_floor
         await self.store.write(lambda tx: bootstrap_node(st, tx, opts.node, opts.advertise, opts.datacenter))
@@ -159,8 +207,9 @@ class CatalogServer:
         # A client that goes away cancels its handler and unparks its blocking query at
         # once. Writes are shielded (Store.write): a write that was received is applied.
         self._http = HttpServer(make_handler(self.build_router(), self), self.hub)
-        self.bound = await self._http.start(self.opts.host or None, self.opts.port)
-        log.info("catalog serving on %s:%d (node %s, index %d)", *self.bound, self.opts.node, self.store.index)
+        self.bound = await self._http.start(self.opts.host or None, self.opts.port, tls)
+        log.info("catalog serving %s on %s:%d (node %s, index %d; token in %s)", self.opts.scheme, *self.bound,
+                 self.opts.node, self.store.index, self.opts.management_token_file)
         return self.bound
 
     async def _apply_config(self, config: AgentConfig) -> None:

@@ -271,6 +271,7 @@ class Store:
         self.version = 0
         # Timings of the last batch (metrics): taken -> durable, durable -> watchers answered.
         self.last_write_s = 0.0
+        self.on_written: Callable[[float], None] | None = None   # each batch's taken -> durable time
         self.last_fanout_s = 0.0
         self._durable_at = 0.0
 
@@ -462,6 +463,8 @@ class Store:
                 self.version += 1
             self._durable_at = time.perf_counter()
             self.last_write_s = self._durable_at - taken
+            if self.on_written is not None:
+                self.on_written(self.last_write_s)
             self._is_settled = True
             self._settled_event.set()
         if tx.dirty:

@@ -325,10 +325,11 @@ class HttpServer:
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str | None, port: int) -> tuple[str, int]:
+    async def start(self, host: str | None, port: int, tls: Any = None) -> tuple[str, int]:
+        """Listen on ``host:port`` (HTTPS with ``tls``, an ssl.SSLContext)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Connection(self), host, port, reuse_address=True,
-                                                backlog=1024)
+                                                backlog=1024, ssl=tls)
         addr = self._server.sockets[0].getsockname()
         return addr[0], addr[1]
 

@@ -3,13 +3,16 @@
 ``python -m discovery.dns._builder FD`` is started by ``_watch.CatalogProcess`` with one
 end of a socketpair as FD. Over it, framed pickles (``frame``, ``read_frame``):
 
-parent -> child, once: ``{"url", "settings", "timeout", "log_level"}`` (over the socket, not
-    in the arguments: nothing of the configuration shows in the process list).
+parent -> child, once: ``{"access", "settings", "timeout", "log_level"}`` (over the socket,
+    not in the arguments: nothing of the configuration, the catalog token least of all,
+    shows in the process list).
 child -> parent: ``("zone", index, soa, services, names, changed)``: the first (and after a
     restart, again the first) carries every name with ``changed`` None; each later one
     only the names that changed (value None: the name is gone) and ``changed``, those
     names with the record types that changed (``_engine.Changed``); ``("error", text)``
-    when the first View cannot be had.
+    when the first View cannot be had; ``("catalog", state)`` when the catalog becomes
+    unreachable or reachable again (``Mirror.catalog_state()``); ``("built", seconds)``
+    after each zone: how long building it took (for ``/metrics``).
 
 The child exits when the parent's end closes (the parent stopped or died): its socket
 becomes readable with EOF. SIGINT is ignored, so a Ctrl-C to the process group reaches
@@ -34,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from types import MappingProxyType
 from typing import Any, Iterable
 
@@ -198,16 +202,19 @@ class _Builder:
     def publish(self, view: Any) -> None:
         """Build the zone of ``view`` on the last one and send it: whole the first time,
         then only the names that changed."""
+        started = time.perf_counter()
         update = self.engine.prepare(view, self.engine.zone)
+        took = time.perf_counter() - started
         if update is None:
             return                            # logged; the parent keeps the last zone
         zone = self.engine.zone = update.zone
         changed = update.changed if self.sent else None
         self.send(("zone", zone.index, zone.soa, zone.services, names_payload(zone.names, changed), changed))
+        self.send(("built", took))
         self.sent = True
         self.priority.after_change()
 
-    async def run(self, url: str, timeout: float) -> None:
+    async def run(self, access: Any, timeout: float) -> None:
         from discovery.consul import Mirror, MirrorError
 
         loop = asyncio.get_running_loop()
@@ -219,7 +226,10 @@ class _Builder:
             if started:
                 self.publish(view)
 
-        mirror = Mirror(url, on_change=changed)
+        def reachability(_reachable: bool) -> None:
+            self.send(("catalog", mirror.catalog_state()))
+
+        mirror = Mirror(access, on_change=changed, on_reachability=reachability)
         try:
             try:
                 await mirror.start(timeout)
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     builder = _Builder(sock, config["settings"])
     try:
-        uvloop.run(builder.run(config["url"], config["timeout"]))
+        uvloop.run(builder.run(config["access"], config["timeout"]))
     except (BrokenPipeError, ConnectionResetError):
         pass                                          # the parent went away mid-send
     return 0

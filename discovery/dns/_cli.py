@@ -71,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer <service>.service.<domain> over UDP and TCP from the catalog.")
     p.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
                    help=f"address to answer on, UDP and TCP (repeatable; default {_DNS.listen[0]}; port 0 = any)")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or config.DEFAULT_CATALOG_URL,
-                   metavar="URL", help=f"catalog URL (default $CONSUL_HTTP_ADDR or {config.DEFAULT_CATALOG_URL})")
+    config.add_catalog_arguments(p, default_url=config.DEFAULT_CATALOG_URL)
     p.add_argument("--domain", default=config.MESH_DEFAULTS.domain,
                    help=f"DNS domain (default {config.MESH_DEFAULTS.domain})")
     p.add_argument("--mode", choices=MODES, default=_DNS.mode,
@@ -100,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open TCP connections at most (default 512)")
     p.add_argument("--udp-io", choices=["auto", "plain"], default="auto",
                    help="auto: batched recvmmsg/sendmmsg where available (Linux); plain: recvfrom/sendto")
+    p.add_argument("--metrics", type=_hostport(0), metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and /ready (catalog reachability) over HTTP here")
     p.add_argument("--log-level", default=os.environ.get("MESHLET_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -118,9 +119,16 @@ def _ns_addresses(listens: list[tuple[str, int]]) -> tuple[str, ...]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from discovery.consul import MirrorError  # imported late: only the server needs it
+    from discovery.consul import CatalogAccessError, MirrorError, access_from_args  # only the server needs it
 
+    from ._metrics import Counters, start_metrics
     from ._watch import CatalogProcess
+
+    try:
+        access = access_from_args(args, os.environ)
+    except CatalogAccessError as exc:
+        log.error("%s", exc)
+        return 2
 
     listens = args.listen or [config.split_hostport(a) for a in _DNS.listen]
     settings = Settings(domain=args.domain, mode=args.mode, ttl=args.ttl, negative_ttl=args.negative_ttl,
@@ -132,7 +140,9 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    mirror = CatalogProcess(args.consul, engine, args.log_level)
+    mirror = CatalogProcess(access, engine, args.log_level)
+    counters = Counters()
+    mirror.on_built = counters.built
     try:
         start = asyncio.ensure_future(mirror.start(args.start_timeout))
         stopping = asyncio.ensure_future(stop.wait())
@@ -150,8 +160,10 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
 
     forwarder = Forwarder(args.recursor, args.recursor_timeout) if args.recursor else None
+    runner = None
     listeners = Listeners(engine, forwarder, idle_timeout=args.tcp_idle_timeout,
                           max_tcp=args.max_tcp_connections, batched=args.udp_io == "auto")
+    listeners.shared.counters = counters
     try:
         ready: dict[str, str] = {}
         for i, (host, port) in enumerate(listens):
@@ -159,6 +171,10 @@ async def _serve(args: argparse.Namespace) -> int:
             suffix = "" if i == 0 else str(i + 1)
             ready["udp" + suffix], ready["tcp" + suffix] = udp, tcp
             log.info("answering %s on udp %s and tcp %s", settings.domain, udp, tcp)
+        if args.metrics is not None:
+            host, port = args.metrics
+            runner, ready["metrics"] = await start_metrics(host, port, counters=counters,
+                                                          engine=engine, catalog=lambda: mirror.catalog)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         await listeners.close()
@@ -173,6 +189,8 @@ async def _serve(args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         log.info("stopping")
+        if runner is not None:
+            await runner.cleanup()
         await listeners.close()
         await mirror.close()
     return 0

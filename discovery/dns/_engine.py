@@ -75,6 +75,11 @@ class Engine:
         # answer), and name -> its keys, so a change drops exactly the entries it touches.
         self._index = {id(c): _Index() for c in (self.udp_cache, self.tcp_cache)}
         self.ra = settings.forwarding
+        # Counted on the slow path only (``_metrics``): answers built, by (qtype, rcode);
+        # questions handed to the recursors; messages dropped unanswered.
+        self.answers: dict[tuple[int, int], int] = {}
+        self.forwarded = 0
+        self.dropped = 0
 
     def set_view(self, view: View) -> None:
         """Swap in the zone of a new View (``prepare`` then ``commit``, in one go)."""
@@ -131,17 +136,24 @@ class Engine:
         return self.miss(data, tcp)
 
     def miss(self, data: bytes, tcp: bool) -> bytes | Forward | None:
+        answers = self.answers
         try:
             query = parse_query(data)
         except Drop:
+            self.dropped += 1
             return None
         except BadQuery as exc:
             log.debug("bad query (%d bytes): %s", len(data), exc)
+            key = (exc.query.qtype if exc.query is not None else 0, exc.rcode)
+            answers[key] = answers.get(key, 0) + 1
             return error_response(data, exc.rcode, exc.query, self.ra)
         try:
             ans = answer(self.zone, query.qname, query.qtype, query.qclass)
             if ans.forward:
+                self.forwarded += 1
                 return Forward(query, bytes(data))
+            key = (query.qtype, ans.rcode)
+            answers[key] = answers.get(key, 0) + 1
             limit = TCP_LIMIT if tcp else udp_limit(query)
             n = len(ans.answers)
             rotations = min(n, ROTATIONS) if n > 1 else 1
@@ -150,6 +162,8 @@ class Engine:
                            for i in range(rotations))
         except Exception:  # noqa: BLE001 - a bug answers SERVFAIL, never a traceback
             log.exception("failed to answer %s type %d", query.qname, query.qtype)
+            key = (query.qtype, SERVFAIL)
+            answers[key] = answers.get(key, 0) + 1
             return error_response(data, SERVFAIL, None, self.ra)
         bodies_iter = cycle(bodies)
         first = next(bodies_iter)

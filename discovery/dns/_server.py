@@ -27,6 +27,7 @@ import config
 from . import _mmsg
 from ._engine import Engine, Forward
 from ._forward import Forwarder
+from ._metrics import Counters
 from ._records import REFUSED
 from ._wire import error_response, servfail
 
@@ -51,6 +52,7 @@ class _Shared:
         self.max_tcp = max_tcp
         self.tcp: set[TcpProtocol] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.counters = Counters()       # messages received, for /metrics (plain ints)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -93,11 +95,13 @@ class UdpListener:
         self.loop.add_reader(sock.fileno(), self._readable_batched if self.batch else self._readable)
 
     def _readable_batched(self) -> None:
-        batch, fd, get = self.batch, self.sock.fileno(), self.cache.get
+        batch, fd, get, counters = self.batch, self.sock.fileno(), self.cache.get, self.shared.counters
         assert batch is not None
         for _ in range(_BATCH // _mmsg.SLOTS):
             try:
-                if batch.drain(fd, get, self._miss, self.sendto) < _mmsg.SLOTS:
+                n = batch.drain(fd, get, self._miss, self.sendto)
+                counters.udp += n
+                if n < _mmsg.SLOTS:
                     return
             except OSError as exc:  # e.g. ICMP unreachable from a client that went away
                 log.debug("UDP receive error: %s", exc)
@@ -115,7 +119,7 @@ class UdpListener:
 
     def _readable(self) -> None:
         recvfrom, sock_sendto, get = self.sock.recvfrom, self.sock.sendto, self.cache.get
-        backlog = self.backlog
+        backlog, counters = self.backlog, self.shared.counters
         for _ in range(_BATCH):
             try:
                 data, addr = recvfrom(_MAX_UDP_QUERY)
@@ -124,6 +128,7 @@ class UdpListener:
             except OSError as exc:  # e.g. ICMP unreachable from a client that went away
                 log.debug("UDP receive error: %s", exc)
                 continue
+            counters.udp += 1
             hit = get(data[2:])
             if hit is not None:
                 out = data[:2] + next(hit)
@@ -244,6 +249,7 @@ class TcpProtocol(asyncio.Protocol):
                 return
 
     def _answer(self, msg: bytes) -> None:
+        self.shared.counters.tcp += 1
         try:
             out = self.shared.engine.handle(msg, True)
         except Exception:  # noqa: BLE001

@@ -21,7 +21,7 @@ import pickle
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from config import module_argv
 
@@ -43,8 +43,14 @@ class CatalogProcess:
     change reaches ``engine.commit`` on the answering loop, in order. ``close()`` stops
     the child."""
 
-    def __init__(self, url: str, engine: Engine, log_level: str | int = "INFO") -> None:
-        self.url, self.engine, self.log_level = url, engine, log_level
+    def __init__(self, access: Any, engine: Engine, log_level: str | int = "INFO") -> None:
+        """``access``: a ``discovery.consul.CatalogAccess`` (or a URL), sent to the child
+        over the socket: its token never shows in a process's arguments."""
+        self.access, self.engine, self.log_level = access, engine, log_level
+        # What the child last said about the catalog (Mirror.catalog_state): the zone is
+        # served from the last known state while ``reachable`` is false.
+        self.catalog: dict[str, Any] = {"reachable": True}
+        self.on_built: Callable[[float], None] | None = None   # seconds each zone build took
         self._names: dict[str, Any] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -62,6 +68,9 @@ class CatalogProcess:
         try:
             reader = await self._spawn(timeout)
             msg = await asyncio.wait_for(_read(reader), timeout + 30.0)
+            while msg[0] == "catalog":            # an outage before the first zone: keep it, read on
+                self.catalog = msg[1]
+                msg = await asyncio.wait_for(_read(reader), timeout + 30.0)
         except (EOFError, asyncio.IncompleteReadError, OSError, asyncio.TimeoutError) as exc:
             code = self._proc.returncode if self._proc is not None else None
             await self.close()
@@ -94,7 +103,7 @@ class CatalogProcess:
         finally:
             theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=ours)
-        self._writer.write(frame({"url": self.url, "settings": self.engine.settings,
+        self._writer.write(frame({"access": self.access, "settings": self.engine.settings,
                                   "timeout": timeout, "log_level": self.log_level}))
         return reader
 
@@ -119,6 +128,13 @@ class CatalogProcess:
                     msg = await _read(reader)
                     if msg[0] == "error":
                         log.error("DNS zone builder: %s", msg[1])
+                        continue
+                    if msg[0] == "catalog":
+                        self.catalog = msg[1]
+                        continue
+                    if msg[0] == "built":
+                        if self.on_built is not None:
+                            self.on_built(msg[1])
                         continue
                     self._apply(msg)
                     delay = _RESTART_FIRST
@@ -169,7 +185,7 @@ class CatalogProcess:
 async def _read(reader: asyncio.StreamReader) -> tuple[Any, ...]:
     size = frame_size(await reader.readexactly(HEAD_SIZE))
     msg = pickle.loads(await reader.readexactly(size))
-    if not isinstance(msg, tuple) or not msg or msg[0] not in ("zone", "error"):
+    if not isinstance(msg, tuple) or not msg or msg[0] not in ("zone", "error", "catalog", "built"):
         raise ValueError("unexpected message from the DNS zone builder")
     return msg
 

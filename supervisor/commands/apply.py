@@ -47,7 +47,8 @@ import consul
 import consul.aio
 
 import config
-from discovery.consul import TxnRolledBack, connect, kv_op, kv_txn
+from discovery.consul import (CatalogAccess, CatalogAccessError, TxnRolledBack, access_for_mesh, catalog_problem,
+                              connect, kv_op, kv_txn)
 
 from ..core.apply_plan import (CREATED, DELETED, UNCHANGED, UPDATED, ApplyError, ApplyPlan, ServiceChange,
                                VipRangeExhausted, diff_fields, format_change, plan_apply, resolve_catalog_url)
@@ -415,8 +416,13 @@ async def run(path: str, *, url: str | None = None, dry_run: bool = False, prune
               "not name: that is every service in the mesh. Add --force if that is what you want.", file=err)
         return 2
     mesh = cfg.mesh
-    url = resolve_catalog_url(url, os.environ, mesh.catalog, mesh.catalog_listen)
-    code, applied = await apply_config(url, cfg, path, prune=prune, dry_run=dry_run, err=err)
+    url = resolve_catalog_url(url, os.environ, mesh.catalog.url, mesh.catalog_listen)
+    try:
+        access = access_for_mesh(url, mesh, os.environ)
+    except CatalogAccessError as exc:
+        print(f"meshlet apply: {exc}", file=err)
+        return 2
+    code, applied = await apply_config(access, cfg, path, prune=prune, dry_run=dry_run, err=err)
     if applied is None:
         return code
     print_applied(applied, out, dry_run)
@@ -433,12 +439,13 @@ def print_applied(applied: Applied, out: TextIO, dry_run: bool = False) -> None:
             print(line, file=out)
 
 
-async def apply_config(url: str, cfg: config.MeshConfig, path: str | None, *, prune: bool = False,
-                       dry_run: bool = False, err: TextIO = sys.stderr) -> tuple[int, Applied | None]:
+async def apply_config(url: str | CatalogAccess, cfg: config.MeshConfig, path: str | None, *,
+                       prune: bool = False, dry_run: bool = False,
+                       err: TextIO = sys.stderr) -> tuple[int, Applied | None]:
     """Read the config's secret and config sources and apply everything to the catalog at
-    ``url``. (0, Applied) or (exit code, None) after printing why to ``err``: 2 a source,
-    a host directory or the key is missing, or the volumes contradict the mesh's; 1 the
-    catalog or a key mismatch."""
+    ``url`` (a URL, or a CatalogAccess with its token and TLS files). (0, Applied) or (exit
+    code, None) after printing why to ``err``: 2 a source, a host directory or the key is
+    missing, or the volumes contradict the mesh's; 1 the catalog or a key mismatch."""
     missing = check_volume_sources(cfg, path)
     if missing:
         for line in missing:
@@ -466,13 +473,14 @@ async def apply_config(url: str, cfg: config.MeshConfig, path: str | None, *, pr
     return (0, applied) if applied is not None else (1, None)
 
 
-async def apply_to(url: str, services: Mapping[str, Any], vip_range: str, *, prune: bool = False,
+async def apply_to(url: str | CatalogAccess, services: Mapping[str, Any], vip_range: str, *, prune: bool = False,
                    dry_run: bool = False, err: TextIO = sys.stderr, objects: Objects = Objects(),
                    full: bool = False, raise_conflicts: bool = False) -> Any:
     """Apply to the catalog at ``url``; errors are printed to ``err`` (None returned). The
     service changes, or with ``full`` the Applied (secret and config changes too)."""
     try:
-        client = connect(url, timeout=15.0)
+        access = url if isinstance(url, CatalogAccess) else CatalogAccess(url)
+        client = connect(access, timeout=15.0)
     except ValueError as exc:
         print(f"meshlet apply: {exc}", file=err)
         return None
@@ -487,10 +495,8 @@ async def apply_to(url: str, services: Mapping[str, Any], vip_range: str, *, pru
         print(f"meshlet apply: {exc}", file=err)
     except BrokenPipeError:
         raise                            # our reader left: cli.main ends quietly
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        print(f"meshlet apply: cannot reach the catalog at {url}: {exc or type(exc).__name__}", file=err)
-    except consul.ConsulException as exc:
-        print(f"meshlet apply: the catalog at {url} refused the request: {exc}", file=err)
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, consul.ConsulException) as exc:
+        print(f"meshlet apply: {catalog_problem(exc, access)}", file=err)
     finally:
         await client.close()
     return None

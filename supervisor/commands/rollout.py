@@ -325,17 +325,28 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _catalog_url(args: argparse.Namespace) -> str:
+def _catalog_access(args: argparse.Namespace) -> Any:
+    """The catalog (and its token and TLS files) these commands talk to: --consul, else
+    $CONSUL_HTTP_ADDR, else mesh.catalog of -f FILE, else the default embedded catalog."""
+    from discovery.consul import CatalogAccessError, access_for_mesh
+
     from ..core.apply_plan import resolve_catalog_url
-    if not args.consul and not os.environ.get("CONSUL_HTTP_ADDR") and args.file:
+    mesh = config.MESH_DEFAULTS
+    if args.file:
         try:
             mesh = config.load(args.file).mesh
         except config.ConfigError as exc:
             raise CliError("; ".join(str(i) for i in exc.issues), 2) from None
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", 2) from None
-        return resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
-    return resolve_catalog_url(args.consul, os.environ, "embedded", config.MESH_DEFAULTS.catalog_listen)
+    if not args.consul and not os.environ.get("CONSUL_HTTP_ADDR") and args.file:
+        url = resolve_catalog_url(None, {}, mesh.catalog.url, mesh.catalog_listen)
+    else:
+        url = resolve_catalog_url(args.consul, os.environ, "embedded", config.MESH_DEFAULTS.catalog_listen)
+    try:
+        return access_for_mesh(url, mesh, os.environ)
+    except CatalogAccessError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -358,10 +369,10 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import aiohttp
     import consul
 
-    from discovery.consul import connect, parse_seconds
-    url = _catalog_url(args)
+    from discovery.consul import catalog_problem, connect, parse_seconds
+    access = _catalog_access(args)
     try:
-        client = connect(url, timeout=parse_seconds(WAIT) + 15.0)
+        client = connect(access, timeout=parse_seconds(WAIT) + 15.0)
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
     handlers = {"status": lambda: follow(client, args.service, args.timeout, out, err),
@@ -372,10 +383,8 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return await handlers[getattr(args, "rollout_command", None) or args.command]()
     except BrokenPipeError:
         raise                            # our reader left: cli.main ends quietly
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        raise CliError(f"cannot reach the catalog at {url}: {exc or type(exc).__name__}") from None
-    except consul.ConsulException as exc:
-        raise CliError(f"the catalog at {url} refused the request: {exc}") from None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, consul.ConsulException) as exc:
+        raise CliError(catalog_problem(exc, access)) from None
     finally:
         await client.close()
 

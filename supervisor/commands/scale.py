@@ -61,19 +61,29 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 print(issue, file=err)
             return 2
     nodes_from = args.file or "the one local node; give -f FILE for the mesh's"
-    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog, mesh.catalog_listen)
-    return asyncio.run(_scale(url, args.service, args.replicas, out, err, mesh, nodes_from))
+    from discovery.consul import CatalogAccessError, access_for_mesh
+    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog.url, mesh.catalog_listen)
+    try:
+        access = access_for_mesh(url, mesh, os.environ)
+    except CatalogAccessError as exc:
+        print(f"meshlet scale: {exc}", file=err)
+        return 2
+    return asyncio.run(_scale(access, args.service, args.replicas, out, err, mesh, nodes_from))
 
 
-async def _scale(url: str, service: str, replicas: int, out: TextIO, err: TextIO,
+async def _scale(access: Any, service: str, replicas: int, out: TextIO, err: TextIO,
                  mesh: config.MeshSettings = config.MESH_DEFAULTS, nodes_from: str = "") -> int:
     import aiohttp
     import consul
 
-    from discovery.consul import connect, kv_get
+    from discovery.consul import catalog_problem, connect, kv_get
 
     from .apply import TxnConflict, document_op, txn
-    client = connect(url, timeout=15.0)
+    try:
+        client = connect(access, timeout=15.0)
+    except ValueError as exc:
+        print(f"meshlet scale: {exc}", file=err)
+        return 2
     try:
         for attempt in (1, 2, 3):
             index, raw = await kv_get(client, config.service_key(service))
@@ -109,11 +119,8 @@ async def _scale(url: str, service: str, replicas: int, out: TextIO, err: TextIO
         return 1
     except BrokenPipeError:
         raise                            # our reader left: cli.main ends quietly
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        print(f"meshlet scale: cannot reach the catalog at {url}: {exc or type(exc).__name__}", file=err)
-        return 1
-    except consul.ConsulException as exc:
-        print(f"meshlet scale: the catalog at {url} refused the request: {exc}", file=err)
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, consul.ConsulException) as exc:
+        print(f"meshlet scale: {catalog_problem(exc, access)}", file=err)
         return 1
     finally:
         await client.close()

@@ -78,7 +78,9 @@ def add_subcommands(sub: Any) -> None:
     common(actions.add_parser("rotate-key", help="re-wrap every secret's data key with a new key-encryption key"))
 
 
-def _where(args: argparse.Namespace) -> tuple[str, KeySource]:
+def _where(args: argparse.Namespace) -> tuple[Any, KeySource]:
+    from discovery.consul import CatalogAccessError, access_for_mesh
+
     from ..core.apply_plan import resolve_catalog_url
     from ..secrets import key_source
     mesh = config.MESH_DEFAULTS
@@ -87,7 +89,11 @@ def _where(args: argparse.Namespace) -> tuple[str, KeySource]:
             mesh = config.load(args.file).mesh
         except config.ConfigError as exc:
             raise CliError("; ".join(str(i) for i in exc.issues), 2) from None
-    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog, mesh.catalog_listen)
+    url = resolve_catalog_url(args.consul, os.environ, mesh.catalog.url, mesh.catalog_listen)
+    try:
+        access = access_for_mesh(url, mesh, os.environ)
+    except CatalogAccessError as exc:
+        raise CliError(str(exc), 2) from None
     if args.key_file:
         source = KeySource(path=Path(args.key_file))
     elif args.key_env:
@@ -96,15 +102,15 @@ def _where(args: argparse.Namespace) -> tuple[str, KeySource]:
         source = key_source(mesh)
     else:
         source = KeySource(path=Path(mesh.data_dir) / DEFAULT_NAME, default=True)
-    return url, source
+    return access, source
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None,
         stdin: Any = None) -> int:
     out, err, stdin = out or sys.stdout, err or sys.stderr, stdin or sys.stdin
     try:
-        url, source = _where(args)
-        return asyncio.run(_run(args, url, source, out, err, stdin))
+        access, source = _where(args)
+        return asyncio.run(_run(args, access, source, out, err, stdin))
     except CliError as exc:
         print(f"meshlet secret {args.secret_command}: {exc}", file=err)
         return exc.code
@@ -115,13 +121,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 130
 
 
-async def _run(args: argparse.Namespace, url: str, source: KeySource, out: TextIO, err: TextIO, stdin: Any) -> int:
+async def _run(args: argparse.Namespace, access: Any, source: KeySource, out: TextIO, err: TextIO,
+               stdin: Any) -> int:
     import aiohttp
     import consul
 
-    from discovery.consul import connect
+    from discovery.consul import catalog_problem, connect
     try:
-        client = connect(url, timeout=15.0)
+        client = connect(access, timeout=15.0)
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
     handlers = {"set": lambda: _set(client, args, source, out, stdin), "ls": lambda: _ls(client, args, out),
@@ -130,10 +137,8 @@ async def _run(args: argparse.Namespace, url: str, source: KeySource, out: TextI
         return await handlers[args.secret_command]()
     except BrokenPipeError:
         raise                            # our reader left: cli.main ends quietly
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        raise CliError(f"cannot reach the catalog at {url}: {exc or type(exc).__name__}") from None
-    except consul.ConsulException as exc:
-        raise CliError(f"the catalog at {url} refused the request: {exc}") from None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, consul.ConsulException) as exc:
+        raise CliError(catalog_problem(exc, access)) from None
     finally:
         await client.close()
 

@@ -62,7 +62,7 @@ def _eligible(spec: config.ServiceSpec, nodes: list[NodeInfo] | None) -> int:
 
 def _own_listeners(mesh: config.MeshSettings) -> dict[int, str]:
     out = {}
-    for what, addrs in (("mesh.catalog_listen", (mesh.catalog_listen,) if mesh.catalog == "embedded" else ()),
+    for what, addrs in (("mesh.catalog_listen", (mesh.catalog_listen,) if mesh.catalog.embedded else ()),
                         ("mesh.admin_listen", (mesh.admin_listen,)), ("mesh.dns.listen", mesh.dns.listen),
                         ("mesh.proxy.listen", tuple(x.address for x in mesh.proxy.listen)), ("mesh.proxy.admin_listen", (mesh.proxy.admin_listen,))):
         for a in addrs:

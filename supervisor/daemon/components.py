@@ -217,9 +217,11 @@ def vip_notes(services: Any, euid: int, unprivileged_start: int) -> list[str]:
 class Component:
     """One meshlet component run as a child process and restarted when it dies."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, *, out: TextIO) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, *, out: TextIO,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
+        self.env = env          # None: up's own; the catalog token travels here, never in argv
         self.log_path = log_dir / f"{name}.log"
         self.out = out
         self.proc: asyncio.subprocess.Process | None = None
@@ -237,7 +239,7 @@ class Component:
         with open(self.log_path, "ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=err, preexec_fn=config.die_with_parent_preexec(),
+                stderr=err, preexec_fn=config.die_with_parent_preexec(), env=self.env,
                 # Its own session: a terminal's Ctrl-C (or `timeout`'s group signal) reaches
                 # only `up`, which stops workloads first (deregistering them in the
                 # catalog) and the catalog last. Sharing the group, the catalog died first
@@ -315,9 +317,12 @@ class Component:
         await self._terminate()
 
 
-def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]:
-    """The DNS and proxy command lines for ``mesh`` against the catalog at ``url``."""
-    dns = config.module_argv("discovery.dns", "--consul", url, "--domain", mesh.domain,
+def component_argvs(mesh: config.MeshSettings, catalog: list[str] | str) -> dict[str, list[str]]:
+    """The DNS and proxy command lines for ``mesh`` against the catalog: ``catalog`` is
+    its URL or its arguments (``CatalogAccess.child_args()``: ``--consul URL`` and the TLS
+    files; the token goes in the environment)."""
+    catalog_args = ["--consul", catalog] if isinstance(catalog, str) else list(catalog)
+    dns = config.module_argv("discovery.dns", *catalog_args, "--domain", mesh.domain,
            "--mode", mesh.dns.mode, "--ttl", f"{mesh.dns.ttl:g}s",
            "--negative-ttl", f"{mesh.dns.negative_ttl:g}s")
     if not mesh.dns.only_passing:
@@ -327,7 +332,7 @@ def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]
     for recursor in mesh.dns.recursors:
         dns += ["--recursor", recursor]
     # workers "auto" is resolved by the proxy (config.resolve_workers): on the host it runs on
-    proxy = config.module_argv("proxy", "--consul", url, "--domain", mesh.domain,
+    proxy = config.module_argv("proxy", *catalog_args, "--domain", mesh.domain,
                                "--admin", mesh.proxy.admin_listen, "--workers", str(mesh.proxy.workers))
     for listener in mesh.proxy.listen:
         proxy += ["--listen", config.proxy_listener_arg(listener)]
@@ -338,9 +343,13 @@ def component_argvs(mesh: config.MeshSettings, url: str) -> dict[str, list[str]]
 
 
 
-def catalog_argv(listen: str, data_dir: Path) -> list[str]:
-    """The embedded catalog's command line."""
+def catalog_argv(listen: str, data_dir: Path, token_file: str | None = None) -> list[str]:
+    """The embedded catalog's command line (``token_file``: where it keeps its management
+    token, mesh.catalog.token_file; default in its data dir)."""
     # sessions down to 1 s (Consul's session_ttl_min; its default is 10 s): the
     # supervisors' leader lock uses 5 s, so a standby takes over in about 11 s
-    return config.module_argv("discovery.catalog", "--listen", listen, "--data-dir", str(data_dir),
+    argv = config.module_argv("discovery.catalog", "--listen", listen, "--data-dir", str(data_dir),
                               "--session-ttl-min", "1s")
+    if token_file:
+        argv += ["--token-file", token_file]
+    return argv

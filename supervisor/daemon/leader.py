@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import consul
 
 import config
-from discovery.consul import LeaderLock, connect
+from discovery.consul import CatalogAccess, LeaderLock, connect
 
 from .supervisor import Supervisor
 
@@ -96,7 +96,7 @@ async def _acquire(lock: LeaderLock, stop: asyncio.Event) -> bool:
     return False
 
 
-async def lead(url: str, make: Callable[[Callable[[], bool]], Supervisor], stop: asyncio.Event, *,
+async def lead(url: str | CatalogAccess, make: Callable[[Callable[[], bool]], Supervisor], stop: asyncio.Event, *,
                on_lead: Callable[[Supervisor], Awaitable[None]],
                on_step_down: Callable[[Supervisor], Awaitable[None]],
                stop_workloads: Callable[[], bool], out: TextIO, admin: str | None = None) -> None:

@@ -8,7 +8,8 @@ What it runs (child processes, like ``meshlet up``'s components, restarted when 
            admin API on --address (the supervisor reads its /routes before stopping a
            replica, so that no request in flight here is cut)
 
-both pointed at the shared catalog (``--catalog URL``). It stores where its proxy's admin
+both pointed at the shared catalog (``--catalog URL``, with the token of ``-f FILE``'s
+``mesh.catalog.token_file`` or ``$CONSUL_HTTP_TOKEN``, passed to them in their environment). It stores where its proxy's admin
 API is in ``meshlet/node-sides/<name>`` (JSON ``{"name", "address", "proxy_admin",
 "resolver", "at"}``) and removes the key when it stops. The engine on this host (or its
 process runtime) is the supervisor's to drive: it reaches the engine by the URL in
@@ -28,6 +29,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import TextIO
 
 import config
-from discovery.consul import connect, kv_delete, kv_put
+from discovery.consul import CatalogAccessError, access_for_mesh, catalog_problem, connect, kv_delete, kv_put
 
 from .components import Component, ComponentFailed, component_argvs, dns_settings
 
@@ -66,20 +68,28 @@ async def run_node(url: str, *, name: str | None, address: str, path: str | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    client = connect(url, timeout=10.0)
+    try:
+        # the token: mesh.catalog.token / token_file of FILE, else $CONSUL_HTTP_TOKEN(_FILE)
+        access = access_for_mesh(url, mesh, os.environ)
+    except CatalogAccessError as exc:
+        print(f"meshlet node run: {exc}", file=err)
+        return 2
+    client = connect(access, timeout=10.0)
     started: list[Component] = []
     stored = False
     try:
         try:
-            await client.status.leader()
-        except Exception as exc:  # noqa: BLE001 - anything but an answer: say where
-            print(f"meshlet node run: cannot reach the catalog at {url}: {exc}", file=err)
+            await client.kv.get(config.NODE_SIDES_PREFIX, keys=True)
+        except Exception as exc:  # noqa: BLE001 - anything but an answer: say where and why
+            print(f"meshlet node run: {catalog_problem(exc, access)}", file=err)
             return 1
         resolver, run_mesh, _added = dns_settings(mesh)
         log_dir = Path(data_dir) / "logs"
         ready_admin = admin
-        for component, argv in component_argvs(run_mesh, url).items():
-            comp = Component(component, argv, log_dir, out=err)
+        # DNS and proxy get the token in their environment, never in their argv
+        child_env = access.child_env(os.environ)
+        for component, argv in component_argvs(run_mesh, access.child_args()).items():
+            comp = Component(component, argv, log_dir, out=err, env=child_env)
             ready = await comp.start()
             started.append(comp)
             if component == "proxy" and isinstance(ready.get("admin"), str):

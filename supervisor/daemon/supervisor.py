@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 
 import config
-from discovery.consul import connect, watch_kv_prefix
+from discovery.consul import CatalogAccess, connect, watch_kv_prefix
 
 from ..core.explain import explain_service
 from ..core.backoff import BackoffState, delay_for
@@ -113,7 +113,7 @@ class Supervisor:
     ``secrets_key``: where the key-encryption key of the mesh's secrets is (None: none;
     a replica with secrets is then refused, saying so)."""
 
-    def __init__(self, url: str, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
+    def __init__(self, url: str | CatalogAccess, nodes: list[config.NodeSpec], data_dir: str | os.PathLike[str], *,
                  runtimes: Mapping[str, Runtime] | None = None, resync: float = RESYNC,
                  check_ttl: float = CHECK_TTL, clock: Any = time.time, dns: str | None = None,
                  proxy_admins: Sequence[str] = (), secrets_key: KeySource | None = None,

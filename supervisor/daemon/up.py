@@ -54,6 +54,8 @@ from typing import Any, TextIO
 
 import config
 
+from discovery.consul import TOKEN_ENV, TOKEN_FILE_ENV, CatalogAccess, access_for_mesh
+
 from ..commands import apply
 from ..secrets import DEFAULT_NAME, KeySource, key_source
 from .admin import AdminServer
@@ -85,14 +87,31 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
-async def _answers(url: str) -> bool:
+async def _answers(access: CatalogAccess) -> bool:
+    """Does a catalog answer there (``/v1/status/leader``: no token needed)?"""
     from discovery.consul import connect
-    client = connect(url, timeout=2.0)
+    try:
+        client = connect(access, timeout=2.0)
+    except ValueError:
+        return False
     try:
         await client.status.leader()
         return True
     except Exception:  # noqa: BLE001 - anything but an answer means "no"
         return False
+    finally:
+        await client.close()
+
+
+async def _refusal(access: CatalogAccess) -> str | None:
+    """Why the catalog does not serve us (token refused, certificate), or None."""
+    from discovery.consul import catalog_problem, connect
+    client = connect(access, timeout=5.0)
+    try:
+        await client.catalog.services()
+        return None
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as one line
+        return catalog_problem(exc, access)
     finally:
         await client.close()
 
@@ -133,32 +152,44 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
     started: list[Component] = []
     leading: asyncio.Future[None] | None = None
     try:
-        url = apply.resolve_catalog_url(None, {}, mesh.catalog, mesh.catalog_listen)
-        answering = await _answers(url)
-        if mesh.catalog != "embedded" and not answering:
+        url = apply.resolve_catalog_url(None, {}, mesh.catalog.url, mesh.catalog_listen)
+        # The embedded catalog's token is its own file; a token in up's environment is for
+        # another catalog (see access_for_mesh).
+        env = {k: v for k, v in os.environ.items() if not (mesh.catalog.embedded and k in (TOKEN_ENV, TOKEN_FILE_ENV))}
+        access = access_for_mesh(url, mesh, env)
+        answering = await _answers(access)
+        if not mesh.catalog.embedded and not answering:
             print(f"meshlet up: cannot reach the catalog at {url} (mesh.catalog)", file=err)
             return 1
         # what would stop it once started, before anything starts: one line per problem
-        problems = await asyncio.to_thread(preflight, mesh, with_catalog=mesh.catalog == "embedded" and not answering)
+        problems = await asyncio.to_thread(preflight, mesh, with_catalog=mesh.catalog.embedded and not answering)
         for line in problems:
             print(f"meshlet up: {line}", file=err)
         if problems:
             return 1
         for line in engine_notes(mesh) + vip_notes(cfg.services, os.geteuid(), _unprivileged_port_start()):
             print(f"meshlet up: {line}", file=out, flush=True)
-        if answering and mesh.catalog == "embedded":
+        if answering and mesh.catalog.embedded:
             print(f"meshlet up: using the catalog already answering at {url}", file=out, flush=True)
-        elif mesh.catalog == "embedded":
-            catalog = Component("catalog", catalog_argv(mesh.catalog_listen, data_dir / "catalog"),
-                                log_dir, out=err)
+        elif mesh.catalog.embedded:
+            catalog = Component("catalog", catalog_argv(mesh.catalog_listen, Path(mesh.catalog_data_dir),
+                                                        mesh.catalog.token_file),
+                                log_dir, out=err, env=env)
             ready = await catalog.start()
             started.append(catalog)
             url = "http://" + (ready.get("http") or mesh.catalog_listen)
-            print(f"meshlet up: catalog at {url} (data in {data_dir / 'catalog'})", file=out, flush=True)
+            print(f"meshlet up: catalog at {url} (data in {mesh.catalog_data_dir})", file=out, flush=True)
+            access = access_for_mesh(url, mesh, env)     # its token file exists now
+        refused = await _refusal(access)
+        if refused is not None:
+            print(f"meshlet up: {refused}", file=err)
+            return 1
+        # DNS and proxy get the catalog's token in their environment, never in their argv
+        child_env = access.child_env(os.environ)
         resolver, run_mesh, added = dns_settings(mesh)
         proxy_admins: list[str] = []
-        for name, argv in component_argvs(run_mesh, url).items():
-            comp = Component(name, argv, log_dir, out=err)
+        for name, argv in component_argvs(run_mesh, access.child_args()).items():
+            comp = Component(name, argv, log_dir, out=err, env=child_env)
             try:
                 ready = await comp.start()
             except ComponentFailed:
@@ -167,7 +198,8 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
                 # The default resolver address was taken between our check and the bind.
                 resolver, run_mesh = None, dataclasses.replace(
                     run_mesh, dns=dataclasses.replace(run_mesh.dns, listen=mesh.dns.listen))
-                comp = Component(name, component_argvs(run_mesh, url)["dns"], log_dir, out=err)
+                comp = Component(name, component_argvs(run_mesh, access.child_args())["dns"], log_dir, out=err,
+                                 env=child_env)
                 ready = await comp.start()
             started.append(comp)
             if name == "proxy" and isinstance(ready.get("admin"), str):
@@ -183,7 +215,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         else:
             print("meshlet up: no DNS listener on port 53 (add one to mesh.dns.listen, or run as "
                   "root): containers keep the engine's resolver", file=out, flush=True)
-        code, applied = await apply.apply_config(url, cfg, path, err=err)
+        code, applied = await apply.apply_config(access, cfg, path, err=err)
         if applied is None:
             return code
         apply.print_applied(applied, out)
@@ -194,7 +226,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         held: dict[str, Any] = {"sup": None, "admin": None, "down": False}
 
         def make(fence: Callable[[], bool]) -> Supervisor:
-            return Supervisor(url, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins,
+            return Supervisor(access, nodes, data_dir, dns=resolver, proxy_admins=proxy_admins,
                               secrets_key=key_source(mesh), node_grace=mesh.node_grace, fence=fence)
 
         async def on_lead(sup: Supervisor) -> None:
@@ -213,7 +245,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
                 what = "stopping workloads" if not keep or held["down"] else "leaving workloads running (--keep)"
                 print(f"meshlet up: {what}", file=out, flush=True)
 
-        leading = asyncio.ensure_future(lead(url, make, stop, on_lead=on_lead, on_step_down=on_step_down,
+        leading = asyncio.ensure_future(lead(access, make, stop, on_lead=on_lead, on_step_down=on_step_down,
                                              stop_workloads=lambda: not keep or held["down"], out=out,
                                              admin=mesh.admin_listen))
         last: list[str] = []
@@ -227,7 +259,7 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
             await asyncio.wait([leading], timeout=0.5)
         leading.result()
         return 0
-    except (ComponentFailed, OSError, ValueError) as exc:
+    except (ComponentFailed, OSError, ValueError) as exc:   # CatalogAccessError is a ValueError
         print(f"meshlet up: {exc}", file=err)
         return 1
     finally:
@@ -246,12 +278,13 @@ async def up(path: str, *, keep: bool = False, out: TextIO = sys.stdout,
         print("meshlet up: stopped", file=out, flush=True)
 
 
-async def run_standalone(url: str, data_dir: str, admin: str | None, stop_on_exit: bool,
+async def run_standalone(url: str | CatalogAccess, data_dir: str, admin: str | None, stop_on_exit: bool,
                          runtime: str | None = None, dns: str | None = None,
                          proxy_admins: Sequence[str] = (), engine: str | None = None,
                          secrets_key: KeySource | None = None) -> int:
     """The supervisor alone against a running catalog (the loop of `meshlet up` without
-    its components). SIGTERM leaves the workloads running for the next supervisor unless
+    its components). ``url``: the catalog, or a CatalogAccess with its token and TLS
+    files. SIGTERM leaves the workloads running for the next supervisor unless
     ``stop_on_exit``; `meshlet down` (POST /v1/down) always stops them. ``engine``: the
     local node is docker on that engine. ``secrets_key``: the mesh's key-encryption key
     (default: ``<data_dir>/secrets.key``)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-import requests
 
 from _util import CatalogProcess
 
@@ -22,19 +21,19 @@ def shared_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Catalog
     cat.stop()
 
 
-def metrics(url: str) -> dict[str, Any]:
+def metrics(catalog: CatalogProcess) -> dict[str, Any]:
     """The catalog's own gauges from /v1/agent/metrics, by name."""
-    body = requests.get(url + "/v1/agent/metrics", timeout=5).json()
+    body = catalog.http.get(catalog.url + "/v1/agent/metrics", timeout=5).json()
     return {g["Name"]: g["Value"] for g in body["Gauges"]}
 
 
-def blocked(url: str) -> int:
-    return metrics(url)["meshlet.catalog.blocked_queries"]
+def blocked(catalog: CatalogProcess) -> int:
+    return metrics(catalog)["meshlet.catalog.blocked_queries"]
 
 
-def wakeups(url: str) -> int:
-    return metrics(url)["meshlet.catalog.watch_wakeups"]
+def wakeups(catalog: CatalogProcess) -> int:
+    return metrics(catalog)["meshlet.catalog.watch_wakeups"]
 
 
-def encoded(url: str) -> int:
-    return metrics(url)["meshlet.catalog.answers_encoded"]
+def encoded(catalog: CatalogProcess) -> int:
+    return metrics(catalog)["meshlet.catalog.answers_encoded"]

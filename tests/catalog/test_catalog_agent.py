@@ -19,11 +19,11 @@ Check = consul.Check
 
 def put(catalog, path: str, body=None, **params) -> requests.Response:
     data = body if isinstance(body, (str, bytes)) or body is None else json.dumps(body)
-    return requests.put(catalog.url + path, data=data, params=params, timeout=5)
+    return catalog.http.put(catalog.url + path, data=data, params=params, timeout=5)
 
 
 async def test_services_shape_aio(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         assert await c.agent.services() == {}
         assert await c.agent.service.register("foo") is True
@@ -235,12 +235,12 @@ def test_agent_health_endpoints(catalog) -> None:
     c = catalog.client()
     c.agent.service.register("api", service_id="api-1", check=Check.ttl("10s"))
     c.agent.service.register("api", service_id="api-2", check=Check.ttl("10s"))
-    r = requests.get(catalog.url + "/v1/agent/health/service/id/api-1")
+    r = catalog.http.get(catalog.url + "/v1/agent/health/service/id/api-1")
     assert r.status_code == 503 and r.json()["AggregatedStatus"] == "critical"
     c.agent.check.ttl_pass("service:api-1")
-    r = requests.get(catalog.url + "/v1/agent/health/service/id/api-1?format=text")
+    r = catalog.http.get(catalog.url + "/v1/agent/health/service/id/api-1?format=text")
     assert (r.status_code, r.text) == (200, "passing")
     c.agent.check.ttl_warn("service:api-2")
-    r = requests.get(catalog.url + "/v1/agent/health/service/name/api")
+    r = catalog.http.get(catalog.url + "/v1/agent/health/service/name/api")
     assert r.status_code == 429 and len(r.json()) == 2
-    assert requests.get(catalog.url + "/v1/agent/health/service/id/nope").status_code == 404
+    assert catalog.http.get(catalog.url + "/v1/agent/health/service/id/nope").status_code == 404

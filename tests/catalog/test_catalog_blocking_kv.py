@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import consul.aio
 import pytest
-import requests
 
 from _util import async_wait_for
 from catalog_helpers import blocked, wakeups
@@ -15,21 +13,21 @@ from catalog_helpers import blocked, wakeups
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 
-def _check(url: str, n: int):
+def _check(catalog, n: int):
     async def run() -> bool:
-        return await asyncio.to_thread(blocked, url) >= n
+        return await asyncio.to_thread(blocked, catalog) >= n
 
     return run()
 
 
 async def test_get_wakes_on_write_to_its_key(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         await c.kv.put("index", "bump")
         index, data = await c.kv.get("foo")
         assert data is None
         task = asyncio.ensure_future(c.kv.get("foo", index=index, wait="30s"))
-        await async_wait_for(lambda: _check(catalog.url, 1), what="blocked")
+        await async_wait_for(lambda: _check(catalog, 1), what="blocked")
         assert await c.kv.put("foo", "bar") is True
         new_index, data = await asyncio.wait_for(task, 10)
         assert data["Value"] == b"bar"
@@ -48,18 +46,18 @@ async def test_get_wakes_on_write_to_its_key(catalog) -> None:
     ],
 )
 async def test_unrelated_write_does_not_wake(catalog, watch: dict, unrelated: str, related: str) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         await c.kv.put("a/seed", "0")
         key = watch.pop("key")
         index, _ = await c.kv.get(key, **watch)
         task = asyncio.ensure_future(c.kv.get(key, index=index, wait="30s", **watch))
-        await async_wait_for(lambda: _check(catalog.url, 1), what="blocked")
-        before = await asyncio.to_thread(wakeups, catalog.url)
+        await async_wait_for(lambda: _check(catalog, 1), what="blocked")
+        before = await asyncio.to_thread(wakeups, catalog)
         assert await c.kv.put(unrelated, "noise") is True  # acknowledged = committed and notified
-        assert await asyncio.to_thread(wakeups, catalog.url) == before
+        assert await asyncio.to_thread(wakeups, catalog) == before
         assert not task.done()
-        assert await asyncio.to_thread(blocked, catalog.url) == 1
+        assert await asyncio.to_thread(blocked, catalog) == 1
         assert await c.kv.put(related, "signal") is True
         new_index, _ = await asyncio.wait_for(task, 10)
         assert int(new_index) > int(index)
@@ -68,7 +66,7 @@ async def test_unrelated_write_does_not_wake(catalog, watch: dict, unrelated: st
 
 
 async def test_recurse_watch_sees_deletes(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         await c.kv.put("svc/a", "1")
         await c.kv.put("svc/b", "2")
@@ -76,7 +74,7 @@ async def test_recurse_watch_sees_deletes(catalog) -> None:
         index, data = await c.kv.get("svc/", recurse=True)
         assert [d["Key"] for d in data] == ["svc/a", "svc/b"]
         task = asyncio.ensure_future(c.kv.get("svc/", recurse=True, index=index, wait="30s"))
-        await async_wait_for(lambda: _check(catalog.url, 1), what="blocked")
+        await async_wait_for(lambda: _check(catalog, 1), what="blocked")
         assert await c.kv.delete("svc/b") is True
         new_index, data = await asyncio.wait_for(task, 10)
         assert [d["Key"] for d in data] == ["svc/a"]
@@ -100,19 +98,19 @@ def test_index_zero_or_past_returns_at_once(catalog) -> None:
     c = catalog.client()
     c.kv.put("foo", "bar")
     index, _ = c.kv.get("foo")
-    r = requests.get(catalog.url + "/v1/kv/foo", params={"index": "0", "wait": "30s"}, timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/kv/foo", params={"index": "0", "wait": "30s"}, timeout=5)
     assert r.status_code == 200
-    r = requests.get(catalog.url + "/v1/kv/foo", params={"index": str(int(index) - 1), "wait": "30s"}, timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/kv/foo", params={"index": str(int(index) - 1), "wait": "30s"}, timeout=5)
     assert r.headers["X-Consul-Index"] == index
 
 
 async def test_many_watchers_of_one_key_all_wake(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port, connections_limit=200)
+    c = catalog.aio(connections_limit=200)
     try:
         await c.kv.put("hot", "0")
         index, _ = await c.kv.get("hot")
         tasks = [asyncio.ensure_future(c.kv.get("hot", index=index, wait="30s")) for _ in range(150)]
-        await async_wait_for(lambda: _check(catalog.url, 150), timeout=10, what="150 blocked")
+        await async_wait_for(lambda: _check(catalog, 150), timeout=10, what="150 blocked")
         assert await c.kv.put("hot", "1") is True
         results = await asyncio.wait_for(asyncio.gather(*tasks), 15)
         assert {r[1]["Value"] for r in results} == {b"1"}
@@ -130,5 +128,5 @@ def test_abandoned_blocking_query_is_dropped(catalog) -> None:
     c.kv.put("k", "v")
     index, _ = c.kv.get("k")
     with pytest.raises(rq.exceptions.ReadTimeout):
-        rq.get(catalog.url + "/v1/kv/k", params={"index": index, "wait": "120s"}, timeout=0.5)
-    wait_for(lambda: blocked(catalog.url) == 0, timeout=10, what="abandoned query dropped")
+        catalog.http.get(catalog.url + "/v1/kv/k", params={"index": index, "wait": "120s"}, timeout=0.5)
+    wait_for(lambda: blocked(catalog) == 0, timeout=10, what="abandoned query dropped")

@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import consul
 import pytest
-import requests
 
 from _util import wait_for
 
@@ -81,7 +80,7 @@ def test_http_check_follows_the_server(catalog, http_server) -> None:
 def test_http_check_method(catalog, http_server) -> None:
     port = http_server.server_address[1]
     body = {"Name": "m", "Check": {"HTTP": f"http://127.0.0.1:{port}/", "Method": "POST", "Interval": "100ms"}}
-    assert requests.put(catalog.url + "/v1/agent/service/register", json=body).status_code == 200
+    assert catalog.http.put(catalog.url + "/v1/agent/service/register", json=body).status_code == 200
     c = catalog.client()
     wait_for(lambda: _status(c, "service:m") == "passing", timeout=15)
     assert "POST" in http_server.handler.seen_methods
@@ -115,7 +114,7 @@ def test_failures_before_critical_and_success_before_passing(catalog, http_serve
     port = http_server.server_address[1]
     body = {"Name": "t", "Check": {"HTTP": f"http://127.0.0.1:{port}/", "Interval": "100ms",
                                    "SuccessBeforePassing": 2, "FailuresBeforeCritical": 3}}
-    assert requests.put(catalog.url + "/v1/agent/service/register", json=body).status_code == 200
+    assert catalog.http.put(catalog.url + "/v1/agent/service/register", json=body).status_code == 200
     c = catalog.client()
     wait_for(lambda: _status(c, "service:t") == "passing", timeout=15)
     http_server.handler.status = 500

@@ -5,7 +5,6 @@ config, gateways), and the index header on every answer Consul gives one."""
 from __future__ import annotations
 
 import consul
-import requests
 import pytest
 
 pytestmark = pytest.mark.slow   # real processes, sockets (tests/conftest.py)
@@ -26,7 +25,7 @@ def test_catalog_services_filter_gathers_tags_of_matching_instances_only(catalog
     assert services == {"web": ["staging"]}
     _, services = c.catalog.services(filter_expr='"prod" in ServiceTags')
     assert services == {"db": ["primary", "prod"], "web": ["prod"]}
-    r = requests.get(catalog.url + "/v1/catalog/services", params={"filter": "ServiceName =="}, timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/catalog/services", params={"filter": "ServiceName =="}, timeout=5)
     assert r.status_code == 400 and r.text.startswith("Failed to create boolean expression evaluator")
 
 
@@ -50,7 +49,7 @@ def test_unknown_peer_answers_empty_with_index(catalog) -> None:
     assert nodes == [] and int(index) >= 1
     for path, empty in (("/v1/catalog/services", {}), ("/v1/catalog/nodes", []), ("/v1/health/checks/web", []),
                         ("/v1/health/state/any", []), ("/v1/health/node/meshlet", [])):
-        r = requests.get(catalog.url + path, params={"peer": "nowhere"}, timeout=5)
+        r = catalog.http.get(catalog.url + path, params={"peer": "nowhere"}, timeout=5)
         assert (r.status_code, r.json()) == (200, empty), path
         assert int(r.headers["X-Consul-Index"]) >= 1
 
@@ -67,16 +66,15 @@ def test_merge_central_config_is_accepted(catalog) -> None:
 def test_gateway_services_of_an_unknown_gateway_is_an_empty_list(catalog) -> None:
     c = catalog.client()
     assert c.catalog.gateway_services("ingress") == []
-    r = requests.get(catalog.url + "/v1/catalog/gateway-services/ingress", timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/catalog/gateway-services/ingress", timeout=5)
     assert r.status_code == 200 and r.json() == [] and int(r.headers["X-Consul-Index"]) >= 1
-    r = requests.get(catalog.url + "/v1/catalog/gateway-services/", timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/catalog/gateway-services/", timeout=5)
     assert (r.status_code, r.text) == (400, "Missing gateway name")
 
 
 async def test_the_same_answers_through_consul_aio(catalog) -> None:
-    import consul.aio
 
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         assert await c.agent.service.register("web", service_id="web-a", tags=["prod"], port=80,
                                               connect={"SidecarService": {}})
@@ -96,11 +94,11 @@ async def test_the_same_answers_through_consul_aio(catalog) -> None:
 def test_node_services_lists_a_nodes_services(catalog) -> None:
     c = catalog.client()
     c.agent.service.register("web", service_id="web-1", port=80, tags=["a"])
-    r = requests.get(catalog.url + "/v1/catalog/node-services/meshlet", params={"merge-central-config": ""}, timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/catalog/node-services/meshlet", params={"merge-central-config": ""}, timeout=5)
     body = r.json()
     assert r.status_code == 200 and int(r.headers["X-Consul-Index"]) >= 1
     assert body["Node"]["Node"] == "meshlet"
     assert {s["ID"]: (s["Port"], s["Tags"]) for s in body["Services"]} == {"consul": (8300, []), "web-1": (80, ["a"])}
-    r = requests.get(catalog.url + "/v1/catalog/node-services/nowhere", timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/catalog/node-services/nowhere", timeout=5)
     assert (r.status_code, r.json()) == (200, {"Node": None, "Services": None})
     assert int(r.headers["X-Consul-Index"]) >= 1

@@ -8,7 +8,6 @@ import socket
 
 import consul
 import pytest
-import requests
 
 from _util import wait_for
 
@@ -73,7 +72,7 @@ def test_sidecar_ports_tcp_check_and_deregistration(catalog) -> None:
         listener.listen(8)
         body = {"Name": "late", "Port": 7000,
                 "Connect": {"SidecarService": {"Check": {"TCP": f"127.0.0.1:{port}", "Interval": "100ms"}}}}
-        assert requests.put(catalog.url + "/v1/agent/service/register", json=body, timeout=5).status_code == 200
+        assert catalog.http.put(catalog.url + "/v1/agent/service/register", json=body, timeout=5).status_code == 200
         wait_for(lambda: _checks(c, "late-sidecar-proxy")["service:late-sidecar-proxy"]["Status"] == "passing",
                  timeout=15, what="given sidecar check passing")
     assert c.agent.service.deregister("api") is True
@@ -108,7 +107,7 @@ def test_connect_endpoints_list_the_proxies(catalog) -> None:
                  id="unknown-field"),
 ])
 def test_bad_sidecar_is_refused_and_nothing_is_registered(catalog, connect, text) -> None:
-    r = requests.put(catalog.url + "/v1/agent/service/register", json={"Name": "web", "Connect": connect}, timeout=5)
+    r = catalog.http.put(catalog.url + "/v1/agent/service/register", json={"Name": "web", "Connect": connect}, timeout=5)
     assert r.status_code == 400, r.text
     if text is not None:
         assert r.text == text

@@ -13,8 +13,9 @@ from _util import wait_for
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
 
-def _writer(url: str, name: str, acked: list[tuple[str, str]], stop: threading.Event) -> None:
+def _writer(url: str, name: str, acked: list[tuple[str, str]], stop: threading.Event, token: str) -> None:
     s = requests.Session()
+    s.headers["X-Consul-Token"] = token
     i = 0
     while not stop.is_set():
         key, value = f"dur/{name}/{i}", f"{name}-{i}"
@@ -30,13 +31,13 @@ def _writer(url: str, name: str, acked: list[tuple[str, str]], stop: threading.E
 def test_kill_9_mid_stream_loses_no_acknowledged_write(catalog) -> None:
     acked: list[tuple[str, str]] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=_writer, args=(catalog.url, f"w{n}", acked, stop)) for n in range(6)]
+    threads = [threading.Thread(target=_writer, args=(catalog.url, f"w{n}", acked, stop, catalog.token)) for n in range(6)]
     for t in threads:
         t.start()
     try:
         wait_for(lambda: len(acked) >= 300, timeout=30, what="300 acknowledged writes")
-        index_before = int(requests.get(catalog.url + "/v1/kv/dur/w0/0").headers["X-Consul-Index"])
-        seen_index = max(index_before, int(requests.get(catalog.url + "/v1/kv/dur/?recurse").headers["X-Consul-Index"]))
+        index_before = int(catalog.http.get(catalog.url + "/v1/kv/dur/w0/0").headers["X-Consul-Index"])
+        seen_index = max(index_before, int(catalog.http.get(catalog.url + "/v1/kv/dur/?recurse").headers["X-Consul-Index"]))
         catalog.kill()  # SIGKILL while the writers are still writing
     finally:
         stop.set()
@@ -90,8 +91,9 @@ def test_concurrent_cas_increments_are_linearisable(catalog) -> None:
     assert final > 0
 
 
-def _registrar(url: str, name: str, acked: list[str], stop: threading.Event) -> None:
+def _registrar(url: str, name: str, acked: list[str], stop: threading.Event, token: str) -> None:
     s = requests.Session()
+    s.headers["X-Consul-Token"] = token
     i = 0
     while not stop.is_set():
         sid = f"{name}-{i}"
@@ -108,8 +110,8 @@ def _registrar(url: str, name: str, acked: list[str], stop: threading.Event) -> 
 def test_kill_9_mid_registrations_loses_no_acknowledged_instance(catalog) -> None:
     acked: list[str] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=_registrar, args=(catalog.url, f"svc{n}", acked, stop)) for n in range(4)]
-    threads.append(threading.Thread(target=_writer, args=(catalog.url, "kv", [], stop)))
+    threads = [threading.Thread(target=_registrar, args=(catalog.url, f"svc{n}", acked, stop, catalog.token)) for n in range(4)]
+    threads.append(threading.Thread(target=_writer, args=(catalog.url, "kv", [], stop, catalog.token)))
     for t in threads:
         t.start()
     try:

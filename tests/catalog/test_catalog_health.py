@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import consul
 import pytest
-import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
@@ -41,7 +40,7 @@ def test_passing_filter_does_not_change_index(catalog) -> None:
     index_all, _ = c.health.service("foo")
     index_passing, nodes = c.health.service("foo", passing=True)
     assert nodes == [] and index_passing == index_all
-    r = requests.get(catalog.url + "/v1/health/service/foo?passing=maybe")
+    r = catalog.http.get(catalog.url + "/v1/health/service/foo?passing=maybe")
     assert (r.status_code, r.text) == (400, "Invalid value for ?passing")
 
 
@@ -55,7 +54,7 @@ def test_health_state_checks_and_node(catalog) -> None:
     c.agent.check.ttl_pass("service:foo:1")
     assert {n["ServiceID"] for n in c.health.state("passing")[1]} == {"", "foo:1"}
     assert c.health.state("warning")[1] == []
-    r = requests.get(catalog.url + "/v1/health/state/bogus")
+    r = catalog.http.get(catalog.url + "/v1/health/state/bogus")
     assert (r.status_code, r.text) == (400, "Invalid check state")
     assert [ch["CheckID"] for ch in c.health.checks("foo")[1]] == ["service:foo:1", "service:foo:2"]
     assert c.health.checks("nothing")[1] == []
@@ -86,7 +85,7 @@ def test_health_service_filter(shared_catalog, expr: str, ids: list[str]) -> Non
 
 
 def test_bad_filter_is_400(catalog) -> None:
-    r = requests.get(catalog.url + "/v1/health/service/foo", params={"filter": "Service.ID =="})
+    r = catalog.http.get(catalog.url + "/v1/health/service/foo", params={"filter": "Service.ID =="})
     assert r.status_code == 400
     assert r.text.startswith("Failed to create boolean expression evaluator")
 
@@ -155,7 +154,7 @@ def test_catalog_register_list_and_deregister(catalog) -> None:
     ],
 )
 def test_catalog_register_rejects(shared_catalog, body: dict, status: int) -> None:
-    r = requests.put(shared_catalog.url + "/v1/catalog/register", json=body)
+    r = shared_catalog.http.put(shared_catalog.url + "/v1/catalog/register", json=body)
     assert r.status_code == status, r.text
     assert "Traceback" not in r.text
     assert [n["Node"] for n in shared_catalog.client().catalog.nodes()[1]] == ["meshlet"]  # nothing half-written

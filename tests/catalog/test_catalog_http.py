@@ -33,7 +33,7 @@ READ_PATHS = [
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.strip("/").replace("/", "-").replace("?", "-")) for p in READ_PATHS])
 def test_read_endpoints_carry_consul_headers(shared_catalog, path: str) -> None:
-    r = requests.get(shared_catalog.url + path, timeout=5)
+    r = shared_catalog.http.get(shared_catalog.url + path, timeout=5)
     assert r.status_code in (200, 404)
     assert int(r.headers["X-Consul-Index"]) >= 1
     assert r.headers["X-Consul-KnownLeader"] == "true"
@@ -57,23 +57,29 @@ def test_wrong_method(shared_catalog, method: str, path: str, allow: str) -> Non
     assert (r.status_code, r.text, r.headers["Allow"]) == (405, f"method {method} not allowed", allow)
 
 
-@pytest.mark.parametrize("path", ["/v1/acl/token/self", "/v1/acl/tokens", "/v1/acl/bootstrap", "/v1/agent/token/default"])
-def test_acl_is_disabled(shared_catalog, path: str) -> None:
+def test_acl_token_self_describes_the_management_token(shared_catalog) -> None:
+    me = shared_catalog.client().acl.token.read_self()
+    assert (me["SecretID"], me["Description"]) == (shared_catalog.token, "Initial Management Token")
+    assert [p["Name"] for p in me["Policies"]] == ["global-management"]
+
+
+@pytest.mark.parametrize("path", ["/v1/acl/tokens", "/v1/acl/bootstrap", "/v1/agent/token/default"])
+def test_acl_management_is_not_served(shared_catalog, path: str) -> None:
     for method in ("GET", "PUT"):
-        r = requests.request(method, shared_catalog.url + path, timeout=5)
-        assert (r.status_code, r.text) == (401, "ACL support disabled")
+        r = shared_catalog.http.request(method, shared_catalog.url + path, timeout=5)
+        assert (r.status_code, r.text) == (404, "Invalid URL path: not a recognized HTTP API endpoint\n")
 
 
 def test_unknown_paths(shared_catalog) -> None:
     for path in ("/v1/nothing", "/v1/agent/nothing", "/v1/catalog"):
-        r = requests.get(shared_catalog.url + path, timeout=5)
+        r = shared_catalog.http.get(shared_catalog.url + path, timeout=5)
         assert (r.status_code, r.text) == (404, "Invalid URL path: not a recognized HTTP API endpoint\n")
 
 
 def test_pretty(catalog) -> None:
     catalog.client().agent.service.register("web")
-    compact = requests.get(catalog.url + "/v1/health/service/web", timeout=5)
-    pretty = requests.get(catalog.url + "/v1/health/service/web?pretty", timeout=5)
+    compact = catalog.http.get(catalog.url + "/v1/health/service/web", timeout=5)
+    pretty = catalog.http.get(catalog.url + "/v1/health/service/web?pretty", timeout=5)
     assert "\n" not in compact.text
     assert pretty.text.endswith("\n") and '\n    {\n        "Node"' in "\n" + pretty.text[1:]
     assert pretty.json() == compact.json()
@@ -95,13 +101,13 @@ def test_pretty(catalog) -> None:
 )
 def test_bad_input_never_crashes_or_leaks_a_trace(shared_catalog, method: str, path: str, body: bytes) -> None:
     conn = http.client.HTTPConnection(shared_catalog.host, shared_catalog.port, timeout=10)
-    conn.request(method, path, body=body)
+    conn.request(method, path, body=body, headers=shared_catalog.headers)
     r = conn.getresponse()
     text = r.read().decode("utf-8", "replace")
     conn.close()
     assert r.status < 500 or r.status == 500 and "Internal error" not in text, text
     assert "Traceback" not in text and 'File "' not in text
-    assert requests.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200  # still serving
+    assert shared_catalog.http.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200  # still serving
 
 
 def test_sigterm_answers_blocked_queries_and_exits_0(catalog) -> None:
@@ -111,13 +117,13 @@ def test_sigterm_answers_blocked_queries_and_exits_0(catalog) -> None:
     answers = []
 
     def watch() -> None:
-        r = requests.get(catalog.url + "/v1/kv/k", params={"index": index, "wait": "60s"}, timeout=30)
+        r = catalog.http.get(catalog.url + "/v1/kv/k", params={"index": index, "wait": "60s"}, timeout=30)
         answers.append(r.status_code)
 
     threads = [threading.Thread(target=watch) for _ in range(5)]
     for t in threads:
         t.start()
-    wait_for(lambda: blocked(catalog.url) >= 5, what="5 blocked")
+    wait_for(lambda: blocked(catalog) >= 5, what="5 blocked")
     start = time.monotonic()
     assert catalog.kill(signal.SIGTERM) == 0
     for t in threads:
@@ -139,9 +145,10 @@ def test_ready_line_and_bad_arguments(tmp_path) -> None:
     try:
         assert set(ready) == {"http"}
         host, port = ready["http"].rsplit(":", 1)
-        me = requests.get(f"http://{host}:{port}/v1/agent/self", timeout=5).json()
+        auth = {"X-Consul-Token": (tmp_path / "d" / "management-token").read_text().strip()}
+        me = requests.get(f"http://{host}:{port}/v1/agent/self", headers=auth, timeout=5).json()
         assert (me["Config"]["NodeName"], me["Config"]["Datacenter"]) == ("n7", "east")
-        r = requests.get(f"http://{host}:{port}/v1/kv/a", params={"dc": "dc1"}, timeout=5)
+        r = requests.get(f"http://{host}:{port}/v1/kv/a", params={"dc": "dc1"}, headers=auth, timeout=5)
         assert (r.status_code, r.text) == (500, "No path to datacenter")
     finally:
         proc.terminate()
@@ -179,11 +186,12 @@ def test_pipelined_requests_are_answered_in_order(catalog) -> None:
     import socket
 
     catalog.client().kv.put("p", "1")
+    host = b"Host: x\r\nX-Consul-Token: " + catalog.token.encode()
     with socket.create_connection((catalog.host, catalog.port), timeout=10) as s:
-        s.sendall(b"GET /v1/kv/p?raw HTTP/1.1\r\nHost: x\r\n\r\n"
-                  b"PUT /v1/kv/p HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n2"
-                  b"GET /v1/kv/p?raw HTTP/1.1\r\nHost: x\r\n\r\n"
-                  b"GET /v1/kv/missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /v1/kv/p?raw HTTP/1.1\r\n%s\r\n\r\n"
+                  b"PUT /v1/kv/p HTTP/1.1\r\n%s\r\nContent-Length: 1\r\n\r\n2"
+                  b"GET /v1/kv/p?raw HTTP/1.1\r\n%s\r\n\r\n"
+                  b"GET /v1/kv/missing HTTP/1.1\r\n%s\r\n\r\n" % (host, host, host, host))
         assert _read_answers(s, 4) == [(200, b"1"), (200, b"true"), (200, b"2"), (404, b"")]
 
 
@@ -194,16 +202,17 @@ def test_client_gone_unparks_its_blocking_query(catalog) -> None:
     socks = []
     for _ in range(3):
         s = socket.create_connection((catalog.host, catalog.port), timeout=10)
-        s.sendall(f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n"
+                  f"X-Consul-Token: {catalog.token}\r\n\r\n".encode())
         socks.append(s)
-    wait_for(lambda: blocked(catalog.url) == 3, what="3 blocked")
+    wait_for(lambda: blocked(catalog) == 3, what="3 blocked")
     socks.pop().close()
-    wait_for(lambda: blocked(catalog.url) == 2, what="the closed one unparked")
+    wait_for(lambda: blocked(catalog) == 2, what="the closed one unparked")
     catalog.client().kv.put("k", "w")
     for s in socks:
         assert _read_answers(s, 1)[0][0] == 200
         s.close()
-    assert blocked(catalog.url) == 0
+    assert blocked(catalog) == 0
 
 
 @pytest.mark.parametrize("raw", [
@@ -220,7 +229,7 @@ def test_malformed_request_gets_400_and_the_server_keeps_serving(shared_catalog,
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 400 ")
-    assert requests.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200
+    assert shared_catalog.http.get(shared_catalog.url + "/v1/status/leader", timeout=5).status_code == 200
 
 
 @pytest.mark.parametrize("raw, status", [
@@ -244,4 +253,4 @@ def test_oversized_requests_are_refused_and_nothing_is_written(shared_catalog, r
         except ConnectionResetError:
             pass
     assert data.startswith(f"HTTP/1.1 {status} ".encode()), data[:80]
-    assert requests.get(shared_catalog.url + "/v1/kv/a", timeout=5).status_code == 404  # nothing written
+    assert shared_catalog.http.get(shared_catalog.url + "/v1/kv/a", timeout=5).status_code == 404  # nothing written

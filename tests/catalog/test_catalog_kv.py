@@ -6,8 +6,6 @@ import base64
 import http.client
 import struct
 
-import consul
-import consul.aio
 import pytest
 import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
@@ -97,7 +95,7 @@ def test_delete_recurse_and_cas(catalog) -> None:
 
 
 def test_miss_is_404_with_index_headers(catalog) -> None:
-    r = requests.get(catalog.url + "/v1/kv/missing")
+    r = catalog.http.get(catalog.url + "/v1/kv/missing")
     assert r.status_code == 404
     assert r.content == b""
     assert int(r.headers["X-Consul-Index"]) >= 1
@@ -106,12 +104,12 @@ def test_miss_is_404_with_index_headers(catalog) -> None:
 
 
 def test_raw_and_pretty(catalog) -> None:
-    requests.put(catalog.url + "/v1/kv/doc", data=b'{"a": 1}')
-    r = requests.get(catalog.url + "/v1/kv/doc?raw")
+    catalog.http.put(catalog.url + "/v1/kv/doc", data=b'{"a": 1}')
+    r = catalog.http.get(catalog.url + "/v1/kv/doc?raw")
     assert r.status_code == 200 and r.content == b'{"a": 1}'
     assert r.headers["Content-Type"].startswith("text/plain")
     assert r.headers["X-Content-Type-Options"] == "nosniff"
-    r = requests.get(catalog.url + "/v1/kv/doc?pretty")
+    r = catalog.http.get(catalog.url + "/v1/kv/doc?pretty")
     assert r.headers["Content-Type"].startswith("application/json")
     assert r.text.endswith("\n") and "\n    " in r.text
     assert base64.b64decode(r.json()[0]["Value"]) == b'{"a": 1}'
@@ -142,7 +140,7 @@ def test_raw_and_pretty(catalog) -> None:
 def test_kv_errors(shared_catalog, method: str, path: str, status: int, body: str | None) -> None:
     # http.client sends the path as given (requests would resolve "..").
     conn = http.client.HTTPConnection(shared_catalog.host, shared_catalog.port, timeout=5)
-    conn.request(method, path)
+    conn.request(method, path, headers=shared_catalog.headers)
     r = conn.getresponse()
     text = r.read().decode()
     conn.close()
@@ -155,7 +153,7 @@ def test_kv_errors(shared_catalog, method: str, path: str, status: int, body: st
 
 
 def test_wrong_method_is_405_with_allow(catalog) -> None:
-    r = requests.post(catalog.url + "/v1/kv/a")
+    r = catalog.http.post(catalog.url + "/v1/kv/a")
     assert r.status_code == 405
     assert r.text == "method POST not allowed"
     assert r.headers["Allow"] == "OPTIONS,GET,PUT,DELETE"
@@ -166,14 +164,14 @@ def test_wrong_method_is_405_with_allow(catalog) -> None:
 def test_value_size_limit(catalog) -> None:
     c = catalog.client()
     assert c.kv.put("big", b"x" * (512 * 1024)) is True
-    r = requests.put(catalog.url + "/v1/kv/big", data=b"x" * (512 * 1024 + 1))
+    r = catalog.http.put(catalog.url + "/v1/kv/big", data=b"x" * (512 * 1024 + 1))
     assert r.status_code == 413
     assert r.text.startswith("Request body(524289 bytes) too large, max size: 524288 bytes.")
     assert len(c.kv.get("big")[1]["Value"]) == 512 * 1024
 
 
 async def test_aio_client(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         _, data = await c.kv.get("foo")
         assert data is None

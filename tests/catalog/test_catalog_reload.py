@@ -10,7 +10,6 @@ from pathlib import Path
 
 import consul
 import pytest
-import requests
 
 from _util import ServerStartError, start_server, wait_for
 
@@ -50,12 +49,12 @@ def test_reload_with_a_bad_file_changes_nothing(catalog_factory, tmp_path: Path)
     for bad, reason in (("{not json", "not JSON"), (json.dumps({"servise": {}}), "unknown configuration key 'servise'"),
                         (json.dumps({"service": {"name": "x", "port": "80"}}), "cannot unmarshal")):
         conf.write_text(bad)
-        r = requests.put(cat.url + "/v1/agent/reload", timeout=5)
+        r = cat.http.put(cat.url + "/v1/agent/reload", timeout=5)
         assert r.status_code == 500 and r.text.startswith("Failed to reload configs: ") and reason in r.text, r.text
         with pytest.raises(consul.ConsulException):
             c.agent.reload()
         assert set(c.agent.services()) == {"web"}
-    r = requests.get(cat.url + "/v1/agent/reload", timeout=5)
+    r = cat.http.get(cat.url + "/v1/agent/reload", timeout=5)
     assert (r.status_code, r.headers["Allow"]) == (405, "OPTIONS,PUT")
 
 
@@ -108,7 +107,7 @@ def test_monitor_rejects_an_unknown_level(catalog, level: str) -> None:
         with pytest.raises(consul.ConsulException) as err:  # py-consul: BadRequest
             c.agent.monitor(loglevel=level)
         assert str(err.value) == f"400 Unknown log level: {level}"
-    r = requests.get(catalog.url + "/v1/agent/monitor", params={"loglevel": " "}, timeout=5)
+    r = catalog.http.get(catalog.url + "/v1/agent/monitor", params={"loglevel": " "}, timeout=5)
     assert (r.status_code, r.text) == (400, "Unknown log level:  ")
 
 
@@ -122,7 +121,8 @@ def test_monitor_rejects_an_unknown_level(catalog, level: str) -> None:
 def test_monitor_streams_log_lines(catalog, query: str, expect) -> None:
     received = b""
     with socket.create_connection((catalog.host, catalog.port), timeout=10) as s:
-        s.sendall(f"GET /v1/agent/monitor?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"GET /v1/agent/monitor?{query} HTTP/1.1\r\nHost: x\r\n"
+                  f"X-Consul-Token: {catalog.token}\r\n\r\n".encode())
         s.settimeout(0.2)
 
         def reload_and_read() -> bool:

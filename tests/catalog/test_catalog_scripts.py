@@ -9,7 +9,6 @@ from pathlib import Path
 
 import consul
 import pytest
-import requests
 
 from _util import wait_for
 
@@ -36,7 +35,7 @@ def test_script_checks_over_http_are_refused_unless_enabled(catalog_factory, fla
     with pytest.raises(consul.ConsulException) as err:
         c.agent.check.register("script_check", Check.script(["/bin/true"], "10s"))
     assert str(err.value) == f"500 {remote}"
-    r = requests.put(cat.url + "/v1/agent/service/register", timeout=5,
+    r = cat.http.put(cat.url + "/v1/agent/service/register", timeout=5,
                      json={"Name": "s", "Check": {"Args": ["/bin/true"], "Interval": "10s"}})
     assert (r.status_code, r.text) == (500, remote)
     assert c.agent.checks() == {} and c.agent.services() == {}  # nothing half-registered
@@ -86,9 +85,10 @@ def test_timeout_kills_the_process_group(catalog_factory, tmp_path: Path) -> Non
     script = ("import subprocess, sys, time; "
               f"p = subprocess.Popen(['sleep', '60']); open({str(pidfile)!r}, 'w').write(str(p.pid)); "
               "print('started', flush=True); time.sleep(60)")
-    c = catalog_factory("--enable-script-checks").client()
+    cat = catalog_factory("--enable-script-checks")
+    c = cat.client()
     body = {"Name": "slow", "Args": [sys.executable, "-c", script], "Interval": "60s", "Timeout": "500ms"}
-    assert requests.put(c.http.base_uri + "/v1/agent/check/register", json=body, timeout=5).status_code == 200
+    assert cat.http.put(cat.url + "/v1/agent/check/register", json=body, timeout=5).status_code == 200
     got = wait_for(lambda: (ch := _check(c, "slow")) and ch["Output"] and ch, timeout=20)
     assert got["Status"] == "critical"
     assert got["Output"] == "Timed out (500ms) running check\n\nstarted\n"

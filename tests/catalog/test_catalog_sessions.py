@@ -18,7 +18,7 @@ Check = consul.Check
 
 
 def create(catalog, body: dict) -> requests.Response:
-    return requests.put(catalog.url + "/v1/session/create", json=body, timeout=5)
+    return catalog.http.put(catalog.url + "/v1/session/create", json=body, timeout=5)
 
 
 def test_session_lifecycle(catalog) -> None:
@@ -146,17 +146,17 @@ def test_sessions_and_locks_survive_restart(catalog) -> None:
 
 
 async def test_session_list_blocks(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         index, sessions = await c.session.list()
         assert sessions == []
         task = asyncio.ensure_future(c.session.list(index=index, wait="30s"))
-        await async_wait_for(lambda: asyncio.to_thread(lambda: _blocked(catalog.url)), what="blocked")
+        await async_wait_for(lambda: asyncio.to_thread(lambda: _blocked(catalog)), what="blocked")
         sid = await c.session.create()
         index, sessions = await asyncio.wait_for(task, 10)
         assert [s["ID"] for s in sessions] == [sid]
         task = asyncio.ensure_future(c.session.list(index=index, wait="30s"))
-        await async_wait_for(lambda: asyncio.to_thread(lambda: _blocked(catalog.url)), what="blocked")
+        await async_wait_for(lambda: asyncio.to_thread(lambda: _blocked(catalog)), what="blocked")
         assert await c.session.destroy(sid) is True
         _, sessions = await asyncio.wait_for(task, 10)
         assert sessions == []
@@ -164,10 +164,10 @@ async def test_session_list_blocks(catalog) -> None:
         await c.close()
 
 
-def _blocked(url: str) -> bool:
+def _blocked(catalog) -> bool:
     from catalog_helpers import blocked
 
-    return blocked(url) >= 1
+    return blocked(catalog) >= 1
 def test_acquire_release(catalog) -> None:
     c = catalog.client()
     with pytest.raises(consul.ConsulException):

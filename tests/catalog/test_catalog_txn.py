@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 
-import consul.aio
 import pytest
 import requests
 from catalog_helpers import shared_catalog  # noqa: F401 (fixture)
@@ -17,7 +16,7 @@ def b64(s: str) -> str:
 
 
 def txn(catalog, ops: list) -> requests.Response:
-    return requests.put(catalog.url + "/v1/txn", json=ops, timeout=5)
+    return catalog.http.put(catalog.url + "/v1/txn", json=ops, timeout=5)
 
 
 def test_set_then_get(catalog) -> None:
@@ -30,7 +29,7 @@ def test_set_then_get(catalog) -> None:
 
 
 async def test_aio(catalog) -> None:
-    c = consul.aio.Consul(host=catalog.host, port=catalog.port)
+    c = catalog.aio()
     try:
         r = await c.txn.put([{"KV": {"Verb": "set", "Key": "k", "Value": b64("v")}}])
         assert r["Errors"] is None

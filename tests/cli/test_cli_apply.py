@@ -6,14 +6,13 @@ import pytest
 
 import ipaddress
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import config
-from _util import refusing_port
+from _util import cli_env, refusing_port
 from supervisor.core.revisions import target_revision
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def meshlet(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    full_env = cli_env()
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
                           cwd=REPO, env=full_env, timeout=timeout)
@@ -190,7 +189,7 @@ def test_concurrent_applies_never_share_a_vip(catalog, tmp_path) -> None:
     for i in range(4):
         services = "".join(f"s{i}x{j}:\n  command: [x]\n  ports: [{{name: http}}]\n" for j in range(3))
         files.append(write(tmp_path / f"f{i}.yaml", services, mesh="mesh:\n  vip_range: 127.20.0.0/28\n"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    env = cli_env()
     procs = [subprocess.Popen([sys.executable, "-m", "supervisor", "apply", "-f", str(f), "--consul", catalog.url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
              for f in files]

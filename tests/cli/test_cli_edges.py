@@ -6,7 +6,6 @@ proxy cannot listen on."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import config
-from _util import free_port, kill_leftovers, start_server, stop_process, wait_for
+from _util import cli_env, free_port, kill_leftovers, start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.slow   # real processes, sockets (tests/conftest.py)
 
@@ -26,7 +25,7 @@ MESHLET = str(Path(sys.executable).parent / "meshlet")
 
 
 def meshlet(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    env = cli_env()
     return subprocess.run([MESHLET, *args], capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
@@ -110,7 +109,7 @@ def test_scale_writes_the_replicas_as_apply_would(catalog, tmp_path) -> None:
 def test_a_closed_pipe_ends_the_command_quietly(catalog) -> None:
     """`meshlet secret ls | head -0`: the reader is gone before anything is written."""
     proc = subprocess.Popen([MESHLET, "secret", "ls", "--consul", catalog.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     proc.stdout.close()                    # before the command writes a byte
     _, err = proc.communicate(timeout=60)
     assert err == b"" and proc.returncode in (0, 141)
@@ -208,7 +207,7 @@ def test_an_interrupted_log_follower_leaves_no_traceback(catalog, tmp_path) -> N
     with open(log_file, "wb") as log:
         proc, ready = start_server([MESHLET, "supervisor", "--consul", catalog.url, "--data-dir",
                                     str(tmp_path / "data"), "--runtime", "process", "--admin", "127.0.0.1:0",
-                                    "--stop-on-exit"], stderr=log)
+                                    "--stop-on-exit"], stderr=log, env=cli_env())
     try:
         follower = subprocess.Popen([MESHLET, "logs", "web", "-f", "--admin", ready["admin"]],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -252,7 +251,7 @@ def test_a_vip_the_proxy_cannot_listen_on_is_a_problem_in_status(tmp_path) -> No
         services:
           web: {{command: [{sys.executable}, {app}], ports: [{{name: http, vip_port: {vip_port}}}]}}
         """))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    env = cli_env()
     proc = subprocess.Popen([MESHLET, "up", "-f", str(path)], cwd=str(tmp_path), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     admin = f"127.0.0.1:{ports['admin']}"

@@ -27,7 +27,8 @@ def test_catalog_subcommand_hands_over(tmp_path) -> None:
                                 "--data-dir", str(tmp_path / "cat")], cwd=str(REPO))
     try:
         host, _, port = ready["http"].rpartition(":")
-        assert consul.Consul(host=host, port=int(port)).kv.put("k", "v")
+        token = (tmp_path / "cat" / "management-token").read_text().strip()
+        assert consul.Consul(host=host, port=int(port), token=token).kv.put("k", "v")
     finally:
         assert stop_process(proc) == 0
 

@@ -21,7 +21,7 @@ def services(*names: str) -> dict[str, config.ServiceSpec]:
 async def test_a_stale_plan_writes_nothing(catalog) -> None:
     """Two applies read the same state and both pick the lowest free VIP; the second one's
     transaction fails as a whole: neither its document nor its VIP key is written."""
-    a, b = connect(catalog.url), connect(catalog.url)
+    a, b = connect(catalog.access), connect(catalog.access)
     try:
         state = await read_state(a)
         plan_a = plan_apply(services("alpha"), state.docs, state.vips, "127.30.0.0/24", False)
@@ -41,7 +41,7 @@ async def test_a_stale_plan_writes_nothing(catalog) -> None:
 
 
 async def test_racing_applies_all_succeed_with_distinct_vips(catalog) -> None:
-    clients = [connect(catalog.url) for _ in range(4)]
+    clients = [connect(catalog.access) for _ in range(4)]
     try:
         wanted = [services(*(f"r{i}s{j}" for j in range(3))) for i in range(4)]
         results = await asyncio.gather(*(apply_services(c, w, "127.30.0.0/28") for c, w in zip(clients, wanted)))

@@ -8,7 +8,6 @@ with the supervisor's side (rollout state and history in KV) written by the test
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -250,7 +249,9 @@ def meshlet_argv(*args: str) -> list[str]:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    from _util import cli_env
+
+    return cli_env()
 
 
 def meshlet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from _util import free_port, kill_leftovers, stop_process, wait_for
+from _util import cli_env, free_port, kill_leftovers, stop_process, wait_for
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
@@ -48,7 +47,7 @@ def write(path: Path, ports: dict[str, int], greeting: str) -> None:
 
 
 def meshlet(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    env = cli_env()
     return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout)
 
@@ -82,13 +81,15 @@ def test_status_rollback_and_restart_on_a_running_mesh(tmp_path) -> None:
 
     def instances() -> dict[str, str]:
         """Passing instance id -> Meta revision."""
-        with urllib.request.urlopen(f"{url}/v1/health/service/web", timeout=5) as r:
+        token = (path.parent / "state" / "catalog" / "management-token").read_text().strip()
+        req = urllib.request.Request(f"{url}/v1/health/service/web", headers={"X-Consul-Token": token})
+        with urllib.request.urlopen(req, timeout=5) as r:
             entries = json.load(r)
         return {e["Service"]["ID"]: e["Service"]["Meta"]["revision"] for e in entries
                 if all(c["Status"] == "passing" for c in e["Checks"])}
 
     def status() -> subprocess.CompletedProcess:
-        r = meshlet("rollout", "status", "web", "--consul", url, "--timeout", "90s")
+        r = meshlet("rollout", "status", "web", "-f", str(path), "--timeout", "90s")
         assert r.returncode == 0, (r.stdout, r.stderr)
         return r
 
@@ -97,25 +98,25 @@ def test_status_rollback_and_restart_on_a_running_mesh(tmp_path) -> None:
         wait_for(lambda: greetings() == {"v1"}, timeout=20, interval=0.2)
 
         write(path, ports, "v2")
-        r = meshlet("apply", "-f", str(path), "--consul", url)
+        r = meshlet("apply", "-f", str(path))
         assert r.returncode == 0, r.stderr
         done = status().stdout.splitlines()[-1]
         assert done.startswith("rollout of web to revision ") and done.endswith(" complete")
         assert greetings() == {"v2"} and len(instances()) == 3
 
-        r = meshlet("rollout", "history", "web", "--consul", url)
+        r = meshlet("rollout", "history", "web", "-f", str(path))
         assert r.returncode == 0, r.stderr
         rows = [ln.split() for ln in r.stdout.splitlines()[1:]]
         assert [row[2] for row in rows][-2:] == ["complete", "complete"], r.stdout
         assert r.stdout.splitlines()[-1].endswith("env (GREETING)")
 
-        r = meshlet("rollback", "web", "--consul", url)
+        r = meshlet("rollback", "web", "-f", str(path))
         assert r.returncode == 0, r.stderr
         status()
         assert greetings() == {"v1"}
 
         before = instances()
-        r = meshlet("restart", "web", "--consul", url, "--wait", "--timeout", "90s")
+        r = meshlet("restart", "web", "-f", str(path), "--wait", "--timeout", "90s")
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert r.stdout.splitlines()[-1].endswith(" complete")
         after = wait_for(lambda: (i := instances()) and len(i) == 3 and i, timeout=10)

@@ -26,7 +26,7 @@ def document(spec: config.ServiceSpec, vip: str | None) -> bytes:
 
 @pytest.fixture
 async def client(catalog):
-    c = connect(catalog.url)
+    c = connect(catalog.access)
     yield c
     await c.close()
 
@@ -42,7 +42,7 @@ async def test_mirror_first_view_and_changes(catalog, client) -> None:
     await client.kv.put("meshlet/services/web", document(WEB, "127.10.0.1"))
     await client.kv.put("meshlet/services/db", document(DB, "127.10.0.2"))  # a doc, no instances
     views: list[View] = []
-    mirror = Mirror(catalog.url, wait="10s", on_change=views.append)
+    mirror = Mirror(catalog.access, wait="10s", on_change=views.append)
     try:
         first = await mirror.start(timeout=10)
         assert mirror.view is first and views[-1] is first
@@ -85,7 +85,7 @@ async def test_mirror_first_view_and_changes(catalog, client) -> None:
 
 
 async def test_mirror_changes_iterator_ends_on_close(catalog) -> None:
-    mirror = Mirror(catalog.url, wait="10s")
+    mirror = Mirror(catalog.access, wait="10s")
     await mirror.start()
     changes = mirror.changes()
     waiter = asyncio.create_task(anext(changes, None))
@@ -95,14 +95,14 @@ async def test_mirror_changes_iterator_ends_on_close(catalog) -> None:
 
 async def test_mirror_keeps_the_last_view_through_an_outage(catalog, client) -> None:
     await register(client, "web-1")
-    mirror = Mirror(catalog.url, wait="10s")
+    mirror = Mirror(catalog.access, wait="10s")
     try:
         first = await mirror.start()
         await asyncio.to_thread(catalog.kill)
         await async_wait_for(lambda: mirror._outage.errors >= 3, 5, what="the mirror retrying")
         assert mirror.view is first
         await asyncio.to_thread(catalog.restart)
-        c2 = connect(catalog.url)
+        c2 = connect(catalog.access)
         try:
             await register(c2, "web-2")
             await async_wait_for(lambda: len(mirror.view.services["web"].instances) == 2, 15)
@@ -120,7 +120,7 @@ async def test_mirror_start_fails_clearly_when_nothing_answers() -> None:
 
 
 async def test_leader_lock_two_contenders_hand_over(catalog) -> None:
-    c1, c2, c3 = connect(catalog.url), connect(catalog.url), connect(catalog.url)
+    c1, c2, c3 = connect(catalog.access), connect(catalog.access), connect(catalog.access)
     one = LeaderLock(c1, "meshlet/leader", ttl="10s", name="one", value=b"one")
     two = LeaderLock(c2, "meshlet/leader", ttl="10s", name="two", value=b"two")
     try:
@@ -151,7 +151,7 @@ async def test_leader_lock_two_contenders_hand_over(catalog) -> None:
 
 async def test_leader_lock_renews_and_is_lost_when_renewal_fails(catalog_factory) -> None:
     cat = catalog_factory("--session-ttl-min", "1s")
-    c = connect(cat.url)
+    c = connect(cat.access)
     lock = LeaderLock(c, "meshlet/leader", ttl="1s", lock_delay="0s")
     try:
         await asyncio.wait_for(lock.acquire(), 5)
@@ -170,7 +170,7 @@ async def test_leader_lock_renews_and_is_lost_when_renewal_fails(catalog_factory
 
 
 async def test_leader_lock_rejected_session_raises(catalog) -> None:
-    c = connect(catalog.url)
+    c = connect(catalog.access)
     lock = LeaderLock(c, "meshlet/leader", ttl="1s")  # below the catalog's 10 s minimum
     try:
         with pytest.raises(consul.ConsulException, match="Invalid Session TTL"):

@@ -44,7 +44,7 @@ class Collector:
 
 @pytest.fixture
 async def client(catalog):
-    c = connect(catalog.url)
+    c = connect(catalog.access)
     yield c
     await c.close()
 
@@ -101,7 +101,7 @@ async def test_watch_services_kv_and_nodes(client) -> None:
 async def test_index_going_backwards_resets_the_watch(catalog, tmp_path) -> None:
     """A catalog restarted on a fresh data dir at the same address has a lower index. The
     watch must start over at index 0 rather than wait for the old, higher index."""
-    c = connect(catalog.url)
+    c = connect(catalog.access)
     # A short wait: the first query against the new catalog blocks on the old index until it.
     watch = Collector(watch_service(c, "web", wait="3s"))
     try:
@@ -123,7 +123,7 @@ async def test_index_going_backwards_resets_the_watch(catalog, tmp_path) -> None
 
 
 async def test_outage_keeps_last_known_good_and_recovers(catalog, caplog) -> None:
-    c = connect(catalog.url)
+    c = connect(catalog.access)
     outage = _Outage("test watch")
     watch = Collector(watch_service(c, "web", wait="30s", _outage=outage))
     caplog.set_level(logging.WARNING, logger="discovery.consul")

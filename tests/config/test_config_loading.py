@@ -19,7 +19,7 @@ def test_empty_file_gives_the_defaults(tmp_path):
     cfg = config.load(path)
     assert cfg.services == {} and cfg.volumes == {}
     mesh = cfg.mesh
-    assert (mesh.domain, mesh.catalog, mesh.catalog_listen) == ("meshlet", "embedded", "127.0.0.1:8500")
+    assert (mesh.domain, mesh.catalog.url, mesh.catalog_listen) == ("meshlet", "embedded", "127.0.0.1:8500")
     assert mesh.data_dir == str(tmp_path / ".meshlet")
     assert mesh.vip_range == "127.10.0.0/16" and mesh.admin_listen == "127.0.0.1:9900"
     assert mesh.dns == config.DnsSettings(listen=("127.0.0.1:8600",), mode="vip", ttl=0.0,

@@ -27,7 +27,7 @@ def dns_server(catalog) -> Iterator[Callable[..., DnsProcess]]:
     def start(*extra: str, catalog_url: str | None = None, listen: str = "127.0.0.1:0") -> DnsProcess:
         argv = [sys.executable, "-m", "discovery.dns", "--listen", listen,
                 "--consul", catalog_url or catalog.url, "--log-level", "DEBUG", *extra]
-        proc, ready = start_server(argv, cwd=str(REPO), timeout=30)
+        proc, ready = start_server(argv, cwd=str(REPO), timeout=30, env=catalog.env())
         server = DnsProcess(proc, ready)
         started.append(server)
         return server

@@ -63,7 +63,8 @@ def test_the_answering_side_rebuilds_every_zone_the_builder_sends() -> None:
                       nodes=views[-1].nodes, index=views[-1].index + 1))
     for step, view in enumerate(views):
         builder.publish(view)
-        (msg,) = _messages(sock)
+        msg, built = _messages(sock)
+        assert built[0] == "built" and built[1] >= 0      # how long the build took, for /metrics
         assert (msg[5] is None) == (step == 0)            # whole zone first, then the changes
         if step:
             assert set(msg[4]) == set(msg[5]) and len(msg[4]) < len(builder.engine.zone.names)
@@ -84,7 +85,7 @@ def test_messages_are_plain_data() -> None:
     """What crosses the socket pickles without the zone's read-only mappings."""
     sock = _Socket()
     _builder(sock).publish(big_view())
-    (msg,) = _messages(sock)
+    msg, _built = _messages(sock)
     assert pickle.loads(pickle.dumps(msg)) == msg
 
 

@@ -224,7 +224,7 @@ def test_zone_builder_ends_with_the_server(catalog, dns_server) -> None:
 
     # kill -9 of the server: the builder sees its socket close and exits too
     proc, _ready = start_server([sys.executable, "-m", "discovery.dns", "--listen", "127.0.0.1:0",
-                                 "--consul", catalog.url], cwd=str(REPO), timeout=30)
+                                 "--consul", catalog.url], cwd=str(REPO), timeout=30, env=catalog.env())
     (child,) = children(proc.pid)
     proc.kill()
     proc.wait(10)

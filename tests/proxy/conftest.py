@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 import config
-from _util import async_wait_for, wait_for  # noqa: F401 (px.wait_for, px.async_wait_for)
+from _util import async_wait_for, cli_env, wait_for  # noqa: F401 (px.wait_for, px.async_wait_for)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -66,14 +66,12 @@ class MeshCatalog:
     and store service documents built by :mod:`config` (as ``meshlet apply`` does)."""
 
     def __init__(self, data_dir: Path) -> None:
-        import consul
-        from _util import start_server
+        from _util import CatalogProcess
 
-        self.proc, ready = start_server([PY, "-m", "discovery.catalog", "--listen", "127.0.0.1:0",
-                                         "--data-dir", str(data_dir)], cwd=str(ROOT))
-        self.url = "http://" + ready["http"]
-        host, port = ready["http"].rsplit(":", 1)
-        self.client = consul.Consul(host=host, port=int(port))
+        self.process = CatalogProcess(data_dir).start()
+        self.proc = self.process.proc
+        self.url = self.process.url
+        self.client = self.process.client()
 
     def register(self, service: str, instance_id: str, port: int, *, address: str = "127.0.0.1",
                  status: str = "passing", meta: dict[str, str] | None = None, port_name: str | None = "http") -> None:
@@ -283,7 +281,7 @@ class Proxy:
         self.log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [PY, "-m", "proxy", "--consul", catalog_url, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-             *args], stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, cwd=ROOT)
+             *args], stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, cwd=ROOT, env=cli_env())
         self.ready = read_ready(self.proc, 30, "proxy")
         self.http = self.ready["http"][0]
         self.host, port = self.http.rsplit(":", 1)

@@ -107,7 +107,7 @@ def test_catalog_outage_keeps_the_last_table(catalog_factory, backends, px, tmp_
     import consul
 
     cat = catalog_factory()
-    c = consul.Consul(host=cat.host, port=cat.port)
+    c = cat.client()
     b = backends("outage-b0")
     assert c.agent.service.register("outage", service_id="outage-0", address="127.0.0.1", port=b.port,
                                     check=consul.Check.ttl("1h"))

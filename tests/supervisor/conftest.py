@@ -28,12 +28,13 @@ class Mesh:
     def __init__(self, catalog, tmp_path: Path) -> None:
         self.catalog = catalog
         self.url = catalog.url
+        self.access = catalog.access     # the URL with the catalog's token
         self.tmp = tmp_path
         self.markers = tmp_path / "markers"
         self.markers.mkdir()
         self.data_dir = tmp_path / "data"
         self.sup: Supervisor | None = None
-        self.client = connect(self.url, timeout=10)
+        self.client = connect(self.access, timeout=10)
 
     def service_yaml(self, name: str = "web", replicas: int = 2, probes: str = "", extra: str = "") -> str:
         return textwrap.dedent(f"""\
@@ -50,11 +51,11 @@ class Mesh:
 
     async def apply(self, text: str) -> None:
         cfg = config.loads(text, filename="test.yaml", base_dir=str(self.tmp))
-        changes = await apply_to(self.url, cfg.services, cfg.mesh.vip_range, prune=True)
+        changes = await apply_to(self.access, cfg.services, cfg.mesh.vip_range, prune=True)
         assert changes is not None
 
     async def start(self, **kw) -> Supervisor:
-        self.sup = Supervisor(self.url, [config.NodeSpec(name="local", runtime="process")],
+        self.sup = Supervisor(self.access, [config.NodeSpec(name="local", runtime="process")],
                               self.data_dir, resync=kw.pop("resync", 1.0), **kw)
         await self.sup.start()
         return self.sup

@@ -13,7 +13,6 @@ Helpers and fixtures are test_rollout_live.py's (imported, not copied).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import docker
 import pytest
 
 import config
-from _util import async_wait_for, start_server, stop_process
+from _util import cli_env, async_wait_for, start_server, stop_process
 
 from test_rollout_live import (REPLICAS, Bounds, Load, _complete, _kv_json, _kv_phase, _n_passing, _new_ready,
                                _revisions, _up, docker_supervisor, docker_yaml, engine,  # noqa: F401
@@ -126,7 +125,7 @@ async def test_docker_a_supervisor_killed_mid_rollout_resumes_it_after_its_resta
     argv = [sys.executable, "-m", "supervisor", "supervisor", "--consul", mesh.url, "--data-dir",
             str(mesh.data_dir), "--admin", "127.0.0.1:0", "--engine", clean_engine.url,
             "--stop-on-exit"]
-    env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
+    env = {**cli_env(), "MESHLET_LOG_LEVEL": "WARNING"}
     proc, ready = start_server(argv, env=env)
     try:
         await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=60)
@@ -182,7 +181,7 @@ def runtime(request, mesh):
 
 
 async def meshlet(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP")}
+    env = cli_env()
     proc = await asyncio.create_subprocess_exec(str(VENV_BIN / "meshlet"), *args, env=env,
                                                 stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)

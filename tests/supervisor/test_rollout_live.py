@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 import config
-from _util import async_wait_for, kill_leftovers, start_server, stop_process
+from _util import async_wait_for, cli_env, kill_leftovers, start_server, stop_process
 from docker_env import TEST_IMAGE, build_test_images, docker_engine, docker_engines  # noqa: F401
 from discovery.consul import instances_from_health
 from supervisor.daemon.up import progress_lines
@@ -136,7 +136,7 @@ class Bounds:
 @pytest.fixture
 def proxy(catalog):
     proc, ready = start_server([sys.executable, "-m", "proxy", "--consul", catalog.url,
-                                "--listen", "127.0.0.1:0"])
+                                "--listen", "127.0.0.1:0"], env=catalog.env())
     yield int(ready["http"][0].rpartition(":")[2])
     stop_process(proc)
 
@@ -145,7 +145,7 @@ def proxy(catalog):
 def proxy_admin(catalog):
     """(entry port, admin "host:port") of a proxy with its admin API (``/routes``)."""
     proc, ready = start_server([sys.executable, "-m", "proxy", "--consul", catalog.url,
-                                "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                                "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"], env=catalog.env())
     yield int(ready["http"][0].rpartition(":")[2]), ready["admin"]
     stop_process(proc)
 
@@ -480,7 +480,7 @@ async def test_a_supervisor_killed_mid_rollout_resumes_it_after_its_restart(mesh
     await mesh.apply(text)
     argv = [sys.executable, "-m", "supervisor", "supervisor", "--consul", mesh.url, "--data-dir",
             str(mesh.data_dir), "--admin", "127.0.0.1:0", "--runtime", "process"]
-    env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
+    env = {**cli_env(), "MESHLET_LOG_LEVEL": "WARNING"}
     proc, ready = start_server(argv, env=env)
     try:
         await async_wait_for(lambda: _n_passing(mesh, REPLICAS), timeout=30)
@@ -538,7 +538,7 @@ async def test_crashes_counted_before_a_supervisor_restart_still_fail_the_rollou
     await mesh.apply(web_yaml(mesh))
     argv = [sys.executable, "-m", "supervisor", "supervisor", "--consul", mesh.url, "--data-dir",
             str(mesh.data_dir), "--admin", "127.0.0.1:0", "--runtime", "process"]
-    env = {**os.environ, "MESHLET_LOG_LEVEL": "WARNING"}
+    env = {**cli_env(), "MESHLET_LOG_LEVEL": "WARNING"}
     proc, _ = start_server(argv, env=env)
     try:
         await async_wait_for(lambda: _kv_phase(mesh, "complete"), timeout=30)
@@ -622,7 +622,7 @@ def engine(docker_engine):  # noqa: F811
 def docker_supervisor(mesh, engine):
     from supervisor.daemon.supervisor import Supervisor
     node = config.NodeSpec(name="dock", runtime="docker", engine=engine.url)
-    return Supervisor(mesh.url, [node], mesh.data_dir, resync=1.0)
+    return Supervisor(mesh.access, [node], mesh.data_dir, resync=1.0)
 
 
 DOCKER_READY = "{http: {path: /}, period: 0.1s, failure_threshold: 1}"

@@ -30,7 +30,7 @@ async def _entry(client, key: str) -> tuple[int, object] | None:
 
 
 async def test_state_and_history_go_in_one_transaction(catalog) -> None:
-    client = connect(catalog.url)
+    client = connect(catalog.access)
     try:
         driver = Rollouts(client)
         history = [{"number": 1, "revision": "r1", "status": "complete"},
@@ -80,7 +80,7 @@ async def _load(client) -> Rollouts:
 async def test_crash_counts_are_stored_with_the_state_and_outlive_the_driver(catalog) -> None:
     """A restarted supervisor goes on counting the rollout target's crashes where the last
     one stopped: each exit once, old revisions never, another rollout's counts not at all."""
-    client = connect(catalog.url)
+    client = connect(catalog.access)
     try:
         a, b, old = _exited("web-0-a", "r2"), _exited("web-0-b", "r2"), _exited("web-1-o", "r1", slot=1)
         live = {a.instance_id, b.instance_id, old.instance_id}
@@ -124,7 +124,7 @@ async def test_crash_counts_are_stored_with_the_state_and_outlive_the_driver(cat
 
 
 async def test_an_unreadable_crash_document_is_ignored(catalog) -> None:
-    client = connect(catalog.url)
+    client = connect(catalog.access)
     try:
         await client.kv.put(config.rollout_key("web", "state"), json.dumps(RolloutState("web", "r2").to_dict()))
         for bad in ('{"revision": "r2", "crashes": {"zero": 1}}', '[1, 2]', '{"revision": "r2", "counted": 3}'):

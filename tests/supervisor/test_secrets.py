@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 import config
-from _util import async_wait_for
+from _util import async_wait_for, cli_env
 from supervisor.commands.apply import apply_config
 from supervisor.secrets import KeySource
 
@@ -59,7 +59,7 @@ async def _apply(mesh, tmp: Path, **kw) -> tuple[int, str, str]:
     path.write_text(yaml_text(tmp, **kw))
     cfg = config.load(path)
     out, err = io.StringIO(), io.StringIO()
-    code, applied = await apply_config(mesh.url, cfg, str(path), err=err)
+    code, applied = await apply_config(mesh.access, cfg, str(path), err=err)
     if applied is not None:
         from supervisor.commands.apply import print_applied
         print_applied(applied, out)
@@ -216,7 +216,7 @@ async def test_a_restarted_supervisor_delivers_the_same_secrets_again(mesh, sour
     await async_wait_for(lambda: len_passing(mesh, 1), timeout=20)
     await sup.close(stop=False)
     from supervisor.daemon.supervisor import Supervisor
-    mesh.sup = Supervisor(mesh.url, [config.NodeSpec(name="local", runtime="process")], mesh.data_dir,
+    mesh.sup = Supervisor(mesh.access, [config.NodeSpec(name="local", runtime="process")], mesh.data_dir,
                           resync=1.0, secrets_key=key(sources))
     await mesh.sup.start()
     (old,) = mesh.running("web").values()
@@ -230,7 +230,7 @@ async def test_a_restarted_supervisor_delivers_the_same_secrets_again(mesh, sour
 
 def meshlet(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "meshlet"), *args], input=stdin,
-                          capture_output=True, timeout=60)
+                          capture_output=True, timeout=60, env=cli_env())
 
 
 async def test_the_secret_command_sets_lists_and_refuses_to_remove_a_used_secret(mesh, sources):
@@ -326,10 +326,10 @@ async def test_docker_replicas_get_secrets_on_tmpfs_and_inspect_shows_none(mesh,
     from supervisor.daemon.supervisor import Supervisor
     path = sources / "meshlet.yaml"
     path.write_text(docker_yaml(sources))
-    code, applied = await apply_config(mesh.url, config.load(path), str(path), err=io.StringIO())
+    code, applied = await apply_config(mesh.access, config.load(path), str(path), err=io.StringIO())
     assert code == 0
     node = config.NodeSpec(name="dock", runtime="docker", engine=engine.url)
-    mesh.sup = Supervisor(mesh.url, [node], mesh.data_dir, resync=1.0, secrets_key=key(sources))
+    mesh.sup = Supervisor(mesh.access, [node], mesh.data_dir, resync=1.0, secrets_key=key(sources))
     await mesh.sup.start()
     await async_wait_for(lambda: _box(mesh), timeout=60)
     (obs,) = _box(mesh).values()
@@ -401,7 +401,7 @@ async def test_a_secret_and_a_config_change_roll_with_no_failed_request_through_
 
     async def apply() -> str:
         out = io.StringIO()
-        code, applied = await apply_config(mesh.url, config.load(path), str(path), err=out)
+        code, applied = await apply_config(mesh.access, config.load(path), str(path), err=out)
         assert code == 0, out.getvalue()
         return " ".join(o.line() for o in applied.objects)
 

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from _util import async_wait_for, start_server, stop_process
-from _util import kill_leftovers, pid_alive
+from _util import cli_env, kill_leftovers, pid_alive
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def start_supervisor(url: str, data_dir: Path, *extra: str):
     proc, ready = start_server([sys.executable, "-m", "supervisor", "supervisor", "--consul", url,
                                 "--data-dir", str(data_dir), "--admin", "127.0.0.1:0",
-                                "--runtime", "process", *extra], cwd=str(REPO))
+                                "--runtime", "process", *extra], cwd=str(REPO), env=cli_env())
     return proc, ready["admin"]
 
 

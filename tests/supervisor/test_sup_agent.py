@@ -153,7 +153,7 @@ async def test_replicas_spread_over_two_nodes(mesh):
     from supervisor.daemon.supervisor import Supervisor
     await mesh.apply(mesh.service_yaml(replicas=2, probes=READY))
     nodes = [config.NodeSpec(name="a", runtime="process"), config.NodeSpec(name="b", runtime="process")]
-    mesh.sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=1.0)
+    mesh.sup = Supervisor(mesh.access, nodes, mesh.data_dir, resync=1.0)
     await mesh.sup.start()
     await async_wait_for(lambda: _len_eq(mesh.passing("web"), 2), timeout=15)
     assert sorted(o.node for o in mesh.running("web").values()) == ["a", "b"]

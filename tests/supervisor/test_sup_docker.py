@@ -34,7 +34,7 @@ def engine(docker_engine):  # noqa: F811
 
 def supervisor(mesh, engine) -> Supervisor:
     node = config.NodeSpec(name="dock", runtime="docker", engine=engine.url)
-    return Supervisor(mesh.url, [node], mesh.data_dir, resync=1.0)
+    return Supervisor(mesh.access, [node], mesh.data_dir, resync=1.0)
 
 
 async def _passing(mesh, n):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _util import async_wait_for
+from _util import async_wait_for, cli_env
 from supervisor.commands.admin_client import format_status
 from supervisor.daemon.admin import AdminServer
 
@@ -41,7 +41,7 @@ def failing(sup) -> list[dict]:
 
 def meshlet(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "meshlet"), *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=cli_env())
 
 
 async def test_a_command_that_cannot_start_shows_why_in_status_and_logs_previous(mesh):
@@ -97,7 +97,7 @@ async def test_a_replica_no_node_can_hold_is_pending_and_explain_says_why(mesh):
                      .replace("replicas: 1", "replicas: 1\n    resources: {requests: {cpu: 8}}"))
     nodes = [config.NodeSpec(name="small", runtime="process", capacity=config.NodeCapacity(cpu=1.0)),
              config.NodeSpec(name="big", runtime="process", capacity=config.NodeCapacity(cpu=2.0))]
-    mesh.sup = sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=1.0)
+    mesh.sup = sup = Supervisor(mesh.access, nodes, mesh.data_dir, resync=1.0)
     await sup.start()
     await async_wait_for(lambda: any(r["ready"] for s in sup.status()["services"] if s["name"] == "web"
                                      for r in s["instances"]), timeout=30, what="web ready")
@@ -144,7 +144,7 @@ async def test_a_pending_replica_is_placed_as_soon_as_room_appears(mesh):
     second = text.replace("web:", "later:").replace("services:\n", "")
     await mesh.apply(text + second)
     nodes = [config.NodeSpec(name="only", runtime="process", capacity=config.NodeCapacity(cpu=2.0))]
-    mesh.sup = sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=600.0)   # no periodic help
+    mesh.sup = sup = Supervisor(mesh.access, nodes, mesh.data_dir, resync=600.0)   # no periodic help
 
     def service(name: str) -> dict:
         return next(s for s in sup.status()["services"] if s["name"] == name)
