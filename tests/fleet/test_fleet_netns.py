@@ -17,6 +17,7 @@ a drain under load through the proxy fails no request.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -296,7 +297,11 @@ def test_a_drain_under_load_through_the_proxy_fails_no_request(fleet):
     counts = json.loads(result.read_text())
     assert counts["failed"] == 0 and counts["ok"] > 50, counts
     # cordoned: nothing new goes there until uncordoned
-    scaled = fleet.meshlet("scale", "web", "3", "--consul", f"http://{fleet.net.addresses['ctl']}:8500")
+    # a command run on the control host with the catalog's URL: the token from its environment
+    token = (fleet.tmp / "ctl" / "catalog" / "management-token").read_text().strip()
+    scaled = fleet.net.call("ctl", [MESHLET, "scale", "web", "3", "--consul",
+                                    f"http://{fleet.net.addresses['ctl']}:8500"],
+                            env={**os.environ, "CONSUL_HTTP_TOKEN": token})
     assert scaled.returncode == 0, scaled.stderr
     wait_for(lambda: len(fleet.ready_nodes("web")) == 3, timeout=60, interval=0.5)
     assert fleet.ready_nodes("web") == [target] * 3

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from _util import async_wait_for, kill_leftovers, pid_alive, start_server, stop_process, wait_for
+from _util import async_wait_for, cli_env, kill_leftovers, pid_alive, start_server, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ class Watched:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "supervisor", "--consul", url, "--data-dir", str(data),
              "--admin", "127.0.0.1:0", "--runtime", "process"],
-            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
         self.lines: list[tuple[float, str]] = []
         self.ready: "queue.Queue[dict]" = queue.Queue()
         for stream in (self.proc.stdout, self.proc.stderr):
@@ -124,7 +124,8 @@ async def test_kill9_of_the_leader_hands_over_to_a_standby_under_load(ha):
     procs.append(second.proc)
     await async_wait_for(lambda: second.when("standing by") is not None, timeout=15, what="the standby")
     assert second.ready.empty()          # it does nothing while the other leads
-    proxy, ready = start_server([sys.executable, "-m", "proxy", "--consul", cat.url, "--listen", "127.0.0.1:0"])
+    proxy, ready = start_server([sys.executable, "-m", "proxy", "--consul", cat.url, "--listen", "127.0.0.1:0"],
+                                env=cli_env())
     procs.append(proxy)
     port = int(ready["http"][0].rpartition(":")[2])
     await async_wait_for(lambda: _passing(mesh, 2), timeout=15)
