@@ -26,7 +26,7 @@ it as absent) and turns passing when its readiness does; readiness flips are pus
 the check at once, not through a sync.
 
 Errors: a runtime refusal at start raises ``WorkloadError`` to the caller (the supervisor
-backs the slot off); catalog failures are logged and retried by the next sync or TTL/2
+backs the slot off); catalog failures are logged and retried by the next sync or TTL/3
 push; a runtime that refuses to stop a replica is asked again with back-off.
 """
 
@@ -485,7 +485,7 @@ class Replicas:
                         t.pushed = status
                         if status == "passing" and changed:
                             self.host.changed(t.obs.service)   # a rollout may wait for it
-                    except Exception as exc:  # noqa: BLE001 - re-asserted every TTL/2 anyway
+                    except Exception as exc:  # noqa: BLE001 - re-asserted every TTL/3 anyway
                         log.warning("cannot update the check of %s: %s", iid, exc)
                         return
             finally:
@@ -496,7 +496,7 @@ class Replicas:
         task.add_done_callback(self._pending_status.discard)
 
     def push_all(self) -> None:
-        """Re-assert every replica's check (every TTL/2)."""
+        """Re-assert every replica's check (every TTL/3, and at once after adopting)."""
         for t in list(self.instances.values()):
             self.push_status(t, force=True)
 

@@ -74,9 +74,11 @@ __all__ = ["Supervisor", "make_runtime", "FOLLOWUP_SLOT"]
 log = logging.getLogger("supervisor")
 
 # The TTL of every instance check. Status is pushed on every probe change and re-asserted
-# every TTL/2; a generous TTL only matters if the supervisor dies (the check then goes
-# critical after at most 30 s, while the workload may still be serving).
-CHECK_TTL = 30.0
+# every TTL/3; the TTL covers a supervisor's death: a standby takes over within about 11 s
+# (21 s against a Consul with a 10 s session_ttl_min) and re-asserts every check it adopts
+# at once, so checks pushed up to TTL/3 before the death outlive the leaderless time.
+# Without a standby a dead supervisor's checks go critical after at most 45 s.
+CHECK_TTL = 45.0
 # Level-triggered safety net: re-list the runtimes and sync every service this often.
 RESYNC = 5.0
 FOLLOWUP_SLOT = -1          # the follow-up key (service, slot) of rollout steps
@@ -257,6 +259,9 @@ class Supervisor:
         self._tasks.append(asyncio.create_task(self._tick(), name="resync"))
         self.monitor.start()
         self._adopted = True
+        # the checks of what was adopted were last pushed by the supervisor before us, up
+        # to TTL/3 before it stopped: push them now, not at our first tick
+        self.replicas.push_all()
         for name in self.service_names():
             self.enqueue(name)
 
@@ -446,7 +451,7 @@ class Supervisor:
             await self._poll_proxies()
             for name in self.service_names():
                 self.enqueue(name)
-            if time.monotonic() - last_status >= self.check_ttl / 2 - self.resync:
+            if time.monotonic() - last_status >= self.check_ttl / 3 - self.resync:
                 last_status = time.monotonic()
                 self.replicas.push_all()
 
