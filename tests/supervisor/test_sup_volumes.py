@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 import config
-from _util import async_wait_for, start_server, stop_process
+from _util import async_wait_for, cli_env, start_server, stop_process
 from docker_env import TEST_IMAGE, build_test_images
 from supervisor import cli
 from supervisor.commands.admin_client import format_status
@@ -53,7 +53,7 @@ def kv_yaml(replicas: int = 3, version: str = "1", volume: str = "{per_replica: 
 
 async def apply(mesh, text: str) -> None:
     cfg = config.loads(text, filename="kv.yaml", base_dir=str(mesh.tmp))
-    code, applied = await apply_config(mesh.url, cfg, None, prune=True)
+    code, applied = await apply_config(mesh.access, cfg, None, prune=True)
     assert code == 0 and applied is not None
 
 
@@ -107,7 +107,7 @@ async def test_each_slot_keeps_its_data_through_kill_restart_and_rollout(mesh):
     # a supervisor restart adopts the replicas and keeps the volumes' homes
     before = set(mesh.running("kv"))
     await sup.close(stop=False)
-    mesh.sup = sup = Supervisor(mesh.url, [config.NodeSpec(name="local", runtime="process")], mesh.data_dir,
+    mesh.sup = sup = Supervisor(mesh.access, [config.NodeSpec(name="local", runtime="process")], mesh.data_dir,
                                 resync=1.0)
     await sup.start()
     await async_wait_for(lambda: passing_slots(mesh, 3), timeout=30)
@@ -189,7 +189,7 @@ async def test_scale_down_keeps_volumes_and_scale_up_gets_them_back_and_volume_r
 async def test_a_replica_whose_volume_node_is_gone_stays_pending(mesh):
     nodes = [config.NodeSpec(name="a", runtime="process"), config.NodeSpec(name="b", runtime="process")]
     await apply(mesh, kv_yaml(1))
-    mesh.sup = sup = Supervisor(mesh.url, nodes, mesh.data_dir, resync=1.0)
+    mesh.sup = sup = Supervisor(mesh.access, nodes, mesh.data_dir, resync=1.0)
     await sup.start()
     await async_wait_for(lambda: passing_slots(mesh, 1), timeout=30)
     home = by_slot(mesh)[0].node
@@ -197,7 +197,7 @@ async def test_a_replica_whose_volume_node_is_gone_stays_pending(mesh):
     assert await homes(mesh) == {"named/kv-data-0": home}
     await sup.close(stop=True)
     # the node holding kv-data-0 leaves the fleet: the replica waits, it is not started empty on the other
-    mesh.sup = sup = Supervisor(mesh.url, [n for n in nodes if n.name == other], mesh.data_dir, resync=1.0)
+    mesh.sup = sup = Supervisor(mesh.access, [n for n in nodes if n.name == other], mesh.data_dir, resync=1.0)
     await sup.start()
     reason = f"slot 0: volume kv-data-0 lives on node {home}, and node {home} is not in the fleet: waiting for it"
     await async_wait_for(lambda: sup.problems.get("kv") == reason, timeout=15)
@@ -208,7 +208,7 @@ async def test_a_replica_whose_volume_node_is_gone_stays_pending(mesh):
     assert explained["nodes"] == [{"node": other, "filtered": f"volume kv-data-0 lives on node {home}", "score": None}]
 
 
-async def test_apply_refuses_a_per_replica_mismatch_with_the_mesh(mesh, tmp_path):
+async def test_apply_refuses_a_per_replica_mismatch_with_the_mesh(mesh, tmp_path, monkeypatch):
     await apply(mesh, kv_yaml(1))
     other = tmp_path / "other.yaml"
     other.write_text(textwrap.dedent(f"""\
@@ -220,6 +220,7 @@ async def test_apply_refuses_a_per_replica_mismatch_with_the_mesh(mesh, tmp_path
           data: {{per_replica: false}}
         """))
     err = io.StringIO()
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", mesh.access.token)      # as a user's shell would have it
     code = await asyncio.to_thread(cli.main, ["apply", "-f", str(other), "--consul", mesh.url], out=io.StringIO(),
                                    err=err)
     assert code == 2
@@ -250,7 +251,7 @@ def engine(docker_engine):
 
 def docker_sup(mesh, engine) -> Supervisor:
     node = config.NodeSpec(name="dock", runtime="docker", engine=engine.url)
-    mesh.sup = Supervisor(mesh.url, [node], mesh.data_dir, resync=1.0)
+    mesh.sup = Supervisor(mesh.access, [node], mesh.data_dir, resync=1.0)
     return mesh.sup
 
 
@@ -278,7 +279,8 @@ def image_yaml(replicas: int = 2, version: str = "1", volume: str = "{per_replic
 
 @pytest.fixture
 def proxy(catalog):
-    proc, ready = start_server([sys.executable, "-m", "proxy", "--consul", catalog.url, "--listen", "127.0.0.1:0"])
+    proc, ready = start_server([sys.executable, "-m", "proxy", "--consul", catalog.url, "--listen", "127.0.0.1:0"],
+                               env=cli_env())
     yield int(ready["http"][0].rpartition(":")[2])
     stop_process(proc)
 
