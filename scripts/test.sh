@@ -4,11 +4,12 @@
 # Debian packages: docker.io (the real engine the tests start with --bridge=none
 # --iptables=false --ip-masq=false), busybox-static (the FROM-scratch test image),
 # bind9-dnsutils (dig), dnsmasq (a second DNS server for forwarding tests), iproute2 and
-# util-linux (ip netns and nsenter: the fleet tests' hosts are network namespaces).
+# util-linux (ip netns and nsenter: the fleet tests' hosts are network namespaces),
+# openssh-server and openssh-client (a fleet host's engine reached at ssh://).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux)
+debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux openssh-server openssh-client)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

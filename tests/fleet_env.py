@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["NetFleet", "NETNS_DIR", "engine_certs"]
+__all__ = ["NetFleet", "NETNS_DIR", "engine_certs", "ssh_access"]
 
 NETNS_DIR = Path("/var/run/netns")
 _PREFIX = "mlh"
@@ -150,3 +150,52 @@ def engine_certs(dest: Path, server_ip: str) -> Path:
     ca.issue(dest, "server", [], ips=[server_ip])
     ca.issue(dest, "client", ["meshlet-supervisor"])
     return dest
+
+
+def ssh_access(net: NetFleet, host: str, dest: Path, docker_socket: Path) -> Path:
+    """sshd inside ``host`` (its own host key, root by key only) whose sessions reach that
+    host's engine (``DOCKER_HOST``), and a client set-up for it: returns a directory to put
+    first on PATH, whose ``ssh`` runs the system's ssh with a config naming the key, the
+    host's known key, strict host key checking and short time-outs. The engine is then
+    ``ssh://root@<address>``, as a user reaches a remote engine with ``docker -H ssh://``."""
+    import shutil as _shutil
+    address = net.addresses[host]
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"meshlet-test-{name}",
+                        "-f", str(dest / name)], check=True, timeout=30)
+    (dest / "authorized_keys").write_text((dest / "client.pub").read_text())
+    kind, key = (dest / "host.pub").read_text().split()[:2]
+    (dest / "known_hosts").write_text(f"{address} {kind} {key}\n")
+    (dest / "sshd_config").write_text(f"""ListenAddress {address}
+Port 22
+HostKey {dest / 'host'}
+AuthorizedKeysFile {dest / 'authorized_keys'}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile {dest / 'sshd.pid'}
+SetEnv DOCKER_HOST=unix://{docker_socket}
+""")
+    (dest / "ssh_config").write_text(f"""Host {address}
+  User root
+  IdentityFile {dest / 'client'}
+  IdentitiesOnly yes
+  UserKnownHostsFile {dest / 'known_hosts'}
+  StrictHostKeyChecking yes
+  BatchMode yes
+  ConnectTimeout 5
+  ServerAliveInterval 2
+  ServerAliveCountMax 2
+""")
+    bindir = dest / "bin"
+    bindir.mkdir(exist_ok=True)
+    ssh = _shutil.which("ssh") or "/usr/bin/ssh"
+    (bindir / "ssh").write_text(f'#!/bin/sh\nexec {ssh} -F {dest / "ssh_config"} "$@"\n')
+    (bindir / "ssh").chmod(0o755)
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)     # sshd's privilege separation directory
+    sshd = _shutil.which("sshd") or "/usr/sbin/sshd"
+    net.run(host, [sshd, "-D", "-e", "-f", str(dest / "sshd_config")], log=dest / "sshd.log")
+    return bindir

@@ -72,8 +72,10 @@ def open_api(engine: str, *, timeout: float | None, tls: Any = None, version: st
     every TLS engine fails verification, and HTTP(S)_PROXY sends engine calls through a
     web proxy. ``version`` None: the engine's own, asked (as the SDK's "auto" does, but
     after the environment is switched off)."""
+    # ssh://: the system's ssh client runs `docker system dial-stdio` on the node, with the
+    # user's keys, known_hosts and ssh config (strict host key checking is ssh's to do)
     api = docker.APIClient(base_url=engine, version=version or docker.constants.MINIMUM_DOCKER_API_VERSION,
-                           timeout=timeout, tls=tls or False)
+                           timeout=timeout, tls=tls or False, use_ssh_client=engine.startswith("ssh://"))
     api.trust_env = False
     if version is None:
         try:
@@ -136,6 +138,8 @@ class DockerRuntime:
         self._client: docker.DockerClient | None = None
         self._stream_api: docker.APIClient | None = None
         self._probe_api: docker.APIClient | None = None
+        self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix=f"docker-health-{node}")
+        self._probing: asyncio.Future[Any] | None = None
         self._events_ok = threading.Event()    # the event stream is connected
         self._client_lock = threading.Lock()
         self._since = time.time()
@@ -461,10 +465,11 @@ class DockerRuntime:
         stop_signal = (container.attrs.get("Config") or {}).get("StopSignal") or "SIGTERM"
         if not self._signal(api, container.id, stop_signal):
             return
-        if grace > 0 and self._wait_exit(api, container.id, grace):
+        wait = self._wait_exit_ssh if self.engine.startswith("ssh://") else self._wait_exit
+        if grace > 0 and wait(api, container.id, grace):
             return
         if self._signal(api, container.id, "SIGKILL"):
-            self._wait_exit(api, container.id, _KILL_WAIT)
+            wait(api, container.id, _KILL_WAIT)
 
     @staticmethod
     def _signal(api: Any, container_id: str, sig: str) -> bool:
@@ -478,6 +483,22 @@ class DockerRuntime:
             if exc.status_code == 409:   # "is not running"
                 return False
             raise
+
+    @staticmethod
+    def _wait_exit_ssh(api: Any, container_id: str, timeout: float) -> bool:
+        """``_wait_exit`` over ssh://: the SDK's ssh socket is a pipe to the ssh client and
+        ignores read time-outs, so the engine's wait would block until the container exits
+        (forever, for a PID 1 that ignores SIGTERM). The wait runs on a thread of its own
+        and is given up after ``timeout``; that thread ends when the container does."""
+        done = threading.Event()
+        result: list[bool] = []
+
+        def run() -> None:
+            result.append(DockerRuntime._wait_exit(api, container_id, timeout))
+            done.set()
+
+        threading.Thread(target=run, daemon=True, name=f"docker-wait-{container_id[:12]}").start()
+        return done.wait(timeout) and bool(result and result[0])
 
     @staticmethod
     def _wait_exit(api: Any, container_id: str, timeout: float) -> bool:
@@ -532,7 +553,14 @@ class DockerRuntime:
             yield event
 
     def _watch(self) -> None:
-        """The event watcher thread: die events -> EventQueue, reconnecting on failure."""
+        """The event watcher thread: die events -> EventQueue, reconnecting on failure.
+
+        Not over ssh://: the SDK reads a stream through the ssh client's pipe in buffered
+        blocks, so a die event would arrive late or never. There the supervisor's re-list
+        (every few seconds) notices exits; the engine's health is its answer to /info."""
+        if self.engine.startswith("ssh://"):
+            self._events_ok.set()
+            return
         since = self._since
         seen: deque[tuple[str, int]] = deque(maxlen=1024)
         delay = _WATCH_BACKOFF[0]
@@ -684,8 +712,15 @@ class DockerRuntime:
         EngineUnavailable when the engine does not answer or its event stream is down."""
         self._ensure_watcher()
         loop = asyncio.get_running_loop()
+        # one look at a time, on a thread of its own: a look stuck on a dead link (an ssh
+        # connect, a TCP SYN) must not pile up threads or hold the runtime's pool
+        if self._probing is not None and not self._probing.done():
+            raise EngineUnavailable(f"no answer to the previous health check yet (over {timeout:g}s)")
+        self._probing = loop.run_in_executor(self._probe_pool, self._info_sync, timeout)
+        # a look given up on (time-out) may still fail later: its exception is ours, not asyncio's to report
+        self._probing.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            info = await asyncio.wait_for(loop.run_in_executor(None, self._info_sync, timeout), timeout)
+            info = await asyncio.wait_for(asyncio.shield(self._probing), timeout)
         except asyncio.TimeoutError:
             raise EngineUnavailable(f"no answer in {timeout:g}s") from None
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
@@ -726,6 +761,7 @@ class DockerRuntime:
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.join, 5.0)
         self._events.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
         for client in (self._client, self._stream_api, self._probe_api):
             if client is not None:
                 client.close()
@@ -738,7 +774,10 @@ def _close_stream(stream: Any) -> None:
     open, which keeps the descriptor until garbage collection; close those too."""
     close = getattr(stream, "close", None)
     if close is not None:
-        close()
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - the SDK cannot cancel an ssh:// stream; the response is closed below
+            pass
     response = getattr(stream, "_response", None)
     if response is not None:
         fp = getattr(getattr(response.raw, "_fp", None), "fp", None)

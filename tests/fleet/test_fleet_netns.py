@@ -28,7 +28,7 @@ import pytest
 
 from _util import wait_for
 from docker_env import TEST_IMAGE, start_engine
-from fleet_env import NetFleet, engine_certs
+from fleet_env import NetFleet, engine_certs, ssh_access
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,7 @@ class Fleet:
         self.net, self.tmp = net, tmp
         self.engines: dict = {}
         self.certs = tmp / "certs"
+        self.ssh_bin = tmp / "ssh" / "bin"
 
     def meshlet(self, *args: str, timeout: float = 60.0):
         return self.net.call("ctl", [MESHLET, *args], timeout=timeout)
@@ -123,13 +124,15 @@ def fleet(tmp_path_factory):
     net = NetFleet(["ctl", "a", "b"])
     f = Fleet(net, tmp)
     try:
-        # a: plain TCP; b: --tlsverify, the supervisor's client certificate in the config
+        # a: plain TCP, and sshd (the engine at ssh://root@a); b: TCP with --tlsverify, the
+        # supervisor's client certificate in the config
         f.certs = engine_certs(tmp / "certs", net.addresses["b"])
         f.engines["a"] = start_engine("fla", netns=net.netns["a"], tcp=f"{net.addresses['a']}:2375")
         f.engines["b"] = start_engine("flb", netns=net.netns["b"], tcp=f"{net.addresses['b']}:2376", tls=f.certs)
+        f.ssh_bin = ssh_access(net, "a", tmp / "ssh", f.engines["a"].socket_path)
         path = tmp / "fleet.yaml"
         path.write_text(fleet_yaml(net, tmp / "ctl", f.certs))
-        net.run("ctl", [MESHLET, "up", "-f", str(path)], log=tmp / "ctl.log")
+        net.run("ctl", [MESHLET, "--log-level", "INFO", "up", "-f", str(path)], log=tmp / "ctl.log")
         wait_for(lambda: f.meshlet("status").returncode == 0, timeout=90, interval=0.5,
                  what="the supervisor on the control host")
         url = f"http://{net.addresses['ctl']}:8500"
@@ -195,6 +198,55 @@ def test_an_engine_behind_tls_answers_only_with_the_right_certificates(fleet, ca
     assert done.stdout.startswith(expected), done.stdout
     if ca == "other-ca.pem":
         assert "certificate verify failed" in done.stdout, done.stdout
+
+
+OVER_SSH = """
+import asyncio, sys, time
+from supervisor.runtime import EngineUnavailable, InstanceSpec
+from supervisor.runtime.docker import DockerRuntime
+url, image = sys.argv[1], sys.argv[2]
+async def main():
+    # a node name of its own: the running supervisor drives node a on this engine and would
+    # stop a container of node a it did not start
+    rt = DockerRuntime(url, node="ssh-test", address="127.0.0.1")
+    try:
+        cap = await rt.health(timeout=15)
+        print("health", cap.cpu is not None and cap.memory is not None, flush=True)
+        # PID 1 of the container ignores SIGTERM: the grace runs out, then SIGKILL
+        spec = InstanceSpec(instance_id="ssh-0-test", service="ssh", slot=0, revision="r1", node="ssh-test",
+                            image=image,
+                            args=("/bin/sh", "-c", "exec sleep 600"), ports={"http": 23999})
+        obs = await asyncio.wait_for(rt.start(spec), 30)
+        print("started", obs.is_running, "ssh-0-test" in [o.instance_id for o in await rt.list()], flush=True)
+        t0 = time.monotonic()
+        await asyncio.wait_for(rt.stop("ssh-0-test", grace=1.0), 30)
+        took = time.monotonic() - t0
+        # exits over ssh are seen by listing (what the supervisor's re-list does)
+        (gone,) = [o for o in await rt.list() if o.instance_id == "ssh-0-test"]
+        print("stopped", round(took), gone.state, gone.exit_code, flush=True)
+        await asyncio.wait_for(rt.remove("ssh-0-test"), 30)
+        print("removed", "ssh-0-test" in [o.instance_id for o in await rt.list()], flush=True)
+    finally:
+        await asyncio.wait_for(rt.close(), 15)
+asyncio.run(main())
+"""
+
+
+def test_an_engine_reached_over_ssh_runs_watches_and_stops_workloads(fleet):
+    """ssh://root@a through the system's ssh client (key, known host, strict checking: the
+    ssh config a user has), as `docker -H ssh://` reaches an engine: health and capacity,
+    start, list, a stop whose grace runs out (PID 1 ignores SIGTERM) ending in SIGKILL,
+    remove."""
+    env = {**os.environ, "PATH": f"{fleet.ssh_bin}:{os.environ.get('PATH', '')}"}
+    done = fleet.net.call("ctl", [sys.executable, "-c", OVER_SSH, f"ssh://root@{fleet.net.addresses['a']}",
+                                  TEST_IMAGE], env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "health True"
+    assert lines[1] == "started True True"
+    stopped = lines[2].split()
+    assert stopped[0] == "stopped" and 1 <= int(stopped[1]) < 30 and stopped[2:] == ["exited", "137"], lines
+    assert lines[3] == "removed False"
 
 
 def test_an_app_on_one_host_reaches_a_service_on_another_by_name_and_vip(fleet):
