@@ -34,12 +34,24 @@ Several requests at once (a scale-up, a whole config in ``meshlet plan``):
 A request nothing can hold goes to ``failed`` with the reason for every node (grouped by
 reason on a large fleet). Deterministic: no randomness, ties broken by node name.
 
-Speed: a run of identical requests (one service's replicas) ranks the nodes once and then
-keeps them in a heap. Placing a replica changes only the chosen node's key and makes other
-nodes' keys no better (their spread_over group fills; an empty node's worth is fixed for
-the run), so a popped entry whose key is still current is the best node (lazy
-re-keying), and a stale one goes back with its new key. 10,000 replicas on 1,000 nodes:
-bench/RESULTS.md.
+Speed: a run of identical requests (one service's replicas) is placed as ranking every
+node for each replica would, without doing so. Placing a replica changes only the chosen
+node's key and makes other nodes' keys no better (their spread_over group fills; an empty
+node's worth is fixed for the run), so:
+
+- The candidates are gathered once per run from what the fleet keeps up to date, not by
+  looking at every node: the nodes in use (``Fleet.in_use``) and, per shape, the first
+  empty node by name (``Fleet.first_empty``; the next comes in when it is taken). For
+  spread only the nodes in use that can be chosen in ``k`` picks are looked at: per room,
+  the ``k`` most free and those as free within rounding, nodes alike in room and use
+  waiting in line like empty nodes (``Fleet.by_free_share`` says why that is exact).
+- Two heaps with lazy re-keying: per spread_over group (nodes alike in the spread_over
+  labels) a heap of its nodes keyed without the spread_over part, and a heap of the
+  groups keyed by (spread_over part, best node). A popped entry whose key is still current
+  is the best; a stale one goes back with its new key. A replica placed in a zone makes
+  one group entry stale, not every node of the zone.
+
+10,000 replicas on 1,000 nodes: bench/RESULTS.md.
 
 ``explain(request, nodes, existing)``: for one replica placed alone, every node with why
 it was filtered out or its score, best first: what ``place`` would decide, shown.
@@ -220,7 +232,8 @@ def _fleet(nodes: Sequence[NodeInfo], existing: Iterable[Allocation], requests: 
     names_matter = any(c.startswith(("node.name", "node.address"))
                        for spec in specs for c in spec.placement.constraints)
     labels_matter = any(spec.placement.constraints for spec in specs)
-    return Fleet(nodes, existing, _why_static, held, names_matter, labels_matter)
+    by_free = any(spec.placement.strategy != BINPACK for spec in specs)
+    return Fleet(nodes, existing, _why_static, held, names_matter, labels_matter, by_free)
 
 
 def _verdicts(fleet: Fleet, spec: config.ServiceSpec, failed_on: int | None) -> list[NodeVerdict]:
@@ -274,51 +287,109 @@ def _largest_first(requests: Sequence[Request], fleet: Fleet) -> list[int]:
 def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request, str]],
                failed: list[tuple[Request, str]]) -> None:
     """Place ``run``, requests of one spec in a row, one after another, as ranking every
-    node each time would (see the module docstring: a heap with lazy re-keying). Empty
-    nodes of one shape rank alike but for their names, so only the first of each shape
-    waits in the heap; the next comes in when it is taken."""
+    node each time would (see the module docstring: the candidates, then two heaps with
+    lazy re-keying). Empty nodes of one shape rank alike but for their names, so only the
+    first of each shape waits in the heap; the next comes in when it is taken."""
     spec = run[0].spec
     cpu, mem = requests_of(spec)
     failed_on = fleet.index.get(run[0].failed_on) if run[0].failed_on is not None else None
-    heap: list[tuple[tuple, int]] = []
-    waiting: dict[tuple, list[int]] = {}   # empty nodes by (shape, failed here), names descending
-    for i in fleet.static(spec)[0]:
-        if not fleet.fits(i, cpu, mem):
-            continue
-        if fleet.busy(i):
-            heap.append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
-        else:
-            waiting.setdefault((fleet.shape[i], i == failed_on), []).append(i)
-    for group in waiting.values():
-        group.sort(key=lambda i: fleet.nodes[i].name, reverse=True)
-        i = group.pop()
-        heap.append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
-    heapq.heapify(heap)
+    suits = fleet.static(spec)[2]
+    labels_over = spec.placement.spread_over
+    holders = fleet.count.get(spec.name, {})
+    # the candidates: nodes in use (for spread only those that could be chosen, see
+    # Fleet.by_free_share), and the first empty node of each shape. Nodes alike but for
+    # their names wait in line (``after``): the next comes in when the one before is taken.
+    after: dict[int, int] = {}
+    if spec.placement.strategy == BINPACK:
+        busy = [i for i in fleet.in_use if i in suits and fleet.fits(i, cpu, mem)]
+    else:
+        busy = [i for i in holders if i in suits and fleet.fits(i, cpu, mem)]
+        if (failed_on is not None and failed_on not in holders and fleet.busy(failed_on)
+                and failed_on in suits and fleet.fits(failed_on, cpu, mem)):
+            busy.append(failed_on)
+        for line in fleet.by_free_share(suits, cpu, mem, len(run), lambda i: i in holders or i == failed_on,
+                                        labels_over):
+            busy.append(line[0])
+            after.update(zip(line, line[1:]))
+    empty = []
+    if failed_on is not None and not fleet.busy(failed_on) and failed_on in suits and fleet.fits(failed_on, cpu, mem):
+        empty.append(failed_on)
+    for shape in fleet.empty_shapes(spec):
+        i = fleet.first_empty(spec, shape, failed_on)
+        if i is not None and fleet.fits(i, cpu, mem):
+            empty.append(i)
+    # one heap of nodes per spread_over group (nodes alike in the spread_over labels), keyed
+    # without the spread_over part; one heap of groups keyed (spread_over part, best node)
+    group_of: dict[tuple, int] = {}
+    values: list[tuple] = []
+    heaps: list[list[tuple[tuple, int]]] = []
+    node_group: dict[int, int] = {}
+    for i in busy + empty:
+        labels = fleet.nodes[i].labels
+        value = tuple(labels.get(label) for label in labels_over)
+        g = group_of.get(value)
+        if g is None:
+            g = group_of[value] = len(values)
+            values.append(value)
+            heaps.append([])
+        node_group[i] = g
+        heaps[g].append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True, spread_over=False), i))
+
+    def over(g: int) -> tuple:
+        return tuple(fleet.group_counts(spec.name, label).get(value, 0)
+                     for label, value in zip(labels_over, values[g]))
+
+    def best(g: int) -> tuple | None:
+        """The current key of group ``g``'s best node (re-keying stale entries), or None."""
+        heap = heaps[g]
+        while heap:
+            key, i = heap[0]
+            current = fleet.key(i, spec, cpu, mem, failed_on, spread_over=False)
+            if current == key:
+                return key
+            heapq.heapreplace(heap, (current, i))
+        return None
+
+    groups: list[tuple[tuple, tuple, int]] = []
+    for g, heap in enumerate(heaps):
+        heapq.heapify(heap)
+        top = best(g)
+        if top is not None:
+            groups.append((over(g), top, g))
+    heapq.heapify(groups)
     for n, req in enumerate(run):
         chosen = None
-        while heap:
-            key, i = heapq.heappop(heap)
-            current = fleet.key(i, spec, cpu, mem, failed_on)
-            if current == key:
-                chosen = i
+        while groups:
+            # a group's best node is current while it is at the top of the groups (only a
+            # choice in the group changes it); its spread_over part only grows
+            entry = heapq.heappop(groups)
+            g = entry[2]
+            current = over(g)
+            if current == entry[0]:
+                chosen = heaps[g][0][1]
                 break
-            heapq.heappush(heap, (current, i))
+            heapq.heappush(groups, (current, entry[1], g))
         if chosen is None:
             reason = _why_none(fleet, spec)
             failed.extend((r, reason) for r in run[n:])   # the rest are the same size: none fits
-            fleet.pending[0][1] = 0
+            fleet.left[fleet.run] = 0
             return
+        heap = heaps[g]
         was_empty = not fleet.busy(chosen)
         fleet.add(chosen, spec.name, cpu, mem)
-        fleet.pending[0][1] -= 1
+        fleet.left[fleet.run] -= 1
         placed.append((req, fleet.nodes[chosen].name))
+        heapq.heappop(heap)
         if fleet.fits(chosen, cpu, mem):
-            heapq.heappush(heap, (fleet.key(chosen, spec, cpu, mem, failed_on, lazy=True), chosen))
-        if was_empty:
-            group = waiting.get((fleet.shape[chosen], chosen == failed_on))
-            if group:
-                i = group.pop()
-                heapq.heappush(heap, (fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
+            heapq.heappush(heap, (fleet.key(chosen, spec, cpu, mem, failed_on, lazy=True, spread_over=False), chosen))
+        nxt = after.get(chosen)
+        if was_empty and chosen != failed_on:
+            nxt = fleet.first_empty(spec, fleet.shape[chosen], failed_on)
+        if nxt is not None:
+            heapq.heappush(heap, (fleet.key(nxt, spec, cpu, mem, failed_on, lazy=True, spread_over=False), nxt))
+        top = best(g)
+        if top is not None:
+            heapq.heappush(groups, (over(g), top, g))
 
 
 def _place_pinned(requests: Sequence[Request], nodes: Sequence[NodeInfo],
@@ -395,10 +466,9 @@ def _greedy(requests: Sequence[Request], nodes: Sequence[NodeInfo], existing: Se
                 end += 1
         runs.append([requests[k] for k in order[start:end]])
         start = end
-    fleet.pending = [[run[0].spec, len(run)] for run in runs]
+    fleet.plan([(run[0].spec, len(run)) for run in runs])
     for run in runs:
         _place_run(fleet, run, placed, failed)
-        fleet.pending.pop(0)
         fleet.run += 1
     if not failed and any(r.spec.placement.strategy == BINPACK for r in requests):
         # (with a request pending, emptying a node would make room it was refused)
@@ -466,7 +536,7 @@ def _evacuate(fleet: Fleet, placed: list[tuple[Request, str]], existing: Sequenc
 def explain(request: Request, nodes: Sequence[NodeInfo], existing: Iterable[Allocation]) -> Explanation:
     """Every node for ``request`` placed alone: filtered out (and why) or scored, best first."""
     fleet = _fleet(nodes, existing, [request])
-    fleet.pending = [[request.spec, 1]]
+    fleet.plan([(request.spec, 1)])
     failed_on = fleet.index.get(request.failed_on) if request.failed_on is not None else None
     verdicts = _verdicts(fleet, request.spec, failed_on)
     if request.pinned_to is not None:
