@@ -40,11 +40,13 @@ node's key and makes other nodes' keys no better (their spread_over group fills;
 node's worth is fixed for the run), so:
 
 - The candidates are gathered once per run from what the fleet keeps up to date, not by
-  looking at every node: the nodes in use (``Fleet.in_use``) and, per shape, the first
-  empty node by name (``Fleet.first_empty``; the next comes in when it is taken). For
-  spread only the nodes in use that can be chosen in ``k`` picks are looked at: per room,
-  the ``k`` most free and those as free within rounding, nodes alike in room and use
-  waiting in line like empty nodes (``Fleet.by_free_share`` says why that is exact).
+  looking at every node: the nodes in use that can still take the least any run left
+  asks (``Fleet.roomy``; a full node is let go for the rest of the pass) and, per shape,
+  the first empty node by name (``Fleet.first_empty``; the next comes in when it is
+  taken). For spread only the nodes in use that can be chosen in ``k`` picks are looked
+  at: per room, by state (cpu and memory used) most free first, the ``k`` most free and
+  those as free within rounding, nodes in one state waiting in line like empty nodes
+  (``Fleet.by_free_share`` says why that is exact).
 - Two heaps with lazy re-keying: per spread_over group (nodes alike in the spread_over
   labels) a heap of its nodes keyed without the spread_over part, and a heap of the
   groups keyed by (spread_over part, best node). A popped entry whose key is still current
@@ -301,7 +303,7 @@ def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request,
     # their names wait in line (``after``): the next comes in when the one before is taken.
     after: dict[int, int] = {}
     if spec.placement.strategy == BINPACK:
-        busy = [i for i in fleet.in_use if i in suits and fleet.fits(i, cpu, mem)]
+        busy = [i for i in fleet.roomy(*fleet.least_left()) if i in suits and fleet.fits(i, cpu, mem)]
     else:
         busy = [i for i in holders if i in suits and fleet.fits(i, cpu, mem)]
         if (failed_on is not None and failed_on not in holders and fleet.busy(failed_on)
@@ -498,15 +500,18 @@ def _evacuate(fleet: Fleet, placed: list[tuple[Request, str]], existing: Sequenc
         mem = fleet.used_mem[i] / fleet.room_mem[i] if fleet.room_mem[i] else 0.0
         return cpu + mem
 
+    # the least cpu and memory a movable replica asks: a node without that room takes none
+    movable = [requests_of(req.spec) for req, _ in placed if _movable(req)]
+    smallest = (min(c for c, _ in movable), min(m for _, m in movable)) if movable else (0.0, 0)
     work = 0
     for i in sorted((i for i in on if i not in before), key=lambda i: (used_share(i), i)):
         ks = on.get(i, [])
         if not ks or not all(_movable(placed[k][0]) for k in ks):
             continue
-        in_use = [j for j in range(len(fleet.nodes)) if j != i and fleet.busy(j)]
-        work += len(in_use) * len(ks)
+        work += (len(fleet.in_use) - 1) * len(ks)   # the nodes in use but i, as looked at
         if work > _EVACUATE_WORK:
             break
+        in_use = [j for j in fleet.roomy(*smallest) if j != i]
         moves: list[tuple[int, int]] = []
         for k in sorted(ks, key=lambda k: (-sum(requests_of(placed[k][0].spec)), k)):
             spec = placed[k][0].spec

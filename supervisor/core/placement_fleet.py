@@ -80,10 +80,14 @@ class Fleet:
         self._min_from: list[tuple[float, int]] = []
         self.run = 0                         # which run of requests is being placed
         self._worth: dict[tuple[int, tuple], float] = {}
-        # by_free: per room (cpu, memory), the nodes in use as (-free share, name, index),
-        # ascending: most free first (``by_free_share``)
-        self._by_free: dict[tuple, list[tuple[float, str, int]]] | None = {} if by_free else None
-        self._free_entry: list[tuple[float, str, int] | None] = [None] * len(self.nodes)
+        # by_free: per room (cpu, memory), the nodes in use by state (cpu and memory used),
+        # each state's nodes as (name, index) ascending, and the states as (-free share,
+        # cpu used, memory used) ascending: most free first (``by_free_share``)
+        self._by_free: dict[tuple, list[tuple[float, float, int]]] | None = {} if by_free else None
+        self._alike: dict[tuple, dict[tuple[float, int], list[tuple[str, int]]]] = {}
+        self._state_of: list[tuple[float, int] | None] = [None] * len(self.nodes)
+        # nodes in use that may still take a replica of the runs left (``roomy``)
+        self._roomy: dict[int, None] = {}
         for a in existing:
             i = self.index.get(a.node)
             if i is not None:
@@ -97,6 +101,7 @@ class Fleet:
         self.held_by[i] += 1
         if self.held_by[i] == 1:
             self.in_use[i] = None
+            self._roomy[i] = None
         per_node = self.count.setdefault(service, {})
         per_node[i] = per_node.get(i, 0) + 1
         for label, by_value in self.groups.get(service, {}).items():
@@ -112,7 +117,10 @@ class Fleet:
         self.held_by[i] -= 1
         if self.held_by[i] == 0:
             del self.in_use[i]
+            self._roomy.pop(i, None)
             self._empty_by_kind.clear()   # a node is empty again: the lists of empty nodes are stale
+        else:
+            self._roomy[i] = None         # it has room again
         per_node = self.count[service]
         per_node[i] -= 1
         if not per_node[i]:
@@ -125,16 +133,38 @@ class Fleet:
     def _refile(self, i: int) -> None:
         """Node ``i``'s entry in ``_by_free`` after its use changed (none while empty)."""
         assert self._by_free is not None
-        group = self._by_free.setdefault(self.shape[i][:2], [])
-        old = self._free_entry[i]
+        room = self.shape[i][:2]
+        states = self._by_free.setdefault(room, [])
+        alike = self._alike.setdefault(room, {})
+        entry = (self.nodes[i].name, i)
+        old = self._state_of[i]
         if old is not None:
-            del group[bisect_left(group, old)]
+            line = alike[old]
+            del line[bisect_left(line, entry)]
+            if not line:
+                del alike[old]
+                del states[bisect_left(states, (self._neg_free(i, *old), *old))]
         new = None
         if self.held_by[i] > 0:
-            new = (-(free_share(self.used_cpu[i], 0.0, self.room_cpu[i])
-                     + free_share(self.used_mem[i], 0, self.room_mem[i])), self.nodes[i].name, i)
-            insort(group, new)
-        self._free_entry[i] = new
+            new = (self.used_cpu[i], self.used_mem[i])
+            line = alike.get(new)
+            if line is None:
+                line = alike[new] = []
+                insort(states, (self._neg_free(i, *new), *new))
+            insort(line, entry)
+        self._state_of[i] = new
+
+    def _neg_free(self, i: int, used_cpu: float, used_mem: int) -> float:
+        return -(free_share(used_cpu, 0.0, self.room_cpu[i]) + free_share(used_mem, 0, self.room_mem[i]))
+
+    def roomy(self, cpu: float, mem: int) -> list[int]:
+        """The nodes in use, but those that cannot take ``cpu`` and ``mem`` (the least any
+        run left asks: they can take no replica of this decision any more, and are let
+        go until ``remove`` makes room on them)."""
+        full = [i for i in self._roomy if not self.fits(i, cpu, mem)]
+        for i in full:
+            del self._roomy[i]
+        return list(self._roomy)
 
     def busy(self, i: int) -> bool:
         return self.held_by[i] > 0
@@ -149,6 +179,10 @@ class Fleet:
                 by_value[value] = by_value.get(value, 0) + n
             by_label[label] = by_value
         return by_value
+
+    def least_left(self) -> tuple[float, int]:
+        """The least cpu and the least memory a run from the current one on asks."""
+        return self._min_from[self.run] if self._min_from else (0.0, 0)
 
     def plan(self, runs: Sequence[tuple[config.ServiceSpec, int]]) -> None:
         """The runs still to place (spec, how many), in decision order, for ``worth``."""
@@ -239,33 +273,36 @@ class Fleet:
         peers of its room and labels (or ``k`` alike, named before it) is never chosen in
         ``k`` picks."""
         assert self._by_free is not None
-        alike: dict[tuple, list[int]] = {}
-        used_cpu, used_mem, room_cpu, room_mem = self.used_cpu, self.used_mem, self.room_cpu, self.room_mem
+        out: dict[tuple, list[int]] = {}
         nodes = self.nodes
-        for (rc, _rm), group in self._by_free.items():
+        for (rc, rm), states in self._by_free.items():
             # rounding of the shares (~1e-15) and a cpu share clipped at 0 within EPSILON
             tolerance = 1e-9 + (2 * EPSILON / rc if rc is not None and rc > 0 else 0.0)
+            alike = self._alike[(rc, rm)]
             taken: dict[tuple, int] = {}
             bound: dict[tuple, float] = {}
-            for neg_free, _, i in group:
-                value = tuple(nodes[i].labels.get(label) for label in labels) if labels else ()
-                limit = bound.get(value)
-                if limit is not None and neg_free > limit:
-                    if not labels:
-                        break
-                    continue
-                if i not in suits or skip(i):
-                    continue
-                if ((room_cpu[i] is not None and used_cpu[i] + cpu > room_cpu[i] + EPSILON)
-                        or (room_mem[i] is not None and used_mem[i] + mem > room_mem[i])):
-                    continue
-                same = alike.setdefault((rc, _rm, used_cpu[i], used_mem[i], value), [])
-                if len(same) < k:
-                    same.append(i)
-                n = taken[value] = taken.get(value, 0) + 1
-                if n == k:
-                    bound[value] = neg_free + tolerance
-        return list(alike.values())
+            for neg_free, used_cpu, used_mem in states:
+                if not labels and () in bound and neg_free > bound[()]:
+                    break
+                if (rc is not None and used_cpu + cpu > rc + EPSILON) or (rm is not None and used_mem + mem > rm):
+                    continue   # the state does not fit
+                for _, i in alike[(used_cpu, used_mem)]:
+                    value = tuple(nodes[i].labels.get(label) for label in labels) if labels else ()
+                    limit = bound.get(value)
+                    if limit is not None and neg_free > limit:
+                        continue
+                    if i not in suits or skip(i):
+                        continue
+                    line = out.setdefault((rc, rm, used_cpu, used_mem, value), [])
+                    if len(line) == k:
+                        if not labels:
+                            break   # the rest of the state: behind k alike
+                        continue
+                    line.append(i)
+                    n = taken[value] = taken.get(value, 0) + 1
+                    if n == k:
+                        bound[value] = neg_free + tolerance
+        return list(out.values())
 
     def fits(self, i: int, cpu: float, mem: int) -> bool:
         room_cpu, room_mem = self.room_cpu[i], self.room_mem[i]
