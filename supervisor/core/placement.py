@@ -41,9 +41,10 @@ node's worth is fixed for the run), so:
 
 - The candidates are gathered once per run from what the fleet keeps up to date, not by
   looking at every node: the nodes in use that can still take the least any run left
-  asks (``Fleet.roomy``; a full node is let go for the rest of the pass) and, per shape,
-  the first empty node by name (``Fleet.first_empty``; the next comes in when it is
-  taken). For spread only the nodes in use that can be chosen in ``k`` picks are looked
+  asks (``Fleet.roomy``; a full node is let go for the rest of the pass) and the first
+  empty node by name of each line of empty nodes alike in what their key reads (worth
+  shape, held back or not, spread_over group; ``Fleet.first_empty`` per shape); the
+  next comes in when it is taken. For spread only the nodes in use that can be chosen in ``k`` picks are looked
   at: per room, by state (cpu and memory used) most free first, the ``k`` most free and
   those as free within rounding, nodes in one state waiting in line like empty nodes
   (``Fleet.by_free_share`` says why that is exact).
@@ -54,6 +55,9 @@ node's worth is fixed for the run), so:
   best, a stale one goes back with its new key. A replica placed in a zone makes one
   group entry stale, not every node of the zone (100 x 100 replicas in 10 zones: ~975,000
   re-keyings before, ~1,000 groups now).
+- Only an entry with an optimistic worth can be stale at the node level: a node's key
+  (but its spread_over part) changes only when it is chosen, and its entry is then
+  replaced. Other entries at the top are taken as they are.
 - An empty node enters the heap with an optimistic worth; its shape's worth is computed
   when it first comes up in the run, with what is still to place then (mostly: once the
   nodes in use can take no more), and kept for the run. Without spread_over that is the
@@ -88,7 +92,7 @@ from dataclasses import dataclass, field
 
 import config
 
-from .placement_fleet import EPSILON, Fleet, requests_of
+from .placement_fleet import EPSILON, UNKNOWN_WORTH, Fleet, requests_of
 from .placement_score import BINPACK, Score, binpack_fit, free_share
 from .volumes import runtime_reason
 
@@ -104,6 +108,7 @@ _MAX_PASSES = 64
 _PASS_WORK = 20_000
 # Emptying nodes after a pass looks at most this many (node, replica) pairs.
 _EVACUATE_WORK = 2_000_000
+_NO_WORTH = -UNKNOWN_WORTH   # as an empty node's optimistic worth stands in a key
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,10 +331,18 @@ def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request,
     empty = []
     if failed_on is not None and not fleet.busy(failed_on) and failed_on in suits and fleet.fits(failed_on, cpu, mem):
         empty.append(failed_on)
+    # Empty nodes rank alike but for their names when alike in what their key reads: the
+    # shape their worth is computed for, whether their shape is held back, and their
+    # spread_over group (shapes differ in labels too: 5 rooms in 10 zones are 50 shapes,
+    # 5 lines). Per line, the first node of each shape by name, the first of them in the heap.
+    lines: dict[tuple, list[tuple[str, int]]] = {}
     for shape in fleet.empty_shapes(spec):
         i = fleet.first_empty(spec, shape, failed_on)
         if i is not None and fleet.fits(i, cpu, mem):
-            empty.append(i)
+            lines.setdefault(_line_of(fleet, i, labels_over), []).append((fleet.nodes[i].name, i))
+    for line in lines.values():
+        heapq.heapify(line)
+        empty.append(line[0][1])
     # one heap of nodes per spread_over group (nodes alike in the spread_over labels), keyed
     # without the spread_over part; one heap of groups keyed (spread_over part, best node)
     group_of: dict[tuple, int] = {}
@@ -348,6 +361,8 @@ def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request,
         heaps[g].append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True, spread_over=False), i))
 
     def over(g: int) -> tuple:
+        if not labels_over:
+            return ()
         return tuple(fleet.group_counts(spec.name, label).get(value, 0)
                      for label, value in zip(labels_over, values[g]))
 
@@ -370,6 +385,11 @@ def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request,
                 continue
             heap = heaps[g]
             key, i = heap[0]
+            # Within a run a node's key (but its spread_over part) changes only when it is
+            # chosen, and its entry is then replaced: only an optimistic worth is stale.
+            if not _optimistic(key):
+                chosen = i
+                break
             current = fleet.key(i, spec, cpu, mem, failed_on, spread_over=False)
             if current == key:
                 chosen = i
@@ -390,13 +410,31 @@ def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request,
             heapq.heappush(heap, (fleet.key(chosen, spec, cpu, mem, failed_on, lazy=True, spread_over=False), chosen))
         nxt = after.pop(chosen, None)   # once: the next in line comes in when this one is first taken
         if was_empty and chosen != failed_on:
-            nxt = fleet.first_empty(spec, fleet.shape[chosen], failed_on)
+            line = lines[_line_of(fleet, chosen, labels_over)]
+            i = fleet.first_empty(spec, fleet.shape[chosen], failed_on)
+            if i is None:
+                heapq.heappop(line)
+            else:
+                heapq.heapreplace(line, (fleet.nodes[i].name, i))
+            nxt = line[0][1] if line else None
         if nxt is not None:
             heapq.heappush(heap, (fleet.key(nxt, spec, cpu, mem, failed_on, lazy=True, spread_over=False), nxt))
         if heap:
             heapq.heapreplace(groups, (over(g), heap[0][0], g))
         else:
             heapq.heappop(groups)
+
+
+def _line_of(fleet: Fleet, i: int, labels_over: tuple[str, ...]) -> tuple:
+    """What an empty node's key reads of it but its name (see ``_place_run``)."""
+    labels = fleet.nodes[i].labels
+    return (fleet.worth_shape[i], fleet.shape[i] in fleet.held, tuple(labels.get(label) for label in labels_over))
+
+
+def _optimistic(key: tuple) -> bool:
+    """A binpack key of an empty node whose worth is not computed yet (``rank_key``:
+    ``-worth`` is the fifth part; spread keys have a name there)."""
+    return key[4] == _NO_WORTH
 
 
 def _place_pinned(requests: Sequence[Request], nodes: Sequence[NodeInfo],

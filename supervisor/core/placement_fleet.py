@@ -26,14 +26,14 @@ import config
 from .placement_score import (BINPACK, SPREAD, Score, binpack_fit, free_share, rank_key,
                               spread_fit)
 
-__all__ = ["Fleet", "requests_of", "EPSILON"]
+__all__ = ["Fleet", "requests_of", "EPSILON", "UNKNOWN_WORTH"]
 
 EPSILON = 1e-9   # cpu amounts are floats: 0.1 + 0.2 must fit in 0.3
 # Worth looks ahead at this many pending runs (one service's replicas each), largest first:
 # enough to fill a node with the replicas that come next, and a bound on the cost of one
 # look (the 1,000-service bench would otherwise look at 1,000 runs per empty shape).
 _LOOKAHEAD_RUNS = 64
-_UNKNOWN_WORTH = float("inf")   # optimistic until computed: a lazy heap entry, never final
+UNKNOWN_WORTH = float("inf")   # optimistic until computed: a lazy heap entry, never final
 
 
 def requests_of(spec: config.ServiceSpec) -> tuple[float, int]:
@@ -351,7 +351,7 @@ class Fleet:
         opened = self.held_by[i] == 0
         worth = 0.0
         if opened:
-            worth = _UNKNOWN_WORTH if lazy else self.worth(i)
+            worth = UNKNOWN_WORTH if lazy else self.worth(i)
         return (BINPACK, spread_over, i == failed_on, 0, opened, opened and self.shape[i] in self.held,
                 binpack_fit(free_cpu, free_mem), worth, name)
 
