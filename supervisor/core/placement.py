@@ -34,12 +34,40 @@ Several requests at once (a scale-up, a whole config in ``meshlet plan``):
 A request nothing can hold goes to ``failed`` with the reason for every node (grouped by
 reason on a large fleet). Deterministic: no randomness, ties broken by node name.
 
-Speed: a run of identical requests (one service's replicas) ranks the nodes once and then
-keeps them in a heap. Placing a replica changes only the chosen node's key and makes other
-nodes' keys no better (their spread_over group fills; an empty node's worth is fixed for
-the run), so a popped entry whose key is still current is the best node (lazy
-re-keying), and a stale one goes back with its new key. 10,000 replicas on 1,000 nodes:
-bench/RESULTS.md.
+Speed: a run of identical requests (one service's replicas) is placed as ranking every
+node for each replica would, without doing so. Placing a replica changes only the chosen
+node's key and makes other nodes' keys no better (their spread_over group fills; an empty
+node's worth is fixed for the run), so:
+
+- The candidates are gathered once per run from what the fleet keeps up to date, not by
+  looking at every node: the nodes in use that can still take the least any run left
+  asks (``Fleet.roomy``; a full node is let go for the rest of the pass) and the first
+  empty node by name of each line of empty nodes alike in what their key reads (worth
+  shape, held back or not, spread_over group; ``Fleet.first_empty`` per shape); the
+  next comes in when it is taken. For spread only the nodes in use that can be chosen in
+  ``k`` picks are looked at: per room, by state (cpu and memory used) most free first, the ``k`` most free and
+  those as free within rounding, nodes in one state waiting in line like empty nodes
+  (``Fleet.by_free_share`` says why that is exact).
+- Two heaps with lazy re-keying: per spread_over group (nodes alike in the spread_over
+  labels) a heap of its nodes keyed without the spread_over part, and a heap of the
+  groups keyed by (spread_over part, best node's key). A group at the top whose part is
+  still current shows its best node; a node entry whose key is still current is the
+  best, a stale one goes back with its new key. A replica placed in a zone makes one
+  group entry stale, not every node of the zone (100 x 100 spread replicas in 10 zones:
+  ~975,000 node keys computed with one heap of every node, ~32,000 now).
+- Only an entry with an optimistic worth can be stale at the node level: a node's key
+  (but its spread_over part) changes only when it is chosen, and its entry is then
+  replaced. Other entries at the top are taken as they are.
+- An empty node enters the heap with an optimistic worth; its shape's worth is computed
+  when it first comes up in the run, with what is still to place then (mostly: once the
+  nodes in use can take no more), and kept for the run. Without spread_over that is the
+  moment a single heap of every node would compute it. With spread_over, only a group
+  whose part is current is looked into, so a stale entry of another zone no longer
+  fixes a worth early; binpack with spread_over may place differently from before (6 of
+  3,000 random small fleets, all with the same capacity used; 10,000 replicas in 10
+  zones: 651 nodes used instead of 662).
+
+10,000 replicas on 1,000 nodes: bench/RESULTS.md.
 
 ``explain(request, nodes, existing)``: for one replica placed alone, every node with why
 it was filtered out or its score, best first: what ``place`` would decide, shown.
@@ -64,7 +92,7 @@ from dataclasses import dataclass, field
 
 import config
 
-from .placement_fleet import EPSILON, Fleet, requests_of
+from .placement_fleet import EPSILON, UNKNOWN_WORTH, Fleet, requests_of
 from .placement_score import BINPACK, Score, binpack_fit, free_share
 from .volumes import runtime_reason
 
@@ -80,6 +108,7 @@ _MAX_PASSES = 64
 _PASS_WORK = 20_000
 # Emptying nodes after a pass looks at most this many (node, replica) pairs.
 _EVACUATE_WORK = 2_000_000
+_NO_WORTH = -UNKNOWN_WORTH   # as an empty node's optimistic worth stands in a key
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +249,8 @@ def _fleet(nodes: Sequence[NodeInfo], existing: Iterable[Allocation], requests: 
     names_matter = any(c.startswith(("node.name", "node.address"))
                        for spec in specs for c in spec.placement.constraints)
     labels_matter = any(spec.placement.constraints for spec in specs)
-    return Fleet(nodes, existing, _why_static, held, names_matter, labels_matter)
+    by_free = any(spec.placement.strategy != BINPACK for spec in specs)
+    return Fleet(nodes, existing, _why_static, held, names_matter, labels_matter, by_free)
 
 
 def _verdicts(fleet: Fleet, spec: config.ServiceSpec, failed_on: int | None) -> list[NodeVerdict]:
@@ -274,51 +304,137 @@ def _largest_first(requests: Sequence[Request], fleet: Fleet) -> list[int]:
 def _place_run(fleet: Fleet, run: Sequence[Request], placed: list[tuple[Request, str]],
                failed: list[tuple[Request, str]]) -> None:
     """Place ``run``, requests of one spec in a row, one after another, as ranking every
-    node each time would (see the module docstring: a heap with lazy re-keying). Empty
-    nodes of one shape rank alike but for their names, so only the first of each shape
-    waits in the heap; the next comes in when it is taken."""
+    node each time would (see the module docstring: the candidates, then two heaps with
+    lazy re-keying). Empty nodes of one shape rank alike but for their names, so only the
+    first of each shape waits in the heap; the next comes in when it is taken."""
     spec = run[0].spec
     cpu, mem = requests_of(spec)
     failed_on = fleet.index.get(run[0].failed_on) if run[0].failed_on is not None else None
-    heap: list[tuple[tuple, int]] = []
-    waiting: dict[tuple, list[int]] = {}   # empty nodes by (shape, failed here), names descending
-    for i in fleet.static(spec)[0]:
-        if not fleet.fits(i, cpu, mem):
-            continue
-        if fleet.busy(i):
-            heap.append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
-        else:
-            waiting.setdefault((fleet.shape[i], i == failed_on), []).append(i)
-    for group in waiting.values():
-        group.sort(key=lambda i: fleet.nodes[i].name, reverse=True)
-        i = group.pop()
-        heap.append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
-    heapq.heapify(heap)
+    suits = fleet.static(spec)[2]
+    labels_over = spec.placement.spread_over
+    holders = fleet.count.get(spec.name, {})
+    # the candidates: nodes in use (for spread only those that could be chosen, see
+    # Fleet.by_free_share), and the first empty node of each shape. Nodes alike but for
+    # their names wait in line (``after``): the next comes in when the one before is taken.
+    after: dict[int, int] = {}
+    if spec.placement.strategy == BINPACK:
+        busy = [i for i in fleet.roomy(*fleet.least_left()) if i in suits and fleet.fits(i, cpu, mem)]
+    else:
+        busy = [i for i in holders if i in suits and fleet.fits(i, cpu, mem)]
+        if (failed_on is not None and failed_on not in holders and fleet.busy(failed_on)
+                and failed_on in suits and fleet.fits(failed_on, cpu, mem)):
+            busy.append(failed_on)
+        for line in fleet.by_free_share(suits, cpu, mem, len(run), lambda i: i in holders or i == failed_on,
+                                        labels_over):
+            busy.append(line[0])
+            after.update(zip(line, line[1:]))
+    empty = []
+    if failed_on is not None and not fleet.busy(failed_on) and failed_on in suits and fleet.fits(failed_on, cpu, mem):
+        empty.append(failed_on)
+    # Empty nodes rank alike but for their names when alike in what their key reads: the
+    # shape their worth is computed for, whether their shape is held back, and their
+    # spread_over group (shapes differ in labels too: 5 rooms in 10 zones are 50 shapes,
+    # 5 lines). Per line, the first node of each shape by name, the first of them in the heap.
+    lines: dict[tuple, list[tuple[str, int]]] = {}
+    for shape in fleet.empty_shapes(spec):
+        i = fleet.first_empty(spec, shape, failed_on)
+        if i is not None and fleet.fits(i, cpu, mem):
+            lines.setdefault(_line_of(fleet, i, labels_over), []).append((fleet.nodes[i].name, i))
+    for line in lines.values():
+        heapq.heapify(line)
+        empty.append(line[0][1])
+    # one heap of nodes per spread_over group (nodes alike in the spread_over labels), keyed
+    # without the spread_over part; one heap of groups keyed (spread_over part, best node)
+    group_of: dict[tuple, int] = {}
+    values: list[tuple] = []
+    heaps: list[list[tuple[tuple, int]]] = []
+    node_group: dict[int, int] = {}
+    for i in busy + empty:
+        labels = fleet.nodes[i].labels
+        value = tuple(labels.get(label) for label in labels_over)
+        g = group_of.get(value)
+        if g is None:
+            g = group_of[value] = len(values)
+            values.append(value)
+            heaps.append([])
+        node_group[i] = g
+        heaps[g].append((fleet.key(i, spec, cpu, mem, failed_on, lazy=True, spread_over=False), i))
+
+    def over(g: int) -> tuple:
+        if not labels_over:
+            return ()
+        return tuple(fleet.group_counts(spec.name, label).get(value, 0)
+                     for label, value in zip(labels_over, values[g]))
+
+    groups: list[tuple[tuple, tuple, int]] = []   # (spread_over part, heaps[g][0][0], g)
+    for g, heap in enumerate(heaps):
+        heapq.heapify(heap)
+        groups.append((over(g), heap[0][0], g))
+    heapq.heapify(groups)
     for n, req in enumerate(run):
         chosen = None
-        while heap:
-            key, i = heapq.heappop(heap)
-            current = fleet.key(i, spec, cpu, mem, failed_on)
+        while groups:
+            # lazy at both levels, as one heap of every node would be: a group whose
+            # spread_over part grew goes back with it, then a stale best node goes back
+            # with its new key (an empty node's worth is computed here, when it first
+            # comes up, with what is still to place then)
+            part, _, g = groups[0]
+            current_part = over(g)
+            if current_part != part:
+                heapq.heapreplace(groups, (current_part, groups[0][1], g))
+                continue
+            heap = heaps[g]
+            key, i = heap[0]
+            # Within a run a node's key (but its spread_over part) changes only when it is
+            # chosen, and its entry is then replaced: only an optimistic worth is stale.
+            if not _optimistic(key):
+                chosen = i
+                break
+            current = fleet.key(i, spec, cpu, mem, failed_on, spread_over=False)
             if current == key:
                 chosen = i
                 break
-            heapq.heappush(heap, (current, i))
+            heapq.heapreplace(heap, (current, i))
+            heapq.heapreplace(groups, (part, heap[0][0], g))
         if chosen is None:
             reason = _why_none(fleet, spec)
             failed.extend((r, reason) for r in run[n:])   # the rest are the same size: none fits
-            fleet.pending[0][1] = 0
+            fleet.left[fleet.run] = 0
             return
         was_empty = not fleet.busy(chosen)
         fleet.add(chosen, spec.name, cpu, mem)
-        fleet.pending[0][1] -= 1
+        fleet.left[fleet.run] -= 1
         placed.append((req, fleet.nodes[chosen].name))
+        heapq.heappop(heap)
         if fleet.fits(chosen, cpu, mem):
-            heapq.heappush(heap, (fleet.key(chosen, spec, cpu, mem, failed_on, lazy=True), chosen))
-        if was_empty:
-            group = waiting.get((fleet.shape[chosen], chosen == failed_on))
-            if group:
-                i = group.pop()
-                heapq.heappush(heap, (fleet.key(i, spec, cpu, mem, failed_on, lazy=True), i))
+            heapq.heappush(heap, (fleet.key(chosen, spec, cpu, mem, failed_on, lazy=True, spread_over=False), chosen))
+        nxt = after.pop(chosen, None)   # once: the next in line comes in when this one is first taken
+        if was_empty and chosen != failed_on:
+            line = lines[_line_of(fleet, chosen, labels_over)]
+            i = fleet.first_empty(spec, fleet.shape[chosen], failed_on)
+            if i is None:
+                heapq.heappop(line)
+            else:
+                heapq.heapreplace(line, (fleet.nodes[i].name, i))
+            nxt = line[0][1] if line else None
+        if nxt is not None:
+            heapq.heappush(heap, (fleet.key(nxt, spec, cpu, mem, failed_on, lazy=True, spread_over=False), nxt))
+        if heap:
+            heapq.heapreplace(groups, (over(g), heap[0][0], g))
+        else:
+            heapq.heappop(groups)
+
+
+def _line_of(fleet: Fleet, i: int, labels_over: tuple[str, ...]) -> tuple:
+    """What an empty node's key reads of it but its name (see ``_place_run``)."""
+    labels = fleet.nodes[i].labels
+    return (fleet.worth_shape[i], fleet.shape[i] in fleet.held, tuple(labels.get(label) for label in labels_over))
+
+
+def _optimistic(key: tuple) -> bool:
+    """A binpack key of an empty node whose worth is not computed yet (``rank_key``:
+    ``-worth`` is the fifth part; spread keys have a name there)."""
+    return key[4] == _NO_WORTH
 
 
 def _place_pinned(requests: Sequence[Request], nodes: Sequence[NodeInfo],
@@ -395,10 +511,9 @@ def _greedy(requests: Sequence[Request], nodes: Sequence[NodeInfo], existing: Se
                 end += 1
         runs.append([requests[k] for k in order[start:end]])
         start = end
-    fleet.pending = [[run[0].spec, len(run)] for run in runs]
+    fleet.plan([(run[0].spec, len(run)) for run in runs])
     for run in runs:
         _place_run(fleet, run, placed, failed)
-        fleet.pending.pop(0)
         fleet.run += 1
     if not failed and any(r.spec.placement.strategy == BINPACK for r in requests):
         # (with a request pending, emptying a node would make room it was refused)
@@ -428,15 +543,21 @@ def _evacuate(fleet: Fleet, placed: list[tuple[Request, str]], existing: Sequenc
         mem = fleet.used_mem[i] / fleet.room_mem[i] if fleet.room_mem[i] else 0.0
         return cpu + mem
 
+    # the least cpu and memory a movable replica asks: a node without that room takes none
+    movable = [requests_of(req.spec) for req, _ in placed if _movable(req)]
+    smallest = (min(c for c, _ in movable), min(m for _, m in movable)) if movable else (0.0, 0)
+    roomy = list(fleet.in_use)   # the nodes in use with room for the smallest of them
     work = 0
     for i in sorted((i for i in on if i not in before), key=lambda i: (used_share(i), i)):
         ks = on.get(i, [])
         if not ks or not all(_movable(placed[k][0]) for k in ks):
             continue
-        in_use = [j for j in range(len(fleet.nodes)) if j != i and fleet.busy(j)]
-        work += len(in_use) * len(ks)
+        work += (len(fleet.in_use) - 1) * len(ks)   # the nodes in use but i, as looked at
         if work > _EVACUATE_WORK:
             break
+        # (room comes back on a node only when a failed attempt is undone, within one i)
+        roomy = [j for j in roomy if fleet.busy(j) and fleet.fits(j, *smallest)]
+        in_use = [j for j in roomy if j != i]
         moves: list[tuple[int, int]] = []
         for k in sorted(ks, key=lambda k: (-sum(requests_of(placed[k][0].spec)), k)):
             spec = placed[k][0].spec
@@ -466,7 +587,7 @@ def _evacuate(fleet: Fleet, placed: list[tuple[Request, str]], existing: Sequenc
 def explain(request: Request, nodes: Sequence[NodeInfo], existing: Iterable[Allocation]) -> Explanation:
     """Every node for ``request`` placed alone: filtered out (and why) or scored, best first."""
     fleet = _fleet(nodes, existing, [request])
-    fleet.pending = [[request.spec, 1]]
+    fleet.plan([(request.spec, 1)])
     failed_on = fleet.index.get(request.failed_on) if request.failed_on is not None else None
     verdicts = _verdicts(fleet, request.spec, failed_on)
     if request.pinned_to is not None:

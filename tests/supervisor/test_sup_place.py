@@ -95,6 +95,13 @@ def reqs(s, count, failed_on=None):
     pytest.param(reqs(spec(), 1, failed_on="a"), [A, B], [Allocation("b", "web")], ["b"],
                  id="failed-node-avoided-over-spread"),
     pytest.param(reqs(spec(), 1, failed_on="a"), [A], [], ["a"], id="failed-node-when-alone"),
+    # nodes alike in room and use rank alike but for their names: each still fills only
+    # to its room (a and b take 2 replicas each; u, unbounded in memory, the rest)
+    pytest.param(reqs(spec(memory=250), 6), [NodeInfo("a", "process", memory=1000), NodeInfo("b", "process", memory=1000),
+                                             NodeInfo("u", "process", cpu=1)],
+                 [Allocation("a", "api", memory=500), Allocation("b", "api", memory=500),
+                  Allocation("u", "api", cpu=1), Allocation("u", "web")], ["a", "b", "a", "b", "u", "u"],
+                 id="alike-nodes-fill-to-their-room"),
     pytest.param(reqs(spec(spread_over=["zone"]), 1, failed_on="b1"), Z,
                  [Allocation("a1", "web"), Allocation("a2", "web")], ["b1"], id="zone-spread-before-failed-node"),
     pytest.param(reqs(binpack(cpu=1), 1, failed_on="b"), [A, B], [Allocation("b", "api", cpu=0.5)], ["a"],
