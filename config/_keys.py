@@ -13,12 +13,14 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
     meshlet/configs/<name>/<version>      a config's version (content, digest)
     meshlet/nodes/<node>                  an operator's cordon / drain of a node (the CLI)
     meshlet/node-sides/<host>             a host's `meshlet node` (its proxy's admin address)
+    meshlet/events/<chunk>                the supervisor's events, a chunk of them per key, the
+                                          newest 10,000 kept (supervisor/core/events.py)
 """
 
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "node_key", "service_key", "vip_key", "backoff_key", "rollout_key",
+           "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "EVENTS_PREFIX", "node_key", "events_key", "split_events_key", "service_key", "vip_key", "backoff_key", "rollout_key",
            "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
 SERVICES_PREFIX = "meshlet/services/"
@@ -30,6 +32,7 @@ SECRETS_PREFIX = "meshlet/secrets/"
 CONFIGS_PREFIX = "meshlet/configs/"
 NODES_PREFIX = "meshlet/nodes/"
 NODE_SIDES_PREFIX = "meshlet/node-sides/"
+EVENTS_PREFIX = "meshlet/events/"
 
 
 def node_key(node: str) -> str:
@@ -97,3 +100,18 @@ def split_version_key(key: str, prefix: str) -> tuple[str, int] | None:
         return None
     name, sep, version = key[len(prefix):].rpartition("/")
     return (name, int(version)) if sep and name and "/" not in name and version.isdigit() else None
+
+
+def events_key(chunk: int) -> str:
+    """The key of events chunk ``chunk`` (zero-padded, so keys sort as numbers do)."""
+    if chunk < 0:
+        raise ValueError(f"events chunk number must be >= 0, got {chunk}")
+    return f"{EVENTS_PREFIX}{chunk:012d}"
+
+
+def split_events_key(key: str) -> int | None:
+    """The chunk number of a key under ``EVENTS_PREFIX``; None for anything else."""
+    if not key.startswith(EVENTS_PREFIX):
+        return None
+    rest = key[len(EVENTS_PREFIX):]
+    return int(rest) if rest.isdigit() else None
