@@ -320,6 +320,7 @@ class Rollouts:
             line = describe(st, observe(st, mine, spec, counts, observed.backoff, now),
                             Strategy.from_spec(replicas, spec.update), now, refused)
         return {"phase": str(st.phase), "revision": st.revision, "number": number, "progress": progress,
+                "updated": min(updated, replicas), "replicas": replicas, "old": old,
                 "reason": st.reason, "reverted_from": st.reverted_from, "summary": line,
                 "terminating": sum(1 for r in mine if r.terminating)}
 
