@@ -4,11 +4,13 @@
 # Debian packages: docker.io (the real engine the tests start with --bridge=none
 # --iptables=false --ip-masq=false), busybox-static (the FROM-scratch test image),
 # bind9-dnsutils (dig), dnsmasq (a second DNS server for forwarding tests), iproute2 and
-# util-linux (ip netns and nsenter: the fleet tests' hosts are network namespaces).
+# util-linux (ip netns and nsenter: the fleet tests' hosts are network namespaces),
+# chromium and fonts-dejavu-core (the dashboard's browser tests drive chromium headless
+# through Playwright and compare screenshots rendered in DejaVu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux)
+debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux chromium fonts-dejavu-core)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

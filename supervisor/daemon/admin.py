@@ -5,6 +5,7 @@
                                          service "rollout": null or {phase, revision (target),
                                          number (in the history), progress ("2/3 updated, 1 old"),
                                          updated, replicas and old (the same as numbers),
+                                         pause_requested (`rollout pause` holds this or the next rollout),
                                          reason, reverted_from, summary (one line), terminating}
     GET  /v1/logs/<service>?follow=1&tail=N&instance=ID
                                          the instances' logs as text; with several instances
