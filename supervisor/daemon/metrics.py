@@ -193,16 +193,16 @@ class SupervisorMetrics:
             family(f"meshlet_supervisor_node_{flag}", "gauge", f"1 while the node is {flag}.")
             for n in nodes:
                 out.append(f"meshlet_supervisor_node_{flag}{_labels(node=n['name'])} {1 if n.get(flag) else 0}")
-        for what, key, unit, help_ in (("allocated", "allocated", "", "requested by the replicas placed there"),
-                                       ("room", "room", "", "the node offers (capacity less its reserve)")):
+        for what, help_ in (("allocated", "requested by the replicas placed there"),
+                            ("room", "the node offers (capacity less its reserve; none: unbounded)")):
             family(f"meshlet_supervisor_node_{what}_cpu", "gauge", f"CPUs {help_}.")
             for n in nodes:
-                v = (n.get(key) or {}).get("cpu")
+                v = (n.get(what) or {}).get("cpu")
                 if isinstance(v, (int, float)):
                     out.append(f"meshlet_supervisor_node_{what}_cpu{_labels(node=n['name'])} {_num(v)}")
             family(f"meshlet_supervisor_node_{what}_memory_bytes", "gauge", f"Memory {help_}, in bytes.")
             for n in nodes:
-                v = (n.get(key) or {}).get("memory")
+                v = (n.get(what) or {}).get("memory")
                 if isinstance(v, (int, float)):
                     out.append(f"meshlet_supervisor_node_{what}_memory_bytes{_labels(node=n['name'])} {_num(v)}")
 
