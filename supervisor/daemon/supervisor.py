@@ -80,6 +80,8 @@ CHECK_TTL = 30.0
 # Level-triggered safety net: re-list the runtimes and sync every service this often.
 RESYNC = 5.0
 FOLLOWUP_SLOT = -1          # the follow-up key (service, slot) of rollout steps
+# how a rollout step's fields (core.rollout_types.StepResult.fields) read in an event
+STEP_WORDS = {"startreplica": "start {} new", "retirereplica": "retire {} old", "setweight": "weigh {}"}
 
 
 def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
@@ -598,10 +600,11 @@ class Supervisor:
             self.problems.pop(service, None)
         acted = plan.reverted or any(isinstance(a, SetWeight) for a in plan.actions)
         acted |= await self.execute(service, plan.actions, now, rollout=True)
-        steps = {k: v for k, v in plan.fields().items() if k not in ("phase", "wait")}
+        steps = [STEP_WORDS.get(k, f"{k} {{}}").format(v) for k, v in sorted(plan.fields.items())
+                 if k not in ("phase", "markcomplete", "markfailed", "revert")]     # those get their own
         if steps:
-            self.note(f"rollout {service} to {plan.state.revision[:12]}: "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(steps.items())), kind="rollout", service=service)
+            self.note(f"rollout {service} to {plan.state.revision[:12]}: " + ", ".join(steps), kind="rollout",
+                      service=service)
         if plan.reverted:
             self.note(f"rollout {service}: reverting to {plan.state.revision[:12]}: {plan.state.reason}",
                       kind="revert", service=service)

@@ -79,7 +79,7 @@ async def browser(tmp_path: Path) -> AsyncIterator:
 
 
 @pytest.fixture
-async def dashboard(mesh, browser):
+async def dashboard(mesh, browser, caplog):
     """(supervisor, base URL, page) with web v1 running 2/2 and the page open; page errors
     fail the test."""
     await mesh.apply(web_yaml(mesh, "1"))
@@ -98,6 +98,8 @@ async def dashboard(mesh, browser):
         await expect(page.locator("#conn")).to_have_text("live", timeout=UI_TIMEOUT)
         yield sup, base, page
         assert not errors, errors
+        failed = [r.getMessage() for r in caplog.records if r.name == "supervisor" and r.levelname == "ERROR"]
+        assert not failed, failed
     finally:
         await server.close()
 
@@ -129,7 +131,9 @@ async def test_rollout_live_then_rollback_from_the_page(mesh, dashboard):
     await expect(page.get_by_test_id("number-web")).to_have_text("#2 ")
     new = _template(sup)
     assert new and new != old
-    await expect(page.locator("#events li[data-kind=rollout]").first).to_be_visible()
+    await expect(page.locator("#events li[data-kind=rollout]", has_text="to " + next(iter(new))[:12])
+                 .first).to_be_visible()
+    await expect(page.locator("#events li[data-kind=rollout]", has_text="start 1 new").first).to_be_visible()
 
     # Rollback: the dialog asks, Cancel does nothing, Confirm rolls back
     rollback = page.locator("button[data-action=rollback][data-service=web]")
