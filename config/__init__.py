@@ -13,10 +13,11 @@ from ._document import (DOCUMENT_FORMAT, canonical_json, parse_service_document,
                         service_document, service_revision)
 from ._errors import ConfigError, ConfigIssue
 from ._frozen import FrozenDict
-from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, LEADER_KEY, NODE_SIDES_PREFIX, NODES_PREFIX, REBALANCE_KEY,
-                    ROLLOUT_KINDS, ROLLOUT_PREFIX, SECRETS_PREFIX, SERVICES_PREFIX, VIPS_PREFIX, VOLUMES_PREFIX,
-                    backoff_key, config_key, key_name, node_key, rollout_key, secret_key, service_key,
-                    split_backoff_key, split_rollout_key, split_version_key, vip_key, volume_key)
+from ._keys import (BACKOFF_PREFIX, CONFIGS_PREFIX, EVENTS_PREFIX, LEADER_KEY, NODE_SIDES_PREFIX, NODES_PREFIX,
+                    REBALANCE_KEY, ROLLOUT_KINDS, ROLLOUT_PREFIX, SECRETS_PREFIX, SERVICES_PREFIX, VIPS_PREFIX,
+                    VOLUMES_PREFIX, backoff_key, config_key, events_key, key_name, node_key, rollout_key, secret_key,
+                    service_key, split_backoff_key, split_events_key, split_rollout_key, split_version_key, vip_key,
+                    volume_key)
 from ._load import load, loads, locate, proxy_listener, proxy_listener_arg, upstream_tls, upstream_tls_arg
 from ._model import (CATALOG_TOKEN_FILE, DEFAULT_CATALOG_URL, MESH_DEFAULTS, RUNTIME_NAMES, Backoff, CanaryStep,
                      CatalogSettings, ConfigMount, ConfigSpec, DnsOverride, DnsSettings, EngineTls, ExecProbe,
@@ -53,7 +54,8 @@ __all__ = [
     "CATALOG_TOKEN_FILE",
     # KV keys (the catalog contract)
     "SERVICES_PREFIX", "VIPS_PREFIX", "VOLUMES_PREFIX", "volume_key", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
-    "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "REBALANCE_KEY", "node_key",
+    "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "REBALANCE_KEY", "node_key", "EVENTS_PREFIX", "events_key",
+    "split_events_key",
     "SECRETS_PREFIX", "CONFIGS_PREFIX", "service_key", "vip_key", "backoff_key", "rollout_key", "key_name",
     "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key",
     # conventions every component shares

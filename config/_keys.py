@@ -17,13 +17,16 @@ the supervisor (reader of those, writer of what it must not lose) and DNS and th
     meshlet/node-sides/<host>             a host's `meshlet node` (its proxy's admin address)
     meshlet/volumes/<kind>/<name>         where a node-local volume lives (the supervisor):
                                           named/<engine volume name> or host/<volume name>
+    meshlet/events/<chunk>                the supervisor's events, a chunk of them per key, the
+                                          newest 10,000 kept (supervisor/core/events.py)
 """
 
 from __future__ import annotations
 
 __all__ = ["SERVICES_PREFIX", "VIPS_PREFIX", "BACKOFF_PREFIX", "ROLLOUT_PREFIX", "ROLLOUT_KINDS",
            "SECRETS_PREFIX", "CONFIGS_PREFIX", "NODES_PREFIX", "NODE_SIDES_PREFIX", "LEADER_KEY", "REBALANCE_KEY", "node_key",
-           "VOLUMES_PREFIX", "volume_key", "service_key", "vip_key", "backoff_key", "rollout_key",
+           "VOLUMES_PREFIX", "volume_key", "EVENTS_PREFIX", "events_key", "split_events_key", "service_key", "vip_key",
+           "backoff_key", "rollout_key",
            "key_name", "split_rollout_key", "split_backoff_key", "secret_key", "config_key", "split_version_key"]
 
 SERVICES_PREFIX = "meshlet/services/"
@@ -38,6 +41,7 @@ NODES_PREFIX = "meshlet/nodes/"
 LEADER_KEY = "meshlet/leader"
 REBALANCE_KEY = "meshlet/rebalance"
 NODE_SIDES_PREFIX = "meshlet/node-sides/"
+EVENTS_PREFIX = "meshlet/events/"
 
 
 def node_key(node: str) -> str:
@@ -111,3 +115,18 @@ def volume_key(home: str) -> str:
     """The record of a node-local volume's home; ``home``: ``named/<engine volume name>``
     or ``host/<volume name>`` (supervisor.core.volumes.home_key)."""
     return VOLUMES_PREFIX + home
+
+
+def events_key(chunk: int) -> str:
+    """The key of events chunk ``chunk`` (zero-padded, so keys sort as numbers do)."""
+    if chunk < 0:
+        raise ValueError(f"events chunk number must be >= 0, got {chunk}")
+    return f"{EVENTS_PREFIX}{chunk:012d}"
+
+
+def split_events_key(key: str) -> int | None:
+    """The chunk number of a key under ``EVENTS_PREFIX``; None for anything else."""
+    if not key.startswith(EVENTS_PREFIX):
+        return None
+    rest = key[len(EVENTS_PREFIX):]
+    return int(rest) if rest.isdigit() else None

@@ -5,11 +5,14 @@
 # --iptables=false --ip-masq=false), busybox-static (the FROM-scratch test image),
 # bind9-dnsutils (dig), dnsmasq (a second DNS server for forwarding tests), iproute2 and
 # util-linux (ip netns and nsenter: the fleet tests' hosts are network namespaces),
-# openssh-server and openssh-client (a fleet host's engine reached at ssh://).
+# openssh-server and openssh-client (a fleet host's engine reached at ssh://), chromium and
+# fonts-dejavu-core (the dashboard's browser tests drive chromium headless through
+# Playwright and compare screenshots rendered in DejaVu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux openssh-server openssh-client)
+debs=(docker.io busybox-static bind9-dnsutils dnsmasq-base iproute2 util-linux openssh-server openssh-client
+      chromium fonts-dejavu-core)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

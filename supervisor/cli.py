@@ -12,7 +12,7 @@ Every subcommand is declared here, once, and handed to the module that runs it::
     meshlet plan -f FILE [--json]  commands.plan                  where apply would place replicas
     meshlet node run --catalog URL --address IP
                                    daemon.node_side.run_node      a fleet host's DNS and proxy
-    meshlet status | logs | down | explain | node ls|cordon|uncordon|drain | volume ls|rm
+    meshlet status | logs | events | down | explain | node ls|cordon|uncordon|drain | volume ls|rm | rebalance
                                    commands.admin_client          ask the running supervisor
     meshlet rollout status|history|pause|resume, rollback, restart
                                    commands.rollout               rollouts, through the catalog

@@ -1,4 +1,4 @@
-"""``meshlet status``, ``logs``, ``explain``, ``node ls``, ``volume ls|rm`` and ``down``: clients of the running supervisor's admin API
+"""``meshlet status``, ``logs``, ``events``, ``explain``, ``node ls``, ``volume ls|rm``, ``rebalance`` and ``down``: clients of the running supervisor's admin API
 (daemon/admin.py) at ``--admin HOST:PORT``, else ``$MESHLET_ADMIN``, else
 ``mesh.admin_listen`` of ``-f FILE`` (``--file`` for logs, where ``-f`` is ``--follow``),
 else the default ``mesh.admin_listen``.
@@ -25,7 +25,7 @@ import config
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "format_status", "format_age", "format_volumes", "format_size"]
 
-COMMANDS = ("status", "logs", "explain", "node", "volume", "rebalance", "down")
+COMMANDS = ("status", "logs", "explain", "node", "volume", "rebalance", "down", "events")
 DEFAULT_ADMIN = config.MESH_DEFAULTS.admin_listen
 
 
@@ -104,6 +104,71 @@ def add_subcommands(sub: Any) -> None:
     down = sub.add_parser("down", help="stop every workload and the running `meshlet up`")
     down.add_argument("-f", "--file", help="meshlet.yaml naming mesh.admin_listen")
     down.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+    _add_events(sub)
+
+
+# --------------------------------------------------------------------------- meshlet events
+
+EVENTS_WAIT = "30s"          # each long poll of `events -f`; the HTTP timeout is longer
+
+
+def _add_events(sub: Any) -> None:
+    events = sub.add_parser("events", help="what happened: starts, exits and why, probe transitions, restarts, "
+                                           "placements, rollout steps, node changes (kept in the catalog)")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--service", metavar="S", help="only the events of service S (and its replicas)")
+    events.add_argument("--kind", action="append", default=[], metavar="K",
+                        help="only events of kind K (started, exited, ready, rollout, node, ...; repeatable)")
+    events.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N events (default 1000)")
+    events.add_argument("--json", action="store_true", help="one JSON object per event and line")
+    events.add_argument("--file", help="meshlet.yaml naming mesh.admin_listen")
+    events.add_argument("--admin", metavar="HOST:PORT", help="the supervisor's admin API")
+
+
+def _events(base: str, admin: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``meshlet events``: print the kept events, and with ``-f`` the new ones as they come
+    (long polls; a supervisor that restarts meanwhile is waited for, the stored events
+    continuing from where they were)."""
+    import time
+
+    from ..core.events import format_event
+    if args.tail is not None and args.tail < 1:
+        print(f"meshlet events: --tail: expected a number >= 1, got {args.tail}", file=err)
+        return 2
+    query: list[tuple[str, str]] = [("limit", str(args.tail or 1000))]
+    if args.service:
+        query.append(("service", args.service))
+    query += [("kind", k) for k in args.kind]
+
+    def show(events: Sequence[Mapping[str, Any]]) -> None:
+        for e in events:
+            print(json.dumps(e, sort_keys=True) if args.json else format_event(e), file=out)
+        out.flush()
+
+    with _request("GET", f"{base}/v1/events?{urllib.parse.urlencode(query)}") as r:
+        doc = json.load(r)
+    show(doc.get("events") or ())
+    if not args.follow:
+        return 0
+    last = doc.get("last", -1)
+    waiting = False
+    while True:
+        url = f"{base}/v1/events?{urllib.parse.urlencode([*query, ('since', str(last)), ('wait', EVENTS_WAIT)])}"
+        try:
+            with _request("GET", url, timeout=60.0) as r:
+                doc = json.load(r)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                raise
+            if not waiting:
+                print(f"meshlet events: the supervisor at {admin} does not answer ({getattr(exc, 'reason', exc)}); "
+                      "waiting for it", file=err, flush=True)
+                waiting = True
+            time.sleep(1.0)
+            continue
+        waiting = False
+        show(doc.get("events") or ())
+        last = doc.get("last", last)
 
 
 def _admin_address(args: argparse.Namespace, err: TextIO) -> str | None:
@@ -347,6 +412,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             print(f"meshlet volume rm: deleted {done['removed']}{where}" + (f" ({done['note']})" if done.get("note") else ""),
                   file=out)
             return 0
+        if args.command == "events":
+            return _events(base, admin, args, out, err)
         if args.command == "down":
             with _request("POST", base + "/v1/down") as r:
                 r.read()

@@ -67,7 +67,7 @@ from .admin_client import format_age
 
 __all__ = ["COMMANDS", "add_subcommands", "run", "Progress", "assess", "history_table",
            "change_summary", "masked", "rollback_entry", "rollback_document", "rollback_ops",
-           "SECRET_NAME", "MASK"]
+           "SECRET_NAME", "MASK", "CliError", "NoSuchService", "set_paused", "request_restart", "roll_back"]
 
 COMMANDS = ("rollout", "rollback", "restart")
 DEFAULT_CATALOG = config.DEFAULT_CATALOG_URL
@@ -81,6 +81,13 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+class NoSuchService(CliError):
+    """The service is not in the catalog (exit code 2; the admin API answers 404)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
 
 
 # =============================================================== pure: status
@@ -394,7 +401,7 @@ async def _document(client: Any, service: str) -> tuple[int, dict[str, Any], Any
     from discovery.consul import kv_get
     index, raw = await kv_get(client, config.service_key(service))
     if raw is None:
-        raise CliError(f"no service {service!r} in the catalog (apply it first: `meshlet apply`)", 2)
+        raise NoSuchService(f"no service {service!r} in the catalog (apply it first: `meshlet apply`)")
     try:
         spec, _vip, _rev = config.parse_service_document(raw, source=config.service_key(service))
     except config.ConfigError as exc:
@@ -440,47 +447,66 @@ async def _history(client: Any, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-async def _control(client: Any, args: argparse.Namespace, out: TextIO, paused: bool) -> int:
+async def set_paused(client: Any, service: str, paused: bool, reason: str = "paused by the user") -> str:
+    """Pause or resume the rollout of ``service`` (its control key); what to tell the user.
+    NoSuchService when it is not in the catalog. Shared by the CLI and the admin API."""
     from discovery.consul import kv_put
-    await _document(client, args.service)
-    reason = args.reason if paused else ""
-    await kv_put(client, config.rollout_key(args.service, "control"),
+    await _document(client, service)
+    reason = reason if paused else ""
+    await kv_put(client, config.rollout_key(service, "control"),
                  _json({"paused": paused, "reason": reason, "at": time.time()}))
-    state = await _read_json(client, config.rollout_key(args.service, "state"))
+    state = await _read_json(client, config.rollout_key(service, "state"))
     phase = state.get("phase") if isinstance(state, dict) else None
     if paused:
-        print(f"{args.service}: rollout paused ({reason})" + (
+        return f"{service}: rollout paused ({reason})" + (
             "" if phase in ("progressing", "reverting", "paused") else
-            "; no rollout is in progress, the next one will wait"), file=out)
-    else:
-        print(f"{args.service}: rollout resumed", file=out)
+            "; no rollout is in progress, the next one will wait")
+    return f"{service}: rollout resumed"
+
+
+async def request_restart(client: Any, service: str) -> str:
+    """Ask for a rolling restart of ``service`` (a new restart token); what to tell the user."""
+    from discovery.consul import kv_put
+    _, _, spec = await _document(client, service)
+    now = time.time()
+    token = new_restart_token(now)
+    await kv_put(client, config.rollout_key(service, "restart"), _json({"token": token, "at": now}))
+    return f"{service}: rolling restart requested (revision {target_revision(spec, token)}, token {token})"
+
+
+async def _control(client: Any, args: argparse.Namespace, out: TextIO, paused: bool) -> int:
+    print(await set_paused(client, args.service, paused, args.reason if paused else ""), file=out)
     return 0
 
 
 async def _restart(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from discovery.consul import kv_put
-    _, _, spec = await _document(client, args.service)
-    now = time.time()
-    token = new_restart_token(now)
-    await kv_put(client, config.rollout_key(args.service, "restart"), _json({"token": token, "at": now}))
-    print(f"{args.service}: rolling restart requested (revision {target_revision(spec, token)}, "
-          f"token {token})", file=out)
+    print(await request_restart(client, args.service), file=out)
     return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
 
 
 async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    entry = await roll_back(client, args.service, args.to)
+    print(f"{args.service}: rolling back to revision {entry['number']} ({entry['revision']}); "
+          f"follow it with `meshlet rollout status {args.service}`", file=out)
+    return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
+
+
+async def roll_back(client: Any, service: str, to: int | None = None) -> dict[str, Any]:
+    """Roll ``service`` back (to history number ``to``, else the last complete revision):
+    the history entry it goes to. CliError (NoSuchService; code 2 for an unknown ``to``)
+    when it cannot. Shared by the CLI and the admin API."""
     from discovery.consul import kv_get
 
     from .apply import TxnConflict, txn
     for attempt in (1, 2):
-        index, doc, spec = await _document(client, args.service)
-        key = config.rollout_key(args.service, "history")
+        index, doc, spec = await _document(client, service)
+        key = config.rollout_key(service, "history")
         history = _history_list(key, await _read_json(client, key))
         if not history:
-            raise CliError(f"{args.service} has no rollout history yet; nothing to roll back to")
-        token = read_restart_token(await _read_json(client, config.rollout_key(args.service, "restart")))
+            raise CliError(f"{service} has no rollout history yet; nothing to roll back to")
+        token = read_restart_token(await _read_json(client, config.rollout_key(service, "restart")))
         try:
-            entry = rollback_entry(history, args.to, target_revision(spec, token))
+            entry = rollback_entry(history, to, target_revision(spec, token))
         except RolloutError as exc:
             raise CliError(str(exc), 2) from None
         if entry is None:
@@ -491,19 +517,17 @@ async def _rollback(client: Any, args: argparse.Namespace, out: TextIO, err: Tex
         release = None
         if doc.get("vip") and new["vip"] is None:
             vip_index, owner = await kv_get(client, config.vip_key(doc["vip"]))
-            if owner is not None and owner.decode("utf-8", "replace") == args.service:
+            if owner is not None and owner.decode("utf-8", "replace") == service:
                 release = (doc["vip"], vip_index)
         try:
-            await txn(client, rollback_ops(args.service, new, index, entry.get("restart_token"),
+            await txn(client, rollback_ops(service, new, index, entry.get("restart_token"),
                                             time.time(), release))
-            break
+            return entry
         except TxnConflict as exc:
             if attempt == 2:
-                raise CliError(f"{args.service} changed in the catalog during the rollback, twice "
+                raise CliError(f"{service} changed in the catalog during the rollback, twice "
                                f"(a concurrent apply?): {exc}; try again") from None
-    print(f"{args.service}: rolling back to revision {entry['number']} ({entry['revision']}); "
-          f"follow it with `meshlet rollout status {args.service}`", file=out)
-    return await follow(client, args.service, args.timeout, out, err) if args.wait else 0
+    raise AssertionError("unreachable")
 
 
 async def follow(client: Any, service: str, timeout: float | None, out: TextIO, err: TextIO) -> int:

@@ -26,9 +26,19 @@ import config
 
 from ..core.checks import check_mesh
 
-__all__ = ["COMMAND", "add_subcommands", "run"]
+__all__ = ["COMMAND", "add_subcommands", "run", "scale_service", "ScaleError"]
 
 COMMAND = "scale"
+
+
+class ScaleError(Exception):
+    """Why a scale was refused: ``code`` 2 usage (no such service, a fixed port on more
+    replicas than nodes; ``missing``: the former), 1 the catalog."""
+
+    def __init__(self, message: str, code: int = 2, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.missing = missing
 
 
 def _count(text: str) -> int:
@@ -71,49 +81,58 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     return asyncio.run(_scale(access, args.service, args.replicas, out, err, mesh, nodes_from))
 
 
+async def scale_service(client: Any, service: str, replicas: int,
+                        mesh: config.MeshSettings = config.MESH_DEFAULTS, nodes_from: str = "") -> str:
+    """Set ``service``'s replicas in its catalog document (CAS, three tries); what to tell
+    the user. ScaleError when refused; catalog errors as they come. Shared by the CLI and
+    the admin API."""
+    from discovery.consul import kv_get
+
+    from .apply import TxnConflict, document_op, txn
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ScaleError(f"expected a number of replicas >= 0, got {replicas!r}")
+    for attempt in (1, 2, 3):
+        index, raw = await kv_get(client, config.service_key(service))
+        if raw is None:
+            raise ScaleError(f"no service {service!r} in the catalog (apply it first: `meshlet apply`)", missing=True)
+        spec, vip, _ = config.parse_service_document(raw, source=config.service_key(service))
+        if spec.replicas == replicas:
+            return f"{service}: already {replicas} replica{'s' if replicas != 1 else ''}"
+        scaled = dataclasses.replace(spec, replicas=replicas)
+        # what apply would refuse for this service (a fixed port needs a node per replica)
+        problems = [p for p in check_mesh(config.MeshConfig(mesh=mesh, services=config.FrozenDict({service: scaled})))
+                    if p.keys[:3] == ("services", service, "replicas")]
+        if problems:
+            raise ScaleError("; ".join(f"{service}: {p.message} (nodes: {nodes_from})" for p in problems))
+        new = config.service_document(scaled, vip)
+        try:
+            await txn(client, [document_op(service, json.loads(json.dumps(new)), index)])
+        except TxnConflict:
+            if attempt == 3:
+                raise ScaleError(f"{service} kept changing meanwhile; try again", 1) from None
+            continue
+        return f"{service}: scaled (replicas {spec.replicas} → {replicas})"
+    raise AssertionError("unreachable")
+
+
 async def _scale(access: Any, service: str, replicas: int, out: TextIO, err: TextIO,
                  mesh: config.MeshSettings = config.MESH_DEFAULTS, nodes_from: str = "") -> int:
     import aiohttp
     import consul
 
-    from discovery.consul import catalog_problem, connect, kv_get
-
-    from .apply import TxnConflict, document_op, txn
+    from discovery.consul import catalog_problem, connect
     try:
         client = connect(access, timeout=15.0)
     except ValueError as exc:
         print(f"meshlet scale: {exc}", file=err)
         return 2
     try:
-        for attempt in (1, 2, 3):
-            index, raw = await kv_get(client, config.service_key(service))
-            if raw is None:
-                print(f"meshlet scale: no service {service!r} in the catalog (apply it first: `meshlet apply`)",
-                      file=err)
-                return 2
-            spec, vip, _ = config.parse_service_document(raw, source=config.service_key(service))
-            if spec.replicas == replicas:
-                print(f"{service}: already {replicas} replica{'s' if replicas != 1 else ''}", file=out)
-                return 0
-            scaled = dataclasses.replace(spec, replicas=replicas)
-            # what apply would refuse for this service (a fixed port needs a node per replica)
-            problems = [p for p in check_mesh(config.MeshConfig(mesh=mesh, services=config.FrozenDict({service: scaled})))
-                        if p.keys[:3] == ("services", service, "replicas")]
-            if problems:
-                for p in problems:
-                    print(f"meshlet scale: {service}: {p.message} (nodes: {nodes_from})", file=err)
-                return 2
-            new = config.service_document(scaled, vip)
-            try:
-                await txn(client, [document_op(service, json.loads(json.dumps(new)), index)])
-            except TxnConflict:
-                if attempt == 3:
-                    print(f"meshlet scale: {service} kept changing meanwhile; try again", file=err)
-                    return 1
-                continue
-            print(f"{service}: scaled (replicas {spec.replicas} → {replicas})", file=out)
+        try:
+            print(await scale_service(client, service, replicas, mesh, nodes_from), file=out)
             return 0
-        return 1
+        except ScaleError as exc:
+            print(f"meshlet scale: {exc}", file=err)
+            return exc.code
     except config.ConfigError as exc:
         print(f"meshlet scale: {'; '.join(str(i) for i in exc.issues)}", file=err)
         return 1

@@ -4,6 +4,8 @@
                                          with capacity, reserve, room and allocated; per
                                          service "rollout": null or {phase, revision (target),
                                          number (in the history), progress ("2/3 updated, 1 old"),
+                                         updated, replicas and old (the same as numbers),
+                                         pause_requested (`rollout pause` holds this or the next rollout),
                                          reason, reverted_from, summary (one line), terminating}
     GET  /v1/logs/<service>?follow=1&tail=N&instance=ID
                                          the instances' logs as text; with several instances
@@ -29,6 +31,9 @@
                                          "dropped": [...given up, why]}); GET: the moves in progress
     POST /v1/down                        stop every workload and the supervisor (`meshlet down`)
 
+Events (``GET /v1/events``), ``GET /metrics``, the dashboard (``GET /``), ``GET /v1/endpoints``
+and the dashboard's actions (``POST /v1/services/<service>/<action>``) are daemon/operate.py's.
+
 Errors are JSON ``{"error": "..."}`` with 400/404; nothing raises into the client.
 
 What the server may ask of the supervisor is ``AdminBackend``: its status document and
@@ -49,6 +54,7 @@ from aiohttp import web
 import config
 
 from ..runtime import Runtime, VolumeInUse, WorkloadError
+from .operate import add_routes as add_operate_routes
 
 __all__ = ["AdminServer", "AdminBackend"]
 
@@ -106,6 +112,8 @@ class AdminServer:
         app.router.add_post("/v1/rebalance", self.post_rebalance)
         app.router.add_get("/v1/rebalance", self.get_rebalance)
         app.router.add_post("/v1/down", self.post_down)
+        # events, /metrics, the dashboard and its actions (daemon/operate.py)
+        add_operate_routes(app, backend)  # type: ignore[arg-type]
         self.app = app
 
     async def start(self, listen: str) -> str:

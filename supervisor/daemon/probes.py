@@ -184,11 +184,13 @@ class ProbeScheduler:
 
     def __init__(self, spec: config.ServiceSpec, *, address: str, ports: Mapping[str, int],
                  exec_: Exec, session: aiohttp.ClientSession, started_at: float,
-                 on_change: Callable[[Health], Any], clock: Callable[[], float]) -> None:
+                 on_change: Callable[[Health], Any], clock: Callable[[], float],
+                 on_result: Callable[[str, bool], Any] | None = None) -> None:
         self.spec = spec
         self.health = initial_health(spec.probes)
         self._address, self._ports, self._exec, self._session = address, ports, exec_, session
         self._on_change = on_change
+        self._on_result = on_result      # every attempt (kind, passed): metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._started_at = started_at
         self._clock = clock
@@ -215,6 +217,8 @@ class ProbeScheduler:
                 if self._closed:
                     return
                 self.last[kind] = what
+                if self._on_result is not None:
+                    self._on_result(kind, ok)
                 before = self.health
                 self.health = on_result(self.spec.probes, before, kind, ok)
                 if self.health != before and (before.ready, before.alive, before.started) != (

@@ -48,6 +48,7 @@ import aiohttp
 
 import config
 
+from ..core.events import redact
 from ..core.model import Replica
 from ..runtime import InstanceNotFound, InstanceSpec, Runtime, WorkloadError
 from ..runtime import Observed as RuntimeObserved
@@ -56,7 +57,7 @@ from .probes import Health, ProbeScheduler, initial_health
 from .volumes import VolumeHomes, attachments
 
 __all__ = ["Replicas", "ReplicaHost", "Tracked", "LastExit", "PORT_RANGE", "MIN_DRAIN", "IN_FLIGHT_LIMIT",
-           "port_is_free", "draining_requests", "KEPT_EXITS", "LAST_LINES"]
+           "port_is_free", "draining_requests", "KEPT_EXITS", "LAST_LINES", "exit_reason"]
 
 log = logging.getLogger("supervisor.replicas")
 
@@ -106,8 +107,10 @@ class ReplicaHost(Protocol):
     def changed(self, service: str) -> None:
         """Something about ``service``'s replicas changed: look at it again."""
 
-    def note(self, text: str) -> None:
-        """An event for ``meshlet status`` ("started web-0-...: new replica")."""
+    def note(self, text: str, *, kind: str | None = None, service: str | None = None,
+             instance: str | None = None, node: str | None = None) -> None:
+        """An event for ``meshlet events`` and ``status`` ("started web-0-...: new replica"),
+        of ``kind`` (core/events.py) about ``service``/``instance``/``node``."""
 
 
 @dataclass(eq=False)
@@ -128,6 +131,16 @@ class Tracked:
         if self.prober is not None:
             self.prober.close()
             self.prober = None
+
+
+def exit_reason(code: int | None, *, killed: bool, stopping: bool) -> str:
+    """Why a replica exited, for events and metrics: stopped (by the supervisor, retiring
+    it), killed (a failed liveness/startup probe), completed (code 0) or crashed."""
+    if stopping:
+        return "stopped"
+    if killed:
+        return "killed"
+    return "completed" if code == 0 else "crashed"
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -162,8 +175,9 @@ class Replicas:
                  nodes: Mapping[str, config.NodeSpec], catalog: Any, session: aiohttp.ClientSession,
                  clock: Any, check_ttl: float, dns: str | None = None,
                  proxy_admins: Sequence[str] = (), deliveries: Deliveries | None = None,
-                 volumes: VolumeHomes | None = None) -> None:
+                 volumes: VolumeHomes | None = None, metrics: Any = None) -> None:
         self.host = host
+        self.metrics = metrics          # SupervisorMetrics: exits by reason, probe results
         self.deliveries = deliveries
         self.volumes = volumes
         self.runtimes = runtimes
@@ -305,6 +319,12 @@ class Replicas:
         t.close_probes()
         t.health = dataclasses.replace(t.health, ready=False)
         log.info("%s exited (code %s)", observed.instance_id, observed.exit_code)
+        reason = exit_reason(observed.exit_code, killed=t.killed, stopping=observed.instance_id in self.terminating)
+        code = "unknown" if observed.exit_code is None else str(observed.exit_code)
+        self.host.note(f"{observed.instance_id} exited with code {code} ({reason})", kind="exited",
+                       service=observed.service, instance=observed.instance_id, node=observed.node)
+        if self.metrics is not None:
+            self.metrics.exit(observed.service, reason)
         self._capture(t)
         self.push_status(t)
         return t
@@ -330,7 +350,7 @@ class Replicas:
         return ports
 
     async def start(self, spec: config.ServiceSpec, slot: int, revision: str, node_name: str,
-                    reason: str, *, weight: int = 1) -> Tracked:
+                    reason: str, *, weight: int = 1, restart: bool = False) -> Tracked:
         """Start a replica of ``revision`` (its own ``spec``) in ``slot`` on ``node_name``,
         with the secrets and configs its spec names (``deliveries``) and its volumes (their
         homes recorded first: ``volumes``), and register it (check critical until its
@@ -358,13 +378,22 @@ class Replicas:
         self._ports_taken.setdefault(node_name, set()).update(ports.values())
         try:
             observed = await rt.start(ispec)
+        except WorkloadError as exc:
+            self._ports_taken[node_name].difference_update(ports.values())
+            text = str(exc)
+            clean = redact(text, secret_env.values())   # a runtime may echo what it was given
+            if clean != text:
+                raise WorkloadError(clean) from None
+            raise
         except BaseException:
             self._ports_taken[node_name].difference_update(ports.values())
             if claimed and self.volumes is not None:
                 await self.volumes.release(claimed)     # nothing was made there
             raise
         log.info("started %s (%s slot %d on %s, ports %s): %s", iid, service, slot, node_name, ports, reason)
-        self.host.note(f"started {iid}: {reason}")
+        # "started" either way (the reason says a restart and its back-off); the kind tells
+        self.host.note(f"started {iid} on {node_name}: {reason}",
+                       kind="restarted" if restart else "started", service=service, instance=iid, node=node_name)
         t = Tracked(observed)
         self.instances[iid] = t
         if weight != 1:
@@ -396,7 +425,10 @@ class Replicas:
             before = t.health
             t.health = health
             if before.ready != health.ready:
-                self.host.note(f"{iid} {'ready' if health.ready else 'not ready'}")
+                last = prober.last.get("readiness") or prober.last.get("startup") or ""
+                self.host.note(f"{iid} {'ready' if health.ready else 'not ready'}" + (f": {last}" if last else ""),
+                               kind="ready" if health.ready else "unready", service=t.obs.service,
+                               instance=iid, node=t.obs.node)
                 if health.ready:
                     t.ready_since = self.clock()
                 self.push_status(t)
@@ -404,9 +436,13 @@ class Replicas:
             elif not health.alive:
                 self.host.changed(t.obs.service)
 
+        def result(kind: str, ok: bool) -> None:
+            if self.metrics is not None:
+                self.metrics.probe(t.obs.service, kind, ok)
+
         prober = ProbeScheduler(spec, address=t.obs.address, ports=t.obs.ports, exec_=exec_,
                                 session=self.session, started_at=t.obs.started_at or self.clock(),
-                                on_change=changed, clock=self.clock)
+                                on_change=changed, clock=self.clock, on_result=result)
         prober.health = t.health
         t.prober = prober
         prober.start()
@@ -526,7 +562,8 @@ class Replicas:
             return
         t.killed = True
         t.close_probes()
-        self.host.note(f"killed {iid}: {reason}")
+        self.host.note(f"killed {iid}: {reason}", kind="killed", service=t.obs.service, instance=iid,
+                       node=t.obs.node)
         log.warning("killing %s: %s", iid, reason)
 
         async def kill() -> None:
@@ -594,7 +631,8 @@ class Replicas:
             del self._removed[next(iter(self._removed))]
         self._ports_taken.get(t.obs.node, set()).difference_update(t.obs.ports.values())
         if t.obs.is_running:
-            self.host.note(f"stopped {iid}: {reason}")
+            self.host.note(f"stopped {iid}: {reason}", kind="stopped", service=t.obs.service, instance=iid,
+                           node=t.obs.node)
             log.info("stopped %s: %s", iid, reason)
         return True
 

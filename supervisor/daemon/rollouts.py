@@ -303,7 +303,8 @@ class Rollouts:
             if not history:
                 return None
             return {"phase": "deploying", "revision": history[-1]["revision"],
-                    "number": history[-1]["number"], "summary": "first deploy", "reason": ""}
+                    "number": history[-1]["number"], "summary": "first deploy", "reason": "",
+                    "pause_requested": self._pause_reason(service) is not None}
         number = next((e["number"] for e in reversed(history) if e.get("revision") == st.revision), None)
         mine = [r for r in observed.replicas if r.service == service]
         alive = [r for r in mine if r.running and not r.terminating]
@@ -320,6 +321,8 @@ class Rollouts:
             line = describe(st, observe(st, mine, spec, counts, observed.backoff, now),
                             Strategy.from_spec(replicas, spec.update), now, refused)
         return {"phase": str(st.phase), "revision": st.revision, "number": number, "progress": progress,
+                "updated": min(updated, replicas), "replicas": replicas, "old": old,
+                "pause_requested": self._pause_reason(service) is not None,
                 "reason": st.reason, "reverted_from": st.reverted_from, "summary": line,
                 "terminating": sum(1 for r in mine if r.terminating)}
 

@@ -61,6 +61,8 @@ from ..runtime.docker import engine_tls
 from ..runtime import RUNTIMES, InstanceNotFound, Runtime, RuntimeEvent, WorkloadError
 from ..secrets import KeySource
 from .deliveries import Deliveries
+from .events import EventLog
+from .metrics import SupervisorMetrics
 from .nodes import PROBE_EVERY, NodeMonitor
 from .rebalance import Rebalancer
 from .replicas import Replicas, Tracked
@@ -82,6 +84,8 @@ CHECK_TTL = 45.0
 # Level-triggered safety net: re-list the runtimes and sync every service this often.
 RESYNC = 5.0
 FOLLOWUP_SLOT = -1          # the follow-up key (service, slot) of rollout steps
+# how a rollout step's fields (core.rollout_types.StepResult.fields) read in an event
+STEP_WORDS = {"startreplica": "start {} new", "retirereplica": "retire {} old", "setweight": "weigh {}"}
 
 
 def make_runtime(node: config.NodeSpec, data_dir: Path) -> Runtime:
@@ -148,6 +152,11 @@ class Supervisor:
         # like a crash, not on every sync) and the runtime's last refusal, per slot
         self.slots = Slots(None)
         self.events: list[str] = []                  # recent events, for status
+        # structured events (GET /v1/events, `meshlet events`), stored in the catalog in
+        # batches from start(); counted in the metrics as they come
+        self.metrics = SupervisorMetrics()
+        self.event_log = EventLog(None, clock=clock, on_event=self.metrics.event)
+        self._waits_noted: dict[tuple[str, int], float] = {}
         self.history: list[tuple[float, str, str]] = []   # (time, "started"/"killed"/..., instance)
         self._dirty: set[str] = set()
         self._syncing: dict[str, asyncio.Task[None]] = {}
@@ -202,12 +211,21 @@ class Supervisor:
         for waiting in list(self.unplaced):
             self.enqueue(waiting)
 
-    def note(self, text: str) -> None:
-        kind, _, rest = text.partition(" ")
-        self.history.append((self.clock(), kind, rest.split(":")[0].split(" ")[0]))
+    def note(self, text: str, *, kind: str | None = None, service: str | None = None,
+             instance: str | None = None, node: str | None = None) -> None:
+        """An event: ``text`` is what ``meshlet events`` prints; ``kind`` (core/events.py
+        KINDS; default: the text's first word) and what it is about, for filtering."""
+        first, _, rest = text.partition(" ")
+        self.history.append((self.clock(), first, rest.split(":")[0].split(" ")[0]))
         del self.history[:-1000]
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
         del self.events[:-100]
+        self.event_log.add(kind or first, text, service=service, instance=instance, node=node)
+
+    @property
+    def catalog(self) -> Any:
+        """The catalog client (py-consul aio) the supervisor uses; None before start()."""
+        return self._client
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -215,6 +233,10 @@ class Supervisor:
         self._client = connect(self.url, timeout=40.0)
         self._session = aiohttp.ClientSession()
         self.slots.kv = self._client
+        self.event_log.kv = self._client
+        self.event_log.may_write = self.may_act
+        await self.event_log.load()
+        self.event_log.start()
         for node in self.nodes.values():
             if node.name not in self.runtimes:
                 self.runtimes[node.name] = make_runtime(node, self.data_dir)
@@ -223,7 +245,8 @@ class Supervisor:
         self.replicas = Replicas(self, runtimes=self.runtimes, nodes=self.nodes, catalog=self._client,
                                  session=self._session, clock=self.clock, check_ttl=self.check_ttl,
                                  dns=self.dns, proxy_admins=self.proxy_admins,
-                                 deliveries=Deliveries(self._client, self.secrets_key), volumes=self.volumes)
+                                 deliveries=Deliveries(self._client, self.secrets_key), volumes=self.volumes,
+                                 metrics=self.metrics)
         self.monitor = NodeMonitor(self.nodes, self.runtimes, self._client, grace=self.node_grace,
                                    on_change=self._node_changed, on_control=self._node_control,
                                    on_sides=self._sides_changed, clock=self.clock, every=self.node_probe)
@@ -281,6 +304,7 @@ class Supervisor:
         if hasattr(self, "monitor"):
             await self.monitor.close()
         if not hasattr(self, "replicas"):
+            await self.event_log.close()
             await self._close_clients()
             return
         if stop:
@@ -292,6 +316,7 @@ class Supervisor:
                 await rt.close()
             except Exception:  # noqa: BLE001 - closing continues with the rest
                 log.warning("closing runtime %s failed", rt, exc_info=True)
+        await self.event_log.close()
         await self._close_clients()
 
     async def _stop_leftovers(self) -> None:
@@ -470,12 +495,12 @@ class Supervisor:
         if after.lost:
             marked = self.replicas.mark_stale(name)
             self.note(f"node {name} lost: not answering for {self.node_grace:g}s; its {marked} "
-                      "replica(s) are placed elsewhere")
+                      "replica(s) are placed elsewhere", kind="node", node=name)
         elif not after.reachable:
-            self.note(f"node {name} unreachable: {after.error}; it takes no new replica")
+            self.note(f"node {name} unreachable: {after.error}; it takes no new replica", kind="node", node=name)
         else:
             self.note(f"node {name} is back" + (": what still runs there of a replaced slot is stopped"
-                                                 if before.lost else ""))
+                                                 if before.lost else ""), kind="node", node=name)
             # what it runs now (an engine restarted meanwhile may have stopped it all)
             self._tasks.append(asyncio.create_task(self._relist()))
         for service in self.service_names():
@@ -483,7 +508,8 @@ class Supervisor:
 
     def _node_control(self, name: str) -> None:
         c = self.monitor.control[name]
-        self.note(f"node {name} " + ("draining" if c.draining else "cordoned" if c.cordoned else "uncordoned"))
+        self.note(f"node {name} " + ("draining" if c.draining else "cordoned" if c.cordoned else "uncordoned"),
+                  kind="node", node=name)
         for service in self.service_names():
             self.enqueue(service)
 
@@ -554,12 +580,14 @@ class Supervisor:
         try:
             while service in self._dirty and not self._closed:
                 self._dirty.discard(service)
+                began = time.perf_counter()
                 try:
                     await self._sync(service)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - retried on the next tick
                     log.exception("sync of %s failed; retrying on the next resync", service)
+                self.metrics.sync_done(time.perf_counter() - began)
         finally:
             self._syncing.pop(service, None)
 
@@ -580,7 +608,8 @@ class Supervisor:
         begun = self.rollouts.begin(service, self.desired, self.replicas.facts(service), now)
         if begun is not None:
             if begun.started:
-                self.note(f"rollout {service}: to {begun.state.revision if begun.state else '?'}")
+                self.note(f"rollout {service}: to {begun.state.revision if begun.state else '?'}",
+                          kind="rollout", service=service)
             await self._store_rollout(service)
         actions = reconcile_service(service, self.rollouts.effective(self.desired), self.observed(), now)
         if any(isinstance(a, Unplaceable) for a in actions):
@@ -608,8 +637,16 @@ class Supervisor:
             self.problems.pop(service, None)
         acted = plan.reverted or any(isinstance(a, SetWeight) for a in plan.actions)
         acted |= await self.execute(service, plan.actions, now, rollout=True)
-        if before is not None and plan.state.phase != before.phase:
-            self.note(f"rollout {service}: {plan.state.phase}: {plan.state.reason}")
+        steps = [STEP_WORDS.get(k, f"{k} {{}}").format(v) for k, v in sorted(plan.fields.items())
+                 if k not in ("phase", "markcomplete", "markfailed", "revert")]     # those get their own
+        if steps:
+            self.note(f"rollout {service} to {plan.state.revision[:12]}: " + ", ".join(steps), kind="rollout",
+                      service=service)
+        if plan.reverted:
+            self.note(f"rollout {service}: reverting to {plan.state.revision[:12]}: {plan.state.reason}",
+                      kind="revert", service=service)
+        elif before is not None and plan.state.phase != before.phase:
+            self.note(f"rollout {service}: {plan.state.phase}: {plan.state.reason}", kind="rollout", service=service)
         await self._store_rollout(service)
         if plan.followup_at is not None:
             self._follow_up(service, FOLLOWUP_SLOT, plan.followup_at - now)
@@ -681,9 +718,14 @@ class Supervisor:
                 await self.replicas.set_weight(a.instance_id, a.weight)
             elif isinstance(a, Wait):
                 self._follow_up(a.service, a.slot, a.at - now)
+                if self._waits_noted.get((a.service, a.slot)) != a.at and a.at > now:
+                    self._waits_noted[(a.service, a.slot)] = a.at       # said once per back-off
+                    self.note(f"{a.service} slot {a.slot}: {a.reason} (in {a.at - now:.0f}s)", kind="backoff",
+                              service=a.service)
             elif isinstance(a, Unplaceable):
                 if self.problems.get(a.service) != f"slot {a.slot}: {a.reason}":
                     log.warning("%s slot %d: %s", a.service, a.slot, a.reason)
+                    self.note(f"{a.service} slot {a.slot} pending: {a.reason}", kind="pending", service=a.service)
                 self.problems[a.service] = f"slot {a.slot}: {a.reason}"
         return acted
 
@@ -693,13 +735,18 @@ class Supervisor:
         spec = self.spec_for(a.service, a.revision)
         if spec is None:
             return False
+        restart = a.backoff.restarts > self.backoff.get((a.service, a.slot), BackoffState()).restarts
         await self.slots.save(a.service, a.slot, a.backoff)
         try:
-            t = await self.replicas.start(spec, a.slot, a.revision, a.node, a.reason, weight=a.weight)
+            t = await self.replicas.start(spec, a.slot, a.revision, a.node, a.reason, weight=a.weight,
+                                          restart=restart)
         except WorkloadError as exc:
             self._release(a)
             problem = f"slot {a.slot}: {exc}"
             # Said once per new reason, not on every retry.
+            if self.problems.get(a.service) != problem:
+                self.note(f"cannot start {a.service} slot {a.slot} on {a.node}: {exc}", kind="start-failed",
+                          service=a.service, node=a.node)
             (log.debug if self.problems.get(a.service) == problem else log.error)(
                 "cannot start %s slot %d on %s: %s", a.service, a.slot, a.node, exc)
             self.problems[a.service] = problem
