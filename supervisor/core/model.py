@@ -90,6 +90,8 @@ class Observed:
     volume_homes: Mapping[str, str] = field(default_factory=dict)
     # (service, slot) -> the node ``meshlet rebalance`` moves the slot's replica to
     moves: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    # (service, slot) -> where the joint placement of every waiting replica puts a new one
+    hints: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
     def of(self, service: str) -> list[Replica]:
         """The service's replicas that are not being retired and not on a lost node."""

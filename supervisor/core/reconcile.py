@@ -56,7 +56,8 @@ import config
 from .backoff import BackoffState, decide
 from .model import (Action, Deregister, Kill, Observed, Register, Replica, Start, Stop, StopReason,
                     Unplaceable, Wait, summary)
-from .placement import Allocation, Request, place
+from .placement import Allocation, Placement, Request, place
+from .placement_fleet import requests_of
 from .volumes import one_writer, pin
 
 __all__ = ["reconcile", "reconcile_service", "is_current", "allocations", "summary", "apply_holds",
@@ -229,7 +230,8 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
         if to_place:
             running_others = [r for r in observed.replicas
                               if r.terminating or r.instance_id not in handled or r.service != name]
-            result = place(to_place, observed.nodes, allocations(desired, running_others, observed.starting))
+            result = _place_with_hints(name, to_place, by_slot, observed,
+                                       allocations(desired, running_others, observed.starting))
             for req, node in result.placed:
                 state, why = restarts.get(req.slot) or (
                     observed.backoff.get((name, req.slot), BackoffState()),
@@ -254,6 +256,32 @@ def reconcile_service(name: str, desired: Mapping[str, tuple[config.ServiceSpec,
                    else "exited" if not r.running else "not kept")
             actions.append(Deregister(iid, name, why))
     return actions
+
+
+def _place_with_hints(name: str, to_place: list[Request], by_slot: Mapping[int, list[Replica]],
+                      observed: Observed, existing: list[Allocation]) -> Placement:
+    """``place`` for a service's new replicas, where the joint placement of every service
+    waiting at once (``Observed.hints``, ``core.joint``) put them when that node can
+    still hold them; the rest (and any slot with a history: a restart or a move) as
+    ``place`` decides alone."""
+    hinted = [(r, observed.hints[(name, r.slot)]) for r in to_place
+              if (name, r.slot) in observed.hints and not by_slot.get(r.slot) and r.pinned_to is None]
+    if not hinted:
+        return place(to_place, observed.nodes, existing)
+    existing = list(existing)
+    placed: list[tuple[Request, str]] = []
+    rest = [r for r in to_place if not any(r is h for h, _ in hinted)]
+    by_name = {n.name: n for n in observed.nodes}
+    for req, node in hinted:
+        got = place([req], [by_name[node]], existing) if node in by_name else Placement()
+        if got.placed:
+            placed.append((req, node))
+            cpu, mem = requests_of(req.spec)
+            existing.append(Allocation(node, req.spec.name, cpu, mem))
+        else:
+            rest.append(req)
+    others = place(rest, observed.nodes, existing)
+    return Placement(tuple(placed) + others.placed, others.failed)
 
 
 def _leaving(draining: frozenset[str], move_to: str | None) -> Callable[[Replica], bool]:

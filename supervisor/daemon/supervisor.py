@@ -53,6 +53,7 @@ from ..core.explain import explain_service
 from ..core.backoff import BackoffState, delay_for
 from ..core.model import (Action, Deregister, Kill, Observed, Register, SetWeight, Start, Stop, Unplaceable,
                           Wait, summary)
+from ..core.joint import joint_hints, waiting_slots
 from ..core.nodes import DEFAULT_GRACE, NodeControl, NodeHealth
 from ..core.placement import Allocation
 from ..core.reconcile import reconcile_service
@@ -144,6 +145,7 @@ class Supervisor:
         self.doc_raw: dict[str, bytes] = {}          # the documents as last read
         self.problems: dict[str, str] = {}           # service -> why a slot cannot run
         self.unplaced: set[str] = set()              # services with a replica no node can hold now
+        self._hints: dict[tuple[str, int], str] = {}  # (service, slot) -> node: the joint placement
         # (service, slot, node) -> the room of a start decided and under way: concurrent
         # syncs of other services place around it (else two could take one node's last room)
         self._starting: dict[tuple[str, int, str], Allocation] = {}
@@ -599,7 +601,19 @@ class Supervisor:
             backoff=dict(self.backoff), rolling=self.rollouts.engine_owns(self.desired),
             holds=dict(self.slots.holds), last_output=self.replicas.last_output(),
             starting=tuple(self._starting.values()), volume_homes=self.volumes.nodes(),
-            moves=self.rebalancer.targets())
+            moves=self.rebalancer.targets(), hints=self._hints)
+
+    def _joint_hints(self) -> None:
+        """Where one placement of every replica waiting now (of every service) puts each
+        (``core.joint``): kept while every waiting slot has its hint, made again when a
+        slot appears that has none (an apply, a scale-up)."""
+        effective = self.rollouts.effective(self.desired)
+        observed = self.observed()
+        waiting = waiting_slots(effective, observed)
+        if waiting and not set(waiting) <= set(self._hints):
+            self._hints = joint_hints(effective, observed)
+        elif not waiting:
+            self._hints = {}
 
     async def _sync(self, service: str) -> None:
         if not self.may_act():
@@ -611,6 +625,7 @@ class Supervisor:
                 self.note(f"rollout {service}: to {begun.state.revision if begun.state else '?'}",
                           kind="rollout", service=service)
             await self._store_rollout(service)
+        self._joint_hints()
         actions = reconcile_service(service, self.rollouts.effective(self.desired), self.observed(), now)
         if any(isinstance(a, Unplaceable) for a in actions):
             self.unplaced.add(service)
