@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -187,7 +188,7 @@ async def _stop_all(workers: list[_Worker], drain_timeout: float) -> int:
     procs = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
     for p in procs:
         try:
-            p.send_signal(signal.SIGTERM)
+            os.kill(p.pid, signal.SIGTERM)   # not send_signal: its poll() would reap before asyncio's watcher
         except ProcessLookupError:
             pass
     rc = 0

@@ -15,9 +15,11 @@ child (0.5 s, doubling to 30 s between attempts); its first zone replaces the wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -116,7 +118,8 @@ class CatalogProcess:
             try:
                 await asyncio.wait_for(proc.wait(), 5.0)
             except asyncio.TimeoutError:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):   # not proc.kill(): its poll() reaps early
+                    os.kill(proc.pid, signal.SIGKILL)
                 await proc.wait()
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:

@@ -18,10 +18,12 @@ recursors ``up`` runs (the resolver on port 53 that containers are given).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any, TextIO
@@ -300,13 +302,18 @@ class Component:
         if proc is None:
             return None
         if proc.returncode is None:
+            # os.kill, not proc.terminate(): Popen.send_signal polls first (waitpid WNOHANG)
+            # and reaps a child that has just exited, before asyncio's child watcher does,
+            # which then reports status 255 ("Unknown child process pid"). A signal to a
+            # zombie is harmless, and its pid stays ours until the watcher reaps it.
             try:
-                proc.terminate()
+                os.kill(proc.pid, signal.SIGTERM)
                 return await asyncio.wait_for(proc.wait(), grace)
             except ProcessLookupError:
                 pass
             except asyncio.TimeoutError:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
         return await proc.wait()
 
     async def stop(self) -> None:
