@@ -54,6 +54,13 @@ from _common import cpu_seconds, replace_section  # noqa: E402 - shared bench he
 from _lean import bench_lean_watchers, bench_write_cpu  # noqa: E402 - this directory
 
 SECTION = "## Catalog"
+# The catalog's management token, read from its data dir once it has started (every
+# request carries it, as meshlet's own components do).
+TOKEN = ""
+
+
+def _auth() -> dict[str, str]:
+    return {"X-Consul-Token": TOKEN}
 
 
 def start_catalog(data_dir: str) -> tuple[subprocess.Popen, str]:
@@ -67,6 +74,8 @@ def start_catalog(data_dir: str) -> tuple[subprocess.Popen, str]:
     if not line.startswith("ready "):
         proc.kill()
         raise SystemExit(f"catalog did not start: {line!r}")
+    global TOKEN
+    TOKEN = (Path(data_dir) / "management-token").read_text().strip()
     return proc, "http://" + json.loads(line[6:])["http"]
 
 
@@ -95,7 +104,7 @@ async def run_concurrently(n: int, concurrency: int, one) -> float:
 
 
 async def bench_registrations(url: str, pid: int, n: int, concurrency: int) -> dict[str, float]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=_auth()) as http:
         async def register(i: int) -> None:
             body = {
                 "Name": f"svc{i % 100}", "ID": f"svc{i % 100}-{i}", "Address": "127.0.0.1",
@@ -114,7 +123,7 @@ async def bench_registrations(url: str, pid: int, n: int, concurrency: int) -> d
 
 async def bench_kv(url: str, n: int, concurrency: int) -> dict[str, float]:
     value = b"x" * 200
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=_auth()) as http:
         async def put(i: int) -> None:
             async with http.put(f"{url}/v1/kv/bench/{i % 1000}", data=value) as r:
                 assert r.status == 200
@@ -136,9 +145,10 @@ async def bench_watchers(url: str, pid: int, n_watchers: int, flips: int) -> dic
     import consul.aio
 
     host, port = url[len("http://"):].rsplit(":", 1)
-    clients = [consul.aio.Consul(host=host, port=int(port), connections_limit=n_watchers // 4 + 10) for _ in range(4)]
-    admin = consul.aio.Consul(host=host, port=int(port))
-    http = aiohttp.ClientSession()
+    clients = [consul.aio.Consul(host=host, port=int(port), token=TOKEN, connections_limit=n_watchers // 4 + 10)
+               for _ in range(4)]
+    admin = consul.aio.Consul(host=host, port=int(port), token=TOKEN)
+    http = aiohttp.ClientSession(headers=_auth())
     try:
         await admin.agent.service.register("hot", service_id="hot-1", port=8080, check={"TTL": "10m"})
         await admin.agent.check.ttl_pass("service:hot-1")
@@ -240,7 +250,7 @@ async def one_round(args: argparse.Namespace) -> dict[str, float]:
         host, port = url[len("http://"):].rsplit(":", 1)
         wcpu = await bench_write_cpu(host, int(port), proc.pid, args.write_flips, cpu_seconds)
         out.update(write_cpu_ms=wcpu["cpu_ms"], write_rate=wcpu["rate"])
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=_auth()) as http:
             lean = await bench_lean_watchers(host, int(port), proc.pid, args.watchers, args.flips,
                                              lambda: blocked_queries(http, url), cpu_seconds,
                                              (lambda: gauges(http, url)) if args.server_timing else None)

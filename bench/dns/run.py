@@ -140,7 +140,10 @@ def main() -> int:
                                   "--data-dir", str(run / "catalog")], run / "catalog.log")
         procs.append(cat)
         chost, cport = ready["http"].rsplit(":", 1)
-        c = consul.Consul(host=chost, port=int(cport))
+        # the catalog's management token (made at its first start), for us and the DNS server
+        token = (run / "catalog" / "management-token").read_text().strip()
+        os.environ["CONSUL_HTTP_TOKEN"] = token
+        c = consul.Consul(host=chost, port=int(cport), token=token)
         for i in range(N_NAMES):
             name = f"web{i}"
             c.kv.put(f"meshlet/services/{name}", kv_doc(name, f"127.0.0.{10 + i}"))

@@ -284,7 +284,11 @@ def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[in
                               str(run / "catalog")], run / "catalog.log")
     procs.append(cat)
     host, port = ready["http"].rsplit(":", 1)
-    c = consul.Consul(host=host, port=int(port))
+    # the catalog's management token (made at its first start): the proxies get it in
+    # their environment, as meshlet up gives it to them
+    token = (run / "catalog" / "management-token").read_text().strip()
+    os.environ["CONSUL_HTTP_TOKEN"] = token
+    c = consul.Consul(host=host, port=int(port), token=token)
     c.agent.service.register("bench", service_id="bench-0", address="127.0.0.1", port=backend_port,
                              check=consul.Check.ttl("24h"))
     c.agent.check.ttl_pass("service:bench-0")
