@@ -96,3 +96,20 @@ def replace_section(heading: str, text: str, path: Path = RESULTS) -> Path:
     current = current[:m.start()] + section + current[m.end():] if m else current.rstrip() + "\n\n" + section
     path.write_text(current.rstrip() + "\n")
     return path
+
+
+# The catalog's management token: `meshlet up`'s catalog makes it at its first start, in
+# <data_dir>/catalog/management-token. Once read, every request to the catalog carries it
+# (``catalog_auth()``) and the meshlet commands a bench runs find it in their environment.
+_TOKEN = ""
+
+
+def catalog_auth() -> dict[str, str]:
+    return {"X-Consul-Token": _TOKEN}
+
+
+def use_catalog_token(data_dir: Path) -> str:
+    global _TOKEN
+    _TOKEN = (data_dir / "catalog" / "management-token").read_text().strip()
+    os.environ["CONSUL_HTTP_TOKEN"] = _TOKEN
+    return _TOKEN

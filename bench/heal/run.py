@@ -48,7 +48,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
-from _common import free_port, replace_section  # noqa: E402 - shared bench helpers
+from _common import catalog_auth, free_port, replace_section, use_catalog_token  # noqa: E402 - shared bench helpers
 sys.path.insert(0, str(REPO / "bench" / "rollout"))
 from loadgen import OpenLoad  # noqa: E402 - the shared open-loop load generator
 HELLO = REPO / "config" / "examples" / "apps" / "hello.py"
@@ -70,21 +70,6 @@ class Run:
     # per failed request: (sent at, failed at, reason, body or error text), monotonic seconds
     details: list[tuple[float, float, str, str]] = field(default_factory=list)
     metrics: str = ""                                      # the proxy's /metrics at the end
-
-# The catalog's management token (meshlet up's catalog makes it at its first start, in
-# <data_dir>/catalog/management-token): every request to it carries the token, and the
-# meshlet commands run here get it in their environment.
-TOKEN = ""
-
-
-def _auth() -> dict[str, str]:
-    return {"X-Consul-Token": TOKEN}
-
-
-def _use_token(data_dir: Path) -> None:
-    global TOKEN
-    TOKEN = (data_dir / "catalog" / "management-token").read_text().strip()
-    os.environ["CONSUL_HTTP_TOKEN"] = TOKEN
 
 
 
@@ -184,9 +169,9 @@ async def bench(runtime: str, args: argparse.Namespace, engine_url: str | None =
                 print("  meshlet up did not get ready; its stderr ends with:\n"
                       + (tmp / "up.err").read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise
-            _use_token(tmp / "state")
+            use_catalog_token(tmp / "state")
             drain = asyncio.create_task(_drain(proc.stdout))
-            async with aiohttp.ClientSession(headers=_auth(), timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with aiohttp.ClientSession(headers=catalog_auth(), timeout=aiohttp.ClientTimeout(total=5)) as session:
                 stop = asyncio.Event()
                 loader = asyncio.create_task(load(f"127.0.0.1:{ports['proxy']}", args.rate, stop, run))
                 t0 = time.monotonic()

@@ -32,7 +32,6 @@ Only loopback is used; every wait is bounded.
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import json
 import signal
@@ -49,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
-from _common import free_port, replace_section  # noqa: E402 - shared bench helpers
+from _common import catalog_auth, free_port, replace_section, use_catalog_token  # noqa: E402 - shared bench helpers
 from heal.run import _drain, machine, read_until  # noqa: E402
 from loadgen import OpenLoad, percentile  # noqa: E402
 
@@ -73,21 +72,6 @@ class Result:
     t_end: float = 0.0                      # end of the "during" window
     replaced: str = ""                      # "10 of 10" instance ids new at the end
     notes: list[str] = field(default_factory=list)
-
-# The catalog's management token (meshlet up's catalog makes it at its first start, in
-# <data_dir>/catalog/management-token): every request to it carries the token, and the
-# meshlet commands run here get it in their environment.
-TOKEN = ""
-
-
-def _auth() -> dict[str, str]:
-    return {"X-Consul-Token": TOKEN}
-
-
-def _use_token(data_dir: Path) -> None:
-    global TOKEN
-    TOKEN = (data_dir / "catalog" / "management-token").read_text().strip()
-    os.environ["CONSUL_HTTP_TOKEN"] = TOKEN
 
 
 
@@ -130,7 +114,7 @@ async def blocking(session: aiohttp.ClientSession, url: str, index: int) -> tupl
 async def watch_rollout(catalog: str, target: str, old_ids: set[str], res: Result, deadline: float) -> None:
     """Set res.t_done (state complete for ``target``) and res.t_settled (catalog) as they happen."""
     import base64
-    async with aiohttp.ClientSession(headers=_auth(), timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with aiohttp.ClientSession(headers=catalog_auth(), timeout=aiohttp.ClientTimeout(total=30)) as session:
         async def state() -> None:
             index = 0
             while res.t_done is None and time.monotonic() < deadline:
@@ -167,7 +151,7 @@ async def follow_status(catalog: str, timeout: float, res: Result) -> None:
 
 
 async def health_ids(catalog: str) -> set[str]:
-    async with aiohttp.ClientSession(headers=_auth()) as session:
+    async with aiohttp.ClientSession(headers=catalog_auth()) as session:
         async with session.get(f"http://{catalog}/v1/health/service/{SERVICE}") as r:
             return {e["Service"]["ID"] for e in await r.json()}
 
@@ -177,7 +161,7 @@ async def target_revision(catalog: str) -> str:
 
     import config
     from supervisor.core.revisions import target_revision as revision_of
-    async with aiohttp.ClientSession(headers=_auth()) as session:
+    async with aiohttp.ClientSession(headers=catalog_auth()) as session:
         async with session.get(f"http://{catalog}/v1/kv/meshlet/services/{SERVICE}") as r:
             raw = base64.b64decode((await r.json())[0]["Value"])
     spec, _, _ = config.parse_service_document(raw)
@@ -200,7 +184,7 @@ async def bench(runtime: str, replicas: int, args: argparse.Namespace, engine_ur
         seen: list[str] = []
         try:
             await read_until(proc.stdout, f"{SERVICE}: {replicas}/{replicas} ready", 180, seen)
-            _use_token(tmp / "state")
+            use_catalog_token(tmp / "state")
             drain = asyncio.create_task(_drain(proc.stdout))
             res.load = load = OpenLoad(f"127.0.0.1:{ports['proxy']}", HOST, args.rate, connections=16)
             stop = asyncio.Event()
