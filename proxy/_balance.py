@@ -185,7 +185,18 @@ class LeastRequest(_Base):
 
     def pick(self, key: bytes | None = None) -> Endpoint:
         if self.equal:
-            return _p2c(self.endpoints, self._random)
+            eps = self.endpoints  # (_p2c, inlined: this is every request's pick)
+            n = self.n
+            if n == 1:
+                return eps[0]
+            rand = self._random
+            i = int(rand() * n)
+            j = int(rand() * (n - 1))
+            if j >= i:
+                j += 1
+            a = eps[i]
+            b = eps[j]
+            return b if b.active < a.active else a
         heap = self._heap
         deadline, i = heap[0]
         ep = self.endpoints[i]
@@ -464,6 +475,13 @@ class Cluster:
         self._next_return = 0.0  # earliest return of an ejected endpoint (0: none)
         self._skip: frozenset[str] | None = None  # ejected ids to avoid, None: avoid none
         self.panic = False
+        # The settings every request reads, flattened (one attribute load each).
+        self.request_timeout = settings.timeouts.request   # 0: none
+        self.idle_timeout = settings.timeouts.idle
+        self.per_try_timeout = settings.retries.per_try_timeout  # 0: none (safe requests hedge)
+        self.retry_attempts = settings.retries.attempts
+        self.hash_on = settings.hash_on
+        self.max_pending = settings.max_pending   # 0: no limit
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name}:{self.port_name} {self.protocol} endpoints={len(self.endpoints)}>"
@@ -507,6 +525,29 @@ class Cluster:
     def begin(self, ep: Endpoint) -> None:
         ep.active += 1
         self._shared.active += 1
+
+    def answered(self, ep: Endpoint, status: int, latency: float) -> None:
+        """``end(ep, status=status, failure=None, latency=latency)`` with positional
+        arguments and the success case inlined: every response's call."""
+        if status >= 500:
+            self.end(ep, status=status, failure=None, latency=latency)
+            return
+        if ep.active > 0:
+            ep.active -= 1
+        sh = self._shared
+        if sh.active > 0:
+            sh.active -= 1
+        if latency >= 0:
+            now = self._clock()
+            if latency > ep.rtt:  # (observe_rtt, inlined)
+                ep.rtt = latency
+            else:
+                dt = now - ep.rtt_at
+                w = math.exp(-dt / DECAY) if dt > 0.0 else 1.0
+                ep.rtt = ep.rtt * w + latency * (1.0 - w)
+            ep.rtt_at = now
+        ep.c5xx = 0
+        ep.cgw = 0
 
     def end(self, ep: Endpoint, *, status: int | None, failure: str | None, latency: float) -> None:
         """One attempt on ``ep`` finished: a response ``status``, or a ``failure``
@@ -554,7 +595,7 @@ class Cluster:
     def try_acquire_pending(self) -> bool:
         """Admit one more request to this service, or False (503: breaker open)."""
         sh = self._shared
-        cap = self.settings.max_pending
+        cap = self.max_pending
         if cap and sh.admitted >= cap:
             return False
         sh.admitted += 1

@@ -112,11 +112,11 @@ class Exchange(Relay, Hedging):
 
     # -- start -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, now: float = 0.0) -> None:
         """Route and send the first attempt (or answer at once). Called when the request
         becomes the connection's active one (pipelined requests wait their turn)."""
         server = self.server
-        self.t0 = server.loop.time()
+        self.t0 = t0 = now or server.loop.time()
         server.metrics.active_requests.value += 1
         client = self.client
         head = self.head
@@ -140,36 +140,39 @@ class Exchange(Relay, Hedging):
             self.answer(503, f"service {cluster.name}: too many pending requests")
             return
         self.pending = True
-        settings = cluster.settings
-        hash_on = settings.hash_on
+        hash_on = cluster.hash_on
         if hash_on is not None:
             self.hash_key = hash_key(hash_on, head, client.peer_ip)
         self.up_head = self._upstream_head()
         if self.req_done:
-            self.done_at = self.t0
-        self.attempt(now=self.t0)
+            self.done_at = t0
+        self.attempt(False, None, t0)
 
     def _upstream_head(self) -> bytes:
-        """The request head for the upstream. Its fixed field lines are built once per head
-        and kept on the (memoised) head, shared by the copies of it made for other targets
-        (see _framing's head memo); per request the request line (the route may strip a
-        prefix from the target), X-Forwarded-For with X-Forwarded-Proto (per connection:
-        http or https) and X-Request-Id are added, in one join."""
+        """The request head for the upstream. Its request line and fixed field lines are
+        built once per head and kept on the (memoised) head: ``up_line`` (request line and
+        the fields before the per-request ones) and ``up_post`` (the fields after them);
+        the field lines are shared by the copies of a head made for other targets (see
+        _framing's head memo). A route that strips a prefix from the target builds its
+        request line per request. Per request: X-Forwarded-For with X-Forwarded-Proto
+        (per connection: http or https) and X-Request-Id, in one join."""
         head = self.head
-        fields = head.up_fields
-        if fields is None:
-            fields, head.up_post = upstream_parts(head)
-            head.up_fields = fields
-        target = head.target
+        line = head.up_line
         route = self.route
-        if route is not None and route.strip_prefix:
-            target = strip_prefix(target, route.prefix)
+        if line is None or (route is not None and route.strip_prefix):
+            fields = head.up_fields
+            if fields is None:
+                fields, head.up_post = upstream_parts(head)
+                head.up_fields = fields
+            if route is not None and route.strip_prefix:
+                line = b"".join((head.method, b" ", strip_prefix(head.target, route.prefix), b" HTTP/1.1\r\n", fields))
+            else:
+                line = head.up_line = b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n", fields))
         xff = self.client.xff_line if head.xff is None else b"x-forwarded-for: " + head.xff + self.client.xff_tail
         if head.request_id is None:
             server = self.server
-            rid = b"x-request-id: %s-%x\r\n" % (server.rid_prefix, next(server.rid_counter))
-            return b"".join((head.method, b" ", target, b" HTTP/1.1\r\n", fields, xff, rid, head.up_post))
-        return b"".join((head.method, b" ", target, b" HTTP/1.1\r\n", fields, xff, head.up_post))
+            return b"".join((line, xff, server.rid_line, b"%x\r\n" % next(server.rid_counter), head.up_post))
+        return b"".join((line, xff, head.up_post))
 
     # -- attempts ----------------------------------------------------------------------
 
@@ -257,19 +260,18 @@ class Exchange(Relay, Hedging):
         elif self.client.feeding:
             self.up_out.append(self.up_head)
         else:
-            self._send_up(self.up_head)
+            self.sent_upstream = True  # (_send_up, inlined)
+            conn.transport.write(self.up_head)  # type: ignore[union-attr]
         client = self.client
         if client.write_paused:
             conn.pause_reading()
         if client.pause_flags & 4:
             client.resume(4)  # PAUSE_CONNECT: body may flow again
-        timeouts = self.cluster.settings
         if self.req_done:
-            d = self._set_try_deadline(now, timeouts)
+            client.deadline = self._set_try_deadline(now, self.cluster)
         else:
             self.last_io = now
-            d = now + timeouts.timeouts.idle
-        client.deadline = d
+            client.deadline = now + self.cluster.idle_timeout
 
     def _send_up(self, data: bytes) -> None:
         """Request bytes for the upstream. While the client's parser runs they are gathered
@@ -419,7 +421,7 @@ class Exchange(Relay, Hedging):
             if self.head.framing == CHUNKED:
                 self._send_up(trailer_block(trailers))
             if self.state == SENDING:
-                self._set_try_deadline(now, self.cluster.settings)
+                self._set_try_deadline(now, self.cluster)
                 self._arm()
 
     def request_broken(self, status: int, reason: str) -> None:
@@ -555,7 +557,7 @@ class Exchange(Relay, Hedging):
                                    extra=b"" if close or head.version == 11 else b"connection: keep-alive\r\n"))
         self.finish(close)
 
-    def finish(self, close: bool, *, abort: bool = False, tunnel: Any = None, now: float = 0.0) -> None:
+    def finish(self, close: bool, abort: bool = False, tunnel: Any = None, now: float = 0.0) -> None:
         if self.state == DONE:
             return
         self.state = DONE

@@ -171,7 +171,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "path", "host", "host_header", "version", "keep_alive", "framing",
                  "content_length", "expect_continue", "upgrade", "fields", "xff", "request_id",
-                 "te_trailers", "idempotent", "size", "up_fields", "up_post")
+                 "te_trailers", "idempotent", "size", "up_fields", "up_post", "up_line")
 
     method: bytes
     target: bytes          # origin-form (absolute-form is reduced to its path and query)
@@ -334,7 +334,7 @@ def parse_request_head(method: bytes, url: bytes, version: str, headers: list[tu
     h.path = target if q < 0 else target[:q]
     h.fields = fields
     h.size = size
-    h.up_fields = h.up_post = None  # see the exchange's _upstream_head
+    h.up_fields = h.up_post = h.up_line = None  # see the exchange's _upstream_head
     return h
 
 
@@ -418,7 +418,7 @@ def parse_response_head(status: int, version: str, headers: list[tuple[bytes, by
     r.framing = framing
     r.fields = fields
     r.size = size
-    r.outs = {}  # the exchange's client-side heads, by (client version, keep-alive)
+    r.outs = {}  # the exchange's client-side heads, by client version << 1 | keep-alive
     return r
 
 
@@ -487,6 +487,7 @@ def _with_target(h: RequestHead, target: bytes, size: int) -> RequestHead:
     c.size = size
     c.up_fields = h.up_fields  # the upstream head's field lines do not depend on the
     c.up_post = h.up_post      # target: shared
+    c.up_line = None           # (its request line does)
     return c
 
 

@@ -55,16 +55,18 @@ class Hedging:
     try_hedges: bool
     done_at: float
 
-    def _set_try_deadline(self, now: float, settings: Any) -> float:
+    def _set_try_deadline(self, now: float, cluster: Any) -> float:
         """Arm this attempt's per-try deadline (the request is complete upstream) and
         return the earlier of it and the overall deadline. ``per_try_timeout`` aborts the
-        attempt; without one, a safe request is hedged after ``HEDGE_AFTER``."""
-        d = self.done_at + settings.timeouts.request if settings.timeouts.request > 0 else INF
-        ptt = settings.retries.per_try_timeout
+        attempt; without one, a safe request is hedged after ``HEDGE_AFTER``. ``cluster``:
+        this exchange's, whose settings apply."""
+        limit = cluster.request_timeout
+        d = self.done_at + limit if limit > 0 else INF
+        ptt = cluster.per_try_timeout
         if ptt > 0:
             self.try_hedges = False
             t = self.try_deadline = now + ptt
-        elif not self.hedged and self.head.method in SAFE_METHODS and settings.retries.attempts:
+        elif not self.hedged and cluster.retry_attempts and self.head.method in SAFE_METHODS:
             self.try_hedges = True
             t = self.try_deadline = now + HEDGE_AFTER
         else:

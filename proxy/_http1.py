@@ -176,7 +176,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.dead:
             return
-        self.last_io = self.loop.time()
+        self.last_io = now = self.loop.time()
         raw = None
         if not self.in_head and self.active is None and self.reading is None:
             # At a message boundary with nothing in flight: a head seen before, alone in
@@ -186,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
                 ex = Exchange(self, head)
                 ex.req_done = True
                 self.last = self.active = ex
-                ex.start()
+                ex.start(now)
                 if self.out:
                     self.flush()
                 return

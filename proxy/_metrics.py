@@ -47,12 +47,18 @@ class Gauge:
 
 
 class _Histogram:
-    __slots__ = ("counts", "sum", "count")
+    """One service's requests: the duration histogram and the count by status code."""
+
+    __slots__ = ("counts", "sum", "codes")
 
     def __init__(self, n: int) -> None:
         self.counts = [0] * (n + 1)  # per bucket, not cumulative; last one is +Inf
         self.sum = 0.0
-        self.count = 0
+        self.codes: dict[int, int] = {}
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 def _escape(v: str) -> str:
@@ -76,8 +82,7 @@ class Metrics:
 
     def __init__(self, *, buckets: tuple[float, ...] = BUCKETS) -> None:
         self.buckets = tuple(buckets)
-        self.requests: dict[tuple[str, int], int] = {}
-        self.durations: dict[str, _Histogram] = {}
+        self.durations: dict[str, _Histogram] = {}   # by service (requests_total: its codes)
         self.retries: dict[str, int] = {}
         self.ejections: dict[str, int] = {}
         self.upstream_connections = Gauge()
@@ -96,15 +101,18 @@ class Metrics:
     # -- hot path -------------------------------------------------------------------
 
     def request_done(self, service: str, code: int, latency: float) -> None:
-        key = (service, code)
-        req = self.requests
-        req[key] = req.get(key, 0) + 1
         h = self.durations.get(service)
         if h is None:
             h = self.durations[service] = _Histogram(len(self.buckets))
+        codes = h.codes
+        codes[code] = codes.get(code, 0) + 1
         h.counts[bisect_left(self.buckets, latency)] += 1
         h.sum += latency
-        h.count += 1
+
+    @property
+    def requests(self) -> dict[tuple[str, int], int]:
+        """Requests answered by (service, status code)."""
+        return {(svc, code): n for svc, h in self.durations.items() for code, n in h.codes.items()}
 
     def retry(self, service: str) -> None:
         self.retries[service] = self.retries.get(service, 0) + 1
@@ -145,15 +153,17 @@ class Metrics:
         for svc, d in snap["durations"].items():   # checked before anything is added
             if len(d["counts"]) != len(self.buckets) + 1:
                 raise ValueError(f"histogram of {svc}: {len(d['counts'])} counts, expected {len(self.buckets) + 1}")
-        for svc, code, n in snap["requests"]:
-            self.requests[(svc, code)] = self.requests.get((svc, code), 0) + n
         for svc, d in snap["durations"].items():
             h = self.durations.get(svc)
             if h is None:
                 h = self.durations[svc] = _Histogram(len(self.buckets))
             h.counts = [a + b for a, b in zip(h.counts, d["counts"])]
             h.sum += d["sum"]
-            h.count += d["count"]
+        for svc, code, n in snap["requests"]:
+            h = self.durations.get(svc)
+            if h is None:
+                h = self.durations[svc] = _Histogram(len(self.buckets))
+            h.codes[code] = h.codes.get(code, 0) + n
         for mine, theirs in ((self.retries, snap["retries"]), (self.ejections, snap["ejections"])):
             for svc, n in theirs.items():
                 mine[svc] = mine.get(svc, 0) + n

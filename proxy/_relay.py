@@ -100,7 +100,7 @@ class Relay:
         self.status = status
         client = self.client
         keep = head.keep_alive and self.req_done and not client.draining and head.upgrade is None
-        variant = (head.version, keep, status)
+        variant = head.version << 1 | keep   # (resp is of one status: it is part of the memo's key)
         out = resp.outs.get(variant)
         if out is None:
             out = client_head(resp, status, head, keep)
@@ -113,7 +113,7 @@ class Relay:
         self.out_framing = out[1]
         self.close_after = out[2]
         self.last_io = now = self.server.loop.time()
-        client.deadline = now + self.cluster.settings.timeouts.idle
+        client.deadline = now + self.cluster.idle_timeout
 
     def fast_response(self, conn: UpstreamConnection, resp: Any, data: bytes, start: int) -> bool:
         """A whole response in one read whose head is known by its bytes (``resp``, see
@@ -130,7 +130,7 @@ class Relay:
         self.status = status
         client = self.client
         keep = head.keep_alive and not client.draining and head.upgrade is None
-        variant = (head.version, keep, status)
+        variant = head.version << 1 | keep
         out = resp.outs.get(variant)
         if out is None:
             out = resp.outs[variant] = client_head(resp, status, head, keep)
@@ -139,7 +139,7 @@ class Relay:
         self.bytes_out += len(body)
         self.out_framing = out[1]
         self.close_after = out[2]
-        self.response_complete(conn)
+        self._complete(conn, client)  # (response_complete's checks hold: RESPONDING, not 101, not chunked)
         client.flush()
         return True
 
@@ -175,6 +175,11 @@ class Relay:
         client = self.client
         if self.out_framing == CHUNKED:
             client.out.append(trailer_block(conn.trailers))
+        self._complete(conn, client)
+
+    def _complete(self, conn: UpstreamConnection, client: Any) -> None:
+        """The response is complete: the connection back to its pool, the endpoint's
+        stats, then the exchange's end."""
         client.hold = False
         now = self.server.loop.time()
         self.conn = None
@@ -189,10 +194,10 @@ class Relay:
                 pool.release(conn, now)
         else:
             conn.close()
-        self.cluster.end(self.ep, status=self.status, failure=None, latency=now - self.ep_t0)
+        self.cluster.answered(self.ep, self.status, now - self.ep_t0)
         if self.retrying:
             self._end_retry()
-        self.finish(self.close_after, now=now)
+        self.finish(self.close_after, False, None, now)
 
     def response_upgraded(self, conn: UpstreamConnection) -> bool:
         """The upstream switched protocols (101): tunnel the two connections."""

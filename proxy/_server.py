@@ -99,6 +99,7 @@ class ProxyServer:
         self.draining = False
         self.access_log: Callable[..., None] | None = self._access_log if access_log else None
         self.rid_prefix = os.urandom(8).hex().encode()  # X-Request-Id: <prefix>-<counter, hex>
+        self.rid_line = b"x-request-id: " + self.rid_prefix + b"-"  # (the counter follows)
         self.rid_counter = itertools.count(1)
         self.entry_servers: list[asyncio.AbstractServer] = []
         self.vip_servers: dict[tuple[str, int], tuple[str, asyncio.AbstractServer]] = {}
