@@ -38,10 +38,12 @@ def free_port(udp_too: bool = False) -> int:
     raise RuntimeError("no free port")
 
 
-def start_ready(cmd: list[str], log: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, dict]:
-    """Start a meshlet server process (stderr to ``log``) and read its ``ready {...}`` line."""
+def start_ready(cmd: list[str], log: Path, timeout: float = 30.0, cwd: Path | None = None,
+                ) -> tuple[subprocess.Popen, dict]:
+    """Start a meshlet server process (stderr to ``log``) and read its ``ready {...}`` line.
+    ``cwd``: the source tree it runs from (default: this checkout)."""
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=REPO, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=cwd or REPO, text=True)
     deadline = time.monotonic() + timeout
     line = ""
     while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ difference between them is the Python work measured here. Use it to find and che
 saving before the wrk run confirms it.
 
 Usage: .venv/bin/python bench/proxy/micro.py [--requests 200000] [--profile] [--target meshlet|raw|both]
+       [--workload get|unique|post-1k]
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ import uvloop  # noqa: E402
 from discovery.view import Instance, ServiceView, View  # noqa: E402
 
 REQ = (b"GET / HTTP/1.1\r\nHost: bench.service.meshlet\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n")
+# run.py's workloads, as wrk sends them: the same GET, a unique target per request (wrk.format
+# with only a Host header), a POST of 1 KiB arriving with its head
+POST_1K = (b"POST / HTTP/1.1\r\nHost: bench.service.meshlet\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: 1024\r\n\r\n" + b"x" * 1024)
+
+
+def requests(workload: str, n: int) -> list[bytes]:
+    if workload == "unique":
+        return [b"GET /?n=%d HTTP/1.1\r\nHost: bench.service.meshlet\r\n\r\n" % i for i in range(n)]
+    return [POST_1K if workload == "post-1k" else REQ] * n
 RESP = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 07 Dec 2026 06:00:00 GMT\r\n"
         b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
 
@@ -84,23 +95,22 @@ def meshlet_loop(n: int) -> tuple[float, cProfile.Profile | None, bool]:
         cl_t = Sink()
         client.connection_made(cl_t)
 
-        def one() -> None:
-            client.data_received(REQ)
-            conn.data_received(RESP)
+        def many(reqs: list[bytes]) -> None:
+            for req in reqs:
+                client.data_received(req)
+                conn.data_received(RESP)
 
-        for _ in range(1000):
-            one()
+        many(requests(ARGS.workload, 1000))
         assert cl_t.last.endswith(b"x" * 100) and cl_t.writes == 1000, cl_t.last
+        reqs = requests(ARGS.workload, n)
         t0 = time.perf_counter()
-        for _ in range(n):
-            one()
+        many(reqs)
         dt = time.perf_counter() - t0
         prof = None
         if ARGS.profile:
             prof = cProfile.Profile()
             prof.enable()
-            for _ in range(n // 4):
-                one()
+            many(reqs[: n // 4])
             prof.disable()
         return dt, prof
 
@@ -121,23 +131,22 @@ def raw_loop(n: int) -> tuple[float, cProfile.Profile | None, bool]:
     up.connection_made(up_t)
     rawproxy.POOL.append(up)
 
-    def one() -> None:
-        client.data_received(REQ)
-        up.data_received(RESP)
+    def many(reqs: list[bytes]) -> None:
+        for req in reqs:
+            client.data_received(req)
+            up.data_received(RESP)
 
-    for _ in range(1000):
-        one()
+    many(requests(ARGS.workload, 1000))
     assert cl_t.last.endswith(b"x" * 100) and cl_t.writes == 1000
+    reqs = requests(ARGS.workload, n)
     t0 = time.perf_counter()
-    for _ in range(n):
-        one()
+    many(reqs)
     dt = time.perf_counter() - t0
     prof = None
     if ARGS.profile:
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(n // 4):
-            one()
+        many(reqs[: n // 4])
         prof.disable()
     return dt, prof, True
 
@@ -148,6 +157,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--workload", default="get", choices=["get", "unique", "post-1k"])
     ap.add_argument("--target", default="both", choices=["meshlet", "raw", "both"])
     ARGS = ap.parse_args()
     results = {}

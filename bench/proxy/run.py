@@ -35,6 +35,10 @@ throwaway self-signed EC P-256 certificate made at start with ``cryptography``; 
 speaks HTTPS. ``--new-conns``: every request on a new connection (``Connection: close``),
 so with ``--tls`` each request pays a full handshake.
 
+Before and after (``--targets meshlet,meshlet@REV``): the proxy of this checkout beside
+the proxy as it was at git revision REV (``git archive`` into the run directory), in the
+same run, so a change is measured against its base under the same conditions.
+
 Scaling over cores (``--targets meshlet,meshlet-wN,haproxy,haproxy-tN``): N worker
 processes against one, and HAProxy ``nbthread N`` against ``nbthread 1``, in the same run;
 the report adds the ratios N-vs-1 (goal for meshlet: >= 0.8*N). Any N works; on a
@@ -45,7 +49,7 @@ kernel microseconds), and the ratios to HAProxy (goal: meshlet 1 worker >= 0.9x 
 requests per CPU-second and p99 <= 1.2x HAProxy's).
 
 Usage: .venv/bin/python bench/proxy/run.py [--duration 10] [--rounds 5] [--conns 64,256]
-       [--targets haproxy,meshlet,meshlet-w2,raw,caddy,haproxy-t2,caddy-p2,direct]
+       [--targets haproxy,meshlet,meshlet-w2,raw,caddy,haproxy-t2,caddy-p2,direct,meshlet@REV]
        [--workload get|unique|post-1k|post-64k|resp-1k|resp-1m] [--tls] [--new-conns]
        [--profile meshlet]
 (``pip install -e '.[bench]'`` for Caddy; Debian: wrk, haproxy, nginx.)
@@ -189,7 +193,8 @@ def main() -> int:
     conns_list = [int(c) for c in args.conns.split(",")]
     wanted = args.targets.split(",")
     for name in wanted:
-        if not re.fullmatch(r"haproxy|meshlet|raw|direct|caddy|meshlet-w\d+|haproxy-t\d+|caddy-p\d+", name):
+        if not re.fullmatch(r"haproxy|meshlet|raw|direct|caddy|meshlet-w\d+|haproxy-t\d+|caddy-p\d+|meshlet@[\w.^~-]+",
+                            name):
             print(f"unknown target {name!r}", file=sys.stderr)
             return 2
         if args.tls and name in ("raw", "direct"):
@@ -272,11 +277,17 @@ def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[in
         wait_port(port)
         return proc, port
 
-    def start_meshlet(workers: int) -> tuple[subprocess.Popen, int]:
+    def start_meshlet(workers: int, rev: str = "") -> tuple[subprocess.Popen, int]:
         listen = "127.0.0.1:0" if tls is None else json.dumps(
             {"address": "127.0.0.1:0", "tls": {"cert_file": tls["cert"], "key_file": tls["key"]}})
+        tree = None
+        if rev:  # the proxy as it was at another revision, from its own copy of the tree
+            tree = run / f"tree-{rev}"
+            tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         proc, ready = start_ready([PY, "-m", "proxy", "--consul", url, "--listen", listen, "--workers", str(workers),
-                                   "--log-level", "WARNING"], run / f"meshlet{workers}.log")
+                                   "--log-level", "WARNING"], run / f"meshlet{workers}{rev}.log", cwd=tree)
         procs.append(proc)
         return proc, int(ready["http"][0].rsplit(":", 1)[1])
 
@@ -313,6 +324,9 @@ def _bench(args: argparse.Namespace, run: Path, procs: list, conns_list: list[in
         elif name == "meshlet":
             m1, port = start_meshlet(1)
             targets.append(Target("meshlet", "meshlet proxy, 1 worker", port, lambda m1=m1: [m1.pid]))
+        elif name.startswith("meshlet@"):
+            m1, port = start_meshlet(1, name[8:])
+            targets.append(Target(name, f"meshlet proxy at {name[8:]}, 1 worker", port, lambda m1=m1: [m1.pid]))
         else:
             mn, port = start_meshlet(n)
             targets.append(Target(name, f"meshlet proxy, --workers {n}", port,
@@ -424,6 +438,16 @@ def report(results: dict, targets: list[Target], conns_list: list[int], args: ar
             rs = results[(t.name, conns)]
             print(f"| {t.label} | {conns} | {_med(rs, 'user_us'):.2f} | {_med(rs, 'sys_us'):.2f} |")
     _scaling(results, targets, conns_list)
+    if any(t.name == "meshlet" for t in targets):   # the goals are stated this way round
+        print("\n| meshlet proxy, 1 worker, against | conns | req per proxy CPU-s | p99 |")
+        print("|---|---|---|---|")
+        for t in targets:
+            if t.name in ("meshlet", "direct") or t.name.startswith("meshlet-w"):
+                continue
+            for conns in conns_list:
+                mine, other = results[("meshlet", conns)], results[(t.name, conns)]
+                print(f"| {t.label} | {conns} | {per_cpu[('meshlet', conns)] / per_cpu[(t.name, conns)]:.2f}x "
+                      f"| {_med(mine, 'p99'):.2f} vs {_med(other, 'p99'):.2f} ms |")
     if any(t.name == "haproxy" for t in targets):
         print("\n| ratio to HAProxy | conns | req/s | req per proxy CPU-s | p99 |")
         print("|---|---|---|---|---|")
