@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import config
 
 from ._http1 import ClientConnection
+from ._sniff import TlsEntry
 from ._tcp import TcpConnection
 from ._tls import RELOAD_EVERY
 from ._upstream import Pool
@@ -101,7 +102,7 @@ class ProxyServer:
         self.rid_prefix = os.urandom(8).hex().encode()  # X-Request-Id: <prefix>-<counter, hex>
         self.rid_line = b"x-request-id: " + self.rid_prefix + b"-"  # (the counter follows)
         self.rid_counter = itertools.count(1)
-        self.entry_servers: list[asyncio.AbstractServer] = []
+        self.entry_servers: list[asyncio.AbstractServer | TlsEntry] = []
         self.vip_servers: dict[tuple[str, int], tuple[str, asyncio.AbstractServer]] = {}
         self.vip_failures: dict[tuple[str, int], str] = {}
         self._vip_task: asyncio.Task | None = None
@@ -166,15 +167,13 @@ class ProxyServer:
 
     async def listen(self, host: str, port: int, tls: TlsListener | None = None) -> tuple[str, int]:
         """Bind an entry listener; with ``tls``, TLS is terminated on it (the handshake
-        must end within the request head time-out). Plain HTTP sent to a TLS listener
-        fails the handshake (OpenSSL: "http request") and the connection is closed."""
+        must end within the request head time-out). Plain HTTP sent to a TLS listener is
+        answered 400 in plain text (proxy._sniff)."""
         if tls is None:
             server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=4096,
                                                    reuse_port=self.reuse_port or None)
         else:
-            server = await self.loop.create_server(lambda: ClientConnection(self, None, True), host, port,
-                                                   backlog=4096, reuse_port=self.reuse_port or None,
-                                                   ssl=tls.context, ssl_handshake_timeout=self.header_timeout)
+            server = await TlsEntry.open(self, tls, host, port, reuse_port=self.reuse_port)
         self.entry_servers.append(server)
         sock = server.sockets[0].getsockname()
         if tls is not None:

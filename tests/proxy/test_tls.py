@@ -1,7 +1,7 @@
 """TLS termination and upstream TLS through the real proxy process, with real TLS clients
 (Python's ssl module and curl): SNI picks the certificate, TLS < 1.2 is refused, changed
 files are reloaded without touching open connections, bad files are refused at start and
-reported (the old certificate staying) on reload, plain HTTP sent to a TLS port is closed,
+reported (the old certificate staying) on reload, plain HTTP sent to a TLS port gets a 400,
 and upstream TLS verifies the replica against a CA file.
 
 Certificates are made at test time (tests/_certs.py)."""
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -198,16 +199,29 @@ def test_tls_1_0_and_1_1_are_refused(web, version):
         assert names(peer_cert(web.tls, "www.a.test", maximum_version=v, minimum_version=v))
 
 
-def test_plain_http_to_the_tls_port_is_closed_and_the_proxy_serves_on(web, pki, px):
-    host, port = web.tls.rsplit(":", 1)
+def test_plain_http_to_the_tls_port_gets_a_400_saying_so_and_the_proxy_serves_on(web, pki, px):
     t0 = time.monotonic()
     out = px.raw_exchange(web.tls, f"GET / HTTP/1.1\r\nHost: {web.service_host}\r\n\r\n".encode(), timeout=5)
     assert time.monotonic() - t0 < 4, "the proxy held the connection open"
-    assert not out.startswith(b"HTTP"), out   # (the handshake failed: at most a TLS alert)
-    # junk bytes: closed as promptly
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), out
+    assert b"connection: close" in head.lower()
+    assert body == b"plain HTTP was sent to the TLS (https) port: use https://\n"
+    # a real client: curl asked for http:// on the TLS port
+    r = curl("-o", "-", "-w", "\n%{http_code}", f"http://{web.tls}/")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "400" and "use https://" in r.stdout, (r.stdout, r.stderr)
+    # junk bytes are neither TLS nor HTTP: closed as promptly (a reset, as they are unread), without an answer
     t0 = time.monotonic()
-    out = px.raw_exchange(web.tls, b"\x00\xff" * 300, timeout=5)
-    assert time.monotonic() - t0 < 4 and not out.startswith(b"HTTP"), out
+    try:
+        out = px.raw_exchange(web.tls, b"\x00\xff" * 300, timeout=5)
+    except ConnectionResetError:
+        out = b""
+    assert time.monotonic() - t0 < 4 and out == b"", out
+    # a client that connects and closes at once leaves nothing behind
+    host, port = web.tls.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=5).close()
+    status, text = admin_get(web, "/metrics")
+    assert status == 200 and re.search(r'^meshlet_proxy_requests_total\{service="-",code="400"\} [1-9]', text, re.M), text
     assert web.proc.poll() is None
     assert names(peer_cert(web.tls, "www.a.test", pki["ca_file"]))
     assert "Traceback" not in web.stderr_text()
