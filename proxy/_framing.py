@@ -25,12 +25,15 @@ fragments in the target, and the header count limit.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
+from typing import Any
 
 __all__ = [
     "CHUNKED", "LENGTH", "NONE", "UNTIL_CLOSE", "HeadError", "RequestHead", "ResponseHead",
     "chunk_header", "generated", "strip_prefix", "CRLF", "request_head", "response_head", "parse_request_head", "parse_response_head", "status_line",
     "trailer_block", "LAST_CHUNK", "HEAD_END", "remember_raw_request", "remember_raw_response",
+    "known_request",
 ]
 
 NONE, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
@@ -512,20 +515,74 @@ def response_head(status: int, version: str, headers: list[tuple[bytes, bytes]],
 # ~8 callbacks are most of a request's parsing cost). Only heads that llhttp accepted
 # from a message boundary and that validated are remembered, so a hit is exactly a head
 # that passed every check; only the cases the fast paths handle are remembered:
-# requests without a body that keep the connection alive and switch no protocol;
+# requests that keep the connection alive and switch no protocol, without a body or with
+# a Content-Length (used only when the whole body came in the same read);
 # responses with a Content-Length to a non-HEAD request, status 200-501 except 204/304.
+#
+# Requests are also known by their shape: the head's bytes with the target cut out
+# (``METHOD SP`` + ``SP HTTP/1.1 CRLF fields``), so one client's requests to ever new paths
+# and query strings skip the parser too. A new target is taken only when it is origin-form
+# made of characters llhttp accepts in any mode (RFC 3986's unreserved, sub-delims, ":",
+# "@", "/", "?" and "%"), within the request-target limit; the head is then the remembered
+# one copied with that target, as :func:`request_head` makes it after a parse.
 
-_RAW_REQUESTS: dict[bytes, RequestHead] = {}
+_RAW_REQUESTS: dict[bytes, RequestHead] = {}     # heads of requests without a body
+_RAW_BODIED: dict[bytes, RequestHead] = {}       # heads of requests with a Content-Length
+_SHAPES: dict[bytes, RequestHead] = {}           # request heads by their bytes without the target
 _RAW_RESPONSES: dict[bytes, ResponseHead] = {}
 HEAD_END = b"\r\n\r\n"
+_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*").fullmatch
+
+
+def _shape(raw: bytes) -> tuple[bytes, int, int] | None:
+    """``raw`` without its request target, and where the target starts and ends."""
+    sp1 = raw.find(b" ")
+    if sp1 < 1:
+        return None
+    sp2 = raw.find(b" ", sp1 + 1)
+    if sp2 < 0:
+        return None
+    return raw[:sp1 + 1] + raw[sp2:], sp1 + 1, sp2
+
+
+def _store(memo: dict, key: bytes, value: Any) -> None:
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
 
 
 def remember_raw_request(raw: bytes, h: RequestHead) -> None:
-    if (h.framing == NONE and h.keep_alive and h.upgrade is None and not h.expect_continue
-            and len(raw) <= MEMO_HEAD_BYTES):
-        if len(_RAW_REQUESTS) >= MEMO_ENTRIES:
-            _RAW_REQUESTS.clear()
-        _RAW_REQUESTS[raw] = h
+    if (h.keep_alive and h.upgrade is None and not h.expect_continue and len(raw) <= MEMO_HEAD_BYTES
+            and (h.framing == NONE or h.framing == LENGTH)):
+        _store(_RAW_REQUESTS if h.framing == NONE else _RAW_BODIED, raw, h)
+        shape = _shape(raw)
+        if shape is not None and raw[shape[1]:shape[2]] == h.target and _PLAIN_TARGET(h.target):
+            _store(_SHAPES, shape[0], h)
+
+
+def known_request(raw: bytes, body_len: int, max_url: int, max_bytes: int) -> RequestHead | None:
+    """The head of a whole request whose head bytes are ``raw`` (ending in CRLF CRLF),
+    followed by ``body_len`` bytes in the same read, if it is known without parsing (see
+    above): the same bytes, or the same shape with another plain target, seen before;
+    and its framing says the request ends exactly there. ``None``: parse it."""
+    h = _RAW_BODIED.get(raw)
+    if h is None:
+        sp1 = raw.find(b" ")   # (_shape, inlined)
+        sp2 = raw.find(b" ", sp1 + 1)
+        if sp1 < 1 or sp2 < 0:
+            return None
+        t = _SHAPES.get(raw[:sp1 + 1] + raw[sp2:])
+        if t is None:
+            return None
+        target = raw[sp1 + 1:sp2]
+        size = t.size - len(t.target) + len(target)
+        if len(target) > max_url or size > max_bytes or _PLAIN_TARGET(target) is None:
+            return None
+        # Not remembered by its bytes: a new target each time would only churn that memo.
+        h = _with_target(t, target, size)
+    if (body_len == 0 and h.framing == NONE) or (h.framing == LENGTH and h.content_length == body_len):
+        return h
+    return None
 
 
 def remember_raw_response(raw: bytes, r: ResponseHead) -> None:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ._exchange import Exchange
-from ._framing import _RAW_REQUESTS, CRLF, HEAD_END, NONE, HeadError, generated, remember_raw_request, request_head
+from ._framing import (_RAW_REQUESTS, CRLF, HEAD_END, MEMO_HEAD_BYTES, NONE, HeadError, generated, known_request,
+                       remember_raw_request, request_head)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
@@ -190,8 +191,25 @@ class ClientConnection(asyncio.Protocol):
                 if self.out:
                     self.flush()
                 return
-            if data.find(HEAD_END) == len(data) - 4:
-                raw = data  # exactly one head: remembered below if it parses and validates
+            end = data.find(HEAD_END) + 4
+            if 3 < end <= MEMO_HEAD_BYTES:
+                # A whole request in this read, known by its head's bytes or their shape
+                # (another target): no parsing. Else it is remembered below if it parses,
+                # validates and is all there is in this read.
+                raw = data[:end] if end < len(data) else data
+                server = self.server
+                head = known_request(raw, len(data) - end, server.max_url, server.max_head_bytes)
+                if head is not None:
+                    ex = Exchange(self, head)
+                    ex.req_done = True
+                    if end < len(data):
+                        ex.body = [data[end:]]
+                        ex.body_len = len(data) - end
+                    self.last = self.active = ex
+                    ex.start(now)
+                    if self.out:
+                        self.flush()
+                    return
         elif self.in_head:
             self.head_len += len(data)
             if self.head_len > self.server.max_head_bytes:

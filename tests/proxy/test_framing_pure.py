@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from proxy._decisions import hedge_decision, retry_decision
 from proxy._framing import (CHUNKED, LENGTH, NONE, UNTIL_CLOSE, HeadError, generated, parse_request_head,
@@ -214,3 +215,100 @@ def test_head_memo_is_bounded():
     for i in range(_framing.MEMO_ENTRIES + 10):
         _framing.response_head(200, "1.1", [(b"X-N", b"%d" % i), (b"Content-Length", b"0")], False)
     assert len(_framing._RESPONSES) <= _framing.MEMO_ENTRIES
+
+
+# -- whole requests known by their bytes or their shape (proxy._framing.known_request) ------
+
+_KNOWN_SLOTS = ("method", "target", "path", "host", "host_header", "version", "keep_alive", "framing",
+                "content_length", "expect_continue", "upgrade", "fields", "xff", "request_id", "idempotent", "size")
+
+
+def _parsed(raw: bytes):
+    """What the full path makes of ``raw`` (one request head): llhttp, then the checks."""
+    import httptools
+    got: dict = {"headers": []}
+
+    class P:
+        def on_url(self, url):
+            got["url"] = got.get("url", b"") + url
+
+        def on_header(self, n, v):
+            got["headers"].append((n, v))
+
+        def on_headers_complete(self):
+            got["done"] = True
+    p = httptools.HttpRequestParser(P())
+    p.feed_data(raw)
+    return parse_request_head(p.get_method(), got["url"], p.get_http_version(), got["headers"])
+
+
+@pytest.fixture
+def memo():
+    from proxy import _framing
+    for m in (_framing._RAW_REQUESTS, _framing._RAW_BODIED, _framing._SHAPES):
+        m.clear()
+    yield _framing
+    for m in (_framing._RAW_REQUESTS, _framing._RAW_BODIED, _framing._SHAPES):
+        m.clear()
+
+
+GET_A = b"GET /a HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n"
+POST_A = b"POST /a HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\n"
+
+
+@pytest.mark.parametrize("raw, body_len, known", [
+    pytest.param(b"GET /b?q=1&r=%20x HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, True, id="other-target"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, True, id="same-target"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 2, False, id="bytes-after-a-bodiless-head"),
+    pytest.param(b"GET /a#f HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="fragment"),
+    pytest.param(b'GET /a"b HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n', 0, False, id="quote-left-to-llhttp"),
+    pytest.param(b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="non-ascii"),
+    pytest.param(b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="absolute-form"),
+    pytest.param(b"GET /" + b"x" * 600 + b" HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="target-too-long"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: b.test\r\nAccept: */*\r\n\r\n", 0, False, id="other-host"),
+    pytest.param(b"GET /a HTTP/1.0\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="other-version"),
+    pytest.param(b"DELETE /a HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="other-method"),
+    pytest.param(b"GET  /a HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", 0, False, id="two-spaces"),
+    pytest.param(b"POST /z?1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\n", 3, True, id="post-whole-body"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\n", 2, False, id="post-body-short"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\n", 4, False, id="post-then-more"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\n", 4, False, id="other-length"),
+])
+def test_a_whole_request_is_known_without_parsing_only_when_a_parse_would_give_the_same(memo, raw, body_len, known):
+    for seen in (GET_A, POST_A):
+        memo.remember_raw_request(seen, _parsed(seen))
+    got = memo.known_request(raw, body_len, 512, 8192)
+    assert (got is not None) is known
+    if known:
+        want = _parsed(raw)
+        assert {s: getattr(got, s) for s in _KNOWN_SLOTS} == {s: getattr(want, s) for s in _KNOWN_SLOTS}
+
+
+def test_only_requests_the_fast_path_can_finish_are_remembered(memo):
+    closing = b"GET /a HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    chunked = b"POST /a HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    expect = b"PUT /a HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"
+    for raw in (closing, chunked, expect):
+        memo.remember_raw_request(raw, _parsed(raw))
+        assert memo.known_request(raw.replace(b" /a ", b" /b "), 3 if raw is expect else 0, 512, 8192) is None
+    assert not memo._RAW_REQUESTS and not memo._RAW_BODIED and not memo._SHAPES
+    memo.remember_raw_request(POST_A, _parsed(POST_A))
+    assert POST_A in memo._RAW_BODIED and POST_A not in memo._RAW_REQUESTS
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(target=st.binary(min_size=1, max_size=30).filter(lambda t: b" " not in t and b"\r" not in t and b"\n" not in t),
+       body=st.sampled_from([0, 3]))
+def test_known_request_never_takes_a_target_the_parser_would_treat_otherwise(target, body):
+    """Any target at all after a remembered head of the same shape: either the memo declines
+    (the full path decides), or its answer is exactly what llhttp and the checks make of it."""
+    from proxy import _framing
+    seen = GET_A if body == 0 else POST_A
+    _framing.remember_raw_request(seen, _parsed(seen))
+    raw = seen.replace(b" /a ", b" " + target + b" ", 1)
+    got = _framing.known_request(raw, body, 512, 8192)
+    if got is not None:
+        want = _parsed(raw)
+        assert {s: getattr(got, s) for s in _KNOWN_SLOTS} == {s: getattr(want, s) for s in _KNOWN_SLOTS}
+    if target[:1] == b"/" and all(c in b"abcXYZ019-._~!$&'()*+,;=:@/?%" for c in target):
+        assert got is not None, target   # and plain targets are taken
