@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 
 from _certs import Authority, new_key, self_signed
+from _util import cli_env
 
 pytestmark = pytest.mark.slow   # real processes, sockets or engines (tests/conftest.py)
 
@@ -315,7 +316,7 @@ def test_a_bad_file_on_reload_keeps_the_old_certificate_and_is_reported(start_pr
 def _start_fails(mesh_catalog, *args: str) -> str:
     """Start a proxy that must exit at once; its stderr."""
     p = subprocess.run([sys.executable, "-m", "proxy", "--consul", mesh_catalog.url, "--listen", "127.0.0.1:0", *args],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+                       capture_output=True, text=True, timeout=30, cwd=ROOT, env=cli_env())
     assert p.returncode != 0 and not p.stdout.startswith("ready"), (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr
     return p.stderr
@@ -509,3 +510,13 @@ def test_workers_auto_is_one_per_core_sharing_tls_and_the_admin_sums_them(mesh_c
     finally:
         mesh_catalog.deregister(name + "-0")
         b.stop()
+
+
+def test_a_tls_listener_on_a_taken_port_stops_the_proxy_naming_the_address(mesh_catalog, tmp_path, pki):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        err = _start_fails(mesh_catalog, "--listen", tls_listener(*pki["default"], address=f"127.0.0.1:{port}"))
+    assert f"cannot listen: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): " \
+           "address already in use" in err, err
