@@ -141,10 +141,17 @@ WORKLOADS = {
 SCRIPT: list[str] = []  # ["-s", path] for a workload with a Lua script
 WRK_EXTRA: list[str] = []  # ["-H", "Connection: close"] with --new-conns
 URL = {"scheme": "http", "path": "/"}
+PROBE: list[bool] = []  # [True] with --new-conns: probe.py times whole new connections beside wrk
 
 
 def wrk(port: int, conns: int, duration: float) -> dict:
-    """One wrk run; req/s, p50/p99 (ms), errors, and wrk's own CPU seconds."""
+    """One wrk run; req/s, p50/p99 (ms), errors, and wrk's own CPU seconds; with PROBE,
+    probe.py's connect-to-response times (``conn_p50``/``conn_p99``, ms) in the same seconds."""
+    probe = None
+    if PROBE:
+        probe = subprocess.Popen([PY, str(Path(__file__).with_name("probe.py")), str(port), HOST, URL["path"],
+                                  f"{duration:g}", *(["--tls"] if URL["scheme"] == "https" else [])],
+                                 stdout=subprocess.PIPE, text=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency", "-H", f"Host: {HOST}",
                           *WRK_EXTRA, *SCRIPT, f"{URL['scheme']}://127.0.0.1:{port}{URL['path']}"],
@@ -162,7 +169,11 @@ def wrk(port: int, conns: int, duration: float) -> dict:
     if m:
         errors += int(m.group(1))
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"rps": rps, "requests": requests, "p50": p50, "p99": p99, "errors": errors, "wrk_cpu": cpu, "raw": out}
+    result = {"rps": rps, "requests": requests, "p50": p50, "p99": p99, "errors": errors, "wrk_cpu": cpu, "raw": out}
+    if probe is not None:   # (reaped after wrk's CPU was read: its CPU is not counted as wrk's)
+        seen = json.loads(probe.communicate(timeout=duration + 30)[0])
+        result.update(conn_p50=seen["p50_ms"], conn_p99=seen["p99_ms"], conn_n=seen["n"], conn_errors=seen["errors"])
+    return result
 
 
 class Target:
@@ -213,6 +224,7 @@ def main() -> int:
         SCRIPT[:] = ["-s", str(run / "workload.lua")]
     if args.new_conns:
         WRK_EXTRA[:] = ["-H", "Connection: close"]
+        PROBE[:] = [True]
     if args.tls:
         URL["scheme"] = "https"
     procs: list[subprocess.Popen] = []
@@ -437,6 +449,16 @@ def report(results: dict, targets: list[Target], conns_list: list[int], args: ar
         for conns in conns_list:
             rs = results[(t.name, conns)]
             print(f"| {t.label} | {conns} | {_med(rs, 'user_us'):.2f} | {_med(rs, 'sys_us'):.2f} |")
+    if PROBE:
+        print("\nA new connection as a client sees it: connect (and handshake) to the end of the response, "
+              "one probe connection at a time beside wrk (bench/proxy/probe.py, medians over rounds):\n")
+        print("| target | conns | probe p50 ms | probe p99 ms | probe connections | wrk p50 ms (request only) |")
+        print("|---|---|---|---|---|---|")
+        for t in targets:
+            for conns in conns_list:
+                rs = results[(t.name, conns)]
+                print(f"| {t.label} | {conns} | {_med(rs, 'conn_p50'):.2f} | {_med(rs, 'conn_p99'):.2f} "
+                      f"| {sum(r['conn_n'] for r in rs)} | {_med(rs, 'p50'):.2f} |")
     _scaling(results, targets, conns_list)
     if any(t.name == "meshlet" for t in targets):   # the issue's goals are stated this way round
         print("\n| meshlet proxy, 1 worker, against | conns | req per proxy CPU-s | p99 |")
