@@ -16,8 +16,9 @@ then is logged and shown in ``/tls`` and ``/metrics``, and the certificates in f
 Layout: ``_framing`` (pure message-head rules and their memo), ``_http1`` (client
 connections), ``_tls`` (certificates and their reload), ``_exchange`` (one request: attempts, retries, time-outs) with ``_relay``
 (its response side) and ``_decisions`` (its pure rules), ``_upstream`` (upstream
-connections and pools), ``_tcp`` (TCP VIPs), ``_server`` (listeners, table, sweep,
-drain), ``_workers`` (``--workers N``); routing and balancing: ``_routes``, ``_balance``,
+connections and pools), ``_tcp`` (TCP VIPs), ``_listen`` (listening sockets and their
+accept loop; plain HTTP to a TLS port), ``_server`` (listeners, table, sweep, drain),
+``_workers`` (``--workers N``); routing and balancing: ``_routes``, ``_balance``,
 ``_outlier``, ``_retry``; observability: ``_metrics``, ``_admin``.
 
 Time-outs: connect (``timeouts.connect``), per try (``retries.per_try_timeout``, from the

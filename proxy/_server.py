@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import config
 
 from ._http1 import ClientConnection
-from ._sniff import TlsEntry
+from ._listen import Listener
 from ._tcp import TcpConnection
 from ._tls import RELOAD_EVERY
 from ._upstream import Pool
@@ -102,8 +102,8 @@ class ProxyServer:
         self.rid_prefix = os.urandom(8).hex().encode()  # X-Request-Id: <prefix>-<counter, hex>
         self.rid_line = b"x-request-id: " + self.rid_prefix + b"-"  # (the counter follows)
         self.rid_counter = itertools.count(1)
-        self.entry_servers: list[asyncio.AbstractServer | TlsEntry] = []
-        self.vip_servers: dict[tuple[str, int], tuple[str, asyncio.AbstractServer]] = {}
+        self.entry_servers: list[Listener] = []
+        self.vip_servers: dict[tuple[str, int], tuple[str, Listener]] = {}
         self.vip_failures: dict[tuple[str, int], str] = {}
         self._vip_task: asyncio.Task | None = None
         self._vip_dirty = False
@@ -166,14 +166,11 @@ class ProxyServer:
     # -- listeners -----------------------------------------------------------------------
 
     async def listen(self, host: str, port: int, tls: TlsListener | None = None) -> tuple[str, int]:
-        """Bind an entry listener; with ``tls``, TLS is terminated on it (the handshake
-        must end within the request head time-out). Plain HTTP sent to a TLS listener is
-        answered 400 in plain text (proxy._sniff)."""
-        if tls is None:
-            server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=4096,
-                                                   reuse_port=self.reuse_port or None)
-        else:
-            server = await TlsEntry.open(self, tls, host, port, reuse_port=self.reuse_port)
+        """Bind an entry listener (accepted by proxy._listen); with ``tls``, TLS is terminated
+        on it (the handshake must end within the request head time-out), and plain HTTP sent
+        to it is answered 400 in plain text."""
+        server = await Listener.open(self, host, port, factory=lambda: ClientConnection(self), tls=tls,
+                                     reuse_port=self.reuse_port)
         self.entry_servers.append(server)
         sock = server.sockets[0].getsockname()
         if tls is not None:
@@ -208,8 +205,7 @@ class ProxyServer:
                 else:
                     factory = _factory(ClientConnection, self, key)
                 try:
-                    server = await self.loop.create_server(factory, key[0], key[1], backlog=4096,
-                                                           reuse_port=self.reuse_port or None)
+                    server = await Listener.open(self, key[0], key[1], factory=factory, reuse_port=self.reuse_port)
                 except OSError as exc:
                     failed[key] = exc.strerror or str(exc)
                     if self.vip_failures.get(key) != failed[key]:

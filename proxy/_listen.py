@@ -1,20 +1,26 @@
-"""A TLS listener's own accept loop, which looks at a connection's first byte before TLS.
+"""The proxy's listening sockets, accepted by the proxy itself rather than by the loop.
 
-A TLS client opens with a handshake record (first byte 0x16): the socket goes on to TLS
-(``loop.connect_accepted_socket(..., ssl=...)``) and a :class:`ClientConnection` as on any
-listener. A client that speaks plain HTTP to the TLS port (``http://`` where ``https://``
-was meant) gets what nginx and Go's servers answer, a plain-text 400 saying so, instead of
-a closed connection that looks like a network fault; anything else is closed.
+Why not ``loop.create_server``: under load uvloop's server left some newly accepted
+connections unserved for seconds (bench/proxy, 256 connections fetching 1 MiB each: a
+few sockets held by the proxy, the request unread, nothing sent since the accept, and
+wrk counting ~140 requests over its 2 s time-out per 10 s; rawproxy, also on
+``create_server``, the same). Accepting here and handing each socket to
+``loop.connect_accepted_socket`` served every one of them (0 over the time-out, p99
+278-347 ms instead of 832-894 ms). The same loop accepts the entry listeners and the
+virtual-IP listeners (HTTP and TCP).
 
-Why not ``create_server(ssl=...)`` and a peek: uvloop reads a new connection's first bytes
-into its transport before the protocol can pause it, so they could not be left for the TLS
-layer. Here no transport exists until the byte has been peeked (``MSG_PEEK``), so nothing is
-consumed and the TLS layer reads the ClientHello itself. A client that sends nothing is
-closed after the request head time-out, as the handshake time-out would.
-
-The 400 is sent, the rest of what the client sent is read and dropped, and only then is the
-socket closed (after a FIN, within ``LINGER`` seconds): closing with unread bytes would send
-a reset that can destroy the answer before the client reads it.
+A TLS listener also looks at a connection's first byte before TLS. A TLS client opens
+with a handshake record (first byte 0x16): the socket goes on to TLS
+(``connect_accepted_socket(..., ssl=...)``) and a :class:`ClientConnection`. A client that
+speaks plain HTTP to the TLS port (``http://`` where ``https://`` was meant) gets what
+nginx and Go's servers answer, a plain-text 400 saying so, instead of a closed
+connection that looks like a network fault; anything else is closed. The byte is peeked
+(``MSG_PEEK``) before any transport exists (uvloop's transports read a connection's first
+bytes before the protocol can pause them), so the TLS layer reads the ClientHello itself.
+A client that sends nothing is closed after the request head time-out, as the handshake
+time-out would. After the 400 the rest of what the client sent is read and dropped, and
+only then is the socket closed (after a FIN, within ``LINGER`` seconds): closing with
+unread bytes would send a reset that can destroy the answer before the client reads it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ._framing import generated
 from ._http1 import ClientConnection
@@ -32,9 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
     from ._tls import TlsListener
 
-__all__ = ["TlsEntry", "PLAIN_HTTP_TO_TLS"]
+__all__ = ["Listener", "PLAIN_HTTP_TO_TLS"]
 
-log = logging.getLogger("meshlet.proxy.tls")
+log = logging.getLogger("meshlet.proxy")
 
 TLS_HANDSHAKE = 0x16   # the content type of a TLS handshake record (RFC 8446 5.1)
 PLAIN_HTTP_TO_TLS = "plain HTTP was sent to the TLS (https) port: use https://"
@@ -44,23 +50,26 @@ LINGER = 2.0           # seconds to read and drop a plain-HTTP client's bytes af
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-class TlsEntry:
-    """The listening sockets of one TLS listener (the part of ``asyncio.Server`` the proxy
-    uses: ``sockets`` and ``close``); connections are accepted here, not by the loop."""
+class Listener:
+    """The listening sockets of one listener (the part of ``asyncio.Server`` the proxy
+    uses: ``sockets`` and ``close``). ``factory`` makes the protocol of a plain
+    connection; with ``tls``, connections are :class:`ClientConnection` over TLS."""
 
-    def __init__(self, server: ProxyServer, tls: TlsListener, socks: list[socket.socket]) -> None:
+    def __init__(self, server: ProxyServer, factory: Callable[[], asyncio.Protocol] | None, tls: TlsListener | None,
+                 socks: list[socket.socket]) -> None:
         self.server = server
+        self.factory = factory
         self.tls = tls
         self.sockets = socks
         self.pending: set[_FirstByte] = set()
-        self.tasks: set[asyncio.Task] = set()   # handshakes under way (the loop keeps weak references)
+        self.tasks: set[asyncio.Task] = set()   # connections being set up (the loop keeps weak references)
         self.closed = False
         for s in socks:
             server.loop.add_reader(s.fileno(), self._accept, s)
 
     @classmethod
-    async def open(cls, server: ProxyServer, tls: TlsListener, host: str, port: int, *,
-                   reuse_port: bool = False) -> TlsEntry:
+    async def open(cls, server: ProxyServer, host: str, port: int, *, factory: Callable[[], asyncio.Protocol] | None = None,
+                   tls: TlsListener | None = None, reuse_port: bool = False) -> Listener:
         """Bind ``host:port`` as ``loop.create_server`` would (every address the name resolves
         to; the same error text when one cannot be bound)."""
         infos = await server.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -85,7 +94,7 @@ class TlsEntry:
             for s in socks:
                 s.close()
             raise
-        return cls(server, tls, socks)
+        return cls(server, factory, tls, socks)
 
     def close(self) -> None:
         """Stop accepting; connections still before their first byte are closed."""
@@ -110,34 +119,43 @@ class TlsEntry:
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
                     # As asyncio does: stop accepting for a second rather than spin on it.
-                    log.error("TLS listener: cannot accept (%s); pausing accepts for 1 s", exc.strerror or exc)
+                    log.error("listener: cannot accept (%s); pausing accepts for 1 s", exc.strerror or exc)
                     loop = self.server.loop
                     loop.remove_reader(lsock.fileno())
                     loop.call_later(1.0, self._resume_accept, lsock)
                 else:
-                    log.warning("TLS listener: accept failed: %s", exc.strerror or exc)
+                    log.warning("listener: accept failed: %s", exc.strerror or exc)
                 return
             conn.setblocking(False)
-            self.pending.add(_FirstByte(self, conn))
+            if self.tls is None:
+                self.serve(conn)
+            else:
+                self.pending.add(_FirstByte(self, conn))
 
     def _resume_accept(self, lsock: socket.socket) -> None:
         if not self.closed:
             self.server.loop.add_reader(lsock.fileno(), self._accept, lsock)
 
-    def handshake(self, conn: socket.socket) -> None:
-        task = self.server.loop.create_task(self._handshake(conn))
+    def serve(self, conn: socket.socket) -> None:
+        """Hand an accepted socket to the loop (with TLS: its handshake first)."""
+        task = self.server.loop.create_task(self._serve(conn))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _handshake(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket) -> None:
         server = self.server
         try:
-            await server.loop.connect_accepted_socket(lambda: ClientConnection(server, None, True), conn,
-                                                      ssl=self.tls.context, ssl_handshake_timeout=server.header_timeout)
+            if self.tls is None:
+                await server.loop.connect_accepted_socket(self.factory, conn)  # type: ignore[arg-type]
+            else:
+                await server.loop.connect_accepted_socket(lambda: ClientConnection(server, None, True), conn,
+                                                          ssl=self.tls.context,
+                                                          ssl_handshake_timeout=server.header_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             # A failed handshake (no shared version or cipher, a client that gave up, the
-            # time-out): the client was told by the TLS alert, if any; nothing to log.
-            log.debug("TLS handshake failed: %s", exc)
+            # time-out) or a client gone before it was served: the client was told by the
+            # TLS alert, if any; nothing to log.
+            log.debug("connection not served: %s", exc)
             conn.close()
 
 
@@ -146,7 +164,7 @@ class _FirstByte:
 
     __slots__ = ("entry", "sock", "timer", "lingering")
 
-    def __init__(self, entry: TlsEntry, sock: socket.socket) -> None:
+    def __init__(self, entry: Listener, sock: socket.socket) -> None:
         self.entry = entry
         self.sock = sock
         self.lingering = False
@@ -182,7 +200,7 @@ class _FirstByte:
             self.close()
         elif first[0] == TLS_HANDSHAKE:
             self._release()
-            self.entry.handshake(sock)
+            self.entry.serve(sock)
         elif 0x41 <= first[0] <= 0x5A:  # "A".."Z": a request line's method, so plain HTTP
             self.entry.server.metrics.request_done("-", 400, 0.0)
             try:
