@@ -209,8 +209,11 @@ def test_an_interrupted_log_follower_leaves_no_traceback(catalog, tmp_path) -> N
                                     str(tmp_path / "data"), "--runtime", "process", "--admin", "127.0.0.1:0",
                                     "--stop-on-exit"], stderr=log, env=cli_env())
     try:
+        # (SIGINT as a terminal's Ctrl-C delivers it: a test run started in the background
+        # of a non-interactive shell inherits SIGINT ignored, which Python then keeps)
         follower = subprocess.Popen([MESHLET, "logs", "web", "-f", "--admin", ready["admin"]],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_for(lambda: follower.stdout.readline().startswith(b"line"), timeout=30, what="the follower's output")
         follower.send_signal(signal.SIGINT)
         _, err = follower.communicate(timeout=30)
