@@ -11,7 +11,7 @@ virtual-IP listeners (HTTP and TCP).
 
 A TLS listener also looks at a connection's first byte before TLS. A TLS client opens
 with a handshake record (first byte 0x16): the socket goes on to TLS
-(``connect_accepted_socket(..., ssl=...)``) and a :class:`ClientConnection`. A client that
+(``connect_accepted_socket(..., ssl=...)``) and its protocol (a ClientConnection). A client that
 speaks plain HTTP to the TLS port (``http://`` where ``https://`` was meant) gets what
 nginx and Go's servers answer, a plain-text 400 saying so, instead of a closed
 connection that looks like a network fault; anything else is closed. The byte is peeked
@@ -32,7 +32,6 @@ import socket
 from typing import TYPE_CHECKING, Callable
 
 from ._framing import generated
-from ._http1 import ClientConnection
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._server import ProxyServer
@@ -52,10 +51,10 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 class Listener:
     """The listening sockets of one listener (the part of ``asyncio.Server`` the proxy
-    uses: ``sockets`` and ``close``). ``factory`` makes the protocol of a plain
-    connection; with ``tls``, connections are :class:`ClientConnection` over TLS."""
+    uses: ``sockets`` and ``close``). ``factory`` makes each connection's protocol; with
+    ``tls`` it runs over TLS, after the first-byte check."""
 
-    def __init__(self, server: ProxyServer, factory: Callable[[], asyncio.Protocol] | None, tls: TlsListener | None,
+    def __init__(self, server: ProxyServer, factory: Callable[[], asyncio.Protocol], tls: TlsListener | None,
                  socks: list[socket.socket]) -> None:
         self.server = server
         self.factory = factory
@@ -68,7 +67,7 @@ class Listener:
             server.loop.add_reader(s.fileno(), self._accept, s)
 
     @classmethod
-    async def open(cls, server: ProxyServer, host: str, port: int, *, factory: Callable[[], asyncio.Protocol] | None = None,
+    async def open(cls, server: ProxyServer, host: str, port: int, factory: Callable[[], asyncio.Protocol], *,
                    tls: TlsListener | None = None, reuse_port: bool = False) -> Listener:
         """Bind ``host:port`` as ``loop.create_server`` would (every address the name resolves
         to; the same error text when one cannot be bound)."""
@@ -146,10 +145,9 @@ class Listener:
         server = self.server
         try:
             if self.tls is None:
-                await server.loop.connect_accepted_socket(self.factory, conn)  # type: ignore[arg-type]
+                await server.loop.connect_accepted_socket(self.factory, conn)
             else:
-                await server.loop.connect_accepted_socket(lambda: ClientConnection(server, None, True), conn,
-                                                          ssl=self.tls.context,
+                await server.loop.connect_accepted_socket(self.factory, conn, ssl=self.tls.context,
                                                           ssl_handshake_timeout=server.header_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             # A failed handshake (no shared version or cipher, a client that gave up, the

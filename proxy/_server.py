@@ -169,8 +169,8 @@ class ProxyServer:
         """Bind an entry listener (accepted by proxy._listen); with ``tls``, TLS is terminated
         on it (the handshake must end within the request head time-out), and plain HTTP sent
         to it is answered 400 in plain text."""
-        server = await Listener.open(self, host, port, factory=lambda: ClientConnection(self), tls=tls,
-                                     reuse_port=self.reuse_port)
+        factory = (lambda: ClientConnection(self)) if tls is None else (lambda: ClientConnection(self, None, True))
+        server = await Listener.open(self, host, port, factory, tls=tls, reuse_port=self.reuse_port)
         self.entry_servers.append(server)
         sock = server.sockets[0].getsockname()
         if tls is not None:
@@ -205,7 +205,7 @@ class ProxyServer:
                 else:
                     factory = _factory(ClientConnection, self, key)
                 try:
-                    server = await Listener.open(self, key[0], key[1], factory=factory, reuse_port=self.reuse_port)
+                    server = await Listener.open(self, key[0], key[1], factory, reuse_port=self.reuse_port)
                 except OSError as exc:
                     failed[key] = exc.strerror or str(exc)
                     if self.vip_failures.get(key) != failed[key]:
